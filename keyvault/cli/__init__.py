@@ -1,0 +1,62 @@
+"""The ``keyvault`` command line. Commands are thin: parse, call a service, print.
+
+Heavy libraries (sqlalchemy, paramiko, cryptography) are imported inside the
+commands that use them, so ``keyvault --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from keyvault.errors import KeyvaultError
+
+
+class KeyvaultGroup(click.Group):
+    """Turns ``KeyvaultError`` into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyvaultError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except Exception as exc:  # a bug: say so without dumping locals or secrets
+            if os.environ.get("KEYVAULT_DEBUG"):
+                raise
+            click.echo(
+                f"error: internal error ({type(exc).__name__}); rerun with KEYVAULT_DEBUG=1 for a traceback",
+                err=True,
+            )
+            ctx.exit(1)
+
+
+@click.group(cls=KeyvaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="keyvault")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """keyvault: keep, rotate and serve the API keys of a self-hosted TA cluster."""
+    from keyvault.cli.context import AppContext
+
+    ctx.obj = AppContext()
+
+
+def _register() -> None:
+    from keyvault.cli import commands_db, commands_hosts, commands_rotation, commands_secrets
+
+    for module in (commands_db, commands_secrets, commands_hosts, commands_rotation):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

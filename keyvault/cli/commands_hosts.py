@@ -1,0 +1,3 @@
+"""Placeholder until the hosts commands land."""
+
+COMMANDS: list = []

@@ -1,0 +1,3 @@
+"""Placeholder until the rotation commands land."""
+
+COMMANDS: list = []

@@ -1,0 +1,48 @@
+"""Printing: JSON for machines, aligned tables for people, masked keys."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Sequence
+
+import click
+
+
+def emit_json(data) -> None:
+    """Print ``data`` as indented JSON."""
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def emit_table(rows: Iterable[dict], columns: Sequence[str], *, empty: str = "(none)") -> None:
+    """Print rows as an aligned table with the given columns."""
+    rows = list(rows)
+    if not rows:
+        click.echo(empty)
+        return
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def mask(key: str) -> str:
+    """Show the shape of a key, never enough of it to use."""
+    return f"******** ({len(key)} chars; --reveal to print)"
+
+
+def scope_options(func):
+    """Add ``--cluster``, ``--root`` and ``--appid`` to a command."""
+    func = click.option("--appid", help="The project APPID (a project key).")(func)
+    func = click.option("--root", "is_root", is_flag=True, help="The root key (valid for every project).")(func)
+    func = click.option("--cluster", required=True, help="Cluster name.")(func)
+    return func
+
+
+def resolve_scope(is_root: bool, appid: str | None, settings):
+    """Exactly one of ``--root`` / ``--appid``, validated."""
+    from keyvault.scope import app_scope, root_scope
+
+    if is_root == (appid is not None):
+        raise click.UsageError("give exactly one of --root or --appid APPID")
+    return root_scope() if is_root else app_scope(appid, settings.appid_pattern)

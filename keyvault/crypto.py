@@ -1,0 +1,251 @@
+"""Envelope encryption of TA keys under a master keyring.
+
+Each stored key is sealed with AES-256-GCM under a fresh 256-bit data key; the
+data key is wrapped with AES-256-GCM under a master key. Both layers use
+associated data that binds the ciphertext to its row (cluster, scope, version),
+so a ciphertext copied or moved to another row fails authentication.
+
+The keyring file holds one or more master keys by id. It must be mode 0600 and
+owned by the running user; it is replaced atomically and fsync'd.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from keyvault.errors import IntegrityError, MasterKeyFileError, WrongMasterKey
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+KEYRING_FORMAT = "keyvault-keyring-v1"
+_CHECK_PLAINTEXT = b"keyvault master key check v1"
+
+
+def fingerprint(key: str) -> str:
+    """The first 16 hex digits of SHA-256 of the key: safe to show, easy to compare."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def version_aad(cluster: str, scope: str, number: int) -> bytes:
+    """Associated data binding a ciphertext to one secret version."""
+    return f"keyvault/v1/secret|{cluster}|{scope}|{number}".encode()
+
+
+def new_master_key_id() -> str:
+    """A sortable, unique master key id such as ``mk-20261126-3fa9c1``."""
+    return f"mk-{datetime.now(timezone.utc):%Y%m%d}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """A sealed value: ``ciphertext`` (nonce + AES-GCM output) and its wrapped data key."""
+
+    ciphertext: bytes
+    wrapped_key: bytes
+    master_key_id: str
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """Master keys by id; ``active`` seals new values."""
+
+    active: str
+    keys: dict[str, bytes] = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Keyring(active={self.active!r}, ids={sorted(self.keys)!r})"
+
+    @classmethod
+    def generate(cls) -> "Keyring":
+        """A keyring with one new random master key."""
+        key_id = new_master_key_id()
+        return cls(active=key_id, keys={key_id: secrets.token_bytes(KEY_BYTES)})
+
+    def with_new_active(self) -> "Keyring":
+        """This keyring plus a new master key that becomes active."""
+        key_id = new_master_key_id()
+        while key_id in self.keys:
+            key_id = new_master_key_id()
+        return Keyring(active=key_id, keys={**self.keys, key_id: secrets.token_bytes(KEY_BYTES)})
+
+    def only(self, key_id: str) -> "Keyring":
+        """A keyring that holds just ``key_id``."""
+        return Keyring(active=key_id, keys={key_id: self.keys[key_id]})
+
+    def key(self, key_id: str) -> bytes:
+        try:
+            return self.keys[key_id]
+        except KeyError:
+            raise WrongMasterKey(
+                f"the store needs master key {key_id}, which is not in the keyring",
+                hint="point KEYVAULT_MASTER_KEY_FILE at the keyring that holds it",
+            ) from None
+
+
+def _aesgcm(key: bytes):
+    # Imported here so `keyvault --help` never pays for cryptography.
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
+
+
+def _wrap_aad(master_key_id: str, aad: bytes) -> bytes:
+    return b"keyvault/v1/dek|" + master_key_id.encode() + b"|" + aad
+
+
+def seal(keyring: Keyring, plaintext: bytes, aad: bytes) -> Sealed:
+    """Encrypt ``plaintext`` under a fresh data key wrapped by the active master key."""
+    dek = secrets.token_bytes(KEY_BYTES)
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    ciphertext = nonce + _aesgcm(dek).encrypt(nonce, plaintext, aad)
+    wrap_nonce = secrets.token_bytes(NONCE_BYTES)
+    master = keyring.key(keyring.active)
+    wrapped = wrap_nonce + _aesgcm(master).encrypt(wrap_nonce, dek, _wrap_aad(keyring.active, aad))
+    return Sealed(ciphertext=ciphertext, wrapped_key=wrapped, master_key_id=keyring.active)
+
+
+def _unwrap(keyring: Keyring, sealed: Sealed, aad: bytes, what: str) -> bytes:
+    from cryptography.exceptions import InvalidTag
+
+    master = keyring.key(sealed.master_key_id)
+    blob = sealed.wrapped_key
+    try:
+        return _aesgcm(master).decrypt(
+            blob[:NONCE_BYTES], blob[NONCE_BYTES:], _wrap_aad(sealed.master_key_id, aad)
+        )
+    except (InvalidTag, ValueError):
+        raise IntegrityError(
+            f"integrity check failed for {what}: its data key does not authenticate "
+            f"under master key {sealed.master_key_id}",
+            what=what,
+            hint="the row was altered or moved, or the master key file is wrong; restore from backup",
+        ) from None
+
+
+def unseal(keyring: Keyring, sealed: Sealed, aad: bytes, *, what: str) -> bytes:
+    """Decrypt a sealed value; raise ``IntegrityError`` naming ``what`` if it fails."""
+    from cryptography.exceptions import InvalidTag
+
+    dek = _unwrap(keyring, sealed, aad, what)
+    blob = sealed.ciphertext
+    try:
+        return _aesgcm(dek).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+    except (InvalidTag, ValueError):
+        raise IntegrityError(
+            f"integrity check failed for {what}: the ciphertext was altered or belongs to another row",
+            what=what,
+            hint="restore this version from backup; do not trust it",
+        ) from None
+
+
+def rewrap(keyring: Keyring, sealed: Sealed, aad: bytes, *, to: str, what: str) -> Sealed:
+    """Re-wrap the data key of ``sealed`` under master key ``to``; the ciphertext is unchanged."""
+    dek = _unwrap(keyring, sealed, aad, what)
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    wrapped = nonce + _aesgcm(keyring.key(to)).encrypt(nonce, dek, _wrap_aad(to, aad))
+    return Sealed(ciphertext=sealed.ciphertext, wrapped_key=wrapped, master_key_id=to)
+
+
+def check_value(keyring: Keyring, key_id: str) -> bytes:
+    """A value stored with each master key id so a wrong key is caught before any write."""
+    sealed = seal(keyring.only(key_id), _CHECK_PLAINTEXT, b"keyvault/v1/check|" + key_id.encode())
+    return sealed.wrapped_key + sealed.ciphertext
+
+
+def verify_check_value(keyring: Keyring, key_id: str, value: bytes) -> None:
+    """Raise ``WrongMasterKey`` unless ``value`` opens under ``key_id`` of this keyring."""
+    wrapped_len = NONCE_BYTES + KEY_BYTES + 16
+    sealed = Sealed(value[wrapped_len:], value[:wrapped_len], key_id)
+    try:
+        ok = unseal(keyring, sealed, b"keyvault/v1/check|" + key_id.encode(), what="check") == _CHECK_PLAINTEXT
+    except IntegrityError:
+        ok = False
+    if not ok:
+        raise WrongMasterKey(
+            f"master key {key_id} in the keyring does not open this store",
+            hint="use the keyring file this store was created with (KEYVAULT_MASTER_KEY_FILE)",
+        )
+
+
+def check_key_file(path: Path) -> None:
+    """Refuse a key file that is missing, not a regular file, not 0600 or not ours."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise MasterKeyFileError(
+            f"master key file {path} does not exist",
+            path=str(path),
+            hint="run `keyvault init` or set KEYVAULT_MASTER_KEY_FILE",
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MasterKeyFileError(f"master key file {path} is not a regular file", path=str(path))
+    if st.st_uid != os.geteuid():
+        raise MasterKeyFileError(
+            f"master key file {path} is owned by uid {st.st_uid}, not by the running user",
+            path=str(path),
+            hint=f"run keyvault as its owner, or `chown {os.geteuid()} {path}`",
+        )
+    if stat.S_IMODE(st.st_mode) != 0o600:
+        raise MasterKeyFileError(
+            f"master key file {path} has mode {stat.S_IMODE(st.st_mode):04o}, must be 0600",
+            path=str(path),
+            hint=f"run `chmod 600 {path}`",
+        )
+
+
+def load_keyring(path: Path) -> Keyring:
+    """Read and check the keyring file."""
+    check_key_file(path)
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != KEYRING_FORMAT:
+            raise ValueError("unknown format")
+        keys = {k: base64.b64decode(v, validate=True) for k, v in data["keys"].items()}
+        if data["active"] not in keys or any(len(v) != KEY_BYTES for v in keys.values()):
+            raise ValueError("inconsistent keys")
+        return Keyring(active=data["active"], keys=keys)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise MasterKeyFileError(
+            f"master key file {path} is damaged or not a keyvault keyring",
+            path=str(path),
+            hint="restore it from your backup of the master key",
+        ) from None
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``, mode 0600, fsync'd file and directory."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_keyring(path: Path, keyring: Keyring) -> None:
+    """Write the keyring file atomically with mode 0600."""
+    data = {
+        "format": KEYRING_FORMAT,
+        "active": keyring.active,
+        "keys": {k: base64.b64encode(v).decode() for k, v in sorted(keyring.keys.items())},
+    }
+    write_private_file(path, (json.dumps(data, indent=2) + "\n").encode())

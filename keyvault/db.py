@@ -1,0 +1,171 @@
+"""Engines, sessions and schema management (alembic) for SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from keyvault.errors import DatabaseError, NotInitialized
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session
+
+
+def normalize_url(url: str) -> str:
+    """Use psycopg 3 for plain ``postgresql://`` URLs."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def migrations_dir() -> Path:
+    """The alembic script directory: shipped in the wheel, or the checkout's ``migrations/``."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_migrations", here.parent / "migrations"):
+        if (candidate / "env.py").exists():
+            return candidate
+    raise NotInitialized("keyvault's migrations are missing from this installation", hint="reinstall keyvault")
+
+
+def make_engine(url: str) -> "Engine":
+    """An engine with keyvault's connection policy for SQLite (WAL, FKs, immediate writes)."""
+    from sqlalchemy import create_engine, event
+
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):
+            # Let SQLAlchemy's "begin" event decide how transactions start.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            # A just-generated key must survive power loss once committed.
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            # IMMEDIATE takes the write lock up front, so two writers serialize
+            # instead of failing late with "database is locked" on upgrade.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def session_factory(engine: "Engine"):
+    """A sessionmaker bound to ``engine`` that keeps objects usable after commit."""
+    from sqlalchemy.orm import sessionmaker
+
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory) -> Iterator["Session"]:
+    """One unit of work owned by an entrypoint: commit on success, roll back on error."""
+    from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except OperationalError as exc:
+        session.rollback()
+        raise DatabaseError(f"database error: {_one_line(exc)}", hint="check the database and retry") from None
+    except SQLAlchemyError as exc:
+        session.rollback()
+        raise DatabaseError(f"database refused the change: {_one_line(exc)}") from None
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _one_line(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return str(orig).strip().splitlines()[0][:300] if str(orig).strip() else type(orig).__name__
+
+
+def alembic_config(url: str):
+    """An alembic Config pointing at keyvault's migrations and ``url``."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
+    return cfg
+
+
+def upgrade(engine: "Engine", revision: str = "head") -> None:
+    """Run the migrations up to ``revision`` on ``engine``."""
+    from alembic import command
+
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def downgrade(engine: "Engine", revision: str) -> None:
+    """Run the migrations down to ``revision`` on ``engine``."""
+    from alembic import command
+
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+
+
+def head_revision() -> str:
+    """The newest migration revision shipped with this keyvault."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(migrations_dir())).get_current_head()
+
+
+def current_revision(engine: "Engine") -> str | None:
+    """The revision the database is at, or None for an empty database."""
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except SQLAlchemyError as exc:
+        raise DatabaseError(
+            f"cannot reach the database {engine.url.render_as_string()}: {_one_line(exc)}",
+            hint="check KEYVAULT_DATABASE_URL and that the server is up",
+        ) from None
+
+
+def require_head(engine: "Engine") -> None:
+    """Refuse to work on a database whose schema is not at head."""
+    current, head = current_revision(engine), head_revision()
+    if current is None:
+        raise NotInitialized(
+            "the database has no keyvault schema", hint="run `keyvault init` or `keyvault db upgrade`"
+        )
+    if current != head:
+        raise NotInitialized(
+            f"the database schema is at {current}, this keyvault needs {head}",
+            hint="run `keyvault db upgrade`",
+        )
+
+
+def schema_drift(engine: "Engine") -> list:
+    """Differences between the models and the migrated database (empty when they agree)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from keyvault.models import Base
+
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        return compare_metadata(ctx, Base.metadata)

@@ -1,0 +1,222 @@
+"""The one exception tree of keyvault.
+
+Every error a user can meet is a ``KeyvaultError``. Each class carries the data
+that explains it, an ``exit_code`` for the CLI and a ``code``/``http_status`` for
+HTTP. Messages name the problem and what to do; they never contain a secret.
+
+    KeyvaultError                      exit 1
+    ├── InvalidInput                   exit 2   bad APPID, scope, URL, pattern, ...
+    ├── ConfigError                            unreadable or invalid configuration
+    ├── NotInitialized                         no home / no schema: run `keyvault init`
+    ├── MasterKeyError                         master key missing, unsafe or wrong
+    │   ├── MasterKeyFileError                 missing file, bad mode or owner
+    │   └── WrongMasterKey                     the key does not open this store
+    ├── IntegrityError                         a ciphertext failed authentication
+    ├── NotFound                               cluster, secret, version, host, rotation
+    ├── Conflict                               already exists, concurrent change
+    │   └── RotationUnresolved                 a previous rotation must be recovered
+    ├── DatabaseError                          the database refused or is unreachable
+    ├── SshError                               anything on the way to ta-tool
+    │   ├── HostUnreachable                    TCP/SSH handshake failed (safe to fail over)
+    │   ├── HostKeyError                       unknown or changed host key
+    │   ├── AuthenticationFailed               SSH authentication refused
+    │   ├── BecomeFailed                       su/sudo to the ta user failed
+    │   ├── TaToolMissing                      ta-tool not on the ta user's PATH
+    │   └── ConnectionLost                     dropped after the command started
+    ├── RotationError                          a rotation could not complete
+    │   ├── NeedsRecovery                      key may exist only remotely: recover it
+    │   └── StoreFailed                        key spooled locally: recover it
+    └── TaApiError                             the TA Open API answered an error
+        └── TaTransportError                   the TA Open API could not be reached
+"""
+
+from __future__ import annotations
+
+
+class KeyvaultError(Exception):
+    """Root of all keyvault errors; ``str()`` is one line for the user."""
+
+    exit_code = 1
+    http_status = 500
+    code = "error"
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}; {self.hint}"
+        return self.message
+
+
+class InvalidInput(KeyvaultError):
+    """The user gave a value keyvault cannot accept."""
+
+    exit_code = 2
+    http_status = 400
+    code = "invalid_input"
+
+
+class ConfigError(KeyvaultError):
+    """The configuration is unreadable or invalid."""
+
+    code = "config_error"
+    http_status = 503
+
+
+class NotInitialized(KeyvaultError):
+    """keyvault has no home, master key or schema yet."""
+
+    code = "not_initialized"
+    http_status = 503
+
+
+class MasterKeyError(KeyvaultError):
+    """The master key cannot be used."""
+
+    code = "master_key_error"
+    http_status = 503
+
+
+class MasterKeyFileError(MasterKeyError):
+    """The master key file is missing or unsafe."""
+
+    def __init__(self, message: str, *, path: str, hint: str | None = None) -> None:
+        self.path = path
+        super().__init__(message, hint=hint)
+
+
+class WrongMasterKey(MasterKeyError):
+    """The master key does not open this store."""
+
+
+class IntegrityError(KeyvaultError):
+    """A stored ciphertext failed authentication (tampered or moved)."""
+
+    code = "integrity_error"
+
+    def __init__(self, message: str, *, what: str, hint: str | None = None) -> None:
+        self.what = what
+        super().__init__(message, hint=hint)
+
+
+class NotFound(KeyvaultError):
+    """A named object does not exist."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(KeyvaultError):
+    """The request conflicts with the current state."""
+
+    code = "conflict"
+    http_status = 409
+
+
+class RotationUnresolved(Conflict):
+    """A previous rotation of this scope is not resolved."""
+
+    code = "rotation_unresolved"
+
+    def __init__(self, message: str, *, rotation_id: str, hint: str | None = None) -> None:
+        self.rotation_id = rotation_id
+        super().__init__(message, hint=hint)
+
+
+class DatabaseError(KeyvaultError):
+    """The database refused an operation or cannot be reached."""
+
+    code = "database_error"
+    http_status = 503
+
+
+class SshError(KeyvaultError):
+    """Something failed on the way to ta-tool over SSH."""
+
+    code = "ssh_error"
+    http_status = 502
+
+    def __init__(self, message: str, *, host: str = "", hint: str | None = None) -> None:
+        self.host = host
+        super().__init__(message, hint=hint)
+
+
+class HostUnreachable(SshError):
+    """The host could not be reached or the SSH handshake failed."""
+
+
+class HostKeyError(SshError):
+    """The host offered a key that is not pinned (unknown or changed)."""
+
+    def __init__(
+        self, message: str, *, host: str, offered: str, pinned: str | None, hint: str | None = None
+    ) -> None:
+        self.offered = offered
+        self.pinned = pinned
+        super().__init__(message, host=host, hint=hint)
+
+
+class AuthenticationFailed(SshError):
+    """The SSH server refused our credentials."""
+
+
+class BecomeFailed(SshError):
+    """Switching to the ta user (su/sudo) failed."""
+
+
+class TaToolMissing(SshError):
+    """ta-tool is not on the ta user's PATH."""
+
+
+class ConnectionLost(SshError):
+    """The connection dropped after the remote command started."""
+
+
+class RotationError(KeyvaultError):
+    """A rotation could not complete."""
+
+    code = "rotation_error"
+
+    def __init__(self, message: str, *, rotation_id: str, hint: str | None = None) -> None:
+        self.rotation_id = rotation_id
+        super().__init__(message, hint=hint)
+
+
+class NeedsRecovery(RotationError):
+    """ta-tool may have run; the key must be recovered, not regenerated."""
+
+    code = "needs_recovery"
+
+
+class StoreFailed(RotationError):
+    """The new key could not be committed; it waits in the local spool."""
+
+    code = "store_failed"
+
+
+class TaApiError(KeyvaultError):
+    """The TA Open API answered with a non-zero return_code."""
+
+    code = "ta_api_error"
+    http_status = 502
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        return_code: int | None = None,
+        return_message: str = "",
+        meaning: str = "",
+        hint: str | None = None,
+    ) -> None:
+        self.return_code = return_code
+        self.return_message = return_message
+        self.meaning = meaning
+        super().__init__(message, hint=hint)
+
+
+class TaTransportError(TaApiError):
+    """The TA Open API could not be reached or answered garbage."""

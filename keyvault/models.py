@@ -1,0 +1,223 @@
+"""SQLAlchemy models. The alembic migrations are the schema's only source;
+these mirror them, and `keyvault db check` proves the two agree."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    false,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+CURRENT = "current"
+INVALIDATED = "invalidated"
+UNRESOLVED_ROTATION_STATES = ("pending", "needs_recovery")
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Stores naive UTC, returns aware UTC: identical on SQLite and PostgreSQL."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to UTCDateTime")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class MasterKey(Base):
+    """A master key id known to this store, with a check value to detect a wrong key."""
+
+    __tablename__ = "master_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    check_value: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Cluster(Base):
+    """A TA cluster and how to reach its Open API."""
+
+    __tablename__ = "clusters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    open_api_url: Mapped[str] = mapped_column(String(512), nullable=False)
+    key_pattern: Mapped[str] = mapped_column(String(256), nullable=False)
+    options: Mapped[str] = mapped_column(Text, nullable=False, server_default="{}")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    secrets: Mapped[list["Secret"]] = relationship(back_populates="cluster")
+
+
+class Secret(Base):
+    """One key scope of a cluster: ``root`` or ``app:<APPID>``."""
+
+    __tablename__ = "secrets"
+    __table_args__ = (UniqueConstraint("cluster_id", "scope", name="uq_secrets_cluster_scope"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id"), nullable=False)
+    scope: Mapped[str] = mapped_column(String(80), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    cluster: Mapped[Cluster] = relationship(back_populates="secrets")
+    versions: Mapped[list["SecretVersion"]] = relationship(
+        back_populates="secret", order_by="SecretVersion.number", foreign_keys="SecretVersion.secret_id"
+    )
+
+
+class SecretVersion(Base):
+    """One generated or imported key, encrypted; changed only to record its invalidation."""
+
+    __tablename__ = "secret_versions"
+    __table_args__ = (
+        UniqueConstraint("secret_id", "number", name="uq_secret_versions_number"),
+        CheckConstraint("state IN ('current', 'invalidated')", name="ck_secret_versions_state"),
+        CheckConstraint(
+            "(state = 'current' AND invalidated_at IS NULL)"
+            " OR (state = 'invalidated' AND invalidated_at IS NOT NULL)",
+            name="ck_secret_versions_invalidated_at",
+        ),
+        CheckConstraint("source IN ('import', 'rotation', 'restore')", name="ck_secret_versions_source"),
+        Index(
+            "uq_secret_versions_one_current",
+            "secret_id",
+            unique=True,
+            sqlite_where=text("state = 'current'"),
+            postgresql_where=text("state = 'current'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    secret_id: Mapped[int] = mapped_column(ForeignKey("secrets.id"), nullable=False)
+    number: Mapped[int] = mapped_column(Integer, nullable=False)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    master_key_id: Mapped[str] = mapped_column(ForeignKey("master_keys.id"), nullable=False)
+    fingerprint: Mapped[str] = mapped_column(String(16), nullable=False)
+    source: Mapped[str] = mapped_column(String(16), nullable=False)
+    created_by: Mapped[str] = mapped_column(String(128), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    invalidated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    superseded_by_id: Mapped[int | None] = mapped_column(ForeignKey("secret_versions.id"))
+    rotation_id: Mapped[str | None] = mapped_column(String(32))
+
+    secret: Mapped[Secret] = relationship(back_populates="versions", foreign_keys=[secret_id])
+    superseded_by: Mapped["SecretVersion | None"] = relationship(remote_side=[id])
+
+    def __repr__(self) -> str:
+        return f"SecretVersion(secret_id={self.secret_id}, number={self.number}, state={self.state!r})"
+
+
+class Event(Base):
+    """The outbox: one row per change, written in the transaction that makes it."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    type: Mapped[str] = mapped_column(String(64), nullable=False)
+    cluster: Mapped[str] = mapped_column(String(64), nullable=False)
+    scope: Mapped[str] = mapped_column(String(80), nullable=False)
+    payload: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class Host(Base):
+    """An SSH host of a cluster where ta-tool can be run."""
+
+    __tablename__ = "hosts"
+    __table_args__ = (
+        UniqueConstraint("cluster_id", "address", "port", name="uq_hosts_address"),
+        CheckConstraint("become IN ('su', 'sudo', 'none')", name="ck_hosts_become"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id"), nullable=False)
+    address: Mapped[str] = mapped_column(String(255), nullable=False)
+    port: Mapped[int] = mapped_column(Integer, nullable=False)
+    username: Mapped[str] = mapped_column(String(64), nullable=False)
+    identity_file: Mapped[str | None] = mapped_column(String(1024))
+    become: Mapped[str] = mapped_column(String(8), nullable=False)
+    ta_user: Mapped[str] = mapped_column(String(64), nullable=False)
+    host_key_fingerprint: Mapped[str | None] = mapped_column(String(128))
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    cluster: Mapped[Cluster] = relationship()
+
+    @property
+    def label(self) -> str:
+        return f"{self.username}@{self.address}:{self.port}"
+
+
+class Rotation(Base):
+    """The journal of one rotation, committed before ta-tool runs (see docs/rotation.md)."""
+
+    __tablename__ = "rotations"
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ('pending', 'needs_recovery', 'failed', 'stored', 'completed', 'abandoned')",
+            name="ck_rotations_state",
+        ),
+        Index(
+            "uq_rotations_one_unresolved",
+            "cluster_id",
+            "scope",
+            unique=True,
+            sqlite_where=text("state IN ('pending', 'needs_recovery')"),
+            postgresql_where=text("state IN ('pending', 'needs_recovery')"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id"), nullable=False)
+    scope: Mapped[str] = mapped_column(String(80), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id"))
+    host_label: Mapped[str] = mapped_column(String(400), nullable=False)
+    actor: Mapped[str] = mapped_column(String(128), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    old_version: Mapped[int | None] = mapped_column(Integer)
+    new_version: Mapped[int | None] = mapped_column(Integer)
+    new_fingerprint: Mapped[str | None] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    cleaned_up: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
+    verify_state: Mapped[str | None] = mapped_column(String(16))
+    verify_code: Mapped[int | None] = mapped_column(Integer)
+    verify_message: Mapped[str | None] = mapped_column(Text)
+    verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    cluster: Mapped[Cluster] = relationship()
+    host: Mapped[Host | None] = relationship()

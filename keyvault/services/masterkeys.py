@@ -1,0 +1,58 @@
+"""Master key rotation: re-wrap every data key under a new master key.
+
+Like rotation, this service commits in deliberate steps because it spans a
+file and the database:
+1. write the keyring file with the new key added (the old one stays active);
+2. one transaction: register the new key, re-wrap every data key, retire the old key;
+3. write the keyring file with only the new key.
+A crash before 2 commits leaves a store the old key opens; after it, the file
+still holds the new key, and `open_keyring` takes the live one from the database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from keyvault import crypto
+from keyvault.config import Settings
+from keyvault.db import transaction
+from keyvault.models import MasterKey, SecretVersion, utcnow
+from keyvault.services.store import open_keyring
+
+
+@dataclass(frozen=True)
+class MasterKeyRotation:
+    old_id: str
+    new_id: str
+    rewrapped: int
+
+
+def rotate_master_key(factory, *, settings: Settings) -> MasterKeyRotation:
+    """Replace the master key; every version stays readable, the old key opens nothing."""
+    with transaction(factory) as session:
+        keyring = open_keyring(session, settings=settings)
+    old_id = keyring.active
+    grown = keyring.with_new_active()
+    new_id = grown.active
+    crypto.save_keyring(settings.master_key_file, crypto.Keyring(active=old_id, keys=grown.keys))  # step 1
+
+    with transaction(factory) as session:  # step 2
+        session.add(MasterKey(id=new_id, check_value=crypto.check_value(grown, new_id), created_at=utcnow()))
+        session.flush()
+        count = 0
+        for version in session.scalars(select(SecretVersion).with_for_update()):
+            secret = version.secret
+            aad = crypto.version_aad(secret.cluster.name, secret.scope, version.number)
+            what = f"{secret.scope} version {version.number} of cluster {secret.cluster.name}"
+            sealed = crypto.Sealed(version.ciphertext, version.wrapped_key, version.master_key_id)
+            moved = crypto.rewrap(grown, sealed, aad, to=new_id, what=what)
+            version.wrapped_key, version.master_key_id = moved.wrapped_key, moved.master_key_id
+            count += 1
+        now = utcnow()
+        for row in session.scalars(select(MasterKey).where(MasterKey.id != new_id, MasterKey.retired_at.is_(None))):
+            row.retired_at = now
+
+    crypto.save_keyring(settings.master_key_file, grown.only(new_id))  # step 3
+    return MasterKeyRotation(old_id=old_id, new_id=new_id, rewrapped=count)

@@ -1,0 +1,246 @@
+"""Secrets and their versions: store a new current key, read, reveal, history."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.orm import Session
+
+from keyvault import crypto
+from keyvault.errors import Conflict, InvalidInput, NotFound
+from keyvault.models import CURRENT, INVALIDATED, Cluster, Event, Secret, SecretVersion, utcnow
+from keyvault.scope import Scope
+from keyvault.services.clusters import get_cluster
+
+MAX_KEY_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """What changed when a new current version was stored (no key material)."""
+
+    cluster: str
+    scope: str
+    number: int
+    fingerprint: str
+    old_number: int | None
+    old_fingerprint: str | None
+    event_id: int
+
+
+def check_key_text(key: str, *, pattern: str | None) -> str:
+    """Refuse empty, multi-line or oddly shaped input; never echo the key itself."""
+    if not key:
+        raise InvalidInput("no key given on standard input", hint="pipe exactly one key into the command")
+    if len(key) > MAX_KEY_LENGTH or any(c.isspace() or not c.isprintable() for c in key):
+        raise InvalidInput(
+            "the input is not a single key (it contains whitespace, control characters or is too long)",
+            hint="pipe exactly one key, optionally followed by one newline",
+        )
+    if pattern is not None and re.fullmatch(pattern, key) is None:
+        raise InvalidInput(
+            f"the key does not match the cluster's key pattern {pattern} (length {len(key)})",
+            hint="check what you pasted, or pass --any-format to store it anyway",
+        )
+    return key
+
+
+def _lock_secret(session: Session, cluster: Cluster, scope: str) -> Secret:
+    """Get (or create) the secret row and lock it for the rest of the transaction."""
+    stmt = select(Secret).where(Secret.cluster_id == cluster.id, Secret.scope == scope).with_for_update()
+    secret = session.scalar(stmt)
+    if secret is not None:
+        return secret
+    try:
+        with session.begin_nested():
+            secret = Secret(cluster_id=cluster.id, scope=scope, created_at=utcnow())
+            session.add(secret)
+        return secret
+    except SAIntegrityError:
+        # Another transaction created it first; wait for its lock.
+        return session.scalar(stmt)
+
+
+def current_version(session: Session, secret_id: int) -> SecretVersion | None:
+    """The current version of a secret, if any."""
+    return session.scalar(
+        select(SecretVersion).where(SecretVersion.secret_id == secret_id, SecretVersion.state == CURRENT)
+    )
+
+
+def store_version(
+    session: Session,
+    *,
+    keyring: crypto.Keyring,
+    cluster: Cluster,
+    scope: Scope,
+    key: str,
+    source: str,
+    actor: str,
+    rotation_id: str | None = None,
+) -> StoredVersion:
+    """Make ``key`` the current version of its scope, invalidate the previous one, write the event."""
+    secret = _lock_secret(session, cluster, str(scope))
+    old = current_version(session, secret.id)
+    number = (session.scalar(select(func.max(SecretVersion.number)).where(SecretVersion.secret_id == secret.id)) or 0) + 1
+    now = utcnow()
+    if old is not None:
+        # The partial unique index allows one current row at any instant.
+        old.state = INVALIDATED
+        old.invalidated_at = now
+        session.flush()
+    sealed = crypto.seal(keyring, key.encode(), crypto.version_aad(cluster.name, str(scope), number))
+    new = SecretVersion(
+        secret_id=secret.id,
+        number=number,
+        ciphertext=sealed.ciphertext,
+        wrapped_key=sealed.wrapped_key,
+        master_key_id=sealed.master_key_id,
+        fingerprint=crypto.fingerprint(key),
+        source=source,
+        created_by=actor,
+        created_at=now,
+        state=CURRENT,
+        rotation_id=rotation_id,
+    )
+    session.add(new)
+    session.flush()
+    if old is not None:
+        old.superseded_by_id = new.id
+    payload = {
+        "cluster": cluster.name,
+        "scope": str(scope),
+        "old_version": old.number if old else None,
+        "old_fingerprint": old.fingerprint if old else None,
+        "new_version": number,
+        "new_fingerprint": new.fingerprint,
+        "source": source,
+        "rotation_id": rotation_id,
+        "actor": actor,
+        "at": now.isoformat(),
+    }
+    event = Event(
+        type="secret.rotated" if old else "secret.created",
+        cluster=cluster.name,
+        scope=str(scope),
+        payload=json.dumps(payload, sort_keys=True),
+        created_at=now,
+    )
+    session.add(event)
+    session.flush()
+    return StoredVersion(
+        cluster=cluster.name,
+        scope=str(scope),
+        number=number,
+        fingerprint=new.fingerprint,
+        old_number=old.number if old else None,
+        old_fingerprint=old.fingerprint if old else None,
+        event_id=event.id,
+    )
+
+
+def import_key(
+    session: Session,
+    *,
+    keyring: crypto.Keyring,
+    cluster_name: str,
+    scope: Scope,
+    key: str,
+    actor: str,
+    any_format: bool = False,
+) -> StoredVersion:
+    """Store a key obtained outside keyvault as the new current version."""
+    cluster = get_cluster(session, name=cluster_name)
+    check_key_text(key, pattern=None if any_format else cluster.key_pattern)
+    secret = _lock_secret(session, cluster, str(scope))
+    old = current_version(session, secret.id)
+    if old is not None and old.fingerprint == crypto.fingerprint(key):
+        raise Conflict(
+            f"this key is already version {old.number}, the current key of {scope} in {cluster_name}",
+            hint="nothing to do",
+        )
+    return store_version(
+        session, keyring=keyring, cluster=cluster, scope=scope, key=key, source="import", actor=actor
+    )
+
+
+def get_secret(session: Session, *, cluster_name: str, scope: Scope) -> Secret:
+    """The secret of a scope, or ``NotFound``."""
+    cluster = get_cluster(session, name=cluster_name)
+    secret = session.scalar(select(Secret).where(Secret.cluster_id == cluster.id, Secret.scope == str(scope)))
+    if secret is None:
+        raise NotFound(
+            f"no key stored for {scope} in cluster {cluster_name}",
+            hint="import one with `keyvault import` or rotate with `keyvault rotate`",
+        )
+    return secret
+
+
+def get_version(session: Session, *, cluster_name: str, scope: Scope, number: int | None = None) -> SecretVersion:
+    """A version by number, or the current one."""
+    secret = get_secret(session, cluster_name=cluster_name, scope=scope)
+    if number is None:
+        version = current_version(session, secret.id)
+    else:
+        version = session.scalar(
+            select(SecretVersion).where(SecretVersion.secret_id == secret.id, SecretVersion.number == number)
+        )
+    if version is None:
+        what = f"version {number}" if number is not None else "a current version"
+        raise NotFound(f"{scope} in cluster {cluster_name} has no {what}", hint="see `keyvault secrets history`")
+    return version
+
+
+def reveal(keyring: crypto.Keyring, version: SecretVersion) -> str:
+    """Decrypt a version; ``IntegrityError`` names it if the row was tampered with."""
+    secret = version.secret
+    what = f"{secret.scope} version {version.number} of cluster {secret.cluster.name}"
+    sealed = crypto.Sealed(version.ciphertext, version.wrapped_key, version.master_key_id)
+    aad = crypto.version_aad(secret.cluster.name, secret.scope, version.number)
+    return crypto.unseal(keyring, sealed, aad, what=what).decode()
+
+
+def history(session: Session, *, cluster_name: str, scope: Scope) -> list[SecretVersion]:
+    """All versions of a scope, oldest first."""
+    secret = get_secret(session, cluster_name=cluster_name, scope=scope)
+    return list(
+        session.scalars(select(SecretVersion).where(SecretVersion.secret_id == secret.id).order_by(SecretVersion.number))
+    )
+
+
+def list_current(session: Session, *, cluster_name: str | None = None) -> list[SecretVersion]:
+    """The current version of every secret (optionally of one cluster)."""
+    stmt = (
+        select(SecretVersion)
+        .join(Secret, SecretVersion.secret_id == Secret.id)
+        .join(Cluster, Secret.cluster_id == Cluster.id)
+        .where(SecretVersion.state == CURRENT)
+        .order_by(Cluster.name, Secret.scope)
+    )
+    if cluster_name is not None:
+        get_cluster(session, name=cluster_name)
+        stmt = stmt.where(Cluster.name == cluster_name)
+    return list(session.scalars(stmt))
+
+
+def version_info(version: SecretVersion) -> dict:
+    """A JSON-ready description of a version (never the key)."""
+    superseded = version.superseded_by
+    return {
+        "cluster": version.secret.cluster.name,
+        "scope": version.secret.scope,
+        "version": version.number,
+        "fingerprint": version.fingerprint,
+        "state": version.state,
+        "source": version.source,
+        "created_by": version.created_by,
+        "created_at": version.created_at.isoformat(),
+        "invalidated_at": version.invalidated_at.isoformat() if version.invalidated_at else None,
+        "superseded_by": superseded.number if superseded is not None else None,
+        "rotation_id": version.rotation_id,
+        "master_key_id": version.master_key_id,
+    }

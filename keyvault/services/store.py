@@ -1,0 +1,113 @@
+"""Creating the store and opening it with the right master key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from keyvault import crypto
+from keyvault.config import CONFIG_FILE_NAME, Settings
+from keyvault.errors import WrongMasterKey
+from keyvault.models import MasterKey, utcnow
+
+DEFAULT_CONFIG = """\
+# keyvault configuration. Environment variables override these values:
+# KEYVAULT_DATABASE_URL, KEYVAULT_MASTER_KEY_FILE. See ops/keyvault.example.toml.
+
+[database]
+# url = "postgresql+psycopg://keyvault@db.internal/keyvault"
+
+[master_key]
+# file = "/etc/keyvault/master.key"
+"""
+
+
+def ensure_home(settings: Settings) -> list[str]:
+    """Create the home (0700) and a default config file; return what was created."""
+    created = []
+    home = settings.home
+    if not home.exists():
+        home.mkdir(parents=True, mode=0o700)
+        created.append(f"home {home}")
+    os.chmod(home, 0o700)
+    config = home / CONFIG_FILE_NAME
+    if not config.exists():
+        crypto.write_private_file(config, DEFAULT_CONFIG.encode())
+        created.append(f"config {config}")
+    return created
+
+
+def ensure_keyring(path: Path) -> tuple[crypto.Keyring, bool]:
+    """Load the keyring at ``path``, or create one; never overwrite an existing file."""
+    if path.exists() or path.is_symlink():
+        return crypto.load_keyring(path), False
+    keyring = crypto.Keyring.generate()
+    crypto.save_keyring(path, keyring)
+    return keyring, True
+
+
+def known_master_keys(session: Session) -> dict[str, MasterKey]:
+    """Master key rows by id."""
+    return {row.id: row for row in session.scalars(select(MasterKey))}
+
+
+def register_keyring(session: Session, *, keyring: crypto.Keyring) -> None:
+    """Record check values for the keyring's keys, refusing a keyring foreign to this store."""
+    rows = known_master_keys(session)
+    if rows and not (set(rows) & set(keyring.keys)):
+        raise WrongMasterKey(
+            f"this database was initialised with master key {sorted(rows)[-1]}, "
+            f"not with any key in the given keyring",
+            hint="copy the store's keyring file to KEYVAULT_MASTER_KEY_FILE instead of making a new one",
+        )
+    for key_id in keyring.keys:
+        if key_id in rows:
+            crypto.verify_check_value(keyring, key_id, rows[key_id].check_value)
+        elif key_id == keyring.active:
+            session.add(MasterKey(id=key_id, check_value=crypto.check_value(keyring, key_id), created_at=utcnow()))
+    session.flush()
+
+
+def open_keyring(session: Session, *, settings: Settings) -> crypto.Keyring:
+    """Load the keyring file and prove it opens this store; return it with its live key active."""
+    keyring = crypto.load_keyring(settings.master_key_file)
+    rows = known_master_keys(session)
+    live = [k for k in keyring.keys if k in rows and rows[k].retired_at is None]
+    if not live:
+        if keyring.active in rows:
+            crypto.verify_check_value(keyring, keyring.active, rows[keyring.active].check_value)
+        raise WrongMasterKey(
+            f"the keyring {settings.master_key_file} holds no live master key of this store",
+            hint="point KEYVAULT_MASTER_KEY_FILE at the current keyring (after `master-key rotate`, "
+            "the previous key no longer opens the store)",
+        )
+    active = live[0]
+    crypto.verify_check_value(keyring, active, rows[active].check_value)
+    # After a crash between commit and the final keyring write, the file's
+    # "active" may name the retired key: the database decides which is live.
+    return crypto.Keyring(active=active, keys=keyring.keys)
+
+
+def refuse_foreign_store(session: Session, *, settings: Settings) -> None:
+    """Refuse to make a new master key for a database that already has one."""
+    rows = known_master_keys(session)
+    path = settings.master_key_file
+    if rows and not (path.exists() or path.is_symlink()):
+        raise WrongMasterKey(
+            f"the database is already initialised with master key {sorted(rows)[-1]}, "
+            f"and {path} does not exist",
+            hint="copy the store's keyring file there (mode 0600) before running init",
+        )
+
+
+def restrict_sqlite_file(engine) -> None:
+    """Make an SQLite database file (and its WAL files) private to the running user."""
+    if engine.url.get_backend_name() != "sqlite" or not engine.url.database:
+        return
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(engine.url.database + suffix)
+        if path.exists():
+            os.chmod(path, 0o600)
