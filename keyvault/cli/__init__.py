@@ -40,12 +40,20 @@ class KeyvaultGroup(click.Group):
 
 @click.group(cls=KeyvaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="keyvault")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 @click.pass_context
-def main(ctx: click.Context) -> None:
+def main(ctx: click.Context, verbose: int) -> None:
     """keyvault: keep, rotate and serve the API keys of a self-hosted TA cluster."""
+    import logging
+
     from keyvault.cli.context import AppContext
 
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=False)
+    # paramiko reports transport errors itself; keyvault's own error says what matters.
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL if verbose < 2 else logging.DEBUG)
     ctx.obj = AppContext()
+    ctx.call_on_close(ctx.obj.close)
 
 
 def _register() -> None:

@@ -1,3 +1,199 @@
-"""Placeholder until the rotation commands land."""
+"""rotate root|app, rotations list|show|recover, verify."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import sys
+
+import click
+
+from keyvault.cli.output import emit_json, emit_table, resolve_scope, scope_options
+
+WARNING = ("ta-tool invalidates the current {what} of cluster {cluster} AT ONCE: every consumer still "
+           "holding it fails until it fetches the new one.")
+
+
+def _confirm(yes: bool, what: str, cluster: str) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.UsageError("rotation needs confirmation: pass --yes when not running on a terminal")
+    click.echo(WARNING.format(what=what, cluster=cluster), err=True)
+    click.confirm("Rotate now?", abort=True, err=True)
+
+
+def _print_outcome(o) -> None:
+    old = f"v{o.old_version} {o.old_fingerprint} (invalidated)" if o.old_version else "none"
+    click.echo(f"{o.cluster} {o.scope}: rotated ({o.rotation_id} on {o.host})")
+    click.echo(f"  old: {old}")
+    click.echo(f"  new: v{o.new_version} {o.new_fingerprint}")
+    click.echo(f"  verify: {o.verify_state} - {o.verify_message}")
+    for warning in o.warnings:
+        click.echo(f"  warning: {warning}", err=True)
+
+
+def _run(app, cluster: str, scopes: list, as_json: bool) -> None:
+    from keyvault.errors import KeyvaultError
+
+    service = app.rotation_service()
+    outcomes, failures = [], []
+    for scope in scopes:
+        try:
+            outcome = service.rotate(cluster, scope, actor=app.settings.actor)
+        except KeyvaultError as exc:
+            if len(scopes) == 1:
+                raise
+            failures.append({"scope": str(scope), "error": str(exc), "rotation_id": getattr(exc, "rotation_id", None)})
+            click.echo(f"error: {scope}: {exc}", err=True)
+            continue
+        outcomes.append(outcome.as_dict())
+        if not as_json:
+            _print_outcome(outcome)
+    if as_json:
+        emit_json(outcomes if len(scopes) == 1 and not failures else {"rotated": outcomes, "failed": failures})
+    if len(scopes) > 1:
+        click.echo(f"summary: {len(outcomes)} rotated, {len(failures)} failed", err=True)
+    if failures:
+        sys.exit(1)
+
+
+@click.group()
+def rotate() -> None:
+    """Generate new keys with ta-tool over SSH (the old key dies at once)."""
+
+
+@rotate.command("root")
+@click.option("--cluster", required=True)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def rotate_root(app, cluster, yes, as_json) -> None:
+    """Rotate the root key of a cluster."""
+    from keyvault.scope import root_scope
+
+    _confirm(yes, "root key (valid for every project)", cluster)
+    _run(app, cluster, [root_scope()], as_json)
+
+
+@rotate.command("app")
+@click.option("--cluster", required=True)
+@click.argument("appids", nargs=-1, required=True)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def rotate_app(app, cluster, appids, yes, as_json) -> None:
+    """Rotate the key of one or more projects."""
+    from keyvault.scope import app_scope
+
+    scopes = [app_scope(a, app.settings.appid_pattern) for a in dict.fromkeys(appids)]
+    _confirm(yes, f"key of {', '.join(appids)}", cluster)
+    _run(app, cluster, scopes, as_json)
+
+
+@click.group()
+def rotations() -> None:
+    """Inspect and recover rotations."""
+
+
+def _rotation_row(r) -> dict:
+    return {"id": r.id, "cluster": r.cluster.name, "scope": r.scope, "state": r.state, "host": r.host_label,
+            "actor": r.actor, "created_at": r.created_at.isoformat(), "updated_at": r.updated_at.isoformat(),
+            "old_version": r.old_version, "new_version": r.new_version, "new_fingerprint": r.new_fingerprint,
+            "cleaned_up": bool(r.cleaned_up), "verify_state": r.verify_state, "verify_code": r.verify_code,
+            "verify_message": r.verify_message, "error": r.error}
+
+
+@rotations.command("list")
+@click.option("--state", help="pending, needs_recovery, failed, stored, completed or abandoned")
+@click.option("--cluster")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def rotations_list(app, state, cluster, as_json) -> None:
+    """List rotations, newest first."""
+    from sqlalchemy import select
+
+    from keyvault.models import Cluster, Rotation
+
+    with app.transaction() as session:
+        stmt = select(Rotation).join(Cluster).order_by(Rotation.created_at.desc()).limit(500)
+        if state:
+            stmt = stmt.where(Rotation.state == state)
+        if cluster:
+            stmt = stmt.where(Cluster.name == cluster)
+        rows = [_rotation_row(r) for r in session.scalars(stmt)]
+    emit_json(rows) if as_json else emit_table(rows, ("id", "cluster", "scope", "state", "created_at", "new_version", "verify_state", "host"))
+
+
+@rotations.command("show")
+@click.argument("rotation_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def rotations_show(app, rotation_id, as_json) -> None:
+    """Show one rotation."""
+    from keyvault.errors import NotFound
+    from keyvault.models import Rotation
+
+    with app.transaction() as session:
+        r = session.get(Rotation, rotation_id)
+        if r is None:
+            raise NotFound(f"no rotation {rotation_id!r}", hint="see `keyvault rotations list`")
+        row = _rotation_row(r)
+    if as_json:
+        emit_json(row)
+    else:
+        for name, value in row.items():
+            click.echo(f"{name:16} {'' if value is None else value}")
+
+
+@rotations.command("recover")
+@click.argument("rotation_id")
+@click.option("--regenerate", is_flag=True, help="Give up this rotation and run ta-tool again.")
+@click.option("--yes", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def rotations_recover(app, rotation_id, regenerate, yes, as_json) -> None:
+    """Complete an interrupted rotation without running ta-tool again."""
+    from keyvault.models import Rotation
+    from keyvault.scope import parse_scope
+
+    service = app.rotation_service()
+    if regenerate:
+        with app.transaction() as session:
+            r = session.get(Rotation, rotation_id)
+            cluster, scope = (r.cluster.name, parse_scope(r.scope, r".+")) if r else (None, None)
+        if r is None:
+            raise click.UsageError(f"no rotation {rotation_id!r}")
+        _confirm(yes, f"{scope} key (the key ta-tool may already have generated for {rotation_id} is dropped)", cluster)
+        service.abandon(rotation_id, reason="abandoned for --regenerate")
+        outcome = service.rotate(cluster, scope, actor=app.settings.actor)
+    else:
+        outcome = service.recover(rotation_id, actor=app.settings.actor)
+    if as_json:
+        emit_json(outcome.as_dict())
+        return
+    click.echo(f"rotation {outcome.rotation_id}: {outcome.state}")
+    if outcome.new_version:
+        _print_outcome(outcome)
+    for warning in outcome.warnings:
+        click.echo(f"  {warning}")
+
+
+@click.command()
+@scope_options
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def verify(app, cluster, is_root, appid, as_json) -> None:
+    """Call the TA Open API with the current key of a scope."""
+    from keyvault.services.verify import verify_current
+
+    scope = resolve_scope(is_root, appid, app.settings)
+    with app.transaction() as session:
+        number, result = verify_current(session, keyring=app.keyring(session), cluster_name=cluster, scope=scope,
+                                        settings=app.settings)
+    info = {"cluster": cluster, "scope": str(scope), "version": number, "state": result.state,
+            "return_code": result.return_code, "message": result.message}
+    emit_json(info) if as_json else click.echo(f"{cluster} {scope} v{number}: {result.state} - {result.message}")
+    if result.state == "failed":
+        sys.exit(1)
+
+
+COMMANDS = [rotate, rotations, verify]

@@ -39,8 +39,30 @@ class AppContext:
         with transaction(self.factory) as session:
             yield session
 
+    def close(self) -> None:
+        """Dispose of the engine, if one was made, so no pooled connection outlives the command."""
+        engine = self.__dict__.pop("engine", None)
+        if engine is not None:
+            engine.dispose()
+
     def keyring(self, session):
         """The master keyring, proven to open this store."""
         from keyvault.services.store import open_keyring
 
         return open_keyring(session, settings=self.settings)
+
+    @cached_property
+    def connector(self):
+        """The real SSH transport, configured from the settings."""
+        from keyvault.ssh.paramiko_transport import ParamikoConnector
+
+        s = self.settings
+        return ParamikoConnector(connect_timeout=s.ssh_connect_timeout, known_hosts_file=s.known_hosts_file,
+                                 su_prompt=s.su_prompt, default_identity=s.ssh_identity_file,
+                                 passphrase=s.ssh_passphrase)
+
+    def rotation_service(self):
+        """The rotation service wired to this invocation's database and transport."""
+        from keyvault.services.rotation import RotationService
+
+        return RotationService(self.factory, settings=self.settings, connector=self.connector)

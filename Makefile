@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   a real rotation over SSH against the bundled TA simulator
+#   make test   the test suite (as root it also sets up the real sshd test host)
+SHELL := /bin/bash
+# Debian's python when present: the test sshd's `ta` user must be able to run the
+# venv's interpreter (pyenv's lives under /root, mode 0700).
+BASE_PY := $(shell [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import sys, ensurepip; assert sys.version_info >= (3, 11)' 2>/dev/null && echo /usr/bin/python3 || echo python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean bench
+
+$(VENV)/.installed: pyproject.toml
+	@[ -x $(PY) ] || $(BASE_PY) -m venv $(VENV)
+	$(PY) -m pip install --progress-bar off -q -e '.[postgres,test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	@bash ops/demo.sh
+
+test: venv
+	@if [ "$$(id -u)" = 0 ] && [ -z "$$KEYVAULT_TEST_NO_SSHD_SETUP" ]; then \
+	    bash tests/sshd/setup.sh --python "$$PWD/$(PY)" --fix-perms >/tmp/keyvault-sshd-setup.log 2>&1 \
+	    || { tail -n 30 /tmp/keyvault-sshd-setup.log; exit 1; }; fi
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/rotation.py
+
+clean:
+	rm -rf $(VENV) .kv-demo

@@ -1,0 +1,141 @@
+"""SSH hosts of a cluster: add, list, remove, trust (pin the host key), check."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.orm import Session
+
+from keyvault.config import Settings
+from keyvault.errors import Conflict, InvalidInput, NotFound
+from keyvault.models import UNRESOLVED_ROTATION_STATES, Host, Rotation, utcnow
+from keyvault.services.clusters import cluster_options, get_cluster
+from keyvault.ssh import Connection, Connector, SshTarget
+from keyvault.tahost import Become, check_script, raise_for_become
+
+FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.I)
+ADDRESS = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
+
+
+def validate_host_fields(*, address: str, port: int, username: str, become: str, ta_user: str,
+                         fingerprint: str | None) -> None:
+    """Refuse malformed host settings before anything is written."""
+    if not ADDRESS.match(address) or address.startswith("-"):
+        raise InvalidInput(f"invalid host address {address!r}", hint="give a host name or IP address")
+    if not 1 <= port <= 65535:
+        raise InvalidInput(f"invalid port {port}", hint="use 1-65535")
+    for what, name in (("SSH user", username), ("ta user", ta_user)):
+        if not USER.match(name):
+            raise InvalidInput(f"invalid {what} {name!r}")
+    if become not in ("su", "sudo", "none"):
+        raise InvalidInput(f"invalid become method {become!r}", hint="use su, sudo or none")
+    if fingerprint is not None and not FINGERPRINT.match(fingerprint):
+        raise InvalidInput(
+            f"invalid fingerprint {fingerprint!r}",
+            hint="use OpenSSH's SHA256:... form, as printed by `ssh-keygen -lf KEY.pub`",
+        )
+
+
+def add_host(session: Session, *, cluster_name: str, address: str, port: int = 22, username: str = "root",
+             identity_file: str | None = None, become: str = "su", ta_user: str = "ta",
+             fingerprint: str | None = None) -> Host:
+    """Add a host to a cluster (tried in the order added)."""
+    cluster = get_cluster(session, name=cluster_name)
+    validate_host_fields(address=address, port=port, username=username, become=become, ta_user=ta_user,
+                         fingerprint=fingerprint)
+    position = (session.scalar(select(func.max(Host.position)).where(Host.cluster_id == cluster.id)) or 0) + 1
+    host = Host(cluster_id=cluster.id, address=address, port=port, username=username,
+                identity_file=identity_file, become=become, ta_user=ta_user,
+                host_key_fingerprint=fingerprint, position=position, created_at=utcnow())
+    try:
+        with session.begin_nested():
+            session.add(host)
+    except SAIntegrityError:
+        raise Conflict(f"host {address}:{port} is already in cluster {cluster_name}") from None
+    return host
+
+
+def list_hosts(session: Session, *, cluster_name: str | None = None) -> list[Host]:
+    """Hosts, in the order they are tried."""
+    stmt = select(Host).order_by(Host.cluster_id, Host.position)
+    if cluster_name is not None:
+        stmt = stmt.where(Host.cluster_id == get_cluster(session, name=cluster_name).id)
+    return list(session.scalars(stmt))
+
+
+def get_host(session: Session, *, cluster_name: str, address: str, port: int | None = None) -> Host:
+    """One host of a cluster by address (and port when ambiguous)."""
+    hosts = [h for h in list_hosts(session, cluster_name=cluster_name)
+             if h.address == address and (port is None or h.port == port)]
+    if not hosts:
+        raise NotFound(f"no host {address} in cluster {cluster_name}", hint="see `keyvault host list`")
+    if len(hosts) > 1:
+        raise InvalidInput(f"several hosts {address} in cluster {cluster_name}", hint="give --port")
+    return hosts[0]
+
+
+def remove_host(session: Session, *, cluster_name: str, address: str, port: int | None = None) -> None:
+    """Remove a host unless an unresolved rotation still needs it."""
+    host = get_host(session, cluster_name=cluster_name, address=address, port=port)
+    pending = session.scalar(select(Rotation).where(Rotation.host_id == host.id,
+                                                     Rotation.state.in_(UNRESOLVED_ROTATION_STATES)))
+    if pending is not None:
+        raise Conflict(f"rotation {pending.id} on {host.label} is unresolved",
+                       hint=f"run `keyvault rotations recover {pending.id}` first")
+    for rotation in session.scalars(select(Rotation).where(Rotation.host_id == host.id)):
+        rotation.host_id = None
+    session.delete(host)
+    session.flush()
+
+
+def pin_host_key(session: Session, *, host: Host, fingerprint: str) -> None:
+    """Pin the host key fingerprint that the operator confirmed."""
+    if not FINGERPRINT.match(fingerprint):
+        raise InvalidInput(f"invalid fingerprint {fingerprint!r}")
+    host.host_key_fingerprint = fingerprint
+    session.flush()
+
+
+def ssh_target(host: Host, settings: Settings) -> SshTarget:
+    """How to connect to ``host``."""
+    return SshTarget(address=host.address, port=host.port, username=host.username,
+                     identity_file=host.identity_file, pinned_fingerprint=host.host_key_fingerprint)
+
+
+def become_for(host: Host) -> Become:
+    """How to become ta on ``host``."""
+    return Become(method=host.become, ta_user=host.ta_user, ssh_user=host.username)
+
+
+def su_password_for(become: Become, settings: Settings) -> str | None:
+    """The su password when one is needed; refuse early if it is missing."""
+    if not become.needs_password:
+        return None
+    if settings.su_password is None:
+        raise InvalidInput(
+            f"su to {become.ta_user} as {become.ssh_user} needs a password",
+            hint="set KEYVAULT_SU_PASSWORD or KEYVAULT_SU_PASSWORD_FILE (never on the command line)",
+        )
+    return settings.su_password
+
+
+def check_host(session: Session, *, host: Host, settings: Settings, connector: Connector) -> str:
+    """Connect, become ta and confirm ta-tool is on its PATH; generate nothing."""
+    become = become_for(host)
+    password = su_password_for(become, settings)
+    command = cluster_options(host.cluster)["generate_root_command"]
+    conn: Connection = connector.connect(ssh_target(host, settings))
+    try:
+        result = conn.run(become.wrap(check_script(command)), password=password,
+                          timeout=settings.ssh_connect_timeout + 30)
+    finally:
+        conn.close()
+    text = result.output.decode("utf-8", "replace")
+    found = re.search(r"@@KV:check:OK:([^:@]*):([^@]*)@@", text)
+    if result.exit_status == 0 and found:
+        return f"{host.label}: became {found.group(1)}, ta-tool at {found.group(2)}"
+    raise_for_become(text, host.label, become)
+    raise AssertionError("unreachable")

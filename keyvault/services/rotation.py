@@ -1,0 +1,415 @@
+"""Rotation: generate a new TA key over SSH and never lose it.
+
+ta-tool invalidates the previous key the moment it generates a new one, so the
+key it prints is the only valid key of its scope. This service is the one that
+commits its own transactions, in deliberate steps (docs/rotation.md):
+
+1. CHECK    master key opens the store, scope has no unresolved rotation, a host
+            of the cluster is reachable, trusted and authenticated (fail over
+            between hosts only here, before anything ran).
+2. JOURNAL  commit a ``pending`` rotation row; a partial unique index allows one
+            unresolved rotation per scope across processes and machines.
+3. GENERATE run ta-tool as ta with its output in a file private to ta named by
+            the rotation id; read it back. A drop here leaves ``pending`` /
+            ``needs_recovery`` and the key in that file.
+4. PARSE    exactly one candidate key, or ``needs_recovery`` with masked output.
+5. STORE    one transaction: new current version, old one invalidated, event,
+            rotation ``stored``. If it fails, the key goes to the local spool.
+6. CLEAN    delete the remote file (leaving a key-less tombstone), only now.
+7. VERIFY   call the TA Open API with the new key; record the outcome. A failed
+            check raises an event; it never discards the key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+
+from keyvault import crypto
+from keyvault.config import Settings
+from keyvault.db import transaction
+from keyvault.errors import (
+    AuthenticationFailed,
+    HostKeyError,
+    HostUnreachable,
+    InvalidInput,
+    KeyvaultError,
+    NeedsRecovery,
+    NotFound,
+    RotationError,
+    RotationUnresolved,
+    StoreFailed,
+    TaToolMissing,
+)
+from keyvault.models import UNRESOLVED_ROTATION_STATES, Event, Host, Rotation, utcnow
+from keyvault.scope import Scope, parse_scope
+from keyvault.services import spool
+from keyvault.services.clusters import cluster_options, get_cluster
+from keyvault.services.hosts import become_for, list_hosts, ssh_target, su_password_for
+from keyvault.services.secrets import store_version
+from keyvault.services.store import open_keyring
+from keyvault.services.verify import verify_scope_key
+from keyvault.ssh import Connection, Connector, ExecResult
+from keyvault.tahost import (
+    RemoteOutput,
+    cleanup_script,
+    fetch_script,
+    find_keys,
+    generate_script,
+    mask_keys,
+    parse_remote,
+    raise_for_become,
+    render_command,
+)
+
+log = logging.getLogger("keyvault.rotation")
+
+
+@dataclass
+class RotationOutcome:
+    """What a rotation did (fingerprints only, never keys)."""
+
+    rotation_id: str
+    cluster: str
+    scope: str
+    state: str
+    host: str
+    old_version: int | None = None
+    old_fingerprint: str | None = None
+    new_version: int | None = None
+    new_fingerprint: str | None = None
+    cleaned_up: bool = False
+    verify_state: str | None = None
+    verify_message: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def new_rotation_id() -> str:
+    """A random rotation id, safe in file names and shell words."""
+    return secrets.token_hex(6)
+
+
+class RotationService:
+    """Runs rotations and recoveries; owns its transactions (see the module doc)."""
+
+    def __init__(self, factory, *, settings: Settings, connector: Connector,
+                 ta_client_factory: Callable | None = None,
+                 on_step: Callable[[str, str], None] | None = None) -> None:
+        self.factory = factory
+        self.settings = settings
+        self.connector = connector
+        self.ta_client_factory = ta_client_factory
+        # Injected by crash tests: called as on_step(step, rotation_id).
+        self.on_step = on_step or (lambda step, rid: None)
+
+    # -- step 1 -----------------------------------------------------------------
+    def _preflight(self, cluster_name: str, scope: Scope):
+        with transaction(self.factory) as s:
+            keyring = open_keyring(s, settings=self.settings)
+            cluster = get_cluster(s, name=cluster_name)
+            self._refuse_unresolved(s, cluster.id, cluster_name, scope)
+            hosts = list_hosts(s, cluster_name=cluster_name)
+            if not hosts:
+                raise NotFound(f"cluster {cluster_name} has no SSH hosts",
+                               hint=f"add one with `keyvault host add {cluster_name} ADDRESS`")
+            options = cluster_options(cluster)
+            template = options["generate_root_command" if scope.is_root else "generate_app_command"]
+            command = render_command(template, scope.appid)
+            for host in hosts:
+                su_password_for(become_for(host), self.settings)
+            return keyring, cluster, hosts, command
+
+    @staticmethod
+    def _refuse_unresolved(s, cluster_id: int, cluster_name: str, scope: Scope) -> None:
+        other = s.scalar(select(Rotation).where(Rotation.cluster_id == cluster_id, Rotation.scope == str(scope),
+                                                Rotation.state.in_(UNRESOLVED_ROTATION_STATES)))
+        if other is not None:
+            raise RotationUnresolved(
+                f"rotation {other.id} of {scope} in {cluster_name} is {other.state} "
+                f"(started {other.created_at:%Y-%m-%d %H:%M:%S} UTC by {other.actor} on {other.host_label})",
+                rotation_id=other.id,
+                hint=f"if it is still running, wait; otherwise run `keyvault rotations recover {other.id}`",
+            )
+
+    def _connect_any(self, hosts: list[Host]) -> tuple[Connection, Host]:
+        errors: list[KeyvaultError] = []
+        for host in hosts:
+            try:
+                return self.connector.connect(ssh_target(host, self.settings)), host
+            except (HostUnreachable, AuthenticationFailed, HostKeyError) as exc:
+                # Nothing has run yet: trying the next host is safe.
+                log.warning("host %s: %s", host.label, exc)
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise HostUnreachable("no host of the cluster could be used: " + "; ".join(str(e) for e in errors))
+
+    # -- the rotation ------------------------------------------------------------
+    def rotate(self, cluster_name: str, scope: Scope, *, actor: str) -> RotationOutcome:
+        """Generate, capture and store a new key for one scope."""
+        keyring, cluster, hosts, command = self._preflight(cluster_name, scope)
+        conn, host = self._connect_any(hosts)
+        rid = new_rotation_id()
+        try:
+            self._journal(rid, cluster, scope, host, actor)  # step 2
+            self.on_step("journaled", rid)
+            become = become_for(host)
+            try:  # step 3
+                result = conn.run(become.wrap(generate_script(rid, command)),
+                                  password=su_password_for(become, self.settings),
+                                  timeout=self.settings.ssh_command_timeout)
+            except KeyvaultError:
+                result = ExecResult(b"", None)
+            self.on_step("generated", rid)
+            remote = parse_remote(rid, result.output)
+            key = self._interpret(rid, remote, result.exit_status, host, cluster.key_pattern, conn)  # step 4
+            outcome = self._store(rid, keyring, cluster.name, scope, key, actor, host.label)  # step 5
+            self.on_step("stored", rid)
+            self._cleanup(conn, host, rid, outcome)  # step 6
+        finally:
+            conn.close()
+        self._verify(rid, cluster.name, scope, key, outcome)  # step 7
+        return outcome
+
+    def _journal(self, rid: str, cluster, scope: Scope, host: Host, actor: str) -> None:
+        now = utcnow()
+        try:
+            with transaction(self.factory) as s:
+                s.add(Rotation(id=rid, cluster_id=cluster.id, scope=str(scope), state="pending", host_id=host.id,
+                               host_label=host.label, actor=actor, created_at=now, updated_at=now))
+        except KeyvaultError:
+            with transaction(self.factory) as s:
+                self._refuse_unresolved(s, cluster.id, cluster.name, scope)
+            raise
+
+    def _mark(self, rid: str, state: str, error: str | None = None, event: str | None = None, **fields) -> None:
+        with transaction(self.factory) as s:
+            rotation = s.get(Rotation, rid)
+            rotation.state = state
+            rotation.updated_at = utcnow()
+            if error is not None:
+                rotation.error = error
+            for name, value in fields.items():
+                setattr(rotation, name, value)
+            if event:
+                payload = {"rotation_id": rid, "cluster": rotation.cluster.name, "scope": rotation.scope,
+                           "state": state, "error": error, "host": rotation.host_label}
+                s.add(Event(type=event, cluster=rotation.cluster.name, scope=rotation.scope,
+                            payload=json.dumps(payload, sort_keys=True), created_at=utcnow()))
+
+    def _needs_recovery(self, rid: str, message: str, hint: str | None = None) -> NeedsRecovery:
+        hint = hint or f"run `keyvault rotations recover {rid}`"
+        try:
+            self._mark(rid, "needs_recovery", error=message, event="rotation.failed")
+        except KeyvaultError as exc:  # the row stays `pending`, which is unresolved too
+            log.error("could not record needs_recovery for %s: %s", rid, exc)
+        return NeedsRecovery(message, rotation_id=rid, hint=hint)
+
+    def _interpret(self, rid: str, remote: RemoteOutput, exit_status: int | None, host: Host, pattern: str,
+                   conn: Connection | None) -> str:
+        """Turn a generate/fetch report into the key, or record why not and raise."""
+        label = host.label if host is not None else "the host"
+        if remote.state == "result":
+            candidates = find_keys(remote.output, pattern)
+            shown = mask_keys((remote.output + b"\n" + remote.errors).decode("utf-8", "replace"), pattern)
+            shown = " | ".join(line.strip() for line in shown.replace("\r", "").splitlines() if line.strip())[:500]
+            if len(candidates) == 1 and remote.rc in (0, None):
+                return candidates[0]
+            if not candidates and remote.rc not in (0, None):
+                # ta-tool said it failed and printed no key: nothing to lose.
+                message = f"ta-tool failed on {label} (exit {remote.rc}): {shown or 'no output'}"
+                self._mark(rid, "failed", error=message, event="rotation.failed")
+                if conn is not None:
+                    self._try(conn, host, cleanup_script(rid))
+                raise RotationError(message, rotation_id=rid, hint="nothing was generated; fix the cause and rotate again")
+            if remote.rc is None and not candidates:
+                raise self._needs_recovery(rid, f"ta-tool on {label} has not finished (no exit status, no key yet)",
+                                           hint=f"wait, then run `keyvault rotations recover {rid}`")
+            what = "no key" if not candidates else f"{len(candidates)} candidate keys"
+            raise self._needs_recovery(
+                rid, f"ta-tool output on {label} has {what} matching {pattern}: {shown or 'no output'}",
+                hint=f"the key is kept on the host; fix the cluster's --key-pattern if needed, then run "
+                     f"`keyvault rotations recover {rid}`")
+        if remote.state == "notatool":
+            self._mark(rid, "failed", error="ta-tool not found", event="rotation.failed")
+            raise TaToolMissing(f"ta-tool is not on the PATH of the ta user on {label}", host=label,
+                                hint="nothing was generated; fix ta's login PATH")
+        if remote.state == "exists":
+            raise self._needs_recovery(rid, f"a pending file for rotation {rid} already exists on {label}")
+        if not remote.started and exit_status is not None:
+            try:
+                raise_for_become(remote.raw_tail, label, become_for(host))
+            except KeyvaultError as exc:
+                self._mark(rid, "failed", error=str(exc), event="rotation.failed")
+                raise
+        raise self._needs_recovery(
+            rid, f"the connection to {label} was lost after ta-tool may have started; the key, if any, "
+                 f"is kept in ~{host.ta_user}/.keyvault/pending/{rid}.out on the host")
+
+    # -- step 5 ------------------------------------------------------------------
+    def _store(self, rid: str, keyring: crypto.Keyring, cluster_name: str, scope: Scope, key: str, actor: str,
+               host_label: str) -> RotationOutcome:
+        fp = crypto.fingerprint(key)
+        try:
+            with transaction(self.factory) as s:
+                rotation = s.scalar(select(Rotation).where(Rotation.id == rid).with_for_update())
+                if rotation.state not in UNRESOLVED_ROTATION_STATES:
+                    # Stored by a concurrent recovery; only the same key is acceptable.
+                    if rotation.new_fingerprint != fp:
+                        raise RotationError(f"rotation {rid} was resolved meanwhile with another key",
+                                            rotation_id=rid)
+                    return self._outcome(rotation)
+                cluster = get_cluster(s, name=cluster_name)
+                stored = store_version(s, keyring=keyring, cluster=cluster, scope=scope, key=key,
+                                       source="rotation", actor=actor, rotation_id=rid)
+                rotation.state, rotation.updated_at = "stored", utcnow()
+                rotation.old_version, rotation.new_version = stored.old_number, stored.number
+                rotation.new_fingerprint, rotation.error = stored.fingerprint, None
+                outcome = self._outcome(rotation)
+                outcome.old_fingerprint = stored.old_fingerprint
+            spool.remove_spool(self.settings, rid)
+            return outcome
+        except RotationError:
+            raise
+        except Exception as exc:  # any failure: the key must go somewhere durable first
+            try:
+                path = spool.write_spool(self.settings, keyring, rotation_id=rid, cluster=cluster_name,
+                                         scope=str(scope), key=key)
+            except Exception as spool_exc:
+                raise StoreFailed(
+                    f"THE NEW KEY OF {scope} IN {cluster_name} WAS NOT STORED ({exc}) and the spool failed too "
+                    f"({type(spool_exc).__name__}); it is still in the pending file on {host_label}",
+                    rotation_id=rid, hint=f"do not rotate again; fix the database, then `keyvault rotations recover {rid}`",
+                ) from None
+            try:
+                self._mark(rid, "needs_recovery", error=f"store failed: {exc}; key spooled at {path}",
+                           event="rotation.failed")
+            except Exception:
+                pass
+            raise StoreFailed(
+                f"THE NEW KEY OF {scope} IN {cluster_name} COULD NOT BE STORED ({exc}); it is safe, encrypted, "
+                f"in {path}",
+                rotation_id=rid, hint=f"fix the database, then run `keyvault rotations recover {rid}`",
+            ) from None
+
+    @staticmethod
+    def _outcome(rotation: Rotation) -> RotationOutcome:
+        return RotationOutcome(
+            rotation_id=rotation.id, cluster=rotation.cluster.name, scope=rotation.scope, state=rotation.state,
+            host=rotation.host_label, old_version=rotation.old_version, new_version=rotation.new_version,
+            new_fingerprint=rotation.new_fingerprint, cleaned_up=bool(rotation.cleaned_up),
+            verify_state=rotation.verify_state, verify_message=rotation.verify_message)
+
+    # -- steps 6 and 7 -------------------------------------------------------------
+    def _try(self, conn: Connection, host: Host, script: str) -> ExecResult | None:
+        become = become_for(host)
+        try:
+            return conn.run(become.wrap(script), password=su_password_for(become, self.settings),
+                            timeout=self.settings.ssh_connect_timeout + 30)
+        except KeyvaultError as exc:
+            log.warning("on %s: %s", host.label, exc)
+            return None
+
+    def _cleanup(self, conn: Connection, host: Host, rid: str, outcome: RotationOutcome) -> None:
+        result = self._try(conn, host, cleanup_script(rid))
+        if result is not None and parse_remote(rid, result.output).state == "cleaned":
+            outcome.cleaned_up = True
+            self._update(rid, cleaned_up=True)
+        else:
+            outcome.warnings.append(f"could not delete the pending file on {host.label}; "
+                                    f"`keyvault rotations recover {rid}` retries")
+
+    def _update(self, rid: str, **fields) -> None:
+        with transaction(self.factory) as s:
+            rotation = s.get(Rotation, rid)
+            for name, value in fields.items():
+                setattr(rotation, name, value)
+            rotation.updated_at = utcnow()
+
+    def _verify(self, rid: str, cluster_name: str, scope: Scope, key: str, outcome: RotationOutcome) -> None:
+        with transaction(self.factory) as s:
+            cluster = get_cluster(s, name=cluster_name)
+            result = verify_scope_key(cluster, scope, key, settings=self.settings,
+                                      client_factory=self.ta_client_factory)
+            rotation = s.get(Rotation, rid)
+            rotation.verify_state, rotation.verify_code = result.state, result.return_code
+            rotation.verify_message, rotation.verified_at = result.message, utcnow()
+            rotation.state = "completed" if rotation.cleaned_up else "stored"
+            rotation.updated_at = utcnow()
+            if result.state == "failed":
+                payload = {"rotation_id": rid, "cluster": cluster_name, "scope": str(scope),
+                           "return_code": result.return_code, "message": result.message,
+                           "fingerprint": crypto.fingerprint(key)}
+                s.add(Event(type="rotation.verification_failed", cluster=cluster_name, scope=str(scope),
+                            payload=json.dumps(payload, sort_keys=True), created_at=utcnow()))
+            outcome.state = rotation.state
+        outcome.verify_state, outcome.verify_message = result.state, result.message
+
+    # -- recovery ------------------------------------------------------------------
+    def recover(self, rid: str, *, actor: str) -> RotationOutcome:
+        """Complete an interrupted rotation from the local spool or the remote pending file."""
+        with transaction(self.factory) as s:
+            rotation = s.get(Rotation, rid)
+            if rotation is None:
+                raise NotFound(f"no rotation {rid!r}", hint="see `keyvault rotations list`")
+            keyring = open_keyring(s, settings=self.settings)
+            cluster, scope = rotation.cluster, parse_scope(rotation.scope, r".+")
+            host = rotation.host
+            state = rotation.state
+            outcome = self._outcome(rotation)
+        if state in ("completed", "failed", "abandoned"):
+            outcome.warnings.append(f"rotation {rid} is already {state}; nothing to do")
+            return outcome
+        spooled = spool.read_spool(self.settings, keyring, rid)
+        if spooled is not None and state in UNRESOLVED_ROTATION_STATES:
+            outcome = self._store(rid, keyring, cluster.name, scope, spooled.key, actor, outcome.host)
+            key: str | None = spooled.key
+        else:
+            key = None
+        if host is None:
+            raise InvalidInput(f"the host of rotation {rid} was removed", hint="re-add it, then recover again")
+        conn = self.connector.connect(ssh_target(host, self.settings))
+        try:
+            if key is None and state in UNRESOLVED_ROTATION_STATES:
+                result = self._try(conn, host, fetch_script(rid))
+                remote = parse_remote(rid, result.output if result else b"")
+                if remote.state == "absent":
+                    message = f"no pending file for rotation {rid} on {host.label}: ta-tool never ran for it"
+                    self._mark(rid, "failed", error=message)
+                    outcome.state = "failed"
+                    outcome.warnings.append(message + "; nothing was generated, rotate again")
+                    return outcome
+                if remote.state == "cleaned":
+                    raise RotationError(f"the pending file of {rid} was deleted but the key is not stored",
+                                        rotation_id=rid, hint="check `keyvault secrets history`; then rotate again")
+                key = self._interpret(rid, remote, result.exit_status if result else None, host,
+                                      cluster.key_pattern, conn)
+                outcome = self._store(rid, keyring, cluster.name, scope, key, actor, host.label)
+            if key is None:  # stored earlier: the key is in the database
+                from keyvault.services.secrets import get_version, reveal
+
+                with transaction(self.factory) as s:
+                    version = get_version(s, cluster_name=cluster.name, scope=scope, number=outcome.new_version)
+                    key = reveal(keyring, version)
+            self._cleanup(conn, host, rid, outcome)
+        finally:
+            conn.close()
+        self._verify(rid, cluster.name, scope, key, outcome)
+        return outcome
+
+    def abandon(self, rid: str, *, reason: str) -> None:
+        """Give up an unresolved rotation (the operator chose to regenerate)."""
+        with transaction(self.factory) as s:
+            rotation = s.get(Rotation, rid)
+            if rotation is None or rotation.state not in UNRESOLVED_ROTATION_STATES:
+                raise InvalidInput(f"rotation {rid} is not unresolved")
+            rotation.state, rotation.error, rotation.updated_at = "abandoned", reason, utcnow()

@@ -1,0 +1,209 @@
+"""The protocol keyvault speaks to a TA host: shell scripts run as the ta user.
+
+Every script is one line (so it survives ``su -c`` and ``sudo -i`` quoting)
+and reports through markers ``@@KV:<rotation id>:<WORD>@@``. ta-tool's output
+goes to a file private to ta (umask 077) named by the rotation id under
+``~/.keyvault/pending/``, so that a dropped connection or a dead keyvault
+cannot lose a key that ta-tool already generated. Output travels back in
+base64 so a PTY cannot mangle it.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+from dataclasses import dataclass, field
+
+from keyvault.errors import BecomeFailed, InvalidInput, TaToolMissing
+
+PENDING_DIR = "$HOME/.keyvault/pending"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+_RID = re.compile(r"^[a-z0-9-]{6,32}$")
+
+
+@dataclass(frozen=True)
+class Become:
+    """How to become the ta user: ``su`` (default), ``sudo`` or ``none``."""
+
+    method: str
+    ta_user: str = "ta"
+    ssh_user: str = "root"
+
+    @property
+    def needs_password(self) -> bool:
+        return self.method == "su" and self.ssh_user != "root"
+
+    def wrap(self, script: str) -> str:
+        """The command line the SSH server runs."""
+        if self.method == "su":
+            return f"su - {shlex.quote(self.ta_user)} -c {shlex.quote(script)}"
+        if self.method == "sudo":
+            return f"sudo -n -iu {shlex.quote(self.ta_user)} sh -c {shlex.quote(script)}"
+        if self.method == "none":
+            # The SSH user is ta; a login shell gives ta's PATH like `su -` would.
+            return f"bash -lc {shlex.quote(script)}"
+        raise InvalidInput(f"unknown become method {self.method!r}", hint="use su, sudo or none")
+
+
+def _check_rid(rid: str) -> str:
+    if not _RID.match(rid):
+        raise InvalidInput(f"invalid rotation id {rid!r}")
+    return rid
+
+
+def render_command(template: str, appid: str | None) -> str:
+    """Fill ``{appid}`` in a configured ta-tool command, shell-quoted; refuse option-like ids."""
+    if appid is None:
+        return template
+    if appid.startswith("-") or "\x00" in appid:
+        raise InvalidInput(f"invalid APPID {appid[:40]!r}: it must not start with '-'")
+    return template.replace("{appid}", shlex.quote(appid))
+
+
+def _marker(rid: str, word: str) -> str:
+    return f"@@KV:{rid}:{word}@@"
+
+
+def generate_script(rid: str, command: str) -> str:
+    """Run ta-tool once, output to the pending file, then print it back in base64."""
+    _check_rid(rid)
+    tool = shlex.split(command)[0]
+    f = f'"{PENDING_DIR}/{rid}"'
+    return "; ".join([
+        "umask 077",
+        f'mkdir -p "{PENDING_DIR}" || exit 70',
+        # A second run for the same rotation id must never generate again.
+        f'if [ -e {f}.out ]; then echo {_marker(rid, "EXISTS")}; exit 73; fi',
+        f"if ! command -v {shlex.quote(tool)} >/dev/null 2>&1; then echo {_marker(rid, 'NOTATOOL')}; exit 74; fi",
+        f"echo {_marker(rid, 'START')}",
+        # Ignoring HUP keeps ta-tool alive when the connection drops mid-run.
+        f"( trap '' HUP; exec {command} ) >{f}.out 2>{f}.err </dev/null",
+        f"echo $? >{f}.rc",
+        _readback(rid, f),
+    ])
+
+
+def _readback(rid: str, f: str) -> str:
+    return (
+        f"echo {_marker(rid, 'OUT')}; base64 <{f}.out | tr -d '\\n'; echo; "
+        f"echo {_marker(rid, 'ERR')}; base64 <{f}.err 2>/dev/null | tr -d '\\n'; echo; "
+        f'echo "@@KV:{rid}:RC:$(cat {f}.rc 2>/dev/null || echo none)@@"'
+    )
+
+
+def fetch_script(rid: str) -> str:
+    """Print a pending file back, or say it is absent or already cleaned."""
+    _check_rid(rid)
+    f = f'"{PENDING_DIR}/{rid}"'
+    return "; ".join([
+        f"if [ -e {f}.done ]; then echo {_marker(rid, 'CLEANED')}; exit 0; fi",
+        f"if [ ! -e {f}.out ]; then echo {_marker(rid, 'ABSENT')}; exit 0; fi",
+        _readback(rid, f),
+    ])
+
+
+def cleanup_script(rid: str) -> str:
+    """Delete the pending files, leaving a key-less tombstone so recovery can tell."""
+    _check_rid(rid)
+    f = f'"{PENDING_DIR}/{rid}"'
+    return f"umask 077; rm -f {f}.out {f}.err {f}.rc; : >{f}.done; echo {_marker(rid, 'CLEANED')}"
+
+
+def check_script(command: str) -> str:
+    """Confirm the ta-tool of ``command`` is on the ta user's PATH; generate nothing."""
+    tool = shlex.split(command)[0]
+    return (
+        f"if command -v {shlex.quote(tool)} >/dev/null 2>&1; then "
+        f"echo \"@@KV:check:OK:$(id -un):$(command -v {shlex.quote(tool)})@@\"; "
+        f"else echo @@KV:check:NOTATOOL@@; exit 74; fi"
+    )
+
+
+@dataclass(frozen=True)
+class RemoteOutput:
+    """What a generate or fetch reported. ``output`` holds ta-tool's stdout (may hold a key)."""
+
+    started: bool
+    state: str  # "result", "absent", "cleaned", "exists", "notatool", "none"
+    output: bytes = field(default=b"", repr=False)
+    errors: bytes = field(default=b"", repr=False)
+    rc: int | None = None
+    raw_tail: str = field(default="", repr=False)
+
+
+def _b64(text: str) -> bytes:
+    cleaned = re.sub(r"[^A-Za-z0-9+/=]", "", text)
+    try:
+        return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4))
+    except ValueError:
+        return b""
+
+
+def parse_remote(rid: str, raw: bytes) -> RemoteOutput:
+    """Read the markers of one script's output."""
+    text = raw.decode("utf-8", "replace").replace("\r", "")
+    tail = text[-2000:]
+    m = lambda word: _marker(rid, word) in text  # noqa: E731
+    started = m("START")
+    for word, state in (("CLEANED", "cleaned"), ("ABSENT", "absent"), ("EXISTS", "exists"), ("NOTATOOL", "notatool")):
+        if m(word):
+            return RemoteOutput(started=started, state=state, raw_tail=tail)
+    found = re.search(
+        rf"@@KV:{re.escape(rid)}:OUT@@\n?(.*?)\n?@@KV:{re.escape(rid)}:ERR@@\n?(.*?)\n?@@KV:{re.escape(rid)}:RC:(\w+)@@",
+        text,
+        re.S,
+    )
+    if not found:
+        return RemoteOutput(started=started, state="none", raw_tail=tail)
+    rc_text = found.group(3)
+    return RemoteOutput(
+        started=True,
+        state="result",
+        output=_b64(found.group(1)),
+        errors=_b64(found.group(2)),
+        rc=int(rc_text) if rc_text.isdigit() else None,
+        raw_tail=tail,
+    )
+
+
+def raise_for_become(result_tail: str, host: str, become: Become) -> None:
+    """Turn a script that never started into the right error."""
+    if re.search(r"@@KV:[a-z0-9-]+:NOTATOOL@@", result_tail):
+        raise TaToolMissing(
+            f"ta-tool is not on the PATH of {become.ta_user} on {host}",
+            host=host, hint="install ta-tool or fix the ta user's login PATH; nothing was generated",
+        )
+    shown = mask_keys(clean_output(result_tail))[-300:].strip().replace("\n", " | ")
+    raise BecomeFailed(
+        f"could not become {become.ta_user} with {become.method} on {host}: {shown or 'no output'}",
+        host=host,
+        hint="check KEYVAULT_SU_PASSWORD(_FILE) for su, the sudoers rule for sudo, or --ta-user; "
+        "nothing was generated",
+    )
+
+
+def clean_output(text: str) -> str:
+    """Strip ANSI escape codes and carriage returns."""
+    return _ANSI.sub("", text).replace("\r", "")
+
+
+def _bounded(pattern: str) -> re.Pattern:
+    # A key is a whole token: a longer alphanumeric run is not a key.
+    return re.compile(rf"(?<![A-Za-z0-9])(?:{pattern})(?![A-Za-z0-9])")
+
+
+def find_keys(output: bytes, pattern: str) -> list[str]:
+    """Distinct candidate keys in ta-tool's output, in order of appearance."""
+    text = clean_output(output.decode("utf-8", "replace"))
+    seen: list[str] = []
+    for match in _bounded(pattern).finditer(text):
+        if match.group(0) not in seen:
+            seen.append(match.group(0))
+    return seen
+
+
+def mask_keys(text: str, pattern: str = r"[A-Za-z0-9]{64}") -> str:
+    """Replace every candidate key (and any long token) so output can be shown safely."""
+    text = _bounded(pattern).sub(lambda m: f"<candidate key, {len(m.group(0))} chars>", text)
+    return re.sub(r"[A-Za-z0-9+/=_-]{24,}", lambda m: f"<masked {len(m.group(0))} chars>", text)
