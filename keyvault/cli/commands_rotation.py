@@ -32,10 +32,20 @@ def _print_outcome(o) -> None:
 
 
 def _run(app, cluster: str, scopes: list, as_json: bool) -> None:
+    outcomes, failures = [], []
+    with app.rotation_service() as service:
+        _rotate_all(app, service, cluster, scopes, as_json, outcomes, failures)
+    if as_json:
+        emit_json(outcomes if len(scopes) == 1 and not failures else {"rotated": outcomes, "failed": failures})
+    if len(scopes) > 1:
+        click.echo(f"summary: {len(outcomes)} rotated, {len(failures)} failed", err=True)
+    if failures:
+        sys.exit(1)
+
+
+def _rotate_all(app, service, cluster, scopes, as_json, outcomes, failures) -> None:
     from keyvault.errors import KeyvaultError
 
-    service = app.rotation_service()
-    outcomes, failures = [], []
     for scope in scopes:
         try:
             outcome = service.rotate(cluster, scope, actor=app.settings.actor)
@@ -48,12 +58,6 @@ def _run(app, cluster: str, scopes: list, as_json: bool) -> None:
         outcomes.append(outcome.as_dict())
         if not as_json:
             _print_outcome(outcome)
-    if as_json:
-        emit_json(outcomes if len(scopes) == 1 and not failures else {"rotated": outcomes, "failed": failures})
-    if len(scopes) > 1:
-        click.echo(f"summary: {len(outcomes)} rotated, {len(failures)} failed", err=True)
-    if failures:
-        sys.exit(1)
 
 
 @click.group()

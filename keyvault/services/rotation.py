@@ -110,6 +110,25 @@ class RotationService:
         self.ta_client_factory = ta_client_factory
         # Injected by crash tests: called as on_step(step, rotation_id).
         self.on_step = on_step or (lambda step, rid: None)
+        # One SSH connection per host, reused across the scopes of one run.
+        self._connections: dict[int, Connection] = {}
+
+    def close(self) -> None:
+        """Close the SSH connections kept for reuse."""
+        while self._connections:
+            self._connections.popitem()[1].close()
+
+    def __enter__(self) -> "RotationService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _release(self, host: Host, conn: Connection, healthy: bool) -> None:
+        if healthy:
+            self._connections[host.id] = conn
+        else:
+            conn.close()
 
     # -- step 1 -----------------------------------------------------------------
     def _preflight(self, cluster_name: str, scope: Scope):
@@ -143,6 +162,10 @@ class RotationService:
     def _connect_any(self, hosts: list[Host]) -> tuple[Connection, Host]:
         errors: list[KeyvaultError] = []
         for host in hosts:
+            cached = self._connections.pop(host.id, None)
+            if cached is not None:
+                return cached, host
+        for host in hosts:
             try:
                 return self.connector.connect(ssh_target(host, self.settings)), host
             except (HostUnreachable, AuthenticationFailed, HostKeyError) as exc:
@@ -159,6 +182,7 @@ class RotationService:
         keyring, cluster, hosts, command = self._preflight(cluster_name, scope)
         conn, host = self._connect_any(hosts)
         rid = new_rotation_id()
+        healthy = False
         try:
             self._journal(rid, cluster, scope, host, actor)  # step 2
             self.on_step("journaled", rid)
@@ -170,13 +194,15 @@ class RotationService:
             except KeyvaultError:
                 result = ExecResult(b"", None)
             self.on_step("generated", rid)
+            healthy = result.exit_status is not None
             remote = parse_remote(rid, result.output)
             key = self._interpret(rid, remote, result.exit_status, host, cluster.key_pattern, conn)  # step 4
             outcome = self._store(rid, keyring, cluster.name, scope, key, actor, host.label)  # step 5
             self.on_step("stored", rid)
             self._cleanup(conn, host, rid, outcome)  # step 6
+            healthy = outcome.cleaned_up
         finally:
-            conn.close()
+            self._release(host, conn, healthy)
         self._verify(rid, cluster.name, scope, key, outcome)  # step 7
         return outcome
 

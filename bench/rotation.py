@@ -1,0 +1,97 @@
+"""Benchmark: milliseconds per rotated key through the real sshd, beside two baselines.
+
+Needs the test sshd made by `tests/sshd/setup.sh` (root). Measured in one run:
+  floor  local `su - ta -c 'ta-tool generate_api_secret -appid X'` (no SSH, no storage)
+  naive  `ssh root@host "su - ta -c 'ta-tool ...'"` with the OpenSSH client, one connection per key
+  keyvault  `keyvault rotate app --cluster C APP1 ... APPn --yes` (journal, pending file,
+            parse, encrypted store, cleanup, verify skipped) in one CLI process
+Keys are generated and discarded; none is printed.
+
+    python bench/rotation.py [--apps 50] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def timed(label: str, runs: int, fn) -> tuple[str, float]:
+    start = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - start
+    return label, elapsed * 1000 / runs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--apps", type=int, default=50)
+    parser.add_argument("--database-url")
+    parser.add_argument("--sshd-json", default=os.environ.get("KEYVAULT_TEST_SSHD", "/var/lib/keyvault-test/sshd.json"))
+    args = parser.parse_args()
+    if not 1 <= args.apps <= 1000:
+        parser.error("--apps must be 1..1000")
+    env_file = Path(args.sshd_json)
+    if not env_file.exists():
+        print(f"no sshd environment at {env_file}: run tests/sshd/setup.sh as root first", file=sys.stderr)
+        return 2
+    sshd = json.loads(env_file.read_text())
+    from keyvault.sandbox import state
+
+    state_dir = sshd["tatool_state_dir"]
+    tag = f"b{os.getpid()}"
+    apps = [f"{tag}-{i}" for i in range(args.apps)]
+    state.add_apps(state_dir, apps)
+    identity = sshd["users"]["root"]["identity"]
+    known = sshd["known_hosts_file"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": True}
+
+    def floor():
+        for app in apps:
+            subprocess.run(["su", "-", "ta", "-c", f"ta-tool generate_api_secret -appid {shlex.quote(app)}"], **quiet)
+
+    def naive():
+        for app in apps:
+            remote = "su - ta -c " + shlex.quote(f"ta-tool generate_api_secret -appid {shlex.quote(app)}")
+            subprocess.run(["ssh", "-i", identity, "-p", str(sshd["port"]), "-o", f"UserKnownHostsFile={known}",
+                            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"root@{sshd['host']}", remote],
+                           **quiet)
+
+    with tempfile.TemporaryDirectory(prefix="kv-bench-") as home:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYVAULT_")}
+        env["KEYVAULT_HOME"] = home
+        if args.database_url:
+            env["KEYVAULT_DATABASE_URL"] = args.database_url
+        kv = [sys.executable, "-m", "keyvault"]
+        setup = [["init"], ["cluster", "add", "bench", "--open-api-url", "http://127.0.0.1:9"],
+                 ["host", "add", "bench", sshd["host"], "--port", str(sshd["port"]), "--identity", identity,
+                  "--fingerprint", sshd["host_key_fingerprint"]]]
+        for cmd in setup:
+            subprocess.run(kv + cmd, env=env, **quiet)
+
+        def keyvault():
+            subprocess.run(kv + ["rotate", "app", "--cluster", "bench", *apps, "--yes", "--json"], env=env, **quiet)
+
+        rows = [timed("floor: local su - ta -c ta-tool", args.apps, floor),
+                timed("naive: ssh host \"su - ta -c ...\" per key", args.apps, naive),
+                timed("keyvault rotate app (sequential)", args.apps, keyvault)]
+    floor_ms = rows[0][1]
+    print(f"rotation benchmark: {args.apps} app keys through sshd {sshd['host']}:{sshd['port']}")
+    print(f"{'method':44} {'ms/key':>8} {'x floor':>8}")
+    for label, ms in rows:
+        print(f"{label:44} {ms:8.1f} {ms / floor_ms:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

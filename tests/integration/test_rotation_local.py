@@ -1,0 +1,203 @@
+"""The rotation state machine with the local transport (injected) and the ta-tool
+emulator, on SQLite and PostgreSQL. Every path here is also covered through the
+real sshd in test_rotation_sshd.py; this file is the fast, exhaustive one."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+
+from keyvault.config import load_settings
+from keyvault.db import make_engine, session_factory, transaction
+from keyvault.errors import NeedsRecovery, RotationError, RotationUnresolved, StoreFailed
+from keyvault.models import Event, Rotation
+from keyvault.sandbox import state
+from keyvault.scope import app_scope, root_scope
+from keyvault.services import clusters, hosts, secrets, spool
+from keyvault.services.rotation import RotationService
+from keyvault.services.store import open_keyring
+from keyvault.ssh.local import LocalConnector
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def world(tmp_path, cli):
+    """An initialised store, a cluster `c` with one host, and a local emulated ta-tool."""
+    assert cli("init").exit_code == 0
+    state_dir, bindir, ta_home = tmp_path / "state", tmp_path / "bin", tmp_path / "ta-home"
+    bindir.mkdir()
+    ta_home.mkdir()
+    state.init_state(state_dir, ["app1", "app2", "app3"])
+    tool = bindir / "ta-tool"
+    state.install_wrapper(tool, state_dir, python=sys.executable, pythonpath=str(ROOT))
+    settings = load_settings()
+    engine = make_engine(settings.database_url)
+    factory = session_factory(engine)
+    with transaction(factory) as s:
+        clusters.add_cluster(s, name="c", open_api_url="http://127.0.0.1:9", options={
+            "generate_root_command": f"{tool} generate_root_secret",
+            "generate_app_command": f"{tool} generate_api_secret -appid {{appid}}",
+        })
+        hosts.add_host(s, cluster_name="c", address="ta-a", username="ta", become="none",
+                       fingerprint="SHA256:" + "A" * 43)
+    connector = LocalConnector({"HOME": str(ta_home), "PATH": "/usr/bin:/bin"})
+    yield {"settings": settings, "factory": factory, "state": state_dir, "connector": connector,
+           "ta_home": ta_home, "engine": engine}
+    engine.dispose()
+
+
+def service(world, **kwargs) -> RotationService:
+    return RotationService(world["factory"], settings=world["settings"], connector=world["connector"], **kwargs)
+
+
+def stored_key(world, scope) -> str:
+    with transaction(world["factory"]) as s:
+        return secrets.reveal(open_keyring(s, settings=world["settings"]),
+                              secrets.get_version(s, cluster_name="c", scope=scope))
+
+
+def rotation_row(world, rid) -> Rotation:
+    with transaction(world["factory"]) as s:
+        return s.get(Rotation, rid)
+
+
+def pending_files(world) -> list[str]:
+    d = world["ta_home"] / ".keyvault" / "pending"
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_rotations_store_the_emulators_valid_key_and_invalidate_the_old(world):
+    with service(world) as svc:
+        for _ in range(3):
+            for scope in (root_scope(), app_scope("app1")):
+                outcome = svc.rotate("c", scope, actor="t")
+                assert outcome.state == "completed" and outcome.cleaned_up
+                assert outcome.verify_state == ("failed" if scope.is_root else "skipped")
+                assert stored_key(world, scope) == state.current_key(world["state"], str(scope))
+    with transaction(world["factory"]) as s:
+        history = secrets.history(s, cluster_name="c", scope=app_scope("app1"))
+        assert [v.state for v in history] == ["invalidated", "invalidated", "current"]
+        assert [v.superseded_by.number for v in history[:2]] == [2, 3]
+        events = s.scalars(select(Event).where(Event.scope == "app:app1").order_by(Event.id)).all()
+        assert [e.type for e in events] == ["secret.created", "secret.rotated", "secret.rotated"]
+        assert json.loads(events[-1].payload)["rotation_id"] == history[-1].rotation_id
+    assert all(name.endswith(".done") for name in pending_files(world))
+    assert state.generations(world["state"]) == 6
+
+
+def test_unparsable_output_needs_recovery_keeps_the_remote_file_and_recovers(world):
+    state.set_noise(world["state"], output_mode="no_key")
+    with pytest.raises(NeedsRecovery) as info:
+        service(world).rotate("c", app_scope("app2"), actor="t")
+    rid = info.value.rotation_id
+    assert rotation_row(world, rid).state == "needs_recovery"
+    assert f"{rid}.out" in pending_files(world)
+    # A new rotation of the scope is refused, naming the rotation and the recover command.
+    with pytest.raises(RotationUnresolved) as refused:
+        service(world).rotate("c", app_scope("app2"), actor="t")
+    assert rid in str(refused.value) and "rotations recover" in str(refused.value)
+    # The output had no key: recovery cannot invent one; it stays unresolved.
+    with pytest.raises(NeedsRecovery):
+        service(world).recover(rid, actor="t")
+    assert state.generations(world["state"], "app:app2") == 1
+
+
+def test_two_candidate_keys_need_recovery_and_hide_both(world):
+    state.set_noise(world["state"], output_mode="two_keys")
+    with pytest.raises(NeedsRecovery) as info:
+        service(world).rotate("c", app_scope("app3"), actor="t")
+    assert "2 candidate keys" in str(info.value)
+    assert state.current_key(world["state"], "app:app3") not in str(info.value)
+    # The operator tightens the pattern, then recovery stores the key without re-running ta-tool.
+    with transaction(world["factory"]) as s:
+        clusters.set_options(s, name="c", key_pattern=r"(?<=secret: )[A-Za-z0-9]{64}")
+    outcome = service(world).recover(info.value.rotation_id, actor="t")
+    assert outcome.state == "completed"
+    assert stored_key(world, app_scope("app3")) == state.current_key(world["state"], "app:app3")
+    assert state.generations(world["state"], "app:app3") == 1
+
+
+def test_failing_ta_tool_is_failed_not_unresolved(world):
+    state.set_noise(world["state"], fail_apps=["app1"])
+    with pytest.raises(RotationError) as info:
+        service(world).rotate("c", app_scope("app1"), actor="t")
+    assert rotation_row(world, info.value.rotation_id).state == "failed"
+    assert state.generations(world["state"], "app:app1") == 0
+    state.clear_noise(world["state"])
+    assert service(world).rotate("c", app_scope("app1"), actor="t").new_version == 1
+
+
+def test_crash_after_journal_recovers_to_failed_without_running_ta_tool(world):
+    class Crash(Exception):
+        pass
+
+    def crash(step, rid):
+        if step == "journaled":
+            raise Crash(rid)
+
+    with pytest.raises(Crash) as info:
+        service(world, on_step=crash).rotate("c", root_scope(), actor="t")
+    rid = str(info.value)
+    # The process "died" before ta-tool: the journal says pending.
+    assert rotation_row(world, rid).state == "pending"
+    outcome = service(world).recover(rid, actor="t")
+    assert outcome.state == "failed" and state.generations(world["state"], "root") == 0
+
+
+def test_crash_after_generate_recovers_from_the_remote_file(world):
+    def crash(step, rid):
+        if step == "generated":
+            raise KeyboardInterrupt(rid)
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        service(world, on_step=crash).rotate("c", root_scope(), actor="t")
+    rid = str(info.value)
+    outcome = service(world).recover(rid, actor="t")
+    assert outcome.state == "completed" and outcome.cleaned_up
+    assert stored_key(world, root_scope()) == state.current_key(world["state"], "root")
+    assert state.generations(world["state"], "root") == 1
+    # Recovering again is harmless.
+    again = service(world).recover(rid, actor="t")
+    assert again.state == "completed" and "nothing to do" in " ".join(again.warnings)
+    assert state.generations(world["state"], "root") == 1
+
+
+def test_failed_commit_spools_the_key_and_recovery_stores_it(world, database):
+    """Break the database for real between generate and store (the table vanishes)."""
+    def break_db(step, rid):
+        if step == "generated":
+            with world["engine"].connect() as conn:
+                conn.execute(text("ALTER TABLE secret_versions RENAME TO secret_versions_away"))
+                conn.commit()
+
+    with pytest.raises(StoreFailed) as info:
+        service(world, on_step=break_db).rotate("c", app_scope("app2"), actor="t")
+    rid = info.value.rotation_id
+    message = str(info.value)
+    assert "spool" in message and "rotations recover" in info.value.hint
+    assert state.current_key(world["state"], "app:app2") not in message
+    spooled = spool.spool_path(world["settings"], rid)
+    assert spooled.exists() and spooled.stat().st_mode & 0o777 == 0o600
+    assert state.current_key(world["state"], "app:app2").encode() not in spooled.read_bytes()
+    with world["engine"].connect() as conn:
+        conn.execute(text("ALTER TABLE secret_versions_away RENAME TO secret_versions"))
+        conn.commit()
+    outcome = service(world).recover(rid, actor="t")
+    assert outcome.state == "completed" and not spooled.exists()
+    assert stored_key(world, app_scope("app2")) == state.current_key(world["state"], "app:app2")
+    assert state.generations(world["state"], "app:app2") == 1
+
+
+def test_failover_to_the_next_host_before_anything_ran(world):
+    with transaction(world["factory"]) as s:
+        s.execute(text("UPDATE hosts SET address = 'dead-host'"))
+        hosts.add_host(s, cluster_name="c", address="ta-b", username="ta", become="none")
+    world["connector"].unreachable = frozenset({"dead-host"})
+    outcome = service(world).rotate("c", root_scope(), actor="t")
+    assert outcome.host.startswith("ta@ta-b")

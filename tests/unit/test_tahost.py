@@ -1,0 +1,144 @@
+"""The remote protocol: scripts, quoting, markers, key extraction and masking."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+
+import pytest
+
+from keyvault.errors import BecomeFailed, InvalidInput, TaToolMissing
+from keyvault.tahost import (
+    Become,
+    check_script,
+    cleanup_script,
+    fetch_script,
+    find_keys,
+    generate_script,
+    mask_keys,
+    parse_remote,
+    raise_for_become,
+    render_command,
+)
+
+KEY = "A" * 20 + "b" * 20 + "9" * 24
+OTHER = "Z" * 64
+RID = "abc123def456"
+
+
+def run_local(script: str, home, path_dir) -> bytes:
+    env = {"HOME": str(home), "PATH": f"{path_dir}:/usr/bin:/bin"}
+    return subprocess.run(["sh", "-c", script], env=env, capture_output=True, check=False).stdout
+
+
+@pytest.fixture
+def fake_tool(tmp_path):
+    """A stand-in ta-tool that echoes its argv (so quoting can be checked) and a key."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    tool = bindir / "ta-tool"
+    tool.write_text('#!/bin/sh\nprintf "argv:%s|" "$@"; echo; echo "\\033[32msecret: ' + KEY + '\\033[0m\\r"\n')
+    tool.chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir()
+    return home, bindir
+
+
+@pytest.mark.parametrize("appid", ["x; rm -rf ~", "$(id)", "a'b", 'a"b', "a\nb", "`id`", "a b"])
+def test_hostile_appid_reaches_ta_tool_as_one_argument(fake_tool, appid):
+    home, bindir = fake_tool
+    command = render_command("ta-tool generate_api_secret -appid {appid}", appid)
+    out = run_local(generate_script(RID, command), home, bindir)
+    remote = parse_remote(RID, out)
+    assert remote.state == "result" and remote.rc == 0
+    assert f"argv:generate_api_secret|argv:-appid|argv:{appid}|".encode() in remote.output
+    assert not (home / "x").exists()
+
+
+def test_option_like_appid_is_refused():
+    with pytest.raises(InvalidInput):
+        render_command("ta-tool generate_api_secret -appid {appid}", "-rf")
+
+
+def test_generate_writes_private_pending_file_and_reads_it_back(fake_tool):
+    home, bindir = fake_tool
+    out = run_local(generate_script(RID, "ta-tool generate_root_secret"), home, bindir)
+    remote = parse_remote(RID, out)
+    assert remote.started and remote.state == "result" and remote.rc == 0
+    assert find_keys(remote.output, "[A-Za-z0-9]{64}") == [KEY]
+    pending = home / ".keyvault" / "pending" / f"{RID}.out"
+    assert pending.stat().st_mode & 0o077 == 0
+    # A second run under the same rotation id never runs ta-tool again.
+    again = parse_remote(RID, run_local(generate_script(RID, "ta-tool generate_root_secret"), home, bindir))
+    assert again.state == "exists"
+    fetched = parse_remote(RID, run_local(fetch_script(RID), home, bindir))
+    assert fetched.output == remote.output and fetched.rc == 0
+    assert parse_remote(RID, run_local(cleanup_script(RID), home, bindir)).state == "cleaned"
+    assert not pending.exists() and (home / ".keyvault" / "pending" / f"{RID}.done").exists()
+    assert parse_remote(RID, run_local(fetch_script(RID), home, bindir)).state == "cleaned"
+
+
+def test_fetch_of_unknown_rotation_is_absent(fake_tool):
+    home, bindir = fake_tool
+    assert parse_remote(RID, run_local(fetch_script(RID), home, bindir)).state == "absent"
+
+
+def test_missing_ta_tool_is_reported_before_start(tmp_path):
+    out = run_local(generate_script(RID, "ta-tool generate_root_secret"), tmp_path, tmp_path / "nothing")
+    remote = parse_remote(RID, out)
+    assert remote.state == "notatool" and not remote.started
+    with pytest.raises(TaToolMissing):
+        raise_for_become(run_local(check_script("ta-tool x"), tmp_path, tmp_path).decode(), "h", Become("su"))
+
+
+def test_markers_survive_pty_noise():
+    raw = (b"Password: \r\nWelcome to TA\r\n@@KV:" + RID.encode() + b":START@@\r\n@@KV:" + RID.encode()
+           + b":OUT@@\r\n" + b"c2VjcmV0OiA=\r\n@@KV:" + RID.encode() + b":ERR@@\r\n\r\n@@KV:" + RID.encode()
+           + b":RC:0@@\r\n")
+    remote = parse_remote(RID, raw)
+    assert remote.state == "result" and remote.output == b"secret: " and remote.rc == 0
+
+
+def test_connection_drop_is_not_a_result():
+    remote = parse_remote(RID, b"@@KV:" + RID.encode() + b":START@@\n")
+    assert remote.started and remote.state == "none"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"secret: {KEY}\n", [KEY]),
+        (f"\x1b[1;32m{KEY}\x1b[0m\r\n", [KEY]),
+        (f"{KEY}\n{KEY}\n", [KEY]),  # the same key twice is one candidate
+        (f"{KEY}\ntrace: {OTHER}\n", [KEY, OTHER]),
+        (f"{KEY}X\n", []),  # 65 characters is not a key
+        ("generate success\n", []),
+    ],
+)
+def test_find_keys(text, expected):
+    assert find_keys(text.encode(), "[A-Za-z0-9]{64}") == expected
+
+
+def test_mask_keys_hides_every_candidate_and_long_token():
+    shown = mask_keys(f"secret: {KEY} trace {OTHER} token {'q' * 30}")
+    assert KEY not in shown and OTHER not in shown and "q" * 30 not in shown
+    assert "secret:" in shown
+
+
+@pytest.mark.parametrize(
+    ("become", "prefix"),
+    [(Become("su", "ta", "root"), "su - ta -c "), (Become("sudo", "ta", "ops"), "sudo -n -iu ta sh -c "),
+     (Become("none", "ta", "ta"), "bash -lc ")],
+)
+def test_become_wraps_script_as_one_word(become, prefix):
+    script = generate_script(RID, "ta-tool generate_root_secret")
+    wrapped = become.wrap(script)
+    assert wrapped.startswith(prefix)
+    assert shlex.split(wrapped)[-1] == script
+    assert become.needs_password == (become.method == "su" and become.ssh_user != "root")
+
+
+def test_become_failure_message_masks_output():
+    with pytest.raises(BecomeFailed) as info:
+        raise_for_become(f"Password: \nsu: Authentication failure {KEY}", "ops@h:22", Become("su", "ta", "ops"))
+    assert KEY not in str(info.value) and "Authentication failure" in str(info.value)
