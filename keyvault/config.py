@@ -54,7 +54,9 @@ class Settings:
 
 
 def _mask_url(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    """Hide the password of a database URL: in the userinfo (even with no user) and in the query."""
+    url = re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def default_home(env: Mapping[str, str]) -> Path:

@@ -57,9 +57,10 @@ def main(ctx: click.Context, verbose: int) -> None:
 
 
 def _register() -> None:
-    from keyvault.cli import commands_db, commands_hosts, commands_rotation, commands_secrets
+    from keyvault.cli import (commands_db, commands_hosts, commands_rotation, commands_sandbox,
+                              commands_secrets)
 
-    for module in (commands_db, commands_secrets, commands_hosts, commands_rotation):
+    for module in (commands_db, commands_secrets, commands_hosts, commands_rotation, commands_sandbox):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from keyvault import crypto
 from keyvault.config import Settings
 from keyvault.db import transaction
+from keyvault.errors import Conflict
 from keyvault.models import MasterKey, SecretVersion, utcnow
 from keyvault.services.store import open_keyring
 
@@ -31,6 +32,16 @@ class MasterKeyRotation:
 
 def rotate_master_key(factory, *, settings: Settings) -> MasterKeyRotation:
     """Replace the master key; every version stays readable, the old key opens nothing."""
+    from keyvault.errors import Conflict
+    from keyvault.services.spool import spooled_rotations
+
+    waiting = spooled_rotations(settings)
+    if waiting:
+        # Spooled keys are sealed under the current master key: store them first.
+        raise Conflict(
+            f"rotations {', '.join(waiting)} have keys waiting in the local spool",
+            hint="run `keyvault rotations recover ID` for each before rotating the master key",
+        )
     with transaction(factory) as session:
         keyring = open_keyring(session, settings=settings)
     old_id = keyring.active
@@ -39,6 +50,14 @@ def rotate_master_key(factory, *, settings: Settings) -> MasterKeyRotation:
     crypto.save_keyring(settings.master_key_file, crypto.Keyring(active=old_id, keys=grown.keys))  # step 1
 
     with transaction(factory) as session:  # step 2
+        # Lock the live key first: this waits for transactions that sealed with it
+        # (open_keyring share-locks it), so the re-wrap below sees their rows.
+        live = list(session.scalars(select(MasterKey).where(MasterKey.retired_at.is_(None)).with_for_update()))
+        if old_id not in {row.id for row in live}:
+            raise Conflict(
+                f"master key {old_id} was retired by a concurrent rotation",
+                hint="point KEYVAULT_MASTER_KEY_FILE at the current keyring and retry",
+            )
         session.add(MasterKey(id=new_id, check_value=crypto.check_value(grown, new_id), created_at=utcnow()))
         session.flush()
         count = 0
@@ -51,7 +70,7 @@ def rotate_master_key(factory, *, settings: Settings) -> MasterKeyRotation:
             version.wrapped_key, version.master_key_id = moved.wrapped_key, moved.master_key_id
             count += 1
         now = utcnow()
-        for row in session.scalars(select(MasterKey).where(MasterKey.id != new_id, MasterKey.retired_at.is_(None))):
+        for row in live:
             row.retired_at = now
 
     crypto.save_keyring(settings.master_key_file, grown.only(new_id))  # step 3

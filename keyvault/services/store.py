@@ -72,9 +72,14 @@ def register_keyring(session: Session, *, keyring: crypto.Keyring) -> None:
 
 
 def open_keyring(session: Session, *, settings: Settings) -> crypto.Keyring:
-    """Load the keyring file and prove it opens this store; return it with its live key active."""
+    """Load the keyring file and prove it opens this store; return it with its live key active.
+
+    The master key rows stay share-locked until the caller's transaction ends, so a
+    concurrent `master-key rotate` waits for whatever this transaction seals with the
+    live key, instead of retiring that key under it (PostgreSQL; SQLite serialises writers).
+    """
     keyring = crypto.load_keyring(settings.master_key_file)
-    rows = known_master_keys(session)
+    rows = {row.id: row for row in session.scalars(select(MasterKey).with_for_update(read=True))}
     live = [k for k in keyring.keys if k in rows and rows[k].retired_at is None]
     if not live:
         if keyring.active in rows:
