@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import pwd
@@ -41,6 +42,9 @@ _APPID_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 class UnknownApp(Exception):
     """The APPID is not registered in the simulated cluster."""
+
+
+FINGERPRINT_LOG = "generated.sha256"
 
 
 def _path(state_dir, name):
@@ -207,7 +211,37 @@ def generate(state_dir, scope):
         entry["generations"] += 1
         state["total_generations"] += 1
         _write_json(state_dir, "state.json", state)
+        _log_fingerprint(state_dir, key)
     return key
+
+
+def _log_fingerprint(state_dir, key):
+    # SHA-256 of every key ever generated (never the key): lets a test run prove
+    # that no generated key leaked into any captured output or log.
+    fd = os.open(_path(state_dir, FINGERPRINT_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        _follow_dir_owner(fd, state_dir)
+        os.write(fd, hashlib.sha256(key.encode()).hexdigest().encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+def generated_fingerprints(state_dir) -> set[str]:
+    """SHA-256 hex digests of every key this simulator ever generated."""
+    try:
+        with open(_path(state_dir, FINGERPRINT_LOG), encoding="ascii") as f:
+            return {line.strip() for line in f if line.strip()}
+    except FileNotFoundError:
+        return set()
+
+
+def find_leaks(text, fingerprints) -> int:
+    """How many 64-char tokens in ``text`` are keys whose SHA-256 is in ``fingerprints``."""
+    found = 0
+    for token in set(re.findall(r"[A-Za-z0-9]{64}", text)):
+        if hashlib.sha256(token.encode()).hexdigest() in fingerprints:
+            found += 1
+    return found
 
 
 def record_run(state_dir, scope):

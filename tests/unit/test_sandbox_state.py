@@ -75,7 +75,11 @@ def test_generate_replaces_previous_key_and_counts(sim):
     assert st.generations(sim, "app:APP2") == 0
     assert st.generations(sim) == 3
     # atomic writes leave no temporary files behind
-    assert sorted(os.listdir(sim)) == ["state.json", "state.lock"]
+    assert sorted(os.listdir(sim)) == ["generated.sha256", "state.json", "state.lock"]
+    # every generated key is logged by fingerprint only, so leaks can be found later
+    assert len(st.generated_fingerprints(sim)) == 3
+    assert st.find_leaks(f"x {second} y {root}", st.generated_fingerprints(sim)) == 2
+    assert st.find_leaks("x" * 64, st.generated_fingerprints(sim)) == 0
     assert _mode(sim / "state.json") == 0o600
 
 

@@ -1,0 +1,72 @@
+"""A pytest plugin: the whole run's captured output must contain no generated key.
+
+Every key the ta-tool emulator generates is logged by SHA-256 in its state dir
+(``generated.sha256``). This plugin collects everything pytest captured — stdout,
+stderr (fd level, so subprocesses too), log records (keyvault's loggers at DEBUG)
+and failure reports — and at the end hashes every 64-character token in it. A
+match is a leaked key: the run fails, naming only how many were found.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+_captured: list[str] = []
+_state_dirs: set[Path] = set()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Let keyvault's own debug logging reach the capture, so it is scanned too.
+    logging.getLogger("keyvault").setLevel(logging.DEBUG)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for _title, content in report.sections:
+        _captured.append(content)
+    if report.longrepr is not None:
+        _captured.append(str(report.longrepr))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remember_basetemp(tmp_path_factory):
+    _state_dirs.add(tmp_path_factory.getbasetemp())
+    yield
+
+
+def _fingerprints() -> set[str]:
+    from keyvault.sandbox.state import FINGERPRINT_LOG
+
+    roots = set(_state_dirs)
+    try:
+        from sshd_env import load_sshd_env
+
+        env = load_sshd_env()
+        if env is not None:
+            roots.add(Path(env.tatool_state_dir))
+    except Exception:  # noqa: BLE001 - no sshd environment: nothing to add
+        pass
+    found: set[str] = set()
+    for root in roots:
+        for log in [root / FINGERPRINT_LOG, *root.rglob(FINGERPRINT_LOG)] if root.is_dir() else []:
+            try:
+                found |= {line.strip() for line in log.read_text().splitlines() if line.strip()}
+            except OSError:
+                continue
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from keyvault.sandbox.state import find_leaks
+
+    fingerprints = _fingerprints()
+    leaks = find_leaks("\n".join(_captured), fingerprints)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    line = (f"leak guard: scanned {sum(map(len, _captured))} captured characters against "
+            f"{len(fingerprints)} generated keys: {leaks} leaked")
+    if reporter is not None:
+        reporter.write_line(line)
+    if leaks:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
