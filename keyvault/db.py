@@ -103,24 +103,30 @@ def alembic_config(url: str):
     return cfg
 
 
-def upgrade(engine: "Engine", revision: str = "head") -> None:
-    """Run the migrations up to ``revision`` on ``engine``."""
+def _migrate(engine: "Engine", step: str, revision: str) -> None:
     from alembic import command
+    from sqlalchemy.exc import SQLAlchemyError
 
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            getattr(command, step)(cfg, revision)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(
+            f"cannot {step} the database {engine.url.render_as_string()}: {_one_line(exc)}",
+            hint="check KEYVAULT_DATABASE_URL and that the server is up",
+        ) from None
+
+
+def upgrade(engine: "Engine", revision: str = "head") -> None:
+    """Run the migrations up to ``revision`` on ``engine``."""
+    _migrate(engine, "upgrade", revision)
 
 
 def downgrade(engine: "Engine", revision: str) -> None:
     """Run the migrations down to ``revision`` on ``engine``."""
-    from alembic import command
-
-    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, revision)
+    _migrate(engine, "downgrade", revision)
 
 
 def head_revision() -> str:
