@@ -174,7 +174,8 @@ class Host(Base):
     position: Mapped[int] = mapped_column(Integer, nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
-    cluster: Mapped[Cluster] = relationship()
+    # Joined: hosts outlive their session in the rotation service and name their cluster.
+    cluster: Mapped[Cluster] = relationship(lazy="joined", innerjoin=True)
 
     @property
     def label(self) -> str:
@@ -219,5 +220,5 @@ class Rotation(Base):
     verify_message: Mapped[str | None] = mapped_column(Text)
     verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
-    cluster: Mapped[Cluster] = relationship()
-    host: Mapped[Host | None] = relationship()
+    cluster: Mapped[Cluster] = relationship(lazy="joined")
+    host: Mapped[Host | None] = relationship(lazy="joined")

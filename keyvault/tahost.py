@@ -73,8 +73,9 @@ def generate_script(rid: str, command: str) -> str:
     return "; ".join([
         "umask 077",
         f'mkdir -p "{PENDING_DIR}" || exit 70',
-        # A second run for the same rotation id must never generate again.
-        f'if [ -e {f}.out ]; then echo {_marker(rid, "EXISTS")}; exit 73; fi',
+        # A second run for the same rotation id must never generate again, nor a run after a
+        # recovery declared it "never ran": creating .out exclusively (noclobber) claims the id.
+        f'if [ -e {f}.done ] || ! ( set -C; : >{f}.out ) 2>/dev/null; then echo {_marker(rid, "EXISTS")}; exit 73; fi',
         f"if ! command -v {shlex.quote(tool)} >/dev/null 2>&1; then echo {_marker(rid, 'NOTATOOL')}; exit 74; fi",
         f"echo {_marker(rid, 'START')}",
         # Ignoring HUP keeps ta-tool alive when the connection drops mid-run.
@@ -93,12 +94,16 @@ def _readback(rid: str, f: str) -> str:
 
 
 def fetch_script(rid: str) -> str:
-    """Print a pending file back, or say it is absent or already cleaned."""
+    """Print a pending file back, or say it is absent (for good) or already cleaned."""
     _check_rid(rid)
     f = f'"{PENDING_DIR}/{rid}"'
     return "; ".join([
+        "umask 077",
         f"if [ -e {f}.done ]; then echo {_marker(rid, 'CLEANED')}; exit 0; fi",
-        f"if [ ! -e {f}.out ]; then echo {_marker(rid, 'ABSENT')}; exit 0; fi",
+        # "Absent" must stay true: claim the id as generate_script does (exclusive .out), so a
+        # rotation process that is slow to start can no longer run ta-tool for it; .void says so.
+        f'if [ -e {f}.void ] || {{ mkdir -p "{PENDING_DIR}" && ( set -C; : >{f}.out ) 2>/dev/null && : >{f}.void; }}; '
+        f"then echo {_marker(rid, 'ABSENT')}; exit 0; fi",
         _readback(rid, f),
     ])
 

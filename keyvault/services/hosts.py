@@ -102,7 +102,8 @@ def pin_host_key(session: Session, *, host: Host, fingerprint: str) -> None:
 def ssh_target(host: Host, settings: Settings) -> SshTarget:
     """How to connect to ``host``."""
     return SshTarget(address=host.address, port=host.port, username=host.username,
-                     identity_file=host.identity_file, pinned_fingerprint=host.host_key_fingerprint)
+                     identity_file=host.identity_file, pinned_fingerprint=host.host_key_fingerprint,
+                     cluster=host.cluster.name)
 
 
 def become_for(host: Host) -> Become:

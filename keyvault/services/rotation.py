@@ -270,6 +270,13 @@ class RotationService:
             raise TaToolMissing(f"ta-tool is not on the PATH of the ta user on {label}", host=label,
                                 hint="nothing was generated; fix ta's login PATH")
         if remote.state == "exists":
+            with transaction(self.factory) as s:
+                state = s.get(Rotation, rid).state
+            if state not in UNRESOLVED_ROTATION_STATES:
+                # `rotations recover` found no pending file and claimed the id first: ta-tool did not run.
+                raise RotationError(f"rotation {rid} was resolved ({state}) by a recovery before ta-tool could run "
+                                    f"on {label}; ta-tool did not run", rotation_id=rid,
+                                    hint="nothing was generated; rotate again")
             raise self._needs_recovery(rid, f"a pending file for rotation {rid} already exists on {label}")
         if not remote.started and exit_status is not None:
             try:
@@ -287,7 +294,7 @@ class RotationService:
         fp = crypto.fingerprint(key)
         try:
             with transaction(self.factory) as s:
-                rotation = s.scalar(select(Rotation).where(Rotation.id == rid).with_for_update())
+                rotation = s.scalar(select(Rotation).where(Rotation.id == rid).with_for_update(of=Rotation))
                 if rotation.state not in UNRESOLVED_ROTATION_STATES:
                     # Stored by a concurrent recovery; only the same key is acceptable.
                     if rotation.new_fingerprint != fp:
@@ -302,8 +309,6 @@ class RotationService:
                 rotation.new_fingerprint, rotation.error = stored.fingerprint, None
                 outcome = self._outcome(rotation)
                 outcome.old_fingerprint = stored.old_fingerprint
-            spool.remove_spool(self.settings, rid)
-            return outcome
         except RotationError:
             raise
         except Exception as exc:  # any failure: the key must go somewhere durable first
@@ -326,6 +331,11 @@ class RotationService:
                 f"in {path}",
                 rotation_id=rid, hint=f"fix the database, then run `keyvault rotations recover {rid}`",
             ) from None
+        try:
+            spool.remove_spool(self.settings, rid)
+        except OSError as exc:  # committed already: a stale spool file is harmless, recover skips it
+            outcome.warnings.append(f"could not delete the spool file of {rid}: {exc.strerror}")
+        return outcome
 
     @staticmethod
     def _outcome(rotation: Rotation) -> RotationOutcome:
@@ -433,7 +443,30 @@ class RotationService:
         return outcome
 
     def abandon(self, rid: str, *, reason: str) -> None:
-        """Give up an unresolved rotation (the operator chose to regenerate)."""
+        """Give up an unresolved rotation (the operator chose to regenerate).
+
+        Refused while the rotation's host still holds a parseable key for it, or a
+        spooled key exists: that key is the valid one and must be recovered instead.
+        """
+        with transaction(self.factory) as s:
+            rotation = s.get(Rotation, rid)
+            if rotation is None or rotation.state not in UNRESOLVED_ROTATION_STATES:
+                raise InvalidInput(f"rotation {rid} is not unresolved")
+            host, pattern, keyring = rotation.host, rotation.cluster.key_pattern, open_keyring(s, settings=self.settings)
+        if spool.read_spool(self.settings, keyring, rid) is not None:
+            raise RotationError(f"rotation {rid} has a key in the local spool", rotation_id=rid,
+                                hint=f"run `keyvault rotations recover {rid}` without --regenerate")
+        if host is not None:
+            conn = self.connector.connect(ssh_target(host, self.settings))
+            try:
+                result = self._try(conn, host, fetch_script(rid))
+            finally:
+                conn.close()
+            remote = parse_remote(rid, result.output if result else b"")
+            if remote.state == "result" and len(find_keys(remote.output, pattern)) == 1:
+                raise RotationError(
+                    f"the host {host.label} holds the key ta-tool generated for rotation {rid}; it is the valid one",
+                    rotation_id=rid, hint=f"run `keyvault rotations recover {rid}` without --regenerate")
         with transaction(self.factory) as s:
             rotation = s.get(Rotation, rid)
             if rotation is None or rotation.state not in UNRESOLVED_ROTATION_STATES:

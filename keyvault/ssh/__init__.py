@@ -24,6 +24,7 @@ class SshTarget:
     identity_file: str | None = None
     pinned_fingerprint: str | None = None
     passphrase: str | None = field(default=None, repr=False)
+    cluster: str = "CLUSTER"  # only for hints such as `keyvault host trust CLUSTER ADDRESS`
 
     @property
     def label(self) -> str:

@@ -120,7 +120,7 @@ class ParamikoConnector:
     def _verify_host_key(self, transport: paramiko.Transport, target: SshTarget) -> None:
         key = transport.get_remote_server_key()
         offered = sha256_fingerprint(key.asbytes())
-        trust = f"keyvault host trust CLUSTER {target.address}" + (f" --port {target.port}" if target.port != 22 else "")
+        trust = f"keyvault host trust {target.cluster} {target.address}" + (f" --port {target.port}" if target.port != 22 else "")
         if target.pinned_fingerprint:
             if offered != target.pinned_fingerprint:
                 raise HostKeyError(
