@@ -151,9 +151,30 @@ def current_revision(engine: "Engine") -> str | None:
         ) from None
 
 
+# The newest migration; a test proves it equals alembic's head. Reading it from
+# here keeps alembic (~0.15 s of imports) off every command's path.
+SCHEMA_HEAD = "0002"
+
+
+def _stored_revision(engine: "Engine") -> str | None:
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except SQLAlchemyError as exc:
+        raise DatabaseError(
+            f"cannot reach the database {engine.url.render_as_string()}: {_one_line(exc)}",
+            hint="check KEYVAULT_DATABASE_URL and that the server is up",
+        ) from None
+
+
 def require_head(engine: "Engine") -> None:
     """Refuse to work on a database whose schema is not at head."""
-    current, head = current_revision(engine), head_revision()
+    current, head = _stored_revision(engine), SCHEMA_HEAD
     if current is None:
         raise NotInitialized(
             "the database has no keyvault schema", hint="run `keyvault init` or `keyvault db upgrade`"

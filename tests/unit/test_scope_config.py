@@ -282,3 +282,9 @@ def test_settings_repr_hides_su_password_and_passphrase(tmp_path):
     for text in (repr(settings), str(settings)):
         assert PASSWORD not in text and PASSWORD[::-1] not in text
     assert isinstance(settings, Settings)
+
+
+def test_schema_head_constant_matches_the_migrations():
+    from keyvault.db import SCHEMA_HEAD, head_revision
+
+    assert SCHEMA_HEAD == head_revision()
