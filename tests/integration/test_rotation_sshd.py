@@ -638,7 +638,6 @@ def test_two_processes_rotating_one_scope(kv):
 # ------------------------------------------------------------------- 5. hostile and broken
 
 
-@SQLITE_ONLY
 def test_unknown_host_key_then_trust(kv, sshd_env):
     [app] = kv.apps("hk-unknown", 1)
     cluster = kv.cluster("hk-unknown", [app], fingerprint=None)
@@ -658,7 +657,6 @@ def test_unknown_host_key_then_trust(kv, sshd_env):
     kv.check_current(cluster, f"app:{app}", "after trusting the host")
 
 
-@SQLITE_ONLY
 def test_changed_host_key(kv, sshd_env):
     [app] = kv.apps("hk-changed", 1)
     wrong = "SHA256:" + "A" * 43
@@ -676,7 +674,6 @@ def test_changed_host_key(kv, sshd_env):
     kv.check_current(cluster, f"app:{app}", "after pinning the offered key")
 
 
-@SQLITE_ONLY
 def test_wrong_su_password(kv, sshd_env, monkeypatch):
     monkeypatch.setenv("KEYVAULT_SU_PASSWORD_FILE", str(sshd_env.ta_password_file))
     cluster, app, scope = _prepared(kv, "su-wrong", user="kvops", become="su")
@@ -699,7 +696,6 @@ def test_wrong_su_password(kv, sshd_env, monkeypatch):
     assert kv.gens(scope) == gens
 
 
-@SQLITE_ONLY
 def test_tatool_missing(kv):
     [app] = kv.apps("notool", 1)
     scope = f"app:{app}"
@@ -713,7 +709,6 @@ def test_tatool_missing(kv):
     assert kv.json("secrets", "list", "--cluster", cluster) == []
 
 
-@SQLITE_ONLY
 def test_unparsable_output_needs_recovery(kv):
     cluster, app, scope = _prepared(kv, "nokey")
     gens = kv.gens(scope)
@@ -731,7 +726,6 @@ def test_unparsable_output_needs_recovery(kv):
     assert kv.versions(cluster, scope) == 1
 
 
-@SQLITE_ONLY
 def test_two_candidate_keys_needs_recovery_then_recovered(kv):
     cluster, app, scope = _prepared(kv, "twokeys")
     gens = kv.gens(scope)
@@ -753,7 +747,6 @@ def test_two_candidate_keys_needs_recovery_then_recovered(kv):
     recover_and_check(kv, cluster, scope, rid, gens, old_version=1)
 
 
-@SQLITE_ONLY
 def test_tatool_fails_for_app(kv):
     cluster, app, scope = _prepared(kv, "failapp")
     gens = kv.gens(scope)
@@ -775,7 +768,6 @@ def test_tatool_fails_for_app(kv):
 HOSTILE_APPIDS = ["x; rm -rf ~", "$(id)", "a'b", "a\nb", "-appid"]
 
 
-@SQLITE_ONLY
 def test_hostile_appids_refused(kv):
     [app] = kv.apps("hostile", 1)
     cluster = kv.cluster("hostile", [app])
