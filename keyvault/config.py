@@ -40,6 +40,7 @@ class Settings:
     ta_error_codes: Mapping[int, str] = field(default_factory=dict)
     ta_timeout: float = 10.0
     actor: str = "cli"
+    serve_webhooks: bool = True
 
     @property
     def config_file(self) -> Path:
@@ -140,6 +141,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = N
             ta_error_codes=codes,
             ta_timeout=float(ta.get("timeout", 10.0)),
             actor=actor or env.get("KEYVAULT_ACTOR") or env.get("USER") or "cli",
+            serve_webhooks=env.get("KEYVAULT_SERVE_WEBHOOKS", "1") not in ("0", "false", "no"),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid value in {config_file}: {exc}") from None

@@ -12,6 +12,8 @@ HTTP. Messages name the problem and what to do; they never contain a secret.
     │   ├── MasterKeyFileError                 missing file, bad mode or owner
     │   └── WrongMasterKey                     the key does not open this store
     ├── IntegrityError                         a ciphertext failed authentication
+    ├── Unauthorized                           HTTP: missing, unknown, expired or revoked token
+    ├── Forbidden                              HTTP: the token does not cover this scope/action
     ├── NotFound                               cluster, secret, version, host, rotation
     ├── Conflict                               already exists, concurrent change
     │   └── RotationUnresolved                 a previous rotation must be recovered
@@ -100,6 +102,20 @@ class IntegrityError(KeyvaultError):
     def __init__(self, message: str, *, what: str, hint: str | None = None) -> None:
         self.what = what
         super().__init__(message, hint=hint)
+
+
+class Unauthorized(KeyvaultError):
+    """No valid bearer token (missing, unknown, expired or revoked)."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(KeyvaultError):
+    """The token is valid but does not cover this scope or action."""
+
+    code = "forbidden"
+    http_status = 403
 
 
 class NotFound(KeyvaultError):

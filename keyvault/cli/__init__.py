@@ -58,9 +58,11 @@ def main(ctx: click.Context, verbose: int) -> None:
 
 def _register() -> None:
     from keyvault.cli import (commands_db, commands_hosts, commands_rotation, commands_sandbox,
-                              commands_secrets)
+                              commands_secrets, commands_serve)
+    from keyvault.cli import commands_webhooks
 
-    for module in (commands_db, commands_secrets, commands_hosts, commands_rotation, commands_sandbox):
+    for module in (commands_db, commands_secrets, commands_hosts, commands_rotation, commands_sandbox,
+                   commands_serve, commands_webhooks):
         for command in module.COMMANDS:
             main.add_command(command)
 

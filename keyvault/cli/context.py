@@ -45,6 +45,11 @@ class AppContext:
         if engine is not None:
             engine.dispose()
 
+    def keyring_check(self):
+        """Prove the master key opens the store (before starting long-running work)."""
+        with self.transaction() as session:
+            return self.keyring(session)
+
     def keyring(self, session):
         """The master keyring, proven to open this store."""
         from keyvault.services.store import open_keyring

@@ -69,6 +69,10 @@ def rotate_master_key(factory, *, settings: Settings) -> MasterKeyRotation:
             moved = crypto.rewrap(grown, sealed, aad, to=new_id, what=what)
             version.wrapped_key, version.master_key_id = moved.wrapped_key, moved.master_key_id
             count += 1
+        # Webhook signing secrets are sealed under the master key too.
+        from keyvault.services.webhooks import rewrap_webhook_secrets
+
+        count += rewrap_webhook_secrets(session, keyring=grown, to=new_id)
         now = utcnow()
         for row in live:
             row.retired_at = now

@@ -6,13 +6,13 @@ import json
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
 
 from keyvault import crypto
 from keyvault.errors import Conflict, InvalidInput, NotFound
-from keyvault.models import CURRENT, INVALIDATED, Cluster, Event, Secret, SecretVersion, utcnow
+from keyvault.models import CURRENT, INVALIDATED, Cluster, Event, Revision, Secret, SecretVersion, utcnow
 from keyvault.scope import Scope
 from keyvault.services.clusters import get_cluster
 
@@ -63,6 +63,11 @@ def _lock_secret(session: Session, cluster: Cluster, scope: str) -> Secret:
     except SAIntegrityError:
         # Another transaction created it first; wait for its lock.
         return session.scalar(stmt)
+
+
+def bump_revision(session: Session) -> None:
+    """Tell every server's cache that keys or tokens changed (same transaction)."""
+    session.execute(update(Revision).where(Revision.id == 1).values(value=Revision.value + 1))
 
 
 def current_version(session: Session, secret_id: int) -> SecretVersion | None:
@@ -131,6 +136,7 @@ def store_version(
         created_at=now,
     )
     session.add(event)
+    bump_revision(session)
     session.flush()
     return StoredVersion(
         cluster=cluster.name,

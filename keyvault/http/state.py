@@ -1,0 +1,166 @@
+"""Per-process server state: database, keyring, and caches that are never stale.
+
+Every request first reads the ``revision`` counter (one tiny query); any commit
+that changes keys or tokens bumps it in the same transaction, so the caches are
+dropped before a request could see an old key or a revoked token.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select, text
+
+from keyvault.config import Settings
+from keyvault.db import make_engine, require_head, session_factory, transaction
+from keyvault.errors import Forbidden, NotFound, Unauthorized
+from keyvault.models import AccessToken, Cluster, Secret, SecretVersion, CURRENT, utcnow
+from keyvault.services.audit import AuditWriter
+from keyvault.services.secrets import reveal
+from keyvault.services.store import open_keyring
+from keyvault.services.tokens import Grant, check_token, token_hash
+
+_NEGATIVE_CACHE_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """A current key, its response body prepared once."""
+
+    version: int
+    etag: str
+    body: bytes = field(repr=False)
+
+
+class ServerState:
+    """Database, keyring, caches and the audit writer of one server process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.database_url)
+        require_head(self.engine)
+        self.factory = session_factory(self.engine)
+        with transaction(self.factory) as session:
+            self.keyring = open_keyring(session, settings=settings)
+        self.audit = AuditWriter(self.engine)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        self._revision: int | None = None
+        self._keys: dict[tuple[str, str], KeyEntry | None] = {}
+        self._tokens: dict[str, AccessToken | None] = {}
+        self._grants: dict[str, Grant] = {}
+        self._probe = self.engine.raw_connection()
+        if self.engine.dialect.name == "postgresql":
+            self._probe.driver_connection.autocommit = True
+
+    def start(self) -> None:
+        self.audit.start()
+        if self.engine.dialect.name == "sqlite":
+            self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="keyvault-wal", daemon=True)
+            self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        # Keep the WAL short without making a request pay for the checkpoint's fsync.
+        conn = self.engine.raw_connection()
+        try:
+            while not self._stopping.wait(1.0):
+                conn.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
+
+    async def aclose(self) -> None:
+        await self.audit.stop()
+        self.close()
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(10)
+        self._probe.close()
+        self.engine.dispose()
+
+    def database_revision(self) -> int:
+        """The revision counter, read outside any transaction (one small query)."""
+        with self._lock:
+            cur = self._probe.cursor()
+            try:
+                cur.execute("SELECT value FROM revision WHERE id = 1")
+                return cur.fetchone()[0]
+            finally:
+                cur.close()
+
+    def ensure_fresh(self) -> None:
+        """Drop the caches if anything changed since they were filled."""
+        revision = self.database_revision()
+        if revision != self._revision:
+            self._keys.clear()
+            self._tokens.clear()
+            self._grants.clear()
+            self._revision = revision
+
+    def authenticate(self, authorization: str | None, now: datetime | None = None) -> Grant:
+        """The grant of a ``Bearer`` token, or ``Unauthorized``."""
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Unauthorized("missing bearer token", hint="send `Authorization: Bearer <token>`")
+        digest = token_hash(authorization[7:].strip())
+        if digest in self._tokens:
+            row = self._tokens[digest]
+        else:
+            with transaction(self.factory) as session:
+                row = session.scalar(select(AccessToken).where(AccessToken.token_hash == digest))
+                if row is not None:
+                    session.expunge(row)
+            if row is not None or len(self._tokens) < _NEGATIVE_CACHE_LIMIT:
+                self._tokens[digest] = row
+        grant = self._grants.get(digest)
+        if grant is not None and row is not None and (row.expires_at is None or row.expires_at > (now or utcnow())):
+            return grant
+        grant = check_token(row, digest, now or utcnow())
+        self._grants[digest] = grant
+        return grant
+
+    def key_entry(self, cluster: str, scope: str) -> KeyEntry:
+        """The current key of a scope (decrypted once per revision)."""
+        cache_key = (cluster, scope)
+        if cache_key not in self._keys:
+            self._keys[cache_key] = self._load(cluster, scope)
+        entry = self._keys[cache_key]
+        if entry is None:
+            raise NotFound(f"no current key for {scope} in cluster {cluster}")
+        return entry
+
+    def _load(self, cluster: str, scope: str) -> KeyEntry | None:
+        with transaction(self.factory) as session:
+            version = session.scalar(
+                select(SecretVersion)
+                .join(Secret, SecretVersion.secret_id == Secret.id)
+                .join(Cluster, Secret.cluster_id == Cluster.id)
+                .where(Cluster.name == cluster, Secret.scope == scope, SecretVersion.state == CURRENT)
+            )
+            if version is None:
+                return None
+            key = reveal(self.keyring, version)
+            body = json.dumps({
+                "cluster": cluster, "scope": scope, "version": version.number, "fingerprint": version.fingerprint,
+                "created_at": version.created_at.isoformat(), "key": key,
+            }).encode()
+            return KeyEntry(version=version.number, etag=f'"v{version.number}"', body=body)
+
+    def ready(self) -> bool:
+        """Database reachable and master key loaded."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT value FROM revision WHERE id = 1"))
+            return self.keyring is not None
+        except Exception:  # noqa: BLE001 - not ready, whatever the reason
+            return False
+
+
+def require_scope(grant: Grant, cluster: str, scope: str) -> None:
+    """``Forbidden`` unless the grant covers the scope."""
+    if not grant.allows(cluster, scope):
+        raise Forbidden(f"token {grant.name!r} may not read {scope} of cluster {cluster}")

@@ -1,0 +1,164 @@
+"""The audit log: one record per key read and per rotation through the HTTP API.
+
+``AuditWriter`` batches records from many requests into one transaction (group
+commit) on a dedicated thread. A request waits for its record to be committed;
+if the write fails, the request fails too (as in Vault): no key leaves the
+server without its audit record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from keyvault.errors import DatabaseError
+from keyvault.models import AuditRecord
+
+log = logging.getLogger("keyvault.audit")
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    at: datetime
+    token_name: str
+    action: str
+    cluster: str | None
+    scope: str | None
+    version: int | None
+    client: str | None
+    outcome: str
+
+
+class AuditWriter:
+    """Group-commits audit entries; ``await writer.record(entry)`` returns once it is committed.
+
+    Writes on the server's event loop through its own DBAPI connection: every
+    request that reaches ``record`` in the same loop iteration joins one batch,
+    written by a single scheduled callback (group commit); a lone request is
+    never delayed.
+    """
+
+    COLUMNS = ("at", "token_name", "action", "cluster", "scope", "version", "client", "outcome")
+
+    def __init__(self, engine, *, max_batch: int = 1024) -> None:
+        self._engine = engine
+        self._max_batch = max_batch
+        self._pending: list[tuple[AuditEntry, asyncio.Future]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
+        self._conn = None
+        self.batches = 0
+        self.written = 0
+
+    def start(self) -> None:
+        """Open the writer's connection and start its task on the running loop."""
+        self._conn = self._engine.raw_connection()
+        self._sqlite = self._engine.dialect.name == "sqlite"
+        marks = ", ".join("?" if self._sqlite else "%s" for _ in self.COLUMNS)
+        self._sql = f"INSERT INTO audit_log ({', '.join(self.COLUMNS)}) VALUES ({marks})"
+        if self._sqlite:
+            # WAL + NORMAL: a record survives a crash of keyvault; only an OS crash could lose
+            # the last commits (a file audit device does not fsync per entry either).
+            self._conn.driver_connection.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints (and their fsync) run on ServerState's checkpoint thread instead.
+            self._conn.driver_connection.execute("PRAGMA wal_autocheckpoint=0")
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+
+    async def stop(self) -> None:
+        """Write what is queued, then stop."""
+        self._running = False
+        if self._pending:
+            self._flush()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def record(self, entry: AuditEntry, timeout: float = 10.0) -> None:
+        """Queue ``entry`` and wait until it is committed; raise ``DatabaseError`` if it is not."""
+        if not self._running:
+            raise DatabaseError("the audit writer is not running", hint="check the server log and restart it")
+        future = self._loop.create_future()
+        if not self._pending:
+            self._loop.call_soon(self._flush_all)
+        self._pending.append((entry, future))
+        # A timer, not asyncio.wait_for: wait_for costs a task per request on the hot path.
+        timer = self._loop.call_later(timeout, _settle, future,
+                                      DatabaseError("the audit record was not written in time", hint="check the database"))
+        try:
+            await future
+        finally:
+            timer.cancel()
+
+    def _flush_all(self) -> None:
+        while self._pending and self._conn is not None:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
+        error: Exception | None = None
+        rows = [self._row(entry) for entry, _ in batch]
+        cur = self._conn.cursor()
+        try:
+            if self._sqlite and len(rows) == 1:
+                cur.execute(self._sql, rows[0])  # autocommit: one implicit transaction
+            elif self._sqlite:
+                cur.execute("BEGIN IMMEDIATE")
+                cur.executemany(self._sql, rows)
+                cur.execute("COMMIT")
+            else:
+                cur.execute("SET LOCAL synchronous_commit TO OFF")
+                cur.executemany(self._sql, rows)
+                self._conn.commit()
+            self.batches += 1
+            self.written += len(batch)
+        except Exception as exc:  # every waiting request must learn it failed
+            log.error("audit write failed: %s", exc)
+            try:
+                self._conn.rollback() if not self._sqlite else cur.execute("ROLLBACK")
+            except Exception:  # noqa: BLE001 - the connection may be gone; the error stands
+                pass
+            error = DatabaseError("the audit record could not be written", hint="check the database")
+        finally:
+            cur.close()
+        for _, future in batch:
+            _settle(future, error)
+
+    def _row(self, entry: AuditEntry) -> tuple:
+        # Stored as naive UTC, the same form the UTCDateTime column type uses.
+        at = entry.at.astimezone(timezone.utc).replace(tzinfo=None)
+        at_value = at.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else at
+        return (at_value, entry.token_name, entry.action, entry.cluster, entry.scope, entry.version,
+                entry.client, entry.outcome)
+
+
+def _settle(future: asyncio.Future, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def list_audit(session: Session, *, since: datetime | None = None, token_name: str | None = None,
+               limit: int = 1000) -> list[AuditRecord]:
+    """Audit records, newest first."""
+    stmt = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit)
+    if since is not None:
+        stmt = stmt.where(AuditRecord.at >= since)
+    if token_name is not None:
+        stmt = stmt.where(AuditRecord.token_name == token_name)
+    return list(session.scalars(stmt))
+
+
+def audit_info(row: AuditRecord) -> dict:
+    """A JSON-ready audit record."""
+    return {"id": row.id, "at": row.at.isoformat(), "token": row.token_name, "action": row.action,
+            "cluster": row.cluster, "scope": row.scope, "version": row.version, "client": row.client,
+            "outcome": row.outcome}

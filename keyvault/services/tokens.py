@@ -1,0 +1,152 @@
+"""Access tokens for the HTTP API: create (shown once), list, revoke, authenticate.
+
+Tokens are 256-bit random strings; only their SHA-256 is stored, so a database
+reader learns nothing usable. A token carries scopes: ``root:CLUSTER``,
+``app:CLUSTER/APPID`` or ``app:CLUSTER/*``, and optionally the right to rotate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.orm import Session
+
+from keyvault.config import DEFAULT_APPID_PATTERN
+from keyvault.errors import Conflict, InvalidInput, NotFound, Unauthorized
+from keyvault.models import AccessToken, utcnow
+from keyvault.services.clusters import get_cluster
+from keyvault.services.secrets import bump_revision
+
+TOKEN_PREFIX = "kvt_"
+TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SCOPE = re.compile(r"^(root):([^/\s]+)$|^(app):([^/\s]+)/(\S+)$")
+_DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def token_hash(token: str) -> str:
+    """SHA-256 hex of a presented token (tokens are random: no slow hash needed)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90d``, ``12h``, ``30m``, ``2w``, ``45s``."""
+    m = _DURATION.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise InvalidInput(f"invalid duration {text!r}", hint="use a number and a unit: 30m, 12h, 90d, 2w")
+    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a token may read: root of some clusters, some or all apps of others."""
+
+    name: str
+    roots: frozenset[str]
+    apps: frozenset[tuple[str, str]]  # (cluster, appid or "*")
+    can_rotate: bool
+
+    def allows(self, cluster: str, scope: str) -> bool:
+        """True if ``scope`` (``root`` or ``app:X``) of ``cluster`` is covered."""
+        if scope == "root":
+            return cluster in self.roots
+        appid = scope[4:]
+        return (cluster, appid) in self.apps or (cluster, "*") in self.apps
+
+    def covers_cluster(self, cluster: str) -> bool:
+        return cluster in self.roots or any(c == cluster for c, _ in self.apps)
+
+
+def parse_scopes(texts: list[str], *, appid_pattern: str = DEFAULT_APPID_PATTERN) -> list[str]:
+    """Validate scope strings; return them normalised and de-duplicated."""
+    if not texts:
+        raise InvalidInput("a token needs at least one --scope", hint="e.g. --scope 'app:prod/*'")
+    out: list[str] = []
+    for text in texts:
+        m = _SCOPE.match(text)
+        if not m:
+            raise InvalidInput(f"invalid scope {text!r}", hint="use root:CLUSTER, app:CLUSTER/APPID or app:CLUSTER/*")
+        if m.group(3) == "app" and m.group(5) != "*" and re.fullmatch(appid_pattern, m.group(5)) is None:
+            raise InvalidInput(f"invalid APPID in scope {text!r}")
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def grant_of(row: AccessToken) -> Grant:
+    """The Grant a token row carries."""
+    roots, apps = set(), set()
+    for text in json.loads(row.scopes):
+        m = _SCOPE.match(text)
+        if m.group(1):
+            roots.add(m.group(2))
+        else:
+            apps.add((m.group(4), m.group(5)))
+    return Grant(name=row.name, roots=frozenset(roots), apps=frozenset(apps), can_rotate=bool(row.can_rotate))
+
+
+def create_token(session: Session, *, name: str, scopes: list[str], can_rotate: bool = False,
+                 expires_in: timedelta | None = None, appid_pattern: str = DEFAULT_APPID_PATTERN) -> tuple[str, AccessToken]:
+    """Create a token; return the token itself (shown once) and its row."""
+    if not TOKEN_NAME.match(name):
+        raise InvalidInput(f"invalid token name {name!r}", hint="use letters, digits, '.', '_' and '-'")
+    scopes = parse_scopes(scopes, appid_pattern=appid_pattern)
+    for text in scopes:
+        get_cluster(session, name=_SCOPE.match(text).group(2) or _SCOPE.match(text).group(4))
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    now = utcnow()
+    row = AccessToken(name=name, token_hash=token_hash(token), scopes=json.dumps(scopes), can_rotate=can_rotate,
+                      created_at=now, expires_at=now + expires_in if expires_in else None)
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except SAIntegrityError:
+        raise Conflict(f"a token named {name!r} already exists", hint="revoke it or choose another name") from None
+    bump_revision(session)
+    return token, row
+
+
+def list_tokens(session: Session) -> list[AccessToken]:
+    """All tokens, by name (never their secret)."""
+    return list(session.scalars(select(AccessToken).order_by(AccessToken.name)))
+
+
+def revoke_token(session: Session, *, name: str) -> AccessToken:
+    """Revoke a token at once (every server sees it on its next request)."""
+    row = session.scalar(select(AccessToken).where(AccessToken.name == name))
+    if row is None:
+        raise NotFound(f"no token named {name!r}", hint="see `keyvault token list`")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        bump_revision(session)
+    session.flush()
+    return row
+
+
+def token_info(row: AccessToken, now: datetime | None = None) -> dict:
+    """A JSON-ready description of a token (never the token)."""
+    now = now or utcnow()
+    status = "revoked" if row.revoked_at else "expired" if row.expires_at and row.expires_at <= now else "active"
+    return {"name": row.name, "scopes": json.loads(row.scopes), "can_rotate": bool(row.can_rotate),
+            "created_at": row.created_at.isoformat(),
+            "expires_at": row.expires_at.isoformat() if row.expires_at else None,
+            "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None, "status": status}
+
+
+def check_token(row: AccessToken | None, presented_hash: str, now: datetime) -> Grant:
+    """The grant of a looked-up token, or ``Unauthorized``; compares hashes in constant time."""
+    if row is None or not hmac.compare_digest(row.token_hash, presented_hash):
+        raise Unauthorized("unknown token", hint="send `Authorization: Bearer <token>` with a token from `keyvault token create`")
+    if row.revoked_at is not None:
+        raise Unauthorized(f"token {row.name!r} was revoked")
+    if row.expires_at is not None and row.expires_at <= now:
+        raise Unauthorized(f"token {row.name!r} expired at {row.expires_at.isoformat()}")
+    return grant_of(row)

@@ -1,0 +1,92 @@
+"""The background webhook deliverer run inside ``keyvault serve``: fan out, then deliver, in a loop.
+
+Each tick opens the keyring against the store, runs ``enqueue_deliveries`` in one
+transaction and ``deliver_due`` (which commits per delivery). Several servers may
+run one each: claims use ``FOR UPDATE SKIP LOCKED`` on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import Counter
+from typing import Callable
+
+from keyvault.config import Settings
+from keyvault.models import utcnow
+from keyvault.services import webhooks
+
+log = logging.getLogger(__name__)
+
+
+class WebhookWorker:
+    """Runs ``tick()`` every ``interval`` seconds in a daemon thread between ``start()`` and ``stop()``."""
+
+    def __init__(self, factory, *, settings: Settings, send: webhooks.Sender | None = None, interval: float = 1.0,
+                 clock: webhooks.Clock | None = None, rand: Callable[[], float] = random.random,
+                 max_attempts: int = webhooks.DEFAULT_MAX_ATTEMPTS, limit: int = 100) -> None:
+        self.factory = factory
+        self.settings = settings
+        self.send = send or webhooks.default_sender()
+        self.interval = interval
+        self.clock = clock or utcnow
+        self.rand = rand
+        self.max_attempts = max_attempts
+        self.limit = limit
+        self.outcomes: Counter = Counter()  # delivered / retrying / dead / errors, for /metrics
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def tick(self) -> webhooks.DeliveryReport:
+        """One round: fan out new events, then deliver what is due (at most ``limit``)."""
+        from keyvault.db import transaction
+        from keyvault.services.store import open_keyring
+
+        with self._lock:
+            with transaction(self.factory) as session:
+                keyring = open_keyring(session, settings=self.settings)
+                webhooks.enqueue_deliveries(session, now=self.clock())
+            report = webhooks.deliver_due(self.factory, keyring=keyring, now=self.clock, send=self.send,
+                                          limit=self.limit, max_attempts=self.max_attempts, rand=self.rand,
+                                          should_stop=self._stop.is_set)
+        self.outcomes.update(delivered=report.delivered, retrying=report.retrying, dead=report.dead)
+        return report
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            busy = False
+            try:
+                busy = self.tick().attempted >= self.limit
+            except Exception as exc:  # noqa: BLE001 - keep delivering after a database or keyring hiccup
+                self.outcomes["errors"] += 1
+                log.error("webhook delivery round failed: %s: %s", type(exc).__name__, exc)
+            if not busy:
+                self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        """Start the delivery thread (once)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="keyvault-webhooks", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 15.0) -> bool:
+        """Ask the thread to stop and wait at most ``timeout`` seconds; True if it ended."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("webhook worker still busy after %.1f s; it is a daemon thread and will not block exit",
+                        timeout)
+            return False
+        return True
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
