@@ -78,7 +78,8 @@ def _segment(value: str, what: str) -> str:
 
 def _normalize_url(url: str) -> str:
     parts = urllib.parse.urlsplit(str(url).strip())
-    shown = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if _port_ok(parts) else "")
+    port = f":{parts.port}" if _port_ok(parts) and parts.port else ""
+    shown = f"{parts.scheme}://{parts.hostname or ''}{port}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput(f"invalid keyvault URL {shown!r}",
                            hint="use http(s)://host[:port][/prefix], e.g. http://127.0.0.1:8200")

@@ -41,6 +41,7 @@ class Settings:
     ta_timeout: float = 10.0
     actor: str = "cli"
     serve_webhooks: bool = True
+    serve_scheduler: bool = False
 
     @property
     def config_file(self) -> Path:
@@ -142,6 +143,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = N
             ta_timeout=float(ta.get("timeout", 10.0)),
             actor=actor or env.get("KEYVAULT_ACTOR") or env.get("USER") or "cli",
             serve_webhooks=env.get("KEYVAULT_SERVE_WEBHOOKS", "1") not in ("0", "false", "no"),
+            serve_scheduler=env.get("KEYVAULT_SERVE_SCHEDULER", "0") in ("1", "true", "yes"),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid value in {config_file}: {exc}") from None

@@ -307,3 +307,45 @@ class WebhookDelivery(Base):
     last_status: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RotationPolicy(Base):
+    """How old a key may get before `rotate due` rotates it, and when it may."""
+
+    __tablename__ = "rotation_policies"
+    __table_args__ = (UniqueConstraint("cluster_id", "target", name="uq_rotation_policies_target"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id"), nullable=False)
+    target: Mapped[str] = mapped_column(String(80), nullable=False)  # root, app:<APPID> or all-apps
+    max_age_seconds: Mapped[int] = mapped_column(Integer, nullable=False)
+    window: Mapped[str | None] = mapped_column(String(120))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+    cluster: Mapped[Cluster] = relationship(lazy="joined", innerjoin=True)
+
+
+class ScopeSchedule(Base):
+    """Scheduler bookkeeping per scope: consecutive failures, backoff, pause."""
+
+    __tablename__ = "scope_schedules"
+    __table_args__ = (UniqueConstraint("cluster_id", "scope", name="uq_scope_schedules_scope"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id"), nullable=False)
+    scope: Mapped[str] = mapped_column(String(80), nullable=False)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class Lease(Base):
+    """A named lease so that one runner acts at a time across processes and machines."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(200))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -115,6 +115,11 @@ def cleanup_script(rid: str) -> str:
     return f"umask 077; rm -f {f}.out {f}.err {f}.rc; : >{f}.done; echo {_marker(rid, 'CLEANED')}"
 
 
+def cleanup_many_script(rids: list[str]) -> str:
+    """Clean up several rotations in one command (one su, one channel)."""
+    return "; ".join(cleanup_script(rid) for rid in rids)
+
+
 def check_script(command: str) -> str:
     """Confirm the ta-tool of ``command`` is on the ta user's PATH; generate nothing."""
     tool = shlex.split(command)[0]

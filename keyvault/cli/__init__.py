@@ -56,14 +56,16 @@ def main(ctx: click.Context, verbose: int) -> None:
     ctx.call_on_close(ctx.obj.close)
 
 
-def _register() -> None:
-    from keyvault.cli import (commands_db, commands_hosts, commands_rotation, commands_sandbox,
-                              commands_secrets, commands_serve)
-    from keyvault.cli import commands_webhooks
+# Each module exports COMMANDS; importing them costs only click (heavy imports are lazy).
+COMMAND_MODULES = ("commands_db", "commands_secrets", "commands_hosts", "commands_rotation", "commands_policy",
+                   "commands_sandbox", "commands_serve", "commands_webhooks", "commands_backup")
 
-    for module in (commands_db, commands_secrets, commands_hosts, commands_rotation, commands_sandbox,
-                   commands_serve, commands_webhooks):
-        for command in module.COMMANDS:
+
+def _register() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        for command in importlib.import_module(f"keyvault.cli.{name}").COMMANDS:
             main.add_command(command)
 
 

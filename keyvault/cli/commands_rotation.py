@@ -31,33 +31,72 @@ def _print_outcome(o) -> None:
         click.echo(f"  warning: {warning}", err=True)
 
 
-def _run(app, cluster: str, scopes: list, as_json: bool) -> None:
-    outcomes, failures = [], []
-    with app.rotation_service() as service:
-        _rotate_all(app, service, cluster, scopes, as_json, outcomes, failures)
+def _run(app, cluster: str, scopes: list, as_json: bool, concurrency: int = 4) -> None:
+    if len(scopes) == 1:
+        with app.rotation_service() as service:
+            outcome = service.rotate(cluster, scopes[0], actor=app.settings.actor)
+        emit_json(outcome.as_dict()) if as_json else _print_outcome(outcome)
+        return
+    results = _rotate_many(app, cluster, scopes, as_json, concurrency)
+    _summarise(results, as_json)
+
+
+def _rotate_many(app, cluster, scopes, as_json, concurrency) -> list:
+    import threading
+
+    show_bar = not as_json and sys.stderr.isatty()
+    lock = threading.Lock()
+    with click.progressbar(length=len(scopes), label=f"rotating {len(scopes)} keys", file=sys.stderr,
+                           show_pos=True) if show_bar else _NoBar() as bar:
+        def done(scope, result):
+            with lock:
+                bar.update(1)
+                if not show_bar and not as_json:
+                    _print_line(scope, result)
+
+        with app.rotation_service() as service:
+            return service.rotate_many(cluster, scopes, actor=app.settings.actor, concurrency=concurrency,
+                                       on_done=done)
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        pass
+
+
+def _print_line(scope, result) -> None:
+    if isinstance(result, Exception):
+        click.echo(f"{scope}: FAILED: {result}", err=True)
+    else:
+        old = f" (was v{result.old_version})" if result.old_version else ""
+        click.echo(f"{scope}: v{result.new_version} {result.new_fingerprint}{old}, verify {result.verify_state}")
+
+
+def _summarise(results: list, as_json: bool) -> None:
+    from keyvault.errors import KeyvaultError, RotationUnresolved
+
+    rotated = [r.as_dict() for _, r in results if not isinstance(r, Exception)]
+    skipped = [{"scope": str(s), "reason": str(r), "rotation_id": r.rotation_id}
+               for s, r in results if isinstance(r, RotationUnresolved)]
+    failed = [{"scope": str(s), "reason": str(r) if isinstance(r, KeyvaultError) else f"internal error ({type(r).__name__})",
+               "rotation_id": getattr(r, "rotation_id", None)}
+              for s, r in results if isinstance(r, Exception) and not isinstance(r, RotationUnresolved)]
     if as_json:
-        emit_json(outcomes if len(scopes) == 1 and not failures else {"rotated": outcomes, "failed": failures})
-    if len(scopes) > 1:
-        click.echo(f"summary: {len(outcomes)} rotated, {len(failures)} failed", err=True)
-    if failures:
+        emit_json({"rotated": rotated, "failed": failed, "skipped": skipped})
+    else:
+        click.echo(f"summary: {len(rotated)} rotated, {len(failed)} failed, {len(skipped)} skipped", err=True)
+        for item in failed:
+            click.echo(f"  failed  {item['scope']}: {item['reason']}", err=True)
+        for item in skipped:
+            click.echo(f"  skipped {item['scope']}: {item['reason']}", err=True)
+    if failed:
         sys.exit(1)
-
-
-def _rotate_all(app, service, cluster, scopes, as_json, outcomes, failures) -> None:
-    from keyvault.errors import KeyvaultError
-
-    for scope in scopes:
-        try:
-            outcome = service.rotate(cluster, scope, actor=app.settings.actor)
-        except KeyvaultError as exc:
-            if len(scopes) == 1:
-                raise
-            failures.append({"scope": str(scope), "error": str(exc), "rotation_id": getattr(exc, "rotation_id", None)})
-            click.echo(f"error: {scope}: {exc}", err=True)
-            continue
-        outcomes.append(outcome.as_dict())
-        if not as_json:
-            _print_outcome(outcome)
 
 
 @click.group()
@@ -80,17 +119,61 @@ def rotate_root(app, cluster, yes, as_json) -> None:
 
 @rotate.command("app")
 @click.option("--cluster", required=True)
-@click.argument("appids", nargs=-1, required=True)
+@click.argument("appids", nargs=-1)
+@click.option("--all", "all_apps", is_flag=True, help="Every app keyvault knows for the cluster.")
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 32),
+              help="Parallel channels over one SSH connection per host (keep within sshd's MaxSessions).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def rotate_app(app, cluster, appids, yes, as_json) -> None:
+def rotate_app(app, cluster, appids, all_apps, concurrency, yes, as_json) -> None:
     """Rotate the key of one or more projects."""
     from keyvault.scope import app_scope
 
+    if bool(appids) == all_apps:
+        raise click.UsageError("give APPIDs or --all")
+    if all_apps:
+        from keyvault.services.clusters import get_cluster
+        from keyvault.services.policies import app_scopes_of
+
+        with app.transaction() as session:
+            appids = [s[4:] for s in app_scopes_of(session, get_cluster(session, name=cluster))]
+        if not appids:
+            raise click.UsageError(f"keyvault knows no apps of cluster {cluster}: import or rotate one first, "
+                                   f"or map project ids with `keyvault cluster set {cluster} --project-id APPID=N`")
     scopes = [app_scope(a, app.settings.appid_pattern) for a in dict.fromkeys(appids)]
-    _confirm(yes, f"key of {', '.join(appids)}", cluster)
-    _run(app, cluster, scopes, as_json)
+    shown = ", ".join(appids[:5]) + (f" and {len(appids) - 5} more" if len(appids) > 5 else "")
+    _confirm(yes, f"key of {shown}", cluster)
+    _run(app, cluster, scopes, as_json, concurrency)
+
+
+@rotate.command("due")
+@click.option("--cluster", help="Only this cluster.")
+@click.option("--dry-run", is_flag=True, help="Show what is due and why the rest is not; rotate nothing.")
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 32))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def rotate_due(app, cluster, dry_run, concurrency, as_json) -> None:
+    """Rotate every scope whose key is older than its policy allows (for cron/timers)."""
+    from keyvault.models import utcnow
+    from keyvault.services.scheduler import Scheduler
+
+    scheduler = Scheduler(app.factory, settings=app.settings, connector=app.connector, clock=utcnow,
+                          concurrency=concurrency)
+    report = scheduler.run(dry_run=dry_run, cluster_name=cluster)
+    rows = [vars(r) for r in report.results]
+    if as_json:
+        emit_json({"lease": "acquired" if report.lease_acquired else "held elsewhere" if report.lease_holder else "not needed",
+                   "holder": report.lease_holder, "results": rows})
+    elif not dry_run and not report.lease_acquired:
+        click.echo(f"another runner holds the rotation lease ({report.lease_holder}); nothing to do here")
+    else:
+        emit_table(rows, ("cluster", "scope", "status", "reason"), empty="no scope has a rotation policy")
+        if not dry_run:
+            click.echo(f"summary: {report.count('rotated')} rotated, {report.count('failed')} failed, "
+                       f"{report.count('skipped')} skipped", err=True)
+    if report.count("failed"):
+        sys.exit(1)
 
 
 @click.group()

@@ -16,8 +16,9 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
 @click.option("--no-webhooks", is_flag=True, help="Do not deliver webhooks from this server.")
+@click.option("--scheduler", is_flag=True, help="Also run `rotate due` every minute (a lease lets one replica act).")
 @click.pass_obj
-def serve(app, host, port, workers, tls_cert, tls_key, no_webhooks) -> None:
+def serve(app, host, port, workers, tls_cert, tls_key, no_webhooks, scheduler) -> None:
     """Serve current keys over HTTP to services holding scoped tokens."""
     import os
 
@@ -33,6 +34,8 @@ def serve(app, host, port, workers, tls_cert, tls_key, no_webhooks) -> None:
         click.echo(f"warning: serving keys on {host} without TLS", err=True)
     if no_webhooks:
         os.environ["KEYVAULT_SERVE_WEBHOOKS"] = "0"  # read by each worker's settings
+    if scheduler:
+        os.environ["KEYVAULT_SERVE_SCHEDULER"] = "1"
     click.echo(f"keyvault serving on {'https' if tls_cert else 'http'}://{host}:{port} ({workers} worker(s))", err=True)
     uvicorn.run("keyvault.http.app:create_app", factory=True, host=host, port=port, workers=workers,
                 ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning", access_log=False,

@@ -114,9 +114,17 @@ def create_app(settings: Settings | None = None, *, webhooks: bool | None = None
 
             worker = WebhookWorker(state.factory, settings=settings)
             worker.start()
+        scheduler = None
+        if settings.serve_scheduler:
+            from keyvault.services.scheduler import SchedulerThread
+
+            scheduler = SchedulerThread(state.factory, settings=settings)
+            scheduler.start()
         try:
             yield
         finally:
+            if scheduler is not None:
+                scheduler.stop()
             if worker is not None:
                 worker.stop()
             await state.aclose()

@@ -195,6 +195,9 @@ def classify(command: str, *, ta_user: str = "ta") -> Accepted | None:
     method, script = unwrapped
     if script == tahost.check_script(ROOT_COMMAND):
         return Accepted(method, "check", script)
+    rids = _RID_RE.findall(script)
+    if len(rids) > 1 and script == tahost.cleanup_many_script(list(dict.fromkeys(rids))):
+        return Accepted(method, "cleanup", script, rids[0])
     commands = {"root": ROOT_COMMAND}
     for appid in _candidates(_APPID_RE, script):
         commands[f"app:{appid}"] = tahost.render_command(APP_TEMPLATE, appid)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -58,6 +59,7 @@ from keyvault.services.verify import verify_scope_key
 from keyvault.ssh import Connection, Connector, ExecResult
 from keyvault.tahost import (
     RemoteOutput,
+    cleanup_many_script,
     cleanup_script,
     fetch_script,
     find_keys,
@@ -93,6 +95,11 @@ class RotationOutcome:
         return asdict(self)
 
 
+def _alive(conn: Connection) -> bool:
+    is_active = getattr(conn, "is_active", None)
+    return True if is_active is None else bool(is_active())
+
+
 def new_rotation_id() -> str:
     """A random rotation id, safe in file names and shell words."""
     return secrets.token_hex(6)
@@ -110,13 +117,20 @@ class RotationService:
         self.ta_client_factory = ta_client_factory
         # Injected by crash tests: called as on_step(step, rotation_id).
         self.on_step = on_step or (lambda step, rid: None)
-        # One SSH connection per host, reused across the scopes of one run.
+        # One SSH connection per host, shared by the scopes (and threads) of one run:
+        # paramiko multiplexes concurrent channels over it.
         self._connections: dict[int, Connection] = {}
+        self._conn_lock = threading.Lock()
+        # In bulk runs the remote clean-up (step 6) is batched: one command per host
+        # for many rotations, still only after each one's key was committed.
+        self._defer_cleanup = False
+        self._deferred: dict[int, tuple[Host, list[str]]] = {}
 
     def close(self) -> None:
         """Close the SSH connections kept for reuse."""
-        while self._connections:
-            self._connections.popitem()[1].close()
+        with self._conn_lock:
+            while self._connections:
+                self._connections.popitem()[1].close()
 
     def __enter__(self) -> "RotationService":
         return self
@@ -125,10 +139,72 @@ class RotationService:
         self.close()
 
     def _release(self, host: Host, conn: Connection, healthy: bool) -> None:
-        if healthy:
-            self._connections[host.id] = conn
-        else:
-            conn.close()
+        if healthy or _alive(conn):
+            return
+        with self._conn_lock:
+            if self._connections.get(host.id) is conn:
+                del self._connections[host.id]
+        conn.close()
+
+    def rotate_many(self, cluster_name: str, scopes: list[Scope], *, actor: str, concurrency: int = 4,
+                    on_done: Callable[[Scope, "RotationOutcome | Exception"], None] | None = None) -> list:
+        """Rotate several scopes, ``concurrency`` at a time over one connection per host.
+
+        Each scope is a full rotation with its own journal and crash safety; one
+        scope's failure never stops or corrupts the others. Returns
+        ``[(scope, outcome or exception), ...]`` in the order given.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(scope: Scope):
+            try:
+                result = self.rotate(cluster_name, scope, actor=actor)
+            except Exception as exc:  # reported per scope; the run goes on
+                if not isinstance(exc, KeyvaultError):
+                    log.exception("rotation of %s failed unexpectedly", scope)
+                result = exc
+            if on_done is not None:
+                on_done(scope, result)
+            return result
+
+        self._defer_cleanup = True
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="kv-rotate") as pool:
+                results = list(pool.map(one, scopes))
+        finally:
+            self._defer_cleanup = False
+            cleaned = self._flush_cleanups()
+        for result in results:
+            if isinstance(result, RotationOutcome) and result.rotation_id in cleaned:
+                result.cleaned_up = True
+                result.state = "completed" if result.verify_state is not None else result.state
+        return list(zip(scopes, results))
+
+    def _flush_cleanups(self) -> set[str]:
+        """Run the batched clean-ups; rotations whose clean-up fails stay `stored` for recover."""
+        with self._conn_lock:
+            deferred, self._deferred = self._deferred, {}
+        cleaned: set[str] = set()
+        for host, rids in deferred.values():
+            for start in range(0, len(rids), 50):
+                chunk = rids[start:start + 50]
+                try:
+                    conn, _ = self._connect_any([host])
+                except KeyvaultError as exc:
+                    log.warning("clean-up on %s skipped: %s", host.label, exc)
+                    continue
+                result = self._try(conn, host, cleanup_many_script(chunk))
+                text = result.output.decode("utf-8", "replace") if result else ""
+                done = [rid for rid in chunk if f"@@KV:{rid}:CLEANED@@" in text]
+                cleaned.update(done)
+                if done:
+                    with transaction(self.factory) as s:
+                        for rotation in s.scalars(select(Rotation).where(Rotation.id.in_(done))):
+                            rotation.cleaned_up = True
+                            if rotation.state == "stored" and rotation.verify_state is not None:
+                                rotation.state = "completed"
+                            rotation.updated_at = utcnow()
+        return cleaned
 
     # -- step 1 -----------------------------------------------------------------
     def _preflight(self, cluster_name: str, scope: Scope):
@@ -160,18 +236,22 @@ class RotationService:
             )
 
     def _connect_any(self, hosts: list[Host]) -> tuple[Connection, Host]:
-        errors: list[KeyvaultError] = []
-        for host in hosts:
-            cached = self._connections.pop(host.id, None)
-            if cached is not None:
-                return cached, host
-        for host in hosts:
-            try:
-                return self.connector.connect(ssh_target(host, self.settings)), host
-            except (HostUnreachable, AuthenticationFailed, HostKeyError) as exc:
-                # Nothing has run yet: trying the next host is safe.
-                log.warning("host %s: %s", host.label, exc)
-                errors.append(exc)
+        with self._conn_lock:  # one connection per host, even with many threads
+            for host in hosts:
+                cached = self._connections.get(host.id)
+                if cached is not None and _alive(cached):
+                    return cached, host
+            errors: list[KeyvaultError] = []
+            for host in hosts:
+                try:
+                    conn = self.connector.connect(ssh_target(host, self.settings))
+                except (HostUnreachable, AuthenticationFailed, HostKeyError) as exc:
+                    # Nothing has run yet: trying the next host is safe.
+                    log.warning("host %s: %s", host.label, exc)
+                    errors.append(exc)
+                    continue
+                self._connections[host.id] = conn
+                return conn, host
         if len(errors) == 1:
             raise errors[0]
         raise HostUnreachable("no host of the cluster could be used: " + "; ".join(str(e) for e in errors))
@@ -356,6 +436,10 @@ class RotationService:
             return None
 
     def _cleanup(self, conn: Connection, host: Host, rid: str, outcome: RotationOutcome) -> None:
+        if self._defer_cleanup:
+            with self._conn_lock:
+                self._deferred.setdefault(host.id, (host, []))[1].append(rid)
+            return
         result = self._try(conn, host, cleanup_script(rid))
         if result is not None and parse_remote(rid, result.output).state == "cleaned":
             outcome.cleaned_up = True

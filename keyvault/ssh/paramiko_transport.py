@@ -71,6 +71,10 @@ class ParamikoConnection:
         finally:
             chan.close()
 
+    def is_active(self) -> bool:
+        """False once the connection has dropped."""
+        return self._transport.is_active()
+
     def close(self) -> None:
         self._transport.close()
 

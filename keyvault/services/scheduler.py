@@ -1,0 +1,216 @@
+"""Scheduled rotation: rotate every scope whose key is older than its policy allows.
+
+Safe to start on several machines at once: a lease row in the database lets one
+runner act; the others report who holds it and do nothing. Time comes from an
+injected clock. A failing scope backs off exponentially (capped) and is paused
+after ``max_failures`` consecutive failures until an operator resumes it.
+Like rotation, this commits in steps (lease, then each scope's bookkeeping).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Callable
+
+from sqlalchemy import or_, select, update
+
+from keyvault.config import Settings
+from keyvault.db import transaction
+from keyvault.errors import KeyvaultError, RotationUnresolved
+from keyvault.models import Event, Lease, ScopeSchedule
+from keyvault.scope import parse_scope
+from keyvault.services.clusters import get_cluster
+from keyvault.services.policies import candidates
+from keyvault.services.rotation import RotationService
+
+LEASE = "rotate-due"
+Clock = Callable[[], datetime]
+
+
+@dataclass
+class ScopeResult:
+    cluster: str
+    scope: str
+    status: str  # rotated, failed, skipped, due (dry run)
+    reason: str
+    rotation_id: str | None = None
+    new_version: int | None = None
+    new_fingerprint: str | None = None
+
+
+@dataclass
+class DueReport:
+    lease_acquired: bool
+    lease_holder: str | None
+    results: list[ScopeResult] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.results if r.status == status)
+
+
+def runner_id() -> str:
+    """Who holds the lease: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def acquire_lease(factory, *, holder: str, now: datetime, ttl: timedelta) -> str | None:
+    """Take (or extend) the lease; return None on success, else the current holder."""
+    with transaction(factory) as s:
+        taken = s.execute(
+            update(Lease).where(Lease.name == LEASE,
+                                or_(Lease.holder.is_(None), Lease.expires_at.is_(None), Lease.expires_at <= now,
+                                    Lease.holder == holder))
+            .values(holder=holder, expires_at=now + ttl)
+        ).rowcount
+        if taken == 1:
+            return None
+        row = s.get(Lease, LEASE)
+        return f"{row.holder} until {row.expires_at.isoformat()}" if row else "unknown"
+
+
+def release_lease(factory, *, holder: str) -> None:
+    """Give the lease back (only if we still hold it)."""
+    with transaction(factory) as s:
+        s.execute(update(Lease).where(Lease.name == LEASE, Lease.holder == holder).values(holder=None, expires_at=None))
+
+
+def backoff(failures: int, *, base: timedelta, cap: timedelta) -> timedelta:
+    """base · 2^(failures-1), capped."""
+    return min(cap, base * (2 ** max(0, failures - 1)))
+
+
+class Scheduler:
+    """Runs `rotate due` once per call to ``run``."""
+
+    def __init__(self, factory, *, settings: Settings, connector, clock: Clock, concurrency: int = 4,
+                 max_failures: int = 5, backoff_base: timedelta = timedelta(minutes=5),
+                 backoff_cap: timedelta = timedelta(hours=6), lease_ttl: timedelta = timedelta(minutes=30),
+                 holder: str | None = None, service_factory: Callable[[], RotationService] | None = None) -> None:
+        self.factory = factory
+        self.settings = settings
+        self.connector = connector
+        self.clock = clock
+        self.concurrency = concurrency
+        self.max_failures = max_failures
+        self.backoff_base, self.backoff_cap, self.lease_ttl = backoff_base, backoff_cap, lease_ttl
+        self.holder = holder or runner_id()
+        self.service_factory = service_factory or (
+            lambda: RotationService(factory, settings=settings, connector=connector))
+
+    def plan(self, cluster_name: str | None = None) -> list[ScopeResult]:
+        """What would be rotated now, and why the rest would not."""
+        now = self.clock()
+        with transaction(self.factory) as s:
+            found = candidates(s, now=now, cluster_name=cluster_name)
+        return [ScopeResult(c.cluster, c.scope, "due" if c.due else "skipped", c.reason) for c in found]
+
+    def run(self, *, dry_run: bool = False, cluster_name: str | None = None,
+            on_done: Callable[[ScopeResult], None] | None = None) -> DueReport:
+        """Rotate every due scope (holding the lease), and record outcomes, backoff and pauses."""
+        if dry_run:
+            return DueReport(lease_acquired=False, lease_holder=None, results=self.plan(cluster_name))
+        other = acquire_lease(self.factory, holder=self.holder, now=self.clock(), ttl=self.lease_ttl)
+        if other is not None:
+            return DueReport(lease_acquired=False, lease_holder=other)
+        try:
+            planned = self.plan(cluster_name)
+            report = DueReport(lease_acquired=True, lease_holder=self.holder,
+                               results=[r for r in planned if r.status == "skipped"])
+            due: dict[str, list] = {}
+            for r in planned:
+                if r.status == "due":
+                    due.setdefault(r.cluster, []).append(parse_scope(r.scope, r".+"))
+            with self.service_factory() as service:
+                for cluster, scopes in due.items():
+                    def done(scope, result, cluster=cluster):
+                        item = self._record(cluster, str(scope), result)
+                        report.results.append(item)
+                        # Long runs keep the lease alive.
+                        acquire_lease(self.factory, holder=self.holder, now=self.clock(), ttl=self.lease_ttl)
+                        if on_done is not None:
+                            on_done(item)
+
+                    service.rotate_many(cluster, scopes, actor="scheduler", concurrency=self.concurrency,
+                                        on_done=done)
+            return report
+        finally:
+            release_lease(self.factory, holder=self.holder)
+
+    def _record(self, cluster_name: str, scope: str, result) -> ScopeResult:
+        now = self.clock()
+        with transaction(self.factory) as s:
+            cluster = get_cluster(s, name=cluster_name)
+            row = s.scalar(select(ScopeSchedule).where(ScopeSchedule.cluster_id == cluster.id,
+                                                       ScopeSchedule.scope == scope).with_for_update())
+            if row is None:
+                row = ScopeSchedule(cluster_id=cluster.id, scope=scope, consecutive_failures=0, updated_at=now)
+                s.add(row)
+            row.updated_at = now
+            if not isinstance(result, Exception):
+                row.consecutive_failures, row.next_attempt_at, row.last_error = 0, None, None
+                return ScopeResult(cluster_name, scope, "rotated", f"v{result.new_version} {result.new_fingerprint}",
+                                   result.rotation_id, result.new_version, result.new_fingerprint)
+            if isinstance(result, RotationUnresolved):
+                # Not this run's failure: the scope waits for an operator's recover.
+                return ScopeResult(cluster_name, scope, "skipped", str(result), result.rotation_id)
+            message = str(result) if isinstance(result, KeyvaultError) else f"internal error ({type(result).__name__})"
+            row.consecutive_failures = (row.consecutive_failures or 0) + 1
+            row.last_error = message[:2000]
+            row.next_attempt_at = now + backoff(row.consecutive_failures, base=self.backoff_base, cap=self.backoff_cap)
+            payload = {"cluster": cluster_name, "scope": scope, "error": message[:500], "source": "scheduler",
+                       "consecutive_failures": row.consecutive_failures,
+                       "next_attempt_at": row.next_attempt_at.isoformat(),
+                       "rotation_id": getattr(result, "rotation_id", None)}
+            if getattr(result, "rotation_id", None) is None:
+                # Failures after the journal already wrote rotation.failed; failures before it did not.
+                s.add(Event(type="rotation.failed", cluster=cluster_name, scope=scope,
+                            payload=json.dumps(payload, sort_keys=True), created_at=now))
+            if row.consecutive_failures >= self.max_failures and row.paused_at is None:
+                row.paused_at = now
+                s.add(Event(type="rotation.paused", cluster=cluster_name, scope=scope,
+                            payload=json.dumps(payload, sort_keys=True), created_at=now))
+            return ScopeResult(cluster_name, scope, "failed", message, getattr(result, "rotation_id", None))
+
+
+class SchedulerThread:
+    """`rotate due` every ``interval`` seconds inside `keyvault serve --scheduler`.
+
+    Every replica may run one: the lease lets one act at a time.
+    """
+
+    def __init__(self, factory, *, settings: Settings, interval: float = 60.0, clock: Clock | None = None) -> None:
+        import threading
+
+        from keyvault.models import utcnow
+        from keyvault.ssh.paramiko_transport import ParamikoConnector
+
+        connector = ParamikoConnector(connect_timeout=settings.ssh_connect_timeout,
+                                      known_hosts_file=settings.known_hosts_file, su_prompt=settings.su_prompt,
+                                      default_identity=settings.ssh_identity_file, passphrase=settings.ssh_passphrase)
+        self.scheduler = Scheduler(factory, settings=settings, connector=connector, clock=clock or utcnow)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="keyvault-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import logging
+
+        log = logging.getLogger("keyvault.scheduler")
+        while not self._stop.wait(self.interval):
+            try:
+                report = self.scheduler.run()
+                if report.lease_acquired and report.results:
+                    log.info("rotate due: %d rotated, %d failed", report.count("rotated"), report.count("failed"))
+            except Exception as exc:  # the server keeps serving; the next tick tries again
+                log.error("scheduled rotation run failed: %s", exc)
