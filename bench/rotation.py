@@ -3,11 +3,13 @@
 Needs the test sshd made by `tests/sshd/setup.sh` (root). Measured in one run:
   floor  local `su - ta -c 'ta-tool generate_api_secret -appid X'` (no SSH, no storage)
   naive  `ssh root@host "su - ta -c 'ta-tool ...'"` with the OpenSSH client, one connection per key
-  keyvault  `keyvault rotate app --cluster C APP1 ... APPn --yes` (journal, pending file,
-            parse, encrypted store, cleanup, verify skipped) in one CLI process
-Keys are generated and discarded; none is printed.
+  keyvault  `keyvault rotate app --cluster C APP1 ... APPn --yes --concurrency N` (journal,
+            pending file, parse, encrypted store, cleanup, verify skipped) in one CLI process,
+            sequentially (N=1) and with each --concurrency given
+The baselines run on a sample of the apps (--baseline-sample) to keep the run short;
+they are per key either way. Keys are generated and discarded; none is printed.
 
-    python bench/rotation.py [--apps 50] [--database-url URL]
+    python bench/rotation.py [--apps 50] [--concurrency 4 8] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def timed(label: str, runs: int, fn) -> tuple[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--apps", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[4])
+    parser.add_argument("--baseline-sample", type=int, default=50)
     parser.add_argument("--database-url")
     parser.add_argument("--sshd-json", default=os.environ.get("KEYVAULT_TEST_SSHD", "/var/lib/keyvault-test/sshd.json"))
     args = parser.parse_args()
@@ -51,17 +55,18 @@ def main() -> int:
     state_dir = sshd["tatool_state_dir"]
     tag = f"b{os.getpid()}"
     apps = [f"{tag}-{i}" for i in range(args.apps)]
+    sample = apps[: max(1, min(args.apps, args.baseline_sample))]
     state.add_apps(state_dir, apps)
     identity = sshd["users"]["root"]["identity"]
     known = sshd["known_hosts_file"]
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": True}
 
     def floor():
-        for app in apps:
+        for app in sample:
             subprocess.run(["su", "-", "ta", "-c", f"ta-tool generate_api_secret -appid {shlex.quote(app)}"], **quiet)
 
     def naive():
-        for app in apps:
+        for app in sample:
             remote = "su - ta -c " + shlex.quote(f"ta-tool generate_api_secret -appid {shlex.quote(app)}")
             subprocess.run(["ssh", "-i", identity, "-p", str(sshd["port"]), "-o", f"UserKnownHostsFile={known}",
                             "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"root@{sshd['host']}", remote],
@@ -79,17 +84,23 @@ def main() -> int:
         for cmd in setup:
             subprocess.run(kv + cmd, env=env, **quiet)
 
-        def keyvault():
-            subprocess.run(kv + ["rotate", "app", "--cluster", "bench", *apps, "--yes", "--json"], env=env, **quiet)
+        def keyvault(concurrency):
+            def run():
+                subprocess.run(kv + ["rotate", "app", "--cluster", "bench", *apps, "--yes", "--json",
+                                     "--concurrency", str(concurrency)], env=env, **quiet)
+            return run
 
-        rows = [timed("floor: local su - ta -c ta-tool", args.apps, floor),
-                timed("naive: ssh host \"su - ta -c ...\" per key", args.apps, naive),
-                timed("keyvault rotate app (sequential)", args.apps, keyvault)]
+        rows = [timed("floor: local su - ta -c ta-tool", len(sample), floor),
+                timed("naive: ssh host \"su - ta -c ...\" per key", len(sample), naive),
+                timed("keyvault rotate app, sequential", args.apps, keyvault(1))]
+        for c in args.concurrency:
+            rows.append(timed(f"keyvault rotate app, --concurrency {c}", args.apps, keyvault(c)))
     floor_ms = rows[0][1]
     print(f"rotation benchmark: {args.apps} app keys through sshd {sshd['host']}:{sshd['port']}")
-    print(f"{'method':44} {'ms/key':>8} {'x floor':>8}")
+    naive_ms = rows[1][1]
+    print(f"{'method':44} {'ms/key':>8} {'x floor':>8} {'naive/this':>11}")
     for label, ms in rows:
-        print(f"{label:44} {ms:8.1f} {ms / floor_ms:8.2f}")
+        print(f"{label:44} {ms:8.1f} {ms / floor_ms:8.2f} {naive_ms / ms:11.1f}")
     return 0
 
 

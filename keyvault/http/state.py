@@ -66,9 +66,19 @@ class ServerState:
     def _checkpoint_loop(self) -> None:
         # Keep the WAL short without making a request pay for the checkpoint's fsync.
         conn = self.engine.raw_connection()
+        raw = conn.driver_connection
+        raw.execute("PRAGMA busy_timeout=50")  # never make the writers wait long for a checkpoint
+        raw.execute("PRAGMA journal_size_limit=67108864")
+        ticks = 0
         try:
             while not self._stopping.wait(1.0):
-                conn.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                ticks += 1
+                try:
+                    # PASSIVE copies what it can; now and then TRUNCATE resets the WAL file so it
+                    # cannot grow without bound under constant reads and audit writes.
+                    raw.execute("PRAGMA wal_checkpoint(TRUNCATE)" if ticks % 5 == 0 else "PRAGMA wal_checkpoint(PASSIVE)")
+                except Exception:  # noqa: BLE001 - busy: try again next tick
+                    continue
         finally:
             conn.close()
 
