@@ -23,6 +23,11 @@ class KeyvaultGroup(click.Group):
         except KeyvaultError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            # One line, like every other error, naming where to read more.
+            where = exc.ctx.command_path if exc.ctx is not None else "keyvault"
+            click.echo(f"error: {exc.format_message()}; see `{where} --help`", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)

@@ -132,7 +132,9 @@ def test_usage_errors_exit_2(args, nowhere):
     result = CliRunner().invoke(main, args, input="")
     assert result.exit_code == 2, result.output
     assert result.stdout == ""
-    assert "Error: " in result.stderr
+    # One line, like every other error, pointing at the command's --help.
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "--help" in result.stderr
     assert "Traceback" not in result.output
     assert not nowhere.exists()
 
