@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Check the systemd units in this directory with `systemd-analyze verify`, and print
+# their exposure score from `systemd-analyze security --offline=yes` (informational).
+#
+#   bash ops/systemd/verify.sh [KEYVAULT_BIN]
+#
+# `verify` needs ExecStart's binary to exist. The units run
+# /opt/keyvault/venv/bin/keyvault; they are copied into a temp dir with that path
+# rewritten to KEYVAULT_BIN (default: /opt/keyvault/venv/bin/keyvault when it exists,
+# else a stub script in the temp dir). Nothing is installed, enabled or started, and
+# no user is created (verify does not resolve User=). Exits non-zero when verify fails
+# or prints any line about these units (unknown keys, bad values, missing binaries...).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+INSTALLED=/opt/keyvault/venv/bin/keyvault
+UNITS=(keyvault.service keyvault-rotate.service keyvault-rotate.timer)
+SERVICES=(keyvault.service keyvault-rotate.service)
+
+die() { printf 'verify.sh: %s\n' "$*" >&2; exit 1; }
+
+command -v systemd-analyze >/dev/null 2>&1 \
+    || die "systemd-analyze not found (Debian: apt-get install systemd; it need not be PID 1)"
+echo "$(systemd-analyze --version | head -n 1)"
+
+tmp=$(mktemp -d /tmp/keyvault-units.XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+
+bin=${1:-}
+if [[ -z $bin ]]; then
+    if [[ -x $INSTALLED ]]; then
+        bin=$INSTALLED
+    else
+        bin=$tmp/stub/keyvault
+        mkdir -p "$tmp/stub"
+        printf '#!/bin/sh\necho "stub keyvault for systemd-analyze verify" >&2\nexit 1\n' >"$bin"
+        chmod 0755 "$bin"
+        echo "no KEYVAULT_BIN given and $INSTALLED absent: using a stub"
+    fi
+fi
+[[ -f $bin && -x $bin ]] || die "$bin is not an executable file"
+bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
+# Point ExecStart at a symlink under the temp dir, so the rewritten path never needs
+# quoting or sed escaping, whatever the real path holds.
+mkdir -p "$tmp/bin"
+ln -s "$bin" "$tmp/bin/keyvault"
+
+for unit in "${UNITS[@]}"; do
+    [[ -f $HERE/$unit ]] || die "$HERE/$unit is missing"
+    sed "s|$INSTALLED|$tmp/bin/keyvault|g" "$HERE/$unit" >"$tmp/$unit"
+    if grep -q "$INSTALLED" "$tmp/$unit"; then die "could not rewrite the ExecStart path of $unit"; fi
+done
+for unit in "${SERVICES[@]}"; do
+    grep -Eq "^ExecStart=$tmp/bin/keyvault " "$tmp/$unit" \
+        || die "$unit: ExecStart does not run $INSTALLED"
+done
+echo "checking ${UNITS[*]} with ExecStart -> $bin"
+
+rc=0
+out=$(cd "$tmp" && systemd-analyze verify --man=no "${UNITS[@]/#/$tmp/}" 2>&1) || rc=$?
+if [[ -n $out ]]; then printf '%s\n' "$out"; fi
+# Lines about other units on this machine are not ours to fix; lines naming our
+# units, the temp dir or the binary are.
+pattern="$tmp|keyvault(-rotate)?\.(service|timer)|$(printf '%s' "$bin" | sed 's/[][\.*^$|+?(){}]/\\&/g')"
+ours=$(printf '%s\n' "$out" | grep -E "$pattern" || true)
+if [[ $rc -ne 0 || -n $ours ]]; then
+    die "systemd-analyze verify found problems in the units (exit $rc)"
+fi
+echo "systemd-analyze verify: ${UNITS[*]}: no warnings"
+
+# Exposure score: informational (offline analysis of the unit files, systemd >= 250).
+for unit in "${SERVICES[@]}"; do
+    if sec=$(cd "$tmp" && systemd-analyze security --offline=yes --no-pager "$tmp/$unit" 2>/dev/null); then
+        printf '%s\n' "$sec" | grep -E '^✗' | sed "s/^/  $unit: /" || true
+        printf '%s\n' "$sec" | grep -E 'Overall exposure level' || true
+    else
+        echo "systemd-analyze security --offline=yes is not supported here (systemd < 250); skipped"
+        break
+    fi
+done
