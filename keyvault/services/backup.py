@@ -31,8 +31,8 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Boolean, DateTime, Integer, LargeBinary, String, Text, bindparam, delete, func, insert, inspect
-from sqlalchemy import select, text, update
+from sqlalchemy import Boolean, DateTime, Integer, LargeBinary, String, Text, bindparam, delete, func
+from sqlalchemy import insert, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
 
@@ -174,17 +174,21 @@ def _header_bytes(header: dict) -> bytes:
     return head + hashlib.sha256(head).hexdigest().encode() + b"\n"
 
 
-def _damaged(message: str, hint: str = "the file is damaged, truncated or was modified; use another copy") -> IntegrityError:
+_DAMAGED_HINT = "the file is damaged, truncated or was modified; use another copy"
+
+
+def _damaged(message: str, hint: str = _DAMAGED_HINT) -> IntegrityError:
     return IntegrityError(message, what="backup file", hint=hint)
 
 
 def read_header(data: bytes) -> tuple[BackupHeader, bytes]:
     """Parse and check the clear-text header; return it and the sealed rest of the file."""
     if not data.startswith(_MAGIC_FAMILY):
-        raise InvalidInput("this is not a keyvault backup (no KVBACKUP header)", hint="give a file made by `keyvault backup`")
+        raise InvalidInput("this is not a keyvault backup (no KVBACKUP header)",
+                           hint="give a file made by `keyvault backup`")
     if not data.startswith(MAGIC + b"\n"):
         first = data.split(b"\n", 1)[0][:32].decode("ascii", "replace")
-        raise InvalidInput(f"backup format {first!r} is not supported by this keyvault (it reads {MAGIC.decode()})",
+        raise InvalidInput(f"backup format {first!r} is not supported (this keyvault reads {MAGIC.decode()})",
                            hint="restore it with the keyvault version that made it")
     magic_end = len(MAGIC) + 1
     header_end = data.find(b"\n", magic_end, magic_end + _MAX_HEADER)
@@ -208,7 +212,8 @@ def read_header(data: bytes) -> tuple[BackupHeader, bytes]:
     except (ValueError, KeyError, TypeError, AttributeError):
         raise InvalidInput("the backup header is not valid", hint="use an unmodified backup") from None
     if header.format != FORMAT_VERSION:
-        raise InvalidInput(f"backup format version {header.format} is not supported (this keyvault reads {FORMAT_VERSION})",
+        raise InvalidInput(f"backup format version {header.format} is not supported "
+                           f"(this keyvault reads {FORMAT_VERSION})",
                            hint="restore it with the keyvault version that made it")
     return header, data[sum_end + 1:]
 
@@ -234,7 +239,9 @@ def open_backup(data: bytes, *, keyring: crypto.Keyring) -> BackupContents:
     if len(sealed_part) < _WRAPPED_KEY_BYTES + _MIN_CIPHERTEXT:
         raise _damaged("the backup is truncated: its encrypted body is missing or incomplete")
     sealed = crypto.Sealed(
-        ciphertext=sealed_part[_WRAPPED_KEY_BYTES:], wrapped_key=sealed_part[:_WRAPPED_KEY_BYTES], master_key_id=key_id
+        ciphertext=sealed_part[_WRAPPED_KEY_BYTES:],
+        wrapped_key=sealed_part[:_WRAPPED_KEY_BYTES],
+        master_key_id=key_id,
     )
     try:
         compressed = crypto.unseal(keyring, sealed, body_aad(header.raw), what="backup file")
