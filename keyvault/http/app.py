@@ -13,7 +13,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
@@ -94,11 +94,23 @@ class ErrorOut(BaseModel):
 
 
 ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 503)}
+# The key read answers If-None-Match itself (FastKeyPath): declare its ETag and its 304.
+KEY_RESPONSES = {**ERRORS,
+                 200: {"headers": {"ETag": {"description": 'The version, e.g. "v3"', "schema": {"type": "string"}}}},
+                 304: {"description": "Not Modified: If-None-Match named the current version (no body)",
+                       "headers": {"ETag": {"description": "The current version", "schema": {"type": "string"}}}}}
+
+
+def _schema_pattern(pattern: str) -> str:
+    """A pattern keyvault applies with re.fullmatch, anchored for JSON Schema (which searches)."""
+    return pattern if pattern.startswith("^") and pattern.endswith("$") else f"^(?:{pattern})$"
 
 
 def create_app(settings: Settings | None = None, *, webhooks: bool | None = None) -> FastAPI:
     """Build the application (uvicorn factory)."""
     settings = settings or load_settings(actor="http")
+    # Declared, not enforced by FastAPI (the pattern is Python's): app_scope() validates it.
+    appid_param = {"json_schema_extra": {"pattern": _schema_pattern(settings.appid_pattern)}}
     metrics = Metrics()
     holder: dict = {}
 
@@ -148,7 +160,8 @@ def create_app(settings: Settings | None = None, *, webhooks: bool | None = None
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
-        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code)
+        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))  # e.g. Allow on a 405
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
@@ -170,14 +183,16 @@ def create_app(settings: Settings | None = None, *, webhooks: bool | None = None
         require_scope(grant, cluster, scope)
         return grant
 
-    @app.get("/v1/clusters/{cluster}/root", response_model=KeyOut, responses=ERRORS, tags=["keys"],
+    @app.get("/v1/clusters/{cluster}/root", response_model=KeyOut, responses=KEY_RESPONSES, tags=["keys"],
              summary="The current root key (ETag: its version; If-None-Match answers 304)")
-    async def get_root(cluster: str = Path(pattern=f"^{NAME}$")):
+    async def get_root(cluster: str = Path(pattern=f"^{NAME}$"),
+                       if_none_match: str | None = Header(None, alias="If-None-Match")):
         raise AssertionError("served by FastKeyPath")  # pragma: no cover
 
-    @app.get("/v1/clusters/{cluster}/apps/{appid}", response_model=KeyOut, responses=ERRORS, tags=["keys"],
+    @app.get("/v1/clusters/{cluster}/apps/{appid}", response_model=KeyOut, responses=KEY_RESPONSES, tags=["keys"],
              summary="The current key of one project (ETag: its version; If-None-Match answers 304)")
-    async def get_app(cluster: str = Path(pattern=f"^{NAME}$"), appid: str = Path(pattern=f"^{NAME}$")):
+    async def get_app(cluster: str = Path(pattern=f"^{NAME}$"), appid: str = Path(**appid_param),
+                      if_none_match: str | None = Header(None, alias="If-None-Match")):
         raise AssertionError("served by FastKeyPath")  # pragma: no cover
 
     def versions(request: Request, cluster: str, scope) -> VersionsOut:
@@ -198,7 +213,7 @@ def create_app(settings: Settings | None = None, *, webhooks: bool | None = None
         return versions(request, cluster, root_scope())
 
     @app.get("/v1/clusters/{cluster}/apps/{appid}/versions", response_model=VersionsOut, responses=ERRORS, tags=["keys"])
-    def app_versions(request: Request, cluster: str = Path(pattern=f"^{NAME}$"), appid: str = Path(pattern=f"^{NAME}$")):
+    def app_versions(request: Request, cluster: str = Path(pattern=f"^{NAME}$"), appid: str = Path(**appid_param)):
         """The history of a project key, as metadata (never keys)."""
         return versions(request, cluster, app_scope(appid, settings.appid_pattern))
 
@@ -236,12 +251,13 @@ def create_app(settings: Settings | None = None, *, webhooks: bool | None = None
 
     @app.post("/v1/clusters/{cluster}/apps/{appid}/rotate", response_model=RotationOut, responses=rotate_errors,
               tags=["rotation"])
-    async def rotate_app(request: Request, cluster: str = Path(pattern=f"^{NAME}$"), appid: str = Path(pattern=f"^{NAME}$")):
+    async def rotate_app(request: Request, cluster: str = Path(pattern=f"^{NAME}$"), appid: str = Path(**appid_param)):
         """Rotate a project key with ta-tool (the old key dies at once)."""
         return await rotate(request, cluster, app_scope(appid, settings.appid_pattern))
 
+    # events.id is a 32-bit INTEGER on PostgreSQL: a larger ``after`` is invalid input, not a 503.
     @app.get("/v1/events", response_model=EventsOut, responses=ERRORS, tags=["events"])
-    async def events(request: Request, after: int = Query(0, ge=0, le=2**62), wait: float = Query(0, ge=0, le=60)):
+    async def events(request: Request, after: int = Query(0, ge=0, le=2**31 - 1), wait: float = Query(0, ge=0, le=60)):
         """Events of the token's scopes after ``after``; with ``wait``, long-poll up to that many seconds."""
         st = state()
         st.ensure_fresh()

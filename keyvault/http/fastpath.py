@@ -8,6 +8,7 @@ same routes (keyvault.http.app) so they appear in /openapi.json.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 
@@ -18,6 +19,7 @@ from keyvault.http.state import ServerState, require_scope
 from keyvault.models import utcnow
 from keyvault.services.audit import AuditEntry
 
+log = logging.getLogger("keyvault.http")
 KEY_PATH = re.compile(r"^/v1/clusters/([^/]{1,64})/(?:(root)|apps/([^/]{1,64}))$")
 _JSON = (b"content-type", b"application/json")
 
@@ -79,6 +81,7 @@ class FastKeyPath:
             return status
         except KeyvaultError as exc:
             status = error_status(exc)
+            token_name = getattr(exc, "token_name", token_name)  # a revoked or expired token is named
             if outcome != "not_modified" and status != 503:
                 # Refused reads are audited too; an audit failure is the 503 itself.
                 try:
@@ -90,3 +93,7 @@ class FastKeyPath:
             headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
             await _send(send, status, body, headers)
             return status
+        except Exception:  # noqa: BLE001 - never a 500 or a traceback: the app's own 503
+            log.exception("unexpected error on the key read of %s in %s", key_scope, cluster)
+            await _send(send, 503, json.dumps({"error": "unavailable", "detail": "internal error"}).encode())
+            return 503

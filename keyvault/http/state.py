@@ -16,7 +16,7 @@ from sqlalchemy import select, text
 
 from keyvault.config import Settings
 from keyvault.db import make_engine, require_head, session_factory, transaction
-from keyvault.errors import Forbidden, NotFound, Unauthorized
+from keyvault.errors import DatabaseError, Forbidden, NotFound, Unauthorized
 from keyvault.models import AccessToken, Cluster, Secret, SecretVersion, CURRENT, utcnow
 from keyvault.services.audit import AuditWriter
 from keyvault.services.secrets import reveal
@@ -53,9 +53,13 @@ class ServerState:
         self._keys: dict[tuple[str, str], KeyEntry | None] = {}
         self._tokens: dict[str, AccessToken | None] = {}
         self._grants: dict[str, Grant] = {}
-        self._probe = self.engine.raw_connection()
+        self._probe = self._open_probe()
+
+    def _open_probe(self):
+        probe = self.engine.raw_connection()
         if self.engine.dialect.name == "postgresql":
-            self._probe.driver_connection.autocommit = True
+            probe.driver_connection.autocommit = True
+        return probe
 
     def start(self) -> None:
         self.audit.start()
@@ -94,14 +98,34 @@ class ServerState:
         self.engine.dispose()
 
     def database_revision(self) -> int:
-        """The revision counter, read outside any transaction (one small query)."""
+        """The revision counter, read outside any transaction (one small query).
+
+        If the database dropped the probe connection (restart, failover), it is reopened once;
+        if that fails too the request gets ``DatabaseError`` (503), and the next one tries again.
+        """
         with self._lock:
-            cur = self._probe.cursor()
             try:
-                cur.execute("SELECT value FROM revision WHERE id = 1")
-                return cur.fetchone()[0]
-            finally:
-                cur.close()
+                return self._read_revision()
+            except Exception:  # noqa: BLE001 - a raw DBAPI connection raises the driver's errors
+                pass
+            try:
+                try:
+                    self._probe.invalidate()
+                except Exception:  # noqa: BLE001 - it is broken already
+                    pass
+                self._probe = self._open_probe()
+                return self._read_revision()
+            except Exception as exc:  # noqa: BLE001
+                raise DatabaseError(f"cannot read the revision counter ({type(exc).__name__})",
+                                    hint="check the database") from None
+
+    def _read_revision(self) -> int:
+        cur = self._probe.cursor()
+        try:
+            cur.execute("SELECT value FROM revision WHERE id = 1")
+            return cur.fetchone()[0]
+        finally:
+            cur.close()
 
     def ensure_fresh(self) -> None:
         """Drop the caches if anything changed since they were filled."""
@@ -136,6 +160,8 @@ class ServerState:
     def key_entry(self, cluster: str, scope: str) -> KeyEntry:
         """The current key of a scope (decrypted once per revision)."""
         cache_key = (cluster, scope)
+        if "\x00" in cluster or "\x00" in scope:  # no name holds NUL, and PostgreSQL refuses to compare one
+            raise NotFound(f"no current key for {scope!r} in cluster {cluster!r}")
         if cache_key not in self._keys:
             self._keys[cache_key] = self._load(cluster, scope)
         entry = self._keys[cache_key]

@@ -52,23 +52,28 @@ class AuditWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
         self._conn = None
+        self._broken = False
         self.batches = 0
         self.written = 0
 
     def start(self) -> None:
         """Open the writer's connection and start its task on the running loop."""
-        self._conn = self._engine.raw_connection()
         self._sqlite = self._engine.dialect.name == "sqlite"
         marks = ", ".join("?" if self._sqlite else "%s" for _ in self.COLUMNS)
         self._sql = f"INSERT INTO audit_log ({', '.join(self.COLUMNS)}) VALUES ({marks})"
+        self._conn = self._connect()
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+
+    def _connect(self):
+        conn = self._engine.raw_connection()
         if self._sqlite:
             # WAL + NORMAL: a record survives a crash of keyvault; only an OS crash could lose
             # the last commits (a file audit device does not fsync per entry either).
-            self._conn.driver_connection.execute("PRAGMA synchronous=NORMAL")
+            conn.driver_connection.execute("PRAGMA synchronous=NORMAL")
             # Checkpoints (and their fsync) run on ServerState's checkpoint thread instead.
-            self._conn.driver_connection.execute("PRAGMA wal_autocheckpoint=0")
-        self._loop = asyncio.get_running_loop()
-        self._running = True
+            conn.driver_connection.execute("PRAGMA wal_autocheckpoint=0")
+        return conn
 
     async def stop(self) -> None:
         """Write what is queued, then stop."""
@@ -103,6 +108,21 @@ class AuditWriter:
         batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
         error: Exception | None = None
         rows = [self._row(entry) for entry, _ in batch]
+        if self._broken:
+            # The last batch failed: the database may have dropped the connection (restart,
+            # failover). Start this one on a fresh connection, or fail it as well.
+            try:
+                self._conn.invalidate()
+            except Exception:  # noqa: BLE001 - it is broken already
+                pass
+            try:
+                self._conn, self._broken = self._connect(), False
+            except Exception as exc:  # noqa: BLE001
+                log.error("audit write failed: cannot reconnect: %s", exc)
+                error = DatabaseError("the audit record could not be written", hint="check the database")
+                for _, future in batch:
+                    _settle(future, error)
+                return
         cur = self._conn.cursor()
         try:
             if self._sqlite and len(rows) == 1:
@@ -119,6 +139,7 @@ class AuditWriter:
             self.written += len(batch)
         except Exception as exc:  # every waiting request must learn it failed
             log.error("audit write failed: %s", exc)
+            self._broken = True
             try:
                 self._conn.rollback() if not self._sqlite else cur.execute("ROLLBACK")
             except Exception:  # noqa: BLE001 - the connection may be gone; the error stands
@@ -133,8 +154,13 @@ class AuditWriter:
         # Stored as naive UTC, the same form the UTCDateTime column type uses.
         at = entry.at.astimezone(timezone.utc).replace(tzinfo=None)
         at_value = at.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else at
-        return (at_value, entry.token_name, entry.action, entry.cluster, entry.scope, entry.version,
-                entry.client, entry.outcome)
+        return (at_value, _text(entry.token_name), entry.action, _text(entry.cluster), _text(entry.scope),
+                entry.version, _text(entry.client), entry.outcome)
+
+
+def _text(value: str | None) -> str | None:
+    # PostgreSQL text cannot hold NUL: a request naming "\x00" must not fail the whole batch.
+    return value.replace("\x00", "\\x00") if value is not None else None
 
 
 def _settle(future: asyncio.Future, error: Exception | None) -> None:

@@ -145,8 +145,12 @@ def check_token(row: AccessToken | None, presented_hash: str, now: datetime) -> 
     """The grant of a looked-up token, or ``Unauthorized``; compares hashes in constant time."""
     if row is None or not hmac.compare_digest(row.token_hash, presented_hash):
         raise Unauthorized("unknown token", hint="send `Authorization: Bearer <token>` with a token from `keyvault token create`")
+    error = None
     if row.revoked_at is not None:
-        raise Unauthorized(f"token {row.name!r} was revoked")
-    if row.expires_at is not None and row.expires_at <= now:
-        raise Unauthorized(f"token {row.name!r} expired at {row.expires_at.isoformat()}")
+        error = Unauthorized(f"token {row.name!r} was revoked")
+    elif row.expires_at is not None and row.expires_at <= now:
+        error = Unauthorized(f"token {row.name!r} expired at {row.expires_at.isoformat()}")
+    if error is not None:
+        error.token_name = row.name  # the audit record names the refused token
+        raise error
     return grant_of(row)

@@ -1,0 +1,242 @@
+"""A real ``keyvault serve`` for HTTP tests: a subprocess on 127.0.0.1, a populated store,
+tokens, and helpers that never print a key.
+
+``served`` (function scope, on SQLite and PostgreSQL through ``db_url``) builds this world
+with the in-process CLI, then starts the server:
+
+    clusters  c (root, apps a1 and a2)  and  c2 (root, app a1)
+    tokens    root-c        root:c
+              app-a1        app:c/a1
+              app-all       app:c/*
+              root-c2       root:c2
+              app-a1a2      app:c/a1 + app:c/a2
+              rotator       root:c + app:c/a1, --rotate
+
+Keys come from ``db_fixtures.new_key`` (registered with the leak guard) and are kept in
+``World.keys``; compare them as ``ok = a == b; assert ok`` so that a failure report never
+shows one. The server is started with ``[sys.executable, "-m", "keyvault", "serve"]`` in
+the ``home`` environment (``KEYVAULT_SERVE_WEBHOOKS=0``), waited for with a bounded poll of
+``/healthz``, and stopped at teardown (SIGTERM, a bounded wait, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from db_fixtures import Cli, expect, new_key
+
+START_DEADLINE = 30.0  # seconds for the server to answer /healthz (an upper bound, not a measure)
+STOP_DEADLINE = 15.0
+PROCESS_TIMEOUT = 60.0  # any CLI subprocess
+REQUEST_TIMEOUT = 15.0  # any HTTP request
+
+TOKENS = {
+    "root-c": (["root:c"], False),
+    "app-a1": (["app:c/a1"], False),
+    "app-all": (["app:c/*"], False),
+    "root-c2": (["root:c2"], False),
+    "app-a1a2": (["app:c/a1", "app:c/a2"], False),
+    "rotator": (["root:c", "app:c/a1"], True),
+}
+SCOPES = {("c", "root"), ("c", "app:a1"), ("c", "app:a2"), ("c2", "root"), ("c2", "app:a1")}
+_KEYISH = re.compile(r"[A-Za-z0-9]{64}")
+
+
+def free_port() -> int:
+    """A port that was free on 127.0.0.1 a moment ago (the server retries if it is taken)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kv_process(*args: str, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m keyvault ARGS`` in another process (the ``home`` environment), bounded in time."""
+    return subprocess.run([sys.executable, "-m", "keyvault", *args], input=input, capture_output=True,
+                          text=True, timeout=PROCESS_TIMEOUT, env=env or dict(os.environ))
+
+
+def proc_describe(result: subprocess.CompletedProcess) -> str:
+    """A failure message for a subprocess that shows only its stderr (stdout may hold a secret)."""
+    return f"exit {result.returncode}; stderr: {result.stderr.strip()[-800:]!r}"
+
+
+def scrub(text: str) -> str:
+    """Blank every 64-character key-shaped run, for text shown in failure messages."""
+    return _KEYISH.sub("<64 chars>", text)
+
+
+class Server:
+    """``keyvault serve`` as a subprocess on 127.0.0.1."""
+
+    def __init__(self, workdir: Path, env: dict | None = None) -> None:
+        self.workdir = workdir
+        self.env = {**(env or os.environ), "KEYVAULT_SERVE_WEBHOOKS": "0", "KEYVAULT_SERVE_SCHEDULER": "0"}
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self._starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "Server":
+        """Start the server and wait until it answers."""
+        return self.launch().wait_healthy()
+
+    def launch(self) -> "Server":
+        """Start the process without waiting (it boots while the caller does other work)."""
+        self._starts += 1
+        self.port = free_port()
+        with open(self.workdir / f"serve-{self._starts}.out", "wb") as out, \
+                open(self.workdir / f"serve-{self._starts}.err", "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "keyvault", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env, cwd=self.workdir)
+        return self
+
+    def wait_healthy(self) -> "Server":
+        """Poll /healthz (bounded); relaunch at most twice if the port was taken meanwhile."""
+        for _attempt in range(3):
+            if self._wait_healthy():
+                return self
+            last = self.log_tail()
+            self.stop()
+            if "address already in use" not in last.lower():
+                break
+            self.launch()
+        pytest.fail(f"keyvault serve did not become healthy within {START_DEADLINE:g}s: {last}", pytrace=False)
+
+    def _wait_healthy(self) -> bool:
+        deadline = time.monotonic() + START_DEADLINE
+        with httpx.Client(timeout=2.0, trust_env=False) as http:
+            while time.monotonic() < deadline:
+                try:
+                    if http.get(f"{self.url}/healthz").status_code == 200:
+                        return True
+                except httpx.TransportError:
+                    pass
+                try:  # the pause between polls doubles as the early-exit check
+                    self.proc.wait(timeout=0.05)
+                    return False
+                except subprocess.TimeoutExpired:
+                    pass
+        return False
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=STOP_DEADLINE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=STOP_DEADLINE)
+
+    def log_tail(self, path: Path | None = None, chars: int = 1500) -> str:
+        path = path or self.workdir / f"serve-{self._starts}.err"
+        try:
+            return scrub(path.read_text(errors="replace")[-chars:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class World:
+    """The populated store behind a running server."""
+
+    server: Server
+    cli: Cli
+    db_url: str
+    keys: dict = field(default_factory=dict, repr=False)  # (cluster, scope) -> current key
+    versions: dict = field(default_factory=dict)  # (cluster, scope) -> current version
+    tokens: dict = field(default_factory=dict, repr=False)  # name -> token
+    history: list = field(default_factory=list, repr=False)  # every key ever stored
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def http(self, token: str | None = None, **kwargs) -> httpx.Client:
+        """An httpx client on the server, with ``token``'s bearer header if given (a name)."""
+        headers = {"Authorization": f"Bearer {self.tokens[token]}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=REQUEST_TIMEOUT, trust_env=False, **kwargs)
+
+    def create_token(self, name: str, *scopes: str, rotate: bool = False, expires: str | None = None) -> str:
+        args = ["token", "create", name, "--json"] + [a for s in scopes for a in ("--scope", s)]
+        args += (["--rotate"] if rotate else []) + (["--expires", expires] if expires else [])
+        result = expect(self.cli(*args))
+        self.tokens[name] = json.loads(result.stdout)["token"]
+        return self.tokens[name]
+
+    def import_key(self, cluster: str, scope: str, *, other_process: bool = False) -> int:
+        """Store a new key for a scope (in-process CLI, or ``python -m keyvault import``)."""
+        key = new_key()
+        args = ["import", "--cluster", cluster] + (["--root"] if scope == "root" else ["--appid", scope[4:]])
+        if other_process:
+            result = kv_process(*args, input=key + "\n")
+            assert result.returncode == 0, proc_describe(result)
+        else:
+            expect(self.cli(*args, input=key + "\n"))
+        self.keys[(cluster, scope)] = key
+        self.history.append(key)
+        self.versions[(cluster, scope)] = self.versions.get((cluster, scope), 0) + 1
+        return self.versions[(cluster, scope)]
+
+    def holds_key(self, text: str) -> bool:
+        """True if ``text`` contains any key this store ever held."""
+        return any(k in text for k in self.history)
+
+
+def key_matches(world: World, body: dict, cluster: str, scope: str) -> bool:
+    """The body is the current key of (cluster, scope) — compared without showing it."""
+    return (body.get("cluster") == cluster and body.get("scope") == scope
+            and body.get("version") == world.versions[(cluster, scope)]
+            and body.get("key") == world.keys[(cluster, scope)])
+
+
+def build_world(cli: Cli, db_url: str, workdir: Path) -> World:
+    """Create the store (see the module docstring) and start a server on it."""
+    expect(cli("init"))
+    # The server boots meanwhile: it loads keys and tokens per request, never at start.
+    world = World(server=Server(workdir).launch(), cli=cli, db_url=db_url)
+    try:
+        for cluster in ("c", "c2"):
+            # Nothing listens there: only the client test calls TA, through its own emulator.
+            expect(cli("cluster", "add", cluster, "--open-api-url", "http://127.0.0.1:9"))
+        for cluster, scope in sorted(SCOPES):
+            world.import_key(cluster, scope)
+        for name, (scopes, rotate) in TOKENS.items():
+            world.create_token(name, *scopes, rotate=rotate)
+        world.server.wait_healthy()
+    except BaseException:
+        world.server.stop()
+        raise
+    return world
+
+
+@pytest.fixture
+def served(cli: Cli, db_url: str, tmp_path) -> World:
+    """A store with two clusters, five keys and six tokens, served by ``keyvault serve``."""
+    workdir = tmp_path / "serve"
+    workdir.mkdir()
+    world = build_world(cli, db_url, workdir)
+    try:
+        yield world
+    finally:
+        world.server.stop()
+
+
+__all__ = ["Server", "World", "served", "build_world", "free_port", "kv_process", "proc_describe", "scrub",
+           "key_matches", "TOKENS", "SCOPES", "REQUEST_TIMEOUT", "PROCESS_TIMEOUT"]
