@@ -724,3 +724,16 @@ def test_client_keeps_working_across_rotations_by_another_process(served: World,
     outcomes = [r["outcome"] for r in reversed(audited)]  # oldest first
     # get v2 (ok), call_ta (304), get (304), get v3 (ok), call_ta (304), call_ta: 304 then refresh -> ok (v4)
     assert outcomes == ["ok", "not_modified", "not_modified", "ok", "not_modified", "not_modified", "ok"]
+
+
+# --- master-key rotation under a running server ------------------------------------------------
+
+
+def test_a_running_server_follows_a_master_key_rotation(served: World):
+    """Keys sealed after `master-key rotate` (another process) are served without a restart."""
+    world = served
+    result = kv_process("master-key", "rotate")
+    assert result.returncode == 0, proc_describe(result)
+    world.import_key("c", "root", other_process=True)  # sealed under the new master key
+    with world.http("root-c") as http:
+        assert_key(world, http.get("/v1/clusters/c/root"), "c", "root")
