@@ -35,7 +35,8 @@ def _run(app, cluster: str, scopes: list, as_json: bool, concurrency: int = 4) -
     if len(scopes) == 1:
         with app.rotation_service() as service:
             outcome = service.rotate(cluster, scopes[0], actor=app.settings.actor)
-        emit_json(outcome.as_dict()) if as_json else _print_outcome(outcome)
+        # A list, as for every rotate command since issue 3 (scripts index [0]).
+        emit_json([outcome.as_dict()]) if as_json else _print_outcome(outcome)
         return
     results = _rotate_many(app, cluster, scopes, as_json, concurrency)
     _summarise(results, as_json)

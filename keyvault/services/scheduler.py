@@ -80,7 +80,14 @@ def release_lease(factory, *, holder: str) -> None:
 
 def backoff(failures: int, *, base: timedelta, cap: timedelta) -> timedelta:
     """base · 2^(failures-1), capped."""
-    return min(cap, base * (2 ** max(0, failures - 1)))
+    # Doubling step by step (stopping at the cap) never overflows timedelta, however
+    # many failures a scope has (base * 2**n raised OverflowError from n ~ 38).
+    delay = base
+    for _ in range(min(max(0, failures - 1), 64)):
+        if delay >= cap:
+            break
+        delay *= 2
+    return min(cap, delay)
 
 
 class Scheduler:
