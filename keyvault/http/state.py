@@ -50,8 +50,6 @@ class ServerState:
             self.keyring = open_keyring(session, settings=settings)
         self.audit = AuditWriter(self.engine)
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._checkpointer: threading.Thread | None = None
         self._revision: int | None = None
         self._keys: dict[tuple[str, str], KeyEntry | None] = {}
         self._tokens: dict[str, AccessToken | None] = {}
@@ -68,37 +66,12 @@ class ServerState:
 
     def start(self) -> None:
         self.audit.start()
-        if self.engine.dialect.name == "sqlite":
-            self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="keyvault-wal", daemon=True)
-            self._checkpointer.start()
-
-    def _checkpoint_loop(self) -> None:
-        # Keep the WAL short without making a request pay for the checkpoint's fsync.
-        conn = self.engine.raw_connection()
-        raw = conn.driver_connection
-        raw.execute("PRAGMA busy_timeout=50")  # never make the writers wait long for a checkpoint
-        raw.execute("PRAGMA journal_size_limit=67108864")
-        ticks = 0
-        try:
-            while not self._stopping.wait(1.0):
-                ticks += 1
-                try:
-                    # PASSIVE copies what it can; now and then TRUNCATE resets the WAL file so it
-                    # cannot grow without bound under constant reads and audit writes.
-                    raw.execute("PRAGMA wal_checkpoint(TRUNCATE)" if ticks % 5 == 0 else "PRAGMA wal_checkpoint(PASSIVE)")
-                except Exception:  # noqa: BLE001 - busy: try again next tick
-                    continue
-        finally:
-            conn.close()
 
     async def aclose(self) -> None:
         await self.audit.stop()
         self.close()
 
     def close(self) -> None:
-        self._stopping.set()
-        if self._checkpointer is not None:
-            self._checkpointer.join(10)
         self._probe.close()
         self.engine.dispose()
 

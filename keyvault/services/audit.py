@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -20,6 +21,8 @@ from keyvault.errors import DatabaseError
 from keyvault.models import AuditRecord
 
 log = logging.getLogger("keyvault.audit")
+_CHECKPOINT_EVERY = 20_000  # audit records between WAL size checks
+_WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class AuditWriter:
         self._broken = False
         self.batches = 0
         self.written = 0
+        self._since_checkpoint = 0
 
     def start(self) -> None:
         """Open the writer's connection and start its task on the running loop."""
@@ -71,8 +75,9 @@ class AuditWriter:
             # WAL + NORMAL: a record survives a crash of keyvault; only an OS crash could lose
             # the last commits (a file audit device does not fsync per entry either).
             conn.driver_connection.execute("PRAGMA synchronous=NORMAL")
-            # Checkpoints (and their fsync) run on ServerState's checkpoint thread instead.
-            conn.driver_connection.execute("PRAGMA wal_autocheckpoint=0")
+            # Checkpoints stay automatic (every ~1000 WAL pages, in the committing connection):
+            # a short stall once in many hundred writes costs less tail latency than a
+            # background checkpointer whose fsyncs make every write wait on the disk.
         return conn
 
     async def stop(self) -> None:
@@ -137,6 +142,9 @@ class AuditWriter:
                 self._conn.commit()
             self.batches += 1
             self.written += len(batch)
+            self._since_checkpoint += len(batch)
+            if self._sqlite and self._since_checkpoint >= _CHECKPOINT_EVERY:
+                self._truncate_wal()
         except Exception as exc:  # every waiting request must learn it failed
             log.error("audit write failed: %s", exc)
             self._broken = True
@@ -149,6 +157,18 @@ class AuditWriter:
             cur.close()
         for _, future in batch:
             _settle(future, error)
+
+    def _truncate_wal(self) -> None:
+        # Under constant reads SQLite's automatic (passive) checkpoints never get to reset the
+        # WAL, so it would grow without bound. Now and then, if it is large, checkpoint and
+        # truncate it: one stall of a few ms in many thousand writes (p99 stays flat).
+        self._since_checkpoint = 0
+        wal = self._engine.url.database + "-wal" if self._engine.url.database else None
+        try:
+            if wal and os.path.getsize(wal) > _WAL_LIMIT_BYTES:
+                self._conn.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except Exception as exc:  # noqa: BLE001 - busy or gone: the next round tries again
+            log.info("WAL checkpoint skipped: %s", exc)
 
     def _row(self, entry: AuditEntry) -> tuple:
         # Stored as naive UTC, the same form the UTCDateTime column type uses.
