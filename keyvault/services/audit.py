@@ -75,9 +75,11 @@ class AuditWriter:
             # WAL + NORMAL: a record survives a crash of keyvault; only an OS crash could lose
             # the last commits (a file audit device does not fsync per entry either).
             conn.driver_connection.execute("PRAGMA synchronous=NORMAL")
-            # Checkpoints stay automatic (every ~1000 WAL pages, in the committing connection):
-            # a short stall once in many hundred writes costs less tail latency than a
-            # background checkpointer whose fsyncs make every write wait on the disk.
+            # Checkpoints stay automatic, in the committing connection, and small (every 300
+            # WAL pages): measured with wrk at 1 connection, p99 was ~2 ms at 300 pages,
+            # ~4 ms at SQLite's default 1000, ~21 ms at 10,000 and ~60 ms with a background
+            # checkpointer whose fsyncs made every write wait on the disk.
+            conn.driver_connection.execute("PRAGMA wal_autocheckpoint=300")
         return conn
 
     async def stop(self) -> None:
