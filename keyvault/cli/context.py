@@ -59,12 +59,9 @@ class AppContext:
     @cached_property
     def connector(self):
         """The real SSH transport, configured from the settings."""
-        from keyvault.ssh.paramiko_transport import ParamikoConnector
+        from keyvault.ssh.paramiko_transport import connector_from_settings
 
-        s = self.settings
-        return ParamikoConnector(connect_timeout=s.ssh_connect_timeout, known_hosts_file=s.known_hosts_file,
-                                 su_prompt=s.su_prompt, default_identity=s.ssh_identity_file,
-                                 passphrase=s.ssh_passphrase)
+        return connector_from_settings(self.settings)
 
     def rotation_service(self):
         """The rotation service wired to this invocation's database and transport."""

@@ -219,15 +219,13 @@ def create_app(settings: Settings | None = None, *, webhooks: bool | None = None
 
     async def rotate(request: Request, cluster: str, scope) -> RotationOut:
         from keyvault.services.rotation import RotationService
-        from keyvault.ssh.paramiko_transport import ParamikoConnector
+        from keyvault.ssh.paramiko_transport import connector_from_settings
 
         grant = grant_for(request, cluster, str(scope))
         if not grant.can_rotate:
             raise Forbidden(f"token {grant.name!r} may read but not rotate", hint="create one with --rotate")
         st, client = state(), request.client.host if request.client else None
-        connector = ParamikoConnector(connect_timeout=settings.ssh_connect_timeout, known_hosts_file=settings.known_hosts_file,
-                                      su_prompt=settings.su_prompt, default_identity=settings.ssh_identity_file,
-                                      passphrase=settings.ssh_passphrase)
+        connector = connector_from_settings(settings)
 
         def run():
             with RotationService(st.factory, settings=settings, connector=connector) as service:

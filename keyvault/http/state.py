@@ -8,7 +8,6 @@ dropped before a request could see an old key or a revoked token.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,13 +17,12 @@ from sqlalchemy import select, text
 from keyvault.config import Settings
 from keyvault.db import make_engine, require_head, session_factory, transaction
 from keyvault.errors import DatabaseError, Forbidden, NotFound, Unauthorized
-from keyvault.models import AccessToken, Revision, Cluster, Secret, SecretVersion, CURRENT, utcnow
+from keyvault.models import AccessToken, Cluster, Secret, SecretVersion, CURRENT, utcnow
 from keyvault.services.audit import AuditWriter
 from keyvault.services.secrets import reveal
 from keyvault.services.store import open_keyring
 from keyvault.services.tokens import Grant, check_token, token_hash
 
-log = logging.getLogger("keyvault.http")
 _NEGATIVE_CACHE_LIMIT = 10_000
 
 
@@ -46,7 +44,6 @@ class ServerState:
         require_head(self.engine)
         self.factory = session_factory(self.engine)
         with transaction(self.factory) as session:
-            keyring_revision = session.scalar(select(Revision.value).where(Revision.id == 1))
             self.keyring = open_keyring(session, settings=settings)
         self.audit = AuditWriter(self.engine)
         self._lock = threading.Lock()
@@ -55,8 +52,6 @@ class ServerState:
         self._tokens: dict[str, AccessToken | None] = {}
         self._grants: dict[str, Grant] = {}
         self._probe = self._open_probe()
-        # The revision when the keyring was loaded: a master-key rotation since then bumped it.
-        self._keyring_revision = keyring_revision
 
     def _open_probe(self):
         probe = self.engine.raw_connection()
@@ -112,18 +107,7 @@ class ServerState:
             self._keys.clear()
             self._tokens.clear()
             self._grants.clear()
-            if self._revision is not None or self._keyring_revision != revision:
-                self._reload_keyring()
             self._revision = revision
-
-    def _reload_keyring(self) -> None:
-        # After `master-key rotate` (which bumps the revision) new versions are sealed
-        # under a key this process has not loaded yet: read the keyring file again.
-        try:
-            with transaction(self.factory) as session:
-                self.keyring = open_keyring(session, settings=self.settings)
-        except Exception as exc:  # noqa: BLE001 - keep serving with the keyring we have
-            log.warning("could not reload the master keyring: %s", exc)
 
     def authenticate(self, authorization: str | None, now: datetime | None = None) -> Grant:
         """The grant of a ``Bearer`` token, or ``Unauthorized``."""
@@ -168,6 +152,10 @@ class ServerState:
             )
             if version is None:
                 return None
+            if version.master_key_id not in self.keyring.keys:
+                # Sealed after a `master-key rotate` by another process: read the keyring file
+                # again (checked against the store), instead of refusing until a restart.
+                self.keyring = open_keyring(session, settings=self.settings)
             key = reveal(self.keyring, version)
             body = json.dumps({
                 "cluster": cluster, "scope": scope, "version": version.number, "fingerprint": version.fingerprint,

@@ -25,6 +25,7 @@ Endpoints: ``open/list-event-meta`` and ``open/event-analyze`` (``projectId``),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import json
 import os
@@ -199,6 +200,20 @@ def make_server(state_dir, host="127.0.0.1", port=DEFAULT_PORT):
         raise ValueError(f"the TA Open API emulator binds to 127.0.0.1 only, not {host!r}")
     read_state(state_dir)  # fail now, not on the first request, if state is missing
     return TaOpenApiServer((host, port), state_dir)
+
+
+@contextlib.contextmanager
+def serving(state_dir, host="127.0.0.1", port=0):
+    """A started emulator (in a thread) for the duration of the block; yields the server."""
+    server = make_server(state_dir, host, port)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
 def main(argv=None):

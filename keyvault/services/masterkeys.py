@@ -73,10 +73,6 @@ def rotate_master_key(factory, *, settings: Settings) -> MasterKeyRotation:
         from keyvault.services.webhooks import rewrap_webhook_secrets
 
         count += rewrap_webhook_secrets(session, keyring=grown, to=new_id)
-        # Running servers reload the keyring when the revision moves.
-        from keyvault.services.secrets import bump_revision
-
-        bump_revision(session)
         now = utcnow()
         for row in live:
             row.retired_at = now

@@ -53,7 +53,7 @@ from keyvault.scope import Scope, parse_scope
 from keyvault.services import spool
 from keyvault.services.clusters import cluster_options, get_cluster
 from keyvault.services.hosts import become_for, list_hosts, ssh_target, su_password_for
-from keyvault.services.secrets import store_version
+from keyvault.services.secrets import get_version, reveal, store_version
 from keyvault.services.store import open_keyring
 from keyvault.services.verify import verify_scope_key
 from keyvault.ssh import Connection, Connector, ExecResult
@@ -276,7 +276,7 @@ class RotationService:
             self.on_step("generated", rid)
             healthy = result.exit_status is not None
             remote = parse_remote(rid, result.output)
-            key = self._interpret(rid, remote, result.exit_status, host, cluster.key_pattern, conn)  # step 4
+            key = self._interpret(rid, remote, result.exit_status, host, cluster.key_pattern)  # step 4
             outcome = self._store(rid, keyring, cluster.name, scope, key, actor, host.label)  # step 5
             self.on_step("stored", rid)
             self._cleanup(conn, host, rid, outcome)  # step 6
@@ -320,8 +320,8 @@ class RotationService:
             log.error("could not record needs_recovery for %s: %s", rid, exc)
         return NeedsRecovery(message, rotation_id=rid, hint=hint)
 
-    def _interpret(self, rid: str, remote: RemoteOutput, exit_status: int | None, host: Host, pattern: str,
-                   conn: Connection | None) -> str:
+    def _interpret(self, rid: str, remote: RemoteOutput, exit_status: int | None, host: Host,
+                   pattern: str) -> str:
         """Turn a generate/fetch report into the key, or record why not and raise."""
         label = host.label if host is not None else "the host"
         if remote.state == "result":
@@ -331,11 +331,12 @@ class RotationService:
             if len(candidates) == 1 and remote.rc in (0, None):
                 return candidates[0]
             if not candidates and remote.rc not in (0, None):
-                # ta-tool said it failed and printed no key: nothing to lose.
-                message = f"ta-tool failed on {label} (exit {remote.rc}): {shown or 'no output'}"
+                # ta-tool said it failed and printed nothing that looks like a key. Its output stays
+                # on the host all the same: if the real tool ever prints a key in another format and
+                # exits non-zero, that file is its only copy.
+                message = (f"ta-tool failed on {label} (exit {remote.rc}): {shown or 'no output'}; its output "
+                           f"is kept in ~{host.ta_user}/.keyvault/pending/{rid}.out")
                 self._mark(rid, "failed", error=message, event="rotation.failed")
-                if conn is not None:
-                    self._try(conn, host, cleanup_script(rid))
                 raise RotationError(message, rotation_id=rid, hint="nothing was generated; fix the cause and rotate again")
             if remote.rc is None and not candidates:
                 raise self._needs_recovery(rid, f"ta-tool on {label} has not finished (no exit status, no key yet)",
@@ -512,11 +513,9 @@ class RotationService:
                     raise RotationError(f"the pending file of {rid} was deleted but the key is not stored",
                                         rotation_id=rid, hint="check `keyvault secrets history`; then rotate again")
                 key = self._interpret(rid, remote, result.exit_status if result else None, host,
-                                      cluster.key_pattern, conn)
+                                      cluster.key_pattern)
                 outcome = self._store(rid, keyring, cluster.name, scope, key, actor, host.label)
             if key is None:  # stored earlier: the key is in the database
-                from keyvault.services.secrets import get_version, reveal
-
                 with transaction(self.factory) as s:
                     version = get_version(s, cluster_name=cluster.name, scope=scope, number=outcome.new_version)
                     key = reveal(keyring, version)

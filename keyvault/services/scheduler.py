@@ -193,11 +193,9 @@ class SchedulerThread:
         import threading
 
         from keyvault.models import utcnow
-        from keyvault.ssh.paramiko_transport import ParamikoConnector
+        from keyvault.ssh.paramiko_transport import connector_from_settings
 
-        connector = ParamikoConnector(connect_timeout=settings.ssh_connect_timeout,
-                                      known_hosts_file=settings.known_hosts_file, su_prompt=settings.su_prompt,
-                                      default_identity=settings.ssh_identity_file, passphrase=settings.ssh_passphrase)
+        connector = connector_from_settings(settings)
         self.scheduler = Scheduler(factory, settings=settings, connector=connector, clock=clock or utcnow)
         self.interval = interval
         self._stop = threading.Event()

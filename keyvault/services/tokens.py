@@ -100,7 +100,8 @@ def create_token(session: Session, *, name: str, scopes: list[str], can_rotate: 
         raise InvalidInput(f"invalid token name {name!r}", hint="use letters, digits, '.', '_' and '-'")
     scopes = parse_scopes(scopes, appid_pattern=appid_pattern)
     for text in scopes:
-        get_cluster(session, name=_SCOPE.match(text).group(2) or _SCOPE.match(text).group(4))
+        m = _SCOPE.match(text)
+        get_cluster(session, name=m.group(2) or m.group(4))
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     now = utcnow()
     row = AccessToken(name=name, token_hash=token_hash(token), scopes=json.dumps(scopes), can_rotate=can_rotate,

@@ -198,3 +198,10 @@ class ParamikoConnector:
             raise
         transport.set_keepalive(15)
         return ParamikoConnection(transport, target.label, self.su_prompt)
+
+
+def connector_from_settings(settings) -> ParamikoConnector:
+    """The real connector, configured from ``Settings`` (CLI, HTTP rotate, scheduler)."""
+    return ParamikoConnector(connect_timeout=settings.ssh_connect_timeout, known_hosts_file=settings.known_hosts_file,
+                             su_prompt=settings.su_prompt, default_identity=settings.ssh_identity_file,
+                             passphrase=settings.ssh_passphrase)

@@ -24,7 +24,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -121,17 +120,10 @@ def _zombie(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def openapi(sshd_env):
     """The TA Open API emulator on the ta-tool emulator's state, in a thread."""
-    from keyvault.sandbox.openapi import make_server
+    from keyvault.sandbox.openapi import serving
 
-    server = make_server(sshd_env.tatool_state_dir, port=0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(sshd_env.tatool_state_dir) as server:
         yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 class Hold:

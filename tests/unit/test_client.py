@@ -34,7 +34,7 @@ from keyvault.errors import (
     Unauthorized,
 )
 from keyvault.sandbox import state as st
-from keyvault.sandbox.openapi import make_server
+from keyvault.sandbox.openapi import serving
 from keyvault.ta import TaClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -463,12 +463,8 @@ def sim(tmp_path):
 
 @pytest.fixture
 def ta_api(sim):
-    server = make_server(sim, port=0)
-    thread = _serve(server)
-    try:
+    with serving(sim) as server:
         yield server
-    finally:
-        _stop(server, thread)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from keyvault.sandbox import state as st
-from keyvault.sandbox.openapi import make_server
+from keyvault.sandbox.openapi import make_server, serving
 
 REPO = Path(__file__).resolve().parents[2]
 KEY_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{64}(?![A-Za-z0-9])")
@@ -32,15 +31,8 @@ def sim(tmp_path):
 
 @pytest.fixture
 def api(sim):
-    server = make_server(sim, port=0)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with serving(sim) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def call(server, path, *, body=None, content_type=None, port=None, **params):
