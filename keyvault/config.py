@@ -20,6 +20,9 @@ DEFAULT_KEY_PATTERN = r"[A-Za-z0-9]{64}"
 # su's password prompt differs by locale; matched against the PTY tail.
 DEFAULT_SU_PROMPT = r"(?i)(password|passwort|mot de passe|contraseña|密码)[^\n:]*[:：]\s*$"
 CONFIG_FILE_NAME = "keyvault.toml"
+# Rotations whose ta-tool calls share one `su` session in bulk runs (see docs/rotation.md).
+DEFAULT_ROTATION_BATCH_SIZE = 10
+MAX_ROTATION_BATCH_SIZE = 50
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Settings:
     known_hosts_file: Path | None = None
     ssh_connect_timeout: float = 10.0
     ssh_command_timeout: float = 300.0
+    rotation_batch_size: int = DEFAULT_ROTATION_BATCH_SIZE
     ssh_identity_file: Path | None = None
     ssh_passphrase: str | None = field(default=None, repr=False)
     su_password: str | None = field(default=None, repr=False)
@@ -97,6 +101,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = N
     ssh = data.get("ssh", {})
     validation = data.get("validation", {})
     ta = data.get("ta", {})
+    rotation = data.get("rotation", {})
 
     database_url = env.get("KEYVAULT_DATABASE_URL") or db.get("url") or (
         f"sqlite:///{home / 'keyvault.db'}"
@@ -125,6 +130,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = N
             re.compile(pattern)
         except re.error as exc:
             raise ConfigError(f"{name} in {config_file} is not a valid regex: {exc}") from None
+    batch_size = rotation.get("batch_size", DEFAULT_ROTATION_BATCH_SIZE)
+    if type(batch_size) is not int or not 1 <= batch_size <= MAX_ROTATION_BATCH_SIZE:
+        raise ConfigError(f"rotation.batch_size in {config_file} must be a whole number from 1 to "
+                          f"{MAX_ROTATION_BATCH_SIZE}, not {batch_size!r}")
     try:
         codes = {int(k): str(v) for k, v in ta.get("error_codes", {}).items()}
         return Settings(
@@ -135,6 +144,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = N
             known_hosts_file=Path(known_hosts).expanduser() if known_hosts else None,
             ssh_connect_timeout=float(ssh.get("connect_timeout", 10.0)),
             ssh_command_timeout=float(ssh.get("command_timeout", 300.0)),
+            rotation_batch_size=batch_size,
             ssh_identity_file=Path(identity).expanduser() if identity else None,
             ssh_passphrase=passphrase,
             su_password=su_password,

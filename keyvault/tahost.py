@@ -85,6 +85,20 @@ def generate_script(rid: str, command: str) -> str:
     ])
 
 
+def generate_many_script(jobs: list[tuple[str, str]]) -> str:
+    """Run ta-tool for several rotations in one ``su`` session: ``[(rotation id, command), ...]``.
+
+    Each rotation keeps its own claim, pending file and markers; each runs in a subshell so
+    that its early ``exit`` (EXISTS, NOTATOOL) ends only its own part. One job is exactly
+    :func:`generate_script`.
+    """
+    if not jobs:
+        raise InvalidInput("no rotation to run")
+    if len(jobs) == 1:
+        return generate_script(*jobs[0])
+    return "; ".join(f"( {generate_script(rid, command)} )" for rid, command in jobs)
+
+
 def _readback(rid: str, f: str) -> str:
     return (
         f"echo {_marker(rid, 'OUT')}; base64 <{f}.out | tr -d '\\n'; echo; "

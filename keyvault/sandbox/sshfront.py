@@ -7,7 +7,8 @@ Built on paramiko's server mode. It is a simulator, not an sshd:
 - ``exec`` requests only, and only the scripts keyvault itself sends
   (:mod:`keyvault.tahost`): the command line must be exactly ``Become.wrap(script)``
   for su, sudo or none, and the script exactly one of ``check_script(cmd)``,
-  ``generate_script(rid, cmd)``, ``fetch_script(rid)`` or ``cleanup_script(rid)`` with
+  ``generate_script(rid, cmd)``, ``generate_many_script(jobs)``, ``fetch_script(rid)``,
+  ``cleanup_script(rid)`` or ``cleanup_many_script(rids)`` with
   ``cmd`` ``ta-tool generate_root_secret`` or ``ta-tool generate_api_secret -appid
   APPID``. Candidates are pulled out of the script with regexes, re-rendered with the
   tahost functions and compared for equality. Anything else gets ``sandbox: refusing
@@ -50,7 +51,8 @@ log = logging.getLogger("keyvault.sandbox.sshfront")
 
 LOOPBACK = "127.0.0.1"
 MAX_SESSIONS = 32  # channels per connection, like sshd's MaxSessions
-MAX_COMMAND_BYTES = 16384
+MAX_COMMAND_BYTES = 65536
+MAX_BATCH = 50  # rotations in one generate_many_script
 REFUSED_STATUS = 126
 REFUSAL = b"sandbox: refusing command\n"
 ROOT_COMMAND = "ta-tool generate_root_secret"
@@ -145,6 +147,7 @@ class Accepted:
     script: str
     rid: str | None = None
     scope: str | None = None  # for generate: root or app:<APPID>
+    batch: int = 1  # rotations in a generate_many_script
 
     def describe(self) -> str:
         parts = [f"{self.kind} via {self.method}"]
@@ -152,6 +155,8 @@ class Accepted:
             parts.append(f"rotation {self.rid}")
         if self.scope:
             parts.append(self.scope)
+        if self.batch > 1:
+            parts.append(f"and {self.batch - 1} more")
         return ", ".join(parts)
 
 
@@ -198,18 +203,43 @@ def classify(command: str, *, ta_user: str = "ta") -> Accepted | None:
     rids = _RID_RE.findall(script)
     if len(rids) > 1 and script == tahost.cleanup_many_script(list(dict.fromkeys(rids))):
         return Accepted(method, "cleanup", script, rids[0])
-    commands = {"root": ROOT_COMMAND}
-    for appid in _candidates(_APPID_RE, script):
-        commands[f"app:{appid}"] = tahost.render_command(APP_TEMPLATE, appid)
+    if script.startswith("( ") and script.endswith(" )"):
+        return _classify_many(method, script)
     for rid in _candidates(_RID_RE, script):
         if script == tahost.fetch_script(rid):
             return Accepted(method, "fetch", script, rid)
         if script == tahost.cleanup_script(rid):
             return Accepted(method, "cleanup", script, rid)
+    found = _classify_generate(script)
+    if found is not None:
+        return Accepted(method, "generate", script, found[0], found[1])
+    return None
+
+
+def _classify_generate(script: str) -> tuple[str, str, str] | None:
+    """(rid, scope, command) if ``script`` is exactly one ``generate_script``."""
+    commands = {"root": ROOT_COMMAND}
+    for appid in _candidates(_APPID_RE, script):
+        commands[f"app:{appid}"] = tahost.render_command(APP_TEMPLATE, appid)
+    for rid in _candidates(_RID_RE, script):
         for scope, cmd in commands.items():
             if script == tahost.generate_script(rid, cmd):
-                return Accepted(method, "generate", script, rid, scope)
+                return rid, scope, cmd
     return None
+
+
+def _classify_many(method: str, script: str) -> Accepted | None:
+    # Splitting is only a way to find the parts: the whole script is re-rendered and
+    # compared, so a part that merely contains the separator cannot slip through.
+    parts = script[2:-2].split(" ); ( ")
+    if not 2 <= len(parts) <= MAX_BATCH:
+        return None
+    jobs = [_classify_generate(part) for part in parts]
+    if any(job is None for job in jobs):
+        return None
+    if tahost.generate_many_script([(rid, cmd) for rid, _, cmd in jobs]) != script:
+        return None
+    return Accepted(method, "generate", script, jobs[0][0], jobs[0][1], batch=len(jobs))
 
 
 # --- the server -------------------------------------------------------------------------

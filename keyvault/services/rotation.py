@@ -63,7 +63,7 @@ from keyvault.tahost import (
     cleanup_script,
     fetch_script,
     find_keys,
-    generate_script,
+    generate_many_script,
     mask_keys,
     parse_remote,
     raise_for_become,
@@ -93,6 +93,16 @@ class RotationOutcome:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One rotation of a batch: its place in the batch, scope, id and ta-tool command."""
+
+    index: int
+    scope: Scope
+    rid: str
+    command: str
 
 
 def _alive(conn: Connection) -> bool:
@@ -148,29 +158,36 @@ class RotationService:
 
     def rotate_many(self, cluster_name: str, scopes: list[Scope], *, actor: str, concurrency: int = 4,
                     on_done: Callable[[Scope, "RotationOutcome | Exception"], None] | None = None) -> list:
-        """Rotate several scopes, ``concurrency`` at a time over one connection per host.
+        """Rotate several scopes, ``concurrency`` batches at a time over one connection per host.
 
-        Each scope is a full rotation with its own journal and crash safety; one
-        scope's failure never stops or corrupts the others. Returns
-        ``[(scope, outcome or exception), ...]`` in the order given.
+        Each scope is a full rotation with its own journal row, pending file and crash
+        safety; a batch only shares the ``su`` session that runs their ta-tool calls
+        (``rotation.batch_size`` of them). One scope's failure never stops or corrupts the
+        others. Returns ``[(scope, outcome or exception), ...]`` in the order given.
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        def one(scope: Scope):
+        if not scopes:
+            return []
+        concurrency = max(1, concurrency)
+        # Small runs still use every channel: 8 scopes at concurrency 4 make 4 batches of 2.
+        size = max(1, min(self.settings.rotation_batch_size, -(-len(scopes) // concurrency)))
+        batches = [scopes[i:i + size] for i in range(0, len(scopes), size)]
+
+        def one_batch(batch: list[Scope]) -> list:
             try:
-                result = self.rotate(cluster_name, scope, actor=actor)
-            except Exception as exc:  # reported per scope; the run goes on
-                if not isinstance(exc, KeyvaultError):
-                    log.exception("rotation of %s failed unexpectedly", scope)
-                result = exc
+                results = self._rotate_batch(cluster_name, batch, actor=actor)
+            except Exception as exc:  # a bug: the batch's journal rows stay unresolved, for recover
+                results = [self._reported(exc, batch[0])] * len(batch)
             if on_done is not None:
-                on_done(scope, result)
-            return result
+                for scope, result in zip(batch, results):
+                    on_done(scope, result)
+            return results
 
         self._defer_cleanup = True
         try:
-            with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="kv-rotate") as pool:
-                results = list(pool.map(one, scopes))
+            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kv-rotate") as pool:
+                results = [r for batch_results in pool.map(one_batch, batches) for r in batch_results]
         finally:
             self._defer_cleanup = False
             cleaned = self._flush_cleanups()
@@ -207,33 +224,50 @@ class RotationService:
         return cleaned
 
     # -- step 1 -----------------------------------------------------------------
-    def _preflight(self, cluster_name: str, scope: Scope):
+    def _preflight(self, cluster_name: str, scopes: list[Scope]):
+        """Check what a batch needs in one transaction; a problem of one scope only is
+        returned in place of its ta-tool command, a problem of all of them is raised."""
         with transaction(self.factory) as s:
             keyring = open_keyring(s, settings=self.settings)
             cluster = get_cluster(s, name=cluster_name)
-            self._refuse_unresolved(s, cluster.id, cluster_name, scope)
             hosts = list_hosts(s, cluster_name=cluster_name)
             if not hosts:
                 raise NotFound(f"cluster {cluster_name} has no SSH hosts",
                                hint=f"add one with `keyvault host add {cluster_name} ADDRESS`")
-            options = cluster_options(cluster)
-            template = options["generate_root_command" if scope.is_root else "generate_app_command"]
-            command = render_command(template, scope.appid)
             for host in hosts:
                 su_password_for(become_for(host), self.settings)
-            return keyring, cluster, hosts, command
+            options = cluster_options(cluster)
+            unresolved = {r.scope: r for r in s.scalars(select(Rotation).where(
+                Rotation.cluster_id == cluster.id, Rotation.scope.in_([str(scope) for scope in scopes]),
+                Rotation.state.in_(UNRESOLVED_ROTATION_STATES)))}
+            commands: list[str | KeyvaultError] = []
+            for scope in scopes:
+                other = unresolved.get(str(scope))
+                if other is not None:
+                    commands.append(self._unresolved_error(other, cluster_name, scope))
+                    continue
+                template = options["generate_root_command" if scope.is_root else "generate_app_command"]
+                try:
+                    commands.append(render_command(template, scope.appid))
+                except KeyvaultError as exc:
+                    commands.append(exc)
+            return keyring, cluster, hosts, commands
 
-    @staticmethod
-    def _refuse_unresolved(s, cluster_id: int, cluster_name: str, scope: Scope) -> None:
+    @classmethod
+    def _refuse_unresolved(cls, s, cluster_id: int, cluster_name: str, scope: Scope) -> None:
         other = s.scalar(select(Rotation).where(Rotation.cluster_id == cluster_id, Rotation.scope == str(scope),
                                                 Rotation.state.in_(UNRESOLVED_ROTATION_STATES)))
         if other is not None:
-            raise RotationUnresolved(
-                f"rotation {other.id} of {scope} in {cluster_name} is {other.state} "
-                f"(started {other.created_at:%Y-%m-%d %H:%M:%S} UTC by {other.actor} on {other.host_label})",
-                rotation_id=other.id,
-                hint=f"if it is still running, wait; otherwise run `keyvault rotations recover {other.id}`",
-            )
+            raise cls._unresolved_error(other, cluster_name, scope)
+
+    @staticmethod
+    def _unresolved_error(other: Rotation, cluster_name: str, scope: Scope) -> RotationUnresolved:
+        return RotationUnresolved(
+            f"rotation {other.id} of {scope} in {cluster_name} is {other.state} "
+            f"(started {other.created_at:%Y-%m-%d %H:%M:%S} UTC by {other.actor} on {other.host_label})",
+            rotation_id=other.id,
+            hint=f"if it is still running, wait; otherwise run `keyvault rotations recover {other.id}`",
+        )
 
     def _connect_any(self, hosts: list[Host]) -> tuple[Connection, Host]:
         with self._conn_lock:  # one connection per host, even with many threads
@@ -259,43 +293,108 @@ class RotationService:
     # -- the rotation ------------------------------------------------------------
     def rotate(self, cluster_name: str, scope: Scope, *, actor: str) -> RotationOutcome:
         """Generate, capture and store a new key for one scope."""
-        keyring, cluster, hosts, command = self._preflight(cluster_name, scope)
-        conn, host = self._connect_any(hosts)
-        rid = new_rotation_id()
+        (result,) = self._rotate_batch(cluster_name, [scope], actor=actor, per_scope=False)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _rotate_batch(self, cluster_name: str, scopes: list[Scope], *, actor: str,
+                      per_scope: bool = True) -> list:
+        """Steps 1-7 for scopes whose ta-tool calls share one ``su`` session.
+
+        Returns an outcome or an exception per scope. With ``per_scope`` false (one
+        rotation) a problem of the whole batch is raised rather than returned.
+        """
+        try:
+            keyring, cluster, hosts, commands = self._preflight(cluster_name, scopes)  # step 1
+            conn, host = self._connect_any(hosts)
+        except Exception as exc:
+            if not per_scope:
+                raise
+            return [self._reported(exc, scopes[0])] * len(scopes)
+        results: list = list(commands)  # an exception per refused scope, the rest replaced below
+        jobs = [_Job(i, scope, new_rotation_id(), cmd) for i, (scope, cmd) in enumerate(zip(scopes, commands))
+                if isinstance(cmd, str)]
+        keys: dict[int, str] = {}
         healthy = False
         try:
-            self._journal(rid, cluster, scope, host, actor)  # step 2
-            self.on_step("journaled", rid)
+            for job, exc in self._journal(jobs, cluster, host, actor):  # step 2
+                results[job.index] = exc
+            jobs = [job for job in jobs if not isinstance(results[job.index], BaseException)]
+            for job in jobs:
+                self.on_step("journaled", job.rid)
+            if not jobs:
+                return results
             become = become_for(host)
-            try:  # step 3
-                result = conn.run(become.wrap(generate_script(rid, command)),
+            try:  # step 3: one su session for the batch, one pending file per rotation
+                result = conn.run(become.wrap(generate_many_script([(job.rid, job.command) for job in jobs])),
                                   password=su_password_for(become, self.settings),
-                                  timeout=self.settings.ssh_command_timeout)
+                                  timeout=self.settings.ssh_command_timeout * len(jobs))
             except KeyvaultError:
                 result = ExecResult(b"", None)
-            self.on_step("generated", rid)
             healthy = result.exit_status is not None
-            remote = parse_remote(rid, result.output)
-            key = self._interpret(rid, remote, result.exit_status, host, cluster.key_pattern)  # step 4
-            outcome = self._store(rid, keyring, cluster.name, scope, key, actor, host.label)  # step 5
-            self.on_step("stored", rid)
-            self._cleanup(conn, host, rid, outcome)  # step 6
-            healthy = outcome.cleaned_up
+            for job in jobs:
+                self.on_step("generated", job.rid)
+                try:
+                    remote = parse_remote(job.rid, result.output)
+                    key = self._interpret(job.rid, remote, result.exit_status, host, cluster.key_pattern)  # step 4
+                    outcome = self._store(job.rid, keyring, cluster.name, job.scope, key, actor, host.label)  # 5
+                    self.on_step("stored", job.rid)
+                    self._cleanup(conn, host, job.rid, outcome)  # step 6
+                except Exception as exc:
+                    if not per_scope:
+                        raise
+                    results[job.index] = self._reported(exc, job.scope)
+                    continue
+                keys[job.index], results[job.index] = key, outcome
         finally:
             self._release(host, conn, healthy)
-        self._verify(rid, cluster.name, scope, key, outcome)  # step 7
-        return outcome
+        for job in jobs:  # step 7, after the connection is released
+            if job.index not in keys:
+                continue
+            try:
+                self._verify(job.rid, cluster.name, job.scope, keys[job.index], results[job.index])
+            except Exception as exc:
+                if not per_scope:
+                    raise
+                # The key is stored: the rotation succeeded even if its check could not be recorded.
+                results[job.index].warnings.append(f"verification not recorded: {self._reported(exc, job.scope)}")
+        return results
 
-    def _journal(self, rid: str, cluster, scope: Scope, host: Host, actor: str) -> None:
+    @staticmethod
+    def _reported(exc: Exception, scope: Scope) -> Exception:
+        if not isinstance(exc, KeyvaultError):
+            log.error("rotation of %s failed unexpectedly", scope, exc_info=exc)
+        return exc
+
+    def _journal(self, jobs: list["_Job"], cluster, host: Host, actor: str) -> list[tuple["_Job", Exception]]:
+        """Commit a ``pending`` row per job; returns the jobs refused, with why."""
+        def add(s, job: _Job) -> None:
+            s.add(Rotation(id=job.rid, cluster_id=cluster.id, scope=str(job.scope), state="pending",
+                           host_id=host.id, host_label=host.label, actor=actor, created_at=now, updated_at=now))
+
         now = utcnow()
-        try:
-            with transaction(self.factory) as s:
-                s.add(Rotation(id=rid, cluster_id=cluster.id, scope=str(scope), state="pending", host_id=host.id,
-                               host_label=host.label, actor=actor, created_at=now, updated_at=now))
-        except KeyvaultError:
-            with transaction(self.factory) as s:
-                self._refuse_unresolved(s, cluster.id, cluster.name, scope)
-            raise
+        if len(jobs) > 1:
+            try:
+                with transaction(self.factory) as s:
+                    for job in jobs:
+                        add(s, job)
+                return []
+            except KeyvaultError:
+                pass  # another process took one of the scopes meanwhile: one by one tells which
+        refused: list[tuple[_Job, Exception]] = []
+        for job in jobs:
+            try:
+                with transaction(self.factory) as s:
+                    add(s, job)
+            except KeyvaultError as exc:
+                try:
+                    with transaction(self.factory) as s:
+                        self._refuse_unresolved(s, cluster.id, cluster.name, job.scope)
+                except KeyvaultError as unresolved:
+                    exc = unresolved
+                refused.append((job, exc))
+        return refused
 
     def _mark(self, rid: str, state: str, error: str | None = None, event: str | None = None, **fields) -> None:
         with transaction(self.factory) as s:

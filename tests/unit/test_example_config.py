@@ -40,6 +40,7 @@ FIELDS = {
     ("validation", "appid_pattern"): "appid_pattern",
     ("ta", "timeout"): "ta_timeout",
     ("ta", "error_codes"): "ta_error_codes",
+    ("rotation", "batch_size"): "rotation_batch_size",
 }
 # Environment variable -> the (section, key) it overrides.
 OVERRIDES = {
@@ -133,14 +134,14 @@ def test_example_as_shipped_parses_and_changes_nothing(tmp_path):
     env = {"KEYVAULT_HOME": str(home), "HOME": str(tmp_path)}
     without = load_settings(env)
     (home / CONFIG_FILE_NAME).write_text(EXAMPLE.read_text())
-    assert tomllib.loads(EXAMPLE.read_text()).keys() == {"database", "master_key", "ssh", "validation", "ta"}
+    assert tomllib.loads(EXAMPLE.read_text()).keys() == {"database", "master_key", "ssh", "validation", "ta", "rotation"}
     assert load_settings(env) == without
 
 
 def test_example_documents_exactly_the_options_config_reads():
     read = keys_read_by_config()
     # Sanity of the derivation itself: it must find the sections and some keys.
-    assert {s for s, _ in read} == {"database", "master_key", "ssh", "validation", "ta"}
+    assert {s for s, _ in read} == {"database", "master_key", "ssh", "validation", "ta", "rotation"}
     assert read == set(FIELDS), "update FIELDS (and the example) for the options config.py reads"
     blocks, text = parse_example()
     documented = {(s, k) for s, table in tomllib.loads(text).items() for k in table}
