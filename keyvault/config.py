@@ -21,7 +21,7 @@ DEFAULT_KEY_PATTERN = r"[A-Za-z0-9]{64}"
 DEFAULT_SU_PROMPT = r"(?i)(password|passwort|mot de passe|contraseña|密码)[^\n:]*[:：]\s*$"
 CONFIG_FILE_NAME = "keyvault.toml"
 # Rotations whose ta-tool calls share one `su` session in bulk runs (see docs/rotation.md).
-DEFAULT_ROTATION_BATCH_SIZE = 10
+DEFAULT_ROTATION_BATCH_SIZE = 50
 MAX_ROTATION_BATCH_SIZE = 50
 
 

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 
 from keyvault.errors import BecomeFailed, InvalidInput, TaToolMissing
 
-PENDING_DIR = "$HOME/.keyvault/pending"
+# Every expansion in these scripts is written ${...} or $(...): `sudo -i` re-quotes the
+# command for ta's login shell with backslashes before everything but letters, digits,
+# "_", "-" and "$", so a bare $name would be expanded by that outer shell, not ours.
+PENDING_DIR = "${HOME}/.keyvault/pending"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 _RID = re.compile(r"^[a-z0-9-]{6,32}$")
 
@@ -70,9 +73,10 @@ def generate_script(rid: str, command: str) -> str:
     _check_rid(rid)
     tool = shlex.split(command)[0]
     f = f'"{PENDING_DIR}/{rid}"'
+    # Builtins wherever they do: in a batch every fork and exec is paid once per rotation.
     return "; ".join([
         "umask 077",
-        f'mkdir -p "{PENDING_DIR}" || exit 70',
+        f'[ -d "{PENDING_DIR}" ] || mkdir -p "{PENDING_DIR}" || exit 70',
         # A second run for the same rotation id must never generate again, nor a run after a
         # recovery declared it "never ran": creating .out exclusively (noclobber) claims the id.
         f'if [ -e {f}.done ] || ! ( set -C; : >{f}.out ) 2>/dev/null; then echo {_marker(rid, "EXISTS")}; exit 73; fi',
@@ -80,8 +84,8 @@ def generate_script(rid: str, command: str) -> str:
         f"echo {_marker(rid, 'START')}",
         # Ignoring HUP keeps ta-tool alive when the connection drops mid-run.
         f"( trap '' HUP; exec {command} ) >{f}.out 2>{f}.err </dev/null",
-        f"echo $? >{f}.rc",
-        _readback(rid, f),
+        f"kv_rc=${{?}}; echo ${{kv_rc}} >{f}.rc",
+        _readback(rid, f, "${kv_rc}"),
     ])
 
 
@@ -99,11 +103,13 @@ def generate_many_script(jobs: list[tuple[str, str]]) -> str:
     return "; ".join(f"( {generate_script(rid, command)} )" for rid, command in jobs)
 
 
-def _readback(rid: str, f: str) -> str:
+def _readback(rid: str, f: str, rc: str) -> str:
+    # base64's line breaks are harmless: the parser keeps only base64 characters. An empty
+    # stderr (the usual case) costs no process.
     return (
-        f"echo {_marker(rid, 'OUT')}; base64 <{f}.out | tr -d '\\n'; echo; "
-        f"echo {_marker(rid, 'ERR')}; base64 <{f}.err 2>/dev/null | tr -d '\\n'; echo; "
-        f'echo "@@KV:{rid}:RC:$(cat {f}.rc 2>/dev/null || echo none)@@"'
+        f"echo {_marker(rid, 'OUT')}; base64 <{f}.out; "
+        f"echo {_marker(rid, 'ERR')}; [ ! -s {f}.err ] || base64 <{f}.err; "
+        f'echo "@@KV:{rid}:RC:{rc}@@"'
     )
 
 
@@ -118,7 +124,7 @@ def fetch_script(rid: str) -> str:
         # rotation process that is slow to start can no longer run ta-tool for it; .void says so.
         f'if [ -e {f}.void ] || {{ mkdir -p "{PENDING_DIR}" && ( set -C; : >{f}.out ) 2>/dev/null && : >{f}.void; }}; '
         f"then echo {_marker(rid, 'ABSENT')}; exit 0; fi",
-        _readback(rid, f),
+        _readback(rid, f, f"$(cat {f}.rc 2>/dev/null || echo none)"),
     ])
 
 
@@ -142,6 +148,20 @@ def check_script(command: str) -> str:
         f"echo \"@@KV:check:OK:$(id -un):$(command -v {shlex.quote(tool)})@@\"; "
         f"else echo @@KV:check:NOTATOOL@@; exit 74; fi"
     )
+
+
+_REPORT_END = re.compile(rb"@@KV:([a-z0-9-]+):(?:RC:\w+|EXISTS|NOTATOOL)@@")
+
+
+def report_end(rid: str, output: bytes | bytearray, start: int = 0) -> int | None:
+    """Where the report of generate ``rid`` in ``output`` (from ``start``) ends, once complete.
+
+    A report is complete at its RC marker, or at EXISTS / NOTATOOL when ta-tool never ran.
+    """
+    for match in _REPORT_END.finditer(output, start):
+        if match.group(1).decode() == rid:
+            return match.end()
+    return None
 
 
 @dataclass(frozen=True)

@@ -2,42 +2,43 @@
 
 Layout of ``state_dir`` (mode 0700, files 0600):
 
-- ``state.json``    keys and counters, always replaced atomically
-- ``state.lock``    flock target: exclusive for read-modify-write, shared for reads
-- ``noise.json``    optional fault/noise options read by the ta-tool emulator
+- ``state.json``       the registry: ``{"format": 2, "apps": {APPID: project id}}``,
+                       changed only when APPIDs are registered
+- ``keys/root``, ``keys/app-APPID``  one file per scope: ``GENERATIONS KEY`` (``-`` for
+                       no key yet); a generation rewrites only its own scope's file
+- ``generated.sha256`` SHA-256 of every key ever generated, one line per generation
+                       (so also the total count)
+- ``state.lock``       flock target: exclusive for read-modify-write, shared for reads
+- ``noise.json``       optional fault/noise options read by the ta-tool emulator
 - ``last_run.json`` and ``holding``: written by the ta-tool emulator (never a key)
 
 Several ta-tool processes and the Open API emulator use one directory at once, so
-every access goes through the lock. Stdlib only; importing has no side effects.
+every access goes through the lock. Files are replaced atomically but not fsynced: the
+simulated cluster must survive killed processes (the page cache does), not power loss.
+ta-tool starts once per key and its cost is in every rotation benchmark, so a
+generation is O(1) in the number of APPIDs and the module imports little (json and re
+only where needed). Stdlib only; importing has no side effects.
 Admin CLI: ``python -m keyvault.sandbox.state {init,install,add-apps,generations} ...``.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import fcntl
-import hashlib
-import json
 import os
-import pwd
-import re
-import secrets
-import shlex
-import string
 import sys
-import tempfile
 import time
 
 KEY_LENGTH = 64
-KEY_ALPHABET = string.ascii_letters + string.digits
+KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 NOISE_OPTIONS = frozenset(
     {"banner", "crlf", "ansi", "delay_seconds", "fail_apps", "output_mode", "hold_file",
      "hold_before_print"}
 )
 OUTPUT_MODES = ("normal", "no_key", "two_keys")
-_FILES = ("state.json", "state.lock", "noise.json", "last_run.json", "holding")
-_APPID_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_FILES = ("state.json", "state.lock", "noise.json", "last_run.json", "holding", "generated.sha256")
+_APPID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+KEYS_DIR = "keys"
+FORMAT = 2
 
 
 class UnknownApp(Exception):
@@ -45,6 +46,7 @@ class UnknownApp(Exception):
 
 
 FINGERPRINT_LOG = "generated.sha256"
+_NOT_INITIALISED = "TA simulator state not initialised in {} (run: python -m keyvault.sandbox.state init --state-dir ...)"
 
 
 def _path(state_dir, name):
@@ -60,158 +62,255 @@ def _follow_dir_owner(fd, state_dir):
 
 
 def _chown_tree(state_dir, owner):
+    import pwd
+
     try:
         pw = pwd.getpwnam(owner)
     except KeyError:
         raise ValueError(f"no such user: {owner}") from None
     os.chown(state_dir, pw.pw_uid, pw.pw_gid)
-    for name in _FILES:
-        with contextlib.suppress(FileNotFoundError):
+    names = [*_FILES, KEYS_DIR]
+    keys = _path(state_dir, KEYS_DIR)
+    if os.path.isdir(keys):
+        names += [os.path.join(KEYS_DIR, n) for n in os.listdir(keys)]
+    for name in names:
+        try:
             os.chown(_path(state_dir, name), pw.pw_uid, pw.pw_gid)
+        except FileNotFoundError:
+            pass
 
 
-@contextlib.contextmanager
-def _locked(state_dir, *, exclusive):
-    if not os.path.isdir(state_dir):
-        raise FileNotFoundError(f"TA simulator state dir {state_dir} does not exist "
-                                f"(run: python -m keyvault.sandbox.state init --state-dir ...)")
-    path = _path(state_dir, "state.lock")
+class _locked:
+    """flock on state.lock for the duration of a ``with`` block."""
+
+    def __init__(self, state_dir, *, exclusive):
+        self.state_dir, self.exclusive, self.fd = state_dir, exclusive, None
+
+    def __enter__(self):
+        state_dir = self.state_dir
+        if not os.path.isdir(state_dir):
+            raise FileNotFoundError(f"TA simulator state dir {state_dir} does not exist "
+                                    f"(run: python -m keyvault.sandbox.state init --state-dir ...)")
+        path = _path(state_dir, "state.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            _follow_dir_owner(fd, state_dir)
+        except PermissionError:
+            # A reader without write access can still take a shared lock on the file.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # releases the lock
+
+
+def _write_file(state_dir, name, data: bytes):
+    """Atomically replace state_dir/name with data (mode 0600)."""
+    # Callers hold the exclusive lock, so a per-process name cannot collide.
+    tmp = _path(state_dir, f"{name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        _follow_dir_owner(fd, state_dir)
-    except PermissionError:
-        # A reader without write access can still take a shared lock on the file.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _follow_dir_owner(fd, state_dir)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, _path(state_dir, name))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _write_json(state_dir, name, obj):
-    """Atomically replace state_dir/name with obj as JSON (mode 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=state_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-            _follow_dir_owner(f.fileno(), state_dir)
-        os.replace(tmp, _path(state_dir, name))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)  # makes the rename itself durable
-    finally:
-        os.close(dfd)
+    import json
+
+    _write_file(state_dir, name, (json.dumps(obj, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def _read_json(state_dir, name, default):
     try:
-        with open(_path(state_dir, name), encoding="utf-8") as f:
-            return json.load(f)
+        f = open(_path(state_dir, name), encoding="utf-8")
     except FileNotFoundError:
         return default
+    import json
+
+    with f:
+        return json.load(f)
 
 
-def _load(state_dir):
-    state = _read_json(state_dir, "state.json", None)
-    if state is None:
-        raise FileNotFoundError(f"TA simulator state not initialised in {state_dir} "
-                                f"(run: python -m keyvault.sandbox.state init --state-dir ...)")
-    return state
-
-
-def _entry(state, scope):
+def _scope_file(scope):
     if scope == "root":
-        return state["root"]
+        return os.path.join(KEYS_DIR, "root")
     if isinstance(scope, str) and scope.startswith("app:") and len(scope) > 4:
-        appid = scope[4:]
-        if appid not in state["apps"]:
-            raise UnknownApp(f"appid {appid} does not exist")
-        return state["apps"][appid]
+        if not _valid_appid(scope[4:]):  # could never have been registered
+            raise UnknownApp(f"appid {scope[4:]} does not exist")
+        return os.path.join(KEYS_DIR, f"app-{scope[4:]}")
     raise ValueError(f"bad scope {scope!r}: expected 'root' or 'app:<APPID>'")
 
 
-def _register(state, apps):
+def _valid_appid(appid):
+    return isinstance(appid, str) and appid != "" and set(appid) <= _APPID_CHARS and appid not in (".", "..")
+
+
+def _read_entry(state_dir, scope):
+    """(generations, key or None) of a scope; UnknownApp when its file is missing."""
+    name = _scope_file(scope)
+    try:
+        with open(_path(state_dir, name), encoding="ascii") as f:
+            count, key = f.read().split()
+    except FileNotFoundError:
+        if scope == "root":
+            raise FileNotFoundError(_NOT_INITIALISED.format(state_dir)) from None
+        raise UnknownApp(f"appid {scope[4:]} does not exist") from None
+    return int(count), (None if key == "-" else key)
+
+
+def _write_entry(state_dir, scope, count, key):
+    _write_file(state_dir, _scope_file(scope), f"{count} {key or '-'}\n".encode("ascii"))
+
+
+def _load_registry(state_dir):
+    registry = _read_json(state_dir, "state.json", None)
+    if registry is None:
+        raise FileNotFoundError(_NOT_INITIALISED.format(state_dir))
+    if registry.get("format") != FORMAT:
+        raise ValueError(f"TA simulator state in {state_dir} has an old format: run "
+                         f"`python -m keyvault.sandbox.state init --state-dir {state_dir}` to upgrade it")
+    return registry
+
+
+def _upgrade(state_dir, old):
+    # Format 1 kept every key and counter in state.json (rewritten on each generation).
+    os.makedirs(_path(state_dir, KEYS_DIR), mode=0o700, exist_ok=True)
+    _write_entry(state_dir, "root", old["root"]["generations"], old["root"]["key"])
+    for appid, entry in old["apps"].items():
+        _write_entry(state_dir, f"app:{appid}", entry["generations"], entry["key"])
+    return {"format": FORMAT, "apps": {appid: e["project_id"] for appid, e in old["apps"].items()}}
+
+
+def _register(state_dir, registry, apps):
     for appid in apps:
-        if not isinstance(appid, str) or not _APPID_RE.fullmatch(appid):
+        if not _valid_appid(appid):
             raise ValueError(f"bad APPID {appid!r}: expected [A-Za-z0-9_.-]+")
-        if appid not in state["apps"]:
-            next_id = max((a["project_id"] for a in state["apps"].values()), default=0) + 1
-            state["apps"][appid] = {"key": None, "generations": 0, "project_id": next_id}
+    for appid in apps:
+        if appid not in registry["apps"]:
+            registry["apps"][appid] = max(registry["apps"].values(), default=0) + 1
+            _write_entry(state_dir, f"app:{appid}", 0, None)
 
 
 def new_key():
     """Return a fresh random 64-char [A-Za-z0-9] token."""
-    return "".join(secrets.choice(KEY_ALPHABET) for _ in range(KEY_LENGTH))
+    # os.urandom with rejection sampling (uniform over the 62 symbols); no `secrets`
+    # import, whose start-up cost every emulated ta-tool run would pay.
+    out: list[str] = []
+    while len(out) < KEY_LENGTH:
+        out.extend(KEY_ALPHABET[b % 62] for b in os.urandom(KEY_LENGTH) if b < 248)
+    return "".join(out[:KEY_LENGTH])
 
 
 def init_state(state_dir, apps=(), *, owner=None):
-    """Create (or complete) the state dir and register APPIDs; existing keys are kept."""
+    """Create (or complete, or upgrade) the state dir and register APPIDs; keys are kept."""
     state_dir = os.fspath(state_dir)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     os.chmod(state_dir, 0o700)  # makedirs' mode passes through umask; an old dir keeps its own
     if owner is not None:
         _chown_tree(state_dir, owner)  # first, so files created below follow the dir owner
     with _locked(state_dir, exclusive=True):
-        try:
-            state = _load(state_dir)
-        except FileNotFoundError:
-            state = {"root": {"key": None, "generations": 0}, "apps": {}, "total_generations": 0}
-        _register(state, apps)
-        _write_json(state_dir, "state.json", state)
+        keys = _path(state_dir, KEYS_DIR)
+        os.makedirs(keys, mode=0o700, exist_ok=True)
+        if os.geteuid() == 0:
+            st = os.stat(state_dir)
+            os.chown(keys, st.st_uid, st.st_gid)
+        registry = _read_json(state_dir, "state.json", None)
+        if registry is None:
+            registry = {"format": FORMAT, "apps": {}}
+            _write_entry(state_dir, "root", 0, None)
+        elif registry.get("format") != FORMAT:
+            registry = _upgrade(state_dir, registry)
+        _register(state_dir, registry, list(apps))
+        _write_json(state_dir, "state.json", registry)
     if owner is not None:
         _chown_tree(state_dir, owner)
 
 
 def add_apps(state_dir, apps):
     """Register more APPIDs (already known ones are kept); return {appid: project_id}."""
+    apps = list(apps)
     with _locked(state_dir, exclusive=True):
-        state = _load(state_dir)
-        _register(state, apps)
-        _write_json(state_dir, "state.json", state)
-    return {appid: a["project_id"] for appid, a in state["apps"].items()}
+        registry = _load_registry(state_dir)
+        _register(state_dir, registry, apps)
+        _write_json(state_dir, "state.json", registry)
+    return dict(registry["apps"])
 
 
 def read_state(state_dir):
-    """Return the whole state as a fresh dict (keys included: handle with care)."""
+    """Return the whole state as a fresh dict (keys included: handle with care)::
+
+        {"root": {"key", "generations"}, "apps": {APPID: {"key", "generations", "project_id"}},
+         "total_generations": N}
+    """
     with _locked(state_dir, exclusive=False):
-        return _load(state_dir)
+        registry = _load_registry(state_dir)
+        count, key = _read_entry(state_dir, "root")
+        apps = {}
+        for appid, pid in registry["apps"].items():
+            n, k = _read_entry(state_dir, f"app:{appid}")
+            apps[appid] = {"key": k, "generations": n, "project_id": pid}
+        return {"root": {"key": key, "generations": count}, "apps": apps,
+                "total_generations": _count_generations(state_dir)}
+
+
+def _count_generations(state_dir):
+    try:
+        with open(_path(state_dir, FINGERPRINT_LOG), "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
+    except FileNotFoundError:
+        return 0
 
 
 def current_key(state_dir, scope):
     """Return the valid key of scope ('root' or 'app:<APPID>'), or None if none yet."""
-    return _entry(read_state(state_dir), scope)["key"]
+    with _locked(state_dir, exclusive=False):
+        return _read_entry(state_dir, scope)[1]
 
 
 def generations(state_dir, scope=None):
     """Return how many keys were generated for scope, or in total when scope is None."""
-    state = read_state(state_dir)
-    return state["total_generations"] if scope is None else _entry(state, scope)["generations"]
+    with _locked(state_dir, exclusive=False):
+        _load_registry(state_dir)
+        return _count_generations(state_dir) if scope is None else _read_entry(state_dir, scope)[0]
 
 
 def project_id(state_dir, appid):
     """Return the projectId of a registered APPID."""
-    return _entry(read_state(state_dir), f"app:{appid}")["project_id"]
+    with _locked(state_dir, exclusive=False):
+        try:
+            return _load_registry(state_dir)["apps"][appid]
+        except KeyError:
+            raise UnknownApp(f"appid {appid} does not exist") from None
 
 
-def generate(state_dir, scope):
-    """Make a new key for scope, replacing (so invalidating) the previous one; return it."""
+def generate(state_dir, scope, *, record=False):
+    """Make a new key for scope, replacing (so invalidating) the previous one; return it.
+
+    ``record`` also writes last_run.json (see :func:`record_run`) under the same lock.
+    """
     with _locked(state_dir, exclusive=True):
-        state = _load(state_dir)
-        entry = _entry(state, scope)
+        count, _ = _read_entry(state_dir, scope)
         key = new_key()
-        entry["key"] = key
-        entry["generations"] += 1
-        state["total_generations"] += 1
-        _write_json(state_dir, "state.json", state)
+        _write_entry(state_dir, scope, count + 1, key)
         _log_fingerprint(state_dir, key)
+        if record:
+            _write_last_run(state_dir, scope)
     return key
 
 
@@ -221,9 +320,22 @@ def _log_fingerprint(state_dir, key):
     fd = os.open(_path(state_dir, FINGERPRINT_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         _follow_dir_owner(fd, state_dir)
-        os.write(fd, hashlib.sha256(key.encode()).hexdigest().encode() + b"\n")
+        os.write(fd, _sha256_hex(key.encode()).encode() + b"\n")
     finally:
         os.close(fd)
+
+
+def _sha256_hex(data: bytes) -> str:
+    # CPython's built-in SHA-256 module: importing hashlib loads OpenSSL, about 3 ms that
+    # every emulated ta-tool run would pay. Same digest either way.
+    try:
+        from _sha256 import sha256  # Python 3.11
+    except ImportError:
+        try:
+            from _sha2 import sha256  # Python 3.12+
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data).hexdigest()
 
 
 def generated_fingerprints(state_dir) -> set[str]:
@@ -237,9 +349,11 @@ def generated_fingerprints(state_dir) -> set[str]:
 
 def find_leaks(text, fingerprints) -> int:
     """How many 64-char tokens in ``text`` are keys whose SHA-256 is in ``fingerprints``."""
+    import re
+
     found = 0
     for token in set(re.findall(r"[A-Za-z0-9]{64}", text)):
-        if hashlib.sha256(token.encode()).hexdigest() in fingerprints:
+        if _sha256_hex(token.encode()) in fingerprints:
             found += 1
     return found
 
@@ -247,8 +361,14 @@ def find_leaks(text, fingerprints) -> int:
 def record_run(state_dir, scope):
     """Write last_run.json with this process's pid and the scope (never the key)."""
     with _locked(state_dir, exclusive=True):
-        _write_json(state_dir, "last_run.json",
-                    {"pid": os.getpid(), "scope": scope, "time": time.time()})
+        _write_last_run(state_dir, scope)
+
+
+def _write_last_run(state_dir, scope):
+    # By hand rather than with json: ta-tool then never imports it. A scope is root or
+    # app:<APPID> with APPID characters [A-Za-z0-9_.-], which need no escaping.
+    text = f'{{"pid": {os.getpid()}, "scope": "{scope}", "time": {time.time()!r}}}\n'
+    _write_file(state_dir, "last_run.json", text.encode("ascii"))
 
 
 def set_noise(state_dir, **options):
@@ -278,25 +398,47 @@ def set_noise(state_dir, **options):
 
 def read_noise(state_dir):
     """Return the current noise options ({} when none are set)."""
+    if not os.path.exists(_path(state_dir, "noise.json")):
+        if not os.path.isdir(state_dir):
+            raise FileNotFoundError(f"TA simulator state dir {state_dir} does not exist")
+        return {}  # the usual case, answered without the lock or json
     with _locked(state_dir, exclusive=False):
         return _read_json(state_dir, "noise.json", {})
 
 
 def clear_noise(state_dir):
     """Remove all noise options."""
-    with _locked(state_dir, exclusive=True), contextlib.suppress(FileNotFoundError):
-        os.unlink(_path(state_dir, "noise.json"))
+    with _locked(state_dir, exclusive=True):
+        try:
+            os.unlink(_path(state_dir, "noise.json"))
+        except FileNotFoundError:
+            pass
 
 
 def install_wrapper(dest, state_dir, *, python=sys.executable, owner=None, pythonpath=None):
-    """Write an executable sh script at dest that runs the ta-tool emulator on state_dir."""
+    """Write an executable sh script at dest that runs the ta-tool emulator on state_dir.
+
+    The emulator runs with ``python -P -S`` (no site-packages: it needs only the stdlib and
+    this package) and finds this package through PYTHONPATH: ``pythonpath`` or, by
+    default, the directory this copy of keyvault is in.
+    """
+    import shlex
+    import tempfile
+
     dest = os.fspath(dest)
     state_dir = os.path.abspath(os.fspath(state_dir))  # the wrapper runs from any cwd
-    env = f"TA_SIM_STATE_DIR={shlex.quote(state_dir)}"
-    if pythonpath:  # `su - ta` resets the environment; lets an uninstalled checkout work
-        env = f"PYTHONPATH={shlex.quote(os.fspath(pythonpath))} {env}"
+    if pythonpath is None:
+        pythonpath = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # `su - ta` resets the environment, so the wrapper sets it itself. The bytecode cache
+    # goes to the state dir, which the user running ta-tool can write: the package's own
+    # __pycache__ is often root's and unreadable (umask 077), and compiling on every run
+    # would double ta-tool's cost.
+    env = (f"PYTHONPATH={shlex.quote(os.fspath(pythonpath))} "
+           f"PYTHONPYCACHEPREFIX={shlex.quote(os.path.join(state_dir, '.pycache'))} "
+           f"TA_SIM_STATE_DIR={shlex.quote(state_dir)}")
+    code = "import sys; from keyvault.sandbox.tatool import main; sys.exit(main())"
     script = ("#!/bin/sh\n# ta-tool emulator of the keyvault TA simulator (not the real TA tool)\n"
-              f'{env} exec {shlex.quote(os.fspath(python))} -m keyvault.sandbox.tatool "$@"\n')
+              f'{env} exec {shlex.quote(os.fspath(python))} -P -S -c {shlex.quote(code)} "$@"\n')
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".ta-tool.", dir=parent)
@@ -306,8 +448,10 @@ def install_wrapper(dest, state_dir, *, python=sys.executable, owner=None, pytho
         os.chmod(tmp, 0o755)
         os.replace(tmp, dest)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
     if owner is not None and os.path.isdir(state_dir):
         _chown_tree(state_dir, owner)  # the owner runs the wrapper, so must lock/write state
@@ -315,6 +459,8 @@ def install_wrapper(dest, state_dir, *, python=sys.executable, owner=None, pytho
 
 def main(argv=None):
     """Admin CLI: init, install, add-apps, generations."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog="python -m keyvault.sandbox.state",
                                      description="Manage the state of the TA simulator.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -24,9 +24,7 @@ printing instead). ``state_dir/last_run.json`` records pid and scope of each gen
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
 import time
 
@@ -82,6 +80,8 @@ def _success_lines(scope, key, noise):
 def _hold(state_dir, hold_file):
     # A dropped SSH session sends SIGHUP; tests kill connections mid-run and then
     # need this process alive to observe what happens to the key.
+    import signal  # here: only a held run needs it, and every run pays for imports
+
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     marker = os.path.join(state_dir, "holding")
     tmp = f"{marker}.{os.getpid()}.tmp"
@@ -93,8 +93,10 @@ def _hold(state_dir, hold_file):
         while not os.path.exists(hold_file) and time.monotonic() < deadline:
             time.sleep(HOLD_POLL_SECONDS)
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(marker)
+        except FileNotFoundError:
+            pass
 
 
 def _print_or_fail(lines, noise):
@@ -119,7 +121,8 @@ def main(argv=None):
         return 1
     try:
         noise = st.read_noise(state_dir)
-        state = st.read_state(state_dir)
+        # With no noise the common path reads the state once, inside generate().
+        state = st.read_state(state_dir) if noise else None
     except (OSError, ValueError) as exc:  # ValueError: corrupt JSON
         sys.stderr.write(f"ERROR: {exc}\n")
         return 1
@@ -130,8 +133,9 @@ def main(argv=None):
         sys.stderr.write(USAGE)
         return 1
     name = "root" if scope == "root" else scope[4:]
-    if scope != "root" and name not in state["apps"]:
-        _emit([f"ERROR: appid {name} does not exist"], noise)
+    unknown = [f"ERROR: appid {name} does not exist"]
+    if state is not None and scope != "root" and name not in state["apps"]:
+        _emit(unknown, noise)
         return 1
     delay = float(noise.get("delay_seconds") or 0)
     if delay > 0:
@@ -139,8 +143,14 @@ def main(argv=None):
     if name in (noise.get("fail_apps") or ()):
         _emit(["ERROR: internal error"], noise)
         return 1
-    key = st.generate(state_dir, scope)
-    st.record_run(state_dir, scope)
+    try:
+        key = st.generate(state_dir, scope, record=True)
+    except st.UnknownApp:
+        _emit(unknown, noise)
+        return 1
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"ERROR: {exc}\n")
+        return 1
     lines = _success_lines(scope, key, noise)
     hold_file = noise.get("hold_file")
     if hold_file and noise.get("hold_before_print"):

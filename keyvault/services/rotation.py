@@ -68,6 +68,7 @@ from keyvault.tahost import (
     parse_remote,
     raise_for_become,
     render_command,
+    report_end,
 )
 
 log = logging.getLogger("keyvault.rotation")
@@ -103,6 +104,48 @@ class _Job:
     scope: Scope
     rid: str
     command: str
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What the rotations of one batch share."""
+
+    keyring: crypto.Keyring = field(repr=False)
+    cluster: object
+    host: Host
+    conn: Connection
+    actor: str
+
+
+class _ReportStream:
+    """Splits a batch's output into each rotation's report as soon as it is complete.
+
+    The jobs run one after the other, so the next report to end is the first pending
+    job's; it ends with its RC marker, or EXISTS/NOTATOOL when it never started.
+    """
+
+    def __init__(self, jobs: list[_Job]) -> None:
+        self._pending = list(jobs)
+        self._buffer = bytearray()
+        self._start = 0  # where the first pending job's report begins
+
+    def feed(self, chunk: bytes) -> list[tuple[_Job, bytes]]:
+        """The (job, report) pairs that ``chunk`` completed."""
+        self._buffer += chunk
+        ready = []
+        while self._pending:
+            end = report_end(self._pending[0].rid, self._buffer, self._start)
+            if end is None:
+                break
+            ready.append((self._pending.pop(0), bytes(self._buffer[self._start:end])))
+            self._start = end
+        return ready
+
+    def rest(self) -> list[tuple[_Job, bytes]]:
+        """Jobs whose report never ended, each with everything after the last complete one."""
+        tail = bytes(self._buffer[self._start:])
+        rest, self._pending = [(job, tail) for job in self._pending], []
+        return rest
 
 
 def _alive(conn: Connection) -> bool:
@@ -161,9 +204,11 @@ class RotationService:
         """Rotate several scopes, ``concurrency`` batches at a time over one connection per host.
 
         Each scope is a full rotation with its own journal row, pending file and crash
-        safety; a batch only shares the ``su`` session that runs their ta-tool calls
-        (``rotation.batch_size`` of them). One scope's failure never stops or corrupts the
-        others. Returns ``[(scope, outcome or exception), ...]`` in the order given.
+        safety; a batch only shares the SSH channel and ``su`` session that run their
+        ta-tool calls one after the other (``rotation.batch_size`` of them), and each key
+        is stored as soon as its output arrives. One scope's failure never stops or
+        corrupts the others. ``on_done(scope, outcome or exception)`` is called as each
+        one ends. Returns ``[(scope, outcome or exception), ...]`` in the order given.
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -176,13 +221,13 @@ class RotationService:
 
         def one_batch(batch: list[Scope]) -> list:
             try:
-                results = self._rotate_batch(cluster_name, batch, actor=actor)
+                return self._rotate_batch(cluster_name, batch, actor=actor, on_done=on_done)
             except Exception as exc:  # a bug: the batch's journal rows stay unresolved, for recover
                 results = [self._reported(exc, batch[0])] * len(batch)
-            if on_done is not None:
                 for scope, result in zip(batch, results):
-                    on_done(scope, result)
-            return results
+                    if on_done is not None:
+                        on_done(scope, result)
+                return results
 
         self._defer_cleanup = True
         try:
@@ -298,68 +343,85 @@ class RotationService:
             raise result
         return result
 
-    def _rotate_batch(self, cluster_name: str, scopes: list[Scope], *, actor: str,
-                      per_scope: bool = True) -> list:
-        """Steps 1-7 for scopes whose ta-tool calls share one ``su`` session.
+    def _rotate_batch(self, cluster_name: str, scopes: list[Scope], *, actor: str, per_scope: bool = True,
+                      on_done: Callable[[Scope, "RotationOutcome | Exception"], None] | None = None) -> list:
+        """Steps 1-7 for scopes whose ta-tool calls share one SSH channel and ``su`` session.
 
         Returns an outcome or an exception per scope. With ``per_scope`` false (one
         rotation) a problem of the whole batch is raised rather than returned.
         """
+        done = on_done or (lambda scope, result: None)
         try:
             keyring, cluster, hosts, commands = self._preflight(cluster_name, scopes)  # step 1
             conn, host = self._connect_any(hosts)
         except Exception as exc:
             if not per_scope:
                 raise
-            return [self._reported(exc, scopes[0])] * len(scopes)
+            results = [self._reported(exc, scopes[0])] * len(scopes)
+            for scope, result in zip(scopes, results):
+                done(scope, result)
+            return results
         results: list = list(commands)  # an exception per refused scope, the rest replaced below
         jobs = [_Job(i, scope, new_rotation_id(), cmd) for i, (scope, cmd) in enumerate(zip(scopes, commands))
                 if isinstance(cmd, str)]
-        keys: dict[int, str] = {}
         healthy = False
         try:
             for job, exc in self._journal(jobs, cluster, host, actor):  # step 2
                 results[job.index] = exc
+            for i, result in enumerate(results):
+                if isinstance(result, BaseException):
+                    done(scopes[i], result)
             jobs = [job for job in jobs if not isinstance(results[job.index], BaseException)]
             for job in jobs:
                 self.on_step("journaled", job.rid)
             if not jobs:
                 return results
+            batch = _Batch(keyring=keyring, cluster=cluster, host=host, conn=conn, actor=actor)
+
+            def finish(job: _Job, report: bytes, exit_status: int | None) -> None:
+                results[job.index] = self._finish(batch, job, report, exit_status)
+                done(job.scope, results[job.index])
+
+            stream = _ReportStream(jobs)
+
+            def on_output(chunk: bytes) -> None:
+                # Steps 4-7 for each rotation whose report is complete, while the next runs.
+                for job, report in stream.feed(chunk):
+                    finish(job, report, 0)
+
             become = become_for(host)
             try:  # step 3: one su session for the batch, one pending file per rotation
                 result = conn.run(become.wrap(generate_many_script([(job.rid, job.command) for job in jobs])),
                                   password=su_password_for(become, self.settings),
-                                  timeout=self.settings.ssh_command_timeout * len(jobs))
+                                  timeout=self.settings.ssh_command_timeout * len(jobs), on_output=on_output)
             except KeyvaultError:
                 result = ExecResult(b"", None)
             healthy = result.exit_status is not None
-            for job in jobs:
-                self.on_step("generated", job.rid)
-                try:
-                    remote = parse_remote(job.rid, result.output)
-                    key = self._interpret(job.rid, remote, result.exit_status, host, cluster.key_pattern)  # step 4
-                    outcome = self._store(job.rid, keyring, cluster.name, job.scope, key, actor, host.label)  # 5
-                    self.on_step("stored", job.rid)
-                    self._cleanup(conn, host, job.rid, outcome)  # step 6
-                except Exception as exc:
-                    if not per_scope:
-                        raise
-                    results[job.index] = self._reported(exc, job.scope)
-                    continue
-                keys[job.index], results[job.index] = key, outcome
+            for job, report in stream.rest():  # reports cut short: what the end of the output says
+                finish(job, report, result.exit_status)
         finally:
             self._release(host, conn, healthy)
-        for job in jobs:  # step 7, after the connection is released
-            if job.index not in keys:
-                continue
-            try:
-                self._verify(job.rid, cluster.name, job.scope, keys[job.index], results[job.index])
-            except Exception as exc:
-                if not per_scope:
-                    raise
-                # The key is stored: the rotation succeeded even if its check could not be recorded.
-                results[job.index].warnings.append(f"verification not recorded: {self._reported(exc, job.scope)}")
         return results
+
+    def _finish(self, batch: "_Batch", job: _Job, report: bytes, exit_status: int | None):
+        """Steps 4-7 for one rotation of a batch; returns its outcome or its exception."""
+        self.on_step("generated", job.rid)
+        host, cluster = batch.host, batch.cluster
+        try:
+            remote = parse_remote(job.rid, report)
+            key = self._interpret(job.rid, remote, exit_status, host, cluster.key_pattern)  # step 4
+            outcome = self._store(job.rid, batch.keyring, cluster.name, job.scope, key, batch.actor,
+                                  host.label)  # step 5
+        except Exception as exc:
+            return self._reported(exc, job.scope)
+        self.on_step("stored", job.rid)
+        try:
+            self._cleanup(batch.conn, host, job.rid, outcome)  # step 6
+            self._verify(job.rid, cluster, job.scope, key, outcome)  # step 7
+        except Exception as exc:
+            # The key is stored: the rotation succeeded even if what follows was not recorded.
+            outcome.warnings.append(f"after the key was stored: {self._reported(exc, job.scope)}")
+        return outcome
 
     @staticmethod
     def _reported(exc: Exception, scope: Scope) -> Exception:
@@ -555,11 +617,12 @@ class RotationService:
                 setattr(rotation, name, value)
             rotation.updated_at = utcnow()
 
-    def _verify(self, rid: str, cluster_name: str, scope: Scope, key: str, outcome: RotationOutcome) -> None:
+    def _verify(self, rid: str, cluster, scope: Scope, key: str, outcome: RotationOutcome) -> None:
+        # The TA call happens outside any transaction: on SQLite a transaction holds the
+        # write lock, and bulk runs must not queue their commits behind a slow TA.
+        result = verify_scope_key(cluster, scope, key, settings=self.settings, client_factory=self.ta_client_factory)
+        cluster_name = cluster.name
         with transaction(self.factory) as s:
-            cluster = get_cluster(s, name=cluster_name)
-            result = verify_scope_key(cluster, scope, key, settings=self.settings,
-                                      client_factory=self.ta_client_factory)
             rotation = s.get(Rotation, rid)
             rotation.verify_state, rotation.verify_code = result.state, result.return_code
             rotation.verify_message, rotation.verified_at = result.message, utcnow()
@@ -621,7 +684,7 @@ class RotationService:
             self._cleanup(conn, host, rid, outcome)
         finally:
             conn.close()
-        self._verify(rid, cluster.name, scope, key, outcome)
+        self._verify(rid, cluster, scope, key, outcome)
         return outcome
 
     def abandon(self, rid: str, *, reason: str) -> None:

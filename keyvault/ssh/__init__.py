@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,12 @@ class ExecResult:
 class Connection(Protocol):
     label: str
 
-    def run(self, command: str, *, password: str | None = None, timeout: float) -> ExecResult:
-        """Run ``command``; with ``password``, answer a prompt on a PTY."""
+    def run(self, command: str, *, password: str | None = None, timeout: float,
+            on_output: Callable[[bytes], None] | None = None) -> ExecResult:
+        """Run ``command``; with ``password``, answer a prompt on a PTY.
+
+        ``on_output`` sees each chunk of output as it arrives (it may hold keys).
+        """
 
     def close(self) -> None:
         """Close the connection."""

@@ -7,8 +7,11 @@ covers is also tested through the real OpenSSH sshd.
 
 from __future__ import annotations
 
+import os
+import selectors
 import subprocess
-from typing import Mapping
+import time
+from typing import Callable, Mapping
 
 from keyvault.errors import HostUnreachable
 from keyvault.ssh import ExecResult, SshTarget
@@ -22,14 +25,28 @@ class LocalConnection:
         self._env = dict(env)
         self.commands: list[str] = []
 
-    def run(self, command: str, *, password: str | None = None, timeout: float) -> ExecResult:
+    def run(self, command: str, *, password: str | None = None, timeout: float,
+            on_output: Callable[[bytes], None] | None = None) -> ExecResult:
         self.commands.append(command)
-        try:
-            proc = subprocess.run(["sh", "-c", command], env=self._env, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired as exc:
-            return ExecResult(exc.output or b"", None)
-        return ExecResult(proc.stdout, proc.returncode)
+        deadline = time.monotonic() + timeout
+        proc = subprocess.Popen(["sh", "-c", command], env=self._env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        output = bytearray()
+        with proc, selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sel.select(remaining):
+                    proc.kill()
+                    return ExecResult(bytes(output), None)
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                output += chunk
+                if on_output is not None:
+                    on_output(chunk)
+            status = proc.wait()
+        return ExecResult(bytes(output), status if status >= 0 else None)
 
     def close(self) -> None:
         pass

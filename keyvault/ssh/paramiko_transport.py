@@ -10,6 +10,7 @@ import re
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 import paramiko
 
@@ -30,7 +31,8 @@ class ParamikoConnection:
     def __repr__(self) -> str:
         return f"ParamikoConnection({self.label})"
 
-    def run(self, command: str, *, password: str | None = None, timeout: float) -> ExecResult:
+    def run(self, command: str, *, password: str | None = None, timeout: float,
+            on_output: Callable[[bytes], None] | None = None) -> ExecResult:
         deadline = time.monotonic() + timeout
         try:
             chan = self._transport.open_session(timeout=timeout)
@@ -56,6 +58,8 @@ class ParamikoConnection:
                 if not chunk:
                     break
                 output += chunk
+                if on_output is not None:
+                    on_output(chunk)
                 if not sent and self._prompt.search(bytes(output[-200:])):
                     # The prompt came; type the password once. It never enters `output`'s
                     # consumers because su does not echo it.

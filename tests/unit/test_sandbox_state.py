@@ -9,6 +9,7 @@ import re
 import shlex
 import stat
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -75,12 +76,15 @@ def test_generate_replaces_previous_key_and_counts(sim):
     assert st.generations(sim, "app:APP2") == 0
     assert st.generations(sim) == 3
     # atomic writes leave no temporary files behind
-    assert sorted(os.listdir(sim)) == ["generated.sha256", "state.json", "state.lock"]
+    assert sorted(os.listdir(sim)) == ["generated.sha256", "keys", "state.json", "state.lock"]
+    assert sorted(os.listdir(sim / "keys")) == ["app-APP1", "app-APP2", "root"]
     # every generated key is logged by fingerprint only, so leaks can be found later
     assert len(st.generated_fingerprints(sim)) == 3
     assert st.find_leaks(f"x {second} y {root}", st.generated_fingerprints(sim)) == 2
     assert st.find_leaks("x" * 64, st.generated_fingerprints(sim)) == 0
     assert _mode(sim / "state.json") == 0o600
+    assert _mode(sim / "keys") == 0o700 and _mode(sim / "keys" / "app-APP1") == 0o600
+    assert second not in (sim / "state.json").read_text()
 
 
 def test_generate_unknown_app_changes_nothing(sim):
@@ -149,13 +153,14 @@ def test_install_wrapper_quotes_paths(tmp_path):
     assert _mode(dest) == 0o755
     lines = dest.read_text().splitlines()
     assert lines[0] == "#!/bin/sh"
-    assert shlex.split(lines[-1]) == [f"TA_SIM_STATE_DIR={state_dir}", "exec",
-                                      "/opt/py thon/python3", "-m", "keyvault.sandbox.tatool",
+    env = [f"PYTHONPYCACHEPREFIX={state_dir}/.pycache", f"TA_SIM_STATE_DIR={state_dir}"]
+    assert shlex.split(lines[-1]) == [f"PYTHONPATH={Path(st.__file__).parents[2]}", *env,
+                                      "exec", "/opt/py thon/python3", "-P", "-S", "-c",
+                                      "import sys; from keyvault.sandbox.tatool import main; sys.exit(main())",
                                       "$@"]
     assert lines[-1].endswith('"$@"')
     st.install_wrapper(dest, state_dir, python="/usr/bin/python3", pythonpath="/src dir")
-    assert shlex.split(dest.read_text().splitlines()[-1])[:3] == [
-        "PYTHONPATH=/src dir", f"TA_SIM_STATE_DIR={state_dir}", "exec"]
+    assert shlex.split(dest.read_text().splitlines()[-1])[:4] == ["PYTHONPATH=/src dir", *env, "exec"]
 
 
 def _nobody():
@@ -204,4 +209,23 @@ def test_cli(tmp_path, capsys):
     dest = tmp_path / "ta-tool"
     assert st.main(["install", "--dest", str(dest), "--state-dir", state_dir]) == 0
     assert os.access(dest, os.X_OK)
-    assert json.loads((tmp_path / "state" / "state.json").read_text())["total_generations"] == 1
+    assert st.generations(state_dir) == 1
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["format"] == 2
+
+
+def test_init_upgrades_a_format_1_state_and_keeps_every_key(tmp_path):
+    state_dir = tmp_path / "old"
+    state_dir.mkdir(mode=0o700)
+    old = {"root": {"key": "R" * 64, "generations": 2}, "total_generations": 3,
+           "apps": {"A1": {"key": "K" * 64, "generations": 1, "project_id": 4},
+                    "B2": {"key": None, "generations": 0, "project_id": 7}}}
+    (state_dir / "state.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="old format.*init"):
+        st.read_state(state_dir)
+    st.init_state(state_dir, ["C3"])
+    state = st.read_state(state_dir)
+    assert state["root"] == {"key": "R" * 64, "generations": 2}
+    assert state["apps"] == {"A1": {"key": "K" * 64, "generations": 1, "project_id": 4},
+                             "B2": {"key": None, "generations": 0, "project_id": 7},
+                             "C3": {"key": None, "generations": 0, "project_id": 8}}
+    assert "K" * 64 not in (state_dir / "state.json").read_text()

@@ -14,11 +14,13 @@ from keyvault.tahost import (
     cleanup_script,
     fetch_script,
     find_keys,
+    generate_many_script,
     generate_script,
     mask_keys,
     parse_remote,
     raise_for_become,
     render_command,
+    report_end,
 )
 
 KEY = "A" * 20 + "b" * 20 + "9" * 24
@@ -142,3 +144,53 @@ def test_become_failure_message_masks_output():
     with pytest.raises(BecomeFailed) as info:
         raise_for_become(f"Password: \nsu: Authentication failure {KEY}", "ops@h:22", Become("su", "ta", "ops"))
     assert KEY not in str(info.value) and "Authentication failure" in str(info.value)
+
+
+def _sudo_i_quote(command: str) -> str:
+    # What `sudo -i` does to a command before handing it to the login shell's -c:
+    # a backslash before every character but letters, digits, "_", "-" and "$".
+    return "".join(c if c.isalnum() or c in "_-$" else "\\" + c for c in command)
+
+
+def test_scripts_survive_sudo_i_requoting_with_the_exit_status_intact(tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    tool = bindir / "ta-tool"
+    tool.write_text('#!/bin/sh\necho "secret: ' + KEY + '"; echo oops >&2; exit 3\n')
+    tool.chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir()
+    jobs = [(RID, "ta-tool generate_root_secret"), ("fed654cba321", "ta-tool generate_root_secret")]
+    for script in (generate_script(RID, jobs[0][1]), generate_many_script(jobs)):
+        for rid, _ in jobs:
+            for suffix in (".out", ".err", ".rc", ".done"):
+                (home / ".keyvault" / "pending" / f"{rid}{suffix}").unlink(missing_ok=True)
+        # The outer (login) shell gets the re-quoted words, as under `sudo -n -iu ta sh -c SCRIPT`.
+        out = run_local(_sudo_i_quote("sh") + " " + _sudo_i_quote("-c") + " " + _sudo_i_quote(script), home, bindir)
+        remote = parse_remote(RID, out)
+        assert remote.state == "result" and remote.rc == 3
+        assert find_keys(remote.output, r"[A-Za-z0-9]{64}") == [KEY] and remote.errors == b"oops\n"
+        assert (home / ".keyvault" / "pending" / f"{RID}.rc").read_text() == "3\n"
+        fetched = parse_remote(RID, run_local(_sudo_i_quote("sh") + " -c " + _sudo_i_quote(fetch_script(RID)),
+                                              home, bindir))
+        assert fetched.state == "result" and fetched.rc == 3
+
+
+def test_generate_many_runs_each_rotation_in_its_own_part(fake_tool):
+    home, bindir = fake_tool
+    first, second, third = "aaaaaa111111", "bbbbbb222222", "cccccc333333"
+    run_local(generate_script(second, "ta-tool generate_root_secret"), home, bindir)  # already claimed
+    script = generate_many_script([(first, "ta-tool generate_root_secret"),
+                                   (second, "ta-tool generate_root_secret"),
+                                   (third, "ta-tool generate_root_secret")])
+    out = run_local(script, home, bindir)
+    assert parse_remote(first, out).state == "result" and parse_remote(first, out).rc == 0
+    # The second one's early exit (EXISTS) ends only its own part: the third still runs.
+    assert parse_remote(second, out).state == "exists"
+    assert parse_remote(third, out).state == "result"
+    ends = [report_end(rid, out) for rid in (first, second, third)]
+    assert ends == sorted(ends) and ends[-1] <= len(out)
+    assert report_end(first, out[: ends[0] - 3]) is None  # an RC marker cut short is not an end
+    assert generate_many_script([(first, "ta-tool x")]) == generate_script(first, "ta-tool x")
+    with pytest.raises(InvalidInput):
+        generate_many_script([])
