@@ -136,8 +136,16 @@ def cleanup_script(rid: str) -> str:
 
 
 def cleanup_many_script(rids: list[str]) -> str:
-    """Clean up several rotations in one command (one su, one channel)."""
-    return "; ".join(cleanup_script(rid) for rid in rids)
+    """Clean up several rotations in one command (one su, one channel, one ``rm``).
+
+    A rotation is reported CLEANED (and gets its tombstone) only once its files are gone.
+    """
+    for rid in rids:
+        _check_rid(rid)
+    files = " ".join(f"{rid}.out {rid}.err {rid}.rc" for rid in rids)
+    marks = "; ".join(f"[ -e {rid}.out ] || [ -e {rid}.err ] || {{ : >{rid}.done; echo {_marker(rid, 'CLEANED')}; }}"
+                      for rid in rids)
+    return f'umask 077; cd "{PENDING_DIR}" || exit 70; rm -f {files}; {marks}'
 
 
 def check_script(command: str) -> str:

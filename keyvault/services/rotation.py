@@ -55,7 +55,7 @@ from keyvault.services.clusters import cluster_options, get_cluster
 from keyvault.services.hosts import become_for, list_hosts, ssh_target, su_password_for
 from keyvault.services.secrets import get_version, reveal, store_version
 from keyvault.services.store import open_keyring
-from keyvault.services.verify import verify_scope_key
+from keyvault.services.verify import KeyCheckOutcome, unverifiable, verify_scope_key
 from keyvault.ssh import Connection, Connector, ExecResult
 from keyvault.tahost import (
     RemoteOutput,
@@ -72,6 +72,8 @@ from keyvault.tahost import (
 )
 
 log = logging.getLogger("keyvault.rotation")
+# Rotations cleaned up by one command at the end of a bulk run (~120 bytes each).
+CLEANUP_CHUNK = 300
 
 
 @dataclass
@@ -248,8 +250,8 @@ class RotationService:
             deferred, self._deferred = self._deferred, {}
         cleaned: set[str] = set()
         for host, rids in deferred.values():
-            for start in range(0, len(rids), 50):
-                chunk = rids[start:start + 50]
+            for start in range(0, len(rids), CLEANUP_CHUNK):
+                chunk = rids[start:start + CLEANUP_CHUNK]
                 try:
                     conn, _ = self._connect_any([host])
                 except KeyvaultError as exc:
@@ -410,14 +412,16 @@ class RotationService:
         try:
             remote = parse_remote(job.rid, report)
             key = self._interpret(job.rid, remote, exit_status, host, cluster.key_pattern)  # step 4
+            # A check that cannot happen (no project id) is recorded with the key: one commit less.
             outcome = self._store(job.rid, batch.keyring, cluster.name, job.scope, key, batch.actor,
-                                  host.label)  # step 5
+                                  host.label, verified=unverifiable(cluster, job.scope))  # step 5
         except Exception as exc:
             return self._reported(exc, job.scope)
         self.on_step("stored", job.rid)
         try:
             self._cleanup(batch.conn, host, job.rid, outcome)  # step 6
-            self._verify(job.rid, cluster, job.scope, key, outcome)  # step 7
+            if outcome.verify_state is None:
+                self._verify(job.rid, cluster, job.scope, key, outcome)  # step 7
         except Exception as exc:
             # The key is stored: the rotation succeeded even if what follows was not recorded.
             outcome.warnings.append(f"after the key was stored: {self._reported(exc, job.scope)}")
@@ -532,7 +536,8 @@ class RotationService:
 
     # -- step 5 ------------------------------------------------------------------
     def _store(self, rid: str, keyring: crypto.Keyring, cluster_name: str, scope: Scope, key: str, actor: str,
-               host_label: str) -> RotationOutcome:
+               host_label: str, verified: KeyCheckOutcome | None = None) -> RotationOutcome:
+        """Step 5; ``verified`` (a check known without TA, i.e. skipped) is recorded with it."""
         fp = crypto.fingerprint(key)
         try:
             with transaction(self.factory) as s:
@@ -549,6 +554,9 @@ class RotationService:
                 rotation.state, rotation.updated_at = "stored", utcnow()
                 rotation.old_version, rotation.new_version = stored.old_number, stored.number
                 rotation.new_fingerprint, rotation.error = stored.fingerprint, None
+                if verified is not None:
+                    rotation.verify_state, rotation.verify_code = verified.state, verified.return_code
+                    rotation.verify_message, rotation.verified_at = verified.message, utcnow()
                 outcome = self._outcome(rotation)
                 outcome.old_fingerprint = stored.old_fingerprint
         except RotationError:
@@ -605,7 +613,11 @@ class RotationService:
         result = self._try(conn, host, cleanup_script(rid))
         if result is not None and parse_remote(rid, result.output).state == "cleaned":
             outcome.cleaned_up = True
-            self._update(rid, cleaned_up=True)
+            if outcome.verify_state is not None:  # checked already (skipped): nothing is left to do
+                outcome.state = "completed"
+                self._update(rid, cleaned_up=True, state="completed")
+            else:
+                self._update(rid, cleaned_up=True)
         else:
             outcome.warnings.append(f"could not delete the pending file on {host.label}; "
                                     f"`keyvault rotations recover {rid}` retries")

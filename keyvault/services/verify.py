@@ -30,23 +30,31 @@ def make_client(cluster: Cluster, settings: Settings, client_factory: Callable |
     return factory(cluster.open_api_url, timeout=settings.ta_timeout, error_codes=dict(settings.ta_error_codes))
 
 
+def unverifiable(cluster: Cluster, scope: Scope) -> KeyCheckOutcome | None:
+    """The ``skipped`` outcome when no check of ``scope`` is possible (no key needed); else None."""
+    if scope.is_root or cluster_options(cluster)["project_ids"].get(scope.appid) is not None:
+        return None
+    return KeyCheckOutcome(
+        "skipped", None,
+        f"no TA project id known for {scope.appid}; set it with "
+        f"`keyvault cluster set {cluster.name} --project-id {scope.appid}=N`",
+    )
+
+
 def verify_scope_key(cluster: Cluster, scope: Scope, key: str, *, settings: Settings,
                      client_factory: Callable | None = None) -> KeyCheckOutcome:
     """Call the cluster's check endpoint for ``scope`` with ``key``."""
     from keyvault.ta import verify_key
 
+    skipped = unverifiable(cluster, scope)
+    if skipped is not None:
+        return skipped
     options = cluster_options(cluster)
     if scope.is_root:
         method, path = options["verify_root_method"], options["verify_root_path"]
         params = {"loginName": options["login_name"] or "root"}
     else:
-        project_id = options["project_ids"].get(scope.appid)
-        if project_id is None:
-            return KeyCheckOutcome(
-                "skipped", None,
-                f"no TA project id known for {scope.appid}; set it with "
-                f"`keyvault cluster set {cluster.name} --project-id {scope.appid}=N`",
-            )
+        project_id = options["project_ids"][scope.appid]
         method, path = options["verify_app_method"], options["verify_app_path"]
         params = {"projectId": project_id}
     result = verify_key(make_client(cluster, settings, client_factory), token=key, method=method,

@@ -11,6 +11,7 @@ from keyvault.errors import BecomeFailed, InvalidInput, TaToolMissing
 from keyvault.tahost import (
     Become,
     check_script,
+    cleanup_many_script,
     cleanup_script,
     fetch_script,
     find_keys,
@@ -194,3 +195,22 @@ def test_generate_many_runs_each_rotation_in_its_own_part(fake_tool):
     assert generate_many_script([(first, "ta-tool x")]) == generate_script(first, "ta-tool x")
     with pytest.raises(InvalidInput):
         generate_many_script([])
+
+
+def test_cleanup_many_reports_only_rotations_whose_files_are_gone(fake_tool):
+    home, bindir = fake_tool
+    rids = ["aaaaaa111111", "bbbbbb222222", "cccccc333333"]
+    for rid in rids:
+        run_local(generate_script(rid, "ta-tool generate_root_secret"), home, bindir)
+    pending = home / ".keyvault" / "pending"
+    # A .err that rm -f cannot remove (a non-empty directory) keeps that rotation uncleaned.
+    (pending / "bbbbbb222222.err").unlink()
+    (pending / "bbbbbb222222.err").mkdir()
+    (pending / "bbbbbb222222.err" / "x").write_text("")
+    out = run_local(cleanup_many_script(rids), home, bindir).decode()
+    assert [rid for rid in rids if f"@@KV:{rid}:CLEANED@@" in out] == ["aaaaaa111111", "cccccc333333"]
+    assert not (pending / "aaaaaa111111.out").exists() and (pending / "aaaaaa111111.done").exists()
+    assert not (pending / "bbbbbb222222.done").exists()
+    assert parse_remote("aaaaaa111111", run_local(fetch_script("aaaaaa111111"), home, bindir)).state == "cleaned"
+    with pytest.raises(InvalidInput):
+        cleanup_many_script(["../etc"])
