@@ -89,18 +89,43 @@ def generate_script(rid: str, command: str) -> str:
     ])
 
 
-def generate_many_script(jobs: list[tuple[str, str]]) -> str:
+def generate_many_script(jobs: list[tuple[str, str]], *, clean_from_stdin: bool = False) -> str:
     """Run ta-tool for several rotations in one ``su`` session: ``[(rotation id, command), ...]``.
 
     Each rotation keeps its own claim, pending file and markers; each runs in a subshell so
     that its early ``exit`` (EXISTS, NOTATOOL) ends only its own part. One job is exactly
-    :func:`generate_script`.
+    :func:`generate_script`. With ``clean_from_stdin`` the script then reads rotation ids
+    (of this batch only), one per line until end of input, and cleans each up as
+    :func:`cleanup_script` does: keyvault sends an id only once its key is committed.
     """
     if not jobs:
         raise InvalidInput("no rotation to run")
-    if len(jobs) == 1:
+    if len(jobs) == 1 and not clean_from_stdin:
         return generate_script(*jobs[0])
-    return "; ".join(f"( {generate_script(rid, command)} )" for rid, command in jobs)
+    script = "; ".join(f"( {generate_script(rid, command)} )" for rid, command in jobs)
+    if clean_from_stdin:
+        # The CLEANUP marker says every ta-tool run is over: keyvault must close stdin now.
+        script += f"; echo {cleanup_marker(jobs[0][0])}; " + _clean_from_stdin([rid for rid, _ in jobs])
+    return script
+
+
+def cleanup_marker(first_rid: str) -> str:
+    """What a batch with ``clean_from_stdin`` prints once it waits for rotation ids."""
+    return _marker(first_rid, "CLEANUP")
+
+
+def _clean_from_stdin(rids: list[str]) -> str:
+    # keyvault writes a rotation id to stdin once that key is committed, then closes stdin.
+    # Only this batch's own ids are accepted: stdin can name nothing else to delete. One rm
+    # for all of them, then as cleanup_many_script: CLEANED only once the files are gone.
+    ids = "|".join(_check_rid(rid) for rid in rids)
+    return (
+        f"kv_ids=; kv_files=; while read -r kv_rid; do case ${{kv_rid}} in {ids}) "
+        f'kv_ids="${{kv_ids}} ${{kv_rid}}"; kv_files="${{kv_files}} ${{kv_rid}}.out ${{kv_rid}}.err ${{kv_rid}}.rc";; '
+        f'esac; done; if [ -n "${{kv_ids}}" ] && cd "{PENDING_DIR}"; then rm -f ${{kv_files}}; '
+        f"for kv_rid in ${{kv_ids}}; do [ -e ${{kv_rid}}.out ] || [ -e ${{kv_rid}}.err ] || "
+        f'{{ : >${{kv_rid}}.done; echo "@@KV:${{kv_rid}}:CLEANED@@"; }}; done; fi'
+    )
 
 
 def _readback(rid: str, f: str, rc: str) -> str:

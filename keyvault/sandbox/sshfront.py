@@ -203,7 +203,7 @@ def classify(command: str, *, ta_user: str = "ta") -> Accepted | None:
     rids = _RID_RE.findall(script)
     if len(rids) > 1 and script == tahost.cleanup_many_script(list(dict.fromkeys(rids))):
         return Accepted(method, "cleanup", script, rids[0])
-    if script.startswith("( ") and script.endswith(" )"):
+    if script.startswith("( "):
         return _classify_many(method, script)
     for rid in _candidates(_RID_RE, script):
         if script == tahost.fetch_script(rid):
@@ -231,18 +231,40 @@ def _classify_generate(script: str) -> tuple[str, str, str] | None:
 def _classify_many(method: str, script: str) -> Accepted | None:
     # Splitting is only a way to find the parts: the whole script is re-rendered and
     # compared, so a part that merely contains the separator cannot slip through.
-    parts = script[2:-2].split(" ); ( ")
-    if not 2 <= len(parts) <= MAX_BATCH:
+    body, clean = script, False
+    cut = script.rfind(" ); echo @@KV:")
+    if cut != -1 and ":CLEANUP@@; " in script[cut:]:  # the clean_from_stdin tail
+        body, clean = script[:cut + 2], True
+    if not (body.startswith("( ") and body.endswith(" )")):
+        return None
+    parts = body[2:-2].split(" ); ( ")
+    if not (1 if clean else 2) <= len(parts) <= MAX_BATCH:
         return None
     jobs = [_classify_generate(part) for part in parts]
     if any(job is None for job in jobs):
         return None
-    if tahost.generate_many_script([(rid, cmd) for rid, _, cmd in jobs]) != script:
+    if tahost.generate_many_script([(rid, cmd) for rid, _, cmd in jobs], clean_from_stdin=clean) != script:
         return None
     return Accepted(method, "generate", script, jobs[0][0], jobs[0][1], batch=len(jobs))
 
 
 # --- the server -------------------------------------------------------------------------
+
+
+def _feed_stdin(chan: paramiko.Channel, proc: subprocess.Popen) -> None:
+    # What the client sends goes to the script's stdin, as sshd does; its EOF closes it.
+    try:
+        while True:
+            data = chan.recv(_READ_CHUNK)
+            if not data:
+                break
+            proc.stdin.write(data)
+            proc.stdin.flush()
+    except (paramiko.SSHException, OSError, EOFError, ValueError):
+        pass  # the command or the channel is gone
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdin.close()
 
 
 def _handle_request_then_run(chan: paramiko.Channel, m) -> None:
@@ -566,11 +588,14 @@ class SshFront:
                 return REFUSED_STATUS
             proc = subprocess.Popen(
                 ["/bin/sh", "-c", accepted.script],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 env=self._environment(), cwd=str(self.ta_home), close_fds=True,
                 start_new_session=True,
             )
             self._procs.add(proc)
+        feeder = threading.Thread(target=_feed_stdin, args=(chan, proc), daemon=True,
+                                  name=f"sshfront-stdin-{chan.get_id()}")
+        feeder.start()
         try:
             fd = proc.stdout.fileno()
             while True:

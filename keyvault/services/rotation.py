@@ -56,10 +56,11 @@ from keyvault.services.hosts import become_for, list_hosts, ssh_target, su_passw
 from keyvault.services.secrets import get_version, reveal, store_version
 from keyvault.services.store import open_keyring
 from keyvault.services.verify import KeyCheckOutcome, unverifiable, verify_scope_key
-from keyvault.ssh import Connection, Connector, ExecResult
+from keyvault.ssh import Connection, Connector, ExecResult, StdinReply
 from keyvault.tahost import (
     RemoteOutput,
     cleanup_many_script,
+    cleanup_marker,
     cleanup_script,
     fetch_script,
     find_keys,
@@ -117,6 +118,8 @@ class _Batch:
     host: Host
     conn: Connection
     actor: str
+    inline_cleanup: bool = False
+    to_clean: list = field(default_factory=list)  # ids whose keys are committed, in order
 
 
 class _ReportStream:
@@ -126,10 +129,21 @@ class _ReportStream:
     job's; it ends with its RC marker, or EXISTS/NOTATOOL when it never started.
     """
 
-    def __init__(self, jobs: list[_Job]) -> None:
+    def __init__(self, jobs: list[_Job], cleanup_marker: str | None = None) -> None:
         self._pending = list(jobs)
         self._buffer = bytearray()
         self._start = 0  # where the first pending job's report begins
+        self._cleanup_marker = cleanup_marker.encode() if cleanup_marker else None
+        self.closed = False  # stdin closed (inline clean-up)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    @property
+    def waiting_for_ids(self) -> bool:
+        """The batch printed its CLEANUP marker: every ta-tool run is over."""
+        return self._cleanup_marker is not None and self._cleanup_marker in self._buffer
 
     def feed(self, chunk: bytes) -> list[tuple[_Job, bytes]]:
         """The (job, report) pairs that ``chunk`` completed."""
@@ -261,14 +275,18 @@ class RotationService:
                 text = result.output.decode("utf-8", "replace") if result else ""
                 done = [rid for rid in chunk if f"@@KV:{rid}:CLEANED@@" in text]
                 cleaned.update(done)
-                if done:
-                    with transaction(self.factory) as s:
-                        for rotation in s.scalars(select(Rotation).where(Rotation.id.in_(done))):
-                            rotation.cleaned_up = True
-                            if rotation.state == "stored" and rotation.verify_state is not None:
-                                rotation.state = "completed"
-                            rotation.updated_at = utcnow()
+                self._record_cleaned(done)
         return cleaned
+
+    def _record_cleaned(self, rids: list[str]) -> None:
+        if not rids:
+            return
+        with transaction(self.factory) as s:
+            for rotation in s.scalars(select(Rotation).where(Rotation.id.in_(rids))):
+                rotation.cleaned_up = True
+                if rotation.state == "stored" and rotation.verify_state is not None:
+                    rotation.state = "completed"
+                rotation.updated_at = utcnow()
 
     # -- step 1 -----------------------------------------------------------------
     def _preflight(self, cluster_name: str, scopes: list[Scope]):
@@ -378,32 +396,63 @@ class RotationService:
                 self.on_step("journaled", job.rid)
             if not jobs:
                 return results
-            batch = _Batch(keyring=keyring, cluster=cluster, host=host, conn=conn, actor=actor)
+            become = become_for(host)
+            password = su_password_for(become, self.settings)
+            # Bulk runs without a PTY clean up in the same session: keyvault sends each id on
+            # stdin once its key is committed (with a PTY, stdin is su's: clean-up is deferred).
+            batch = _Batch(keyring=keyring, cluster=cluster, host=host, conn=conn, actor=actor,
+                           inline_cleanup=self._defer_cleanup and password is None)
 
             def finish(job: _Job, report: bytes, exit_status: int | None) -> None:
                 results[job.index] = self._finish(batch, job, report, exit_status)
                 done(job.scope, results[job.index])
 
-            stream = _ReportStream(jobs)
+            stream = _ReportStream(jobs, cleanup_marker(jobs[0].rid) if batch.inline_cleanup else None)
+            sent = 0
 
-            def on_output(chunk: bytes) -> None:
+            def on_output(chunk: bytes) -> StdinReply | None:
+                nonlocal sent
                 # Steps 4-7 for each rotation whose report is complete, while the next runs.
                 for job, report in stream.feed(chunk):
                     finish(job, report, 0)
+                if not batch.inline_cleanup or stream.closed:
+                    return None
+                if stream.waiting_for_ids:
+                    for job, report in stream.rest():  # the script went on: these reports are cut short
+                        finish(job, report, 0)
+                new, sent = batch.to_clean[sent:], len(batch.to_clean)
+                stream.closed = not stream.pending
+                return StdinReply("".join(f"{rid}\n" for rid in new).encode(), close=stream.closed)
 
-            become = become_for(host)
             try:  # step 3: one su session for the batch, one pending file per rotation
-                result = conn.run(become.wrap(generate_many_script([(job.rid, job.command) for job in jobs])),
-                                  password=su_password_for(become, self.settings),
+                script = generate_many_script([(job.rid, job.command) for job in jobs],
+                                              clean_from_stdin=batch.inline_cleanup)
+                result = conn.run(become.wrap(script), password=password,
                                   timeout=self.settings.ssh_command_timeout * len(jobs), on_output=on_output)
             except KeyvaultError:
                 result = ExecResult(b"", None)
             healthy = result.exit_status is not None
             for job, report in stream.rest():  # reports cut short: what the end of the output says
                 finish(job, report, result.exit_status)
+            if batch.inline_cleanup:
+                self._settle_inline_cleanup(batch, result.output, results)
         finally:
             self._release(host, conn, healthy)
         return results
+
+    def _settle_inline_cleanup(self, batch: "_Batch", output: bytes, results: list) -> None:
+        """Record what the batch cleaned up; leave the rest to the end-of-run clean-up."""
+        cleaned = [rid for rid in batch.to_clean if f"@@KV:{rid}:CLEANED@@".encode() in output]
+        self._record_cleaned(cleaned)
+        done = set(cleaned)
+        for result in results:
+            if isinstance(result, RotationOutcome) and result.rotation_id in done:
+                result.cleaned_up = True
+                result.state = "completed" if result.verify_state is not None else result.state
+        leftover = [rid for rid in batch.to_clean if rid not in done]
+        if leftover:
+            with self._conn_lock:
+                self._deferred.setdefault(batch.host.id, (batch.host, []))[1].extend(leftover)
 
     def _finish(self, batch: "_Batch", job: _Job, report: bytes, exit_status: int | None):
         """Steps 4-7 for one rotation of a batch; returns its outcome or its exception."""
@@ -419,7 +468,10 @@ class RotationService:
             return self._reported(exc, job.scope)
         self.on_step("stored", job.rid)
         try:
-            self._cleanup(batch.conn, host, job.rid, outcome)  # step 6
+            if batch.inline_cleanup:  # step 6, by the batch's own session once it is told
+                batch.to_clean.append(job.rid)
+            else:
+                self._cleanup(batch.conn, host, job.rid, outcome)  # step 6
             if outcome.verify_state is None:
                 self._verify(job.rid, cluster, job.scope, key, outcome)  # step 7
         except Exception as exc:

@@ -39,14 +39,23 @@ class ExecResult:
     exit_status: int | None
 
 
+@dataclass(frozen=True)
+class StdinReply:
+    """What an ``on_output`` callback sends back: bytes for the command's stdin, then maybe its end."""
+
+    data: bytes = field(default=b"", repr=False)
+    close: bool = False
+
+
 class Connection(Protocol):
     label: str
 
     def run(self, command: str, *, password: str | None = None, timeout: float,
-            on_output: Callable[[bytes], None] | None = None) -> ExecResult:
+            on_output: Callable[[bytes], "StdinReply | None"] | None = None) -> ExecResult:
         """Run ``command``; with ``password``, answer a prompt on a PTY.
 
-        ``on_output`` sees each chunk of output as it arrives (it may hold keys).
+        ``on_output`` sees each chunk of output as it arrives (it may hold keys) and may
+        answer with a :class:`StdinReply` (not with ``password``: the PTY is su's).
         """
 
     def close(self) -> None:

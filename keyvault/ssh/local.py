@@ -14,7 +14,7 @@ import time
 from typing import Callable, Mapping
 
 from keyvault.errors import HostUnreachable
-from keyvault.ssh import ExecResult, SshTarget
+from keyvault.ssh import ExecResult, SshTarget, StdinReply
 
 
 class LocalConnection:
@@ -26,10 +26,11 @@ class LocalConnection:
         self.commands: list[str] = []
 
     def run(self, command: str, *, password: str | None = None, timeout: float,
-            on_output: Callable[[bytes], None] | None = None) -> ExecResult:
+            on_output: Callable[[bytes], StdinReply | None] | None = None) -> ExecResult:
         self.commands.append(command)
         deadline = time.monotonic() + timeout
-        proc = subprocess.Popen(["sh", "-c", command], env=self._env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(["sh", "-c", command], env=self._env,
+                                stdin=subprocess.DEVNULL if on_output is None else subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         output = bytearray()
         with proc, selectors.DefaultSelector() as sel:
@@ -44,11 +45,26 @@ class LocalConnection:
                     break
                 output += chunk
                 if on_output is not None:
-                    on_output(chunk)
+                    _answer(proc, on_output(chunk))
+            if proc.stdin is not None and not proc.stdin.closed:
+                proc.stdin.close()
             status = proc.wait()
         return ExecResult(bytes(output), status if status >= 0 else None)
 
     def close(self) -> None:
+        pass
+
+
+def _answer(proc: subprocess.Popen, reply: StdinReply | None) -> None:
+    if reply is None or proc.stdin.closed:
+        return
+    try:
+        if reply.data:
+            proc.stdin.write(reply.data)
+            proc.stdin.flush()
+        if reply.close:
+            proc.stdin.close()
+    except BrokenPipeError:  # the command is gone, as a remote one may be
         pass
 
 

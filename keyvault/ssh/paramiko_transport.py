@@ -15,7 +15,7 @@ from typing import Callable
 import paramiko
 
 from keyvault.errors import AuthenticationFailed, ConnectionLost, HostKeyError, HostUnreachable
-from keyvault.ssh import ExecResult, SshTarget, sha256_fingerprint
+from keyvault.ssh import ExecResult, SshTarget, StdinReply, sha256_fingerprint
 
 _READ_CHUNK = 65536
 
@@ -32,7 +32,7 @@ class ParamikoConnection:
         return f"ParamikoConnection({self.label})"
 
     def run(self, command: str, *, password: str | None = None, timeout: float,
-            on_output: Callable[[bytes], None] | None = None) -> ExecResult:
+            on_output: Callable[[bytes], StdinReply | None] | None = None) -> ExecResult:
         deadline = time.monotonic() + timeout
         try:
             chan = self._transport.open_session(timeout=timeout)
@@ -59,7 +59,12 @@ class ParamikoConnection:
                     break
                 output += chunk
                 if on_output is not None:
-                    on_output(chunk)
+                    reply = on_output(chunk)
+                    if reply is not None:
+                        if reply.data:
+                            chan.sendall(reply.data)
+                        if reply.close:
+                            chan.shutdown_write()
                 if not sent and self._prompt.search(bytes(output[-200:])):
                     # The prompt came; type the password once. It never enters `output`'s
                     # consumers because su does not echo it.

@@ -12,6 +12,7 @@ from keyvault.tahost import (
     Become,
     check_script,
     cleanup_many_script,
+    cleanup_marker,
     cleanup_script,
     fetch_script,
     find_keys,
@@ -214,3 +215,20 @@ def test_cleanup_many_reports_only_rotations_whose_files_are_gone(fake_tool):
     assert parse_remote("aaaaaa111111", run_local(fetch_script("aaaaaa111111"), home, bindir)).state == "cleaned"
     with pytest.raises(InvalidInput):
         cleanup_many_script(["../etc"])
+
+
+def test_batch_cleans_up_only_the_ids_it_is_sent_on_stdin(fake_tool):
+    home, bindir = fake_tool
+    first, second = "aaaaaa111111", "bbbbbb222222"
+    script = generate_many_script([(first, "ta-tool generate_root_secret"), (second, "ta-tool generate_root_secret")],
+                                  clean_from_stdin=True)
+    env = {"HOME": str(home), "PATH": f"{bindir}:/usr/bin:/bin"}
+    # An id of another batch, a path and the first id: only the first is this batch's to clean.
+    sent = f"cccccc333333\n../../x\n{first}\n".encode()
+    out = subprocess.run(["sh", "-c", script], env=env, input=sent, capture_output=True, check=False).stdout
+    text = out.decode()
+    assert text.index(f"@@KV:{second}:RC:0@@") < text.index(cleanup_marker(first)) < text.index(f"@@KV:{first}:CLEANED@@")
+    pending = home / ".keyvault" / "pending"
+    assert not (pending / f"{first}.out").exists() and (pending / f"{first}.done").exists()
+    assert (pending / f"{second}.out").exists() and f"@@KV:{second}:CLEANED@@" not in text
+    assert "cccccc333333:CLEANED" not in text
