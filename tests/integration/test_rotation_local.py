@@ -201,3 +201,66 @@ def test_failover_to_the_next_host_before_anything_ran(world):
     world["connector"].unreachable = frozenset({"dead-host"})
     outcome = service(world).rotate("c", root_scope(), actor="t")
     assert outcome.host.startswith("ta@ta-b")
+
+
+class _DroppingConnector:
+    """Injected transport: the real local one, but the client 'loses the connection' right
+    after the first report of a batch arrives (the script itself runs on, as on a host)."""
+
+    def __init__(self, inner: LocalConnector) -> None:
+        self.inner = inner
+
+    def connect(self, target):
+        return _DroppingConnection(self.inner.connect(target))
+
+    def offered_fingerprint(self, target):
+        return self.inner.offered_fingerprint(target)
+
+
+class _DroppingConnection:
+    def __init__(self, inner) -> None:
+        self.inner, self.label = inner, inner.label
+
+    def run(self, command, *, password=None, timeout, on_output=None):
+        from keyvault.ssh import ExecResult, StdinReply
+        from keyvault.tahost import report_end
+
+        seen, cut = bytearray(), None
+
+        def relay(chunk):
+            nonlocal cut
+            if cut is not None:
+                return StdinReply(close=True)  # gone: nothing more reaches keyvault
+            seen.extend(chunk)
+            first = report_end(command.split("@@KV:")[1].split(":")[0], seen)
+            if first is None:
+                return None
+            cut = first
+            return on_output(bytes(seen[:first])) if on_output else None
+
+        result = self.inner.run(command, password=password, timeout=timeout, on_output=relay)
+        if cut is None:
+            return result
+        return ExecResult(bytes(seen[:cut]), None)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_connection_lost_mid_batch_loses_no_key_and_recover_settles_each(world):
+    world = dict(world, connector=_DroppingConnector(world["connector"]))
+    scopes = [app_scope(a) for a in ("app1", "app2", "app3")]
+    with service(world) as svc:
+        results = dict(svc.rotate_many("c", scopes, actor="t", concurrency=1))
+    first = results[scopes[0]]
+    assert first.state in ("stored", "completed") and stored_key(world, scopes[0]) == state.current_key(
+        world["state"], "app:app1")
+    later = [results[s] for s in scopes[1:]]
+    assert all(isinstance(r, NeedsRecovery) for r in later)
+    # The host ran on: its pending files hold the only valid keys. Recovery stores each one.
+    for scope, exc in zip(scopes[1:], later):
+        assert rotation_row(world, exc.rotation_id).state == "needs_recovery"
+        outcome = service(world).recover(exc.rotation_id, actor="t")
+        assert outcome.state == "completed" and outcome.cleaned_up
+        assert stored_key(world, scope) == state.current_key(world["state"], f"app:{scope.appid}")
+    assert [state.generations(world["state"], f"app:{a}") for a in ("app1", "app2", "app3")] == [1, 1, 1]
