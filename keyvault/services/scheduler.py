@@ -186,36 +186,58 @@ class Scheduler:
 class SchedulerThread:
     """`rotate due` every ``interval`` seconds inside `keyvault serve --scheduler`.
 
-    Every replica may run one: the lease lets one act at a time.
+    Every replica may run one: the lease lets one act at a time. ``connector``, ``clock``
+    and ``on_run`` (called with each run's report, or the exception it raised) are for
+    injection; ``poke()`` runs it now instead of at the next interval.
     """
 
-    def __init__(self, factory, *, settings: Settings, interval: float = 60.0, clock: Clock | None = None) -> None:
+    def __init__(self, factory, *, settings: Settings, interval: float = 60.0, clock: Clock | None = None,
+                 connector=None, on_run: Callable[[object], None] | None = None) -> None:
         import threading
 
         from keyvault.models import utcnow
-        from keyvault.ssh.paramiko_transport import connector_from_settings
 
-        connector = connector_from_settings(settings)
+        if connector is None:
+            from keyvault.ssh.paramiko_transport import connector_from_settings
+
+            connector = connector_from_settings(settings)
         self.scheduler = Scheduler(factory, settings=settings, connector=connector, clock=clock or utcnow)
         self.interval = interval
+        self.on_run = on_run or (lambda outcome: None)
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="keyvault-scheduler", daemon=True)
 
     def start(self) -> None:
+        """Start the thread; the first run comes after ``interval`` (or a ``poke``)."""
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def poke(self) -> None:
+        """Run now rather than at the end of the current interval."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop after the current run; True when the thread has ended."""
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         import logging
 
         log = logging.getLogger("keyvault.scheduler")
-        while not self._stop.wait(self.interval):
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 report = self.scheduler.run()
                 if report.lease_acquired and report.results:
                     log.info("rotate due: %d rotated, %d failed", report.count("rotated"), report.count("failed"))
+                outcome: object = report
             except Exception as exc:  # the server keeps serving; the next tick tries again
                 log.error("scheduled rotation run failed: %s", exc)
+                outcome = exc
+            self.on_run(outcome)

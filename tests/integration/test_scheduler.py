@@ -680,3 +680,35 @@ def test_two_schedulers_in_threads_rotate_each_scope_once(world, cli):
         assert world.gens("c", f"app:{a}") == gens[f"app:{a}"] + 1
         world.check_stored("c", f"app:{a}")
     assert sum(1 for rep in reports.values() if rep.count("rotated")) == 1
+
+
+def test_the_serve_scheduler_thread_rotates_due_scopes_when_poked_and_stops(world, cli):
+    """`serve --scheduler` runs SchedulerThread; here with the connector and clock injected."""
+    import queue
+
+    from keyvault.services.scheduler import SchedulerThread
+
+    world.seed("c", ["app1", "app2"], age=timedelta(days=40))
+    world.backdate("c", ["app2"], world.t - timedelta(days=1))
+    ok(cli("policy", "set", "--cluster", "c", "--all-apps", "--max-age", "30d"))
+    gens = world.all_gens("c")
+    runs: queue.Queue = queue.Queue()
+    # An hour's interval: only poke() makes it run, so nothing here depends on timing.
+    thread = SchedulerThread(world.factory, settings=world.settings, interval=3600, clock=Clock(world.t),
+                             connector=world.connector, on_run=runs.put)
+    thread.start()
+    try:
+        thread.poke()
+        report = runs.get(timeout=120)  # a bound on a hang, not a synchronisation sleep
+        assert not isinstance(report, Exception), report
+        results = by_scope(report)
+        assert results["app:app1"].status == "rotated" and results["app:app2"].status == "skipped"
+        assert world.gens("c", "app:app1") == gens["app:app1"] + 1
+        assert world.gens("c", "app:app2") == gens["app:app2"]
+        world.check_stored("c", "app:app1")
+        thread.poke()
+        again = runs.get(timeout=120)
+        assert again.count("rotated") == 0 and world.gens("c", "app:app1") == gens["app:app1"] + 1
+    finally:
+        assert thread.stop(timeout=60)
+    assert runs.empty()  # stopping runs nothing more
