@@ -5,7 +5,9 @@ Needs the test sshd made by `tests/sshd/setup.sh` (root). Measured in one run:
   naive  `ssh root@host "su - ta -c 'ta-tool ...'"` with the OpenSSH client, one connection per key
   keyvault  `keyvault rotate app --cluster C APP1 ... APPn --yes --concurrency N` (journal,
             pending file, parse, encrypted store, cleanup, verify skipped) in one CLI process,
-            sequentially (N=1) and with each --concurrency given
+            sequentially (N=1) and with each --concurrency given; the CLI's start-up is
+            included. Bulk runs batch up to `rotation.batch_size` ta-tool calls per channel
+            (docs/rotation.md), so the per-key cost of an sshd session and su login is shared.
 The baselines run on a sample of the apps (--baseline-sample) to keep the run short;
 they are per key either way. Keys are generated and discarded; none is printed.
 
