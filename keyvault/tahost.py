@@ -76,12 +76,17 @@ def generate_script(rid: str, command: str) -> str:
     # Builtins wherever they do: in a batch every fork and exec is paid once per rotation.
     return "; ".join([
         "umask 077",
-        f'[ -d "{PENDING_DIR}" ] || mkdir -p "{PENDING_DIR}" || exit 70',
+        f'[ -d "{PENDING_DIR}" ] || mkdir -p "{PENDING_DIR}" || {{ echo {_marker(rid, "NODIR")}; exit 70; }}',
+        # Printed before anything is claimed: when the connection is gone this write fails
+        # (SIGPIPE, or EIO on a PTY) and the id stays unclaimed, so recovery can say "never ran".
+        f"echo {_marker(rid, 'START')} || exit 75",
         # A second run for the same rotation id must never generate again, nor a run after a
         # recovery declared it "never ran": creating .out exclusively (noclobber) claims the id.
         f'if [ -e {f}.done ] || ! ( set -C; : >{f}.out ) 2>/dev/null; then echo {_marker(rid, "EXISTS")}; exit 73; fi',
         f"if ! command -v {shlex.quote(tool)} >/dev/null 2>&1; then echo {_marker(rid, 'NOTATOOL')}; exit 74; fi",
-        f"echo {_marker(rid, 'START')}",
+        # The last claim, just before ta-tool: a recovery that finds .out but takes .launch
+        # first has proved ta-tool never started, and it never will.
+        f'if ! ( set -C; : >{f}.launch ) 2>/dev/null; then echo {_marker(rid, "EXISTS")}; exit 73; fi',
         # Ignoring HUP keeps ta-tool alive when the connection drops mid-run.
         f"( trap '' HUP; exec {command} ) >{f}.out 2>{f}.err </dev/null",
         f"kv_rc=${{?}}; echo ${{kv_rc}} >{f}.rc",
@@ -120,8 +125,9 @@ def _clean_from_stdin(rids: list[str]) -> str:
     # for all of them, then as cleanup_many_script: CLEANED only once the files are gone.
     ids = "|".join(_check_rid(rid) for rid in rids)
     return (
-        f"kv_ids=; kv_files=; while read -r kv_rid; do case ${{kv_rid}} in {ids}) "
-        f'kv_ids="${{kv_ids}} ${{kv_rid}}"; kv_files="${{kv_files}} ${{kv_rid}}.out ${{kv_rid}}.err ${{kv_rid}}.rc";; '
+        f"umask 077; kv_ids=; kv_files=; while read -r kv_rid; do case ${{kv_rid}} in {ids}) "
+        f'kv_ids="${{kv_ids}} ${{kv_rid}}"; kv_files="${{kv_files}} ${{kv_rid}}.out ${{kv_rid}}.err ${{kv_rid}}.rc '
+        f'${{kv_rid}}.launch";; '
         f'esac; done; if [ -n "${{kv_ids}}" ] && cd "{PENDING_DIR}"; then rm -f ${{kv_files}}; '
         f"for kv_rid in ${{kv_ids}}; do [ -e ${{kv_rid}}.out ] || [ -e ${{kv_rid}}.err ] || "
         f'{{ : >${{kv_rid}}.done; echo "@@KV:${{kv_rid}}:CLEANED@@"; }}; done; fi'
@@ -149,6 +155,10 @@ def fetch_script(rid: str) -> str:
         # rotation process that is slow to start can no longer run ta-tool for it; .void says so.
         f'if [ -e {f}.void ] || {{ mkdir -p "{PENDING_DIR}" && ( set -C; : >{f}.out ) 2>/dev/null && : >{f}.void; }}; '
         f"then echo {_marker(rid, 'ABSENT')}; exit 0; fi",
+        # Claimed but ta-tool not launched (the connection went between the two claims): take
+        # the launch claim so it never starts; then "never ran" is true for good.
+        f"if [ ! -e {f}.rc ] && [ ! -s {f}.out ] && ( set -C; : >{f}.launch ) 2>/dev/null; "
+        f"then : >{f}.void; echo {_marker(rid, 'ABSENT')}; exit 0; fi",
         _readback(rid, f, f"$(cat {f}.rc 2>/dev/null || echo none)"),
     ])
 
@@ -157,7 +167,7 @@ def cleanup_script(rid: str) -> str:
     """Delete the pending files, leaving a key-less tombstone so recovery can tell."""
     _check_rid(rid)
     f = f'"{PENDING_DIR}/{rid}"'
-    return f"umask 077; rm -f {f}.out {f}.err {f}.rc; : >{f}.done; echo {_marker(rid, 'CLEANED')}"
+    return f"umask 077; rm -f {f}.out {f}.err {f}.rc {f}.launch; : >{f}.done; echo {_marker(rid, 'CLEANED')}"
 
 
 def cleanup_many_script(rids: list[str]) -> str:
@@ -167,7 +177,7 @@ def cleanup_many_script(rids: list[str]) -> str:
     """
     for rid in rids:
         _check_rid(rid)
-    files = " ".join(f"{rid}.out {rid}.err {rid}.rc" for rid in rids)
+    files = " ".join(f"{rid}.out {rid}.err {rid}.rc {rid}.launch" for rid in rids)
     marks = "; ".join(f"[ -e {rid}.out ] || [ -e {rid}.err ] || {{ : >{rid}.done; echo {_marker(rid, 'CLEANED')}; }}"
                       for rid in rids)
     return f'umask 077; cd "{PENDING_DIR}" || exit 70; rm -f {files}; {marks}'
@@ -183,13 +193,13 @@ def check_script(command: str) -> str:
     )
 
 
-_REPORT_END = re.compile(rb"@@KV:([a-z0-9-]+):(?:RC:\w+|EXISTS|NOTATOOL)@@")
+_REPORT_END = re.compile(rb"@@KV:([a-z0-9-]+):(?:RC:\w+|EXISTS|NOTATOOL|NODIR)@@")
 
 
 def report_end(rid: str, output: bytes | bytearray, start: int = 0) -> int | None:
     """Where the report of generate ``rid`` in ``output`` (from ``start``) ends, once complete.
 
-    A report is complete at its RC marker, or at EXISTS / NOTATOOL when ta-tool never ran.
+    A report is complete at its RC marker, or at EXISTS / NOTATOOL / NODIR when ta-tool never ran.
     """
     for match in _REPORT_END.finditer(output, start):
         if match.group(1).decode() == rid:
@@ -202,7 +212,7 @@ class RemoteOutput:
     """What a generate or fetch reported. ``output`` holds ta-tool's stdout (may hold a key)."""
 
     started: bool
-    state: str  # "result", "absent", "cleaned", "exists", "notatool", "none"
+    state: str  # "result", "absent", "cleaned", "exists", "notatool", "nodir", "none"
     output: bytes = field(default=b"", repr=False)
     errors: bytes = field(default=b"", repr=False)
     rc: int | None = None
@@ -223,7 +233,8 @@ def parse_remote(rid: str, raw: bytes) -> RemoteOutput:
     tail = text[-2000:]
     m = lambda word: _marker(rid, word) in text  # noqa: E731
     started = m("START")
-    for word, state in (("CLEANED", "cleaned"), ("ABSENT", "absent"), ("EXISTS", "exists"), ("NOTATOOL", "notatool")):
+    for word, state in (("CLEANED", "cleaned"), ("ABSENT", "absent"), ("EXISTS", "exists"), ("NOTATOOL", "notatool"),
+                        ("NODIR", "nodir")):
         if m(word):
             return RemoteOutput(started=started, state=state, raw_tail=tail)
     found = re.search(

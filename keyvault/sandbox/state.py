@@ -430,11 +430,11 @@ def install_wrapper(dest, state_dir, *, python=sys.executable, owner=None, pytho
     if pythonpath is None:
         pythonpath = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     # `su - ta` resets the environment, so the wrapper sets it itself. The bytecode cache
-    # goes to the state dir, which the user running ta-tool can write: the package's own
-    # __pycache__ is often root's and unreadable (umask 077), and compiling on every run
-    # would double ta-tool's cost.
+    # goes under the running user's own home: the package's __pycache__ is often root's and
+    # unreadable (umask 077), compiling on every run would double ta-tool's cost, and a
+    # cache shared between users would let one plant code that another runs.
     env = (f"PYTHONPATH={shlex.quote(os.fspath(pythonpath))} "
-           f"PYTHONPYCACHEPREFIX={shlex.quote(os.path.join(state_dir, '.pycache'))} "
+           'PYTHONPYCACHEPREFIX="${HOME}/.cache/keyvault-ta-sim" '
            f"TA_SIM_STATE_DIR={shlex.quote(state_dir)}")
     code = "import sys; from keyvault.sandbox.tatool import main; sys.exit(main())"
     script = ("#!/bin/sh\n# ta-tool emulator of the keyvault TA simulator (not the real TA tool)\n"

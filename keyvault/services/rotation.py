@@ -126,7 +126,9 @@ class _ReportStream:
     """Splits a batch's output into each rotation's report as soon as it is complete.
 
     The jobs run one after the other, so the next report to end is the first pending
-    job's; it ends with its RC marker, or EXISTS/NOTATOOL when it never started.
+    job's; it ends with its RC marker, or EXISTS/NOTATOOL/NODIR when ta-tool never ran.
+    A job leaves the stream only when taken with :meth:`next_ready` (or :meth:`rest`), so
+    one whose handling fails is never skipped silently.
     """
 
     def __init__(self, jobs: list[_Job], cleanup_marker: str | None = None) -> None:
@@ -145,17 +147,19 @@ class _ReportStream:
         """The batch printed its CLEANUP marker: every ta-tool run is over."""
         return self._cleanup_marker is not None and self._cleanup_marker in self._buffer
 
-    def feed(self, chunk: bytes) -> list[tuple[_Job, bytes]]:
-        """The (job, report) pairs that ``chunk`` completed."""
+    def feed(self, chunk: bytes) -> None:
+        """Add output as it arrives."""
         self._buffer += chunk
-        ready = []
-        while self._pending:
-            end = report_end(self._pending[0].rid, self._buffer, self._start)
-            if end is None:
-                break
-            ready.append((self._pending.pop(0), bytes(self._buffer[self._start:end])))
-            self._start = end
-        return ready
+
+    def next_ready(self) -> tuple[_Job, bytes] | None:
+        """The next job whose report is complete, with its report; None if there is none yet."""
+        if not self._pending:
+            return None
+        end = report_end(self._pending[0].rid, self._buffer, self._start)
+        if end is None:
+            return None
+        report, self._start = bytes(self._buffer[self._start:end]), end
+        return self._pending.pop(0), report
 
     def rest(self) -> list[tuple[_Job, bytes]]:
         """Jobs whose report never ended, each with everything after the last complete one."""
@@ -238,7 +242,7 @@ class RotationService:
         def one_batch(batch: list[Scope]) -> list:
             try:
                 return self._rotate_batch(cluster_name, batch, actor=actor, on_done=on_done)
-            except Exception as exc:  # a bug: the batch's journal rows stay unresolved, for recover
+            except Exception as exc:  # a bug before any report was handled: rows left pending go to recover
                 results = [self._reported(exc, batch[0])] * len(batch)
                 for scope, result in zip(batch, results):
                     if on_done is not None:
@@ -295,12 +299,6 @@ class RotationService:
         with transaction(self.factory) as s:
             keyring = open_keyring(s, settings=self.settings)
             cluster = get_cluster(s, name=cluster_name)
-            hosts = list_hosts(s, cluster_name=cluster_name)
-            if not hosts:
-                raise NotFound(f"cluster {cluster_name} has no SSH hosts",
-                               hint=f"add one with `keyvault host add {cluster_name} ADDRESS`")
-            for host in hosts:
-                su_password_for(become_for(host), self.settings)
             options = cluster_options(cluster)
             unresolved = {r.scope: r for r in s.scalars(select(Rotation).where(
                 Rotation.cluster_id == cluster.id, Rotation.scope.in_([str(scope) for scope in scopes]),
@@ -316,6 +314,14 @@ class RotationService:
                     commands.append(render_command(template, scope.appid))
                 except KeyvaultError as exc:
                     commands.append(exc)
+            if not any(isinstance(command, str) for command in commands):
+                return keyring, cluster, [], commands  # every scope refused already: no host needed
+            hosts = list_hosts(s, cluster_name=cluster_name)
+            if not hosts:
+                raise NotFound(f"cluster {cluster_name} has no SSH hosts",
+                               hint=f"add one with `keyvault host add {cluster_name} ADDRESS`")
+            for host in hosts:
+                su_password_for(become_for(host), self.settings)
             return keyring, cluster, hosts, commands
 
     @classmethod
@@ -373,6 +379,10 @@ class RotationService:
         done = on_done or (lambda scope, result: None)
         try:
             keyring, cluster, hosts, commands = self._preflight(cluster_name, scopes)  # step 1
+            if not hosts:  # every scope was refused in step 1
+                for scope, refused in zip(scopes, commands):
+                    done(scope, refused)
+                return list(commands)
             conn, host = self._connect_any(hosts)
         except Exception as exc:
             if not per_scope:
@@ -405,7 +415,10 @@ class RotationService:
 
             def finish(job: _Job, report: bytes, exit_status: int | None) -> None:
                 results[job.index] = self._finish(batch, job, report, exit_status)
-                done(job.scope, results[job.index])
+                try:
+                    done(job.scope, results[job.index])
+                except Exception:  # progress display only: it must not stop the batch
+                    log.warning("progress callback failed for %s", job.scope, exc_info=True)
 
             stream = _ReportStream(jobs, cleanup_marker(jobs[0].rid) if batch.inline_cleanup else None)
             sent = 0
@@ -413,8 +426,9 @@ class RotationService:
             def on_output(chunk: bytes) -> StdinReply | None:
                 nonlocal sent
                 # Steps 4-7 for each rotation whose report is complete, while the next runs.
-                for job, report in stream.feed(chunk):
-                    finish(job, report, 0)
+                stream.feed(chunk)
+                while (ready := stream.next_ready()) is not None:
+                    finish(*ready, 0)
                 if not batch.inline_cleanup or stream.closed:
                     return None
                 if stream.waiting_for_ids:
@@ -427,15 +441,23 @@ class RotationService:
             try:  # step 3: one su session for the batch, one pending file per rotation
                 script = generate_many_script([(job.rid, job.command) for job in jobs],
                                               clean_from_stdin=batch.inline_cleanup)
+                # ssh.command_timeout bounds each ta-tool run (the silence between reports);
+                # the whole batch gets that much per rotation.
                 result = conn.run(become.wrap(script), password=password,
-                                  timeout=self.settings.ssh_command_timeout * len(jobs), on_output=on_output)
+                                  timeout=self.settings.ssh_command_timeout * len(jobs),
+                                  idle_timeout=self.settings.ssh_command_timeout, on_output=on_output)
             except KeyvaultError:
                 result = ExecResult(b"", None)
             healthy = result.exit_status is not None
             for job, report in stream.rest():  # reports cut short: what the end of the output says
                 finish(job, report, result.exit_status)
             if batch.inline_cleanup:
-                self._settle_inline_cleanup(batch, result.output, results)
+                try:
+                    self._settle_inline_cleanup(batch, result.output, results)
+                except Exception as exc:  # the keys are stored; only the record of clean-up failed
+                    log.warning("recording the clean-up on %s failed: %s", host.label, exc)
+                    with self._conn_lock:
+                        self._deferred.setdefault(host.id, (host, []))[1].extend(batch.to_clean)
         finally:
             self._release(host, conn, healthy)
         return results
@@ -563,6 +585,11 @@ class RotationService:
                 rid, f"ta-tool output on {label} has {what} matching {pattern}: {shown or 'no output'}",
                 hint=f"the key is kept on the host; fix the cluster's --key-pattern if needed, then run "
                      f"`keyvault rotations recover {rid}`")
+        if remote.state == "nodir":
+            message = f"cannot create ~{host.ta_user}/.keyvault/pending on {label}"
+            self._mark(rid, "failed", error=message, event="rotation.failed")
+            raise RotationError(message, rotation_id=rid,
+                                hint="nothing was generated; check that ta's home exists, is ta's and is not full")
         if remote.state == "notatool":
             self._mark(rid, "failed", error="ta-tool not found", event="rotation.failed")
             raise TaToolMissing(f"ta-tool is not on the PATH of the ta user on {label}", host=label,

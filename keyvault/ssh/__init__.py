@@ -50,9 +50,12 @@ class StdinReply:
 class Connection(Protocol):
     label: str
 
-    def run(self, command: str, *, password: str | None = None, timeout: float,
+    def run(self, command: str, *, password: str | None = None, timeout: float, idle_timeout: float | None = None,
             on_output: Callable[[bytes], "StdinReply | None"] | None = None) -> ExecResult:
         """Run ``command``; with ``password``, answer a prompt on a PTY.
+
+        Gives up (exit status None) after ``timeout`` seconds in all, or ``idle_timeout``
+        seconds without output.
 
         ``on_output`` sees each chunk of output as it arrives (it may hold keys) and may
         answer with a :class:`StdinReply` (not with ``password``: the PTY is su's).

@@ -25,7 +25,7 @@ class LocalConnection:
         self._env = dict(env)
         self.commands: list[str] = []
 
-    def run(self, command: str, *, password: str | None = None, timeout: float,
+    def run(self, command: str, *, password: str | None = None, timeout: float, idle_timeout: float | None = None,
             on_output: Callable[[bytes], StdinReply | None] | None = None) -> ExecResult:
         self.commands.append(command)
         deadline = time.monotonic() + timeout
@@ -37,7 +37,8 @@ class LocalConnection:
             sel.register(proc.stdout, selectors.EVENT_READ)
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sel.select(remaining):
+                wait = remaining if idle_timeout is None else min(remaining, idle_timeout)
+                if remaining <= 0 or not sel.select(wait):
                     proc.kill()
                     return ExecResult(bytes(output), None)
                 chunk = os.read(proc.stdout.fileno(), 65536)

@@ -20,6 +20,10 @@ from keyvault.ssh import ExecResult, SshTarget, StdinReply, sha256_fingerprint
 _READ_CHUNK = 65536
 
 
+class _CallbackFailed(Exception):
+    """Carries an exception raised by an ``on_output`` callback out of the read loop."""
+
+
 class ParamikoConnection:
     """One authenticated SSH connection; each ``run`` opens a channel."""
 
@@ -31,7 +35,7 @@ class ParamikoConnection:
     def __repr__(self) -> str:
         return f"ParamikoConnection({self.label})"
 
-    def run(self, command: str, *, password: str | None = None, timeout: float,
+    def run(self, command: str, *, password: str | None = None, timeout: float, idle_timeout: float | None = None,
             on_output: Callable[[bytes], StdinReply | None] | None = None) -> ExecResult:
         deadline = time.monotonic() + timeout
         try:
@@ -50,7 +54,7 @@ class ParamikoConnection:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return ExecResult(bytes(output), None)
-                chan.settimeout(remaining)
+                chan.settimeout(remaining if idle_timeout is None else min(remaining, idle_timeout))
                 try:
                     chunk = chan.recv(_READ_CHUNK)
                 except socket.timeout:
@@ -59,7 +63,11 @@ class ParamikoConnection:
                     break
                 output += chunk
                 if on_output is not None:
-                    reply = on_output(chunk)
+                    try:
+                        reply = on_output(chunk)
+                    except BaseException as exc:
+                        # Not a transport failure: it must not read as a lost connection.
+                        raise _CallbackFailed() from exc
                     if reply is not None:
                         if reply.data:
                             chan.sendall(reply.data)
@@ -77,6 +85,8 @@ class ParamikoConnection:
             return ExecResult(bytes(output), None if status < 0 else status)
         except (paramiko.SSHException, OSError, EOFError):
             return ExecResult(bytes(output), None)
+        except _CallbackFailed as failed:
+            raise failed.__cause__ from None
         finally:
             chan.close()
 

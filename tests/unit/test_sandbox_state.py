@@ -153,7 +153,7 @@ def test_install_wrapper_quotes_paths(tmp_path):
     assert _mode(dest) == 0o755
     lines = dest.read_text().splitlines()
     assert lines[0] == "#!/bin/sh"
-    env = [f"PYTHONPYCACHEPREFIX={state_dir}/.pycache", f"TA_SIM_STATE_DIR={state_dir}"]
+    env = ["PYTHONPYCACHEPREFIX=${HOME}/.cache/keyvault-ta-sim", f"TA_SIM_STATE_DIR={state_dir}"]
     assert shlex.split(lines[-1]) == [f"PYTHONPATH={Path(st.__file__).parents[2]}", *env,
                                       "exec", "/opt/py thon/python3", "-P", "-S", "-c",
                                       "import sys; from keyvault.sandbox.tatool import main; sys.exit(main())",

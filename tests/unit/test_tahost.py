@@ -28,6 +28,7 @@ from keyvault.tahost import (
 KEY = "A" * 20 + "b" * 20 + "9" * 24
 OTHER = "Z" * 64
 RID = "abc123def456"
+OTHER_RID = "fed654cba321"
 
 
 def run_local(script: str, home, path_dir) -> bytes:
@@ -87,10 +88,13 @@ def test_fetch_of_unknown_rotation_is_absent(fake_tool):
     assert parse_remote(RID, run_local(fetch_script(RID), home, bindir)).state == "absent"
 
 
-def test_missing_ta_tool_is_reported_before_start(tmp_path):
+def test_missing_ta_tool_is_reported_and_recovery_proves_it_never_ran(tmp_path):
     out = run_local(generate_script(RID, "ta-tool generate_root_secret"), tmp_path, tmp_path / "nothing")
     remote = parse_remote(RID, out)
-    assert remote.state == "notatool" and not remote.started
+    assert remote.state == "notatool"
+    # The id was claimed (.out) but ta-tool never launched: a recovery takes the launch claim.
+    assert parse_remote(RID, run_local(fetch_script(RID), tmp_path, tmp_path / "nothing")).state == "absent"
+    assert parse_remote(RID, run_local(fetch_script(RID), tmp_path, tmp_path / "nothing")).state == "absent"
     with pytest.raises(TaToolMissing):
         raise_for_become(run_local(check_script("ta-tool x"), tmp_path, tmp_path).decode(), "h", Become("su"))
 
@@ -165,7 +169,7 @@ def test_scripts_survive_sudo_i_requoting_with_the_exit_status_intact(tmp_path):
     jobs = [(RID, "ta-tool generate_root_secret"), ("fed654cba321", "ta-tool generate_root_secret")]
     for script in (generate_script(RID, jobs[0][1]), generate_many_script(jobs)):
         for rid, _ in jobs:
-            for suffix in (".out", ".err", ".rc", ".done"):
+            for suffix in (".out", ".err", ".rc", ".done", ".launch", ".void"):
                 (home / ".keyvault" / "pending" / f"{rid}{suffix}").unlink(missing_ok=True)
         # The outer (login) shell gets the re-quoted words, as under `sudo -n -iu ta sh -c SCRIPT`.
         out = run_local(_sudo_i_quote("sh") + " " + _sudo_i_quote("-c") + " " + _sudo_i_quote(script), home, bindir)
@@ -232,3 +236,44 @@ def test_batch_cleans_up_only_the_ids_it_is_sent_on_stdin(fake_tool):
     assert not (pending / f"{first}.out").exists() and (pending / f"{first}.done").exists()
     assert (pending / f"{second}.out").exists() and f"@@KV:{second}:CLEANED@@" not in text
     assert "cccccc333333:CLEANED" not in text
+
+
+def test_a_dead_connection_stops_a_batch_before_it_claims_the_next_id(fake_tool):
+    """stdout closed after the first report, as sshd closes it when the client is gone."""
+    home, bindir = fake_tool
+    rids = ["aaaaaa111111", "bbbbbb222222", "cccccc333333"]
+    script = generate_many_script([(rid, "ta-tool generate_root_secret") for rid in rids])
+    env = {"HOME": str(home), "PATH": f"{bindir}:/usr/bin:/bin"}
+    proc = subprocess.Popen(["sh", "-c", script], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    seen = b""
+    while report_end(rids[0], seen) is None:
+        chunk = proc.stdout.read1(65536)
+        assert chunk, "the first report never ended"
+        seen += chunk
+    proc.stdout.close()
+    proc.wait(timeout=60)
+    first = parse_remote(rids[0], run_local(fetch_script(rids[0]), home, bindir))
+    assert first.state == "result" and find_keys(first.output, r"[A-Za-z0-9]{64}") == [KEY]
+    for rid in rids[1:]:
+        # Either it ran before the pipe closed (its key is on the host) or it never claimed
+        # its id: recovery can always tell, and "never ran" stays true.
+        fetched = parse_remote(rid, run_local(fetch_script(rid), home, bindir))
+        assert fetched.state in ("result", "absent"), fetched.state
+        if fetched.state == "result":
+            assert fetched.rc == 0 and find_keys(fetched.output, r"[A-Za-z0-9]{64}") == [KEY]
+        else:
+            again = run_local(generate_script(rid, "ta-tool generate_root_secret"), home, bindir)
+            assert parse_remote(rid, again).state == "exists"
+
+
+def test_recovery_racing_a_slow_launch_wins_and_ta_tool_never_runs(fake_tool):
+    home, bindir = fake_tool
+    pending = home / ".keyvault" / "pending"
+    pending.mkdir(parents=True)
+    (pending / f"{RID}.out").write_text("")  # claimed by a generate that has not launched yet
+    assert parse_remote(RID, run_local(fetch_script(RID), home, bindir)).state == "absent"
+    assert (pending / f"{RID}.launch").exists() and (pending / f"{RID}.void").exists()
+    # A key already printed is never declared absent, launched or not.
+    (pending / f"{OTHER_RID}.out").write_text(f"secret: {KEY}\n")
+    fetched = parse_remote(OTHER_RID, run_local(fetch_script(OTHER_RID), home, bindir))
+    assert fetched.state == "result" and find_keys(fetched.output, r"[A-Za-z0-9]{64}") == [KEY]
