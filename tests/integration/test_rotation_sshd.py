@@ -459,6 +459,46 @@ def test_crash_kill9_after_tatool_ran_before_output_read(kv):
     recover_and_check(kv, cluster, scope, rid, gens, old_version=1)
 
 
+def test_crash_kill9_mid_batch_settles_every_rotation_of_the_batch(kv):
+    """A bulk run (one batch of three on one channel) killed while the first ta-tool holds.
+    Its key is recovered; each later rotation either ran before sshd closed the session
+    (its key is recovered) or never claimed its id (recover says never ran): none is lost
+    and none stays unresolved."""
+    apps = kv.apps("crash-batch", 3)
+    cluster = kv.cluster("crash-batch", apps)
+    scopes = [f"app:{a}" for a in apps]
+    gens = {scope: kv.gens(scope) for scope in scopes}
+    hold = kv.hold("crash-batch")
+    proc = kv.spawn("rotate", "app", "--cluster", cluster, "--yes", "--concurrency", "1", *apps)
+    try:
+        hold.wait_holding(proc)
+        assert kv.gens(scopes[0]) == gens[scopes[0]] + 1
+        ids = {row["scope"]: row["id"] for row in kv.rotations(cluster, "pending")}
+        assert sorted(ids) == sorted(scopes)  # the whole batch was journaled before ta-tool ran
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=PROCESS_TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL
+    hold.wait_finished()
+    wait_remote_rc(ids[scopes[0]])
+
+    out = kv.json("rotations", "recover", ids[scopes[0]])
+    assert out["state"] == "completed" and kv.gens(scopes[0]) == gens[scopes[0]] + 1, out
+    kv.check_current(cluster, scopes[0], "after recovery")
+    for scope in scopes[1:]:
+        out = kv.json("rotations", "recover", ids[scope])
+        if out["state"] == "failed":
+            assert kv.gens(scope) == gens[scope], f"{scope}: failed, yet ta-tool ran"
+            assert any("never ran" in w for w in out["warnings"]), out
+        else:
+            assert out["state"] == "completed" and kv.gens(scope) == gens[scope] + 1, out
+            kv.check_current(cluster, scope, "after recovery")
+    assert kv.rotations(cluster, "pending") == [] and kv.rotations(cluster, "needs_recovery") == []
+    rotate_app(kv, cluster, apps[1])  # nothing is left blocking the scopes
+    kv.check_current(cluster, scopes[1], "after a new rotation")
+
+
 def test_crash_kill9_after_output_read_before_store(kv):
     cluster, app, scope = _prepared(kv, "crash-b")
     gens = kv.gens(scope)
