@@ -50,6 +50,7 @@ class ParamikoConnection:
                 chan.set_combine_stderr(True)
             chan.exec_command(command)
             sent = password is None
+            stdin_open = True
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -68,11 +69,12 @@ class ParamikoConnection:
                     except BaseException as exc:
                         # Not a transport failure: it must not read as a lost connection.
                         raise _CallbackFailed() from exc
-                    if reply is not None:
+                    if reply is not None and stdin_open:  # after the end of input, replies are moot
                         if reply.data:
                             chan.sendall(reply.data)
                         if reply.close:
                             chan.shutdown_write()
+                            stdin_open = False
                 if not sent and self._prompt.search(bytes(output[-200:])):
                     # The prompt came; type the password once. It never enters `output`'s
                     # consumers because su does not echo it.

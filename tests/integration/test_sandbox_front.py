@@ -128,6 +128,8 @@ def test_fetch_returns_the_same_output_and_cleanup_leaves_a_tombstone(conn, path
 def _hostile_commands():
     rid = "rot-evil-1"
     gen = tahost.generate_script(rid, app_cmd("demo"))
+    batch = tahost.generate_many_script([(rid, app_cmd("demo")), ("rot-evil-2", ROOT_CMD)], clean_from_stdin=True)
+    assert f"in {rid}|rot-evil-2)" in batch
     return {
         "id": "id",
         "sh -c id": "sh -c 'id'",
@@ -140,6 +142,9 @@ def _hostile_commands():
         "bad rid": SU.wrap(gen.replace(rid, "ROT-EVIL")),
         "empty": "",
         "unbalanced quote": "su - ta -c 'id",
+        "batch with a command appended": SU.wrap(batch + "; id"),
+        "batch whose clean-up takes any id": SU.wrap(batch.replace(f"in {rid}|rot-evil-2)", "in *)")),
+        "batch with a part that is not keyvault's": SU.wrap(batch.replace("( umask 077", "( id; umask 077", 1)),
     }
 
 
@@ -154,6 +159,33 @@ def test_anything_else_is_refused_and_generates_nothing(conn, paths, name):
     assert b"@@KV:" not in result.output
     assert st.generations(paths.state_dir) == before
     assert not paths.pending_dir.exists() or not any(paths.pending_dir.iterdir())
+
+
+def test_a_batch_runs_and_cleans_up_only_the_ids_sent_on_stdin(conn, paths):
+    from keyvault.ssh import StdinReply
+
+    jobs = [("rot-batch-1", app_cmd("demo")), ("rot-batch-2", ROOT_CMD), ("rot-batch-3", app_cmd("app1"))]
+    script = tahost.generate_many_script(jobs, clean_from_stdin=True)
+    assert classify(SU.wrap(script)).batch == 3
+    seen = bytearray()
+
+    def on_output(chunk: bytes):
+        seen.extend(chunk)
+        if tahost.cleanup_marker("rot-batch-1").encode() in seen:
+            return StdinReply(b"rot-batch-1\nrot-batch-3\nrot-other-9\n", close=True)
+        return None
+
+    result = conn.run(SU.wrap(script), timeout=TIMEOUT, on_output=on_output)
+    assert result.exit_status == 0
+    for rid, scope in (("rot-batch-1", "app:demo"), ("rot-batch-2", "root"), ("rot-batch-3", "app:app1")):
+        remote = tahost.parse_remote(rid, result.output[:tahost.report_end(rid, result.output)])
+        assert remote.state == "result" and tahost.find_keys(remote.output, PATTERN) == [
+            st.current_key(paths.state_dir, scope)]
+    text = result.output.decode()
+    assert "@@KV:rot-batch-1:CLEANED@@" in text and "@@KV:rot-batch-3:CLEANED@@" in text
+    assert "rot-batch-2:CLEANED" not in text and "rot-other-9" not in text
+    assert (paths.pending_dir / "rot-batch-1.done").exists() and not (paths.pending_dir / "rot-batch-1.out").exists()
+    assert (paths.pending_dir / "rot-batch-2.out").exists()  # not sent: its key stays for recovery
 
 
 def test_pty_shell_and_subsystem_are_refused(front, paths):
