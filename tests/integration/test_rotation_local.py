@@ -274,3 +274,30 @@ def test_connection_lost_mid_batch_loses_no_key_and_recover_settles_each(world):
             assert stored_key(world, scope) == state.current_key(world["state"], f"app:{scope.appid}")
         assert rotation_row(world, exc.rotation_id).state in ("failed", "completed")
     assert state.generations(world["state"], "app:app1") == 1
+
+
+def test_a_silent_ta_tool_times_out_its_batch_and_nothing_is_lost(world, tmp_path):
+    """A hung ta-tool (the emulator holds after printing its key) ends its batch at the
+    timeout; recover stores its key, and the rotations after it, which never started,
+    become failed."""
+    import dataclasses
+
+    release = tmp_path / "release"
+    state.set_noise(world["state"], hold_file=release)  # every run would hold: only the first starts
+    settings = dataclasses.replace(world["settings"], ssh_command_timeout=0.5)
+    scopes = [app_scope(a) for a in ("app1", "app2", "app3")]
+    try:
+        svc = RotationService(world["factory"], settings=settings, connector=world["connector"])
+        with svc:
+            results = dict(svc.rotate_many("c", scopes, actor="t", concurrency=1))
+    finally:
+        state.clear_noise(world["state"])
+        release.touch()  # the held ta-tool finishes (its key is already in the pending file)
+    assert all(isinstance(results[s], NeedsRecovery) for s in scopes)
+    first = service(world).recover(results[scopes[0]].rotation_id, actor="t")
+    assert first.state == "completed" and stored_key(world, scopes[0]) == state.current_key(
+        world["state"], "app:app1")
+    for scope in scopes[1:]:
+        outcome = service(world).recover(results[scope].rotation_id, actor="t")
+        assert outcome.state == "failed" and state.generations(world["state"], f"app:{scope.appid}") == 0
+    assert state.generations(world["state"], "app:app1") == 1
