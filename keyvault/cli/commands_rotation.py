@@ -233,17 +233,27 @@ def rotations_show(app, rotation_id, as_json) -> None:
 
 
 @rotations.command("recover")
-@click.argument("rotation_id")
+@click.argument("rotation_id", required=False)
+@click.option("--all", "all_rotations", is_flag=True,
+              help="Every unresolved rotation, and every stored one not cleaned up (after a crash or a "
+                   "dropped bulk run).")
+@click.option("--cluster", help="With --all: only this cluster.")
 @click.option("--regenerate", is_flag=True, help="Give up this rotation and run ta-tool again.")
 @click.option("--yes", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def rotations_recover(app, rotation_id, regenerate, yes, as_json) -> None:
+def rotations_recover(app, rotation_id, all_rotations, cluster, regenerate, yes, as_json) -> None:
     """Complete an interrupted rotation without running ta-tool again."""
     from keyvault.models import Rotation
     from keyvault.scope import parse_scope
 
+    if all_rotations == bool(rotation_id) or (cluster and not all_rotations) or (all_rotations and regenerate):
+        raise click.UsageError("give one ROTATION_ID, or --all [--cluster C] (--regenerate takes one ID)")
     service = app.rotation_service()
+    if all_rotations:
+        with service:
+            _recover_summary(service.recover_all(actor=app.settings.actor, cluster_name=cluster), as_json)
+        return
     if regenerate:
         with app.transaction() as session:
             r = session.get(Rotation, rotation_id)
@@ -263,6 +273,28 @@ def rotations_recover(app, rotation_id, regenerate, yes, as_json) -> None:
         _print_outcome(outcome)
     for warning in outcome.warnings:
         click.echo(f"  {warning}")
+
+
+def _recover_summary(results: list, as_json: bool) -> None:
+    from keyvault.errors import KeyvaultError
+
+    rows = []
+    for rid, scope, result in results:
+        if isinstance(result, Exception):
+            reason = str(result) if isinstance(result, KeyvaultError) else f"internal error ({type(result).__name__})"
+            rows.append({"id": rid, "scope": scope, "state": "unresolved", "detail": reason})
+        else:
+            rows.append({"id": rid, "scope": scope, "state": result.state, "detail": "; ".join(result.warnings)})
+    left = [row for row in rows if row["state"] == "unresolved"]
+    if as_json:
+        emit_json(rows)
+    else:
+        if rows:
+            emit_table(rows, ("id", "scope", "state", "detail"))
+        click.echo(f"summary: {len(rows)} examined, {len(rows) - len(left)} settled, {len(left)} still unresolved",
+                   err=True)
+    if left:
+        sys.exit(1)
 
 
 @click.command()

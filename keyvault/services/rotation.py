@@ -778,6 +778,26 @@ class RotationService:
         self._verify(rid, cluster, scope, key, outcome)
         return outcome
 
+    def recover_all(self, *, actor: str, cluster_name: str | None = None) -> list:
+        """Recover every unresolved rotation, and every stored one not yet cleaned up.
+
+        For after a crash or a dropped bulk run. Safe even while a run is still going: a
+        recovery can only make its not-yet-started rotations fail, never lose a key.
+        Returns ``[(rotation id, scope, outcome or exception), ...]``, oldest first.
+        """
+        with transaction(self.factory) as s:
+            stmt = select(Rotation).where(Rotation.state.in_((*UNRESOLVED_ROTATION_STATES, "stored")))
+            if cluster_name is not None:
+                stmt = stmt.where(Rotation.cluster_id == get_cluster(s, name=cluster_name).id)
+            todo = [(r.id, r.scope) for r in s.scalars(stmt.order_by(Rotation.created_at, Rotation.id))]
+        results = []
+        for rid, scope in todo:
+            try:
+                results.append((rid, scope, self.recover(rid, actor=actor)))
+            except Exception as exc:  # one rotation's trouble never stops the others
+                results.append((rid, scope, self._reported(exc, scope)))
+        return results
+
     def abandon(self, rid: str, *, reason: str) -> None:
         """Give up an unresolved rotation (the operator chose to regenerate).
 

@@ -483,18 +483,22 @@ def test_crash_kill9_mid_batch_settles_every_rotation_of_the_batch(kv):
     hold.wait_finished()
     wait_remote_rc(ids[scopes[0]])
 
-    out = kv.json("rotations", "recover", ids[scopes[0]])
-    assert out["state"] == "completed" and kv.gens(scopes[0]) == gens[scopes[0]] + 1, out
+    # One command settles the whole batch.
+    settled = {row["scope"]: row for row in kv.json("rotations", "recover", "--all", "--cluster", cluster)}
+    assert sorted(settled) == sorted(scopes) and {settled[s]["id"] for s in scopes} == set(ids.values())
+    assert settled[scopes[0]]["state"] == "completed" and kv.gens(scopes[0]) == gens[scopes[0]] + 1, settled
     kv.check_current(cluster, scopes[0], "after recovery")
     for scope in scopes[1:]:
-        out = kv.json("rotations", "recover", ids[scope])
-        if out["state"] == "failed":
+        if settled[scope]["state"] == "failed":
             assert kv.gens(scope) == gens[scope], f"{scope}: failed, yet ta-tool ran"
-            assert any("never ran" in w for w in out["warnings"]), out
+            assert "never ran" in settled[scope]["detail"], settled[scope]
         else:
-            assert out["state"] == "completed" and kv.gens(scope) == gens[scope] + 1, out
+            assert settled[scope]["state"] == "completed" and kv.gens(scope) == gens[scope] + 1, settled
             kv.check_current(cluster, scope, "after recovery")
     assert kv.rotations(cluster, "pending") == [] and kv.rotations(cluster, "needs_recovery") == []
+    assert kv.json("rotations", "recover", "--all", "--cluster", cluster) == []  # nothing left to do
+    kv("rotations", "recover", code=2)  # neither an id nor --all: a usage error
+    kv("rotations", "recover", "--all", ids[scopes[0]], code=2)
     rotate_app(kv, cluster, apps[1])  # nothing is left blocking the scopes
     kv.check_current(cluster, scopes[1], "after a new rotation")
 
