@@ -82,11 +82,14 @@ def generate_script(rid: str, command: str) -> str:
         f"echo {_marker(rid, 'START')} || exit 75",
         # A second run for the same rotation id must never generate again, nor a run after a
         # recovery declared it "never ran": creating .out exclusively (noclobber) claims the id.
-        f'if [ -e {f}.done ] || ! ( set -C; : >{f}.out ) 2>/dev/null; then echo {_marker(rid, "EXISTS")}; exit 73; fi',
+        # `true`, a regular builtin, so a refused redirection fails the command, not the shell;
+        # no subshell, so no fork.
+        f'if [ -e {f}.done ] || ! {{ set -C; true >{f}.out; }} 2>/dev/null; then echo {_marker(rid, "EXISTS")}; exit 73; fi',
         f"if ! command -v {shlex.quote(tool)} >/dev/null 2>&1; then echo {_marker(rid, 'NOTATOOL')}; exit 74; fi",
         # The last claim, just before ta-tool: a recovery that finds .out but takes .launch
         # first has proved ta-tool never started, and it never will.
-        f'if ! ( set -C; : >{f}.launch ) 2>/dev/null; then echo {_marker(rid, "EXISTS")}; exit 73; fi',
+        f'if ! {{ true >{f}.launch; }} 2>/dev/null; then echo {_marker(rid, "EXISTS")}; exit 73; fi',
+        "set +C",
         # Ignoring HUP keeps ta-tool alive when the connection drops mid-run.
         f"( trap '' HUP; exec {command} ) >{f}.out 2>{f}.err </dev/null",
         f"kv_rc=${{?}}; echo ${{kv_rc}} >{f}.rc",
