@@ -484,7 +484,7 @@ class RotationService:
             remote = parse_remote(job.rid, report)
             key = self._interpret(job.rid, remote, exit_status, host, cluster.key_pattern)  # step 4
             # A check that cannot happen (no project id) is recorded with the key: one commit less.
-            outcome = self._store(job.rid, batch.keyring, cluster.name, job.scope, key, batch.actor,
+            outcome = self._store(job.rid, batch.keyring, cluster, job.scope, key, batch.actor,
                                   host.label, verified=unverifiable(cluster, job.scope))  # step 5
         except Exception as exc:
             return self._reported(exc, job.scope)
@@ -614,10 +614,15 @@ class RotationService:
                  f"is kept in ~{host.ta_user}/.keyvault/pending/{rid}.out on the host")
 
     # -- step 5 ------------------------------------------------------------------
-    def _store(self, rid: str, keyring: crypto.Keyring, cluster_name: str, scope: Scope, key: str, actor: str,
+    def _store(self, rid: str, keyring: crypto.Keyring, cluster, scope: Scope, key: str, actor: str,
                host_label: str, verified: KeyCheckOutcome | None = None) -> RotationOutcome:
-        """Step 5; ``verified`` (a check known without TA, i.e. skipped) is recorded with it."""
+        """Step 5; ``verified`` (a check known without TA, i.e. skipped) is recorded with it.
+
+        ``cluster`` is the row read in step 1 (its id and name are all that is used: if it
+        was deleted meanwhile, the insert fails and the key goes to the spool).
+        """
         fp = crypto.fingerprint(key)
+        cluster_name = cluster.name
         try:
             with transaction(self.factory) as s:
                 rotation = s.scalar(select(Rotation).where(Rotation.id == rid).with_for_update(of=Rotation))
@@ -627,7 +632,6 @@ class RotationService:
                         raise RotationError(f"rotation {rid} was resolved meanwhile with another key",
                                             rotation_id=rid)
                     return self._outcome(rotation)
-                cluster = get_cluster(s, name=cluster_name)
                 stored = store_version(s, keyring=keyring, cluster=cluster, scope=scope, key=key,
                                        source="rotation", actor=actor, rotation_id=rid)
                 rotation.state, rotation.updated_at = "stored", utcnow()
@@ -745,7 +749,7 @@ class RotationService:
             return outcome
         spooled = spool.read_spool(self.settings, keyring, rid)
         if spooled is not None and state in UNRESOLVED_ROTATION_STATES:
-            outcome = self._store(rid, keyring, cluster.name, scope, spooled.key, actor, outcome.host)
+            outcome = self._store(rid, keyring, cluster, scope, spooled.key, actor, outcome.host)
             key: str | None = spooled.key
         else:
             key = None
@@ -767,7 +771,7 @@ class RotationService:
                                         rotation_id=rid, hint="check `keyvault secrets history`; then rotate again")
                 key = self._interpret(rid, remote, result.exit_status if result else None, host,
                                       cluster.key_pattern)
-                outcome = self._store(rid, keyring, cluster.name, scope, key, actor, host.label)
+                outcome = self._store(rid, keyring, cluster, scope, key, actor, host.label)
             if key is None:  # stored earlier: the key is in the database
                 with transaction(self.factory) as s:
                     version = get_version(s, cluster_name=cluster.name, scope=scope, number=outcome.new_version)
