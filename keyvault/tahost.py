@@ -21,6 +21,8 @@ from keyvault.errors import BecomeFailed, InvalidInput, TaToolMissing
 # command for ta's login shell with backslashes before everything but letters, digits,
 # "_", "-" and "$", so a bare $name would be expanded by that outer shell, not ours.
 PENDING_DIR = "${HOME}/.keyvault/pending"
+# What generate_script's claim writes into .out before ta-tool replaces it (never a key).
+CLAIM_TOKEN = "KV-CLAIMED"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 _RID = re.compile(r"^[a-z0-9-]{6,32}$")
 
@@ -84,7 +86,10 @@ def generate_script(rid: str, command: str) -> str:
         # recovery declared it "never ran": creating .out exclusively (noclobber) claims the id.
         # `true`, a regular builtin, so a refused redirection fails the command, not the shell;
         # no subshell, so no fork.
-        f'if [ -e {f}.done ] || ! {{ set -C; true >{f}.out; }} 2>/dev/null; then echo {_marker(rid, "EXISTS")}; exit 73; fi',
+        # The claim writes CLAIM_TOKEN, which ta-tool's own redirect replaces: only this script
+        # leaves a .out holding exactly it, so recovery can tell "claimed, not launched".
+        f'if [ -e {f}.done ] || ! {{ set -C; echo {CLAIM_TOKEN} >{f}.out; }} 2>/dev/null; '
+        f'then echo {_marker(rid, "EXISTS")}; exit 73; fi',
         f"if ! command -v {shlex.quote(tool)} >/dev/null 2>&1; then echo {_marker(rid, 'NOTATOOL')}; exit 74; fi",
         # The last claim, just before ta-tool: a recovery that finds .out but takes .launch
         # first has proved ta-tool never started, and it never will.
@@ -148,20 +153,28 @@ def _readback(rid: str, f: str, rc: str) -> str:
 
 
 def fetch_script(rid: str) -> str:
-    """Print a pending file back, or say it is absent (for good) or already cleaned."""
+    """Print a pending file back, or say it is absent (for good) or already cleaned.
+
+    Anything that may hold a key (an exit status, or output other than the claim) is
+    printed back before any "absent" verdict is considered.
+    """
     _check_rid(rid)
     f = f'"{PENDING_DIR}/{rid}"'
     return "; ".join([
         "umask 077",
         f"if [ -e {f}.done ]; then echo {_marker(rid, 'CLEANED')}; exit 0; fi",
+        f"kv_first=; [ -e {f}.rc ] || {{ read -r kv_first <{f}.out; }} 2>/dev/null",
+        # Claimed by generate_script but ta-tool not launched (the connection went between the
+        # two claims): take the launch claim so it never starts; "never ran" is then true for
+        # good. Only .out holding exactly the claim token qualifies, never an empty one: an
+        # older keyvault's run leaves that while its ta-tool is still running.
+        f'if [ ! -e {f}.rc ] && [ "${{kv_first}}" = {CLAIM_TOKEN} ] && {{ true >{f}.launch; }} 2>/dev/null; '
+        f"then : >{f}.void; echo {_marker(rid, 'ABSENT')}; exit 0; fi",
         # "Absent" must stay true: claim the id as generate_script does (exclusive .out), so a
         # rotation process that is slow to start can no longer run ta-tool for it; .void says so.
-        f'if [ -e {f}.void ] || {{ mkdir -p "{PENDING_DIR}" && ( set -C; : >{f}.out ) 2>/dev/null && : >{f}.void; }}; '
+        f'if [ ! -e {f}.rc ] && [ ! -s {f}.out ] && {{ [ -e {f}.void ] || {{ mkdir -p "{PENDING_DIR}" && '
+        f'( set -C; : >{f}.out ) 2>/dev/null && : >{f}.void; }}; }}; '
         f"then echo {_marker(rid, 'ABSENT')}; exit 0; fi",
-        # Claimed but ta-tool not launched (the connection went between the two claims): take
-        # the launch claim so it never starts; then "never ran" is true for good.
-        f"if [ ! -e {f}.rc ] && [ ! -s {f}.out ] && ( set -C; : >{f}.launch ) 2>/dev/null; "
-        f"then : >{f}.void; echo {_marker(rid, 'ABSENT')}; exit 0; fi",
         _readback(rid, f, f"$(cat {f}.rc 2>/dev/null || echo none)"),
     ])
 

@@ -240,13 +240,23 @@ class RotationService:
         batches = [scopes[i:i + size] for i in range(0, len(scopes), size)]
 
         def one_batch(batch: list[Scope]) -> list:
+            results: list = [None] * len(batch)
+            reported: set[int] = set()
+            where = {scope: i for i, scope in enumerate(batch)}
+
+            def done(scope: Scope, result) -> None:
+                reported.add(where[scope])
+                if on_done is not None:
+                    on_done(scope, result)
+
             try:
-                return self._rotate_batch(cluster_name, batch, actor=actor, on_done=on_done)
-            except Exception as exc:  # a bug before any report was handled: rows left pending go to recover
-                results = [self._reported(exc, batch[0])] * len(batch)
-                for scope, result in zip(batch, results):
-                    if on_done is not None:
-                        on_done(scope, result)
+                return self._rotate_batch(cluster_name, batch, actor=actor, on_done=done, results=results)
+            except Exception as exc:  # a bug: what was reported stands; the rest go to recover
+                self._reported(exc, batch[0])
+                for i, scope in enumerate(batch):
+                    if i not in reported:
+                        results[i] = exc
+                        done(scope, exc)
                 return results
 
         self._defer_cleanup = True
@@ -370,11 +380,13 @@ class RotationService:
         return result
 
     def _rotate_batch(self, cluster_name: str, scopes: list[Scope], *, actor: str, per_scope: bool = True,
-                      on_done: Callable[[Scope, "RotationOutcome | Exception"], None] | None = None) -> list:
+                      on_done: Callable[[Scope, "RotationOutcome | Exception"], None] | None = None,
+                      results: list | None = None) -> list:
         """Steps 1-7 for scopes whose ta-tool calls share one SSH channel and ``su`` session.
 
-        Returns an outcome or an exception per scope. With ``per_scope`` false (one
-        rotation) a problem of the whole batch is raised rather than returned.
+        Returns an outcome or an exception per scope (filled into ``results`` as they come,
+        when given). With ``per_scope`` false (one rotation) a problem of the whole batch is
+        raised rather than returned.
         """
         done = on_done or (lambda scope, result: None)
         try:
@@ -391,7 +403,9 @@ class RotationService:
             for scope, result in zip(scopes, results):
                 done(scope, result)
             return results
-        results: list = list(commands)  # an exception per refused scope, the rest replaced below
+        if results is None:
+            results = []
+        results[:] = commands  # an exception per refused scope, the rest replaced below
         jobs = [_Job(i, scope, new_rotation_id(), cmd) for i, (scope, cmd) in enumerate(zip(scopes, commands))
                 if isinstance(cmd, str)]
         healthy = False
@@ -417,8 +431,8 @@ class RotationService:
                 results[job.index] = self._finish(batch, job, report, exit_status)
                 try:
                     done(job.scope, results[job.index])
-                except Exception:  # progress display only: it must not stop the batch
-                    log.warning("progress callback failed for %s", job.scope, exc_info=True)
+                except Exception:  # progress or bookkeeping: it must not stop the other rotations
+                    log.error("on_done callback failed for %s", job.scope, exc_info=True)
 
             stream = _ReportStream(jobs, cleanup_marker(jobs[0].rid) if batch.inline_cleanup else None)
             sent = 0
@@ -537,8 +551,16 @@ class RotationService:
         return refused
 
     def _mark(self, rid: str, state: str, error: str | None = None, event: str | None = None, **fields) -> None:
+        """Record a failed or needs_recovery verdict, unless the rotation was resolved meanwhile.
+
+        Another process (a bulk run and a `recover --all`, say) may have stored the key
+        between our look at the host and this write: a stored rotation is never demoted.
+        """
         with transaction(self.factory) as s:
-            rotation = s.get(Rotation, rid)
+            rotation = s.scalar(select(Rotation).where(Rotation.id == rid).with_for_update(of=Rotation))
+            if rotation.state not in UNRESOLVED_ROTATION_STATES:
+                log.warning("rotation %s is %s already; not marking it %s", rid, rotation.state, state)
+                return
             rotation.state = state
             rotation.updated_at = utcnow()
             if error is not None:

@@ -220,7 +220,8 @@ class SchedulerThread:
         """Stop after the current run; True when the thread has ended."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
         return not self._thread.is_alive()
 
     def _run(self) -> None:
@@ -240,4 +241,7 @@ class SchedulerThread:
             except Exception as exc:  # the server keeps serving; the next tick tries again
                 log.error("scheduled rotation run failed: %s", exc)
                 outcome = exc
-            self.on_run(outcome)
+            try:
+                self.on_run(outcome)
+            except Exception:  # an observer's failure must not end the scheduler
+                log.exception("on_run callback failed")

@@ -9,6 +9,7 @@ import pytest
 
 from keyvault.errors import BecomeFailed, InvalidInput, TaToolMissing
 from keyvault.tahost import (
+    CLAIM_TOKEN,
     Become,
     check_script,
     cleanup_many_script,
@@ -270,10 +271,30 @@ def test_recovery_racing_a_slow_launch_wins_and_ta_tool_never_runs(fake_tool):
     home, bindir = fake_tool
     pending = home / ".keyvault" / "pending"
     pending.mkdir(parents=True)
-    (pending / f"{RID}.out").write_text("")  # claimed by a generate that has not launched yet
+    (pending / f"{RID}.out").write_text(f"{CLAIM_TOKEN}\n")  # claimed by a generate that has not launched yet
     assert parse_remote(RID, run_local(fetch_script(RID), home, bindir)).state == "absent"
     assert (pending / f"{RID}.launch").exists() and (pending / f"{RID}.void").exists()
+    again = run_local(generate_script(RID, "ta-tool generate_root_secret"), home, bindir)
+    assert parse_remote(RID, again).state == "exists" and not (pending / f"{RID}.rc").exists()
     # A key already printed is never declared absent, launched or not.
     (pending / f"{OTHER_RID}.out").write_text(f"secret: {KEY}\n")
     fetched = parse_remote(OTHER_RID, run_local(fetch_script(OTHER_RID), home, bindir))
     assert fetched.state == "result" and find_keys(fetched.output, r"[A-Za-z0-9]{64}") == [KEY]
+
+
+def test_an_empty_pending_file_is_a_running_ta_tool_never_absent(fake_tool):
+    """An older keyvault's generate leaves .out empty (no claim token) while its ta-tool runs:
+    recovery must wait for it, never void it; once the key is there, it is read back, even
+    if a .void exists."""
+    home, bindir = fake_tool
+    pending = home / ".keyvault" / "pending"
+    pending.mkdir(parents=True)
+    (pending / f"{RID}.out").write_text("")
+    waiting = parse_remote(RID, run_local(fetch_script(RID), home, bindir))
+    assert waiting.state == "result" and waiting.rc is None and waiting.output == b""
+    assert not (pending / f"{RID}.launch").exists() and not (pending / f"{RID}.void").exists()
+    (pending / f"{RID}.void").write_text("")  # even a (wrong) earlier verdict cannot hide a key
+    (pending / f"{RID}.out").write_text(f"secret: {KEY}\n")
+    (pending / f"{RID}.rc").write_text("0\n")
+    fetched = parse_remote(RID, run_local(fetch_script(RID), home, bindir))
+    assert fetched.state == "result" and fetched.rc == 0 and find_keys(fetched.output, r"[A-Za-z0-9]{64}") == [KEY]
