@@ -301,3 +301,62 @@ def test_a_silent_ta_tool_times_out_its_batch_and_nothing_is_lost(world, tmp_pat
         outcome = service(world).recover(results[scope].rotation_id, actor="t")
         assert outcome.state == "failed" and state.generations(world["state"], f"app:{scope.appid}") == 0
     assert state.generations(world["state"], "app:app1") == 1
+
+
+class _RecoverFirstConnector:
+    """Injected transport for a race no real timing can produce on demand: when the wrapped
+    service fetches a pending file, another recovery stores the key *first*; the fetch then
+    reports what it saw before that, "not finished"."""
+
+    def __init__(self, inner: LocalConnector, race) -> None:
+        self.inner, self.race = inner, race
+
+    def connect(self, target):
+        conn = self.inner.connect(target)
+        race = self.race
+
+        class Conn:
+            label = conn.label
+
+            def run(self, command, **kwargs):
+                from keyvault.ssh import ExecResult
+
+                if "ABSENT" in command:  # the fetch script
+                    race()
+                    rid = command.split("@@KV:")[1].split(":")[0]
+                    stale = f"@@KV:{rid}:OUT@@\n\n@@KV:{rid}:ERR@@\n\n@@KV:{rid}:RC:none@@\n".encode()
+                    return ExecResult(stale, 0)
+                return conn.run(command, **kwargs)
+
+            def close(self):
+                conn.close()
+
+        return Conn()
+
+    def offered_fingerprint(self, target):
+        return self.inner.offered_fingerprint(target)
+
+
+def test_a_recovery_never_demotes_a_rotation_another_one_stored_meanwhile(world):
+    class Crash(Exception):
+        pass
+
+    def crash(step, rid):
+        if step == "generated":
+            raise Crash(rid)
+
+    with pytest.raises(Crash) as info:
+        service(world, on_step=crash).rotate("c", app_scope("app1"), actor="t")
+    rid = str(info.value)
+    assert rotation_row(world, rid).state == "pending"
+
+    def other_recovery_wins():
+        assert service(world).recover(rid, actor="other").state == "completed"
+
+    racing = RotationService(world["factory"], settings=world["settings"],
+                             connector=_RecoverFirstConnector(world["connector"], other_recovery_wins))
+    with pytest.raises(NeedsRecovery):  # what it saw was "not finished" ...
+        racing.recover(rid, actor="t")
+    # ... but the rotation the other recovery stored stays completed, its key current.
+    assert rotation_row(world, rid).state == "completed"
+    assert stored_key(world, app_scope("app1")) == state.current_key(world["state"], "app:app1")
