@@ -129,14 +129,25 @@ def cleanup_marker(first_rid: str) -> str:
 
 def _clean_from_stdin(rids: list[str]) -> str:
     # keyvault writes a rotation id to stdin once that key is committed, then closes stdin.
-    # Only this batch's own ids are accepted: stdin can name nothing else to delete. One rm
-    # for all of them, then as cleanup_many_script: CLEANED only once the files are gone.
+    # Only this batch's own ids are accepted: stdin can name nothing else to delete.
     ids = "|".join(_check_rid(rid) for rid in rids)
     return (
         f"umask 077; kv_ids=; kv_files=; while read -r kv_rid; do case ${{kv_rid}} in {ids}) "
-        f'kv_ids="${{kv_ids}} ${{kv_rid}}"; kv_files="${{kv_files}} ${{kv_rid}}.out ${{kv_rid}}.err ${{kv_rid}}.rc '
-        f'${{kv_rid}}.launch";; '
-        f'esac; done; if [ -n "${{kv_ids}}" ] && cd "{PENDING_DIR}"; then rm -f ${{kv_files}}; '
+        f'kv_ids="${{kv_ids}} ${{kv_rid}}"; kv_files="${{kv_files}} {_files("${kv_rid}")}";; esac; done; '
+        + _clean_ids()
+    )
+
+
+def _files(rid: str) -> str:
+    return f"{rid}.out {rid}.err {rid}.rc {rid}.launch"
+
+
+def _clean_ids() -> str:
+    # The one clean-up rule for many rotations: the files of ${kv_ids} (listed in ${kv_files})
+    # go with one rm; each id is reported CLEANED, and gets its tombstone, only once its
+    # files are gone.
+    return (
+        f'if [ -n "${{kv_ids}}" ] && cd "{PENDING_DIR}"; then rm -f ${{kv_files}}; '
         f"for kv_rid in ${{kv_ids}}; do [ -e ${{kv_rid}}.out ] || [ -e ${{kv_rid}}.err ] || "
         f'{{ : >${{kv_rid}}.done; echo "@@KV:${{kv_rid}}:CLEANED@@"; }}; done; fi'
     )
@@ -191,12 +202,9 @@ def cleanup_many_script(rids: list[str]) -> str:
 
     A rotation is reported CLEANED (and gets its tombstone) only once its files are gone.
     """
-    for rid in rids:
-        _check_rid(rid)
-    files = " ".join(f"{rid}.out {rid}.err {rid}.rc {rid}.launch" for rid in rids)
-    marks = "; ".join(f"[ -e {rid}.out ] || [ -e {rid}.err ] || {{ : >{rid}.done; echo {_marker(rid, 'CLEANED')}; }}"
-                      for rid in rids)
-    return f'umask 077; cd "{PENDING_DIR}" || exit 70; rm -f {files}; {marks}'
+    ids = [_check_rid(rid) for rid in rids]
+    return (f'umask 077; kv_ids="{" ".join(ids)}"; kv_files="{" ".join(_files(rid) for rid in ids)}"; '
+            + _clean_ids())
 
 
 def check_script(command: str) -> str:

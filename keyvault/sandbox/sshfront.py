@@ -60,6 +60,7 @@ APP_TEMPLATE = "ta-tool generate_api_secret -appid {appid}"
 # An APPID the front accepts; shlex.quote leaves all of these unquoted.
 APPID = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 _RID_RE = re.compile(r"@@KV:([a-z0-9-]{6,32}):")
+_CLEANUP_IDS_RE = re.compile(r'umask 077; kv_ids="([a-z0-9-]{6,32}(?: [a-z0-9-]{6,32})*)"; ')
 _APPID_RE = re.compile(rf"-appid ({APPID}) \) >")
 _MAX_CANDIDATES = 4
 _READ_CHUNK = 65536
@@ -200,9 +201,9 @@ def classify(command: str, *, ta_user: str = "ta") -> Accepted | None:
     method, script = unwrapped
     if script == tahost.check_script(ROOT_COMMAND):
         return Accepted(method, "check", script)
-    rids = _RID_RE.findall(script)
-    if len(rids) > 1 and script == tahost.cleanup_many_script(list(dict.fromkeys(rids))):
-        return Accepted(method, "cleanup", script, rids[0])
+    many = _CLEANUP_IDS_RE.match(script)
+    if many and script == tahost.cleanup_many_script(many.group(1).split(" ")):
+        return Accepted(method, "cleanup", script, many.group(1).split(" ")[0])
     if script.startswith("( "):
         return _classify_many(method, script)
     for rid in _candidates(_RID_RE, script):

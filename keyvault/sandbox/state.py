@@ -302,7 +302,7 @@ def project_id(state_dir, appid):
 def generate(state_dir, scope, *, record=False):
     """Make a new key for scope, replacing (so invalidating) the previous one; return it.
 
-    ``record`` also writes last_run.json (see :func:`record_run`) under the same lock.
+    ``record`` also writes last_run.json (pid and scope, never the key) under the same lock.
     """
     with _locked(state_dir, exclusive=True):
         count, _ = _read_entry(state_dir, scope)
@@ -358,13 +358,8 @@ def find_leaks(text, fingerprints) -> int:
     return found
 
 
-def record_run(state_dir, scope):
-    """Write last_run.json with this process's pid and the scope (never the key)."""
-    with _locked(state_dir, exclusive=True):
-        _write_last_run(state_dir, scope)
-
-
 def _write_last_run(state_dir, scope):
+    """Write last_run.json with this process's pid and the scope (never the key)."""
     # By hand rather than with json: ta-tool then never imports it. A scope is root or
     # app:<APPID> with APPID characters [A-Za-z0-9_.-], which need no escaping.
     text = f'{{"pid": {os.getpid()}, "scope": "{scope}", "time": {time.time()!r}}}\n'

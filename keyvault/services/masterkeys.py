@@ -32,7 +32,6 @@ class MasterKeyRotation:
 
 def rotate_master_key(factory, *, settings: Settings) -> MasterKeyRotation:
     """Replace the master key; every version stays readable, the old key opens nothing."""
-    from keyvault.errors import Conflict
     from keyvault.services.spool import spooled_rotations
 
     waiting = spooled_rotations(settings)

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError as SAIntegrityError
 
 from keyvault import crypto
 from keyvault.config import Settings
@@ -136,7 +135,6 @@ class _ReportStream:
         self._buffer = bytearray()
         self._start = 0  # where the first pending job's report begins
         self._cleanup_marker = cleanup_marker.encode() if cleanup_marker else None
-        self.closed = False  # stdin closed (inline clean-up)
 
     @property
     def pending(self) -> bool:
@@ -145,7 +143,7 @@ class _ReportStream:
     @property
     def waiting_for_ids(self) -> bool:
         """The batch printed its CLEANUP marker: every ta-tool run is over."""
-        return self._cleanup_marker is not None and self._cleanup_marker in self._buffer
+        return self._cleanup_marker is not None and self._buffer.find(self._cleanup_marker, self._start) != -1
 
     def feed(self, chunk: bytes) -> None:
         """Add output as it arrives."""
@@ -166,6 +164,14 @@ class _ReportStream:
         tail = bytes(self._buffer[self._start:])
         rest, self._pending = [(job, tail) for job in self._pending], []
         return rest
+
+
+def _note_cleaned(results: list, cleaned: set[str]) -> None:
+    """Mark the outcomes whose remote clean-up is done (completed once also checked)."""
+    for result in results:
+        if isinstance(result, RotationOutcome) and result.rotation_id in cleaned:
+            result.cleaned_up = True
+            result.state = "completed" if result.verify_state is not None else result.state
 
 
 def _alive(conn: Connection) -> bool:
@@ -266,11 +272,14 @@ class RotationService:
         finally:
             self._defer_cleanup = False
             cleaned = self._flush_cleanups()
-        for result in results:
-            if isinstance(result, RotationOutcome) and result.rotation_id in cleaned:
-                result.cleaned_up = True
-                result.state = "completed" if result.verify_state is not None else result.state
+        _note_cleaned(results, cleaned)
         return list(zip(scopes, results))
+
+    def _defer(self, host: Host, rids: list[str]) -> None:
+        """Leave these rotations' clean-up to the end of the run (one command per host)."""
+        if rids:
+            with self._conn_lock:
+                self._deferred.setdefault(host.id, (host, []))[1].extend(rids)
 
     def _flush_cleanups(self) -> set[str]:
         """Run the batched clean-ups; rotations whose clean-up fails stay `stored` for recover."""
@@ -435,7 +444,7 @@ class RotationService:
                     log.error("on_done callback failed for %s", job.scope, exc_info=True)
 
             stream = _ReportStream(jobs, cleanup_marker(jobs[0].rid) if batch.inline_cleanup else None)
-            sent = 0
+            sent = 0  # ids of batch.to_clean written to stdin so far
 
             def on_output(chunk: bytes) -> StdinReply | None:
                 nonlocal sent
@@ -443,14 +452,14 @@ class RotationService:
                 stream.feed(chunk)
                 while (ready := stream.next_ready()) is not None:
                     finish(*ready, 0)
-                if not batch.inline_cleanup or stream.closed:
+                if not batch.inline_cleanup:
                     return None
                 if stream.waiting_for_ids:
                     for job, report in stream.rest():  # the script went on: these reports are cut short
                         finish(job, report, 0)
                 new, sent = batch.to_clean[sent:], len(batch.to_clean)
-                stream.closed = not stream.pending
-                return StdinReply("".join(f"{rid}\n" for rid in new).encode(), close=stream.closed)
+                # The transport ignores anything after the close, so answering again is harmless.
+                return StdinReply("".join(f"{rid}\n" for rid in new).encode(), close=not stream.pending)
 
             try:  # step 3: one su session for the batch, one pending file per rotation
                 script = generate_many_script([(job.rid, job.command) for job in jobs],
@@ -470,25 +479,17 @@ class RotationService:
                     self._settle_inline_cleanup(batch, result.output, results)
                 except Exception as exc:  # the keys are stored; only the record of clean-up failed
                     log.warning("recording the clean-up on %s failed: %s", host.label, exc)
-                    with self._conn_lock:
-                        self._deferred.setdefault(host.id, (host, []))[1].extend(batch.to_clean)
+                    self._defer(host, batch.to_clean)
         finally:
             self._release(host, conn, healthy)
         return results
 
     def _settle_inline_cleanup(self, batch: "_Batch", output: bytes, results: list) -> None:
         """Record what the batch cleaned up; leave the rest to the end-of-run clean-up."""
-        cleaned = [rid for rid in batch.to_clean if f"@@KV:{rid}:CLEANED@@".encode() in output]
-        self._record_cleaned(cleaned)
-        done = set(cleaned)
-        for result in results:
-            if isinstance(result, RotationOutcome) and result.rotation_id in done:
-                result.cleaned_up = True
-                result.state = "completed" if result.verify_state is not None else result.state
-        leftover = [rid for rid in batch.to_clean if rid not in done]
-        if leftover:
-            with self._conn_lock:
-                self._deferred.setdefault(batch.host.id, (batch.host, []))[1].extend(leftover)
+        cleaned = {rid for rid in batch.to_clean if f"@@KV:{rid}:CLEANED@@".encode() in output}
+        self._record_cleaned(sorted(cleaned))
+        _note_cleaned(results, cleaned)
+        self._defer(batch.host, [rid for rid in batch.to_clean if rid not in cleaned])
 
     def _finish(self, batch: "_Batch", job: _Job, report: bytes, exit_status: int | None):
         """Steps 4-7 for one rotation of a batch; returns its outcome or its exception."""
@@ -712,8 +713,7 @@ class RotationService:
 
     def _cleanup(self, conn: Connection, host: Host, rid: str, outcome: RotationOutcome) -> None:
         if self._defer_cleanup:
-            with self._conn_lock:
-                self._deferred.setdefault(host.id, (host, []))[1].append(rid)
+            self._defer(host, [rid])
             return
         result = self._try(conn, host, cleanup_script(rid))
         if result is not None and parse_remote(rid, result.output).state == "cleaned":

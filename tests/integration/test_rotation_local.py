@@ -5,7 +5,6 @@ real sshd in test_rotation_sshd.py; this file is the fast, exhaustive one."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -133,17 +132,23 @@ def test_failing_ta_tool_is_failed_not_unresolved(world):
     assert service(world).rotate("c", app_scope("app1"), actor="t").new_version == 1
 
 
-def test_crash_after_journal_recovers_to_failed_without_running_ta_tool(world):
-    class Crash(Exception):
-        pass
+class Crash(Exception):
+    """What an on_step hook raises to make the rotating process "die" at a step."""
 
-    def crash(step, rid):
-        if step == "journaled":
+
+def crash_at(world, step: str, scope) -> str:
+    """Rotate ``scope`` until ``step``, then "die"; the rotation id."""
+    def crash(at, rid):
+        if at == step:
             raise Crash(rid)
 
     with pytest.raises(Crash) as info:
-        service(world, on_step=crash).rotate("c", root_scope(), actor="t")
-    rid = str(info.value)
+        service(world, on_step=crash).rotate("c", scope, actor="t")
+    return str(info.value)
+
+
+def test_crash_after_journal_recovers_to_failed_without_running_ta_tool(world):
+    rid = crash_at(world, "journaled", root_scope())
     # The process "died" before ta-tool: the journal says pending.
     assert rotation_row(world, rid).state == "pending"
     outcome = service(world).recover(rid, actor="t")
@@ -204,23 +209,24 @@ def test_failover_to_the_next_host_before_anything_ran(world):
 
 
 class _DroppingConnector:
-    """Injected transport: runs commands here like LocalConnector, but every batch loses its
-    connection right after the first report: stdout is closed, as sshd closes it when the
-    client is gone, and the script runs on until its next write kills it (SIGPIPE)."""
+    """Injected transport: runs commands here like LocalConnector, but every generate batch
+    loses its connection right after the first report: stdout is closed, as sshd closes it
+    when the client is gone, and the script runs on until its next write kills it (SIGPIPE).
+    Other commands (the clean-up after the run) go through undisturbed."""
 
-    def __init__(self, env) -> None:
-        self.env = env
+    def __init__(self, inner: LocalConnector) -> None:
+        self.inner = inner
 
     def connect(self, target):
-        return _DroppingConnection(self.env, target.label)
+        return _DroppingConnection(self.inner.env, self.inner.connect(target))
 
     def offered_fingerprint(self, target):
-        return "SHA256:" + "A" * 43
+        return self.inner.offered_fingerprint(target)
 
 
 class _DroppingConnection:
-    def __init__(self, env, label) -> None:
-        self.env, self.label = env, label
+    def __init__(self, env, inner) -> None:
+        self.env, self.inner, self.label = env, inner, inner.label
 
     def run(self, command, *, password=None, timeout, idle_timeout=None, on_output=None):
         import re
@@ -229,16 +235,19 @@ class _DroppingConnection:
         from keyvault.ssh import ExecResult
         from keyvault.tahost import report_end
 
+        first = re.search(r"@@KV:([a-z0-9-]+):START@@", command)
+        if first is None:
+            return self.inner.run(command, password=password, timeout=timeout, idle_timeout=idle_timeout,
+                                  on_output=on_output)
         proc = subprocess.Popen(["sh", "-c", command], env=self.env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        first = re.search(r"@@KV:([a-z0-9-]+):", command).group(1)
         seen, end = b"", None
         while end is None:
             chunk = proc.stdout.read1(65536)
             if not chunk:
                 break
             seen += chunk
-            end = report_end(first, seen)
+            end = report_end(first.group(1), seen)
         proc.stdout.close()
         proc.wait(timeout=timeout)
         seen = seen[:end] if end else seen
@@ -247,11 +256,11 @@ class _DroppingConnection:
         return ExecResult(seen, None)
 
     def close(self) -> None:
-        pass
+        self.inner.close()
 
 
 def test_connection_lost_mid_batch_loses_no_key_and_recover_settles_each(world):
-    world = dict(world, connector=_DroppingConnector(world["connector"].env))
+    world = dict(world, connector=_DroppingConnector(world["connector"]))
     scopes = [app_scope(a) for a in ("app1", "app2", "app3")]
     with service(world) as svc:
         results = dict(svc.rotate_many("c", scopes, actor="t", concurrency=1))
@@ -338,16 +347,7 @@ class _RecoverFirstConnector:
 
 
 def test_a_recovery_never_demotes_a_rotation_another_one_stored_meanwhile(world):
-    class Crash(Exception):
-        pass
-
-    def crash(step, rid):
-        if step == "generated":
-            raise Crash(rid)
-
-    with pytest.raises(Crash) as info:
-        service(world, on_step=crash).rotate("c", app_scope("app1"), actor="t")
-    rid = str(info.value)
+    rid = crash_at(world, "generated", app_scope("app1"))
     assert rotation_row(world, rid).state == "pending"
 
     def other_recovery_wins():

@@ -186,6 +186,10 @@ def test_a_batch_runs_and_cleans_up_only_the_ids_sent_on_stdin(conn, paths):
     assert "rot-batch-2:CLEANED" not in text and "rot-other-9" not in text
     assert (paths.pending_dir / "rot-batch-1.done").exists() and not (paths.pending_dir / "rot-batch-1.out").exists()
     assert (paths.pending_dir / "rot-batch-2.out").exists()  # not sent: its key stays for recovery
+    # The end-of-run clean-up (one command for many ids) cleans the rest.
+    swept = conn.run(SU.wrap(tahost.cleanup_many_script(["rot-batch-2", "rot-batch-3"])), timeout=TIMEOUT)
+    assert swept.exit_status == 0 and b"@@KV:rot-batch-2:CLEANED@@" in swept.output
+    assert not (paths.pending_dir / "rot-batch-2.out").exists() and (paths.pending_dir / "rot-batch-2.done").exists()
 
 
 def test_pty_shell_and_subsystem_are_refused(front, paths):

@@ -37,17 +37,22 @@ def run_local(script: str, home, path_dir) -> bytes:
     return subprocess.run(["sh", "-c", script], env=env, capture_output=True, check=False).stdout
 
 
-@pytest.fixture
-def fake_tool(tmp_path):
-    """A stand-in ta-tool that echoes its argv (so quoting can be checked) and a key."""
+def install_tool(tmp_path, body: str):
+    """A ta home and a bin dir holding a stand-in ta-tool (a sh script with ``body``)."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     tool = bindir / "ta-tool"
-    tool.write_text('#!/bin/sh\nprintf "argv:%s|" "$@"; echo; echo "\\033[32msecret: ' + KEY + '\\033[0m\\r"\n')
+    tool.write_text("#!/bin/sh\n" + body)
     tool.chmod(0o755)
     home = tmp_path / "home"
     home.mkdir()
     return home, bindir
+
+
+@pytest.fixture
+def fake_tool(tmp_path):
+    """A stand-in ta-tool that echoes its argv (so quoting can be checked) and a key."""
+    return install_tool(tmp_path, 'printf "argv:%s|" "$@"; echo; echo "\\033[32msecret: ' + KEY + '\\033[0m\\r"\n')
 
 
 @pytest.mark.parametrize("appid", ["x; rm -rf ~", "$(id)", "a'b", 'a"b', "a\nb", "`id`", "a b"])
@@ -160,13 +165,7 @@ def _sudo_i_quote(command: str) -> str:
 
 
 def test_scripts_survive_sudo_i_requoting_with_the_exit_status_intact(tmp_path):
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    tool = bindir / "ta-tool"
-    tool.write_text('#!/bin/sh\necho "secret: ' + KEY + '"; echo oops >&2; exit 3\n')
-    tool.chmod(0o755)
-    home = tmp_path / "home"
-    home.mkdir()
+    home, bindir = install_tool(tmp_path, 'echo "secret: ' + KEY + '"; echo oops >&2; exit 3\n')
     jobs = [(RID, "ta-tool generate_root_secret"), ("fed654cba321", "ta-tool generate_root_secret")]
     for script in (generate_script(RID, jobs[0][1]), generate_many_script(jobs)):
         for rid, _ in jobs:
