@@ -1,3 +1,3 @@
-from keyvault.cli import main
+from keyvault.cli import run
 
-main()
+run()

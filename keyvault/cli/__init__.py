@@ -76,5 +76,46 @@ def _register() -> None:
 
 _register()
 
+
+def exit_status(exc: SystemExit) -> int:
+    """The process exit status Python would give for ``exc`` (printing a message if it has one)."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def run() -> None:
+    """The ``keyvault`` executable: run the CLI, then end the process without a teardown.
+
+    Python's shutdown frees every object of every loaded module one by one: with
+    SQLAlchemy, paramiko and cryptography loaded that takes 0.1-0.25 s, longer than many
+    commands. By the time a command returns, it has committed and closed its work (the
+    context disposes of the engine and the SSH connections); the atexit handlers still run
+    (logging, paramiko's thread join) and output is flushed. A command that leaves a
+    non-daemon thread running gets the normal shutdown, which waits for it.
+    """
+    import atexit
+    import threading
+
+    try:
+        main()
+        status = 0
+    except SystemExit as exc:
+        status = exit_status(exc)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(status)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            # What Python does when stdout cannot be flushed at exit (a closed pipe, say).
+            status = status or 120
+    os._exit(status)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

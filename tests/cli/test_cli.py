@@ -277,3 +277,51 @@ def test_importtime_of_help_lists_no_heavy_module(nowhere):
     imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
     assert "keyvault" in imported and "click" in imported
+
+
+# --- the executable (`keyvault`, `python -m keyvault`) ------------------------------------
+
+
+def keyvault_process(*args: str, code: str = "from keyvault.cli import run; run()"):
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_executable_keeps_exit_status_and_error_line(nowhere):
+    result = keyvault_process("secrets", "list")
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1, result.stderr
+    assert keyvault_process("secrets", "show", "--cluster").returncode == 2
+
+
+def test_executable_flushes_output_into_a_pipe(nowhere):
+    # A pipe makes stdout block-buffered: output not flushed before the fast exit would be lost.
+    expect_ok = keyvault_process("init")
+    assert expect_ok.returncode == 0, expect_ok.stderr
+    listed = keyvault_process("cluster", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+
+
+def test_executable_waits_for_a_thread_still_running(nowhere):
+    # A non-daemon thread still running gets the normal shutdown, which waits for it: this
+    # one prints only once the main thread has finished.
+    code = (
+        "import threading\n"
+        "from keyvault.cli import run\n"
+        "def after_main():\n"
+        "    threading.main_thread().join()\n"
+        "    print('thread ran to its end', flush=True)\n"
+        "threading.Thread(target=after_main).start()\n"
+        "run()\n"
+    )
+    result = keyvault_process("--version", code=code)
+    assert result.returncode == 0, result.stderr
+    assert "version" in result.stdout and "thread ran to its end" in result.stdout
+
+
+@pytest.mark.parametrize(("code", "status"), [(None, 0), (0, 0), (3, 3), ("stopped: reason", 1)])
+def test_exit_status_of_system_exit(code, status, capsys):
+    from keyvault.cli import exit_status
+
+    assert exit_status(SystemExit(code)) == status
+    assert capsys.readouterr().err == ("stopped: reason\n" if isinstance(code, str) else "")
