@@ -4,13 +4,13 @@ Every script is one line (so it survives ``su -c`` and ``sudo -i`` quoting)
 and reports through markers ``@@KV:<rotation id>:<WORD>@@``. ta-tool's output
 goes to a file private to ta (umask 077) named by the rotation id under
 ``~/.keyvault/pending/``, so that a dropped connection or a dead keyvault
-cannot lose a key that ta-tool already generated. Output travels back in
-base64 so a PTY cannot mangle it.
+cannot lose a key that ta-tool already generated. The file is printed back one
+line at a time behind a ``|``, so no output line can pass for a marker; markers
+are looked for only in lines that do not start with ``|``.
 """
 
 from __future__ import annotations
 
-import base64
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -70,52 +70,60 @@ def _marker(rid: str, word: str) -> str:
     return f"@@KV:{rid}:{word}@@"
 
 
+# One rotation's part of a generate script, as a shell function: `kv_gen RID COMMAND...`.
+# Builtins wherever they do: in a batch every fork and exec is paid once per rotation, so
+# the only process a rotation starts is ta-tool itself. Early outcomes `return` (the next
+# rotation of a batch still runs); only a dead connection ends the whole script.
+_GEN_FUNCTION = "kv_gen() { " + "; ".join([
+    'kv_rid=${1}; shift; kv_f="' + PENDING_DIR + '/${kv_rid}"',
+    '[ -d "' + PENDING_DIR + '" ] || mkdir -p "' + PENDING_DIR + '" || { echo "@@KV:${kv_rid}:NODIR@@"; return 70; }',
+    # Printed before anything is claimed: when the connection is gone this write fails
+    # (SIGPIPE, or EIO on a PTY) and the id stays unclaimed, so recovery can say "never ran".
+    'echo "@@KV:${kv_rid}:START@@" || exit 75',
+    # A second run for the same rotation id must never generate again, nor a run after a
+    # recovery declared it "never ran": creating .out exclusively (noclobber) claims the id.
+    # The claim writes CLAIM_TOKEN, which ta-tool's own redirect replaces: only this script
+    # leaves a .out holding exactly it, so recovery can tell "claimed, not launched".
+    f'if [ -e "${{kv_f}}.done" ] || ! {{ set -C; echo {CLAIM_TOKEN} >"${{kv_f}}.out"; }} 2>/dev/null; '
+    'then set +C; echo "@@KV:${kv_rid}:EXISTS@@"; return 73; fi',
+    'if ! command -v "${1}" >/dev/null 2>&1; then set +C; echo "@@KV:${kv_rid}:NOTATOOL@@"; return 74; fi',
+    # The last claim, just before ta-tool: a recovery that finds .out but takes .launch
+    # first has proved ta-tool never started, and it never will. `true`, a regular builtin,
+    # so a refused redirection fails the command, not the shell.
+    'if ! { true >"${kv_f}.launch"; } 2>/dev/null; then set +C; echo "@@KV:${kv_rid}:EXISTS@@"; return 73; fi',
+    "set +C",
+    # Ignoring HUP keeps ta-tool alive when the connection drops mid-run.
+    """( trap '' HUP; exec "${@}" ) >"${kv_f}.out" 2>"${kv_f}.err" </dev/null""",
+    'kv_rc=${?}; echo "${kv_rc}" >"${kv_f}.rc"',
+    '_READBACK_',
+]) + "; }"
+
+
+def _generate_prefix() -> str:
+    return f"umask 077; {_GEN_FUNCTION.replace('_READBACK_', _readback('${kv_rid}', '${kv_f}'))}; "
+
+
 def generate_script(rid: str, command: str) -> str:
-    """Run ta-tool once, output to the pending file, then print it back in base64."""
-    _check_rid(rid)
-    tool = shlex.split(command)[0]
-    f = f'"{PENDING_DIR}/{rid}"'
-    # Builtins wherever they do: in a batch every fork and exec is paid once per rotation.
-    return "; ".join([
-        "umask 077",
-        f'[ -d "{PENDING_DIR}" ] || mkdir -p "{PENDING_DIR}" || {{ echo {_marker(rid, "NODIR")}; exit 70; }}',
-        # Printed before anything is claimed: when the connection is gone this write fails
-        # (SIGPIPE, or EIO on a PTY) and the id stays unclaimed, so recovery can say "never ran".
-        f"echo {_marker(rid, 'START')} || exit 75",
-        # A second run for the same rotation id must never generate again, nor a run after a
-        # recovery declared it "never ran": creating .out exclusively (noclobber) claims the id.
-        # `true`, a regular builtin, so a refused redirection fails the command, not the shell;
-        # no subshell, so no fork.
-        # The claim writes CLAIM_TOKEN, which ta-tool's own redirect replaces: only this script
-        # leaves a .out holding exactly it, so recovery can tell "claimed, not launched".
-        f'if [ -e {f}.done ] || ! {{ set -C; echo {CLAIM_TOKEN} >{f}.out; }} 2>/dev/null; '
-        f'then echo {_marker(rid, "EXISTS")}; exit 73; fi',
-        f"if ! command -v {shlex.quote(tool)} >/dev/null 2>&1; then echo {_marker(rid, 'NOTATOOL')}; exit 74; fi",
-        # The last claim, just before ta-tool: a recovery that finds .out but takes .launch
-        # first has proved ta-tool never started, and it never will.
-        f'if ! {{ true >{f}.launch; }} 2>/dev/null; then echo {_marker(rid, "EXISTS")}; exit 73; fi',
-        "set +C",
-        # Ignoring HUP keeps ta-tool alive when the connection drops mid-run.
-        f"( trap '' HUP; exec {command} ) >{f}.out 2>{f}.err </dev/null",
-        f"kv_rc=${{?}}; echo ${{kv_rc}} >{f}.rc",
-        _readback(rid, f, "${kv_rc}"),
-    ])
+    """Run ta-tool once, output to the pending file, then print that file back."""
+    return generate_many_script([(rid, command)])
 
 
 def generate_many_script(jobs: list[tuple[str, str]], *, clean_from_stdin: bool = False) -> str:
     """Run ta-tool for several rotations in one ``su`` session: ``[(rotation id, command), ...]``.
 
-    Each rotation keeps its own claim, pending file and markers; each runs in a subshell so
-    that its early ``exit`` (EXISTS, NOTATOOL) ends only its own part. One job is exactly
-    :func:`generate_script`. With ``clean_from_stdin`` the script then reads rotation ids
-    (of this batch only), one per line until end of input, and cleans each up as
-    :func:`cleanup_script` does: keyvault sends an id only once its key is committed.
+    Each rotation keeps its own claim, pending file and markers, one after the other; an
+    early outcome of one (EXISTS, NOTATOOL) ends only its own part. One job without
+    clean-up is :func:`generate_script`. With ``clean_from_stdin`` the script then reads
+    rotation ids (of this batch only), one per line until end of input, and cleans each
+    up as :func:`cleanup_script` does: keyvault sends an id only once its key is committed.
     """
     if not jobs:
         raise InvalidInput("no rotation to run")
-    if len(jobs) == 1 and not clean_from_stdin:
-        return generate_script(*jobs[0])
-    script = "; ".join(f"( {generate_script(rid, command)} )" for rid, command in jobs)
+    calls = []
+    for rid, command in jobs:
+        shlex.split(command)  # a command that does not parse as shell words is refused here
+        calls.append(f"kv_gen {_check_rid(rid)} {command}")
+    script = GENERATE_PREFIX + "; ".join(calls)
     if clean_from_stdin:
         # The CLEANUP marker says every ta-tool run is over: keyvault must close stdin now.
         script += f"; echo {cleanup_marker(jobs[0][0])}; " + _clean_from_stdin([rid for rid, _ in jobs])
@@ -153,14 +161,22 @@ def _clean_ids() -> str:
     )
 
 
-def _readback(rid: str, f: str, rc: str) -> str:
-    # base64's line breaks are harmless: the parser keeps only base64 characters. An empty
-    # stderr (the usual case) costs no process.
+def _readback(rid: str, f: str, rc: str = "${kv_rc}") -> str:
+    # Shell builtins only (no base64 process per rotation): every line of the file is
+    # printed with a "|" in front, so no line of ta-tool's output can pass for a marker,
+    # which is always printed at the start of a line. Lines are gathered in "$@" and
+    # printed 64 at a time: one write (one SSH packet) for the usual short output.
+    def lines(path: str) -> str:
+        return ('while IFS= read -r kv_l || [ -n "${kv_l}" ]; do set -- "${@}" "|${kv_l}"; '
+                f"[ ${{#}} -lt 64 ] || {{ printf '%s\\n' \"${{@}}\"; set --; }}; done <\"{f}.{path}\"")
     return (
-        f"echo {_marker(rid, 'OUT')}; base64 <{f}.out; "
-        f"echo {_marker(rid, 'ERR')}; [ ! -s {f}.err ] || base64 <{f}.err; "
-        f'echo "@@KV:{rid}:RC:{rc}@@"'
+        f'set -- "@@KV:{rid}:OUT@@"; {lines("out")}; set -- "${{@}}" "@@KV:{rid}:ERR@@"; '
+        f'[ ! -s "{f}.err" ] || {lines("err")}; printf \'%s\\n\' "${{@}}" "@@KV:{rid}:RC:{rc}@@"'
     )
+
+
+# What every generate script starts with; the calls `kv_gen RID COMMAND` follow, "; " apart.
+GENERATE_PREFIX = _generate_prefix()
 
 
 def fetch_script(rid: str) -> str:
@@ -186,7 +202,8 @@ def fetch_script(rid: str) -> str:
         f'if [ ! -e {f}.rc ] && [ ! -s {f}.out ] && {{ [ -e {f}.void ] || {{ mkdir -p "{PENDING_DIR}" && '
         f'( set -C; : >{f}.out ) 2>/dev/null && : >{f}.void; }}; }}; '
         f"then echo {_marker(rid, 'ABSENT')}; exit 0; fi",
-        _readback(rid, f, f"$(cat {f}.rc 2>/dev/null || echo none)"),
+        # (A recovery is rare: the exit status may cost a process.)
+        _readback(rid, f"{PENDING_DIR}/{rid}", f"$(cat {f}.rc 2>/dev/null || echo none)"),
     ])
 
 
@@ -217,18 +234,34 @@ def check_script(command: str) -> str:
     )
 
 
-_REPORT_END = re.compile(rb"@@KV:([a-z0-9-]+):(?:RC:\w+|EXISTS|NOTATOOL|NODIR)@@")
+# A marker counts only in a line that is not ta-tool's output (those start with "|"); it
+# need not start its line: a PTY may put su's password prompt in front of the first one.
+_NOT_CONTENT = rb"(?m)^(?!\|)[^\n]*?"
+_REPORT_END = re.compile(_NOT_CONTENT + rb"@@KV:([a-z0-9-]+):(?:RC:\w+|EXISTS|NOTATOOL|NODIR)@@")
 
 
 def report_end(rid: str, output: bytes | bytearray, start: int = 0) -> int | None:
     """Where the report of generate ``rid`` in ``output`` (from ``start``) ends, once complete.
 
     A report is complete at its RC marker, or at EXISTS / NOTATOOL / NODIR when ta-tool never ran.
+    ``start`` must be where a line starts, or where an earlier report ended.
     """
     for match in _REPORT_END.finditer(output, start):
         if match.group(1).decode() == rid:
             return match.end()
     return None
+
+
+def find_marker(output: bytes | bytearray, marker: str, start: int = 0) -> int:
+    """Where ``marker`` is in ``output`` outside ta-tool's output lines, or -1."""
+    found = re.compile(_NOT_CONTENT + re.escape(marker.encode())).search(output, start)
+    return -1 if found is None else found.end() - len(marker)
+
+
+def cleaned_ids(output: bytes, rids: list[str]) -> set[str]:
+    """The rotations whose pending files a clean-up script reported gone."""
+    found = {m.decode() for m in re.findall(_NOT_CONTENT + rb"@@KV:([a-z0-9-]+):CLEANED@@", output)}
+    return {rid for rid in rids if rid in found}
 
 
 @dataclass(frozen=True)
@@ -243,37 +276,36 @@ class RemoteOutput:
     raw_tail: str = field(default="", repr=False)
 
 
-def _b64(text: str) -> bytes:
-    cleaned = re.sub(r"[^A-Za-z0-9+/=]", "", text)
-    try:
-        return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4))
-    except ValueError:
-        return b""
-
-
 def parse_remote(rid: str, raw: bytes) -> RemoteOutput:
     """Read the markers of one script's output."""
     text = raw.decode("utf-8", "replace").replace("\r", "")
     tail = text[-2000:]
-    m = lambda word: _marker(rid, word) in text  # noqa: E731
-    started = m("START")
+    lines = text.split("\n")
+    prefix = f"@@KV:{rid}:"
+    # Each marker line of this rotation, by the word after the id ("" for noise lines).
+    words = [line.split(prefix, 1)[1].removesuffix("@@") if not line.startswith("|") and prefix in line
+             and line.endswith("@@") else "" for line in lines]
+    started = "START" in words
     for word, state in (("CLEANED", "cleaned"), ("ABSENT", "absent"), ("EXISTS", "exists"), ("NOTATOOL", "notatool"),
                         ("NODIR", "nodir")):
-        if m(word):
+        if word in words:
             return RemoteOutput(started=started, state=state, raw_tail=tail)
-    found = re.search(
-        rf"@@KV:{re.escape(rid)}:OUT@@\n?(.*?)\n?@@KV:{re.escape(rid)}:ERR@@\n?(.*?)\n?@@KV:{re.escape(rid)}:RC:(\w+)@@",
-        text,
-        re.S,
-    )
-    if not found:
+    rc_at = next((i for i, word in enumerate(words) if word.startswith("RC:")), None)
+    out_at = next((i for i, word in enumerate(words[:rc_at]) if word == "OUT"), None) if rc_at is not None else None
+    err_at = next((i for i in range(out_at + 1, rc_at) if words[i] == "ERR"), None) if out_at is not None else None
+    if err_at is None:
         return RemoteOutput(started=started, state="none", raw_tail=tail)
-    rc_text = found.group(3)
+
+    def content(first: int, end: int) -> bytes:
+        # Each line as printed back; a last line without a newline gets one.
+        return "".join(line[1:] + "\n" for line in lines[first:end] if line.startswith("|")).encode()
+
+    rc_text = words[rc_at][3:]
     return RemoteOutput(
         started=True,
         state="result",
-        output=_b64(found.group(1)),
-        errors=_b64(found.group(2)),
+        output=content(out_at + 1, err_at),
+        errors=content(err_at + 1, rc_at),
         rc=int(rc_text) if rc_text.isdigit() else None,
         raw_tail=tail,
     )

@@ -61,7 +61,8 @@ APP_TEMPLATE = "ta-tool generate_api_secret -appid {appid}"
 APPID = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 _RID_RE = re.compile(r"@@KV:([a-z0-9-]{6,32}):")
 _CLEANUP_IDS_RE = re.compile(r'umask 077; kv_ids="([a-z0-9-]{6,32}(?: [a-z0-9-]{6,32})*)"; ')
-_APPID_RE = re.compile(rf"-appid ({APPID}) \) >")
+_CALL_RE = re.compile(r"([a-z0-9-]{6,32}) (.*)")
+_APPID_RE = re.compile(rf"-appid ({APPID})")
 _MAX_CANDIDATES = 4
 _READ_CHUNK = 65536
 
@@ -204,44 +205,43 @@ def classify(command: str, *, ta_user: str = "ta") -> Accepted | None:
     many = _CLEANUP_IDS_RE.match(script)
     if many and script == tahost.cleanup_many_script(many.group(1).split(" ")):
         return Accepted(method, "cleanup", script, many.group(1).split(" ")[0])
-    if script.startswith("( "):
-        return _classify_many(method, script)
+    if script.startswith(tahost.GENERATE_PREFIX):
+        return _classify_generate(method, script)
     for rid in _candidates(_RID_RE, script):
         if script == tahost.fetch_script(rid):
             return Accepted(method, "fetch", script, rid)
         if script == tahost.cleanup_script(rid):
             return Accepted(method, "cleanup", script, rid)
-    found = _classify_generate(script)
-    if found is not None:
-        return Accepted(method, "generate", script, found[0], found[1])
     return None
 
 
-def _classify_generate(script: str) -> tuple[str, str, str] | None:
-    """(rid, scope, command) if ``script`` is exactly one ``generate_script``."""
-    commands = {"root": ROOT_COMMAND}
-    for appid in _candidates(_APPID_RE, script):
-        commands[f"app:{appid}"] = tahost.render_command(APP_TEMPLATE, appid)
-    for rid in _candidates(_RID_RE, script):
-        for scope, cmd in commands.items():
-            if script == tahost.generate_script(rid, cmd):
-                return rid, scope, cmd
+def _job(call: str) -> tuple[str, str, str] | None:
+    """(rid, scope, command) of one ``kv_gen RID COMMAND`` call, for the commands allowed."""
+    found = _CALL_RE.fullmatch(call)
+    if found is None:
+        return None
+    rid, command = found.groups()
+    if command == ROOT_COMMAND:
+        return rid, "root", command
+    appid = _APPID_RE.search(command)
+    if appid is not None and command == tahost.render_command(APP_TEMPLATE, appid.group(1)):
+        return rid, f"app:{appid.group(1)}", command
     return None
 
 
-def _classify_many(method: str, script: str) -> Accepted | None:
+def _classify_generate(method: str, script: str) -> Accepted | None:
     # Splitting is only a way to find the parts: the whole script is re-rendered and
     # compared, so a part that merely contains the separator cannot slip through.
-    body, clean = script, False
-    cut = script.rfind(" ); echo @@KV:")
-    if cut != -1 and ":CLEANUP@@; " in script[cut:]:  # the clean_from_stdin tail
-        body, clean = script[:cut + 2], True
-    if not (body.startswith("( ") and body.endswith(" )")):
+    body, clean = script[len(tahost.GENERATE_PREFIX):], False
+    cut = body.rfind("; echo @@KV:")
+    if cut != -1 and ":CLEANUP@@; " in body[cut:]:  # the clean_from_stdin tail
+        body, clean = body[:cut], True
+    if not body.startswith("kv_gen "):
         return None
-    parts = body[2:-2].split(" ); ( ")
-    if not (1 if clean else 2) <= len(parts) <= MAX_BATCH:
+    calls = body[len("kv_gen "):].split("; kv_gen ")
+    if not 1 <= len(calls) <= MAX_BATCH:
         return None
-    jobs = [_classify_generate(part) for part in parts]
+    jobs = [_job(call) for call in calls]
     if any(job is None for job in jobs):
         return None
     if tahost.generate_many_script([(rid, cmd) for rid, _, cmd in jobs], clean_from_stdin=clean) != script:

@@ -61,7 +61,9 @@ from keyvault.tahost import (
     cleanup_many_script,
     cleanup_marker,
     cleanup_script,
+    cleaned_ids,
     fetch_script,
+    find_marker,
     find_keys,
     generate_many_script,
     mask_keys,
@@ -134,7 +136,7 @@ class _ReportStream:
         self._pending = list(jobs)
         self._buffer = bytearray()
         self._start = 0  # where the first pending job's report begins
-        self._cleanup_marker = cleanup_marker.encode() if cleanup_marker else None
+        self._cleanup_marker = cleanup_marker
 
     @property
     def pending(self) -> bool:
@@ -143,7 +145,7 @@ class _ReportStream:
     @property
     def waiting_for_ids(self) -> bool:
         """The batch printed its CLEANUP marker: every ta-tool run is over."""
-        return self._cleanup_marker is not None and self._buffer.find(self._cleanup_marker, self._start) != -1
+        return self._cleanup_marker is not None and find_marker(self._buffer, self._cleanup_marker, self._start) != -1
 
     def feed(self, chunk: bytes) -> None:
         """Add output as it arrives."""
@@ -295,8 +297,8 @@ class RotationService:
                     log.warning("clean-up on %s skipped: %s", host.label, exc)
                     continue
                 result = self._try(conn, host, cleanup_many_script(chunk))
-                text = result.output.decode("utf-8", "replace") if result else ""
-                done = [rid for rid in chunk if f"@@KV:{rid}:CLEANED@@" in text]
+                gone = cleaned_ids(result.output, chunk) if result else set()
+                done = [rid for rid in chunk if rid in gone]
                 cleaned.update(done)
                 self._record_cleaned(done)
         return cleaned
@@ -486,7 +488,7 @@ class RotationService:
 
     def _settle_inline_cleanup(self, batch: "_Batch", output: bytes, results: list) -> None:
         """Record what the batch cleaned up; leave the rest to the end-of-run clean-up."""
-        cleaned = {rid for rid in batch.to_clean if f"@@KV:{rid}:CLEANED@@".encode() in output}
+        cleaned = cleaned_ids(output, batch.to_clean)
         self._record_cleaned(sorted(cleaned))
         _note_cleaned(results, cleaned)
         self._defer(batch.host, [rid for rid in batch.to_clean if rid not in cleaned])

@@ -235,7 +235,7 @@ class _DroppingConnection:
         from keyvault.ssh import ExecResult
         from keyvault.tahost import report_end
 
-        first = re.search(r"@@KV:([a-z0-9-]+):START@@", command)
+        first = re.search(r"kv_gen ([a-z0-9-]{6,32}) ", command)  # a generate script's first rotation
         if first is None:
             return self.inner.run(command, password=password, timeout=timeout, idle_timeout=idle_timeout,
                                   on_output=on_output)

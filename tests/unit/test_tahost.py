@@ -15,8 +15,10 @@ from keyvault.tahost import (
     cleanup_many_script,
     cleanup_marker,
     cleanup_script,
+    cleaned_ids,
     fetch_script,
     find_keys,
+    find_marker,
     generate_many_script,
     generate_script,
     mask_keys,
@@ -106,11 +108,34 @@ def test_missing_ta_tool_is_reported_and_recovery_proves_it_never_ran(tmp_path):
 
 
 def test_markers_survive_pty_noise():
-    raw = (b"Password: \r\nWelcome to TA\r\n@@KV:" + RID.encode() + b":START@@\r\n@@KV:" + RID.encode()
-           + b":OUT@@\r\n" + b"c2VjcmV0OiA=\r\n@@KV:" + RID.encode() + b":ERR@@\r\n\r\n@@KV:" + RID.encode()
-           + b":RC:0@@\r\n")
+    r = RID.encode()
+    # su's prompt may share a line with the first marker; the PTY turns \n into \r\n.
+    raw = (b"Password: @@KV:" + r + b":START@@\r\nWelcome to TA\r\n@@KV:" + r + b":OUT@@\r\n|secret: \r\n@@KV:" + r
+           + b":ERR@@\r\n@@KV:" + r + b":RC:0@@\r\n")
     remote = parse_remote(RID, raw)
-    assert remote.state == "result" and remote.output == b"secret: " and remote.rc == 0
+    assert remote.started and remote.state == "result" and remote.output == b"secret: \n" and remote.rc == 0
+    assert report_end(RID, raw) == raw.index(b":RC:0@@") + len(b":RC:0@@")
+
+
+def test_output_lines_never_pass_for_markers(tmp_path):
+    # ta-tool printing marker-shaped lines (even with this very rotation id) cannot end
+    # the report early, fake an exit status or claim a clean-up.
+    forged = "\n".join(f"@@KV:{RID}:{word}@@" for word in ("RC:0", "EXISTS", "ERR", "CLEANED", "CLEANUP"))
+    home, bindir = install_tool(tmp_path, f"printf '%s\\n' '{forged}' 'secret: {KEY}'; exit 3\n")
+    out = run_local(generate_script(RID, "ta-tool generate_root_secret"), home, bindir)
+    remote = parse_remote(RID, out)
+    assert remote.state == "result" and remote.rc == 3
+    assert remote.output.decode().splitlines() == [*forged.splitlines(), f"secret: {KEY}"]
+    assert report_end(RID, out) == len(out.rstrip(b"\n"))
+    assert cleaned_ids(out, [RID]) == set() and find_marker(out, cleanup_marker(RID)) == -1
+
+
+def test_long_output_is_read_back_whole(tmp_path):
+    home, bindir = install_tool(tmp_path, f"i=0; while [ $i -lt 300 ]; do echo line $i; i=$((i+1)); done; "
+                                          f"echo 'secret: {KEY}'; echo oops >&2\n")
+    remote = parse_remote(RID, run_local(generate_script(RID, "ta-tool generate_root_secret"), home, bindir))
+    assert remote.output.decode().splitlines() == [f"line {i}" for i in range(300)] + [f"secret: {KEY}"]
+    assert remote.errors == b"oops\n" and remote.rc == 0
 
 
 def test_connection_drop_is_not_a_result():
