@@ -70,12 +70,12 @@ def _marker(rid: str, word: str) -> str:
     return f"@@KV:{rid}:{word}@@"
 
 
-# One rotation's part of a generate script, as a shell function: `kv_gen RID COMMAND...`.
+# One rotation's part of a generate script, as a shell function: `kv_gen RID TOOL 'COMMAND'`.
 # Builtins wherever they do: in a batch every fork and exec is paid once per rotation, so
 # the only process a rotation starts is ta-tool itself. Early outcomes `return` (the next
 # rotation of a batch still runs); only a dead connection ends the whole script.
 _GEN_FUNCTION = "kv_gen() { " + "; ".join([
-    'kv_rid=${1}; shift; kv_f="' + PENDING_DIR + '/${kv_rid}"',
+    'kv_rid=${1}; kv_tool=${2}; kv_cmd=${3}; kv_f="' + PENDING_DIR + '/${kv_rid}"',
     '[ -d "' + PENDING_DIR + '" ] || mkdir -p "' + PENDING_DIR + '" || { echo "@@KV:${kv_rid}:NODIR@@"; return 70; }',
     # Printed before anything is claimed: when the connection is gone this write fails
     # (SIGPIPE, or EIO on a PTY) and the id stays unclaimed, so recovery can say "never ran".
@@ -86,14 +86,16 @@ _GEN_FUNCTION = "kv_gen() { " + "; ".join([
     # leaves a .out holding exactly it, so recovery can tell "claimed, not launched".
     f'if [ -e "${{kv_f}}.done" ] || ! {{ set -C; echo {CLAIM_TOKEN} >"${{kv_f}}.out"; }} 2>/dev/null; '
     'then set +C; echo "@@KV:${kv_rid}:EXISTS@@"; return 73; fi',
-    'if ! command -v "${1}" >/dev/null 2>&1; then set +C; echo "@@KV:${kv_rid}:NOTATOOL@@"; return 74; fi',
+    'if ! command -v "${kv_tool}" >/dev/null 2>&1; then set +C; echo "@@KV:${kv_rid}:NOTATOOL@@"; return 74; fi',
     # The last claim, just before ta-tool: a recovery that finds .out but takes .launch
     # first has proved ta-tool never started, and it never will. `true`, a regular builtin,
     # so a refused redirection fails the command, not the shell.
     'if ! { true >"${kv_f}.launch"; } 2>/dev/null; then set +C; echo "@@KV:${kv_rid}:EXISTS@@"; return 73; fi',
     "set +C",
-    # Ignoring HUP keeps ta-tool alive when the connection drops mid-run.
-    """( trap '' HUP; exec "${@}" ) >"${kv_f}.out" 2>"${kv_f}.err" </dev/null""",
+    # Ignoring HUP keeps ta-tool alive when the connection drops mid-run. The configured
+    # command is shell text (it may hold a pipe, `&&`, redirections): it runs whole inside
+    # this subshell, so all it prints goes to the pending file, as it is typed in the config.
+    """( trap '' HUP; eval "exec ${kv_cmd}" ) >"${kv_f}.out" 2>"${kv_f}.err" </dev/null""",
     'kv_rc=${?}; echo "${kv_rc}" >"${kv_f}.rc"',
     '_READBACK_',
 ]) + "; }"
@@ -121,8 +123,8 @@ def generate_many_script(jobs: list[tuple[str, str]], *, clean_from_stdin: bool 
         raise InvalidInput("no rotation to run")
     calls = []
     for rid, command in jobs:
-        shlex.split(command)  # a command that does not parse as shell words is refused here
-        calls.append(f"kv_gen {_check_rid(rid)} {command}")
+        tool = shlex.split(command)[0]  # a command that does not parse as shell words is refused here
+        calls.append(f"kv_gen {_check_rid(rid)} {shlex.quote(tool)} {shlex.quote(command)}")
     script = GENERATE_PREFIX + "; ".join(calls)
     if clean_from_stdin:
         # The CLEANUP marker says every ta-tool run is over: keyvault must close stdin now.
@@ -175,7 +177,7 @@ def _readback(rid: str, f: str, rc: str = "${kv_rc}") -> str:
     )
 
 
-# What every generate script starts with; the calls `kv_gen RID COMMAND` follow, "; " apart.
+# What every generate script starts with; the calls `kv_gen RID TOOL 'COMMAND'` follow, "; " apart.
 GENERATE_PREFIX = _generate_prefix()
 
 

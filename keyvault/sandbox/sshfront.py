@@ -216,11 +216,18 @@ def classify(command: str, *, ta_user: str = "ta") -> Accepted | None:
 
 
 def _job(call: str) -> tuple[str, str, str] | None:
-    """(rid, scope, command) of one ``kv_gen RID COMMAND`` call, for the commands allowed."""
+    """(rid, scope, command) of one ``kv_gen RID TOOL 'COMMAND'`` call, for the commands allowed."""
     found = _CALL_RE.fullmatch(call)
     if found is None:
         return None
-    rid, command = found.groups()
+    rid, rest = found.groups()
+    try:
+        words = shlex.split(rest)
+    except ValueError:
+        return None
+    if len(words) != 2:
+        return None
+    command = words[1]
     if command == ROOT_COMMAND:
         return rid, "root", command
     appid = _APPID_RE.search(command)

@@ -129,7 +129,7 @@ def _hostile_commands():
     rid = "rot-evil-1"
     gen = tahost.generate_script(rid, app_cmd("demo"))
     batch = tahost.generate_many_script([(rid, app_cmd("demo")), ("rot-evil-2", ROOT_CMD)], clean_from_stdin=True)
-    assert f"in {rid}|rot-evil-2)" in batch and "; kv_gen rot-evil-2 ta-tool" in batch and 'exec "${@}"' in batch
+    assert f"in {rid}|rot-evil-2)" in batch and "; kv_gen rot-evil-2 ta-tool" in batch and 'exec ${kv_cmd}' in batch
     return {
         "id": "id",
         "sh -c id": "sh -c 'id'",
@@ -145,8 +145,8 @@ def _hostile_commands():
         "batch with a command appended": SU.wrap(batch + "; id"),
         "batch whose clean-up takes any id": SU.wrap(batch.replace(f"in {rid}|rot-evil-2)", "in *)")),
         "batch with a part that is not keyvault's": SU.wrap(batch.replace("; kv_gen rot-evil-2", "; id; kv_gen rot-evil-2")),
-        "batch whose rotation body runs something else": SU.wrap(batch.replace('exec "${@}"', "exec id")),
-        "batch call with a command of its own": SU.wrap(batch.replace("kv_gen rot-evil-2 ta-tool", "kv_gen rot-evil-2 id")),
+        "batch whose rotation body runs something else": SU.wrap(batch.replace('exec ${kv_cmd}', "exec id")),
+        "batch call with a command of its own": SU.wrap(batch.replace("kv_gen rot-evil-2 ta-tool 'ta-tool", "kv_gen rot-evil-2 ta-tool 'id; ta-tool")),
     }
 
 

@@ -130,6 +130,25 @@ def test_output_lines_never_pass_for_markers(tmp_path):
     assert cleaned_ids(out, [RID]) == set() and find_marker(out, cleanup_marker(RID)) == -1
 
 
+@pytest.mark.parametrize(("command", "to"), [("ta-tool generate_root_secret | tail -n 1", ""),
+                                             ("ta-tool generate_root_secret 2>&1", " >&2")])
+def test_a_command_with_shell_syntax_runs_whole_into_the_pending_file(tmp_path, command, to):
+    # A configured command is shell text: its pipe or redirection applies to ta-tool's
+    # output in the pending file, never to the report.
+    home, bindir = install_tool(tmp_path, f"echo noise; echo 'secret: {KEY}'{to}\n")
+    remote = parse_remote(RID, run_local(generate_script(RID, command), home, bindir))
+    assert remote.state == "result" and remote.rc == 0
+    assert find_keys(remote.output, "[A-Za-z0-9]{64}") == [KEY]
+
+
+def test_a_failing_command_prefix_never_runs_ta_tool_outside_the_pending_file(tmp_path):
+    home, bindir = install_tool(tmp_path, f"echo 'secret: {KEY}'\n")
+    out = run_local(generate_script(RID, "cd /nonexistent-dir && ta-tool generate_root_secret"), home, bindir)
+    remote = parse_remote(RID, out)
+    assert remote.state == "result" and remote.rc not in (0, None)
+    assert KEY.encode() not in out  # ta-tool did not run, least of all with its output on the channel
+
+
 def test_long_output_is_read_back_whole(tmp_path):
     home, bindir = install_tool(tmp_path, f"i=0; while [ $i -lt 300 ]; do echo line $i; i=$((i+1)); done; "
                                           f"echo 'secret: {KEY}'; echo oops >&2\n")
