@@ -70,41 +70,6 @@ def _marker(rid: str, word: str) -> str:
     return f"@@KV:{rid}:{word}@@"
 
 
-# One rotation's part of a generate script, as a shell function: `kv_gen RID TOOL 'COMMAND'`.
-# Builtins wherever they do: in a batch every fork and exec is paid once per rotation, so
-# the only process a rotation starts is ta-tool itself. Early outcomes `return` (the next
-# rotation of a batch still runs); only a dead connection ends the whole script.
-_GEN_FUNCTION = "kv_gen() { " + "; ".join([
-    'kv_rid=${1}; kv_tool=${2}; kv_cmd=${3}; kv_f="' + PENDING_DIR + '/${kv_rid}"',
-    '[ -d "' + PENDING_DIR + '" ] || mkdir -p "' + PENDING_DIR + '" || { echo "@@KV:${kv_rid}:NODIR@@"; return 70; }',
-    # Printed before anything is claimed: when the connection is gone this write fails
-    # (SIGPIPE, or EIO on a PTY) and the id stays unclaimed, so recovery can say "never ran".
-    'echo "@@KV:${kv_rid}:START@@" || exit 75',
-    # A second run for the same rotation id must never generate again, nor a run after a
-    # recovery declared it "never ran": creating .out exclusively (noclobber) claims the id.
-    # The claim writes CLAIM_TOKEN, which ta-tool's own redirect replaces: only this script
-    # leaves a .out holding exactly it, so recovery can tell "claimed, not launched".
-    f'if [ -e "${{kv_f}}.done" ] || ! {{ set -C; echo {CLAIM_TOKEN} >"${{kv_f}}.out"; }} 2>/dev/null; '
-    'then set +C; echo "@@KV:${kv_rid}:EXISTS@@"; return 73; fi',
-    'if ! command -v "${kv_tool}" >/dev/null 2>&1; then set +C; echo "@@KV:${kv_rid}:NOTATOOL@@"; return 74; fi',
-    # The last claim, just before ta-tool: a recovery that finds .out but takes .launch
-    # first has proved ta-tool never started, and it never will. `true`, a regular builtin,
-    # so a refused redirection fails the command, not the shell.
-    'if ! { true >"${kv_f}.launch"; } 2>/dev/null; then set +C; echo "@@KV:${kv_rid}:EXISTS@@"; return 73; fi',
-    "set +C",
-    # Ignoring HUP keeps ta-tool alive when the connection drops mid-run. The configured
-    # command is shell text (it may hold a pipe, `&&`, redirections): it runs whole inside
-    # this subshell, so all it prints goes to the pending file, as it is typed in the config.
-    """( trap '' HUP; eval "exec ${kv_cmd}" ) >"${kv_f}.out" 2>"${kv_f}.err" </dev/null""",
-    'kv_rc=${?}; echo "${kv_rc}" >"${kv_f}.rc"',
-    '_READBACK_',
-]) + "; }"
-
-
-def _generate_prefix() -> str:
-    return f"umask 077; {_GEN_FUNCTION.replace('_READBACK_', _readback('${kv_rid}', '${kv_f}'))}; "
-
-
 def generate_script(rid: str, command: str) -> str:
     """Run ta-tool once, output to the pending file, then print that file back."""
     return generate_many_script([(rid, command)])
@@ -163,10 +128,10 @@ def _clean_ids() -> str:
     )
 
 
-def _readback(rid: str, f: str, rc: str = "${kv_rc}") -> str:
+def _readback(rid: str, f: str, rc: str) -> str:
     # Shell builtins only (no base64 process per rotation): every line of the file is
-    # printed with a "|" in front, so no line of ta-tool's output can pass for a marker,
-    # which is always printed at the start of a line. Lines are gathered in "$@" and
+    # printed with a "|" in front, and markers count only in lines that do not start with
+    # one, so nothing ta-tool prints can pass for a marker. Lines are gathered in "$@" and
     # printed 64 at a time: one write (one SSH packet) for the usual short output.
     def lines(path: str) -> str:
         return ('while IFS= read -r kv_l || [ -n "${kv_l}" ]; do set -- "${@}" "|${kv_l}"; '
@@ -177,8 +142,38 @@ def _readback(rid: str, f: str, rc: str = "${kv_rc}") -> str:
     )
 
 
+# One rotation's part of a generate script, as a shell function: `kv_gen RID TOOL 'COMMAND'`.
+# Builtins wherever they do: in a batch every fork and exec is paid once per rotation, so
+# the only process a rotation starts is ta-tool itself. Early outcomes `return` (the next
+# rotation of a batch still runs); only a dead connection ends the whole script.
+_SH_RID = "${kv_rid}"  # the rotation id, inside kv_gen
+_GEN_FUNCTION = "kv_gen() { " + "; ".join([
+    f'kv_rid=${{1}}; kv_tool=${{2}}; kv_cmd=${{3}}; kv_f="{PENDING_DIR}/${{kv_rid}}"',
+    f'[ -d "{PENDING_DIR}" ] || mkdir -p "{PENDING_DIR}" || {{ echo "{_marker(_SH_RID, "NODIR")}"; return 70; }}',
+    # Printed before anything is claimed: when the connection is gone this write fails
+    # (SIGPIPE, or EIO on a PTY) and the id stays unclaimed, so recovery can say "never ran".
+    f'echo "{_marker(_SH_RID, "START")}" || exit 75',
+    # A second run for the same rotation id must never generate again, nor a run after a
+    # recovery declared it "never ran": creating .out exclusively (noclobber) claims the id.
+    # The claim writes CLAIM_TOKEN, which ta-tool's own redirect replaces: only this script
+    # leaves a .out holding exactly it, so recovery can tell "claimed, not launched".
+    f'if [ -e "${{kv_f}}.done" ] || ! {{ set -C; echo {CLAIM_TOKEN} >"${{kv_f}}.out"; }} 2>/dev/null; '
+    f'then set +C; echo "{_marker(_SH_RID, "EXISTS")}"; return 73; fi',
+    f'if ! command -v "${{kv_tool}}" >/dev/null 2>&1; then set +C; echo "{_marker(_SH_RID, "NOTATOOL")}"; return 74; fi',
+    # The last claim, just before ta-tool: a recovery that finds .out but takes .launch
+    # first has proved ta-tool never started, and it never will. `true`, a regular builtin,
+    # so a refused redirection fails the command, not the shell.
+    f'if ! {{ true >"${{kv_f}}.launch"; }} 2>/dev/null; then set +C; echo "{_marker(_SH_RID, "EXISTS")}"; return 73; fi',
+    "set +C",
+    # Ignoring HUP keeps ta-tool alive when the connection drops mid-run. The configured
+    # command is shell text (it may hold a pipe, `&&`, redirections): it runs whole inside
+    # this subshell, so all it prints goes to the pending file, as it is typed in the config.
+    """( trap '' HUP; eval "exec ${kv_cmd}" ) >"${kv_f}.out" 2>"${kv_f}.err" </dev/null""",
+    'kv_rc=${?}; echo "${kv_rc}" >"${kv_f}.rc"',
+    _readback(_SH_RID, "${kv_f}", "${kv_rc}"),
+]) + "; }"
 # What every generate script starts with; the calls `kv_gen RID TOOL 'COMMAND'` follow, "; " apart.
-GENERATE_PREFIX = _generate_prefix()
+GENERATE_PREFIX = f"umask 077; {_GEN_FUNCTION}; "
 
 
 def fetch_script(rid: str) -> str:

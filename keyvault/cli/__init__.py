@@ -113,7 +113,7 @@ def run() -> None:
             stream.flush()
         except (OSError, ValueError):
             # What Python does when stdout cannot be flushed at exit (a closed pipe, say).
-            status = status or 120
+            status = 120
     os._exit(status)
 
 

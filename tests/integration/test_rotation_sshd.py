@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -435,21 +436,32 @@ def _only(rows: list[dict], scope: str) -> str:
     return ids[0]
 
 
-def test_crash_kill9_after_tatool_ran_before_output_read(kv):
-    cluster, app, scope = _prepared(kv, "crash-a")
-    gens = kv.gens(scope)
-    hold = kv.hold("crash-a")  # ta-tool prints its key into the pending file, then waits
-    proc = kv.spawn("rotate", "app", "--cluster", cluster, "--yes", app)
+def killed_while_holding(kv, hold: Hold, *args: str, look: Callable[[], object]):
+    """Run ``keyvault ARGS``; once ta-tool holds, ``look()``, SIGKILL the CLI, then let ta-tool
+    finish and wait until it has exited. Returns what ``look`` returned."""
+    proc = kv.spawn(*args)
     try:
         hold.wait_holding(proc)
-        assert kv.gens(scope) == gens + 1  # the old key is dead now
-        rid = _only(kv.rotations(cluster, "pending"), scope)
+        seen = look()
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.communicate(timeout=PROCESS_TIMEOUT)
     assert proc.returncode == -signal.SIGKILL
     hold.wait_finished()
+    return seen
+
+
+def test_crash_kill9_after_tatool_ran_before_output_read(kv):
+    cluster, app, scope = _prepared(kv, "crash-a")
+    gens = kv.gens(scope)
+    hold = kv.hold("crash-a")  # ta-tool prints its key into the pending file, then waits
+
+    def look():
+        assert kv.gens(scope) == gens + 1  # the old key is dead now
+        return _only(kv.rotations(cluster, "pending"), scope)
+
+    rid = killed_while_holding(kv, hold, "rotate", "app", "--cluster", cluster, "--yes", app, look=look)
     wait_remote_rc(rid)
 
     assert pending_file(rid, "out").exists()
@@ -469,18 +481,15 @@ def test_crash_kill9_mid_batch_settles_every_rotation_of_the_batch(kv):
     scopes = [f"app:{a}" for a in apps]
     gens = {scope: kv.gens(scope) for scope in scopes}
     hold = kv.hold("crash-batch")
-    proc = kv.spawn("rotate", "app", "--cluster", cluster, "--yes", "--concurrency", "1", *apps)
-    try:
-        hold.wait_holding(proc)
+
+    def look():
         assert kv.gens(scopes[0]) == gens[scopes[0]] + 1
         ids = {row["scope"]: row["id"] for row in kv.rotations(cluster, "pending")}
         assert sorted(ids) == sorted(scopes)  # the whole batch was journaled before ta-tool ran
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.communicate(timeout=PROCESS_TIMEOUT)
-    assert proc.returncode == -signal.SIGKILL
-    hold.wait_finished()
+        return ids
+
+    ids = killed_while_holding(kv, hold, "rotate", "app", "--cluster", cluster, "--yes", "--concurrency", "1",
+                               *apps, look=look)
     wait_remote_rc(ids[scopes[0]])
 
     # One command settles the whole batch.
