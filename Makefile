@@ -9,11 +9,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test test-fast lint typecheck venv clean bench
 
 $(VENV)/.installed: pyproject.toml
 	@[ -x $(PY) ] || $(BASE_PY) -m venv $(VENV)
-	$(PY) -m pip install --progress-bar off -q -e '.[postgres,test]'
+	$(PY) -m pip install --progress-bar off -q -e '.[postgres,test,lint]'
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -26,6 +26,19 @@ test: venv
 	    bash tests/sshd/setup.sh --python "$$PWD/$(PY)" --fix-perms >/tmp/keyvault-sshd-setup.log 2>&1 \
 	    || { tail -n 30 /tmp/keyvault-sshd-setup.log; exit 1; }; fi
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick loop: no sshd, no PostgreSQL (SQLite only), slowest tests listed.
+test-fast: venv
+	$(PY) -m pytest -m 'not sshd and not postgres' --durations=15 $(PYTEST_ARGS)
+
+# ruff lint (rule set in pyproject.toml) and formatting; fails on any finding.
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# mypy on the package (configuration in pyproject.toml).
+typecheck: venv
+	$(PY) -m mypy keyvault
 
 bench: venv
 	$(PY) bench/rotation.py

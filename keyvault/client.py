@@ -27,8 +27,9 @@ from __future__ import annotations
 import re
 import threading
 import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from keyvault.errors import (
     Conflict,
@@ -44,7 +45,11 @@ from keyvault.ta import TaClient, is_key_rejected
 __all__ = ["Client", "KeyInfo"]
 
 _ERRORS: dict[int, type[KeyvaultError]] = {
-    400: InvalidInput, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict,
+    400: InvalidInput,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
 }
 _SEGMENT = re.compile(r"[^/\s]+")
 _FIELDS = ("cluster", "scope", "version", "fingerprint", "created_at", "key")
@@ -71,8 +76,10 @@ class KeyInfo:
 
 def _segment(value: str, what: str) -> str:
     if not isinstance(value, str) or not _SEGMENT.fullmatch(value) or value in (".", ".."):
-        raise InvalidInput(f"invalid {what} {str(value)[:80]!r}",
-                           hint=f"a {what} is one non-empty path segment without '/' or spaces")
+        raise InvalidInput(
+            f"invalid {what} {str(value)[:80]!r}",
+            hint=f"a {what} is one non-empty path segment without '/' or spaces",
+        )
     return urllib.parse.quote(value, safe="")
 
 
@@ -81,11 +88,15 @@ def _normalize_url(url: str) -> str:
     port = f":{parts.port}" if _port_ok(parts) and parts.port else ""
     shown = f"{parts.scheme}://{parts.hostname or ''}{port}"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInput(f"invalid keyvault URL {shown!r}",
-                           hint="use http(s)://host[:port][/prefix], e.g. http://127.0.0.1:8200")
+        raise InvalidInput(
+            f"invalid keyvault URL {shown!r}",
+            hint="use http(s)://host[:port][/prefix], e.g. http://127.0.0.1:8200",
+        )
     if "@" in parts.netloc or parts.query or parts.fragment or not _port_ok(parts):
-        raise InvalidInput(f"invalid keyvault URL {shown!r}: no user@, query, fragment or bad port",
-                           hint="the token goes in Client(url, token), not in the URL")
+        raise InvalidInput(
+            f"invalid keyvault URL {shown!r}: no user@, query, fragment or bad port",
+            hint="the token goes in Client(url, token), not in the URL",
+        )
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
@@ -113,8 +124,10 @@ class Client:
         import httpx  # lazily: only consumers that make a Client pay for it
 
         if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token):
-            raise InvalidInput("the keyvault token is empty or contains whitespace",
-                               hint="pass the kvt_... string printed by `keyvault token create`")
+            raise InvalidInput(
+                "the keyvault token is empty or contains whitespace",
+                hint="pass the kvt_... string printed by `keyvault token create`",
+            )
         if not timeout or timeout <= 0:
             raise InvalidInput(f"the timeout must be positive, not {timeout!r}")
         self.url = _normalize_url(url)
@@ -126,10 +139,17 @@ class Client:
         # trust_env=False: no proxy from the environment gets to see keys (cf. keyvault.ta);
         # redirects are not followed, so the bearer token goes nowhere else.
         self._http = httpx.Client(
-            base_url=self.url, timeout=self.timeout, verify=verify, trust_env=False,
+            base_url=self.url,
+            timeout=self.timeout,
+            verify=verify,
+            trust_env=False,
             follow_redirects=False,
-            headers={"Authorization": f"Bearer {token}", "Accept": "application/json",
-                     "User-Agent": _USER_AGENT})
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Accept": "application/json",
+                "User-Agent": _USER_AGENT,
+            },
+        )
 
     def __repr__(self) -> str:
         return f"Client(url={self.url!r})"
@@ -140,7 +160,7 @@ class Client:
         self.refresh()
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -154,8 +174,7 @@ class Client:
 
     def get_app(self, cluster: str, appid: str) -> KeyInfo:
         """The current key of app ``appid`` of ``cluster`` (revalidated on every call)."""
-        path = (f"/v1/clusters/{_segment(cluster, 'cluster name')}"
-                f"/apps/{_segment(appid, 'APPID')}")
+        path = f"/v1/clusters/{_segment(cluster, 'cluster name')}/apps/{_segment(appid, 'APPID')}"
         return self._get_key(cluster, f"app:{appid}", path)
 
     def refresh(self, cluster: str | None = None, scope: str | None = None) -> int:
@@ -165,8 +184,11 @@ class Client:
         every cluster.
         """
         with self._lock:
-            doomed = [k for k in self._cache
-                      if (cluster is None or k[0] == cluster) and (scope is None or k[1] == scope)]
+            doomed = [
+                k
+                for k in self._cache
+                if (cluster is None or k[0] == cluster) and (scope is None or k[1] == scope)
+            ]
             for k in doomed:
                 del self._cache[k]
         return len(doomed)
@@ -183,8 +205,10 @@ class Client:
         response = self._request("GET", path, headers=headers)
         if response.status_code == 304:
             if cached is None:
-                raise KeyvaultError(f"keyvault answered GET {path} with 304 to a request "
-                                    "without If-None-Match", hint="check proxies in between")
+                raise KeyvaultError(
+                    f"keyvault answered GET {path} with 304 to a request without If-None-Match",
+                    hint="check proxies in between",
+                )
             return cached
         if response.status_code != 200:
             if response.status_code == 404:
@@ -201,27 +225,49 @@ class Client:
         except ValueError:
             body = None
         if not isinstance(body, dict) or any(name not in body for name in _FIELDS):
-            raise KeyvaultError(f"keyvault answered GET {path} with a body that is not a key "
-                                f"(expected JSON with {', '.join(_FIELDS)})")
+            raise KeyvaultError(
+                f"keyvault answered GET {path} with a body that is not a key "
+                f"(expected JSON with {', '.join(_FIELDS)})"
+            )
         version, key = body["version"], body["key"]
-        if (not isinstance(version, int) or isinstance(version, bool)
-                or not isinstance(key, str) or not key):
+        if (
+            not isinstance(version, int)
+            or isinstance(version, bool)
+            or not isinstance(key, str)
+            or not key
+        ):
             raise KeyvaultError(f"keyvault answered GET {path} with a malformed version or key")
         if body["cluster"] != cluster or body["scope"] != scope:
             # A key for another scope must never be handed out as this one.
-            raise KeyvaultError(f"keyvault answered GET {path} with the key of "
-                                f"{str(body['scope'])[:80]!r} of {str(body['cluster'])[:80]!r}, "
-                                f"not {scope!r} of {cluster!r}")
+            raise KeyvaultError(
+                f"keyvault answered GET {path} with the key of "
+                f"{str(body['scope'])[:80]!r} of {str(body['cluster'])[:80]!r}, "
+                f"not {scope!r} of {cluster!r}"
+            )
         etag = response.headers.get("ETag") or f'"v{version}"'
-        return KeyInfo(cluster=cluster, scope=scope, version=version,
-                       fingerprint=str(body["fingerprint"]), created_at=str(body["created_at"]),
-                       key=key, etag=etag)
+        return KeyInfo(
+            cluster=cluster,
+            scope=scope,
+            version=version,
+            fingerprint=str(body["fingerprint"]),
+            created_at=str(body["created_at"]),
+            key=key,
+            etag=etag,
+        )
 
     # -- TA --------------------------------------------------------------------------------
-    def call_ta(self, cluster: str, *, appid: str | None = None, api_path: str,
-                method: str = "GET", params: Mapping[str, Any] | None = None,
-                json_body: Any = None, ta_base_url: str,
-                ta_client_factory: Callable[[str], TaClient] | None = None) -> Any:
+    def call_ta(
+        self,
+        cluster: str,
+        *,
+        appid: str | None = None,
+        api_path: str,
+        method: str = "GET",
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        ta_base_url: str,
+        ta_client_factory: Callable[[str], TaClient] | None = None,
+    ) -> Any:
         """Call the TA Open API with the current key (app key if ``appid``, else root).
 
         Returns the envelope's ``data``. When TA answers that the key is invalid, the cached
@@ -231,13 +277,17 @@ class Client:
         ``invalid_key_codes``); the default is ``TaClient(ta_base_url)``.
         """
         ta = (ta_client_factory or TaClient)(ta_base_url)
-        fetch = (lambda: self.get_app(cluster, appid)) if appid is not None else (
-            lambda: self.get_root(cluster))
+        fetch = (
+            (lambda: self.get_app(cluster, appid))
+            if appid is not None
+            else (lambda: self.get_root(cluster))
+        )
         scope = "root" if appid is None else f"app:{appid}"
 
         def call(info: KeyInfo) -> Any:
-            return ta.call(api_path, token=info.key, method=method, params=params,
-                           json_body=json_body)
+            return ta.call(
+                api_path, token=info.key, method=method, params=params, json_body=json_body
+            )
 
         try:
             return call(fetch())
@@ -254,11 +304,14 @@ class Client:
         try:
             return self._http.request(method, path, **kwargs)
         except httpx.TimeoutException:
-            raise KeyvaultError(f"keyvault at {self.url} did not answer {method} {path} "
-                                f"within {self.timeout:g}s") from None
+            raise KeyvaultError(
+                f"keyvault at {self.url} did not answer {method} {path} within {self.timeout:g}s"
+            ) from None
         except httpx.HTTPError as exc:
-            raise KeyvaultError(f"cannot reach keyvault at {self.url} ({method} {path}): "
-                                f"{type(exc).__name__}: {self._scrub(str(exc))}") from None
+            raise KeyvaultError(
+                f"cannot reach keyvault at {self.url} ({method} {path}): "
+                f"{type(exc).__name__}: {self._scrub(str(exc))}"
+            ) from None
 
     def _scrub(self, text: str) -> str:
         return text.replace(str(self._token), "***") if self._token else text
@@ -275,10 +328,11 @@ class Client:
         if isinstance(detail, str):
             detail = self._scrub(detail)
         shown = self._scrub(" ".join(str(detail).split())[:300]) if detail is not None else ""
-        if code:
-            label = f"{code}: {shown}" if shown else code
-        else:
-            label = response.reason_phrase or "no JSON error body"
+        label = (
+            (f"{code}: {shown}" if shown else code)
+            if code
+            else response.reason_phrase or "no JSON error body"
+        )
         cls = _ERRORS.get(status, KeyvaultError)
         error = cls(f"keyvault {method} {path} answered HTTP {status} ({label})")
         error.http_status = status

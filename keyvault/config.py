@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from keyvault.errors import ConfigError
 
@@ -103,20 +103,24 @@ def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = N
     ta = data.get("ta", {})
     rotation = data.get("rotation", {})
 
-    database_url = env.get("KEYVAULT_DATABASE_URL") or db.get("url") or (
-        f"sqlite:///{home / 'keyvault.db'}"
+    database_url = (
+        env.get("KEYVAULT_DATABASE_URL") or db.get("url") or (f"sqlite:///{home / 'keyvault.db'}")
     )
     master_key_file = Path(
         env.get("KEYVAULT_MASTER_KEY_FILE") or mk.get("file") or home / "master.key"
     ).expanduser()
 
     passphrase = env.get("KEYVAULT_SSH_PASSPHRASE")
-    if passphrase is None and (env.get("KEYVAULT_SSH_PASSPHRASE_FILE") or ssh.get("passphrase_file")):
+    if passphrase is None and (
+        env.get("KEYVAULT_SSH_PASSPHRASE_FILE") or ssh.get("passphrase_file")
+    ):
         passphrase = _read_secret_file(
             env.get("KEYVAULT_SSH_PASSPHRASE_FILE") or ssh["passphrase_file"], "SSH passphrase"
         )
     su_password = env.get("KEYVAULT_SU_PASSWORD")
-    if su_password is None and (env.get("KEYVAULT_SU_PASSWORD_FILE") or ssh.get("su_password_file")):
+    if su_password is None and (
+        env.get("KEYVAULT_SU_PASSWORD_FILE") or ssh.get("su_password_file")
+    ):
         su_password = _read_secret_file(
             env.get("KEYVAULT_SU_PASSWORD_FILE") or ssh["su_password_file"], "su password"
         )
@@ -125,15 +129,20 @@ def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = N
     identity = env.get("KEYVAULT_SSH_IDENTITY") or ssh.get("identity_file")
     appid_pattern = validation.get("appid_pattern", DEFAULT_APPID_PATTERN)
     su_prompt = ssh.get("su_prompt", DEFAULT_SU_PROMPT)
-    for name, pattern in (("validation.appid_pattern", appid_pattern), ("ssh.su_prompt", su_prompt)):
+    for name, pattern in (
+        ("validation.appid_pattern", appid_pattern),
+        ("ssh.su_prompt", su_prompt),
+    ):
         try:
             re.compile(pattern)
         except re.error as exc:
             raise ConfigError(f"{name} in {config_file} is not a valid regex: {exc}") from None
     batch_size = rotation.get("batch_size", DEFAULT_ROTATION_BATCH_SIZE)
     if type(batch_size) is not int or not 1 <= batch_size <= MAX_ROTATION_BATCH_SIZE:
-        raise ConfigError(f"rotation.batch_size in {config_file} must be a whole number from 1 to "
-                          f"{MAX_ROTATION_BATCH_SIZE}, not {batch_size!r}")
+        raise ConfigError(
+            f"rotation.batch_size in {config_file} must be a whole number from 1 to "
+            f"{MAX_ROTATION_BATCH_SIZE}, not {batch_size!r}"
+        )
     try:
         codes = {int(k): str(v) for k, v in ta.get("error_codes", {}).items()}
         return Settings(

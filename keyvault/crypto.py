@@ -18,7 +18,7 @@ import os
 import secrets
 import stat
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from keyvault.errors import IntegrityError, MasterKeyFileError, WrongMasterKey
@@ -41,7 +41,7 @@ def version_aad(cluster: str, scope: str, number: int) -> bytes:
 
 def new_master_key_id() -> str:
     """A sortable, unique master key id such as ``mk-20261126-3fa9c1``."""
-    return f"mk-{datetime.now(timezone.utc):%Y%m%d}-{secrets.token_hex(3)}"
+    return f"mk-{datetime.now(UTC):%Y%m%d}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)
@@ -64,19 +64,19 @@ class Keyring:
         return f"Keyring(active={self.active!r}, ids={sorted(self.keys)!r})"
 
     @classmethod
-    def generate(cls) -> "Keyring":
+    def generate(cls) -> Keyring:
         """A keyring with one new random master key."""
         key_id = new_master_key_id()
         return cls(active=key_id, keys={key_id: secrets.token_bytes(KEY_BYTES)})
 
-    def with_new_active(self) -> "Keyring":
+    def with_new_active(self) -> Keyring:
         """This keyring plus a new master key that becomes active."""
         key_id = new_master_key_id()
         while key_id in self.keys:
             key_id = new_master_key_id()
         return Keyring(active=key_id, keys={**self.keys, key_id: secrets.token_bytes(KEY_BYTES)})
 
-    def only(self, key_id: str) -> "Keyring":
+    def only(self, key_id: str) -> Keyring:
         """A keyring that holds just ``key_id``."""
         return Keyring(active=key_id, keys={key_id: self.keys[key_id]})
 
@@ -165,7 +165,10 @@ def verify_check_value(keyring: Keyring, key_id: str, value: bytes) -> None:
     wrapped_len = NONCE_BYTES + KEY_BYTES + 16
     sealed = Sealed(value[wrapped_len:], value[:wrapped_len], key_id)
     try:
-        ok = unseal(keyring, sealed, b"keyvault/v1/check|" + key_id.encode(), what="check") == _CHECK_PLAINTEXT
+        ok = (
+            unseal(keyring, sealed, b"keyvault/v1/check|" + key_id.encode(), what="check")
+            == _CHECK_PLAINTEXT
+        )
     except IntegrityError:
         ok = False
     if not ok:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from keyvault.errors import DatabaseError, NotInitialized
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 def normalize_url(url: str) -> str:
     """Use psycopg 3 for plain ``postgresql://`` URLs."""
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
+    if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
 
@@ -26,10 +27,12 @@ def migrations_dir() -> Path:
     for candidate in (here / "_migrations", here.parent / "migrations"):
         if (candidate / "env.py").exists():
             return candidate
-    raise NotInitialized("keyvault's migrations are missing from this installation", hint="reinstall keyvault")
+    raise NotInitialized(
+        "keyvault's migrations are missing from this installation", hint="reinstall keyvault"
+    )
 
 
-def make_engine(url: str) -> "Engine":
+def make_engine(url: str) -> Engine:
     """An engine with keyvault's connection policy for SQLite (WAL, FKs, immediate writes)."""
     from sqlalchemy import create_engine, event
 
@@ -59,7 +62,7 @@ def make_engine(url: str) -> "Engine":
     return create_engine(url, pool_pre_ping=True)
 
 
-def session_factory(engine: "Engine"):
+def session_factory(engine: Engine):
     """A sessionmaker bound to ``engine`` that keeps objects usable after commit."""
     from sqlalchemy.orm import sessionmaker
 
@@ -67,7 +70,7 @@ def session_factory(engine: "Engine"):
 
 
 @contextmanager
-def transaction(factory) -> Iterator["Session"]:
+def transaction(factory) -> Iterator[Session]:
     """One unit of work owned by an entrypoint: commit on success, roll back on error."""
     from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -77,7 +80,9 @@ def transaction(factory) -> Iterator["Session"]:
         session.commit()
     except OperationalError as exc:
         session.rollback()
-        raise DatabaseError(f"database error: {_one_line(exc)}", hint="check the database and retry") from None
+        raise DatabaseError(
+            f"database error: {_one_line(exc)}", hint="check the database and retry"
+        ) from None
     except SQLAlchemyError as exc:
         session.rollback()
         raise DatabaseError(f"database refused the change: {_one_line(exc)}") from None
@@ -103,7 +108,7 @@ def alembic_config(url: str):
     return cfg
 
 
-def _migrate(engine: "Engine", step: str, revision: str) -> None:
+def _migrate(engine: Engine, step: str, revision: str) -> None:
     from alembic import command
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -119,12 +124,12 @@ def _migrate(engine: "Engine", step: str, revision: str) -> None:
         ) from None
 
 
-def upgrade(engine: "Engine", revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head") -> None:
     """Run the migrations up to ``revision`` on ``engine``."""
     _migrate(engine, "upgrade", revision)
 
 
-def downgrade(engine: "Engine", revision: str) -> None:
+def downgrade(engine: Engine, revision: str) -> None:
     """Run the migrations down to ``revision`` on ``engine``."""
     _migrate(engine, "downgrade", revision)
 
@@ -141,7 +146,7 @@ def head_revision() -> str:
 SCHEMA_HEAD = "0004"
 
 
-def current_revision(engine: "Engine") -> str | None:
+def current_revision(engine: Engine) -> str | None:
     """The revision the database is at, or None for an empty database (read without alembic)."""
     from sqlalchemy import inspect, text
     from sqlalchemy.exc import SQLAlchemyError
@@ -158,12 +163,13 @@ def current_revision(engine: "Engine") -> str | None:
         ) from None
 
 
-def require_head(engine: "Engine") -> None:
+def require_head(engine: Engine) -> None:
     """Refuse to work on a database whose schema is not at head."""
     current, head = current_revision(engine), SCHEMA_HEAD
     if current is None:
         raise NotInitialized(
-            "the database has no keyvault schema", hint="run `keyvault init` or `keyvault db upgrade`"
+            "the database has no keyvault schema",
+            hint="run `keyvault init` or `keyvault db upgrade`",
         )
     if current != head:
         raise NotInitialized(
@@ -172,7 +178,7 @@ def require_head(engine: "Engine") -> None:
         )
 
 
-def schema_drift(engine: "Engine") -> list:
+def schema_drift(engine: Engine) -> list:
     """Differences between the models and the migrated database (empty when they agree)."""
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext

@@ -3,7 +3,7 @@ these mirror them, and `keyvault db check` proves the two agree."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     Boolean,
@@ -29,7 +29,7 @@ UNRESOLVED_ROTATION_STATES = ("pending", "needs_recovery")
 
 def utcnow() -> datetime:
     """Now, timezone-aware UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator):
@@ -43,10 +43,10 @@ class UTCDateTime(TypeDecorator):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to UTCDateTime")
-        return value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value.astimezone(UTC).replace(tzinfo=None)
 
     def process_result_value(self, value, dialect):
-        return None if value is None else value.replace(tzinfo=timezone.utc)
+        return None if value is None else value.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -76,7 +76,7 @@ class Cluster(Base):
     options: Mapped[str] = mapped_column(Text, nullable=False, server_default="{}")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
-    secrets: Mapped[list["Secret"]] = relationship(back_populates="cluster")
+    secrets: Mapped[list[Secret]] = relationship(back_populates="cluster")
 
 
 class Secret(Base):
@@ -91,8 +91,10 @@ class Secret(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
     cluster: Mapped[Cluster] = relationship(back_populates="secrets")
-    versions: Mapped[list["SecretVersion"]] = relationship(
-        back_populates="secret", order_by="SecretVersion.number", foreign_keys="SecretVersion.secret_id"
+    versions: Mapped[list[SecretVersion]] = relationship(
+        back_populates="secret",
+        order_by="SecretVersion.number",
+        foreign_keys="SecretVersion.secret_id",
     )
 
 
@@ -108,7 +110,9 @@ class SecretVersion(Base):
             " OR (state = 'invalidated' AND invalidated_at IS NOT NULL)",
             name="ck_secret_versions_invalidated_at",
         ),
-        CheckConstraint("source IN ('import', 'rotation', 'restore')", name="ck_secret_versions_source"),
+        CheckConstraint(
+            "source IN ('import', 'rotation', 'restore')", name="ck_secret_versions_source"
+        ),
         Index(
             "uq_secret_versions_one_current",
             "secret_id",
@@ -134,10 +138,12 @@ class SecretVersion(Base):
     rotation_id: Mapped[str | None] = mapped_column(String(32))
 
     secret: Mapped[Secret] = relationship(back_populates="versions", foreign_keys=[secret_id])
-    superseded_by: Mapped["SecretVersion | None"] = relationship(remote_side=[id])
+    superseded_by: Mapped[SecretVersion | None] = relationship(remote_side=[id])
 
     def __repr__(self) -> str:
-        return f"SecretVersion(secret_id={self.secret_id}, number={self.number}, state={self.state!r})"
+        return (
+            f"SecretVersion(secret_id={self.secret_id}, number={self.number}, state={self.state!r})"
+        )
 
 
 class Event(Base):
@@ -293,7 +299,9 @@ class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
         UniqueConstraint("webhook_id", "event_id", name="uq_webhook_deliveries_event"),
-        CheckConstraint("status IN ('pending', 'delivered', 'dead')", name="ck_webhook_deliveries_status"),
+        CheckConstraint(
+            "status IN ('pending', 'delivered', 'dead')", name="ck_webhook_deliveries_status"
+        ),
         Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
     )
 

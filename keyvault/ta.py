@@ -15,8 +15,9 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from keyvault.errors import InvalidInput, TaApiError, TaTransportError
 
@@ -34,25 +35,43 @@ UNKNOWN_MEANING = "unknown return code (add it to [ta] error_codes in keyvault.t
 # The seed document's return-code table lost its numbers; the texts stay here as a reference
 # for operators who learn a number and want to map it in [ta] error_codes.
 KNOWN_DESCRIPTIONS: tuple[str, ...] = (
-    "Successful execution", "Execution failed", "Not logged in", "Login failed", "Logout failed",
+    "Successful execution",
+    "Execution failed",
+    "Not logged in",
+    "Login failed",
+    "Logout failed",
     "Your account has been locked, please contact the administrator to solve",
     "Incorrect username or password, please confirm and log in again",
     "There seems to be some problems with the system, please try again later or contact us",
     "The request frequency is too fast, please try again later",
-    "You do not have permission to operate", "SSO login failed", "Parameter error",
-    "User name does not exist", "Illegal operation", "The data is not yet ready",
-    "No data for current query", "Data is being prepared", "Invalid access", "Already exists",
-    "Wrong phone number", "Some members are already in this project", "Request cancelled",
-    "Target object no longer exists", "Incomplete or invalid custom event expression",
-    "Exceeding the number of objects that can be created", "Invalid user",
+    "You do not have permission to operate",
+    "SSO login failed",
+    "Parameter error",
+    "User name does not exist",
+    "Illegal operation",
+    "The data is not yet ready",
+    "No data for current query",
+    "Data is being prepared",
+    "Invalid access",
+    "Already exists",
+    "Wrong phone number",
+    "Some members are already in this project",
+    "Request cancelled",
+    "Target object no longer exists",
+    "Incomplete or invalid custom event expression",
+    "Exceeding the number of objects that can be created",
+    "Invalid user",
     "For unregistered users, the settings will take effect after registration is activated",
     "Registered user, the next login setting takes effect after activation",
     "The user is already in the project",
     "The operator's authority cannot be lower than the operator's authority",
-    "Parameter missing, please contact administrator", "You do not have the operation permission",
-    "The data has been updated", "License authentication failed",
+    "Parameter missing, please contact administrator",
+    "You do not have the operation permission",
+    "The data has been updated",
+    "License authentication failed",
     "License verification failed, please contact TA customer service personnel to solve",
-    "Invalid item", "MFA verification failed, error or expired MFA verification code",
+    "Invalid item",
+    "MFA verification failed, error or expired MFA verification code",
     "The current enterprise has started mandatory MFA virtual device login verification, "
     "please bind",
     "The current user has bound the MFA virtual device and cannot repeat the binding",
@@ -130,8 +149,10 @@ def _normalize_base_url(base_url: str) -> str:
 def _normalize_api_path(api_path: str) -> str:
     path = str(api_path).strip().strip("/")
     if not _API_PATH_RE.fullmatch(path) or ".." in path.split("/"):
-        raise InvalidInput(f"invalid TA API path {api_path!r}",
-                           hint="give a plain path like open/list-event-meta; params hold the rest")
+        raise InvalidInput(
+            f"invalid TA API path {api_path!r}",
+            hint="give a plain path like open/list-event-meta; params hold the rest",
+        )
     return path
 
 
@@ -140,8 +161,9 @@ def _param_value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def build_url(base_url: str, api_path: str, token: str,
-              params: Mapping[str, Any] | None = None) -> str:
+def build_url(
+    base_url: str, api_path: str, token: str, params: Mapping[str, Any] | None = None
+) -> str:
     """Return ``<base_url>/<api_path>?token=<token>&<params>`` (contains the key: never log it)."""
     base, path = _normalize_base_url(base_url), _normalize_api_path(api_path)
     if not isinstance(token, str) or not token.strip():
@@ -172,15 +194,22 @@ def _snippet(body: bytes, token: str) -> str:
 class TaClient:
     """Calls the Open API of one TA cluster; the key is passed per call and never stored."""
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0,
-                 error_codes: Mapping[int, str] | None = None,
-                 invalid_key_codes: Iterable[int] | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 10.0,
+        error_codes: Mapping[int, str] | None = None,
+        invalid_key_codes: Iterable[int] | None = None,
+    ) -> None:
         self.base_url = _normalize_base_url(base_url)
         if not timeout or timeout <= 0:
             raise InvalidInput(f"the TA timeout must be positive, not {timeout!r}")
         self.timeout = float(timeout)
-        self.return_codes = {**DEFAULT_RETURN_CODES,
-                             **{int(k): str(v) for k, v in (error_codes or {}).items()}}
+        self.return_codes = {
+            **DEFAULT_RETURN_CODES,
+            **{int(k): str(v) for k, v in (error_codes or {}).items()},
+        }
         self.invalid_key_codes = frozenset(int(c) for c in (invalid_key_codes or ()))
         # No environment proxies: a corporate proxy would otherwise see (and log) keys that sit
         # in the query string of plain-HTTP URLs to an internal cluster.
@@ -197,19 +226,39 @@ class TaClient:
         """True if ``error`` says TA refused the key (see ``is_key_rejected``)."""
         return is_key_rejected(error, self.invalid_key_codes)
 
-    def call(self, api_path: str, *, token: str, method: str = "GET",
-             params: Mapping[str, Any] | None = None, json_body: Any = None,
-             form_body: Mapping[str, Any] | None = None) -> Any:
+    def call(
+        self,
+        api_path: str,
+        *,
+        token: str,
+        method: str = "GET",
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        form_body: Mapping[str, Any] | None = None,
+    ) -> Any:
         """Call ``api_path`` and return the envelope's ``data``; raise TaApiError on failure."""
-        envelope = self.call_envelope(api_path, token=token, method=method, params=params,
-                                      json_body=json_body, form_body=form_body)
+        envelope = self.call_envelope(
+            api_path,
+            token=token,
+            method=method,
+            params=params,
+            json_body=json_body,
+            form_body=form_body,
+        )
         if envelope["return_code"] != 0:
             raise self._api_error(api_path, envelope, token)
         return envelope.get("data")
 
-    def call_envelope(self, api_path: str, *, token: str, method: str = "GET",
-                      params: Mapping[str, Any] | None = None, json_body: Any = None,
-                      form_body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def call_envelope(
+        self,
+        api_path: str,
+        *,
+        token: str,
+        method: str = "GET",
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        form_body: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Return the parsed envelope whatever its return_code; raise only TaTransportError."""
         url = build_url(self.base_url, api_path, token, params)
         shown, method = redact_url(url), str(method).upper()
@@ -226,7 +275,8 @@ class TaClient:
             headers["Content-Type"] = "application/json; charset=utf-8"
         elif form_body is not None:
             data = urllib.parse.urlencode(
-                {k: _param_value(v) for k, v in form_body.items()}).encode("utf-8")
+                {k: _param_value(v) for k, v in form_body.items()}
+            ).encode("utf-8")
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         log.debug("TA %s %s", method, shown)
@@ -249,21 +299,27 @@ class TaClient:
                 snippet = ""
             finally:
                 exc.close()  # holds the socket; unclosed it leaks (ResourceWarning)
-            raise TaTransportError(f"TA Open API {shown} answered HTTP {exc.code} "
-                                   f"{_scrub(str(exc.reason), token)}{snippet}") from None
+            raise TaTransportError(
+                f"TA Open API {shown} answered HTTP {exc.code} "
+                f"{_scrub(str(exc.reason), token)}{snippet}"
+            ) from None
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, TimeoutError):
                 raise TaTransportError(timeout_msg) from None
-            raise TaTransportError(f"cannot reach the TA Open API at {shown}: "
-                                   f"{_scrub(str(exc.reason), token)}") from None
+            raise TaTransportError(
+                f"cannot reach the TA Open API at {shown}: {_scrub(str(exc.reason), token)}"
+            ) from None
         except TimeoutError:
             raise TaTransportError(timeout_msg) from None
         except (OSError, http.client.HTTPException) as exc:
-            raise TaTransportError(f"connection to the TA Open API at {shown} failed: "
-                                   f"{type(exc).__name__}: {_scrub(str(exc), token)}") from None
+            raise TaTransportError(
+                f"connection to the TA Open API at {shown} failed: "
+                f"{type(exc).__name__}: {_scrub(str(exc), token)}"
+            ) from None
         if status != 200:  # TA reports errors in the envelope with HTTP 200, so 2xx != 200 is odd
-            raise TaTransportError(f"TA Open API {shown} answered HTTP {status} instead of 200"
-                                   f"{_snippet(body, token)}")
+            raise TaTransportError(
+                f"TA Open API {shown} answered HTTP {status} instead of 200{_snippet(body, token)}"
+            )
         return body, content_type
 
     def _api_error(self, api_path: str, envelope: Mapping[str, Any], token: str) -> TaApiError:
@@ -271,9 +327,13 @@ class TaClient:
         meaning = self.meaning(code)
         message = _scrub(str(envelope.get("return_message") or ""), token)
         path = _normalize_api_path(api_path)
-        error = TaApiError(f"TA Open API {path} failed with return_code {code} ({meaning}): "
-                           f"{message or '(no return_message)'}",
-                           return_code=code, return_message=message, meaning=meaning)
+        error = TaApiError(
+            f"TA Open API {path} failed with return_code {code} ({meaning}): "
+            f"{message or '(no return_message)'}",
+            return_code=code,
+            return_message=message,
+            meaning=meaning,
+        )
         # Kept for diagnosis but out of str(): a Java stack is long and not for the user.
         error.stack_message = _scrub(str(envelope.get("stackMessage") or ""), token)
         error.api_path = path
@@ -285,15 +345,20 @@ def _parse_envelope(body: bytes, content_type: str, shown: str, token: str) -> d
     try:
         envelope = json.loads(body)
     except ValueError:
-        raise TaTransportError(f"TA Open API {shown} answered a body that is not JSON "
-                               f"(Content-Type {content_type or 'none'}, {len(body)} bytes"
-                               f"{_snippet(body, token)})", hint=hint) from None
+        raise TaTransportError(
+            f"TA Open API {shown} answered a body that is not JSON "
+            f"(Content-Type {content_type or 'none'}, {len(body)} bytes"
+            f"{_snippet(body, token)})",
+            hint=hint,
+        ) from None
     code = envelope.get("return_code") if isinstance(envelope, dict) else None
     if isinstance(code, str) and re.fullmatch(r"\s*-?\d+\s*", code):
         code = int(code)  # parse defensively: a proxy or older TA may quote the number
     if not isinstance(code, int) or isinstance(code, bool):
-        raise TaTransportError(f"TA Open API {shown} answered JSON without a TA envelope "
-                               "(no integer return_code)", hint=hint)
+        raise TaTransportError(
+            f"TA Open API {shown} answered JSON without a TA envelope (no integer return_code)",
+            hint=hint,
+        )
     envelope["return_code"] = code
     return envelope
 
@@ -308,8 +373,9 @@ def is_key_rejected(error: BaseException, invalid_key_codes: Iterable[int] = ())
     return any(hint in text for hint in KEY_REJECTED_HINTS)
 
 
-def verify_key(client: TaClient, *, token: str, method: str, api_path: str,
-               params: Mapping[str, Any] | None) -> VerifyResult:
+def verify_key(
+    client: TaClient, *, token: str, method: str, api_path: str, params: Mapping[str, Any] | None
+) -> VerifyResult:
     """Call a check endpoint with ``token``; report TA failures as ok=False, never raise them."""
     try:
         envelope = client.call_envelope(api_path, token=token, method=method, params=params)

@@ -88,12 +88,16 @@ def generate_many_script(jobs: list[tuple[str, str]], *, clean_from_stdin: bool 
         raise InvalidInput("no rotation to run")
     calls = []
     for rid, command in jobs:
-        tool = shlex.split(command)[0]  # a command that does not parse as shell words is refused here
+        tool = shlex.split(command)[
+            0
+        ]  # a command that does not parse as shell words is refused here
         calls.append(f"kv_gen {_check_rid(rid)} {shlex.quote(tool)} {shlex.quote(command)}")
     script = GENERATE_PREFIX + "; ".join(calls)
     if clean_from_stdin:
         # The CLEANUP marker says every ta-tool run is over: keyvault must close stdin now.
-        script += f"; echo {cleanup_marker(jobs[0][0])}; " + _clean_from_stdin([rid for rid, _ in jobs])
+        script += f"; echo {cleanup_marker(jobs[0][0])}; " + _clean_from_stdin(
+            [rid for rid, _ in jobs]
+        )
     return script
 
 
@@ -134,8 +138,11 @@ def _readback(rid: str, f: str, rc: str) -> str:
     # one, so nothing ta-tool prints can pass for a marker. Lines are gathered in "$@" and
     # printed 64 at a time: one write (one SSH packet) for the usual short output.
     def lines(path: str) -> str:
-        return ('while IFS= read -r kv_l || [ -n "${kv_l}" ]; do set -- "${@}" "|${kv_l}"; '
-                f"[ ${{#}} -lt 64 ] || {{ printf '%s\\n' \"${{@}}\"; set --; }}; done <\"{f}.{path}\"")
+        return (
+            'while IFS= read -r kv_l || [ -n "${kv_l}" ]; do set -- "${@}" "|${kv_l}"; '
+            f'[ ${{#}} -lt 64 ] || {{ printf \'%s\\n\' "${{@}}"; set --; }}; done <"{f}.{path}"'
+        )
+
     return (
         f'set -- "@@KV:{rid}:OUT@@"; {lines("out")}; set -- "${{@}}" "@@KV:{rid}:ERR@@"; '
         f'[ ! -s "{f}.err" ] || {lines("err")}; printf \'%s\\n\' "${{@}}" "@@KV:{rid}:RC:{rc}@@"'
@@ -147,31 +154,37 @@ def _readback(rid: str, f: str, rc: str) -> str:
 # the only process a rotation starts is ta-tool itself. Early outcomes `return` (the next
 # rotation of a batch still runs); only a dead connection ends the whole script.
 _SH_RID = "${kv_rid}"  # the rotation id, inside kv_gen
-_GEN_FUNCTION = "kv_gen() { " + "; ".join([
-    f'kv_rid=${{1}}; kv_tool=${{2}}; kv_cmd=${{3}}; kv_f="{PENDING_DIR}/${{kv_rid}}"',
-    f'[ -d "{PENDING_DIR}" ] || mkdir -p "{PENDING_DIR}" || {{ echo "{_marker(_SH_RID, "NODIR")}"; return 70; }}',
-    # Printed before anything is claimed: when the connection is gone this write fails
-    # (SIGPIPE, or EIO on a PTY) and the id stays unclaimed, so recovery can say "never ran".
-    f'echo "{_marker(_SH_RID, "START")}" || exit 75',
-    # A second run for the same rotation id must never generate again, nor a run after a
-    # recovery declared it "never ran": creating .out exclusively (noclobber) claims the id.
-    # The claim writes CLAIM_TOKEN, which ta-tool's own redirect replaces: only this script
-    # leaves a .out holding exactly it, so recovery can tell "claimed, not launched".
-    f'if [ -e "${{kv_f}}.done" ] || ! {{ set -C; echo {CLAIM_TOKEN} >"${{kv_f}}.out"; }} 2>/dev/null; '
-    f'then set +C; echo "{_marker(_SH_RID, "EXISTS")}"; return 73; fi',
-    f'if ! command -v "${{kv_tool}}" >/dev/null 2>&1; then set +C; echo "{_marker(_SH_RID, "NOTATOOL")}"; return 74; fi',
-    # The last claim, just before ta-tool: a recovery that finds .out but takes .launch
-    # first has proved ta-tool never started, and it never will. `true`, a regular builtin,
-    # so a refused redirection fails the command, not the shell.
-    f'if ! {{ true >"${{kv_f}}.launch"; }} 2>/dev/null; then set +C; echo "{_marker(_SH_RID, "EXISTS")}"; return 73; fi',
-    "set +C",
-    # Ignoring HUP keeps ta-tool alive when the connection drops mid-run. The configured
-    # command is shell text (it may hold a pipe, `&&`, redirections): it runs whole inside
-    # this subshell, so all it prints goes to the pending file, as it is typed in the config.
-    """( trap '' HUP; eval "exec ${kv_cmd}" ) >"${kv_f}.out" 2>"${kv_f}.err" </dev/null""",
-    'kv_rc=${?}; echo "${kv_rc}" >"${kv_f}.rc"',
-    _readback(_SH_RID, "${kv_f}", "${kv_rc}"),
-]) + "; }"
+_GEN_FUNCTION = (
+    "kv_gen() { "
+    + "; ".join(
+        [
+            f'kv_rid=${{1}}; kv_tool=${{2}}; kv_cmd=${{3}}; kv_f="{PENDING_DIR}/${{kv_rid}}"',
+            f'[ -d "{PENDING_DIR}" ] || mkdir -p "{PENDING_DIR}" || {{ echo "{_marker(_SH_RID, "NODIR")}"; return 70; }}',
+            # Printed before anything is claimed: when the connection is gone this write fails
+            # (SIGPIPE, or EIO on a PTY) and the id stays unclaimed, so recovery can say "never ran".
+            f'echo "{_marker(_SH_RID, "START")}" || exit 75',
+            # A second run for the same rotation id must never generate again, nor a run after a
+            # recovery declared it "never ran": creating .out exclusively (noclobber) claims the id.
+            # The claim writes CLAIM_TOKEN, which ta-tool's own redirect replaces: only this script
+            # leaves a .out holding exactly it, so recovery can tell "claimed, not launched".
+            f'if [ -e "${{kv_f}}.done" ] || ! {{ set -C; echo {CLAIM_TOKEN} >"${{kv_f}}.out"; }} 2>/dev/null; '
+            f'then set +C; echo "{_marker(_SH_RID, "EXISTS")}"; return 73; fi',
+            f'if ! command -v "${{kv_tool}}" >/dev/null 2>&1; then set +C; echo "{_marker(_SH_RID, "NOTATOOL")}"; return 74; fi',
+            # The last claim, just before ta-tool: a recovery that finds .out but takes .launch
+            # first has proved ta-tool never started, and it never will. `true`, a regular builtin,
+            # so a refused redirection fails the command, not the shell.
+            f'if ! {{ true >"${{kv_f}}.launch"; }} 2>/dev/null; then set +C; echo "{_marker(_SH_RID, "EXISTS")}"; return 73; fi',
+            "set +C",
+            # Ignoring HUP keeps ta-tool alive when the connection drops mid-run. The configured
+            # command is shell text (it may hold a pipe, `&&`, redirections): it runs whole inside
+            # this subshell, so all it prints goes to the pending file, as it is typed in the config.
+            """( trap '' HUP; eval "exec ${kv_cmd}" ) >"${kv_f}.out" 2>"${kv_f}.err" </dev/null""",
+            'kv_rc=${?}; echo "${kv_rc}" >"${kv_f}.rc"',
+            _readback(_SH_RID, "${kv_f}", "${kv_rc}"),
+        ]
+    )
+    + "; }"
+)
 # What every generate script starts with; the calls `kv_gen RID TOOL 'COMMAND'` follow, "; " apart.
 GENERATE_PREFIX = f"umask 077; {_GEN_FUNCTION}; "
 
@@ -184,24 +197,26 @@ def fetch_script(rid: str) -> str:
     """
     _check_rid(rid)
     f = f'"{PENDING_DIR}/{rid}"'
-    return "; ".join([
-        "umask 077",
-        f"if [ -e {f}.done ]; then echo {_marker(rid, 'CLEANED')}; exit 0; fi",
-        f"kv_first=; [ -e {f}.rc ] || {{ read -r kv_first <{f}.out; }} 2>/dev/null",
-        # Claimed by generate_script but ta-tool not launched (the connection went between the
-        # two claims): take the launch claim so it never starts; "never ran" is then true for
-        # good. Only .out holding exactly the claim token qualifies, never an empty one: an
-        # older keyvault's run leaves that while its ta-tool is still running.
-        f'if [ ! -e {f}.rc ] && [ "${{kv_first}}" = {CLAIM_TOKEN} ] && {{ true >{f}.launch; }} 2>/dev/null; '
-        f"then : >{f}.void; echo {_marker(rid, 'ABSENT')}; exit 0; fi",
-        # "Absent" must stay true: claim the id as generate_script does (exclusive .out), so a
-        # rotation process that is slow to start can no longer run ta-tool for it; .void says so.
-        f'if [ ! -e {f}.rc ] && [ ! -s {f}.out ] && {{ [ -e {f}.void ] || {{ mkdir -p "{PENDING_DIR}" && '
-        f'( set -C; : >{f}.out ) 2>/dev/null && : >{f}.void; }}; }}; '
-        f"then echo {_marker(rid, 'ABSENT')}; exit 0; fi",
-        # (A recovery is rare: the exit status may cost a process.)
-        _readback(rid, f"{PENDING_DIR}/{rid}", f"$(cat {f}.rc 2>/dev/null || echo none)"),
-    ])
+    return "; ".join(
+        [
+            "umask 077",
+            f"if [ -e {f}.done ]; then echo {_marker(rid, 'CLEANED')}; exit 0; fi",
+            f"kv_first=; [ -e {f}.rc ] || {{ read -r kv_first <{f}.out; }} 2>/dev/null",
+            # Claimed by generate_script but ta-tool not launched (the connection went between the
+            # two claims): take the launch claim so it never starts; "never ran" is then true for
+            # good. Only .out holding exactly the claim token qualifies, never an empty one: an
+            # older keyvault's run leaves that while its ta-tool is still running.
+            f'if [ ! -e {f}.rc ] && [ "${{kv_first}}" = {CLAIM_TOKEN} ] && {{ true >{f}.launch; }} 2>/dev/null; '
+            f"then : >{f}.void; echo {_marker(rid, 'ABSENT')}; exit 0; fi",
+            # "Absent" must stay true: claim the id as generate_script does (exclusive .out), so a
+            # rotation process that is slow to start can no longer run ta-tool for it; .void says so.
+            f'if [ ! -e {f}.rc ] && [ ! -s {f}.out ] && {{ [ -e {f}.void ] || {{ mkdir -p "{PENDING_DIR}" && '
+            f"( set -C; : >{f}.out ) 2>/dev/null && : >{f}.void; }}; }}; "
+            f"then echo {_marker(rid, 'ABSENT')}; exit 0; fi",
+            # (A recovery is rare: the exit status may cost a process.)
+            _readback(rid, f"{PENDING_DIR}/{rid}", f"$(cat {f}.rc 2>/dev/null || echo none)"),
+        ]
+    )
 
 
 def cleanup_script(rid: str) -> str:
@@ -217,8 +232,10 @@ def cleanup_many_script(rids: list[str]) -> str:
     A rotation is reported CLEANED (and gets its tombstone) only once its files are gone.
     """
     ids = [_check_rid(rid) for rid in rids]
-    return (f'umask 077; kv_ids="{" ".join(ids)}"; kv_files="{" ".join(_files(rid) for rid in ids)}"; '
-            + _clean_ids())
+    return (
+        f'umask 077; kv_ids="{" ".join(ids)}"; kv_files="{" ".join(_files(rid) for rid in ids)}"; '
+        + _clean_ids()
+    )
 
 
 def check_script(command: str) -> str:
@@ -226,7 +243,7 @@ def check_script(command: str) -> str:
     tool = shlex.split(command)[0]
     return (
         f"if command -v {shlex.quote(tool)} >/dev/null 2>&1; then "
-        f"echo \"@@KV:check:OK:$(id -un):$(command -v {shlex.quote(tool)})@@\"; "
+        f'echo "@@KV:check:OK:$(id -un):$(command -v {shlex.quote(tool)})@@"; '
         f"else echo @@KV:check:NOTATOOL@@; exit 74; fi"
     )
 
@@ -280,22 +297,41 @@ def parse_remote(rid: str, raw: bytes) -> RemoteOutput:
     lines = text.split("\n")
     prefix = f"@@KV:{rid}:"
     # Each marker line of this rotation, by the word after the id ("" for noise lines).
-    words = [line.split(prefix, 1)[1].removesuffix("@@") if not line.startswith("|") and prefix in line
-             and line.endswith("@@") else "" for line in lines]
+    words = [
+        line.split(prefix, 1)[1].removesuffix("@@")
+        if not line.startswith("|") and prefix in line and line.endswith("@@")
+        else ""
+        for line in lines
+    ]
     started = "START" in words
-    for word, state in (("CLEANED", "cleaned"), ("ABSENT", "absent"), ("EXISTS", "exists"), ("NOTATOOL", "notatool"),
-                        ("NODIR", "nodir")):
+    for word, state in (
+        ("CLEANED", "cleaned"),
+        ("ABSENT", "absent"),
+        ("EXISTS", "exists"),
+        ("NOTATOOL", "notatool"),
+        ("NODIR", "nodir"),
+    ):
         if word in words:
             return RemoteOutput(started=started, state=state, raw_tail=tail)
     rc_at = next((i for i, word in enumerate(words) if word.startswith("RC:")), None)
-    out_at = next((i for i, word in enumerate(words[:rc_at]) if word == "OUT"), None) if rc_at is not None else None
-    err_at = next((i for i in range(out_at + 1, rc_at) if words[i] == "ERR"), None) if out_at is not None else None
+    out_at = (
+        next((i for i, word in enumerate(words[:rc_at]) if word == "OUT"), None)
+        if rc_at is not None
+        else None
+    )
+    err_at = (
+        next((i for i in range(out_at + 1, rc_at) if words[i] == "ERR"), None)
+        if out_at is not None
+        else None
+    )
     if err_at is None:
         return RemoteOutput(started=started, state="none", raw_tail=tail)
 
     def content(first: int, end: int) -> bytes:
         # Each line as printed back; a last line without a newline gets one.
-        return "".join(line[1:] + "\n" for line in lines[first:end] if line.startswith("|")).encode()
+        return "".join(
+            line[1:] + "\n" for line in lines[first:end] if line.startswith("|")
+        ).encode()
 
     rc_text = words[rc_at][3:]
     return RemoteOutput(
@@ -313,7 +349,8 @@ def raise_for_become(result_tail: str, host: str, become: Become) -> None:
     if re.search(r"@@KV:[a-z0-9-]+:NOTATOOL@@", result_tail):
         raise TaToolMissing(
             f"ta-tool is not on the PATH of {become.ta_user} on {host}",
-            host=host, hint="install ta-tool or fix the ta user's login PATH; nothing was generated",
+            host=host,
+            hint="install ta-tool or fix the ta user's login PATH; nothing was generated",
         )
     shown = mask_keys(clean_output(result_tail))[-300:].strip().replace("\n", " | ")
     raise BecomeFailed(

@@ -18,14 +18,6 @@ _TESTS = Path(__file__).resolve().parent
 if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
 
-from sshd_fixtures import (  # noqa: E402,F401  (fixtures and hooks, found by pytest here)
-    postgres_url,
-    pytest_collection_modifyitems,
-    pytest_configure,
-    sshd_env,
-    ta_sim,
-)
-
 # Database and CLI fixtures (db_url on SQLite and PostgreSQL, env/home, cli).
 from db_fixtures import (  # noqa: E402,F401  (fixtures, found by pytest through this import)
     blank_database,
@@ -37,6 +29,13 @@ from db_fixtures import (  # noqa: E402,F401  (fixtures, found by pytest through
     env,
     home,
     postgres_server,
+)
+from sshd_fixtures import (  # noqa: E402,F401  (fixtures and hooks, found by pytest here)
+    postgres_url,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    sshd_env,
+    ta_sim,
 )
 
 # The whole run's captured output must hold no generated key (tests/leak_guard.py).

@@ -126,8 +126,10 @@ class PostgresDatabase:
 
         from keyvault.db import normalize_url
 
-        return make_url(normalize_url(self.server_url)).set(database=self.name).render_as_string(
-            hide_password=False
+        return (
+            make_url(normalize_url(self.server_url))
+            .set(database=self.name)
+            .render_as_string(hide_password=False)
         )
 
 
@@ -186,7 +188,9 @@ class Database:
         return Path(self.name)
 
 
-@pytest.fixture(params=[pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def blank_database(request, tmp_path_factory) -> Database:
     """A fresh, empty database (no schema) on SQLite or PostgreSQL."""
     if request.param == "sqlite":

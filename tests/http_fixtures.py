@@ -33,7 +33,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from db_fixtures import Cli, expect, new_key
 
 START_DEADLINE = 30.0  # seconds for the server to answer /healthz (an upper bound, not a measure)
@@ -60,10 +59,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kv_process(*args: str, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def kv_process(
+    *args: str, input: str | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``python -m keyvault ARGS`` in another process (the ``home`` environment), bounded in time."""
-    return subprocess.run([sys.executable, "-m", "keyvault", *args], input=input, capture_output=True,
-                          text=True, timeout=PROCESS_TIMEOUT, env=env or dict(os.environ))
+    return subprocess.run(
+        [sys.executable, "-m", "keyvault", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+        env=env or dict(os.environ),
+    )
 
 
 def proc_describe(result: subprocess.CompletedProcess) -> str:
@@ -81,7 +88,11 @@ class Server:
 
     def __init__(self, workdir: Path, env: dict | None = None) -> None:
         self.workdir = workdir
-        self.env = {**(env or os.environ), "KEYVAULT_SERVE_WEBHOOKS": "0", "KEYVAULT_SERVE_SCHEDULER": "0"}
+        self.env = {
+            **(env or os.environ),
+            "KEYVAULT_SERVE_WEBHOOKS": "0",
+            "KEYVAULT_SERVE_SCHEDULER": "0",
+        }
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self._starts = 0
@@ -90,22 +101,38 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         """Start the server and wait until it answers."""
         return self.launch().wait_healthy()
 
-    def launch(self) -> "Server":
+    def launch(self) -> Server:
         """Start the process without waiting (it boots while the caller does other work)."""
         self._starts += 1
         self.port = free_port()
-        with open(self.workdir / f"serve-{self._starts}.out", "wb") as out, \
-                open(self.workdir / f"serve-{self._starts}.err", "wb") as err:
+        with (
+            open(self.workdir / f"serve-{self._starts}.out", "wb") as out,
+            open(self.workdir / f"serve-{self._starts}.err", "wb") as err,
+        ):
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "keyvault", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-                stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env, cwd=self.workdir)
+                [
+                    sys.executable,
+                    "-m",
+                    "keyvault",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.workdir,
+            )
         return self
 
-    def wait_healthy(self) -> "Server":
+    def wait_healthy(self) -> Server:
         """Poll /healthz (bounded); relaunch at most twice if the port was taken meanwhile."""
         for _attempt in range(3):
             if self._wait_healthy():
@@ -115,7 +142,10 @@ class Server:
             if "address already in use" not in last.lower():
                 break
             self.launch()
-        pytest.fail(f"keyvault serve did not become healthy within {START_DEADLINE:g}s: {last}", pytrace=False)
+        pytest.fail(
+            f"keyvault serve did not become healthy within {START_DEADLINE:g}s: {last}",
+            pytrace=False,
+        )
 
     def _wait_healthy(self) -> bool:
         deadline = time.monotonic() + START_DEADLINE
@@ -171,9 +201,13 @@ class World:
     def http(self, token: str | None = None, **kwargs) -> httpx.Client:
         """An httpx client on the server, with ``token``'s bearer header if given (a name)."""
         headers = {"Authorization": f"Bearer {self.tokens[token]}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=REQUEST_TIMEOUT, trust_env=False, **kwargs)
+        return httpx.Client(
+            base_url=self.url, headers=headers, timeout=REQUEST_TIMEOUT, trust_env=False, **kwargs
+        )
 
-    def create_token(self, name: str, *scopes: str, rotate: bool = False, expires: str | None = None) -> str:
+    def create_token(
+        self, name: str, *scopes: str, rotate: bool = False, expires: str | None = None
+    ) -> str:
         args = ["token", "create", name, "--json"] + [a for s in scopes for a in ("--scope", s)]
         args += (["--rotate"] if rotate else []) + (["--expires", expires] if expires else [])
         result = expect(self.cli(*args))
@@ -183,7 +217,9 @@ class World:
     def import_key(self, cluster: str, scope: str, *, other_process: bool = False) -> int:
         """Store a new key for a scope (in-process CLI, or ``python -m keyvault import``)."""
         key = new_key()
-        args = ["import", "--cluster", cluster] + (["--root"] if scope == "root" else ["--appid", scope[4:]])
+        args = ["import", "--cluster", cluster] + (
+            ["--root"] if scope == "root" else ["--appid", scope[4:]]
+        )
         if other_process:
             result = kv_process(*args, input=key + "\n")
             assert result.returncode == 0, proc_describe(result)
@@ -201,9 +237,12 @@ class World:
 
 def key_matches(world: World, body: dict, cluster: str, scope: str) -> bool:
     """The body is the current key of (cluster, scope) — compared without showing it."""
-    return (body.get("cluster") == cluster and body.get("scope") == scope
-            and body.get("version") == world.versions[(cluster, scope)]
-            and body.get("key") == world.keys[(cluster, scope)])
+    return (
+        body.get("cluster") == cluster
+        and body.get("scope") == scope
+        and body.get("version") == world.versions[(cluster, scope)]
+        and body.get("key") == world.keys[(cluster, scope)]
+    )
 
 
 def build_world(cli: Cli, db_url: str, workdir: Path) -> World:
@@ -238,5 +277,18 @@ def served(cli: Cli, db_url: str, tmp_path) -> World:
         world.server.stop()
 
 
-__all__ = ["Server", "World", "served", "build_world", "free_port", "kv_process", "proc_describe", "scrub",
-           "key_matches", "TOKENS", "SCOPES", "REQUEST_TIMEOUT", "PROCESS_TIMEOUT"]
+__all__ = [
+    "PROCESS_TIMEOUT",
+    "REQUEST_TIMEOUT",
+    "SCOPES",
+    "TOKENS",
+    "Server",
+    "World",
+    "build_world",
+    "free_port",
+    "key_matches",
+    "kv_process",
+    "proc_describe",
+    "scrub",
+    "served",
+]

@@ -64,8 +64,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     fingerprints = _fingerprints()
     leaks = find_leaks("\n".join(_captured), fingerprints)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    line = (f"leak guard: scanned {sum(map(len, _captured))} captured characters against "
-            f"{len(fingerprints)} generated keys: {leaks} leaked")
+    line = (
+        f"leak guard: scanned {sum(map(len, _captured))} captured characters against "
+        f"{len(fingerprints)} generated keys: {leaks} leaked"
+    )
     if reporter is not None:
         reporter.write_line(line)
     if leaks:

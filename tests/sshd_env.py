@@ -25,15 +25,15 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 ENV_VAR = "KEYVAULT_TEST_SSHD"
 REQUIRE_VAR = "KEYVAULT_TEST_REQUIRE_SSHD"
 DEFAULT_PATH = Path("/var/lib/keyvault-test/sshd.json")
 SETUP_HINT = (
-    "run `sudo tests/sshd/setup.sh --python \"$PWD/.venv/bin/python\"` (it writes "
+    'run `sudo tests/sshd/setup.sh --python "$PWD/.venv/bin/python"` (it writes '
     f"{DEFAULT_PATH}; set {ENV_VAR} to use another sshd.json)"
 )
 LOGINS = ("root", "kvops", "kvsudo", "ta", "tanotool")
@@ -70,7 +70,9 @@ class SshdEnv:
         try:
             return self.users[user].identity
         except KeyError:
-            raise KeyError(f"sshd.json has no login {user!r} (has: {', '.join(self.users)})") from None
+            raise KeyError(
+                f"sshd.json has no login {user!r} (has: {', '.join(self.users)})"
+            ) from None
 
     def ta_password(self) -> str:
         return self.ta_password_file.read_text().strip()
@@ -84,11 +86,27 @@ class SshdEnv:
     def ssh_argv(self, user: str, *command: str, tty: bool = False) -> list[str]:
         """argv for the OpenSSH client logging in as user (strict host key checking)."""
         argv = [
-            "ssh", "-F", "/dev/null", "-p", str(self.port), "-i", str(self.identity(user)),
-            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-            "-o", f"UserKnownHostsFile={self.known_hosts_file}",
-            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes",
-            "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-p",
+            str(self.port),
+            "-i",
+            str(self.identity(user)),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts_file}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
         ]
         if tty:
             argv.append("-tt")
@@ -129,9 +147,7 @@ def load_sshd_env(path: str | os.PathLike[str] | None = None) -> SshdEnv | None:
             port=port,
             host_key_fingerprint=data["host_key_fingerprint"],
             host_public_key=data["host_public_key"],
-            known_hosts_file=Path(
-                data.get("known_hosts_file") or src.with_name("known_hosts")
-            ),
+            known_hosts_file=Path(data.get("known_hosts_file") or src.with_name("known_hosts")),
             ta_password_file=Path(data["ta_password_file"]),
             tatool_state_dir=Path(data["tatool_state_dir"]),
             tatool_bin=data["tatool_bin"],
@@ -287,7 +303,9 @@ def start_sshd(env: SshdEnv, timeout: float = 10.0) -> int:
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     subprocess.run(
         [env.sshd_bin, "-f", str(env.sshd_config), "-E", str(env.sshd_log)],
-        check=True, stdin=subprocess.DEVNULL, timeout=timeout,
+        check=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
     )
     deadline = time.monotonic() + timeout
     while True:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from sshd_env import SshdEnv, load_sshd_env, require_sshd
 
 POSTGRES_URL_VAR = "KEYVAULT_TEST_POSTGRES_URL"
@@ -38,7 +37,9 @@ def require_postgres(url: str | None = None) -> str:
         finally:
             engine.dispose()
     except ImportError as exc:
-        problem = f"the PostgreSQL driver is not installed ({exc}); pip install -e '.[postgres,test]'"
+        problem = (
+            f"the PostgreSQL driver is not installed ({exc}); pip install -e '.[postgres,test]'"
+        )
     except Exception as exc:  # noqa: BLE001 - any connect error means "no PostgreSQL"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         problem = f"cannot connect to PostgreSQL ({first})"

@@ -62,8 +62,23 @@ def main(ctx: click.Context, verbose: int) -> None:
 
 
 # Each module exports COMMANDS; importing them costs only click (heavy imports are lazy).
-COMMAND_MODULES = ("commands_db", "commands_secrets", "commands_hosts", "commands_rotation", "commands_policy",
-                   "commands_sandbox", "commands_serve", "commands_webhooks", "commands_backup")
+COMMAND_MODULES = (
+    "init",
+    "db",
+    "master_key",
+    "cluster",
+    "host",
+    "import_",
+    "secrets",
+    "commands_rotation",
+    "policy",
+    "serve",
+    "token",
+    "audit",
+    "webhook",
+    "backup",
+    "sandbox",
+)
 
 
 def _register() -> None:
@@ -105,7 +120,11 @@ def run() -> None:
         status = 0
     except SystemExit as exc:
         status = exit_status(exc)
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    if any(
+        t.is_alive() and not t.daemon
+        for t in threading.enumerate()
+        if t is not threading.main_thread()
+    ):
         sys.exit(status)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

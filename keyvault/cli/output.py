@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import click
+
+OUTPUT_FORMATS = ("table", "json")
 
 
 def emit_json(data) -> None:
@@ -21,9 +25,11 @@ def emit_table(rows: Iterable[dict], columns: Sequence[str], *, empty: str = "(n
         return
     cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    click.echo(
+        "  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=False)).rstrip()
+    )
     for row in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip())
 
 
 def mask(key: str) -> str:
@@ -34,7 +40,9 @@ def mask(key: str) -> str:
 def scope_options(func):
     """Add ``--cluster``, ``--root`` and ``--appid`` to a command."""
     func = click.option("--appid", help="The project APPID (a project key).")(func)
-    func = click.option("--root", "is_root", is_flag=True, help="The root key (valid for every project).")(func)
+    func = click.option(
+        "--root", "is_root", is_flag=True, help="The root key (valid for every project)."
+    )(func)
     func = click.option("--cluster", required=True, help="Cluster name.")(func)
     return func
 
@@ -46,3 +54,29 @@ def resolve_scope(is_root: bool, appid: str | None, settings):
     if is_root == (appid is not None):
         raise click.UsageError("give exactly one of --root or --appid APPID")
     return root_scope() if is_root else app_scope(appid, settings.appid_pattern)
+
+
+def output_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``-o/--output table|json`` (default ``$KEYVAULT_OUTPUT``, else table) and ``--json``.
+
+    The command receives one ``as_json`` boolean: ``--json`` is the short form of
+    ``--output json`` and wins over the environment.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, output: str, json_flag: bool, **kwargs: Any) -> Any:
+        return func(*args, as_json=json_flag or output == "json", **kwargs)
+
+    wrapper = click.option("--json", "json_flag", is_flag=True, help="Same as --output json.")(
+        wrapper
+    )
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Choice(OUTPUT_FORMATS),
+        envvar="KEYVAULT_OUTPUT",
+        default="table",
+        show_default=True,
+        show_envvar=True,
+        help="Output format.",
+    )(wrapper)

@@ -53,7 +53,9 @@ class FastKeyPath:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = await self._serve(scope, send, match)
-        self.metrics.observe("GET /v1/clusters/{cluster}/key", status, time.perf_counter() - started)
+        self.metrics.observe(
+            "GET /v1/clusters/{cluster}/key", status, time.perf_counter() - started
+        )
 
     async def _serve(self, scope, send, match) -> int:
         state: ServerState = self.state_getter()
@@ -72,28 +74,59 @@ class FastKeyPath:
                 outcome, status, body = "not_modified", 304, b""
             else:
                 outcome, status, body = "ok", 200, entry.body
-            await state.audit.record(AuditEntry(utcnow(), token_name, "read", cluster, key_scope, version, client, outcome))
+            await state.audit.record(
+                AuditEntry(
+                    utcnow(), token_name, "read", cluster, key_scope, version, client, outcome
+                )
+            )
             if status == 304:
-                await send({"type": "http.response.start", "status": 304, "headers": [(b"etag", entry.etag.encode())]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 304,
+                        "headers": [(b"etag", entry.etag.encode())],
+                    }
+                )
                 await send({"type": "http.response.body", "body": b""})
             else:
-                await _send(send, 200, body, [(b"etag", entry.etag.encode()), (b"cache-control", b"no-store")])
+                await _send(
+                    send,
+                    200,
+                    body,
+                    [(b"etag", entry.etag.encode()), (b"cache-control", b"no-store")],
+                )
             return status
         except KeyvaultError as exc:
             status = error_status(exc)
-            token_name = getattr(exc, "token_name", token_name)  # a revoked or expired token is named
+            token_name = getattr(
+                exc, "token_name", token_name
+            )  # a revoked or expired token is named
             if outcome != "not_modified" and status != 503:
                 # Refused reads are audited too; an audit failure is the 503 itself.
                 try:
-                    await state.audit.record(AuditEntry(utcnow(), token_name, "read", cluster, key_scope, version,
-                                                        client, exc.code))
+                    await state.audit.record(
+                        AuditEntry(
+                            utcnow(),
+                            token_name,
+                            "read",
+                            cluster,
+                            key_scope,
+                            version,
+                            client,
+                            exc.code,
+                        )
+                    )
                 except KeyvaultError:
                     status, exc = 503, exc
-            body = json.dumps({"error": exc.code if status != 503 else "unavailable", "detail": str(exc)}).encode()
+            body = json.dumps(
+                {"error": exc.code if status != 503 else "unavailable", "detail": str(exc)}
+            ).encode()
             headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
             await _send(send, status, body, headers)
             return status
         except Exception:  # noqa: BLE001 - never a 500 or a traceback: the app's own 503
             log.exception("unexpected error on the key read of %s in %s", key_scope, cluster)
-            await _send(send, 503, json.dumps({"error": "unavailable", "detail": "internal error"}).encode())
+            await _send(
+                send, 503, json.dumps({"error": "unavailable", "detail": "internal error"}).encode()
+            )
             return 503

@@ -17,7 +17,7 @@ from sqlalchemy import select, text
 from keyvault.config import Settings
 from keyvault.db import make_engine, require_head, session_factory, transaction
 from keyvault.errors import DatabaseError, Forbidden, NotFound, Unauthorized
-from keyvault.models import AccessToken, Cluster, Secret, SecretVersion, CURRENT, utcnow
+from keyvault.models import CURRENT, AccessToken, Cluster, Secret, SecretVersion, utcnow
 from keyvault.services.audit import AuditWriter
 from keyvault.services.secrets import reveal
 from keyvault.services.store import open_keyring
@@ -89,8 +89,10 @@ class ServerState:
                 self._probe = self._open_probe()
                 return self._read_revision()
             except Exception as exc:  # noqa: BLE001
-                raise DatabaseError(f"cannot read the revision counter ({type(exc).__name__})",
-                                    hint="check the database") from None
+                raise DatabaseError(
+                    f"cannot read the revision counter ({type(exc).__name__})",
+                    hint="check the database",
+                ) from None
 
     def _read_revision(self) -> int:
         cur = self._probe.cursor()
@@ -124,7 +126,11 @@ class ServerState:
             if row is not None or len(self._tokens) < _NEGATIVE_CACHE_LIMIT:
                 self._tokens[digest] = row
         grant = self._grants.get(digest)
-        if grant is not None and row is not None and (row.expires_at is None or row.expires_at > (now or utcnow())):
+        if (
+            grant is not None
+            and row is not None
+            and (row.expires_at is None or row.expires_at > (now or utcnow()))
+        ):
             return grant
         grant = check_token(row, digest, now or utcnow())
         self._grants[digest] = grant
@@ -133,7 +139,9 @@ class ServerState:
     def key_entry(self, cluster: str, scope: str) -> KeyEntry:
         """The current key of a scope (decrypted once per revision)."""
         cache_key = (cluster, scope)
-        if "\x00" in cluster or "\x00" in scope:  # no name holds NUL, and PostgreSQL refuses to compare one
+        if (
+            "\x00" in cluster or "\x00" in scope
+        ):  # no name holds NUL, and PostgreSQL refuses to compare one
             raise NotFound(f"no current key for {scope!r} in cluster {cluster!r}")
         if cache_key not in self._keys:
             self._keys[cache_key] = self._load(cluster, scope)
@@ -148,7 +156,9 @@ class ServerState:
                 select(SecretVersion)
                 .join(Secret, SecretVersion.secret_id == Secret.id)
                 .join(Cluster, Secret.cluster_id == Cluster.id)
-                .where(Cluster.name == cluster, Secret.scope == scope, SecretVersion.state == CURRENT)
+                .where(
+                    Cluster.name == cluster, Secret.scope == scope, SecretVersion.state == CURRENT
+                )
             )
             if version is None:
                 return None
@@ -157,10 +167,16 @@ class ServerState:
                 # again (checked against the store), instead of refusing until a restart.
                 self.keyring = open_keyring(session, settings=self.settings)
             key = reveal(self.keyring, version)
-            body = json.dumps({
-                "cluster": cluster, "scope": scope, "version": version.number, "fingerprint": version.fingerprint,
-                "created_at": version.created_at.isoformat(), "key": key,
-            }).encode()
+            body = json.dumps(
+                {
+                    "cluster": cluster,
+                    "scope": scope,
+                    "version": version.number,
+                    "fingerprint": version.fingerprint,
+                    "created_at": version.created_at.isoformat(),
+                    "key": key,
+                }
+            ).encode()
             return KeyEntry(version=version.number, etag=f'"v{version.number}"', body=body)
 
     def ready(self) -> bool:

@@ -88,8 +88,11 @@ def _list_event_meta(state, role, params):
 
 def _event_analyze(state, role, params):
     pid = _project(state, role, params)
-    return {"projectId": pid, "x": ["2024-01-01", "2024-01-02"],
-            "y": [{"event": _EVENTS[0], "values": [42, 37]}]}
+    return {
+        "projectId": pid,
+        "x": ["2024-01-01", "2024-01-02"],
+        "y": [{"event": _EVENTS[0], "values": [42, 37]}],
+    }
 
 
 def _project_list(state, role, params):
@@ -98,12 +101,17 @@ def _project_list(state, role, params):
     if not params.get("loginName"):
         raise _Reject(RC_PARAM_ERROR)
     apps = sorted(state["apps"].items(), key=lambda item: item[1]["project_id"])
-    return [{"projectId": a["project_id"], "appid": appid, "projectName": f"Project {appid}"}
-            for appid, a in apps]
+    return [
+        {"projectId": a["project_id"], "appid": appid, "projectName": f"Project {appid}"}
+        for appid, a in apps
+    ]
 
 
-_ENDPOINTS = {"open/list-event-meta": _list_event_meta, "open/event-analyze": _event_analyze,
-              "open/project-list": _project_list}
+_ENDPOINTS = {
+    "open/list-event-meta": _list_event_meta,
+    "open/event-analyze": _event_analyze,
+    "open/project-list": _project_list,
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -159,8 +167,15 @@ class _Handler(BaseHTTPRequestHandler):
         if outcome == "error":
             message = "There seems to be some problems with the system"
         self.server.count(self._api_path, outcome or default_outcome)
-        payload = json.dumps({"return_code": code, "return_message": message, "data": data,
-                              "stackMessage": "", "showStackMessage": False}).encode()
+        payload = json.dumps(
+            {
+                "return_code": code,
+                "return_message": message,
+                "data": data,
+                "stackMessage": "",
+                "showStackMessage": False,
+            }
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json;charset=UTF-8")
         self.send_header("Content-Length", str(len(payload)))
@@ -206,7 +221,9 @@ def make_server(state_dir, host="127.0.0.1", port=DEFAULT_PORT):
 def serving(state_dir, host="127.0.0.1", port=0):
     """A started emulator (in a thread) for the duration of the block; yields the server."""
     server = make_server(state_dir, host, port)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield server
@@ -218,8 +235,10 @@ def serving(state_dir, host="127.0.0.1", port=0):
 
 def main(argv=None):
     """Run the emulator in the foreground until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m keyvault.sandbox.openapi",
-                                     description="TA Open API emulator (127.0.0.1 only).")
+    parser = argparse.ArgumentParser(
+        prog="python -m keyvault.sandbox.openapi",
+        description="TA Open API emulator (127.0.0.1 only).",
+    )
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)

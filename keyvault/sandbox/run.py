@@ -89,8 +89,9 @@ class SandboxPaths:
         st.init_state(self.state_dir, list(apps))
         st.install_wrapper(self.ta_tool, self.state_dir, pythonpath=_source_root())
         ensure_ed25519_key(self.host_key, comment="keyvault-sandbox-host")
-        client = ensure_ed25519_key(self.client_key, comment="keyvault-sandbox-client",
-                                    public_file=self.client_public_key)
+        client = ensure_ed25519_key(
+            self.client_key, comment="keyvault-sandbox-client", public_file=self.client_public_key
+        )
         wanted = public_key_line(client, "keyvault-sandbox-client") + "\n"
         try:
             current = self.authorized_keys.read_text()
@@ -206,15 +207,21 @@ def status(paths: SandboxPaths) -> dict:
     from keyvault.sandbox import state as st
 
     pid = _running_pid(paths)
-    result: dict = {"running": pid is not None, "pid": pid, "root": str(paths.root),
-                    "simulator": True}
+    result: dict = {
+        "running": pid is not None,
+        "pid": pid,
+        "root": str(paths.root),
+        "simulator": True,
+    }
     info = _read_info(paths) if pid is not None else None
     if info and info.get("pid") == pid:
         result.update({k: v for k, v in info.items() if k != "pid"})
     if paths.prepared:
         state = st.read_state(paths.state_dir)
-        result["apps"] = {appid: {"project_id": a["project_id"], "generations": a["generations"]}
-                          for appid, a in sorted(state["apps"].items())}
+        result["apps"] = {
+            appid: {"project_id": a["project_id"], "generations": a["generations"]}
+            for appid, a in sorted(state["apps"].items())
+        }
         result["root_generations"] = state["root"]["generations"]
     return result
 
@@ -243,8 +250,10 @@ def _take_pid_lock(paths: SandboxPaths) -> int:
             # a status() probe holds a shared lock for an instant; a server holds it for good
             if time.monotonic() > deadline:
                 os.close(fd)
-                raise SandboxError(f"the sandbox in {paths.root} is already running",
-                                   hint="see `keyvault sandbox status`") from None
+                raise SandboxError(
+                    f"the sandbox in {paths.root} is already running",
+                    hint="see `keyvault sandbox status`",
+                ) from None
             time.sleep(_POLL)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
@@ -252,8 +261,15 @@ def _take_pid_lock(paths: SandboxPaths) -> int:
     return fd
 
 
-def serve(paths: SandboxPaths, ssh_port: int = DEFAULT_SSH_PORT, api_port: int = DEFAULT_API_PORT,
-          *, apps=(), ready=None, stop_event: threading.Event | None = None) -> int:
+def serve(
+    paths: SandboxPaths,
+    ssh_port: int = DEFAULT_SSH_PORT,
+    api_port: int = DEFAULT_API_PORT,
+    *,
+    apps=(),
+    ready=None,
+    stop_event: threading.Event | None = None,
+) -> int:
     """Run the Open API emulator and the SSH front until SIGTERM/SIGINT (or ``stop_event``).
 
     ``sandbox.json`` is written once both listen. ``ready(info)`` is called then too.
@@ -272,17 +288,23 @@ def serve(paths: SandboxPaths, ssh_port: int = DEFAULT_SSH_PORT, api_port: int =
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, lambda *_: stop_event.set())
-        api = _bind_with_fallback("Open API emulator",
-                                  lambda p: make_server(paths.state_dir, LOOPBACK, p), api_port)
-        api_thread = threading.Thread(target=api.serve_forever, args=(0.2,),
-                                      name="sandbox-openapi", daemon=True)
+        api = _bind_with_fallback(
+            "Open API emulator", lambda p: make_server(paths.state_dir, LOOPBACK, p), api_port
+        )
+        api_thread = threading.Thread(
+            target=api.serve_forever, args=(0.2,), name="sandbox-openapi", daemon=True
+        )
         api_thread.start()
 
         def make_front(port):
-            candidate = SshFront(host_key_file=paths.host_key,
-                                 authorized_keys_file=paths.authorized_keys,
-                                 ta_home=paths.ta_home, bin_dir=paths.bin_dir, port=port,
-                                 ta_user=TA_USER)
+            candidate = SshFront(
+                host_key_file=paths.host_key,
+                authorized_keys_file=paths.authorized_keys,
+                ta_home=paths.ta_home,
+                bin_dir=paths.bin_dir,
+                port=port,
+                ta_user=TA_USER,
+            )
             candidate.start()
             return candidate
 
@@ -301,8 +323,13 @@ def serve(paths: SandboxPaths, ssh_port: int = DEFAULT_SSH_PORT, api_port: int =
             "started_at": time.time(),
         }
         _write_text(paths.info_file, json.dumps(info, indent=2, sort_keys=True) + "\n")
-        log.info("TA simulator ready: SSH %s:%d, Open API %s (pid %d)", LOOPBACK, front.port,
-                 info["open_api_url"], os.getpid())
+        log.info(
+            "TA simulator ready: SSH %s:%d, Open API %s (pid %d)",
+            LOOPBACK,
+            front.port,
+            info["open_api_url"],
+            os.getpid(),
+        )
         if ready is not None:
             ready(info)
         while not stop_event.wait(1.0):
@@ -324,9 +351,14 @@ def serve(paths: SandboxPaths, ssh_port: int = DEFAULT_SSH_PORT, api_port: int =
         os.close(lock_fd)
 
 
-def start_background(paths: SandboxPaths, *, ssh_port: int = DEFAULT_SSH_PORT,
-                     api_port: int = DEFAULT_API_PORT, apps=DEFAULT_APPS,
-                     timeout: float = START_TIMEOUT) -> dict:
+def start_background(
+    paths: SandboxPaths,
+    *,
+    ssh_port: int = DEFAULT_SSH_PORT,
+    api_port: int = DEFAULT_API_PORT,
+    apps=DEFAULT_APPS,
+    timeout: float = START_TIMEOUT,
+) -> dict:
     """Start the sandbox server detached (unless it runs already); return its info.
 
     The returned dict has ``"started": True`` when this call started it. Waits at most
@@ -341,28 +373,48 @@ def start_background(paths: SandboxPaths, *, ssh_port: int = DEFAULT_SSH_PORT,
     _remove_stale(paths)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_source_root(), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "keyvault.sandbox.run", "serve", "--home", str(paths.home),
-               "--ssh-port", str(ssh_port), "--api-port", str(api_port), "--detach"]
+    command = [
+        sys.executable,
+        "-m",
+        "keyvault.sandbox.run",
+        "serve",
+        "--home",
+        str(paths.home),
+        "--ssh-port",
+        str(ssh_port),
+        "--api-port",
+        str(api_port),
+        "--detach",
+    ]
     fd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
         # The child forks the server and exits at once, printing the server's pid, so the
         # server is nobody's child here: no zombie, no Popen to outlive.
-        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=fd, env=env, cwd=str(paths.root), start_new_session=True,
-                              close_fds=True) as proc:
+        with subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=fd,
+            env=env,
+            cwd=str(paths.root),
+            start_new_session=True,
+            close_fds=True,
+        ) as proc:
             try:
                 out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.communicate()
-                raise SandboxError("the sandbox did not start in time",
-                                   hint=f"see {paths.log_file}") from None
+                raise SandboxError(
+                    "the sandbox did not start in time", hint=f"see {paths.log_file}"
+                ) from None
     finally:
         os.close(fd)
     text = out.decode("ascii", "replace").strip()
     if proc.returncode != 0 or not text.isdigit():
-        raise SandboxError(f"the sandbox failed to start: {_log_tail(paths)}",
-                           hint=f"see {paths.log_file}")
+        raise SandboxError(
+            f"the sandbox failed to start: {_log_tail(paths)}", hint=f"see {paths.log_file}"
+        )
     return {**_wait_info(paths, int(text), deadline), "started": True}
 
 
@@ -372,11 +424,15 @@ def _wait_info(paths: SandboxPaths, pid: int, deadline: float) -> dict:
         if info and info.get("pid") == pid:
             return info
         if not _pid_alive(pid):
-            raise SandboxError(f"the sandbox exited while starting: {_log_tail(paths)}",
-                               hint=f"see {paths.log_file}")
+            raise SandboxError(
+                f"the sandbox exited while starting: {_log_tail(paths)}",
+                hint=f"see {paths.log_file}",
+            )
         if time.monotonic() > deadline:
-            raise SandboxError(f"the sandbox (pid {pid}) did not become ready in time",
-                               hint=f"see {paths.log_file}; `keyvault sandbox down` stops it")
+            raise SandboxError(
+                f"the sandbox (pid {pid}) did not become ready in time",
+                hint=f"see {paths.log_file}; `keyvault sandbox down` stops it",
+            )
         time.sleep(_POLL)
 
 
@@ -426,28 +482,51 @@ def register(session, *, info: dict, paths: SandboxPaths, cluster_name: str = "s
     try:
         cluster = clusters.get_cluster(session, name=cluster_name)
     except NotFound:
-        cluster = clusters.add_cluster(session, name=cluster_name, open_api_url=url,
-                                       options={"login_name": LOGIN_NAME, "project_ids": project_ids})
+        cluster = clusters.add_cluster(
+            session,
+            name=cluster_name,
+            open_api_url=url,
+            options={"login_name": LOGIN_NAME, "project_ids": project_ids},
+        )
     else:
         if urlsplit(cluster.open_api_url).hostname != LOOPBACK:
-            raise Conflict(f"cluster {cluster_name!r} exists and is not a sandbox "
-                           f"(its Open API is {cluster.open_api_url})",
-                           hint="rename that cluster; the sandbox registers itself as 'sandbox'")
-        clusters.set_options(session, name=cluster_name, open_api_url=url,
-                             login_name=LOGIN_NAME, project_ids=project_ids)
+            raise Conflict(
+                f"cluster {cluster_name!r} exists and is not a sandbox "
+                f"(its Open API is {cluster.open_api_url})",
+                hint="rename that cluster; the sandbox registers itself as 'sandbox'",
+            )
+        clusters.set_options(
+            session,
+            name=cluster_name,
+            open_api_url=url,
+            login_name=LOGIN_NAME,
+            project_ids=project_ids,
+        )
     port = int(info["ssh_port"])
-    fields = dict(username=SSH_USER, identity_file=str(paths.client_key), become="su",
-                  ta_user=TA_USER, fingerprint=info["host_key_fingerprint"])
-    existing = [h for h in hosts.list_hosts(session, cluster_name=cluster_name)
-                if h.address == LOOPBACK]
+    fields = {
+        "username": SSH_USER,
+        "identity_file": str(paths.client_key),
+        "become": "su",
+        "ta_user": TA_USER,
+        "fingerprint": info["host_key_fingerprint"],
+    }
+    existing = [
+        h for h in hosts.list_hosts(session, cluster_name=cluster_name) if h.address == LOOPBACK
+    ]
     if not existing:
-        host = hosts.add_host(session, cluster_name=cluster_name, address=LOOPBACK, port=port,
-                              **fields)
+        host = hosts.add_host(
+            session, cluster_name=cluster_name, address=LOOPBACK, port=port, **fields
+        )
     else:
         host = next((h for h in existing if h.port == port), existing[0])
-        hosts.validate_host_fields(address=LOOPBACK, port=port, username=fields["username"],
-                                   become=fields["become"], ta_user=fields["ta_user"],
-                                   fingerprint=fields["fingerprint"])
+        hosts.validate_host_fields(
+            address=LOOPBACK,
+            port=port,
+            username=fields["username"],
+            become=fields["become"],
+            ta_user=fields["ta_user"],
+            fingerprint=fields["fingerprint"],
+        )
         host.port = port
         host.username = fields["username"]
         host.identity_file = fields["identity_file"]
@@ -468,8 +547,11 @@ def sync_project_ids(session, *, paths: SandboxPaths, cluster_name: str = "sandb
     except NotFound:
         return False
     state = st.read_state(paths.state_dir)
-    clusters.set_options(session, name=cluster_name,
-                         project_ids={a: v["project_id"] for a, v in state["apps"].items()})
+    clusters.set_options(
+        session,
+        name=cluster_name,
+        project_ids={a: v["project_id"] for a, v in state["apps"].items()},
+    )
     return True
 
 
@@ -477,16 +559,19 @@ def sync_project_ids(session, *, paths: SandboxPaths, cluster_name: str = "sandb
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyvault.sandbox.run",
-                                     description="TA simulator server (127.0.0.1 only; not TA).")
+    parser = argparse.ArgumentParser(
+        prog="python -m keyvault.sandbox.run",
+        description="TA simulator server (127.0.0.1 only; not TA).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the Open API emulator and the SSH front")
     p.add_argument("--home", required=True, help="KEYVAULT_HOME")
     p.add_argument("--ssh-port", type=int, default=DEFAULT_SSH_PORT)
     p.add_argument("--api-port", type=int, default=DEFAULT_API_PORT)
     p.add_argument("--apps", default="", help="comma-separated APPIDs to register")
-    p.add_argument("--detach", action="store_true",
-                   help="fork; the parent prints the server's pid and exits")
+    p.add_argument(
+        "--detach", action="store_true", help="fork; the parent prints the server's pid and exits"
+    )
     args = parser.parse_args(argv)
     paths = SandboxPaths(args.home)
     if args.detach:
@@ -496,8 +581,11 @@ def main(argv=None) -> int:
             sys.stdout.flush()
             os._exit(0)
         os.dup2(2, 1)  # the server's stdout goes to the log; the pipe to our caller closes
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     logging.getLogger("paramiko").setLevel(logging.WARNING)
     apps = [a.strip() for a in args.apps.split(",") if a.strip()]
     try:

@@ -70,7 +70,9 @@ _READ_CHUNK = 65536
 # --- keys --------------------------------------------------------------------------------
 
 
-def ensure_ed25519_key(path, *, comment: str = "keyvault-sandbox", public_file=None) -> paramiko.PKey:
+def ensure_ed25519_key(
+    path, *, comment: str = "keyvault-sandbox", public_file=None
+) -> paramiko.PKey:
     """Load the OpenSSH ed25519 private key at ``path``; create it (mode 0600) if missing.
 
     With ``public_file``, also write the public key line there if it is missing.
@@ -82,7 +84,8 @@ def ensure_ed25519_key(path, *, comment: str = "keyvault-sandbox", public_file=N
     if not path.exists():
         private = Ed25519PrivateKey.generate()
         pem = private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
         )
         _write_private(path, pem)
@@ -170,8 +173,12 @@ def _unwrap(command: str, ta_user: str) -> tuple[str, str] | None:
         return None
     if len(argv) == 5 and argv[:2] == ["su", "-"] and argv[2] == ta_user and argv[3] == "-c":
         method, script = "su", argv[4]
-    elif (len(argv) == 7 and argv[:3] == ["sudo", "-n", "-iu"] and argv[3] == ta_user
-          and argv[4:6] == ["sh", "-c"]):
+    elif (
+        len(argv) == 7
+        and argv[:3] == ["sudo", "-n", "-iu"]
+        and argv[3] == ta_user
+        and argv[4:6] == ["sh", "-c"]
+    ):
         method, script = "sudo", argv[6]
     elif len(argv) == 3 and argv[:2] == ["bash", "-lc"]:
         method, script = "none", argv[2]
@@ -239,19 +246,22 @@ def _job(call: str) -> tuple[str, str, str] | None:
 def _classify_generate(method: str, script: str) -> Accepted | None:
     # Splitting is only a way to find the parts: the whole script is re-rendered and
     # compared, so a part that merely contains the separator cannot slip through.
-    body, clean = script[len(tahost.GENERATE_PREFIX):], False
+    body, clean = script[len(tahost.GENERATE_PREFIX) :], False
     cut = body.rfind("; echo @@KV:")
     if cut != -1 and ":CLEANUP@@; " in body[cut:]:  # the clean_from_stdin tail
         body, clean = body[:cut], True
     if not body.startswith("kv_gen "):
         return None
-    calls = body[len("kv_gen "):].split("; kv_gen ")
+    calls = body[len("kv_gen ") :].split("; kv_gen ")
     if not 1 <= len(calls) <= MAX_BATCH:
         return None
     jobs = [_job(call) for call in calls]
     if any(job is None for job in jobs):
         return None
-    if tahost.generate_many_script([(rid, cmd) for rid, _, cmd in jobs], clean_from_stdin=clean) != script:
+    if (
+        tahost.generate_many_script([(rid, cmd) for rid, _, cmd in jobs], clean_from_stdin=clean)
+        != script
+    ):
         return None
     return Accepted(method, "generate", script, jobs[0][0], jobs[0][1], batch=len(jobs))
 
@@ -297,7 +307,7 @@ class _FrontTransport(paramiko.Transport):
 class _Session(paramiko.ServerInterface):
     """The server side of one SSH connection."""
 
-    def __init__(self, front: "SshFront", peer: str) -> None:
+    def __init__(self, front: SshFront, peer: str) -> None:
         self.front = front
         self.peer = peer
         self._lock = threading.Lock()
@@ -341,7 +351,9 @@ class _Session(paramiko.ServerInterface):
         with self._lock:
             self._channels[chan.get_id()] = chan
 
-    def check_channel_pty_request(self, channel, term, width, height, pixelwidth, pixelheight, modes):
+    def check_channel_pty_request(
+        self, channel, term, width, height, pixelwidth, pixelheight, modes
+    ):
         return False  # keyvault needs a PTY only to type an su password; here there is none
 
     def check_channel_shell_request(self, channel):
@@ -379,9 +391,19 @@ class _Session(paramiko.ServerInterface):
 class SshFront:
     """The SSH front: ``start()`` binds 127.0.0.1 and serves in daemon threads."""
 
-    def __init__(self, *, host_key_file, authorized_keys_file, ta_home, bin_dir,
-                 host: str = LOOPBACK, port: int = 0, ta_user: str = "ta",
-                 max_sessions: int = MAX_SESSIONS, stop_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        host_key_file,
+        authorized_keys_file,
+        ta_home,
+        bin_dir,
+        host: str = LOOPBACK,
+        port: int = 0,
+        ta_user: str = "ta",
+        max_sessions: int = MAX_SESSIONS,
+        stop_timeout: float = 10.0,
+    ) -> None:
         if host != LOOPBACK:
             raise ValueError(f"the sandbox SSH front binds to {LOOPBACK} only, not {host!r}")
         self.host = host
@@ -410,7 +432,7 @@ class SshFront:
     def host_public_key(self) -> str:
         return public_key_line(self.host_key)
 
-    def __enter__(self) -> "SshFront":
+    def __enter__(self) -> SshFront:
         self.start()
         return self
 
@@ -434,11 +456,16 @@ class SshFront:
         self._listener = listener
         self.port = listener.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="sshfront-accept",
-                                               daemon=True)
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="sshfront-accept", daemon=True
+        )
         self._accept_thread.start()
-        log.info("SSH front listening on %s:%d (host key %s)", self.host, self.port,
-                 self.host_key_fingerprint)
+        log.info(
+            "SSH front listening on %s:%d (host key %s)",
+            self.host,
+            self.port,
+            self.host_key_fingerprint,
+        )
         return self.port
 
     def stop(self) -> None:
@@ -505,8 +532,12 @@ class SshFront:
                     except OSError as exc:
                         log.warning("accept failed: %s", exc)
                         continue
-                    thread = threading.Thread(target=self._serve_connection, args=(sock, addr),
-                                              name=f"sshfront-conn-{addr[1]}", daemon=True)
+                    thread = threading.Thread(
+                        target=self._serve_connection,
+                        args=(sock, addr),
+                        name=f"sshfront-conn-{addr[1]}",
+                        daemon=True,
+                    )
                     self._track(thread)
                     thread.start()
         finally:
@@ -549,8 +580,12 @@ class SshFront:
 
     # running commands
     def _spawn_worker(self, chan: paramiko.Channel, accepted: Accepted | None, peer: str) -> None:
-        thread = threading.Thread(target=self._run_command, args=(chan, accepted, peer),
-                                  name=f"sshfront-exec-{chan.get_id()}", daemon=True)
+        thread = threading.Thread(
+            target=self._run_command,
+            args=(chan, accepted, peer),
+            name=f"sshfront-exec-{chan.get_id()}",
+            daemon=True,
+        )
         self._track(thread)
         thread.start()
 
@@ -596,13 +631,21 @@ class SshFront:
                 return REFUSED_STATUS
             proc = subprocess.Popen(
                 ["/bin/sh", "-c", accepted.script],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env=self._environment(), cwd=str(self.ta_home), close_fds=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self._environment(),
+                cwd=str(self.ta_home),
+                close_fds=True,
                 start_new_session=True,
             )
             self._procs.add(proc)
-        feeder = threading.Thread(target=_feed_stdin, args=(chan, proc), daemon=True,
-                                  name=f"sshfront-stdin-{chan.get_id()}")
+        feeder = threading.Thread(
+            target=_feed_stdin,
+            args=(chan, proc),
+            daemon=True,
+            name=f"sshfront-stdin-{chan.get_id()}",
+        )
         feeder.start()
         try:
             fd = proc.stdout.fileno()

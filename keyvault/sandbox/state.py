@@ -31,8 +31,16 @@ import time
 KEY_LENGTH = 64
 KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 NOISE_OPTIONS = frozenset(
-    {"banner", "crlf", "ansi", "delay_seconds", "fail_apps", "output_mode", "hold_file",
-     "hold_before_print"}
+    {
+        "banner",
+        "crlf",
+        "ansi",
+        "delay_seconds",
+        "fail_apps",
+        "output_mode",
+        "hold_file",
+        "hold_before_print",
+    }
 )
 OUTPUT_MODES = ("normal", "no_key", "two_keys")
 _FILES = ("state.json", "state.lock", "noise.json", "last_run.json", "holding", "generated.sha256")
@@ -89,8 +97,10 @@ class _locked:
     def __enter__(self):
         state_dir = self.state_dir
         if not os.path.isdir(state_dir):
-            raise FileNotFoundError(f"TA simulator state dir {state_dir} does not exist "
-                                    f"(run: python -m keyvault.sandbox.state init --state-dir ...)")
+            raise FileNotFoundError(
+                f"TA simulator state dir {state_dir} does not exist "
+                f"(run: python -m keyvault.sandbox.state init --state-dir ...)"
+            )
         path = _path(state_dir, "state.lock")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -158,7 +168,12 @@ def _scope_file(scope):
 
 
 def _valid_appid(appid):
-    return isinstance(appid, str) and appid != "" and set(appid) <= _APPID_CHARS and appid not in (".", "..")
+    return (
+        isinstance(appid, str)
+        and appid != ""
+        and set(appid) <= _APPID_CHARS
+        and appid not in (".", "..")
+    )
 
 
 def _read_entry(state_dir, scope):
@@ -183,8 +198,10 @@ def _load_registry(state_dir):
     if registry is None:
         raise FileNotFoundError(_NOT_INITIALISED.format(state_dir))
     if registry.get("format") != FORMAT:
-        raise ValueError(f"TA simulator state in {state_dir} has an old format: run "
-                         f"`python -m keyvault.sandbox.state init --state-dir {state_dir}` to upgrade it")
+        raise ValueError(
+            f"TA simulator state in {state_dir} has an old format: run "
+            f"`python -m keyvault.sandbox.state init --state-dir {state_dir}` to upgrade it"
+        )
     return registry
 
 
@@ -255,8 +272,8 @@ def add_apps(state_dir, apps):
 def read_state(state_dir):
     """Return the whole state as a fresh dict (keys included: handle with care)::
 
-        {"root": {"key", "generations"}, "apps": {APPID: {"key", "generations", "project_id"}},
-         "total_generations": N}
+    {"root": {"key", "generations"}, "apps": {APPID: {"key", "generations", "project_id"}},
+     "total_generations": N}
     """
     with _locked(state_dir, exclusive=False):
         registry = _load_registry(state_dir)
@@ -265,8 +282,11 @@ def read_state(state_dir):
         for appid, pid in registry["apps"].items():
             n, k = _read_entry(state_dir, f"app:{appid}")
             apps[appid] = {"key": k, "generations": n, "project_id": pid}
-        return {"root": {"key": key, "generations": count}, "apps": apps,
-                "total_generations": _count_generations(state_dir)}
+        return {
+            "root": {"key": key, "generations": count},
+            "apps": apps,
+            "total_generations": _count_generations(state_dir),
+        }
 
 
 def _count_generations(state_dir):
@@ -375,8 +395,9 @@ def set_noise(state_dir, **options):
         raise ValueError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}")
     for name in ("banner", "fail_apps"):
         value = options.get(name)
-        if value is not None and (isinstance(value, str) or not all(isinstance(v, str)
-                                                                    for v in value)):
+        if value is not None and (
+            isinstance(value, str) or not all(isinstance(v, str) for v in value)
+        ):
             raise ValueError(f"{name} must be a list of strings")
     if options.get("hold_file") is not None:
         options["hold_file"] = os.fspath(options["hold_file"])
@@ -428,12 +449,16 @@ def install_wrapper(dest, state_dir, *, python=sys.executable, owner=None, pytho
     # goes under the running user's own home: the package's __pycache__ is often root's and
     # unreadable (umask 077), compiling on every run would double ta-tool's cost, and a
     # cache shared between users would let one plant code that another runs.
-    env = (f"PYTHONPATH={shlex.quote(os.fspath(pythonpath))} "
-           'PYTHONPYCACHEPREFIX="${HOME}/.cache/keyvault-ta-sim" '
-           f"TA_SIM_STATE_DIR={shlex.quote(state_dir)}")
+    env = (
+        f"PYTHONPATH={shlex.quote(os.fspath(pythonpath))} "
+        'PYTHONPYCACHEPREFIX="${HOME}/.cache/keyvault-ta-sim" '
+        f"TA_SIM_STATE_DIR={shlex.quote(state_dir)}"
+    )
     code = "import sys; from keyvault.sandbox.tatool import main; sys.exit(main())"
-    script = ("#!/bin/sh\n# ta-tool emulator of the keyvault TA simulator (not the real TA tool)\n"
-              f'{env} exec {shlex.quote(os.fspath(python))} -P -S -c {shlex.quote(code)} "$@"\n')
+    script = (
+        "#!/bin/sh\n# ta-tool emulator of the keyvault TA simulator (not the real TA tool)\n"
+        f'{env} exec {shlex.quote(os.fspath(python))} -P -S -c {shlex.quote(code)} "$@"\n'
+    )
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".ta-tool.", dir=parent)
@@ -456,8 +481,9 @@ def main(argv=None):
     """Admin CLI: init, install, add-apps, generations."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m keyvault.sandbox.state",
-                                     description="Manage the state of the TA simulator.")
+    parser = argparse.ArgumentParser(
+        prog="python -m keyvault.sandbox.state", description="Manage the state of the TA simulator."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("init", help="create the state dir and register APPIDs")
     p.add_argument("--state-dir", required=True)
@@ -481,8 +507,13 @@ def main(argv=None):
             apps = [a.strip() for a in args.apps.split(",") if a.strip()]
             init_state(args.state_dir, apps, owner=args.owner)
         elif args.command == "install":
-            install_wrapper(args.dest, args.state_dir, python=args.python, owner=args.owner,
-                            pythonpath=args.pythonpath)
+            install_wrapper(
+                args.dest,
+                args.state_dir,
+                python=args.python,
+                owner=args.owner,
+                pythonpath=args.pythonpath,
+            )
         elif args.command == "add-apps":
             add_apps(args.state_dir, args.apps)
         else:

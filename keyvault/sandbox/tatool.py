@@ -49,7 +49,7 @@ def parse_args(argv):
         if len(rest) == 2 and rest[0] == "-appid" and rest[1]:
             return f"app:{rest[1]}"
         if len(rest) == 1 and rest[0].startswith("-appid=") and len(rest[0]) > len("-appid="):
-            return f"app:{rest[0][len('-appid='):]}"
+            return f"app:{rest[0][len('-appid=') :]}"
     return None
 
 
@@ -116,8 +116,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     state_dir = os.environ.get("TA_SIM_STATE_DIR")
     if not state_dir:
-        sys.stderr.write("ta-tool (TA simulator): TA_SIM_STATE_DIR is not set; run the wrapper "
-                         "installed by `python -m keyvault.sandbox.state install`\n")
+        sys.stderr.write(
+            "ta-tool (TA simulator): TA_SIM_STATE_DIR is not set; run the wrapper "
+            "installed by `python -m keyvault.sandbox.state install`\n"
+        )
         return 1
     try:
         noise = st.read_noise(state_dir)

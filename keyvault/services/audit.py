@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -94,14 +94,20 @@ class AuditWriter:
     async def record(self, entry: AuditEntry, timeout: float = 10.0) -> None:
         """Queue ``entry`` and wait until it is committed; raise ``DatabaseError`` if it is not."""
         if not self._running:
-            raise DatabaseError("the audit writer is not running", hint="check the server log and restart it")
+            raise DatabaseError(
+                "the audit writer is not running", hint="check the server log and restart it"
+            )
         future = self._loop.create_future()
         if not self._pending:
             self._loop.call_soon(self._flush_all)
         self._pending.append((entry, future))
         # A timer, not asyncio.wait_for: wait_for costs a task per request on the hot path.
-        timer = self._loop.call_later(timeout, _settle, future,
-                                      DatabaseError("the audit record was not written in time", hint="check the database"))
+        timer = self._loop.call_later(
+            timeout,
+            _settle,
+            future,
+            DatabaseError("the audit record was not written in time", hint="check the database"),
+        )
         try:
             await future
         finally:
@@ -112,7 +118,7 @@ class AuditWriter:
             self._flush()
 
     def _flush(self) -> None:
-        batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
+        batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
         error: Exception | None = None
         rows = [self._row(entry) for entry, _ in batch]
         if self._broken:
@@ -126,7 +132,9 @@ class AuditWriter:
                 self._conn, self._broken = self._connect(), False
             except Exception as exc:  # noqa: BLE001
                 log.error("audit write failed: cannot reconnect: %s", exc)
-                error = DatabaseError("the audit record could not be written", hint="check the database")
+                error = DatabaseError(
+                    "the audit record could not be written", hint="check the database"
+                )
                 for _, future in batch:
                     _settle(future, error)
                 return
@@ -154,7 +162,9 @@ class AuditWriter:
                 self._conn.rollback() if not self._sqlite else cur.execute("ROLLBACK")
             except Exception:  # noqa: BLE001 - the connection may be gone; the error stands
                 pass
-            error = DatabaseError("the audit record could not be written", hint="check the database")
+            error = DatabaseError(
+                "the audit record could not be written", hint="check the database"
+            )
         finally:
             cur.close()
         for _, future in batch:
@@ -174,10 +184,18 @@ class AuditWriter:
 
     def _row(self, entry: AuditEntry) -> tuple:
         # Stored as naive UTC, the same form the UTCDateTime column type uses.
-        at = entry.at.astimezone(timezone.utc).replace(tzinfo=None)
+        at = entry.at.astimezone(UTC).replace(tzinfo=None)
         at_value = at.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else at
-        return (at_value, _text(entry.token_name), entry.action, _text(entry.cluster), _text(entry.scope),
-                entry.version, _text(entry.client), entry.outcome)
+        return (
+            at_value,
+            _text(entry.token_name),
+            entry.action,
+            _text(entry.cluster),
+            _text(entry.scope),
+            entry.version,
+            _text(entry.client),
+            entry.outcome,
+        )
 
 
 def _text(value: str | None) -> str | None:
@@ -194,8 +212,13 @@ def _settle(future: asyncio.Future, error: Exception | None) -> None:
         future.set_exception(error)
 
 
-def list_audit(session: Session, *, since: datetime | None = None, token_name: str | None = None,
-               limit: int = 1000) -> list[AuditRecord]:
+def list_audit(
+    session: Session,
+    *,
+    since: datetime | None = None,
+    token_name: str | None = None,
+    limit: int = 1000,
+) -> list[AuditRecord]:
     """Audit records, newest first."""
     stmt = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit)
     if since is not None:
@@ -207,6 +230,14 @@ def list_audit(session: Session, *, since: datetime | None = None, token_name: s
 
 def audit_info(row: AuditRecord) -> dict:
     """A JSON-ready audit record."""
-    return {"id": row.id, "at": row.at.isoformat(), "token": row.token_name, "action": row.action,
-            "cluster": row.cluster, "scope": row.scope, "version": row.version, "client": row.client,
-            "outcome": row.outcome}
+    return {
+        "id": row.id,
+        "at": row.at.isoformat(),
+        "token": row.token_name,
+        "action": row.action,
+        "cluster": row.cluster,
+        "scope": row.scope,
+        "version": row.version,
+        "client": row.client,
+        "outcome": row.outcome,
+    }

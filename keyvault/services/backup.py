@@ -31,14 +31,35 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Boolean, DateTime, Integer, LargeBinary, String, Text, bindparam, delete, func
-from sqlalchemy import insert, inspect, select, text, update
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    bindparam,
+    delete,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
 
 from keyvault import crypto
 from keyvault.db import SCHEMA_HEAD
-from keyvault.errors import Conflict, DatabaseError, IntegrityError, InvalidInput, NotInitialized, WrongMasterKey
+from keyvault.errors import (
+    Conflict,
+    DatabaseError,
+    IntegrityError,
+    InvalidInput,
+    NotInitialized,
+    WrongMasterKey,
+)
 from keyvault.models import Base, MasterKey, SecretVersion, UTCDateTime, Webhook, utcnow
 
 MAGIC = b"KVBACKUP1"
@@ -124,8 +145,10 @@ def _encode(column, value):
 
 
 def _bad_body(message: str) -> InvalidInput:
-    return InvalidInput(f"the backup's content is not valid: {message}",
-                        hint="the file was made by another keyvault version or edited; use an unmodified backup")
+    return InvalidInput(
+        f"the backup's content is not valid: {message}",
+        hint="the file was made by another keyvault version or edited; use an unmodified backup",
+    )
 
 
 def _decode(column, value):
@@ -184,21 +207,27 @@ def _damaged(message: str, hint: str = _DAMAGED_HINT) -> IntegrityError:
 def read_header(data: bytes) -> tuple[BackupHeader, bytes]:
     """Parse and check the clear-text header; return it and the sealed rest of the file."""
     if not data.startswith(_MAGIC_FAMILY):
-        raise InvalidInput("this is not a keyvault backup (no KVBACKUP header)",
-                           hint="give a file made by `keyvault backup`")
+        raise InvalidInput(
+            "this is not a keyvault backup (no KVBACKUP header)",
+            hint="give a file made by `keyvault backup`",
+        )
     if not data.startswith(MAGIC + b"\n"):
         first = data.split(b"\n", 1)[0][:32].decode("ascii", "replace")
-        raise InvalidInput(f"backup format {first!r} is not supported (this keyvault reads {MAGIC.decode()})",
-                           hint="restore it with the keyvault version that made it")
+        raise InvalidInput(
+            f"backup format {first!r} is not supported (this keyvault reads {MAGIC.decode()})",
+            hint="restore it with the keyvault version that made it",
+        )
     magic_end = len(MAGIC) + 1
     header_end = data.find(b"\n", magic_end, magic_end + _MAX_HEADER)
     sum_end = data.find(b"\n", header_end + 1, header_end + 1 + 65) if header_end >= 0 else -1
     if header_end < 0 or sum_end < 0:
-        raise InvalidInput("the backup header is truncated or damaged", hint="use an undamaged copy of the backup")
-    head = data[:header_end + 1]
-    if data[header_end + 1:sum_end] != hashlib.sha256(head).hexdigest().encode():
+        raise InvalidInput(
+            "the backup header is truncated or damaged", hint="use an undamaged copy of the backup"
+        )
+    head = data[: header_end + 1]
+    if data[header_end + 1 : sum_end] != hashlib.sha256(head).hexdigest().encode():
         raise _damaged("the backup header is damaged: its checksum does not match")
-    raw = data[:sum_end + 1]
+    raw = data[: sum_end + 1]
     try:
         fields = json.loads(data[magic_end:header_end])
         header = BackupHeader(
@@ -210,12 +239,16 @@ def read_header(data: bytes) -> tuple[BackupHeader, bytes]:
             raw=raw,
         )
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise InvalidInput("the backup header is not valid", hint="use an unmodified backup") from None
+        raise InvalidInput(
+            "the backup header is not valid", hint="use an unmodified backup"
+        ) from None
     if header.format != FORMAT_VERSION:
-        raise InvalidInput(f"backup format version {header.format} is not supported "
-                           f"(this keyvault reads {FORMAT_VERSION})",
-                           hint="restore it with the keyvault version that made it")
-    return header, data[sum_end + 1:]
+        raise InvalidInput(
+            f"backup format version {header.format} is not supported "
+            f"(this keyvault reads {FORMAT_VERSION})",
+            hint="restore it with the keyvault version that made it",
+        )
+    return header, data[sum_end + 1 :]
 
 
 def open_backup(data: bytes, *, keyring: crypto.Keyring) -> BackupContents:
@@ -246,13 +279,19 @@ def open_backup(data: bytes, *, keyring: crypto.Keyring) -> BackupContents:
     try:
         compressed = crypto.unseal(keyring, sealed, body_aad(header.raw), what="backup file")
     except IntegrityError:
-        raise _damaged("the backup failed its integrity check: the file is damaged, truncated or was modified",
-                       hint="nothing was restored; use another copy of the backup") from None
+        raise _damaged(
+            "the backup failed its integrity check: the file is damaged, truncated or was modified",
+            hint="nothing was restored; use another copy of the backup",
+        ) from None
     try:
         body = json.loads(gzip.decompress(compressed))
         tables = body["tables"]
-        if (body["format"] != FORMAT_VERSION or body["master_key_id"] != key_id
-                or body["schema_revision"] != header.schema_revision or not isinstance(tables, dict)):
+        if (
+            body["format"] != FORMAT_VERSION
+            or body["master_key_id"] != key_id
+            or body["schema_revision"] != header.schema_revision
+            or not isinstance(tables, dict)
+        ):
             raise ValueError("header and body disagree")
         for table in tables.values():
             if not isinstance(table["columns"], list) or not isinstance(table["rows"], list):
@@ -274,7 +313,10 @@ def use_snapshot(session: Session) -> None:
 
 def table_counts(session: Session) -> dict[str, int]:
     """Rows per table of the backup."""
-    return {t.name: session.execute(select(func.count()).select_from(t)).scalar_one() for t in backup_tables()}
+    return {
+        t.name: session.execute(select(func.count()).select_from(t)).scalar_one()
+        for t in backup_tables()
+    }
 
 
 def export_store(session: Session, *, keyring: crypto.Keyring) -> bytes:
@@ -300,17 +342,23 @@ def export_store(session: Session, *, keyring: crypto.Keyring) -> bytes:
         "schema_revision": SCHEMA_HEAD,
         "tables": tables,
     }
-    compressed = gzip.compress(json.dumps(body, separators=(",", ":")).encode(), compresslevel=6, mtime=0)
-    raw_header = _header_bytes({
-        "format": FORMAT_VERSION,
-        "created_at": created_at.isoformat(),
-        "master_key_id": key_id,
-        "schema_revision": SCHEMA_HEAD,
-        "check_value": base64.b64encode(crypto.check_value(keyring, key_id)).decode("ascii"),
-        "cipher": "AES-256-GCM",
-        "compression": "gzip",
-    })
-    sealed = crypto.seal(crypto.Keyring(active=key_id, keys=keyring.keys), compressed, body_aad(raw_header))
+    compressed = gzip.compress(
+        json.dumps(body, separators=(",", ":")).encode(), compresslevel=6, mtime=0
+    )
+    raw_header = _header_bytes(
+        {
+            "format": FORMAT_VERSION,
+            "created_at": created_at.isoformat(),
+            "master_key_id": key_id,
+            "schema_revision": SCHEMA_HEAD,
+            "check_value": base64.b64encode(crypto.check_value(keyring, key_id)).decode("ascii"),
+            "cipher": "AES-256-GCM",
+            "compression": "gzip",
+        }
+    )
+    sealed = crypto.seal(
+        crypto.Keyring(active=key_id, keys=keyring.keys), compressed, body_aad(raw_header)
+    )
     return raw_header + sealed.wrapped_key + sealed.ciphertext
 
 
@@ -346,8 +394,10 @@ def _fix_sequences(session: Session) -> None:
             continue
         col = quote(pk[0].name)
         session.execute(
-            text(f"SELECT setval(CAST(:seq AS regclass), COALESCE(MAX({col}), 1), MAX({col}) IS NOT NULL)"
-                 f" FROM {quote(table.name)}"),
+            text(
+                f"SELECT setval(CAST(:seq AS regclass), COALESCE(MAX({col}), 1), MAX({col}) IS NOT NULL)"
+                f" FROM {quote(table.name)}"
+            ),
             {"seq": seq},
         )
 
@@ -364,7 +414,7 @@ def _rows_of(contents: BackupContents, table) -> list[dict]:
     for values in data["rows"]:
         if not isinstance(values, list) or len(values) != len(columns):
             raise _bad_body(f"a row of {table.name} has the wrong shape")
-        rows.append({c.name: _decode(c, v) for c, v in zip(columns, values)})
+        rows.append({c.name: _decode(c, v) for c, v in zip(columns, values, strict=False)})
     return rows
 
 
@@ -395,24 +445,31 @@ def _verify(session: Session, keyring: crypto.Keyring) -> tuple[int, int]:
     from keyvault.services.webhooks import webhook_secret
 
     versions = 0
-    stmt = select(SecretVersion).order_by(SecretVersion.id).execution_options(populate_existing=True)
+    stmt = (
+        select(SecretVersion).order_by(SecretVersion.id).execution_options(populate_existing=True)
+    )
     for version in session.scalars(stmt):
         if crypto.fingerprint(reveal(keyring, version)) != version.fingerprint:
             secret = version.secret
             raise IntegrityError(
                 f"{secret.scope} version {version.number} of cluster {secret.cluster.name} decrypts to a key "
                 f"whose fingerprint is not the stored one",
-                what="backup file", hint="nothing was restored; use another copy of the backup",
+                what="backup file",
+                hint="nothing was restored; use another copy of the backup",
             )
         versions += 1
     hooks = 0
-    for hook in session.scalars(select(Webhook).order_by(Webhook.id).execution_options(populate_existing=True)):
+    for hook in session.scalars(
+        select(Webhook).order_by(Webhook.id).execution_options(populate_existing=True)
+    ):
         webhook_secret(keyring, hook)
         hooks += 1
     return versions, hooks
 
 
-def import_store(session: Session, *, keyring: crypto.Keyring, data: bytes, replace: bool) -> RestoreReport:
+def import_store(
+    session: Session, *, keyring: crypto.Keyring, data: bytes, replace: bool
+) -> RestoreReport:
     """Restore a backup into this database, in the caller's transaction.
 
     Refuses a damaged file (``InvalidInput``/``IntegrityError``), a keyring without the
@@ -464,21 +521,35 @@ def import_store(session: Session, *, keyring: crypto.Keyring, data: bytes, repl
             if table.name == _REVISION_TABLE or not rows:
                 continue
             # Self-references (superseded_by_id) are set once every row of the table exists.
-            self_refs = [c for c in table.columns if any(fk.column.table is table for fk in c.foreign_keys)]
+            self_refs = [
+                c for c in table.columns if any(fk.column.table is table for fk in c.foreign_keys)
+            ]
             first = [{**r, **{c.name: None for c in self_refs}} for r in rows]
             session.execute(insert(table), first)
             pk = list(table.primary_key.columns)
             for c in self_refs:
-                links = [{**{f"_pk_{k.name}": r[k.name] for k in pk}, "_link": r[c.name]}
-                         for r in rows if r[c.name] is not None]
+                links = [
+                    {**{f"_pk_{k.name}": r[k.name] for k in pk}, "_link": r[c.name]}
+                    for r in rows
+                    if r[c.name] is not None
+                ]
                 if links:
                     stmt = update(table).where(*(k == bindparam(f"_pk_{k.name}") for k in pk))
                     session.execute(stmt.values({c.name: bindparam("_link")}), links)
         # Servers compare the revision counter for equality: move it past both histories.
-        backup_revision = max((r["value"] for r in rows_by_table.get(_REVISION_TABLE, [])), default=0)
+        backup_revision = max(
+            (r["value"] for r in rows_by_table.get(_REVISION_TABLE, [])), default=0
+        )
         new_value = max(revision_value, backup_revision) + 1
-        if session.execute(text("UPDATE revision SET value = :v WHERE id = 1"), {"v": new_value}).rowcount == 0:
-            session.execute(text("INSERT INTO revision (id, value) VALUES (1, :v)"), {"v": new_value})
+        if (
+            session.execute(
+                text("UPDATE revision SET value = :v WHERE id = 1"), {"v": new_value}
+            ).rowcount
+            == 0
+        ):
+            session.execute(
+                text("INSERT INTO revision (id, value) VALUES (1, :v)"), {"v": new_value}
+            )
         _fix_sequences(session)
         session.flush()
     except SAIntegrityError as exc:

@@ -45,7 +45,9 @@ def validate_key_pattern(pattern: str) -> str:
     except re.error as exc:
         raise InvalidInput(f"invalid key pattern {pattern!r}: {exc}") from None
     if compiled.fullmatch(""):
-        raise InvalidInput(f"key pattern {pattern!r} matches the empty string", hint="make it stricter")
+        raise InvalidInput(
+            f"key pattern {pattern!r} matches the empty string", hint="make it stricter"
+        )
     return pattern
 
 
@@ -55,11 +57,18 @@ def cluster_options(cluster: Cluster) -> dict:
 
 
 def add_cluster(
-    session: Session, *, name: str, open_api_url: str, key_pattern: str | None = None, options: dict | None = None
+    session: Session,
+    *,
+    name: str,
+    open_api_url: str,
+    key_pattern: str | None = None,
+    options: dict | None = None,
 ) -> Cluster:
     """Register a TA cluster."""
     if not CLUSTER_NAME.fullmatch(name):
-        raise InvalidInput(f"invalid cluster name {name!r}", hint="use letters, digits, '.', '_' and '-'")
+        raise InvalidInput(
+            f"invalid cluster name {name!r}", hint="use letters, digits, '.', '_' and '-'"
+        )
     unknown = set(options or {}) - set(OPTION_NAMES)
     if unknown:
         raise InvalidInput(f"unknown cluster option(s): {', '.join(sorted(unknown))}")
@@ -98,7 +107,10 @@ def get_cluster(session: Session, *, name: str) -> Cluster:
     """The cluster called ``name``, or ``NotFound``."""
     cluster = session.scalar(select(Cluster).where(Cluster.name == name))
     if cluster is None:
-        raise NotFound(f"no cluster named {name!r}", hint="see `keyvault cluster list` or add it with `keyvault cluster add`")
+        raise NotFound(
+            f"no cluster named {name!r}",
+            hint="see `keyvault cluster list` or add it with `keyvault cluster add`",
+        )
     return cluster
 
 

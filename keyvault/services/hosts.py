@@ -20,11 +20,14 @@ USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.I)
 ADDRESS = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
 
 
-def validate_host_fields(*, address: str, port: int, username: str, become: str, ta_user: str,
-                         fingerprint: str | None) -> None:
+def validate_host_fields(
+    *, address: str, port: int, username: str, become: str, ta_user: str, fingerprint: str | None
+) -> None:
     """Refuse malformed host settings before anything is written."""
     if not ADDRESS.match(address) or address.startswith("-"):
-        raise InvalidInput(f"invalid host address {address!r}", hint="give a host name or IP address")
+        raise InvalidInput(
+            f"invalid host address {address!r}", hint="give a host name or IP address"
+        )
     if not 1 <= port <= 65535:
         raise InvalidInput(f"invalid port {port}", hint="use 1-65535")
     for what, name in (("SSH user", username), ("ta user", ta_user)):
@@ -39,17 +42,43 @@ def validate_host_fields(*, address: str, port: int, username: str, become: str,
         )
 
 
-def add_host(session: Session, *, cluster_name: str, address: str, port: int = 22, username: str = "root",
-             identity_file: str | None = None, become: str = "su", ta_user: str = "ta",
-             fingerprint: str | None = None) -> Host:
+def add_host(
+    session: Session,
+    *,
+    cluster_name: str,
+    address: str,
+    port: int = 22,
+    username: str = "root",
+    identity_file: str | None = None,
+    become: str = "su",
+    ta_user: str = "ta",
+    fingerprint: str | None = None,
+) -> Host:
     """Add a host to a cluster (tried in the order added)."""
     cluster = get_cluster(session, name=cluster_name)
-    validate_host_fields(address=address, port=port, username=username, become=become, ta_user=ta_user,
-                         fingerprint=fingerprint)
-    position = (session.scalar(select(func.max(Host.position)).where(Host.cluster_id == cluster.id)) or 0) + 1
-    host = Host(cluster_id=cluster.id, address=address, port=port, username=username,
-                identity_file=identity_file, become=become, ta_user=ta_user,
-                host_key_fingerprint=fingerprint, position=position, created_at=utcnow())
+    validate_host_fields(
+        address=address,
+        port=port,
+        username=username,
+        become=become,
+        ta_user=ta_user,
+        fingerprint=fingerprint,
+    )
+    position = (
+        session.scalar(select(func.max(Host.position)).where(Host.cluster_id == cluster.id)) or 0
+    ) + 1
+    host = Host(
+        cluster_id=cluster.id,
+        address=address,
+        port=port,
+        username=username,
+        identity_file=identity_file,
+        become=become,
+        ta_user=ta_user,
+        host_key_fingerprint=fingerprint,
+        position=position,
+        created_at=utcnow(),
+    )
     try:
         with session.begin_nested():
             session.add(host)
@@ -68,23 +97,35 @@ def list_hosts(session: Session, *, cluster_name: str | None = None) -> list[Hos
 
 def get_host(session: Session, *, cluster_name: str, address: str, port: int | None = None) -> Host:
     """One host of a cluster by address (and port when ambiguous)."""
-    hosts = [h for h in list_hosts(session, cluster_name=cluster_name)
-             if h.address == address and (port is None or h.port == port)]
+    hosts = [
+        h
+        for h in list_hosts(session, cluster_name=cluster_name)
+        if h.address == address and (port is None or h.port == port)
+    ]
     if not hosts:
-        raise NotFound(f"no host {address} in cluster {cluster_name}", hint="see `keyvault host list`")
+        raise NotFound(
+            f"no host {address} in cluster {cluster_name}", hint="see `keyvault host list`"
+        )
     if len(hosts) > 1:
         raise InvalidInput(f"several hosts {address} in cluster {cluster_name}", hint="give --port")
     return hosts[0]
 
 
-def remove_host(session: Session, *, cluster_name: str, address: str, port: int | None = None) -> None:
+def remove_host(
+    session: Session, *, cluster_name: str, address: str, port: int | None = None
+) -> None:
     """Remove a host unless an unresolved rotation still needs it."""
     host = get_host(session, cluster_name=cluster_name, address=address, port=port)
-    pending = session.scalar(select(Rotation).where(Rotation.host_id == host.id,
-                                                     Rotation.state.in_(UNRESOLVED_ROTATION_STATES)))
+    pending = session.scalar(
+        select(Rotation).where(
+            Rotation.host_id == host.id, Rotation.state.in_(UNRESOLVED_ROTATION_STATES)
+        )
+    )
     if pending is not None:
-        raise Conflict(f"rotation {pending.id} on {host.label} is unresolved",
-                       hint=f"run `keyvault rotations recover {pending.id}` first")
+        raise Conflict(
+            f"rotation {pending.id} on {host.label} is unresolved",
+            hint=f"run `keyvault rotations recover {pending.id}` first",
+        )
     for rotation in session.scalars(select(Rotation).where(Rotation.host_id == host.id)):
         rotation.host_id = None
     session.delete(host)
@@ -101,9 +142,14 @@ def pin_host_key(session: Session, *, host: Host, fingerprint: str) -> None:
 
 def ssh_target(host: Host, settings: Settings) -> SshTarget:
     """How to connect to ``host``."""
-    return SshTarget(address=host.address, port=host.port, username=host.username,
-                     identity_file=host.identity_file, pinned_fingerprint=host.host_key_fingerprint,
-                     cluster=host.cluster.name)
+    return SshTarget(
+        address=host.address,
+        port=host.port,
+        username=host.username,
+        identity_file=host.identity_file,
+        pinned_fingerprint=host.host_key_fingerprint,
+        cluster=host.cluster.name,
+    )
 
 
 def become_for(host: Host) -> Become:
@@ -130,8 +176,11 @@ def check_host(session: Session, *, host: Host, settings: Settings, connector: C
     command = cluster_options(host.cluster)["generate_root_command"]
     conn: Connection = connector.connect(ssh_target(host, settings))
     try:
-        result = conn.run(become.wrap(check_script(command)), password=password,
-                          timeout=settings.ssh_connect_timeout + 30)
+        result = conn.run(
+            become.wrap(check_script(command)),
+            password=password,
+            timeout=settings.ssh_connect_timeout + 30,
+        )
     finally:
         conn.close()
     text = result.output.decode("utf-8", "replace")

@@ -46,18 +46,26 @@ def rotate_master_key(factory, *, settings: Settings) -> MasterKeyRotation:
     old_id = keyring.active
     grown = keyring.with_new_active()
     new_id = grown.active
-    crypto.save_keyring(settings.master_key_file, crypto.Keyring(active=old_id, keys=grown.keys))  # step 1
+    crypto.save_keyring(
+        settings.master_key_file, crypto.Keyring(active=old_id, keys=grown.keys)
+    )  # step 1
 
     with transaction(factory) as session:  # step 2
         # Lock the live key first: this waits for transactions that sealed with it
         # (open_keyring share-locks it), so the re-wrap below sees their rows.
-        live = list(session.scalars(select(MasterKey).where(MasterKey.retired_at.is_(None)).with_for_update()))
+        live = list(
+            session.scalars(
+                select(MasterKey).where(MasterKey.retired_at.is_(None)).with_for_update()
+            )
+        )
         if old_id not in {row.id for row in live}:
             raise Conflict(
                 f"master key {old_id} was retired by a concurrent rotation",
                 hint="point KEYVAULT_MASTER_KEY_FILE at the current keyring and retry",
             )
-        session.add(MasterKey(id=new_id, check_value=crypto.check_value(grown, new_id), created_at=utcnow()))
+        session.add(
+            MasterKey(id=new_id, check_value=crypto.check_value(grown, new_id), created_at=utcnow())
+        )
         session.flush()
         count = 0
         for version in session.scalars(select(SecretVersion).with_for_update()):

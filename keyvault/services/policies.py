@@ -11,12 +11,22 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from keyvault.errors import InvalidInput, NotFound
-from keyvault.models import CURRENT, Cluster, RotationPolicy, ScopeSchedule, Secret, SecretVersion, utcnow
+from keyvault.models import (
+    CURRENT,
+    Cluster,
+    RotationPolicy,
+    ScopeSchedule,
+    Secret,
+    SecretVersion,
+    utcnow,
+)
 from keyvault.services.clusters import cluster_options, get_cluster
 from keyvault.services.tokens import parse_duration
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_WINDOW = re.compile(r"^(?:(?P<days>[A-Za-z,-]+)\s+)?(?P<start>\d{1,2}:\d{2})-(?P<end>\d{1,2}:\d{2})(?:\s+(?P<tz>\S+))?$")
+_WINDOW = re.compile(
+    r"^(?:(?P<days>[A-Za-z,-]+)\s+)?(?P<start>\d{1,2}:\d{2})-(?P<end>\d{1,2}:\d{2})(?:\s+(?P<tz>\S+))?$"
+)
 ALL_APPS = "all-apps"
 
 
@@ -36,7 +46,9 @@ class Window:
         if self.start <= self.end:
             return day in self.days and self.start <= t < self.end
         # Crosses midnight: the part after midnight belongs to the previous day's window.
-        return (day in self.days and t >= self.start) or ((day - 1) % 7 in self.days and t < self.end)
+        return (day in self.days and t >= self.start) or (
+            (day - 1) % 7 in self.days and t < self.end
+        )
 
 
 def _parse_days(text: str | None) -> frozenset[int]:
@@ -49,7 +61,7 @@ def _parse_days(text: str | None) -> frozenset[int]:
             if a[:3] not in DAYS or b[:3] not in DAYS:
                 raise ValueError(part)
             i, j = DAYS.index(a[:3]), DAYS.index(b[:3])
-            days.update(range(i, j + 1) if i <= j else [*range(i, 7), *range(0, j + 1)])
+            days.update(range(i, j + 1) if i <= j else [*range(i, 7), *range(j + 1)])
         elif part[:3] in DAYS and len(part) >= 3:
             days.add(DAYS.index(part[:3]))
         else:
@@ -70,21 +82,33 @@ def parse_window(text: str) -> Window:
             raise ValueError("empty window")
         return Window(days=_parse_days(m.group("days")), start=start, end=end, tz=tz)
     except (ValueError, ZoneInfoNotFoundError):
-        raise InvalidInput(f"invalid window {text!r}",
-                           hint="use e.g. 'Tue 02:00-04:00 UTC', 'Mon-Fri 22:00-02:00 Europe/Berlin' or 'daily 03:00-05:00'") from None
+        raise InvalidInput(
+            f"invalid window {text!r}",
+            hint="use e.g. 'Tue 02:00-04:00 UTC', 'Mon-Fri 22:00-02:00 Europe/Berlin' or 'daily 03:00-05:00'",
+        ) from None
 
 
-def set_policy(session: Session, *, cluster_name: str, target: str, max_age: str, window: str | None) -> RotationPolicy:
+def set_policy(
+    session: Session, *, cluster_name: str, target: str, max_age: str, window: str | None
+) -> RotationPolicy:
     """Create or replace the policy of a target (``root``, ``app:<APPID>`` or ``all-apps``)."""
     cluster = get_cluster(session, name=cluster_name)
     seconds = int(parse_duration(max_age).total_seconds())
     if window is not None:
         parse_window(window)
-    policy = session.scalar(select(RotationPolicy).where(RotationPolicy.cluster_id == cluster.id,
-                                                         RotationPolicy.target == target))
+    policy = session.scalar(
+        select(RotationPolicy).where(
+            RotationPolicy.cluster_id == cluster.id, RotationPolicy.target == target
+        )
+    )
     if policy is None:
-        policy = RotationPolicy(cluster_id=cluster.id, target=target, created_at=utcnow(),
-                                max_age_seconds=seconds, window=window)
+        policy = RotationPolicy(
+            cluster_id=cluster.id,
+            target=target,
+            created_at=utcnow(),
+            max_age_seconds=seconds,
+            window=window,
+        )
         session.add(policy)
     policy.max_age_seconds, policy.window = seconds, window
     session.flush()
@@ -102,10 +126,15 @@ def list_policies(session: Session, *, cluster_name: str | None = None) -> list[
 def remove_policy(session: Session, *, cluster_name: str, target: str) -> None:
     """Delete a policy."""
     cluster = get_cluster(session, name=cluster_name)
-    policy = session.scalar(select(RotationPolicy).where(RotationPolicy.cluster_id == cluster.id,
-                                                         RotationPolicy.target == target))
+    policy = session.scalar(
+        select(RotationPolicy).where(
+            RotationPolicy.cluster_id == cluster.id, RotationPolicy.target == target
+        )
+    )
     if policy is None:
-        raise NotFound(f"no policy for {target} in cluster {cluster_name}", hint="see `keyvault policy list`")
+        raise NotFound(
+            f"no policy for {target} in cluster {cluster_name}", hint="see `keyvault policy list`"
+        )
     session.delete(policy)
     session.flush()
 
@@ -120,7 +149,12 @@ def resume(session: Session, *, cluster_name: str, scope: str | None, now: datet
     for row in session.scalars(stmt):
         if row.paused_at is not None or row.consecutive_failures or row.next_attempt_at:
             count += 1
-        row.paused_at, row.consecutive_failures, row.next_attempt_at, row.updated_at = None, 0, None, now
+        row.paused_at, row.consecutive_failures, row.next_attempt_at, row.updated_at = (
+            None,
+            0,
+            None,
+            now,
+        )
     session.flush()
     return count
 
@@ -138,13 +172,18 @@ class Candidate:
 
 def app_scopes_of(session: Session, cluster: Cluster) -> list[str]:
     """Every app scope keyvault knows for a cluster: stored secrets and configured project ids."""
-    stored = set(session.scalars(select(Secret.scope).where(Secret.cluster_id == cluster.id,
-                                                            Secret.scope.like("app:%"))))
+    stored = set(
+        session.scalars(
+            select(Secret.scope).where(Secret.cluster_id == cluster.id, Secret.scope.like("app:%"))
+        )
+    )
     stored |= {f"app:{a}" for a in cluster_options(cluster)["project_ids"]}
     return sorted(stored)
 
 
-def candidates(session: Session, *, now: datetime, cluster_name: str | None = None) -> list[Candidate]:
+def candidates(
+    session: Session, *, now: datetime, cluster_name: str | None = None
+) -> list[Candidate]:
     """Every scope covered by a policy, each with its due decision at ``now``."""
     out: list[Candidate] = []
     by_cluster: dict[int, dict[str, RotationPolicy]] = {}
@@ -154,28 +193,52 @@ def candidates(session: Session, *, now: datetime, cluster_name: str | None = No
         cluster = next(iter(policies.values())).cluster
         scopes: dict[str, RotationPolicy] = {}
         if ALL_APPS in policies:
-            scopes.update({s: policies[ALL_APPS] for s in app_scopes_of(session, cluster)})
-        scopes.update({t: p for t, p in policies.items() if t != ALL_APPS})  # specific beats all-apps
-        schedules = {r.scope: r for r in session.scalars(select(ScopeSchedule).where(ScopeSchedule.cluster_id == cluster.id))}
+            scopes.update(dict.fromkeys(app_scopes_of(session, cluster), policies[ALL_APPS]))
+        scopes.update(
+            {t: p for t, p in policies.items() if t != ALL_APPS}
+        )  # specific beats all-apps
+        schedules = {
+            r.scope: r
+            for r in session.scalars(
+                select(ScopeSchedule).where(ScopeSchedule.cluster_id == cluster.id)
+            )
+        }
         for scope, policy in sorted(scopes.items()):
             out.append(_decide(session, cluster, scope, policy, schedules.get(scope), now))
     return out
 
 
 def _decide(session, cluster, scope, policy, schedule, now) -> Candidate:
-    created = session.scalar(select(SecretVersion.created_at).join(Secret, SecretVersion.secret_id == Secret.id)
-                             .where(Secret.cluster_id == cluster.id, Secret.scope == scope,
-                                    SecretVersion.state == CURRENT))
+    created = session.scalar(
+        select(SecretVersion.created_at)
+        .join(Secret, SecretVersion.secret_id == Secret.id)
+        .where(
+            Secret.cluster_id == cluster.id, Secret.scope == scope, SecretVersion.state == CURRENT
+        )
+    )
     age = (now - created).total_seconds() if created is not None else None
     make = lambda due, reason: Candidate(cluster.name, scope, due, reason, age)  # noqa: E731
     if schedule is not None and schedule.paused_at is not None:
-        return make(False, f"paused after {schedule.consecutive_failures} consecutive failures "
-                           f"(`keyvault policy resume --cluster {cluster.name}`)")
+        return make(
+            False,
+            f"paused after {schedule.consecutive_failures} consecutive failures "
+            f"(`keyvault policy resume --cluster {cluster.name}`)",
+        )
     if age is not None and age < policy.max_age_seconds:
-        return make(False, f"not due: key is {timedelta(seconds=int(age))} old, max {timedelta(seconds=policy.max_age_seconds)}")
-    if schedule is not None and schedule.next_attempt_at is not None and schedule.next_attempt_at > now:
-        return make(False, f"backing off after {schedule.consecutive_failures} failure(s) until "
-                           f"{schedule.next_attempt_at.isoformat()}")
+        return make(
+            False,
+            f"not due: key is {timedelta(seconds=int(age))} old, max {timedelta(seconds=policy.max_age_seconds)}",
+        )
+    if (
+        schedule is not None
+        and schedule.next_attempt_at is not None
+        and schedule.next_attempt_at > now
+    ):
+        return make(
+            False,
+            f"backing off after {schedule.consecutive_failures} failure(s) until "
+            f"{schedule.next_attempt_at.isoformat()}",
+        )
     if policy.window and not parse_window(policy.window).contains(now):
         return make(False, f"outside window {policy.window}")
     return make(True, "no key yet" if age is None else f"key is {timedelta(seconds=int(age))} old")
@@ -183,5 +246,11 @@ def _decide(session, cluster, scope, policy, schedule, now) -> Candidate:
 
 def policy_info(policy: RotationPolicy) -> dict:
     """A JSON-ready policy."""
-    return {"cluster": policy.cluster.name, "target": policy.target, "max_age": str(timedelta(seconds=policy.max_age_seconds)),
-            "max_age_seconds": policy.max_age_seconds, "window": policy.window, "created_at": policy.created_at.isoformat()}
+    return {
+        "cluster": policy.cluster.name,
+        "target": policy.target,
+        "max_age": str(timedelta(seconds=policy.max_age_seconds)),
+        "max_age_seconds": policy.max_age_seconds,
+        "window": policy.window,
+        "created_at": policy.created_at.isoformat(),
+    }

@@ -26,8 +26,8 @@ import json
 import logging
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from sqlalchemy import select
 
@@ -58,13 +58,13 @@ from keyvault.services.verify import KeyCheckOutcome, unverifiable, verify_scope
 from keyvault.ssh import Connection, Connector, ExecResult, StdinReply
 from keyvault.tahost import (
     RemoteOutput,
+    cleaned_ids,
     cleanup_many_script,
     cleanup_marker,
     cleanup_script,
-    cleaned_ids,
     fetch_script,
-    find_marker,
     find_keys,
+    find_marker,
     generate_many_script,
     mask_keys,
     parse_remote,
@@ -145,7 +145,10 @@ class _ReportStream:
     @property
     def waiting_for_ids(self) -> bool:
         """The batch printed its CLEANUP marker: every ta-tool run is over."""
-        return self._cleanup_marker is not None and find_marker(self._buffer, self._cleanup_marker, self._start) != -1
+        return (
+            self._cleanup_marker is not None
+            and find_marker(self._buffer, self._cleanup_marker, self._start) != -1
+        )
 
     def feed(self, chunk: bytes) -> None:
         """Add output as it arrives."""
@@ -158,12 +161,12 @@ class _ReportStream:
         end = report_end(self._pending[0].rid, self._buffer, self._start)
         if end is None:
             return None
-        report, self._start = bytes(self._buffer[self._start:end]), end
+        report, self._start = bytes(self._buffer[self._start : end]), end
         return self._pending.pop(0), report
 
     def rest(self) -> list[tuple[_Job, bytes]]:
         """Jobs whose report never ended, each with everything after the last complete one."""
-        tail = bytes(self._buffer[self._start:])
+        tail = bytes(self._buffer[self._start :])
         rest, self._pending = [(job, tail) for job in self._pending], []
         return rest
 
@@ -189,9 +192,15 @@ def new_rotation_id() -> str:
 class RotationService:
     """Runs rotations and recoveries; owns its transactions (see the module doc)."""
 
-    def __init__(self, factory, *, settings: Settings, connector: Connector,
-                 ta_client_factory: Callable | None = None,
-                 on_step: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        factory,
+        *,
+        settings: Settings,
+        connector: Connector,
+        ta_client_factory: Callable | None = None,
+        on_step: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.factory = factory
         self.settings = settings
         self.connector = connector
@@ -213,7 +222,7 @@ class RotationService:
             while self._connections:
                 self._connections.popitem()[1].close()
 
-    def __enter__(self) -> "RotationService":
+    def __enter__(self) -> RotationService:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -227,8 +236,15 @@ class RotationService:
                 del self._connections[host.id]
         conn.close()
 
-    def rotate_many(self, cluster_name: str, scopes: list[Scope], *, actor: str, concurrency: int = 4,
-                    on_done: Callable[[Scope, "RotationOutcome | Exception"], None] | None = None) -> list:
+    def rotate_many(
+        self,
+        cluster_name: str,
+        scopes: list[Scope],
+        *,
+        actor: str,
+        concurrency: int = 4,
+        on_done: Callable[[Scope, RotationOutcome | Exception], None] | None = None,
+    ) -> list:
         """Rotate several scopes, ``concurrency`` batches at a time over one connection per host.
 
         Each scope is a full rotation with its own journal row, pending file and crash
@@ -245,7 +261,7 @@ class RotationService:
         concurrency = max(1, concurrency)
         # Small runs still use every channel: 8 scopes at concurrency 4 make 4 batches of 2.
         size = max(1, min(self.settings.rotation_batch_size, -(-len(scopes) // concurrency)))
-        batches = [scopes[i:i + size] for i in range(0, len(scopes), size)]
+        batches = [scopes[i : i + size] for i in range(0, len(scopes), size)]
 
         def one_batch(batch: list[Scope]) -> list:
             results: list = [None] * len(batch)
@@ -258,7 +274,9 @@ class RotationService:
                     on_done(scope, result)
 
             try:
-                return self._rotate_batch(cluster_name, batch, actor=actor, on_done=done, results=results)
+                return self._rotate_batch(
+                    cluster_name, batch, actor=actor, on_done=done, results=results
+                )
             except Exception as exc:  # a bug: what was reported stands; the rest go to recover
                 self._reported(exc, batch[0])
                 for i, scope in enumerate(batch):
@@ -269,13 +287,17 @@ class RotationService:
 
         self._defer_cleanup = True
         try:
-            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kv-rotate") as pool:
-                results = [r for batch_results in pool.map(one_batch, batches) for r in batch_results]
+            with ThreadPoolExecutor(
+                max_workers=concurrency, thread_name_prefix="kv-rotate"
+            ) as pool:
+                results = [
+                    r for batch_results in pool.map(one_batch, batches) for r in batch_results
+                ]
         finally:
             self._defer_cleanup = False
             cleaned = self._flush_cleanups()
         _note_cleaned(results, cleaned)
-        return list(zip(scopes, results))
+        return list(zip(scopes, results, strict=False))
 
     def _defer(self, host: Host, rids: list[str]) -> None:
         """Leave these rotations' clean-up to the end of the run (one command per host)."""
@@ -290,7 +312,7 @@ class RotationService:
         cleaned: set[str] = set()
         for host, rids in deferred.values():
             for start in range(0, len(rids), CLEANUP_CHUNK):
-                chunk = rids[start:start + CLEANUP_CHUNK]
+                chunk = rids[start : start + CLEANUP_CHUNK]
                 try:
                     conn, _ = self._connect_any([host])
                 except KeyvaultError as exc:
@@ -321,16 +343,25 @@ class RotationService:
             keyring = open_keyring(s, settings=self.settings)
             cluster = get_cluster(s, name=cluster_name)
             options = cluster_options(cluster)
-            unresolved = {r.scope: r for r in s.scalars(select(Rotation).where(
-                Rotation.cluster_id == cluster.id, Rotation.scope.in_([str(scope) for scope in scopes]),
-                Rotation.state.in_(UNRESOLVED_ROTATION_STATES)))}
+            unresolved = {
+                r.scope: r
+                for r in s.scalars(
+                    select(Rotation).where(
+                        Rotation.cluster_id == cluster.id,
+                        Rotation.scope.in_([str(scope) for scope in scopes]),
+                        Rotation.state.in_(UNRESOLVED_ROTATION_STATES),
+                    )
+                )
+            }
             commands: list[str | KeyvaultError] = []
             for scope in scopes:
                 other = unresolved.get(str(scope))
                 if other is not None:
                     commands.append(self._unresolved_error(other, cluster_name, scope))
                     continue
-                template = options["generate_root_command" if scope.is_root else "generate_app_command"]
+                template = options[
+                    "generate_root_command" if scope.is_root else "generate_app_command"
+                ]
                 try:
                     commands.append(render_command(template, scope.appid))
                 except KeyvaultError as exc:
@@ -339,16 +370,23 @@ class RotationService:
                 return keyring, cluster, [], commands  # every scope refused already: no host needed
             hosts = list_hosts(s, cluster_name=cluster_name)
             if not hosts:
-                raise NotFound(f"cluster {cluster_name} has no SSH hosts",
-                               hint=f"add one with `keyvault host add {cluster_name} ADDRESS`")
+                raise NotFound(
+                    f"cluster {cluster_name} has no SSH hosts",
+                    hint=f"add one with `keyvault host add {cluster_name} ADDRESS`",
+                )
             for host in hosts:
                 su_password_for(become_for(host), self.settings)
             return keyring, cluster, hosts, commands
 
     @classmethod
     def _refuse_unresolved(cls, s, cluster_id: int, cluster_name: str, scope: Scope) -> None:
-        other = s.scalar(select(Rotation).where(Rotation.cluster_id == cluster_id, Rotation.scope == str(scope),
-                                                Rotation.state.in_(UNRESOLVED_ROTATION_STATES)))
+        other = s.scalar(
+            select(Rotation).where(
+                Rotation.cluster_id == cluster_id,
+                Rotation.scope == str(scope),
+                Rotation.state.in_(UNRESOLVED_ROTATION_STATES),
+            )
+        )
         if other is not None:
             raise cls._unresolved_error(other, cluster_name, scope)
 
@@ -380,7 +418,9 @@ class RotationService:
                 return conn, host
         if len(errors) == 1:
             raise errors[0]
-        raise HostUnreachable("no host of the cluster could be used: " + "; ".join(str(e) for e in errors))
+        raise HostUnreachable(
+            "no host of the cluster could be used: " + "; ".join(str(e) for e in errors)
+        )
 
     # -- the rotation ------------------------------------------------------------
     def rotate(self, cluster_name: str, scope: Scope, *, actor: str) -> RotationOutcome:
@@ -390,9 +430,16 @@ class RotationService:
             raise result
         return result
 
-    def _rotate_batch(self, cluster_name: str, scopes: list[Scope], *, actor: str, per_scope: bool = True,
-                      on_done: Callable[[Scope, "RotationOutcome | Exception"], None] | None = None,
-                      results: list | None = None) -> list:
+    def _rotate_batch(
+        self,
+        cluster_name: str,
+        scopes: list[Scope],
+        *,
+        actor: str,
+        per_scope: bool = True,
+        on_done: Callable[[Scope, RotationOutcome | Exception], None] | None = None,
+        results: list | None = None,
+    ) -> list:
         """Steps 1-7 for scopes whose ta-tool calls share one SSH channel and ``su`` session.
 
         Returns an outcome or an exception per scope (filled into ``results`` as they come,
@@ -403,7 +450,7 @@ class RotationService:
         try:
             keyring, cluster, hosts, commands = self._preflight(cluster_name, scopes)  # step 1
             if not hosts:  # every scope was refused in step 1
-                for scope, refused in zip(scopes, commands):
+                for scope, refused in zip(scopes, commands, strict=False):
                     done(scope, refused)
                 return list(commands)
             conn, host = self._connect_any(hosts)
@@ -411,14 +458,17 @@ class RotationService:
             if not per_scope:
                 raise
             results = [self._reported(exc, scopes[0])] * len(scopes)
-            for scope, result in zip(scopes, results):
+            for scope, result in zip(scopes, results, strict=False):
                 done(scope, result)
             return results
         if results is None:
             results = []
         results[:] = commands  # an exception per refused scope, the rest replaced below
-        jobs = [_Job(i, scope, new_rotation_id(), cmd) for i, (scope, cmd) in enumerate(zip(scopes, commands))
-                if isinstance(cmd, str)]
+        jobs = [
+            _Job(i, scope, new_rotation_id(), cmd)
+            for i, (scope, cmd) in enumerate(zip(scopes, commands, strict=False))
+            if isinstance(cmd, str)
+        ]
         healthy = False
         try:
             for job, exc in self._journal(jobs, cluster, host, actor):  # step 2
@@ -435,8 +485,14 @@ class RotationService:
             password = su_password_for(become, self.settings)
             # Bulk runs without a PTY clean up in the same session: keyvault sends each id on
             # stdin once its key is committed (with a PTY, stdin is su's: clean-up is deferred).
-            batch = _Batch(keyring=keyring, cluster=cluster, host=host, conn=conn, actor=actor,
-                           inline_cleanup=self._defer_cleanup and password is None)
+            batch = _Batch(
+                keyring=keyring,
+                cluster=cluster,
+                host=host,
+                conn=conn,
+                actor=actor,
+                inline_cleanup=self._defer_cleanup and password is None,
+            )
 
             def finish(job: _Job, report: bytes, exit_status: int | None) -> None:
                 results[job.index] = self._finish(batch, job, report, exit_status)
@@ -445,7 +501,9 @@ class RotationService:
                 except Exception:  # progress or bookkeeping: it must not stop the other rotations
                     log.error("on_done callback failed for %s", job.scope, exc_info=True)
 
-            stream = _ReportStream(jobs, cleanup_marker(jobs[0].rid) if batch.inline_cleanup else None)
+            stream = _ReportStream(
+                jobs, cleanup_marker(jobs[0].rid) if batch.inline_cleanup else None
+            )
             sent = 0  # ids of batch.to_clean written to stdin so far
 
             def on_output(chunk: bytes) -> StdinReply | None:
@@ -457,20 +515,30 @@ class RotationService:
                 if not batch.inline_cleanup:
                     return None
                 if stream.waiting_for_ids:
-                    for job, report in stream.rest():  # the script went on: these reports are cut short
+                    for (
+                        job,
+                        report,
+                    ) in stream.rest():  # the script went on: these reports are cut short
                         finish(job, report, 0)
                 new, sent = batch.to_clean[sent:], len(batch.to_clean)
                 # The transport ignores anything after the close, so answering again is harmless.
-                return StdinReply("".join(f"{rid}\n" for rid in new).encode(), close=not stream.pending)
+                return StdinReply(
+                    "".join(f"{rid}\n" for rid in new).encode(), close=not stream.pending
+                )
 
             try:  # step 3: one su session for the batch, one pending file per rotation
-                script = generate_many_script([(job.rid, job.command) for job in jobs],
-                                              clean_from_stdin=batch.inline_cleanup)
+                script = generate_many_script(
+                    [(job.rid, job.command) for job in jobs], clean_from_stdin=batch.inline_cleanup
+                )
                 # ssh.command_timeout bounds each ta-tool run (the silence between reports);
                 # the whole batch gets that much per rotation.
-                result = conn.run(become.wrap(script), password=password,
-                                  timeout=self.settings.ssh_command_timeout * len(jobs),
-                                  idle_timeout=self.settings.ssh_command_timeout, on_output=on_output)
+                result = conn.run(
+                    become.wrap(script),
+                    password=password,
+                    timeout=self.settings.ssh_command_timeout * len(jobs),
+                    idle_timeout=self.settings.ssh_command_timeout,
+                    on_output=on_output,
+                )
             except KeyvaultError:
                 result = ExecResult(b"", None)
             healthy = result.exit_status is not None
@@ -486,14 +554,14 @@ class RotationService:
             self._release(host, conn, healthy)
         return results
 
-    def _settle_inline_cleanup(self, batch: "_Batch", output: bytes, results: list) -> None:
+    def _settle_inline_cleanup(self, batch: _Batch, output: bytes, results: list) -> None:
         """Record what the batch cleaned up; leave the rest to the end-of-run clean-up."""
         cleaned = cleaned_ids(output, batch.to_clean)
         self._record_cleaned(sorted(cleaned))
         _note_cleaned(results, cleaned)
         self._defer(batch.host, [rid for rid in batch.to_clean if rid not in cleaned])
 
-    def _finish(self, batch: "_Batch", job: _Job, report: bytes, exit_status: int | None):
+    def _finish(self, batch: _Batch, job: _Job, report: bytes, exit_status: int | None):
         """Steps 4-7 for one rotation of a batch; returns its outcome or its exception."""
         self.on_step("generated", job.rid)
         host, cluster = batch.host, batch.cluster
@@ -501,8 +569,16 @@ class RotationService:
             remote = parse_remote(job.rid, report)
             key = self._interpret(job.rid, remote, exit_status, host, cluster.key_pattern)  # step 4
             # A check that cannot happen (no project id) is recorded with the key: one commit less.
-            outcome = self._store(job.rid, batch.keyring, cluster, job.scope, key, batch.actor,
-                                  host.label, verified=unverifiable(cluster, job.scope))  # step 5
+            outcome = self._store(
+                job.rid,
+                batch.keyring,
+                cluster,
+                job.scope,
+                key,
+                batch.actor,
+                host.label,
+                verified=unverifiable(cluster, job.scope),
+            )  # step 5
         except Exception as exc:
             return self._reported(exc, job.scope)
         self.on_step("stored", job.rid)
@@ -524,11 +600,25 @@ class RotationService:
             log.error("rotation of %s failed unexpectedly", scope, exc_info=exc)
         return exc
 
-    def _journal(self, jobs: list["_Job"], cluster, host: Host, actor: str) -> list[tuple["_Job", Exception]]:
+    def _journal(
+        self, jobs: list[_Job], cluster, host: Host, actor: str
+    ) -> list[tuple[_Job, Exception]]:
         """Commit a ``pending`` row per job; returns the jobs refused, with why."""
+
         def add(s, job: _Job) -> None:
-            s.add(Rotation(id=job.rid, cluster_id=cluster.id, scope=str(job.scope), state="pending",
-                           host_id=host.id, host_label=host.label, actor=actor, created_at=now, updated_at=now))
+            s.add(
+                Rotation(
+                    id=job.rid,
+                    cluster_id=cluster.id,
+                    scope=str(job.scope),
+                    state="pending",
+                    host_id=host.id,
+                    host_label=host.label,
+                    actor=actor,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
 
         now = utcnow()
         if len(jobs) > 1:
@@ -544,7 +634,7 @@ class RotationService:
             try:
                 with transaction(self.factory) as s:
                     add(s, job)
-            except KeyvaultError as exc:
+            except KeyvaultError:
                 try:
                     with transaction(self.factory) as s:
                         self._refuse_unresolved(s, cluster.id, cluster.name, job.scope)
@@ -553,16 +643,22 @@ class RotationService:
                 refused.append((job, exc))
         return refused
 
-    def _mark(self, rid: str, state: str, error: str | None = None, event: str | None = None, **fields) -> None:
+    def _mark(
+        self, rid: str, state: str, error: str | None = None, event: str | None = None, **fields
+    ) -> None:
         """Record a failed or needs_recovery verdict, unless the rotation was resolved meanwhile.
 
         Another process (a bulk run and a `recover --all`, say) may have stored the key
         between our look at the host and this write: a stored rotation is never demoted.
         """
         with transaction(self.factory) as s:
-            rotation = s.scalar(select(Rotation).where(Rotation.id == rid).with_for_update(of=Rotation))
+            rotation = s.scalar(
+                select(Rotation).where(Rotation.id == rid).with_for_update(of=Rotation)
+            )
             if rotation.state not in UNRESOLVED_ROTATION_STATES:
-                log.warning("rotation %s is %s already; not marking it %s", rid, rotation.state, state)
+                log.warning(
+                    "rotation %s is %s already; not marking it %s", rid, rotation.state, state
+                )
                 return
             rotation.state = state
             rotation.updated_at = utcnow()
@@ -571,10 +667,23 @@ class RotationService:
             for name, value in fields.items():
                 setattr(rotation, name, value)
             if event:
-                payload = {"rotation_id": rid, "cluster": rotation.cluster.name, "scope": rotation.scope,
-                           "state": state, "error": error, "host": rotation.host_label}
-                s.add(Event(type=event, cluster=rotation.cluster.name, scope=rotation.scope,
-                            payload=json.dumps(payload, sort_keys=True), created_at=utcnow()))
+                payload = {
+                    "rotation_id": rid,
+                    "cluster": rotation.cluster.name,
+                    "scope": rotation.scope,
+                    "state": state,
+                    "error": error,
+                    "host": rotation.host_label,
+                }
+                s.add(
+                    Event(
+                        type=event,
+                        cluster=rotation.cluster.name,
+                        scope=rotation.scope,
+                        payload=json.dumps(payload, sort_keys=True),
+                        created_at=utcnow(),
+                    )
+                )
 
     def _needs_recovery(self, rid: str, message: str, hint: str | None = None) -> NeedsRecovery:
         hint = hint or f"run `keyvault rotations recover {rid}`"
@@ -584,50 +693,77 @@ class RotationService:
             log.error("could not record needs_recovery for %s: %s", rid, exc)
         return NeedsRecovery(message, rotation_id=rid, hint=hint)
 
-    def _interpret(self, rid: str, remote: RemoteOutput, exit_status: int | None, host: Host,
-                   pattern: str) -> str:
+    def _interpret(
+        self, rid: str, remote: RemoteOutput, exit_status: int | None, host: Host, pattern: str
+    ) -> str:
         """Turn a generate/fetch report into the key, or record why not and raise."""
         label = host.label if host is not None else "the host"
         if remote.state == "result":
             candidates = find_keys(remote.output, pattern)
-            shown = mask_keys((remote.output + b"\n" + remote.errors).decode("utf-8", "replace"), pattern)
-            shown = " | ".join(line.strip() for line in shown.replace("\r", "").splitlines() if line.strip())[:500]
+            shown = mask_keys(
+                (remote.output + b"\n" + remote.errors).decode("utf-8", "replace"), pattern
+            )
+            shown = " | ".join(
+                line.strip() for line in shown.replace("\r", "").splitlines() if line.strip()
+            )[:500]
             if len(candidates) == 1 and remote.rc in (0, None):
                 return candidates[0]
             if not candidates and remote.rc not in (0, None):
                 # ta-tool said it failed and printed nothing that looks like a key. Its output stays
                 # on the host all the same: if the real tool ever prints a key in another format and
                 # exits non-zero, that file is its only copy.
-                message = (f"ta-tool failed on {label} (exit {remote.rc}): {shown or 'no output'}; its output "
-                           f"is kept in ~{host.ta_user}/.keyvault/pending/{rid}.out")
+                message = (
+                    f"ta-tool failed on {label} (exit {remote.rc}): {shown or 'no output'}; its output "
+                    f"is kept in ~{host.ta_user}/.keyvault/pending/{rid}.out"
+                )
                 self._mark(rid, "failed", error=message, event="rotation.failed")
-                raise RotationError(message, rotation_id=rid, hint="nothing was generated; fix the cause and rotate again")
+                raise RotationError(
+                    message,
+                    rotation_id=rid,
+                    hint="nothing was generated; fix the cause and rotate again",
+                )
             if remote.rc is None and not candidates:
-                raise self._needs_recovery(rid, f"ta-tool on {label} has not finished (no exit status, no key yet)",
-                                           hint=f"wait, then run `keyvault rotations recover {rid}`")
+                raise self._needs_recovery(
+                    rid,
+                    f"ta-tool on {label} has not finished (no exit status, no key yet)",
+                    hint=f"wait, then run `keyvault rotations recover {rid}`",
+                )
             what = "no key" if not candidates else f"{len(candidates)} candidate keys"
             raise self._needs_recovery(
-                rid, f"ta-tool output on {label} has {what} matching {pattern}: {shown or 'no output'}",
+                rid,
+                f"ta-tool output on {label} has {what} matching {pattern}: {shown or 'no output'}",
                 hint=f"the key is kept on the host; fix the cluster's --key-pattern if needed, then run "
-                     f"`keyvault rotations recover {rid}`")
+                f"`keyvault rotations recover {rid}`",
+            )
         if remote.state == "nodir":
             message = f"cannot create ~{host.ta_user}/.keyvault/pending on {label}"
             self._mark(rid, "failed", error=message, event="rotation.failed")
-            raise RotationError(message, rotation_id=rid,
-                                hint="nothing was generated; check that ta's home exists, is ta's and is not full")
+            raise RotationError(
+                message,
+                rotation_id=rid,
+                hint="nothing was generated; check that ta's home exists, is ta's and is not full",
+            )
         if remote.state == "notatool":
             self._mark(rid, "failed", error="ta-tool not found", event="rotation.failed")
-            raise TaToolMissing(f"ta-tool is not on the PATH of the ta user on {label}", host=label,
-                                hint="nothing was generated; fix ta's login PATH")
+            raise TaToolMissing(
+                f"ta-tool is not on the PATH of the ta user on {label}",
+                host=label,
+                hint="nothing was generated; fix ta's login PATH",
+            )
         if remote.state == "exists":
             with transaction(self.factory) as s:
                 state = s.get(Rotation, rid).state
             if state not in UNRESOLVED_ROTATION_STATES:
                 # `rotations recover` found no pending file and claimed the id first: ta-tool did not run.
-                raise RotationError(f"rotation {rid} was resolved ({state}) by a recovery before ta-tool could run "
-                                    f"on {label}; ta-tool did not run", rotation_id=rid,
-                                    hint="nothing was generated; rotate again")
-            raise self._needs_recovery(rid, f"a pending file for rotation {rid} already exists on {label}")
+                raise RotationError(
+                    f"rotation {rid} was resolved ({state}) by a recovery before ta-tool could run "
+                    f"on {label}; ta-tool did not run",
+                    rotation_id=rid,
+                    hint="nothing was generated; rotate again",
+                )
+            raise self._needs_recovery(
+                rid, f"a pending file for rotation {rid} already exists on {label}"
+            )
         if not remote.started and exit_status is not None:
             try:
                 raise_for_become(remote.raw_tail, label, become_for(host))
@@ -635,12 +771,23 @@ class RotationService:
                 self._mark(rid, "failed", error=str(exc), event="rotation.failed")
                 raise
         raise self._needs_recovery(
-            rid, f"the connection to {label} was lost after ta-tool may have started; the key, if any, "
-                 f"is kept in ~{host.ta_user}/.keyvault/pending/{rid}.out on the host")
+            rid,
+            f"the connection to {label} was lost after ta-tool may have started; the key, if any, "
+            f"is kept in ~{host.ta_user}/.keyvault/pending/{rid}.out on the host",
+        )
 
     # -- step 5 ------------------------------------------------------------------
-    def _store(self, rid: str, keyring: crypto.Keyring, cluster, scope: Scope, key: str, actor: str,
-               host_label: str, verified: KeyCheckOutcome | None = None) -> RotationOutcome:
+    def _store(
+        self,
+        rid: str,
+        keyring: crypto.Keyring,
+        cluster,
+        scope: Scope,
+        key: str,
+        actor: str,
+        host_label: str,
+        verified: KeyCheckOutcome | None = None,
+    ) -> RotationOutcome:
         """Step 5; ``verified`` (a check known without TA, i.e. skipped) is recorded with it.
 
         ``cluster`` is the row read in step 1 (its id and name are all that is used: if it
@@ -650,20 +797,35 @@ class RotationService:
         cluster_name = cluster.name
         try:
             with transaction(self.factory) as s:
-                rotation = s.scalar(select(Rotation).where(Rotation.id == rid).with_for_update(of=Rotation))
+                rotation = s.scalar(
+                    select(Rotation).where(Rotation.id == rid).with_for_update(of=Rotation)
+                )
                 if rotation.state not in UNRESOLVED_ROTATION_STATES:
                     # Stored by a concurrent recovery; only the same key is acceptable.
                     if rotation.new_fingerprint != fp:
-                        raise RotationError(f"rotation {rid} was resolved meanwhile with another key",
-                                            rotation_id=rid)
+                        raise RotationError(
+                            f"rotation {rid} was resolved meanwhile with another key",
+                            rotation_id=rid,
+                        )
                     return self._outcome(rotation)
-                stored = store_version(s, keyring=keyring, cluster=cluster, scope=scope, key=key,
-                                       source="rotation", actor=actor, rotation_id=rid)
+                stored = store_version(
+                    s,
+                    keyring=keyring,
+                    cluster=cluster,
+                    scope=scope,
+                    key=key,
+                    source="rotation",
+                    actor=actor,
+                    rotation_id=rid,
+                )
                 rotation.state, rotation.updated_at = "stored", utcnow()
                 rotation.old_version, rotation.new_version = stored.old_number, stored.number
                 rotation.new_fingerprint, rotation.error = stored.fingerprint, None
                 if verified is not None:
-                    rotation.verify_state, rotation.verify_code = verified.state, verified.return_code
+                    rotation.verify_state, rotation.verify_code = (
+                        verified.state,
+                        verified.return_code,
+                    )
                     rotation.verify_message, rotation.verified_at = verified.message, utcnow()
                 outcome = self._outcome(rotation)
                 outcome.old_fingerprint = stored.old_fingerprint
@@ -671,44 +833,69 @@ class RotationService:
             raise
         except Exception as exc:  # any failure: the key must go somewhere durable first
             try:
-                path = spool.write_spool(self.settings, keyring, rotation_id=rid, cluster=cluster_name,
-                                         scope=str(scope), key=key)
+                path = spool.write_spool(
+                    self.settings,
+                    keyring,
+                    rotation_id=rid,
+                    cluster=cluster_name,
+                    scope=str(scope),
+                    key=key,
+                )
             except Exception as spool_exc:
                 raise StoreFailed(
                     f"THE NEW KEY OF {scope} IN {cluster_name} WAS NOT STORED ({exc}) and the spool failed too "
                     f"({type(spool_exc).__name__}); it is still in the pending file on {host_label}",
-                    rotation_id=rid, hint=f"do not rotate again; fix the database, then `keyvault rotations recover {rid}`",
+                    rotation_id=rid,
+                    hint=f"do not rotate again; fix the database, then `keyvault rotations recover {rid}`",
                 ) from None
             try:
-                self._mark(rid, "needs_recovery", error=f"store failed: {exc}; key spooled at {path}",
-                           event="rotation.failed")
+                self._mark(
+                    rid,
+                    "needs_recovery",
+                    error=f"store failed: {exc}; key spooled at {path}",
+                    event="rotation.failed",
+                )
             except Exception:
                 pass
             raise StoreFailed(
                 f"THE NEW KEY OF {scope} IN {cluster_name} COULD NOT BE STORED ({exc}); it is safe, encrypted, "
                 f"in {path}",
-                rotation_id=rid, hint=f"fix the database, then run `keyvault rotations recover {rid}`",
+                rotation_id=rid,
+                hint=f"fix the database, then run `keyvault rotations recover {rid}`",
             ) from None
         try:
             spool.remove_spool(self.settings, rid)
-        except OSError as exc:  # committed already: a stale spool file is harmless, recover skips it
+        except (
+            OSError
+        ) as exc:  # committed already: a stale spool file is harmless, recover skips it
             outcome.warnings.append(f"could not delete the spool file of {rid}: {exc.strerror}")
         return outcome
 
     @staticmethod
     def _outcome(rotation: Rotation) -> RotationOutcome:
         return RotationOutcome(
-            rotation_id=rotation.id, cluster=rotation.cluster.name, scope=rotation.scope, state=rotation.state,
-            host=rotation.host_label, old_version=rotation.old_version, new_version=rotation.new_version,
-            new_fingerprint=rotation.new_fingerprint, cleaned_up=bool(rotation.cleaned_up),
-            verify_state=rotation.verify_state, verify_message=rotation.verify_message)
+            rotation_id=rotation.id,
+            cluster=rotation.cluster.name,
+            scope=rotation.scope,
+            state=rotation.state,
+            host=rotation.host_label,
+            old_version=rotation.old_version,
+            new_version=rotation.new_version,
+            new_fingerprint=rotation.new_fingerprint,
+            cleaned_up=bool(rotation.cleaned_up),
+            verify_state=rotation.verify_state,
+            verify_message=rotation.verify_message,
+        )
 
     # -- steps 6 and 7 -------------------------------------------------------------
     def _try(self, conn: Connection, host: Host, script: str) -> ExecResult | None:
         become = become_for(host)
         try:
-            return conn.run(become.wrap(script), password=su_password_for(become, self.settings),
-                            timeout=self.settings.ssh_connect_timeout + 30)
+            return conn.run(
+                become.wrap(script),
+                password=su_password_for(become, self.settings),
+                timeout=self.settings.ssh_connect_timeout + 30,
+            )
         except KeyvaultError as exc:
             log.warning("on %s: %s", host.label, exc)
             return None
@@ -726,8 +913,10 @@ class RotationService:
             else:
                 self._update(rid, cleaned_up=True)
         else:
-            outcome.warnings.append(f"could not delete the pending file on {host.label}; "
-                                    f"`keyvault rotations recover {rid}` retries")
+            outcome.warnings.append(
+                f"could not delete the pending file on {host.label}; "
+                f"`keyvault rotations recover {rid}` retries"
+            )
 
     def _update(self, rid: str, **fields) -> None:
         with transaction(self.factory) as s:
@@ -739,7 +928,9 @@ class RotationService:
     def _verify(self, rid: str, cluster, scope: Scope, key: str, outcome: RotationOutcome) -> None:
         # The TA call happens outside any transaction: on SQLite a transaction holds the
         # write lock, and bulk runs must not queue their commits behind a slow TA.
-        result = verify_scope_key(cluster, scope, key, settings=self.settings, client_factory=self.ta_client_factory)
+        result = verify_scope_key(
+            cluster, scope, key, settings=self.settings, client_factory=self.ta_client_factory
+        )
         cluster_name = cluster.name
         with transaction(self.factory) as s:
             rotation = s.get(Rotation, rid)
@@ -748,11 +939,23 @@ class RotationService:
             rotation.state = "completed" if rotation.cleaned_up else "stored"
             rotation.updated_at = utcnow()
             if result.state == "failed":
-                payload = {"rotation_id": rid, "cluster": cluster_name, "scope": str(scope),
-                           "return_code": result.return_code, "message": result.message,
-                           "fingerprint": crypto.fingerprint(key)}
-                s.add(Event(type="rotation.verification_failed", cluster=cluster_name, scope=str(scope),
-                            payload=json.dumps(payload, sort_keys=True), created_at=utcnow()))
+                payload = {
+                    "rotation_id": rid,
+                    "cluster": cluster_name,
+                    "scope": str(scope),
+                    "return_code": result.return_code,
+                    "message": result.message,
+                    "fingerprint": crypto.fingerprint(key),
+                }
+                s.add(
+                    Event(
+                        type="rotation.verification_failed",
+                        cluster=cluster_name,
+                        scope=str(scope),
+                        payload=json.dumps(payload, sort_keys=True),
+                        created_at=utcnow(),
+                    )
+                )
             outcome.state = rotation.state
         outcome.verify_state, outcome.verify_message = result.state, result.message
 
@@ -778,7 +981,9 @@ class RotationService:
         else:
             key = None
         if host is None:
-            raise InvalidInput(f"the host of rotation {rid} was removed", hint="re-add it, then recover again")
+            raise InvalidInput(
+                f"the host of rotation {rid} was removed", hint="re-add it, then recover again"
+            )
         conn = self.connector.connect(ssh_target(host, self.settings))
         try:
             if key is None and state in UNRESOLVED_ROTATION_STATES:
@@ -791,14 +996,20 @@ class RotationService:
                     outcome.warnings.append(message + "; nothing was generated, rotate again")
                     return outcome
                 if remote.state == "cleaned":
-                    raise RotationError(f"the pending file of {rid} was deleted but the key is not stored",
-                                        rotation_id=rid, hint="check `keyvault secrets history`; then rotate again")
-                key = self._interpret(rid, remote, result.exit_status if result else None, host,
-                                      cluster.key_pattern)
+                    raise RotationError(
+                        f"the pending file of {rid} was deleted but the key is not stored",
+                        rotation_id=rid,
+                        hint="check `keyvault secrets history`; then rotate again",
+                    )
+                key = self._interpret(
+                    rid, remote, result.exit_status if result else None, host, cluster.key_pattern
+                )
                 outcome = self._store(rid, keyring, cluster, scope, key, actor, host.label)
             if key is None:  # stored earlier: the key is in the database
                 with transaction(self.factory) as s:
-                    version = get_version(s, cluster_name=cluster.name, scope=scope, number=outcome.new_version)
+                    version = get_version(
+                        s, cluster_name=cluster.name, scope=scope, number=outcome.new_version
+                    )
                     key = reveal(keyring, version)
             self._cleanup(conn, host, rid, outcome)
         finally:
@@ -814,10 +1025,14 @@ class RotationService:
         Returns ``[(rotation id, scope, outcome or exception), ...]``, oldest first.
         """
         with transaction(self.factory) as s:
-            stmt = select(Rotation).where(Rotation.state.in_((*UNRESOLVED_ROTATION_STATES, "stored")))
+            stmt = select(Rotation).where(
+                Rotation.state.in_((*UNRESOLVED_ROTATION_STATES, "stored"))
+            )
             if cluster_name is not None:
                 stmt = stmt.where(Rotation.cluster_id == get_cluster(s, name=cluster_name).id)
-            todo = [(r.id, r.scope) for r in s.scalars(stmt.order_by(Rotation.created_at, Rotation.id))]
+            todo = [
+                (r.id, r.scope) for r in s.scalars(stmt.order_by(Rotation.created_at, Rotation.id))
+            ]
         results = []
         for rid, scope in todo:
             try:
@@ -836,10 +1051,17 @@ class RotationService:
             rotation = s.get(Rotation, rid)
             if rotation is None or rotation.state not in UNRESOLVED_ROTATION_STATES:
                 raise InvalidInput(f"rotation {rid} is not unresolved")
-            host, pattern, keyring = rotation.host, rotation.cluster.key_pattern, open_keyring(s, settings=self.settings)
+            host, pattern, keyring = (
+                rotation.host,
+                rotation.cluster.key_pattern,
+                open_keyring(s, settings=self.settings),
+            )
         if spool.read_spool(self.settings, keyring, rid) is not None:
-            raise RotationError(f"rotation {rid} has a key in the local spool", rotation_id=rid,
-                                hint=f"run `keyvault rotations recover {rid}` without --regenerate")
+            raise RotationError(
+                f"rotation {rid} has a key in the local spool",
+                rotation_id=rid,
+                hint=f"run `keyvault rotations recover {rid}` without --regenerate",
+            )
         if host is not None:
             conn = self.connector.connect(ssh_target(host, self.settings))
             try:
@@ -850,7 +1072,9 @@ class RotationService:
             if remote.state == "result" and len(find_keys(remote.output, pattern)) == 1:
                 raise RotationError(
                     f"the host {host.label} holds the key ta-tool generated for rotation {rid}; it is the valid one",
-                    rotation_id=rid, hint=f"run `keyvault rotations recover {rid}` without --regenerate")
+                    rotation_id=rid,
+                    hint=f"run `keyvault rotations recover {rid}` without --regenerate",
+                )
         with transaction(self.factory) as s:
             rotation = s.get(Rotation, rid)
             if rotation is None or rotation.state not in UNRESOLVED_ROTATION_STATES:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable
 
 from sqlalchemy import or_, select, update
 
@@ -61,9 +61,16 @@ def acquire_lease(factory, *, holder: str, now: datetime, ttl: timedelta) -> str
     """Take (or extend) the lease; return None on success, else the current holder."""
     with transaction(factory) as s:
         taken = s.execute(
-            update(Lease).where(Lease.name == LEASE,
-                                or_(Lease.holder.is_(None), Lease.expires_at.is_(None), Lease.expires_at <= now,
-                                    Lease.holder == holder))
+            update(Lease)
+            .where(
+                Lease.name == LEASE,
+                or_(
+                    Lease.holder.is_(None),
+                    Lease.expires_at.is_(None),
+                    Lease.expires_at <= now,
+                    Lease.holder == holder,
+                ),
+            )
             .values(holder=holder, expires_at=now + ttl)
         ).rowcount
         if taken == 1:
@@ -75,7 +82,11 @@ def acquire_lease(factory, *, holder: str, now: datetime, ttl: timedelta) -> str
 def release_lease(factory, *, holder: str) -> None:
     """Give the lease back (only if we still hold it)."""
     with transaction(factory) as s:
-        s.execute(update(Lease).where(Lease.name == LEASE, Lease.holder == holder).values(holder=None, expires_at=None))
+        s.execute(
+            update(Lease)
+            .where(Lease.name == LEASE, Lease.holder == holder)
+            .values(holder=None, expires_at=None)
+        )
 
 
 def backoff(failures: int, *, base: timedelta, cap: timedelta) -> timedelta:
@@ -93,10 +104,21 @@ def backoff(failures: int, *, base: timedelta, cap: timedelta) -> timedelta:
 class Scheduler:
     """Runs `rotate due` once per call to ``run``."""
 
-    def __init__(self, factory, *, settings: Settings, connector, clock: Clock, concurrency: int = 4,
-                 max_failures: int = 5, backoff_base: timedelta = timedelta(minutes=5),
-                 backoff_cap: timedelta = timedelta(hours=6), lease_ttl: timedelta = timedelta(minutes=30),
-                 holder: str | None = None, service_factory: Callable[[], RotationService] | None = None) -> None:
+    def __init__(
+        self,
+        factory,
+        *,
+        settings: Settings,
+        connector,
+        clock: Clock,
+        concurrency: int = 4,
+        max_failures: int = 5,
+        backoff_base: timedelta = timedelta(minutes=5),
+        backoff_cap: timedelta = timedelta(hours=6),
+        lease_ttl: timedelta = timedelta(minutes=30),
+        holder: str | None = None,
+        service_factory: Callable[[], RotationService] | None = None,
+    ) -> None:
         self.factory = factory
         self.settings = settings
         self.connector = connector
@@ -106,43 +128,66 @@ class Scheduler:
         self.backoff_base, self.backoff_cap, self.lease_ttl = backoff_base, backoff_cap, lease_ttl
         self.holder = holder or runner_id()
         self.service_factory = service_factory or (
-            lambda: RotationService(factory, settings=settings, connector=connector))
+            lambda: RotationService(factory, settings=settings, connector=connector)
+        )
 
     def plan(self, cluster_name: str | None = None) -> list[ScopeResult]:
         """What would be rotated now, and why the rest would not."""
         now = self.clock()
         with transaction(self.factory) as s:
             found = candidates(s, now=now, cluster_name=cluster_name)
-        return [ScopeResult(c.cluster, c.scope, "due" if c.due else "skipped", c.reason) for c in found]
+        return [
+            ScopeResult(c.cluster, c.scope, "due" if c.due else "skipped", c.reason) for c in found
+        ]
 
-    def run(self, *, dry_run: bool = False, cluster_name: str | None = None,
-            on_done: Callable[[ScopeResult], None] | None = None) -> DueReport:
+    def run(
+        self,
+        *,
+        dry_run: bool = False,
+        cluster_name: str | None = None,
+        on_done: Callable[[ScopeResult], None] | None = None,
+    ) -> DueReport:
         """Rotate every due scope (holding the lease), and record outcomes, backoff and pauses."""
         if dry_run:
-            return DueReport(lease_acquired=False, lease_holder=None, results=self.plan(cluster_name))
-        other = acquire_lease(self.factory, holder=self.holder, now=self.clock(), ttl=self.lease_ttl)
+            return DueReport(
+                lease_acquired=False, lease_holder=None, results=self.plan(cluster_name)
+            )
+        other = acquire_lease(
+            self.factory, holder=self.holder, now=self.clock(), ttl=self.lease_ttl
+        )
         if other is not None:
             return DueReport(lease_acquired=False, lease_holder=other)
         try:
             planned = self.plan(cluster_name)
-            report = DueReport(lease_acquired=True, lease_holder=self.holder,
-                               results=[r for r in planned if r.status == "skipped"])
+            report = DueReport(
+                lease_acquired=True,
+                lease_holder=self.holder,
+                results=[r for r in planned if r.status == "skipped"],
+            )
             due: dict[str, list] = {}
             for r in planned:
                 if r.status == "due":
                     due.setdefault(r.cluster, []).append(parse_scope(r.scope, r".+"))
             with self.service_factory() as service:
                 for cluster, scopes in due.items():
+
                     def done(scope, result, cluster=cluster):
                         item = self._record(cluster, str(scope), result)
                         report.results.append(item)
                         # Long runs keep the lease alive.
-                        acquire_lease(self.factory, holder=self.holder, now=self.clock(), ttl=self.lease_ttl)
+                        acquire_lease(
+                            self.factory, holder=self.holder, now=self.clock(), ttl=self.lease_ttl
+                        )
                         if on_done is not None:
                             on_done(item)
 
-                    service.rotate_many(cluster, scopes, actor="scheduler", concurrency=self.concurrency,
-                                        on_done=done)
+                    service.rotate_many(
+                        cluster,
+                        scopes,
+                        actor="scheduler",
+                        concurrency=self.concurrency,
+                        on_done=done,
+                    )
             return report
         finally:
             release_lease(self.factory, holder=self.holder)
@@ -151,36 +196,75 @@ class Scheduler:
         now = self.clock()
         with transaction(self.factory) as s:
             cluster = get_cluster(s, name=cluster_name)
-            row = s.scalar(select(ScopeSchedule).where(ScopeSchedule.cluster_id == cluster.id,
-                                                       ScopeSchedule.scope == scope).with_for_update())
+            row = s.scalar(
+                select(ScopeSchedule)
+                .where(ScopeSchedule.cluster_id == cluster.id, ScopeSchedule.scope == scope)
+                .with_for_update()
+            )
             if row is None:
-                row = ScopeSchedule(cluster_id=cluster.id, scope=scope, consecutive_failures=0, updated_at=now)
+                row = ScopeSchedule(
+                    cluster_id=cluster.id, scope=scope, consecutive_failures=0, updated_at=now
+                )
                 s.add(row)
             row.updated_at = now
             if not isinstance(result, Exception):
                 row.consecutive_failures, row.next_attempt_at, row.last_error = 0, None, None
-                return ScopeResult(cluster_name, scope, "rotated", f"v{result.new_version} {result.new_fingerprint}",
-                                   result.rotation_id, result.new_version, result.new_fingerprint)
+                return ScopeResult(
+                    cluster_name,
+                    scope,
+                    "rotated",
+                    f"v{result.new_version} {result.new_fingerprint}",
+                    result.rotation_id,
+                    result.new_version,
+                    result.new_fingerprint,
+                )
             if isinstance(result, RotationUnresolved):
                 # Not this run's failure: the scope waits for an operator's recover.
                 return ScopeResult(cluster_name, scope, "skipped", str(result), result.rotation_id)
-            message = str(result) if isinstance(result, KeyvaultError) else f"internal error ({type(result).__name__})"
+            message = (
+                str(result)
+                if isinstance(result, KeyvaultError)
+                else f"internal error ({type(result).__name__})"
+            )
             row.consecutive_failures = (row.consecutive_failures or 0) + 1
             row.last_error = message[:2000]
-            row.next_attempt_at = now + backoff(row.consecutive_failures, base=self.backoff_base, cap=self.backoff_cap)
-            payload = {"cluster": cluster_name, "scope": scope, "error": message[:500], "source": "scheduler",
-                       "consecutive_failures": row.consecutive_failures,
-                       "next_attempt_at": row.next_attempt_at.isoformat(),
-                       "rotation_id": getattr(result, "rotation_id", None)}
+            row.next_attempt_at = now + backoff(
+                row.consecutive_failures, base=self.backoff_base, cap=self.backoff_cap
+            )
+            payload = {
+                "cluster": cluster_name,
+                "scope": scope,
+                "error": message[:500],
+                "source": "scheduler",
+                "consecutive_failures": row.consecutive_failures,
+                "next_attempt_at": row.next_attempt_at.isoformat(),
+                "rotation_id": getattr(result, "rotation_id", None),
+            }
             if getattr(result, "rotation_id", None) is None:
                 # Failures after the journal already wrote rotation.failed; failures before it did not.
-                s.add(Event(type="rotation.failed", cluster=cluster_name, scope=scope,
-                            payload=json.dumps(payload, sort_keys=True), created_at=now))
+                s.add(
+                    Event(
+                        type="rotation.failed",
+                        cluster=cluster_name,
+                        scope=scope,
+                        payload=json.dumps(payload, sort_keys=True),
+                        created_at=now,
+                    )
+                )
             if row.consecutive_failures >= self.max_failures and row.paused_at is None:
                 row.paused_at = now
-                s.add(Event(type="rotation.paused", cluster=cluster_name, scope=scope,
-                            payload=json.dumps(payload, sort_keys=True), created_at=now))
-            return ScopeResult(cluster_name, scope, "failed", message, getattr(result, "rotation_id", None))
+                s.add(
+                    Event(
+                        type="rotation.paused",
+                        cluster=cluster_name,
+                        scope=scope,
+                        payload=json.dumps(payload, sort_keys=True),
+                        created_at=now,
+                    )
+                )
+            return ScopeResult(
+                cluster_name, scope, "failed", message, getattr(result, "rotation_id", None)
+            )
 
 
 class SchedulerThread:
@@ -191,8 +275,16 @@ class SchedulerThread:
     injection; ``poke()`` runs it now instead of at the next interval.
     """
 
-    def __init__(self, factory, *, settings: Settings, interval: float = 60.0, clock: Clock | None = None,
-                 connector=None, on_run: Callable[[object], None] | None = None) -> None:
+    def __init__(
+        self,
+        factory,
+        *,
+        settings: Settings,
+        interval: float = 60.0,
+        clock: Clock | None = None,
+        connector=None,
+        on_run: Callable[[object], None] | None = None,
+    ) -> None:
         import threading
 
         from keyvault.models import utcnow
@@ -201,7 +293,9 @@ class SchedulerThread:
             from keyvault.ssh.paramiko_transport import connector_from_settings
 
             connector = connector_from_settings(settings)
-        self.scheduler = Scheduler(factory, settings=settings, connector=connector, clock=clock or utcnow)
+        self.scheduler = Scheduler(
+            factory, settings=settings, connector=connector, clock=clock or utcnow
+        )
         self.interval = interval
         self.on_run = on_run or (lambda outcome: None)
         self._stop = threading.Event()
@@ -236,7 +330,11 @@ class SchedulerThread:
             try:
                 report = self.scheduler.run()
                 if report.lease_acquired and report.results:
-                    log.info("rotate due: %d rotated, %d failed", report.count("rotated"), report.count("failed"))
+                    log.info(
+                        "rotate due: %d rotated, %d failed",
+                        report.count("rotated"),
+                        report.count("failed"),
+                    )
                 outcome: object = report
             except Exception as exc:  # the server keeps serving; the next tick tries again
                 log.error("scheduled rotation run failed: %s", exc)

@@ -12,7 +12,16 @@ from sqlalchemy.orm import Session
 
 from keyvault import crypto
 from keyvault.errors import Conflict, InvalidInput, NotFound
-from keyvault.models import CURRENT, INVALIDATED, Cluster, Event, Revision, Secret, SecretVersion, utcnow
+from keyvault.models import (
+    CURRENT,
+    INVALIDATED,
+    Cluster,
+    Event,
+    Revision,
+    Secret,
+    SecretVersion,
+    utcnow,
+)
 from keyvault.scope import Scope
 from keyvault.services.clusters import get_cluster
 
@@ -35,7 +44,9 @@ class StoredVersion:
 def check_key_text(key: str, *, pattern: str | None) -> str:
     """Refuse empty, multi-line or oddly shaped input; never echo the key itself."""
     if not key:
-        raise InvalidInput("no key given on standard input", hint="pipe exactly one key into the command")
+        raise InvalidInput(
+            "no key given on standard input", hint="pipe exactly one key into the command"
+        )
     if len(key) > MAX_KEY_LENGTH or any(c.isspace() or not c.isprintable() for c in key):
         raise InvalidInput(
             "the input is not a single key (it contains whitespace, control characters or is too long)",
@@ -51,7 +62,11 @@ def check_key_text(key: str, *, pattern: str | None) -> str:
 
 def _lock_secret(session: Session, cluster: Cluster, scope: str) -> Secret:
     """Get (or create) the secret row and lock it for the rest of the transaction."""
-    stmt = select(Secret).where(Secret.cluster_id == cluster.id, Secret.scope == scope).with_for_update()
+    stmt = (
+        select(Secret)
+        .where(Secret.cluster_id == cluster.id, Secret.scope == scope)
+        .with_for_update()
+    )
     secret = session.scalar(stmt)
     if secret is not None:
         return secret
@@ -69,14 +84,20 @@ def bump_revision(session: Session) -> None:
     """Tell every server's cache that keys or tokens changed (same transaction)."""
     # No ORM synchronisation: Revision rows are never loaded as objects, and evaluating the
     # criteria against the session's objects costs more than the UPDATE itself.
-    session.execute(update(Revision).where(Revision.id == 1).values(value=Revision.value + 1)
-                    .execution_options(synchronize_session=False))
+    session.execute(
+        update(Revision)
+        .where(Revision.id == 1)
+        .values(value=Revision.value + 1)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def current_version(session: Session, secret_id: int) -> SecretVersion | None:
     """The current version of a secret, if any."""
     return session.scalar(
-        select(SecretVersion).where(SecretVersion.secret_id == secret_id, SecretVersion.state == CURRENT)
+        select(SecretVersion).where(
+            SecretVersion.secret_id == secret_id, SecretVersion.state == CURRENT
+        )
     )
 
 
@@ -94,14 +115,21 @@ def store_version(
     """Make ``key`` the current version of its scope, invalidate the previous one, write the event."""
     secret = _lock_secret(session, cluster, str(scope))
     old = current_version(session, secret.id)
-    number = (session.scalar(select(func.max(SecretVersion.number)).where(SecretVersion.secret_id == secret.id)) or 0) + 1
+    number = (
+        session.scalar(
+            select(func.max(SecretVersion.number)).where(SecretVersion.secret_id == secret.id)
+        )
+        or 0
+    ) + 1
     now = utcnow()
     if old is not None:
         # The partial unique index allows one current row at any instant.
         old.state = INVALIDATED
         old.invalidated_at = now
         session.flush()
-    sealed = crypto.seal(keyring, key.encode(), crypto.version_aad(cluster.name, str(scope), number))
+    sealed = crypto.seal(
+        keyring, key.encode(), crypto.version_aad(cluster.name, str(scope), number)
+    )
     new = SecretVersion(
         secret_id=secret.id,
         number=number,
@@ -173,14 +201,22 @@ def import_key(
             hint="nothing to do",
         )
     return store_version(
-        session, keyring=keyring, cluster=cluster, scope=scope, key=key, source="import", actor=actor
+        session,
+        keyring=keyring,
+        cluster=cluster,
+        scope=scope,
+        key=key,
+        source="import",
+        actor=actor,
     )
 
 
 def get_secret(session: Session, *, cluster_name: str, scope: Scope) -> Secret:
     """The secret of a scope, or ``NotFound``."""
     cluster = get_cluster(session, name=cluster_name)
-    secret = session.scalar(select(Secret).where(Secret.cluster_id == cluster.id, Secret.scope == str(scope)))
+    secret = session.scalar(
+        select(Secret).where(Secret.cluster_id == cluster.id, Secret.scope == str(scope))
+    )
     if secret is None:
         raise NotFound(
             f"no key stored for {scope} in cluster {cluster_name}",
@@ -189,18 +225,25 @@ def get_secret(session: Session, *, cluster_name: str, scope: Scope) -> Secret:
     return secret
 
 
-def get_version(session: Session, *, cluster_name: str, scope: Scope, number: int | None = None) -> SecretVersion:
+def get_version(
+    session: Session, *, cluster_name: str, scope: Scope, number: int | None = None
+) -> SecretVersion:
     """A version by number, or the current one."""
     secret = get_secret(session, cluster_name=cluster_name, scope=scope)
     if number is None:
         version = current_version(session, secret.id)
     else:
         version = session.scalar(
-            select(SecretVersion).where(SecretVersion.secret_id == secret.id, SecretVersion.number == number)
+            select(SecretVersion).where(
+                SecretVersion.secret_id == secret.id, SecretVersion.number == number
+            )
         )
     if version is None:
         what = f"version {number}" if number is not None else "a current version"
-        raise NotFound(f"{scope} in cluster {cluster_name} has no {what}", hint="see `keyvault secrets history`")
+        raise NotFound(
+            f"{scope} in cluster {cluster_name} has no {what}",
+            hint="see `keyvault secrets history`",
+        )
     return version
 
 
@@ -217,7 +260,11 @@ def history(session: Session, *, cluster_name: str, scope: Scope) -> list[Secret
     """All versions of a scope, oldest first."""
     secret = get_secret(session, cluster_name=cluster_name, scope=scope)
     return list(
-        session.scalars(select(SecretVersion).where(SecretVersion.secret_id == secret.id).order_by(SecretVersion.number))
+        session.scalars(
+            select(SecretVersion)
+            .where(SecretVersion.secret_id == secret.id)
+            .order_by(SecretVersion.number)
+        )
     )
 
 

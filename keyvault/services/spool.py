@@ -33,8 +33,15 @@ def spool_path(settings: Settings, rotation_id: str) -> Path:
     return settings.spool_dir / f"{rotation_id}.json"
 
 
-def write_spool(settings: Settings, keyring: crypto.Keyring, *, rotation_id: str, cluster: str, scope: str,
-                key: str) -> Path:
+def write_spool(
+    settings: Settings,
+    keyring: crypto.Keyring,
+    *,
+    rotation_id: str,
+    cluster: str,
+    scope: str,
+    key: str,
+) -> Path:
     """Seal ``key`` into the spool, durably."""
     sealed = crypto.seal(keyring, key.encode(), _aad(rotation_id, cluster, scope))
     record = {
@@ -59,13 +66,18 @@ def read_spool(settings: Settings, keyring: crypto.Keyring, rotation_id: str) ->
         return None
     try:
         record = json.loads(path.read_text())
-        sealed = crypto.Sealed(base64.b64decode(record["ciphertext"]), base64.b64decode(record["wrapped_key"]),
-                               record["master_key_id"])
+        sealed = crypto.Sealed(
+            base64.b64decode(record["ciphertext"]),
+            base64.b64decode(record["wrapped_key"]),
+            record["master_key_id"],
+        )
     except (ValueError, KeyError, TypeError):
         raise IntegrityError(f"spool file {path} is damaged", what=str(path)) from None
     aad = _aad(rotation_id, record["cluster"], record["scope"])
     key = crypto.unseal(keyring, sealed, aad, what=f"spool file {path}").decode()
-    return SpooledKey(rotation_id=rotation_id, cluster=record["cluster"], scope=record["scope"], key=key)
+    return SpooledKey(
+        rotation_id=rotation_id, cluster=record["cluster"], scope=record["scope"], key=key
+    )
 
 
 def remove_spool(settings: Settings, rotation_id: str) -> None:

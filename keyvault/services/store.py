@@ -67,7 +67,11 @@ def register_keyring(session: Session, *, keyring: crypto.Keyring) -> None:
         if key_id in rows:
             crypto.verify_check_value(keyring, key_id, rows[key_id].check_value)
         elif key_id == keyring.active:
-            session.add(MasterKey(id=key_id, check_value=crypto.check_value(keyring, key_id), created_at=utcnow()))
+            session.add(
+                MasterKey(
+                    id=key_id, check_value=crypto.check_value(keyring, key_id), created_at=utcnow()
+                )
+            )
     session.flush()
 
 

@@ -41,7 +41,9 @@ def parse_duration(text: str) -> timedelta:
     """``90d``, ``12h``, ``30m``, ``2w``, ``45s``."""
     m = _DURATION.match(text.strip())
     if not m or int(m.group(1)) == 0:
-        raise InvalidInput(f"invalid duration {text!r}", hint="use a number and a unit: 30m, 12h, 90d, 2w")
+        raise InvalidInput(
+            f"invalid duration {text!r}", hint="use a number and a unit: 30m, 12h, 90d, 2w"
+        )
     return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
 
 
@@ -73,8 +75,15 @@ def parse_scopes(texts: list[str], *, appid_pattern: str = DEFAULT_APPID_PATTERN
     for text in texts:
         m = _SCOPE.match(text)
         if not m:
-            raise InvalidInput(f"invalid scope {text!r}", hint="use root:CLUSTER, app:CLUSTER/APPID or app:CLUSTER/*")
-        if m.group(3) == "app" and m.group(5) != "*" and re.fullmatch(appid_pattern, m.group(5)) is None:
+            raise InvalidInput(
+                f"invalid scope {text!r}",
+                hint="use root:CLUSTER, app:CLUSTER/APPID or app:CLUSTER/*",
+            )
+        if (
+            m.group(3) == "app"
+            and m.group(5) != "*"
+            and re.fullmatch(appid_pattern, m.group(5)) is None
+        ):
             raise InvalidInput(f"invalid APPID in scope {text!r}")
         if text not in out:
             out.append(text)
@@ -90,27 +99,46 @@ def grant_of(row: AccessToken) -> Grant:
             roots.add(m.group(2))
         else:
             apps.add((m.group(4), m.group(5)))
-    return Grant(name=row.name, roots=frozenset(roots), apps=frozenset(apps), can_rotate=bool(row.can_rotate))
+    return Grant(
+        name=row.name, roots=frozenset(roots), apps=frozenset(apps), can_rotate=bool(row.can_rotate)
+    )
 
 
-def create_token(session: Session, *, name: str, scopes: list[str], can_rotate: bool = False,
-                 expires_in: timedelta | None = None, appid_pattern: str = DEFAULT_APPID_PATTERN) -> tuple[str, AccessToken]:
+def create_token(
+    session: Session,
+    *,
+    name: str,
+    scopes: list[str],
+    can_rotate: bool = False,
+    expires_in: timedelta | None = None,
+    appid_pattern: str = DEFAULT_APPID_PATTERN,
+) -> tuple[str, AccessToken]:
     """Create a token; return the token itself (shown once) and its row."""
     if not TOKEN_NAME.match(name):
-        raise InvalidInput(f"invalid token name {name!r}", hint="use letters, digits, '.', '_' and '-'")
+        raise InvalidInput(
+            f"invalid token name {name!r}", hint="use letters, digits, '.', '_' and '-'"
+        )
     scopes = parse_scopes(scopes, appid_pattern=appid_pattern)
     for text in scopes:
         m = _SCOPE.match(text)
         get_cluster(session, name=m.group(2) or m.group(4))
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     now = utcnow()
-    row = AccessToken(name=name, token_hash=token_hash(token), scopes=json.dumps(scopes), can_rotate=can_rotate,
-                      created_at=now, expires_at=now + expires_in if expires_in else None)
+    row = AccessToken(
+        name=name,
+        token_hash=token_hash(token),
+        scopes=json.dumps(scopes),
+        can_rotate=can_rotate,
+        created_at=now,
+        expires_at=now + expires_in if expires_in else None,
+    )
     try:
         with session.begin_nested():
             session.add(row)
     except SAIntegrityError:
-        raise Conflict(f"a token named {name!r} already exists", hint="revoke it or choose another name") from None
+        raise Conflict(
+            f"a token named {name!r} already exists", hint="revoke it or choose another name"
+        ) from None
     bump_revision(session)
     return token, row
 
@@ -135,17 +163,31 @@ def revoke_token(session: Session, *, name: str) -> AccessToken:
 def token_info(row: AccessToken, now: datetime | None = None) -> dict:
     """A JSON-ready description of a token (never the token)."""
     now = now or utcnow()
-    status = "revoked" if row.revoked_at else "expired" if row.expires_at and row.expires_at <= now else "active"
-    return {"name": row.name, "scopes": json.loads(row.scopes), "can_rotate": bool(row.can_rotate),
-            "created_at": row.created_at.isoformat(),
-            "expires_at": row.expires_at.isoformat() if row.expires_at else None,
-            "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None, "status": status}
+    status = (
+        "revoked"
+        if row.revoked_at
+        else "expired"
+        if row.expires_at and row.expires_at <= now
+        else "active"
+    )
+    return {
+        "name": row.name,
+        "scopes": json.loads(row.scopes),
+        "can_rotate": bool(row.can_rotate),
+        "created_at": row.created_at.isoformat(),
+        "expires_at": row.expires_at.isoformat() if row.expires_at else None,
+        "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+        "status": status,
+    }
 
 
 def check_token(row: AccessToken | None, presented_hash: str, now: datetime) -> Grant:
     """The grant of a looked-up token, or ``Unauthorized``; compares hashes in constant time."""
     if row is None or not hmac.compare_digest(row.token_hash, presented_hash):
-        raise Unauthorized("unknown token", hint="send `Authorization: Bearer <token>` with a token from `keyvault token create`")
+        raise Unauthorized(
+            "unknown token",
+            hint="send `Authorization: Bearer <token>` with a token from `keyvault token create`",
+        )
     error = None
     if row.revoked_at is not None:
         error = Unauthorized(f"token {row.name!r} was revoked")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from sqlalchemy.orm import Session
 
@@ -27,7 +27,9 @@ def make_client(cluster: Cluster, settings: Settings, client_factory: Callable |
     from keyvault.ta import TaClient
 
     factory = client_factory or TaClient
-    return factory(cluster.open_api_url, timeout=settings.ta_timeout, error_codes=dict(settings.ta_error_codes))
+    return factory(
+        cluster.open_api_url, timeout=settings.ta_timeout, error_codes=dict(settings.ta_error_codes)
+    )
 
 
 def unverifiable(cluster: Cluster, scope: Scope) -> KeyCheckOutcome | None:
@@ -35,14 +37,21 @@ def unverifiable(cluster: Cluster, scope: Scope) -> KeyCheckOutcome | None:
     if scope.is_root or cluster_options(cluster)["project_ids"].get(scope.appid) is not None:
         return None
     return KeyCheckOutcome(
-        "skipped", None,
+        "skipped",
+        None,
         f"no TA project id known for {scope.appid}; set it with "
         f"`keyvault cluster set {cluster.name} --project-id {scope.appid}=N`",
     )
 
 
-def verify_scope_key(cluster: Cluster, scope: Scope, key: str, *, settings: Settings,
-                     client_factory: Callable | None = None) -> KeyCheckOutcome:
+def verify_scope_key(
+    cluster: Cluster,
+    scope: Scope,
+    key: str,
+    *,
+    settings: Settings,
+    client_factory: Callable | None = None,
+) -> KeyCheckOutcome:
     """Call the cluster's check endpoint for ``scope`` with ``key``."""
     from keyvault.ta import verify_key
 
@@ -57,20 +66,37 @@ def verify_scope_key(cluster: Cluster, scope: Scope, key: str, *, settings: Sett
         project_id = options["project_ids"][scope.appid]
         method, path = options["verify_app_method"], options["verify_app_path"]
         params = {"projectId": project_id}
-    result = verify_key(make_client(cluster, settings, client_factory), token=key, method=method,
-                        api_path=path, params=params)
+    result = verify_key(
+        make_client(cluster, settings, client_factory),
+        token=key,
+        method=method,
+        api_path=path,
+        params=params,
+    )
     if result.ok:
         return KeyCheckOutcome("verified", 0, result.detail)
     return KeyCheckOutcome("failed", result.return_code, result.detail)
 
 
-def verify_current(session: Session, *, keyring, cluster_name: str, scope: Scope, settings: Settings,
-                   client_factory: Callable | None = None) -> tuple[int, KeyCheckOutcome]:
+def verify_current(
+    session: Session,
+    *,
+    keyring,
+    cluster_name: str,
+    scope: Scope,
+    settings: Settings,
+    client_factory: Callable | None = None,
+) -> tuple[int, KeyCheckOutcome]:
     """Verify the current stored key of a scope; returns (version, outcome)."""
     from keyvault.services.clusters import get_cluster
     from keyvault.services.secrets import get_version, reveal
 
     version = get_version(session, cluster_name=cluster_name, scope=scope)
     key = reveal(keyring, version)
-    return version.number, verify_scope_key(get_cluster(session, name=cluster_name), scope, key,
-                                            settings=settings, client_factory=client_factory)
+    return version.number, verify_scope_key(
+        get_cluster(session, name=cluster_name),
+        scope,
+        key,
+        settings=settings,
+        client_factory=client_factory,
+    )

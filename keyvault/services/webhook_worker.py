@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 from keyvault.config import Settings
 from keyvault.models import utcnow
@@ -23,9 +23,18 @@ log = logging.getLogger(__name__)
 class WebhookWorker:
     """Runs ``tick()`` every ``interval`` seconds in a daemon thread between ``start()`` and ``stop()``."""
 
-    def __init__(self, factory, *, settings: Settings, send: webhooks.Sender | None = None, interval: float = 1.0,
-                 clock: webhooks.Clock | None = None, rand: Callable[[], float] = random.random,
-                 max_attempts: int = webhooks.DEFAULT_MAX_ATTEMPTS, limit: int = 100) -> None:
+    def __init__(
+        self,
+        factory,
+        *,
+        settings: Settings,
+        send: webhooks.Sender | None = None,
+        interval: float = 1.0,
+        clock: webhooks.Clock | None = None,
+        rand: Callable[[], float] = random.random,
+        max_attempts: int = webhooks.DEFAULT_MAX_ATTEMPTS,
+        limit: int = 100,
+    ) -> None:
         self.factory = factory
         self.settings = settings
         self.send = send or webhooks.default_sender()
@@ -48,9 +57,16 @@ class WebhookWorker:
             with transaction(self.factory) as session:
                 keyring = open_keyring(session, settings=self.settings)
                 webhooks.enqueue_deliveries(session, now=self.clock())
-            report = webhooks.deliver_due(self.factory, keyring=keyring, now=self.clock, send=self.send,
-                                          limit=self.limit, max_attempts=self.max_attempts, rand=self.rand,
-                                          should_stop=self._stop.is_set)
+            report = webhooks.deliver_due(
+                self.factory,
+                keyring=keyring,
+                now=self.clock,
+                send=self.send,
+                limit=self.limit,
+                max_attempts=self.max_attempts,
+                rand=self.rand,
+                should_stop=self._stop.is_set,
+            )
         self.outcomes.update(delivered=report.delivered, retrying=report.retrying, dead=report.dead)
         return report
 
@@ -81,12 +97,13 @@ class WebhookWorker:
             return True
         thread.join(timeout)
         if thread.is_alive():
-            log.warning("webhook worker still busy after %.1f s; it is a daemon thread and will not block exit",
-                        timeout)
+            log.warning(
+                "webhook worker still busy after %.1f s; it is a daemon thread and will not block exit",
+                timeout,
+            )
             return False
         return True
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-

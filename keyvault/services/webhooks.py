@@ -36,10 +36,10 @@ import random
 import secrets
 import stat
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
 from sqlalchemy import and_, exists, false, func, or_, select, update
@@ -73,8 +73,18 @@ REMOVED_REASON = "webhook removed"
 MAX_ERROR_LENGTH = 500
 # What a payload may carry: metadata only, never a key or free text.
 PAYLOAD_FIELDS = (
-    "cluster", "scope", "old_version", "new_version", "old_fingerprint", "new_fingerprint",
-    "fingerprint", "rotation_id", "at", "source", "state", "return_code",
+    "cluster",
+    "scope",
+    "old_version",
+    "new_version",
+    "old_fingerprint",
+    "new_fingerprint",
+    "fingerprint",
+    "rotation_id",
+    "at",
+    "source",
+    "state",
+    "return_code",
 )
 
 Sender = Callable[[str, bytes, dict], int]
@@ -93,10 +103,12 @@ def parse_secret(text: str) -> bytes:
     """The key bytes of a ``whsec_<base64>`` secret (24 to 64 bytes), or ``InvalidInput``."""
     text = text.strip()
     if not text.startswith(SECRET_PREFIX):
-        raise InvalidInput("the webhook secret is not in whsec_<base64> form",
-                           hint="omit --secret-file to have keyvault generate one")
+        raise InvalidInput(
+            "the webhook secret is not in whsec_<base64> form",
+            hint="omit --secret-file to have keyvault generate one",
+        )
     try:
-        raw = base64.b64decode(text[len(SECRET_PREFIX):], validate=True)
+        raw = base64.b64decode(text[len(SECRET_PREFIX) :], validate=True)
     except ValueError:
         raise InvalidInput("the webhook secret is not valid base64 after whsec_") from None
     if not MIN_SECRET_BYTES <= len(raw) <= MAX_SECRET_BYTES:
@@ -116,11 +128,15 @@ def read_secret_file(path: Path) -> str:
     if not stat.S_ISREG(st.st_mode):
         raise InvalidInput(f"the secret file {path} is not a regular file")
     if st.st_uid != os.geteuid():
-        raise InvalidInput(f"the secret file {path} is owned by uid {st.st_uid}, not by the running user",
-                           hint=f"run `chown {os.geteuid()} {path}` and `chmod 600 {path}`")
+        raise InvalidInput(
+            f"the secret file {path} is owned by uid {st.st_uid}, not by the running user",
+            hint=f"run `chown {os.geteuid()} {path}` and `chmod 600 {path}`",
+        )
     if stat.S_IMODE(st.st_mode) & 0o077:
-        raise InvalidInput(f"the secret file {path} has mode {stat.S_IMODE(st.st_mode):04o}, must be 0600",
-                           hint=f"run `chmod 600 {path}`")
+        raise InvalidInput(
+            f"the secret file {path} has mode {stat.S_IMODE(st.st_mode):04o}, must be 0600",
+            hint=f"run `chmod 600 {path}`",
+        )
     try:
         return path.read_text().strip()
     except (OSError, UnicodeDecodeError) as exc:
@@ -135,7 +151,9 @@ def webhook_aad(webhook_id: int, url: str) -> bytes:
 def webhook_secret(keyring: crypto.Keyring, hook: Webhook) -> bytes:
     """Unseal a webhook's signing secret; ``IntegrityError`` names the webhook if the row was altered."""
     sealed = crypto.Sealed(hook.secret_ciphertext, hook.secret_wrapped_key, hook.master_key_id)
-    return crypto.unseal(keyring, sealed, webhook_aad(hook.id, hook.url), what=f"webhook {hook.id} secret")
+    return crypto.unseal(
+        keyring, sealed, webhook_aad(hook.id, hook.url), what=f"webhook {hook.id} secret"
+    )
 
 
 def rewrap_webhook_secrets(session: Session, *, keyring: crypto.Keyring, to: str) -> int:
@@ -143,7 +161,9 @@ def rewrap_webhook_secrets(session: Session, *, keyring: crypto.Keyring, to: str
     count = 0
     for hook in session.scalars(select(Webhook).with_for_update()):
         sealed = crypto.Sealed(hook.secret_ciphertext, hook.secret_wrapped_key, hook.master_key_id)
-        moved = crypto.rewrap(keyring, sealed, webhook_aad(hook.id, hook.url), to=to, what=f"webhook {hook.id} secret")
+        moved = crypto.rewrap(
+            keyring, sealed, webhook_aad(hook.id, hook.url), to=to, what=f"webhook {hook.id} secret"
+        )
         hook.secret_wrapped_key, hook.master_key_id = moved.wrapped_key, moved.master_key_id
         count += 1
     session.flush()
@@ -176,7 +196,9 @@ def _event_filter(grant: Grant):
     terms = [and_(Event.cluster == c, Event.scope == "root") for c in sorted(grant.roots)]
     for cluster, appid in sorted(grant.apps):
         if appid == "*":
-            terms.append(and_(Event.cluster == cluster, Event.scope.startswith("app:", autoescape=True)))
+            terms.append(
+                and_(Event.cluster == cluster, Event.scope.startswith("app:", autoescape=True))
+            )
         else:
             terms.append(and_(Event.cluster == cluster, Event.scope == f"app:{appid}"))
     return or_(*terms) if terms else false()
@@ -192,17 +214,33 @@ def validate_webhook_url(url: str) -> str:
         port_ok = parts.port is None or parts.port > 0
     except ValueError:
         port_ok = False
-    if (len(url) > MAX_URL_LENGTH or not port_ok or parts.scheme not in ("http", "https") or not parts.hostname
-            or parts.username is not None or parts.password is not None or parts.fragment
-            or any(c.isspace() or not c.isprintable() for c in url)):
-        raise InvalidInput(f"invalid webhook URL {url[:120]!r}",
-                           hint="give an http(s) URL with a host, e.g. https://svc.internal/hooks/keyvault "
-                                "(no user:password@, no #fragment)")
+    if (
+        len(url) > MAX_URL_LENGTH
+        or not port_ok
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.password is not None
+        or parts.fragment
+        or any(c.isspace() or not c.isprintable() for c in url)
+    ):
+        raise InvalidInput(
+            f"invalid webhook URL {url[:120]!r}",
+            hint="give an http(s) URL with a host, e.g. https://svc.internal/hooks/keyvault "
+            "(no user:password@, no #fragment)",
+        )
     return url
 
 
-def add_webhook(session: Session, *, keyring: crypto.Keyring, url: str, scopes: list[str],
-                secret: str | None = None, appid_pattern: str = DEFAULT_APPID_PATTERN) -> tuple[Webhook, str]:
+def add_webhook(
+    session: Session,
+    *,
+    keyring: crypto.Keyring,
+    url: str,
+    scopes: list[str],
+    secret: str | None = None,
+    appid_pattern: str = DEFAULT_APPID_PATTERN,
+) -> tuple[Webhook, str]:
     """Register a webhook; return it and its signing secret (generated unless given)."""
     url = validate_webhook_url(url)
     if not scopes:
@@ -213,8 +251,14 @@ def add_webhook(session: Session, *, keyring: crypto.Keyring, url: str, scopes: 
         get_cluster(session, name=cluster)
     secret = generate_secret() if secret is None else secret.strip()
     raw = parse_secret(secret)
-    hook = Webhook(url=url, scopes=json.dumps(scopes), secret_ciphertext=b"", secret_wrapped_key=b"",
-                   master_key_id=keyring.active, created_at=utcnow())
+    hook = Webhook(
+        url=url,
+        scopes=json.dumps(scopes),
+        secret_ciphertext=b"",
+        secret_wrapped_key=b"",
+        master_key_id=keyring.active,
+        created_at=utcnow(),
+    )
     session.add(hook)
     session.flush()  # the id is part of the secret's associated data
     sealed = crypto.seal(keyring, raw, webhook_aad(hook.id, url))
@@ -244,7 +288,8 @@ def delivery_counts(session: Session) -> dict[int, dict[str, int]]:
     """Deliveries per webhook and status."""
     counts: dict[int, dict[str, int]] = {}
     stmt = select(WebhookDelivery.webhook_id, WebhookDelivery.status, func.count()).group_by(
-        WebhookDelivery.webhook_id, WebhookDelivery.status)
+        WebhookDelivery.webhook_id, WebhookDelivery.status
+    )
     for hook_id, status, n in session.execute(stmt):
         counts.setdefault(hook_id, {})[status] = n
     return counts
@@ -253,13 +298,18 @@ def delivery_counts(session: Session) -> dict[int, dict[str, int]]:
 def webhook_info(hook: Webhook, counts: dict[str, int] | None = None) -> dict:
     """A JSON-ready description of a webhook (never its secret)."""
     counts = counts or {}
-    return {"id": hook.id, "url": hook.url, "scopes": json.loads(hook.scopes),
-            "status": "removed" if hook.removed_at else "active",
-            "created_at": hook.created_at.isoformat(),
-            "removed_at": hook.removed_at.isoformat() if hook.removed_at else None,
-            "master_key_id": hook.master_key_id,
-            "pending": counts.get("pending", 0), "delivered": counts.get("delivered", 0),
-            "dead": counts.get("dead", 0)}
+    return {
+        "id": hook.id,
+        "url": hook.url,
+        "scopes": json.loads(hook.scopes),
+        "status": "removed" if hook.removed_at else "active",
+        "created_at": hook.created_at.isoformat(),
+        "removed_at": hook.removed_at.isoformat() if hook.removed_at else None,
+        "master_key_id": hook.master_key_id,
+        "pending": counts.get("pending", 0),
+        "delivered": counts.get("delivered", 0),
+        "dead": counts.get("dead", 0),
+    }
 
 
 def remove_webhook(session: Session, *, webhook_id: int) -> Webhook:
@@ -292,21 +342,39 @@ def enqueue_deliveries(session: Session, *, now: datetime) -> int:
         grant = hook_grant(hook)
         mark = session.execute(
             select(Event.id, Event.created_at).where(
-                Event.id == select(func.max(WebhookDelivery.event_id))
-                .where(WebhookDelivery.webhook_id == hook.id).scalar_subquery())
+                Event.id
+                == select(func.max(WebhookDelivery.event_id))
+                .where(WebhookDelivery.webhook_id == hook.id)
+                .scalar_subquery()
+            )
         ).first()
         window = Event.created_at >= hook.created_at
         if mark is not None:
-            window = and_(window, or_(Event.id > mark.id, Event.created_at >= mark.created_at - FANOUT_LOOKBACK))
-        owed = exists().where(WebhookDelivery.webhook_id == hook.id, WebhookDelivery.event_id == Event.id)
+            window = and_(
+                window,
+                or_(Event.id > mark.id, Event.created_at >= mark.created_at - FANOUT_LOOKBACK),
+            )
+        owed = exists().where(
+            WebhookDelivery.webhook_id == hook.id, WebhookDelivery.event_id == Event.id
+        )
         events = session.execute(
             select(Event.id, Event.cluster, Event.scope)
             .where(window, _deliverable_type(), _event_filter(grant), ~owed)
-            .order_by(Event.id).limit(FANOUT_BATCH)
+            .order_by(Event.id)
+            .limit(FANOUT_BATCH)
         ).all()
-        rows = [{"webhook_id": hook.id, "event_id": e.id, "status": "pending", "attempts": 0,
-                 "next_attempt_at": now, "created_at": now}
-                for e in events if grant.allows(e.cluster, e.scope)]
+        rows = [
+            {
+                "webhook_id": hook.id,
+                "event_id": e.id,
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+            for e in events
+            if grant.allows(e.cluster, e.scope)
+        ]
         if rows:
             created += _insert_ignoring_duplicates(session, rows)
     session.flush()
@@ -318,8 +386,12 @@ def _insert_ignoring_duplicates(session: Session, rows: list[dict]) -> int:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    stmt = (insert(WebhookDelivery).values(rows)
-            .on_conflict_do_nothing(index_elements=["webhook_id", "event_id"]).returning(WebhookDelivery.id))
+    stmt = (
+        insert(WebhookDelivery)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["webhook_id", "event_id"])
+        .returning(WebhookDelivery.id)
+    )
     return len(session.execute(stmt).all())
 
 
@@ -332,7 +404,11 @@ def event_payload(event: Event) -> dict:
         stored = json.loads(event.payload or "{}")
     except ValueError:
         stored = {}
-    data = {name: stored[name] for name in PAYLOAD_FIELDS if name in stored} if isinstance(stored, dict) else {}
+    data = (
+        {name: stored[name] for name in PAYLOAD_FIELDS if name in stored}
+        if isinstance(stored, dict)
+        else {}
+    )
     data.update(event_id=event.id, cluster=event.cluster, scope=event.scope)
     data.setdefault("at", event.created_at.isoformat())
     return {"type": event.type, "timestamp": event.created_at.isoformat(), "data": data}
@@ -351,16 +427,25 @@ def sign(secret: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
 
 def signed_headers(secret: bytes, msg_id: str, timestamp: int, body: bytes) -> dict:
     """The headers of one signed request."""
-    return {"content-type": "application/json", "user-agent": "keyvault-webhooks/1",
-            "webhook-id": msg_id, "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(secret, msg_id, timestamp, body)}
+    return {
+        "content-type": "application/json",
+        "user-agent": "keyvault-webhooks/1",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, msg_id, timestamp, body),
+    }
 
 
 # --- delivery -------------------------------------------------------------------------------
 
 
-def backoff_delay(attempts: int, *, rand: Callable[[], float] = random.random,
-                  base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> timedelta:
+def backoff_delay(
+    attempts: int,
+    *,
+    rand: Callable[[], float] = random.random,
+    base: float = BACKOFF_BASE,
+    cap: float = BACKOFF_CAP,
+) -> timedelta:
     """Full jitter: uniform in [0, min(cap, base * 2^(attempts-1))) seconds."""
     ceiling = min(cap, base * (2 ** min(max(attempts - 1, 0), 32)))
     return timedelta(seconds=rand() * ceiling)
@@ -401,7 +486,7 @@ class DeliveryReport:
     dead: int = 0
     ids: list[int] = field(default_factory=list)
 
-    def add(self, other: "DeliveryReport") -> None:
+    def add(self, other: DeliveryReport) -> None:
         self.attempted += other.attempted
         self.delivered += other.delivered
         self.retrying += other.retrying
@@ -409,8 +494,12 @@ class DeliveryReport:
         self.ids.extend(other.ids)
 
     def as_dict(self) -> dict:
-        return {"attempted": self.attempted, "delivered": self.delivered, "retrying": self.retrying,
-                "dead": self.dead}
+        return {
+            "attempted": self.attempted,
+            "delivered": self.delivered,
+            "retrying": self.retrying,
+            "dead": self.dead,
+        }
 
 
 @dataclass(frozen=True)
@@ -430,13 +519,22 @@ def _clock(now: datetime | Clock) -> Clock:
     return now if callable(now) else (lambda: now)
 
 
-def _claim(session: Session, *, keyring: crypto.Keyring, now: datetime, skip: set[int],
-           secrets_cache: dict[int, bytes | str]) -> "_Claim | object | None":
+def _claim(
+    session: Session,
+    *,
+    keyring: crypto.Keyring,
+    now: datetime,
+    skip: set[int],
+    secrets_cache: dict[int, bytes | str],
+) -> _Claim | object | None:
     stmt = (
         select(WebhookDelivery)
         .join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
-        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now,
-               Webhook.removed_at.is_(None))
+        .where(
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.next_attempt_at <= now,
+            Webhook.removed_at.is_(None),
+        )
         .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
         .limit(1)
         .with_for_update(skip_locked=True, of=WebhookDelivery)
@@ -465,13 +563,29 @@ def _claim(session: Session, *, keyring: crypto.Keyring, now: datetime, skip: se
     row.next_attempt_at = now + LEASE
     session.flush()
     body = json.dumps(event_payload(event), sort_keys=True, separators=(",", ":")).encode()
-    return _Claim(delivery_id=row.id, attempts=row.attempts, url=hook.url, msg_id=message_id(event.id),
-                  body=body, secret=secrets_cache[hook.id])
+    return _Claim(
+        delivery_id=row.id,
+        attempts=row.attempts,
+        url=hook.url,
+        msg_id=message_id(event.id),
+        body=body,
+        secret=secrets_cache[hook.id],
+    )
 
 
-def _record(session: Session, claim: _Claim, *, now: datetime, status: int | None, error: str | None,
-            max_attempts: int, rand: Callable[[], float]) -> str:
-    row = session.scalar(select(WebhookDelivery).where(WebhookDelivery.id == claim.delivery_id).with_for_update())
+def _record(
+    session: Session,
+    claim: _Claim,
+    *,
+    now: datetime,
+    status: int | None,
+    error: str | None,
+    max_attempts: int,
+    rand: Callable[[], float],
+) -> str:
+    row = session.scalar(
+        select(WebhookDelivery).where(WebhookDelivery.id == claim.delivery_id).with_for_update()
+    )
     if error is None:
         if row.status != "delivered":
             row.status, row.delivered_at, row.last_status = "delivered", now, status
@@ -486,10 +600,19 @@ def _record(session: Session, claim: _Claim, *, now: datetime, status: int | Non
     return "retrying"
 
 
-def deliver_due(session_factory, *, keyring: crypto.Keyring, now: datetime | Clock, send: Sender | None = None,
-                limit: int = 100, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                rand: Callable[[], float] = random.random, timestamp: Callable[[], float] = time.time,
-                should_stop: Callable[[], bool] | None = None, skip: set[int] | None = None) -> DeliveryReport:
+def deliver_due(
+    session_factory,
+    *,
+    keyring: crypto.Keyring,
+    now: datetime | Clock,
+    send: Sender | None = None,
+    limit: int = 100,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    rand: Callable[[], float] = random.random,
+    timestamp: Callable[[], float] = time.time,
+    should_stop: Callable[[], bool] | None = None,
+    skip: set[int] | None = None,
+) -> DeliveryReport:
     """Send up to ``limit`` due deliveries, each claimed and recorded in its own transaction."""
     # ``now`` (a datetime or a clock) decides what is due and when a retry is; ``timestamp``
     # is the wall clock signed into webhook-timestamp (receivers compare it with theirs).
@@ -517,44 +640,88 @@ def deliver_due(session_factory, *, keyring: crypto.Keyring, now: datetime | Clo
         ts = int(timestamp())
         status, error = None, None
         try:
-            status = int(send(claim.url, claim.body, signed_headers(claim.secret, claim.msg_id, ts, claim.body)))
+            status = int(
+                send(
+                    claim.url,
+                    claim.body,
+                    signed_headers(claim.secret, claim.msg_id, ts, claim.body),
+                )
+            )
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
         except Exception as exc:  # noqa: BLE001 - any failure of the receiver is retried
             error = f"{type(exc).__name__}: {exc}".replace("\n", " ")
         with transaction(session_factory) as session:
-            outcome = _record(session, claim, now=clock(), status=status, error=error,
-                              max_attempts=max_attempts, rand=rand)
+            outcome = _record(
+                session,
+                claim,
+                now=clock(),
+                status=status,
+                error=error,
+                max_attempts=max_attempts,
+                rand=rand,
+            )
         if outcome == "delivered":
             report.delivered += 1
         elif outcome == "dead":
             report.dead += 1
-            log.warning("webhook delivery %s dead-lettered after %s attempts: %s",
-                        claim.delivery_id, claim.attempts, error)
+            log.warning(
+                "webhook delivery %s dead-lettered after %s attempts: %s",
+                claim.delivery_id,
+                claim.attempts,
+                error,
+            )
         else:
             report.retrying += 1
-            log.info("webhook delivery %s failed (attempt %s): %s", claim.delivery_id, claim.attempts, error)
+            log.info(
+                "webhook delivery %s failed (attempt %s): %s",
+                claim.delivery_id,
+                claim.attempts,
+                error,
+            )
     return report
 
 
-def deliveries(session: Session, *, failed_only: bool = False, limit: int = 100,
-               webhook_id: int | None = None) -> list[dict]:
+def deliveries(
+    session: Session, *, failed_only: bool = False, limit: int = 100, webhook_id: int | None = None
+) -> list[dict]:
     """Deliveries, newest first, as dicts; ``failed_only``: dead or last attempt failed."""
-    stmt = (select(WebhookDelivery, Event, Webhook)
-            .join(Event, Event.id == WebhookDelivery.event_id)
-            .join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
-            .order_by(WebhookDelivery.id.desc()).limit(limit))
+    stmt = (
+        select(WebhookDelivery, Event, Webhook)
+        .join(Event, Event.id == WebhookDelivery.event_id)
+        .join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
+        .order_by(WebhookDelivery.id.desc())
+        .limit(limit)
+    )
     if failed_only:
-        stmt = stmt.where(or_(WebhookDelivery.status == "dead",
-                              and_(WebhookDelivery.status == "pending", WebhookDelivery.last_error.is_not(None))))
+        stmt = stmt.where(
+            or_(
+                WebhookDelivery.status == "dead",
+                and_(WebhookDelivery.status == "pending", WebhookDelivery.last_error.is_not(None)),
+            )
+        )
     if webhook_id is not None:
         stmt = stmt.where(WebhookDelivery.webhook_id == webhook_id)
     out = []
     for row, event, hook in session.execute(stmt):
-        out.append({"id": row.id, "webhook_id": row.webhook_id, "url": hook.url, "event_id": row.event_id,
-                    "type": event.type, "cluster": event.cluster, "scope": event.scope, "status": row.status,
-                    "attempts": row.attempts, "last_status": row.last_status, "last_error": row.last_error,
-                    "next_attempt_at": row.next_attempt_at.isoformat() if row.status == "pending" else None,
-                    "created_at": row.created_at.isoformat(),
-                    "delivered_at": row.delivered_at.isoformat() if row.delivered_at else None})
+        out.append(
+            {
+                "id": row.id,
+                "webhook_id": row.webhook_id,
+                "url": hook.url,
+                "event_id": row.event_id,
+                "type": event.type,
+                "cluster": event.cluster,
+                "scope": event.scope,
+                "status": row.status,
+                "attempts": row.attempts,
+                "last_status": row.last_status,
+                "last_error": row.last_error,
+                "next_attempt_at": row.next_attempt_at.isoformat()
+                if row.status == "pending"
+                else None,
+                "created_at": row.created_at.isoformat(),
+                "delivered_at": row.delivered_at.isoformat() if row.delivered_at else None,
+            }
+        )
     return out

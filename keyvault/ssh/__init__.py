@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,15 @@ class StdinReply:
 class Connection(Protocol):
     label: str
 
-    def run(self, command: str, *, password: str | None = None, timeout: float, idle_timeout: float | None = None,
-            on_output: Callable[[bytes], "StdinReply | None"] | None = None) -> ExecResult:
+    def run(
+        self,
+        command: str,
+        *,
+        password: str | None = None,
+        timeout: float,
+        idle_timeout: float | None = None,
+        on_output: Callable[[bytes], StdinReply | None] | None = None,
+    ) -> ExecResult:
         """Run ``command``; with ``password``, answer a prompt on a PTY.
 
         Gives up (exit status None) after ``timeout`` seconds in all, or ``idle_timeout``

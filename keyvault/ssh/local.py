@@ -11,7 +11,7 @@ import os
 import selectors
 import subprocess
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from keyvault.errors import HostUnreachable
 from keyvault.ssh import ExecResult, SshTarget, StdinReply
@@ -25,13 +25,24 @@ class LocalConnection:
         self._env = dict(env)
         self.commands: list[str] = []
 
-    def run(self, command: str, *, password: str | None = None, timeout: float, idle_timeout: float | None = None,
-            on_output: Callable[[bytes], StdinReply | None] | None = None) -> ExecResult:
+    def run(
+        self,
+        command: str,
+        *,
+        password: str | None = None,
+        timeout: float,
+        idle_timeout: float | None = None,
+        on_output: Callable[[bytes], StdinReply | None] | None = None,
+    ) -> ExecResult:
         self.commands.append(command)
         deadline = time.monotonic() + timeout
-        proc = subprocess.Popen(["sh", "-c", command], env=self._env,
-                                stdin=subprocess.DEVNULL if on_output is None else subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            ["sh", "-c", command],
+            env=self._env,
+            stdin=subprocess.DEVNULL if on_output is None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         output = bytearray()
         with proc, selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
@@ -72,8 +83,13 @@ def _answer(proc: subprocess.Popen, reply: StdinReply | None) -> None:
 class LocalConnector:
     """Connects to nothing; ``unreachable`` addresses fail like a dead host."""
 
-    def __init__(self, env: Mapping[str, str], *, fingerprint: str = "SHA256:" + "A" * 43,
-                 unreachable: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        fingerprint: str = "SHA256:" + "A" * 43,
+        unreachable: frozenset[str] = frozenset(),
+    ) -> None:
         self.env = env
         self.fingerprint = fingerprint
         self.unreachable = unreachable
@@ -81,7 +97,9 @@ class LocalConnector:
 
     def connect(self, target: SshTarget) -> LocalConnection:
         if target.address in self.unreachable:
-            raise HostUnreachable(f"cannot connect to {target.address}:{target.port}", host=target.label)
+            raise HostUnreachable(
+                f"cannot connect to {target.address}:{target.port}", host=target.label
+            )
         conn = LocalConnection(target.label, self.env)
         self.connections.append(conn)
         return conn

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import paramiko
 
@@ -35,13 +35,22 @@ class ParamikoConnection:
     def __repr__(self) -> str:
         return f"ParamikoConnection({self.label})"
 
-    def run(self, command: str, *, password: str | None = None, timeout: float, idle_timeout: float | None = None,
-            on_output: Callable[[bytes], StdinReply | None] | None = None) -> ExecResult:
+    def run(
+        self,
+        command: str,
+        *,
+        password: str | None = None,
+        timeout: float,
+        idle_timeout: float | None = None,
+        on_output: Callable[[bytes], StdinReply | None] | None = None,
+    ) -> ExecResult:
         deadline = time.monotonic() + timeout
         try:
             chan = self._transport.open_session(timeout=timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise ConnectionLost(f"cannot open a channel on {self.label}: {exc}", host=self.label) from None
+            raise ConnectionLost(
+                f"cannot open a channel on {self.label}: {exc}", host=self.label
+            ) from None
         output = bytearray()
         try:
             if password is not None:
@@ -58,7 +67,7 @@ class ParamikoConnection:
                 chan.settimeout(remaining if idle_timeout is None else min(remaining, idle_timeout))
                 try:
                     chunk = chan.recv(_READ_CHUNK)
-                except socket.timeout:
+                except TimeoutError:
                     return ExecResult(bytes(output), None)
                 if not chunk:
                     break
@@ -120,10 +129,13 @@ class ParamikoConnector:
 
     def _open(self, target: SshTarget) -> paramiko.Transport:
         try:
-            sock = socket.create_connection((target.address, target.port), timeout=self.connect_timeout)
+            sock = socket.create_connection(
+                (target.address, target.port), timeout=self.connect_timeout
+            )
         except OSError as exc:
             raise HostUnreachable(
-                f"cannot connect to {target.address}:{target.port}: {exc.strerror or exc}", host=target.label
+                f"cannot connect to {target.address}:{target.port}: {exc.strerror or exc}",
+                host=target.label,
             ) from None
         # Without this every new channel stalls ~40 ms on delayed ACKs.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -132,7 +144,9 @@ class ParamikoConnector:
             transport.start_client(timeout=self.connect_timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             transport.close()
-            raise HostUnreachable(f"SSH handshake with {target.label} failed: {exc}", host=target.label) from None
+            raise HostUnreachable(
+                f"SSH handshake with {target.label} failed: {exc}", host=target.label
+            ) from None
         return transport
 
     def offered_fingerprint(self, target: SshTarget) -> str:
@@ -145,13 +159,17 @@ class ParamikoConnector:
     def _verify_host_key(self, transport: paramiko.Transport, target: SshTarget) -> None:
         key = transport.get_remote_server_key()
         offered = sha256_fingerprint(key.asbytes())
-        trust = f"keyvault host trust {target.cluster} {target.address}" + (f" --port {target.port}" if target.port != 22 else "")
+        trust = f"keyvault host trust {target.cluster} {target.address}" + (
+            f" --port {target.port}" if target.port != 22 else ""
+        )
         if target.pinned_fingerprint:
             if offered != target.pinned_fingerprint:
                 raise HostKeyError(
                     f"HOST KEY CHANGED for {target.address}:{target.port}: offered {offered}, "
                     f"pinned {target.pinned_fingerprint}",
-                    host=target.label, offered=offered, pinned=target.pinned_fingerprint,
+                    host=target.label,
+                    offered=offered,
+                    pinned=target.pinned_fingerprint,
                     hint=f"if the host was really re-keyed, check the new key out of band and run `{trust}`",
                 )
             return
@@ -164,17 +182,23 @@ class ParamikoConnector:
                     return
                 raise HostKeyError(
                     f"HOST KEY CHANGED for {name}: offered {offered} differs from {self.known_hosts_file}",
-                    host=target.label, offered=offered, pinned=None,
+                    host=target.label,
+                    offered=offered,
+                    pinned=None,
                     hint="check the new key out of band and fix the known_hosts file",
                 )
         raise HostKeyError(
             f"unknown host key for {target.address}:{target.port}: offered {offered}",
-            host=target.label, offered=offered, pinned=None,
+            host=target.label,
+            offered=offered,
+            pinned=None,
             hint=f"verify it out of band, then run `{trust}`",
         )
 
     def _authenticate(self, transport: paramiko.Transport, target: SshTarget) -> None:
-        identity = target.identity_file or (str(self.default_identity) if self.default_identity else None)
+        identity = target.identity_file or (
+            str(self.default_identity) if self.default_identity else None
+        )
         passphrase = target.passphrase if target.passphrase is not None else self._passphrase
         try:
             if identity:
@@ -201,7 +225,9 @@ class ParamikoConnector:
         except paramiko.AuthenticationException:
             pass
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise HostUnreachable(f"SSH authentication with {target.label} broke off: {exc}", host=target.label) from None
+            raise HostUnreachable(
+                f"SSH authentication with {target.label} broke off: {exc}", host=target.label
+            ) from None
         if not transport.is_authenticated():
             raise AuthenticationFailed(
                 f"{target.label} refused authentication",
@@ -223,6 +249,10 @@ class ParamikoConnector:
 
 def connector_from_settings(settings) -> ParamikoConnector:
     """The real connector, configured from ``Settings`` (CLI, HTTP rotate, scheduler)."""
-    return ParamikoConnector(connect_timeout=settings.ssh_connect_timeout, known_hosts_file=settings.known_hosts_file,
-                             su_prompt=settings.su_prompt, default_identity=settings.ssh_identity_file,
-                             passphrase=settings.ssh_passphrase)
+    return ParamikoConnector(
+        connect_timeout=settings.ssh_connect_timeout,
+        known_hosts_file=settings.known_hosts_file,
+        su_prompt=settings.su_prompt,
+        default_identity=settings.ssh_identity_file,
+        passphrase=settings.ssh_passphrase,
+    )

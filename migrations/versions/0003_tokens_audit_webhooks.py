@@ -72,9 +72,13 @@ def upgrade() -> None:
         sa.Column("created_at", UTCDateTime, nullable=False),
         sa.Column("delivered_at", UTCDateTime),
         sa.UniqueConstraint("webhook_id", "event_id", name="uq_webhook_deliveries_event"),
-        sa.CheckConstraint("status IN ('pending', 'delivered', 'dead')", name="ck_webhook_deliveries_status"),
+        sa.CheckConstraint(
+            "status IN ('pending', 'delivered', 'dead')", name="ck_webhook_deliveries_status"
+        ),
     )
-    op.create_index("ix_webhook_deliveries_due", "webhook_deliveries", ["status", "next_attempt_at"])
+    op.create_index(
+        "ix_webhook_deliveries_due", "webhook_deliveries", ["status", "next_attempt_at"]
+    )
 
 
 def downgrade() -> None:

@@ -9,8 +9,8 @@ import sys
 import click
 import pytest
 from click.testing import CliRunner
-
 from db_fixtures import Cli, clear_keyvault_env, describe, expect, new_key
+
 from keyvault.cli import main
 
 HEAVY = ("sqlalchemy", "alembic", "paramiko", "cryptography", "psycopg")
@@ -126,7 +126,15 @@ def all_commands_with_objects(command: click.Command = main, path: tuple[str, ..
         ["import", "--cluster", CLUSTER, "--bogus"],
         ["cluster", "add", CLUSTER],  # --open-api-url missing
     ],
-    ids=["unknown-command", "missing-cluster", "root-and-appid", "no-scope", "bad-version", "unknown-option", "missing-url"],
+    ids=[
+        "unknown-command",
+        "missing-cluster",
+        "root-and-appid",
+        "no-scope",
+        "bad-version",
+        "unknown-option",
+        "missing-url",
+    ],
 )
 def test_usage_errors_exit_2(args, nowhere):
     result = CliRunner().invoke(main, args, input="")
@@ -139,7 +147,9 @@ def test_usage_errors_exit_2(args, nowhere):
     assert not nowhere.exists()
 
 
-@pytest.mark.parametrize("appid", ["x; rm -rf ~", "$(id)", "a'b", 'a"b', "a\nb", "-rf", "a" * 65, "ａｐｐ"])
+@pytest.mark.parametrize(
+    "appid", ["x; rm -rf ~", "$(id)", "a'b", 'a"b', "a\nb", "-rf", "a" * 65, "ａｐｐ"]
+)
 def test_invalid_appid_is_exit_2_with_one_error_line(appid, nowhere):
     result = CliRunner().invoke(main, ["secrets", "show", "--cluster", CLUSTER, f"--appid={appid}"])
     one_error_line(result, 2, "invalid APPID")
@@ -167,12 +177,20 @@ def test_garbage_sqlite_file_is_a_clean_database_error(tmp_path, monkeypatch, no
 
 @pytest.mark.parametrize(
     "args",
-    [["secrets", "list"], ["cluster", "list"], ["db", "current"], ["db", "check"], ["db", "upgrade"], ["init"]],
+    [
+        ["secrets", "list"],
+        ["cluster", "list"],
+        ["db", "current"],
+        ["db", "check"],
+        ["db", "upgrade"],
+        ["init"],
+    ],
     ids=lambda a: " ".join(a),
 )
 def test_unreachable_postgres_is_a_clean_database_error(monkeypatch, nowhere, args):
     monkeypatch.setenv(
-        "KEYVAULT_DATABASE_URL", "postgresql+psycopg://kv:Pw-sEcReT-99@127.0.0.1:1/none?connect_timeout=2"
+        "KEYVAULT_DATABASE_URL",
+        "postgresql+psycopg://kv:Pw-sEcReT-99@127.0.0.1:1/none?connect_timeout=2",
     )
     line = one_error_line(CliRunner().invoke(main, args), 1, "the database", "Connection refused")
     assert "internal error" not in line
@@ -181,15 +199,24 @@ def test_unreachable_postgres_is_a_clean_database_error(monkeypatch, nowhere, ar
 
 def test_operational_errors_exit_1_with_one_line(cli: Cli):
     expect(cli("init"))
-    one_error_line(cli("secrets", "list", "--cluster", "nope"), 1, "no cluster named 'nope'", "keyvault cluster")
+    one_error_line(
+        cli("secrets", "list", "--cluster", "nope"),
+        1,
+        "no cluster named 'nope'",
+        "keyvault cluster",
+    )
     one_error_line(cli("secrets", "show", "--cluster", "nope", "--root"), 1, "no cluster")
     one_error_line(cli("import", "--cluster", "nope", "--root", input=new_key()), 1, "no cluster")
     expect(cli("cluster", "add", CLUSTER, "--open-api-url", "http://ta2:8992"))
-    one_error_line(cli("cluster", "add", CLUSTER, "--open-api-url", "http://ta2:8992"), 1, "already exists")
+    one_error_line(
+        cli("cluster", "add", CLUSTER, "--open-api-url", "http://ta2:8992"), 1, "already exists"
+    )
     one_error_line(cli("secrets", "history", "--cluster", CLUSTER, "--root"), 1, "no key stored")
     # input errors found by keyvault (not by click) are exit 2, one line as well
     one_error_line(cli("import", "--cluster", CLUSTER, "--root", input=""), 2, "no key given")
-    one_error_line(cli("cluster", "add", "bad name", "--open-api-url", "http://x"), 2, "invalid cluster name")
+    one_error_line(
+        cli("cluster", "add", "bad name", "--open-api-url", "http://x"), 2, "invalid cluster name"
+    )
 
 
 # --- JSON ------------------------------------------------------------------------------
@@ -199,7 +226,11 @@ def test_json_output_parses(cli: Cli):
     expect(cli("init"))
     assert json.loads(expect(cli("cluster", "list", "--json")).stdout) == []
     assert json.loads(expect(cli("secrets", "list", "--json")).stdout) == []
-    expect(cli("cluster", "add", CLUSTER, "--open-api-url", "http://ta2:8992/", "--login-name", "admin"))
+    expect(
+        cli(
+            "cluster", "add", CLUSTER, "--open-api-url", "http://ta2:8992/", "--login-name", "admin"
+        )
+    )
     keys = [new_key(), new_key()]
     for key in keys:
         expect(cli("import", "--cluster", CLUSTER, "--appid", "demo", input=key + "\n"))
@@ -214,14 +245,23 @@ def test_json_output_parses(cli: Cli):
     assert [(r["scope"], r["version"]) for r in listed] == [("app:demo", 2), ("root", 1)]
     assert all("key" not in r for r in listed)
 
-    rows = json.loads(expect(cli("secrets", "history", "--cluster", CLUSTER, "--appid", "demo", "--json")).stdout)
-    assert [(r["version"], r["state"], r["superseded_by"]) for r in rows] == [(1, "invalidated", 2), (2, "current", None)]
+    rows = json.loads(
+        expect(cli("secrets", "history", "--cluster", CLUSTER, "--appid", "demo", "--json")).stdout
+    )
+    assert [(r["version"], r["state"], r["superseded_by"]) for r in rows] == [
+        (1, "invalidated", 2),
+        (2, "current", None),
+    ]
     assert all("key" not in r for r in rows)
 
-    shown = json.loads(expect(cli("secrets", "show", "--cluster", CLUSTER, "--appid", "demo", "--json")).stdout)
+    shown = json.loads(
+        expect(cli("secrets", "show", "--cluster", CLUSTER, "--appid", "demo", "--json")).stdout
+    )
     assert shown["version"] == 2 and shown["key"].startswith("********")
     revealed = json.loads(
-        expect(cli("secrets", "show", "--cluster", CLUSTER, "--appid", "demo", "--reveal", "--json")).stdout
+        expect(
+            cli("secrets", "show", "--cluster", CLUSTER, "--appid", "demo", "--reveal", "--json")
+        ).stdout
     )
     ok = revealed["key"] == keys[1]
     assert ok, "--reveal --json did not return the imported key"
@@ -245,20 +285,27 @@ def test_tables_for_people(cli: Cli):
 
 # --- lazy imports ----------------------------------------------------------------------
 
-PROBE = """
+PROBE = f"""
 import sys
 from keyvault.cli import main
 try:
     main(sys.argv[1:], standalone_mode=False)
 except SystemExit:
     pass
-print("HEAVY=" + ",".join(sorted({{m.split(".")[0] for m in sys.modules}} & {heavy!r})))
-""".format(heavy=set(HEAVY))
+print("HEAVY=" + ",".join(sorted({{m.split(".")[0] for m in sys.modules}} & {set(HEAVY)!r})))
+"""
 
 
 @pytest.mark.parametrize(
     "args",
-    [["--help"], ["--version"], ["secrets", "--help"], ["secrets", "show", "--help"], ["db", "--help"], ["import", "-h"]],
+    [
+        ["--help"],
+        ["--version"],
+        ["secrets", "--help"],
+        ["secrets", "show", "--help"],
+        ["db", "--help"],
+        ["import", "-h"],
+    ],
     ids=lambda a: " ".join(a),
 )
 def test_help_imports_no_heavy_library(args, nowhere):
@@ -271,10 +318,16 @@ def test_help_imports_no_heavy_library(args, nowhere):
 
 def test_importtime_of_help_lists_no_heavy_module(nowhere):
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "keyvault", "--help"], capture_output=True, text=True
+        [sys.executable, "-X", "importtime", "-m", "keyvault", "--help"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0
-    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
+    imported = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in result.stderr.splitlines()
+        if "|" in line
+    }
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
     assert "keyvault" in imported and "click" in imported
 
@@ -283,13 +336,17 @@ def test_importtime_of_help_lists_no_heavy_module(nowhere):
 
 
 def keyvault_process(*args: str, code: str = "from keyvault.cli import run; run()"):
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_executable_keeps_exit_status_and_error_line(nowhere):
     result = keyvault_process("secrets", "list")
     assert result.returncode == 1, result
-    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1, (
+        result.stderr
+    )
     assert keyvault_process("secrets", "show", "--cluster").returncode == 2
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from db_fixtures import describe, expect
+
 from keyvault.sandbox import state as st
 from keyvault.sandbox.run import SandboxPaths, stop
 
@@ -64,10 +64,18 @@ def registered(home: Path):
     try:
         with transaction(session_factory(engine)) as session:
             cluster = get_cluster(session, name="sandbox")
-            hosts = [dict(address=h.address, port=h.port, username=h.username, become=h.become,
-                          ta_user=h.ta_user, identity_file=h.identity_file,
-                          fingerprint=h.host_key_fingerprint)
-                     for h in list_hosts(session, cluster_name="sandbox")]
+            hosts = [
+                {
+                    "address": h.address,
+                    "port": h.port,
+                    "username": h.username,
+                    "become": h.become,
+                    "ta_user": h.ta_user,
+                    "identity_file": h.identity_file,
+                    "fingerprint": h.host_key_fingerprint,
+                }
+                for h in list_hosts(session, cluster_name="sandbox")
+            ]
             return cluster.open_api_url, cluster_options(cluster), hosts
     finally:
         engine.dispose()
@@ -114,9 +122,17 @@ def test_up_registers_status_reports_down_stops(kvhome, run):
     assert options["login_name"] == "root"
     state = st.read_state(paths.state_dir)
     assert options["project_ids"] == {a: v["project_id"] for a, v in state["apps"].items()}
-    assert hosts == [dict(address="127.0.0.1", port=ssh_port, username="root", become="su",
-                          ta_user="ta", identity_file=str(paths.client_key),
-                          fingerprint=status["host_key_fingerprint"])]
+    assert hosts == [
+        {
+            "address": "127.0.0.1",
+            "port": ssh_port,
+            "username": "root",
+            "become": "su",
+            "ta_user": "ta",
+            "identity_file": str(paths.client_key),
+            "fingerprint": status["host_key_fingerprint"],
+        }
+    ]
 
     # a second `up` finds it running and leaves one host registered
     again = expect(run("sandbox", "up", *FREE_PORTS))

@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     finally:
         app.close()
-    print(f"rotation {outcome.rotation_id} {outcome.state} v{outcome.new_version} {outcome.new_fingerprint}",
-          flush=True)
+    print(
+        f"rotation {outcome.rotation_id} {outcome.state} v{outcome.new_version} {outcome.new_fingerprint}",
+        flush=True,
+    )
     return 0
 
 

@@ -19,9 +19,9 @@ import secrets
 from pathlib import Path
 
 import pytest
+from db_fixtures import Cli, Database, _admin_engine, describe, expect, new_key
 from sqlalchemy import select, text
 
-from db_fixtures import Cli, Database, _admin_engine, describe, expect, new_key
 from keyvault import crypto
 from keyvault.db import SCHEMA_HEAD, make_engine, session_factory, transaction
 from keyvault.models import AuditRecord, Rotation, ScopeSchedule, utcnow
@@ -60,14 +60,26 @@ def import_key(cli: Cli, cluster: str, appid: str | None, key: str) -> None:
 
 
 def reveal(cli: Cli, cluster: str, appid: str | None, version: int) -> str:
-    result = expect(cli("secrets", "show", "--cluster", cluster, *scope_args(appid), "--reveal",
-                        "--version", str(version)))
+    result = expect(
+        cli(
+            "secrets",
+            "show",
+            "--cluster",
+            cluster,
+            *scope_args(appid),
+            "--reveal",
+            "--version",
+            str(version),
+        )
+    )
     assert result.stdout.count("\n") == 1, describe(result)
     return result.stdout[:-1]
 
 
 def history(cli: Cli, cluster: str, appid: str | None) -> list[dict]:
-    return json.loads(expect(cli("secrets", "history", "--cluster", cluster, *scope_args(appid), "--json")).stdout)
+    return json.loads(
+        expect(cli("secrets", "history", "--cluster", cluster, *scope_args(appid), "--json")).stdout
+    )
 
 
 def dump_all(url: str) -> dict[str, list[dict]]:
@@ -76,7 +88,10 @@ def dump_all(url: str) -> dict[str, list[dict]]:
     try:
         with engine.connect() as conn:
             return {
-                t.name: [dict(r._mapping) for r in conn.execute(select(t).order_by(*t.primary_key.columns))]
+                t.name: [
+                    dict(r._mapping)
+                    for r in conn.execute(select(t).order_by(*t.primary_key.columns))
+                ]
                 for t in service.backup_tables()
             }
     finally:
@@ -106,7 +121,12 @@ def key_forms(key: str) -> dict[str, bytes]:
 
 def find_keys(blob: bytes, keys: dict[str, str]) -> list[str]:
     """Names (never values) of the keys found in ``blob``, in any of their forms."""
-    return [f"{name} as {form}" for name, key in keys.items() for form, b in key_forms(key).items() if b in blob]
+    return [
+        f"{name} as {form}"
+        for name, key in keys.items()
+        for form, b in key_forms(key).items()
+        if b in blob
+    ]
 
 
 def wipe(database: Database) -> None:
@@ -118,8 +138,13 @@ def wipe(database: Database) -> None:
     engine = _admin_engine(database.server_url)
     try:
         with engine.connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                              " WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": database.name})
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = :n AND pid <> pg_backend_pid()"
+                ),
+                {"n": database.name},
+            )
             conn.execute(text(f'DROP DATABASE "{database.name}"'))
             conn.execute(text(f'CREATE DATABASE "{database.name}"'))
     finally:
@@ -138,13 +163,35 @@ def populate(cli: Cli, home) -> dict[tuple, list[str]]:
     expect(cli("init"))
     for name in CLUSTERS:
         expect(cli("cluster", "add", name, "--open-api-url", f"http://{name}:8992"))
-    expect(cli("host", "add", "ta2", "10.0.0.2", "--user", "ops", "--become", "sudo",
-               "--fingerprint", "SHA256:" + "B" * 43))
+    expect(
+        cli(
+            "host",
+            "add",
+            "ta2",
+            "10.0.0.2",
+            "--user",
+            "ops",
+            "--become",
+            "sudo",
+            "--fingerprint",
+            "SHA256:" + "B" * 43,
+        )
+    )
     expect(cli("host", "add", "ta3", "10.0.0.3", "--port", "2222"))
     expect(cli("token", "create", "reader", "--scope", "app:ta2/demo", "--expires", "90d"))
     expect(cli("token", "create", "rotator", "--scope", "root:ta3", "--rotate"))
     expect(cli("token", "revoke", "rotator"))
-    expect(cli("webhook", "add", "http://127.0.0.1:9/hook", "--scope", "app:ta2/*", "--scope", "root:ta3"))
+    expect(
+        cli(
+            "webhook",
+            "add",
+            "http://127.0.0.1:9/hook",
+            "--scope",
+            "app:ta2/*",
+            "--scope",
+            "root:ta3",
+        )
+    )
     expect(cli("policy", "set", "--cluster", "ta2", "--all-apps", "--max-age", "30d"))
     keys: dict[tuple, list[str]] = {}
     for (cluster, appid), n in SCOPES.items():
@@ -160,20 +207,67 @@ def populate(cli: Cli, home) -> dict[tuple, list[str]]:
     try:
         with transaction(session_factory(engine)) as s:
             now = utcnow()
-            host_id = s.execute(text("SELECT id FROM hosts WHERE address = '10.0.0.2'")).scalar_one()
+            host_id = s.execute(
+                text("SELECT id FROM hosts WHERE address = '10.0.0.2'")
+            ).scalar_one()
             cluster_id = s.execute(text("SELECT id FROM clusters WHERE name = 'ta2'")).scalar_one()
-            s.add(Rotation(id="r" + secrets.token_hex(8), cluster_id=cluster_id, scope="app:demo",
-                           state="completed", host_id=host_id, host_label="ops@10.0.0.2:22", actor="pytest",
-                           created_at=now, updated_at=now, old_version=2, new_version=3,
-                           new_fingerprint=crypto.fingerprint(keys[("ta2", "demo")][2]), cleaned_up=True,
-                           verify_state="ok", verify_code=0, verify_message="ok", verified_at=now))
-            s.add(Rotation(id="r" + secrets.token_hex(8), cluster_id=cluster_id, scope="root",
-                           state="failed", host_id=None, host_label="ops@10.0.0.2:22", actor="pytest",
-                           created_at=now, updated_at=now, error="ta-tool said no"))
-            s.add(AuditRecord(at=now, token_name="reader", action="read", cluster="ta2", scope="app:demo",
-                              version=3, client="127.0.0.1", outcome="ok"))
-            s.add(ScopeSchedule(cluster_id=cluster_id, scope="app:demo", consecutive_failures=2,
-                                next_attempt_at=now, last_error="refused", updated_at=now))
+            s.add(
+                Rotation(
+                    id="r" + secrets.token_hex(8),
+                    cluster_id=cluster_id,
+                    scope="app:demo",
+                    state="completed",
+                    host_id=host_id,
+                    host_label="ops@10.0.0.2:22",
+                    actor="pytest",
+                    created_at=now,
+                    updated_at=now,
+                    old_version=2,
+                    new_version=3,
+                    new_fingerprint=crypto.fingerprint(keys[("ta2", "demo")][2]),
+                    cleaned_up=True,
+                    verify_state="ok",
+                    verify_code=0,
+                    verify_message="ok",
+                    verified_at=now,
+                )
+            )
+            s.add(
+                Rotation(
+                    id="r" + secrets.token_hex(8),
+                    cluster_id=cluster_id,
+                    scope="root",
+                    state="failed",
+                    host_id=None,
+                    host_label="ops@10.0.0.2:22",
+                    actor="pytest",
+                    created_at=now,
+                    updated_at=now,
+                    error="ta-tool said no",
+                )
+            )
+            s.add(
+                AuditRecord(
+                    at=now,
+                    token_name="reader",
+                    action="read",
+                    cluster="ta2",
+                    scope="app:demo",
+                    version=3,
+                    client="127.0.0.1",
+                    outcome="ok",
+                )
+            )
+            s.add(
+                ScopeSchedule(
+                    cluster_id=cluster_id,
+                    scope="app:demo",
+                    consecutive_failures=2,
+                    next_attempt_at=now,
+                    last_error="refused",
+                    updated_at=now,
+                )
+            )
             s.flush()
             assert webhooks.enqueue_deliveries(s, now=now) > 0
     finally:
@@ -184,7 +278,9 @@ def populate(cli: Cli, home) -> dict[tuple, list[str]]:
 def check_every_version(cli: Cli, keys: dict[tuple, list[str]]) -> None:
     for (cluster, appid), scope_keys in keys.items():
         for number, key in enumerate(scope_keys, start=1):
-            same_key(reveal(cli, cluster, appid, number), key, f"{cluster} {appid or 'root'} v{number}")
+            same_key(
+                reveal(cli, cluster, appid, number), key, f"{cluster} {appid or 'root'} v{number}"
+            )
 
 
 def all_histories(cli: Cli, keys) -> dict:
@@ -198,17 +294,26 @@ def open_body(data: bytes, keyring: crypto.Keyring) -> tuple[bytes, dict]:
     header, sealed_part = service.read_header(data)
     n = crypto.NONCE_BYTES + crypto.KEY_BYTES + 16
     sealed = crypto.Sealed(sealed_part[n:], sealed_part[:n], header.master_key_id)
-    body = json.loads(gzip.decompress(crypto.unseal(keyring, sealed, service.body_aad(header.raw), what="t")))
+    body = json.loads(
+        gzip.decompress(crypto.unseal(keyring, sealed, service.body_aad(header.raw), what="t"))
+    )
     return header.raw, body
 
 
 def seal_body(raw_header: bytes, body: dict, keyring: crypto.Keyring) -> bytes:
-    sealed = crypto.seal(keyring, gzip.compress(json.dumps(body).encode()), service.body_aad(raw_header))
+    sealed = crypto.seal(
+        keyring, gzip.compress(json.dumps(body).encode()), service.body_aad(raw_header)
+    )
     return raw_header + sealed.wrapped_key + sealed.ciphertext
 
 
 def make_header(fields: dict) -> bytes:
-    head = service.MAGIC + b"\n" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    head = (
+        service.MAGIC
+        + b"\n"
+        + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+        + b"\n"
+    )
     return head + hashlib.sha256(head).hexdigest().encode() + b"\n"
 
 
@@ -238,16 +343,41 @@ def populated(cli, home, database: Database, tmp_path):
 
 
 def test_backup_wipe_restore_brings_everything_back(cli, home, database: Database, populated):
-    keys, before, path, result = populated["keys"], populated["before"], populated["file"], populated["result"]
+    keys, before, path, result = (
+        populated["keys"],
+        populated["before"],
+        populated["file"],
+        populated["result"],
+    )
     ring = live_keyring(home)
-    for table in ("master_keys", "clusters", "secrets", "secret_versions", "events", "hosts", "rotations",
-                  "access_tokens", "audit_log", "webhooks", "webhook_deliveries", "revision",
-                  "rotation_policies", "scope_schedules", "leases"):
+    for table in (
+        "master_keys",
+        "clusters",
+        "secrets",
+        "secret_versions",
+        "events",
+        "hosts",
+        "rotations",
+        "access_tokens",
+        "audit_log",
+        "webhooks",
+        "webhook_deliveries",
+        "revision",
+        "rotation_policies",
+        "scope_schedules",
+        "leases",
+    ):
         assert before.get(table), f"the test store has no {table} rows"
-    assert len(before["master_keys"]) == 2 and sum(r["retired_at"] is None for r in before["master_keys"]) == 1
+    assert (
+        len(before["master_keys"]) == 2
+        and sum(r["retired_at"] is None for r in before["master_keys"]) == 1
+    )
 
     # The backup: what it says, and what the file is.
-    assert ring.active in result.stdout and f"{len(before['secret_versions'])} secret_versions" in result.stdout
+    assert (
+        ring.active in result.stdout
+        and f"{len(before['secret_versions'])} secret_versions" in result.stdout
+    )
     assert "master key is not in the backup" in result.stderr
     assert path.stat().st_mode & 0o777 == 0o600
     blob = path.read_bytes()
@@ -255,18 +385,27 @@ def test_backup_wipe_restore_brings_everything_back(cli, home, database: Databas
     fields = header_fields(blob)
     assert fields["master_key_id"] == ring.active and fields["schema_revision"] == SCHEMA_HEAD
     assert fields["format"] == 1 and "created_at" in fields
-    all_keys = {f"{c} {a or 'root'} v{i}": k for (c, a), ks in keys.items() for i, k in enumerate(ks, 1)}
+    all_keys = {
+        f"{c} {a or 'root'} v{i}": k for (c, a), ks in keys.items() for i, k in enumerate(ks, 1)
+    }
     assert not find_keys(blob, all_keys), "a key is in the backup file in clear"
-    assert not find_keys(blob, {f"master key {k}": base64.b64encode(v).decode() for k, v in ring.keys.items()})
+    assert not find_keys(
+        blob, {f"master key {k}": base64.b64encode(v).decode() for k, v in ring.keys.items()}
+    )
     assert ring.keys[ring.active] not in blob
-    assert b"secret_versions" not in blob and b"http://ta2:8992" not in blob  # the body is encrypted
+    assert (
+        b"secret_versions" not in blob and b"http://ta2:8992" not in blob
+    )  # the body is encrypted
 
     # Wipe, init with the same keyring, restore.
     fresh_store(cli, database)
     assert not dump_all(home.database_url)["secret_versions"]
     restored = expect(cli("restore", str(path)))
     assert f"master key {ring.active}" in restored.stdout
-    assert f"every secret version decrypts ({len(before['secret_versions'])} checked)" in restored.stdout
+    assert (
+        f"every secret version decrypts ({len(before['secret_versions'])} checked)"
+        in restored.stdout
+    )
 
     after = dump_all(home.database_url)
     assert without_revision(after) == without_revision(before)
@@ -289,8 +428,15 @@ def test_backup_wipe_restore_brings_everything_back(cli, home, database: Databas
     expect(cli("webhook", "add", "http://127.0.0.1:9/later", "--scope", "root:ta4"))
     expect(cli("policy", "set", "--cluster", "ta4", "--root", "--max-age", "7d"))
     grown = dump_all(home.database_url)
-    for table in ("clusters", "secret_versions", "events", "hosts", "access_tokens", "webhooks",
-                  "rotation_policies"):
+    for table in (
+        "clusters",
+        "secret_versions",
+        "events",
+        "hosts",
+        "access_tokens",
+        "webhooks",
+        "rotation_policies",
+    ):
         assert len(grown[table]) == len(before[table]) + 1, table
         assert grown[table][-1]["id"] > max(r["id"] for r in before[table]), table
     check_every_version(cli, keys)
@@ -304,13 +450,17 @@ def test_backup_refuses_to_overwrite_without_force(cli, home, populated):
     expect(cli("backup", str(path), "--force"))
     assert path.read_bytes() != first  # a new file (fresh data key and nonces)
     assert path.stat().st_mode & 0o777 == 0o600
-    assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith(".")) == []  # no temp files
+    assert (
+        sorted(p.name for p in path.parent.iterdir() if p.name.startswith(".")) == []
+    )  # no temp files
 
 
 # --- refusals leave the database untouched -----------------------------------------------------
 
 
-def test_restore_with_a_wrong_keyring_is_refused(cli, home, database: Database, populated, tmp_path):
+def test_restore_with_a_wrong_keyring_is_refused(
+    cli, home, database: Database, populated, tmp_path
+):
     path = populated["file"]
     original_ring = home.master_key_file.read_bytes()
     # Another machine: a fresh database and `keyvault init` made a new keyring.
@@ -328,13 +478,20 @@ def test_restore_with_a_wrong_keyring_is_refused(cli, home, database: Database, 
     backup_id = header_fields(path.read_bytes())["master_key_id"]
     assert backup_id not in other.keys
     impostor = tmp_path / "impostor.key"
-    crypto.save_keyring(impostor, crypto.Keyring(active=backup_id, keys={backup_id: secrets.token_bytes(32)}))
+    crypto.save_keyring(
+        impostor, crypto.Keyring(active=backup_id, keys={backup_id: secrets.token_bytes(32)})
+    )
     home.master_key_file.unlink()
     impostor.rename(home.master_key_file)
     wipe(database)
     expect(cli("init"))
     unchanged = dump_all(home.database_url)
-    one_error_line(cli("restore", str(path)), 1, f"master key {backup_id}", "not the key this backup was made with")
+    one_error_line(
+        cli("restore", str(path)),
+        1,
+        f"master key {backup_id}",
+        "not the key this backup was made with",
+    )
     assert dump_all(home.database_url) == unchanged
 
     # The right keyring restores it.
@@ -347,7 +504,7 @@ def test_restore_with_a_wrong_keyring_is_refused(cli, home, database: Database, 
 
 def damaged_variants(blob: bytes, ring: crypto.Keyring) -> dict[str, tuple[bytes, int, str]]:
     """name -> (file content, exit code, fragment of the error)."""
-    raw_header, body = open_body(blob, ring)
+    raw_header, _body = open_body(blob, ring)
     body_start = len(raw_header) + 60
     fields = header_fields(raw_header)
 
@@ -360,22 +517,31 @@ def damaged_variants(blob: bytes, ring: crypto.Keyring) -> dict[str, tuple[bytes
     changed_created = created[:-1] + ("1" if created[-1] != "1" else "2")
     forged = make_header({**fields, "created_at": changed_created})  # checksum recomputed
     return {
-        "flipped body byte": (flipped(body_start + (len(blob) - body_start) // 2), 1, "integrity check"),
+        "flipped body byte": (
+            flipped(body_start + (len(blob) - body_start) // 2),
+            1,
+            "integrity check",
+        ),
         "flipped last byte (tag)": (flipped(len(blob) - 1), 1, "integrity check"),
         "flipped wrapped key byte": (flipped(len(raw_header) + 20), 1, "integrity check"),
         "truncated body": (blob[: len(blob) - 100], 1, "integrity check"),
         "truncated after the header": (blob[: len(raw_header) + 30], 1, "truncated"),
         "truncated header": (blob[: len(raw_header) // 2], 2, "truncated or damaged"),
-        "header byte changed": (blob.replace(created.encode(), changed_created.encode(), 1), 1,
-                                "header is damaged"),
-        "header forged with its checksum": (forged + blob[len(raw_header):], 1, "integrity check"),
+        "header byte changed": (
+            blob.replace(created.encode(), changed_created.encode(), 1),
+            1,
+            "header is damaged",
+        ),
+        "header forged with its checksum": (forged + blob[len(raw_header) :], 1, "integrity check"),
         "other magic": (b"KVBACKUP7" + blob[9:], 2, "not supported"),
         "not a backup": (b"hello\n" + blob, 2, "not a keyvault backup"),
         "empty": (b"", 2, "not a keyvault backup"),
     }
 
 
-def test_a_damaged_file_is_refused_and_nothing_is_written(cli, home, database: Database, populated, tmp_path):
+def test_a_damaged_file_is_refused_and_nothing_is_written(
+    cli, home, database: Database, populated, tmp_path
+):
     path = populated["file"]
     blob = path.read_bytes()
     variants = damaged_variants(blob, live_keyring(home))
@@ -436,7 +602,11 @@ def tampered_backups(blob: bytes, ring: crypto.Keyring) -> dict[str, tuple[bytes
 
     def two_current(tables):  # the partial unique index: one current version per secret
         cols, rs = rows(tables, "secret_versions")
-        state, inv, sup = cols.index("state"), cols.index("invalidated_at"), cols.index("superseded_by_id")
+        state, inv, sup = (
+            cols.index("state"),
+            cols.index("invalidated_at"),
+            cols.index("superseded_by_id"),
+        )
         secret = cols.index("secret_id")
         old = next(r for r in rs if r[secret] == rs[0][secret] and r[state] == "invalidated")
         old[state], old[inv], old[sup] = "current", None, None
@@ -472,7 +642,9 @@ def tampered_backups(blob: bytes, ring: crypto.Keyring) -> dict[str, tuple[bytes
     }
 
 
-def test_a_failing_restore_with_replace_never_half_restores(cli, home, database: Database, populated, tmp_path):
+def test_a_failing_restore_with_replace_never_half_restores(
+    cli, home, database: Database, populated, tmp_path
+):
     path, keys = populated["file"], populated["keys"]
     variants = tampered_backups(path.read_bytes(), live_keyring(home))
     # The store moved on since the backup: its current data must survive every failed restore.
@@ -493,7 +665,9 @@ def test_a_failing_restore_with_replace_never_half_restores(cli, home, database:
     check_every_version(cli, populated["keys"])
 
 
-def test_a_backup_of_another_schema_revision_is_refused(cli, home, database: Database, populated, tmp_path):
+def test_a_backup_of_another_schema_revision_is_refused(
+    cli, home, database: Database, populated, tmp_path
+):
     ring = live_keyring(home)
     raw_header, body = open_body(populated["file"].read_bytes(), ring)
     fields = header_fields(raw_header)

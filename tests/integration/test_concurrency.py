@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
+from db_fixtures import Cli, Database, describe, expect, new_key
 from sqlalchemy import text
 
-from db_fixtures import Cli, Database, describe, expect, new_key
 from keyvault import crypto
 
 CLUSTER = "ta2"
@@ -48,16 +48,23 @@ def import_together(tmp_path, round_no: int, scope_args: list[str], keys: list[s
                 stderr=err,
             )
             procs.append((proc, out, err))
-        for (proc, _, _), key in zip(procs, keys):
+        for (proc, _, _), key in zip(procs, keys, strict=False):
             proc.stdin.write((key + "\n").encode())
         for proc, _, _ in procs:
             proc.stdin.close()
         results = []
-        for (proc, out, err), key in zip(procs, keys):
+        for (proc, out, err), key in zip(procs, keys, strict=False):
             code = proc.wait(timeout=240)
             out.seek(0)
             err.seek(0)
-            results.append({"code": code, "stdout": out.read().decode(), "stderr": err.read().decode(), "key": key})
+            results.append(
+                {
+                    "code": code,
+                    "stdout": out.read().decode(),
+                    "stderr": err.read().decode(),
+                    "key": key,
+                }
+            )
         return results
     finally:
         for proc, out, err in procs:
@@ -92,7 +99,9 @@ def check_versions(engine, scope: str, stored_keys: list[str]) -> list:
             ),
             {"scope": scope},
         ).all()
-        secrets_rows = conn.execute(text("SELECT count(*) FROM secrets WHERE scope = :s"), {"s": scope}).scalar_one()
+        secrets_rows = conn.execute(
+            text("SELECT count(*) FROM secrets WHERE scope = :s"), {"s": scope}
+        ).scalar_one()
         events = conn.execute(
             text("SELECT type, payload FROM events WHERE scope = :s ORDER BY id"), {"s": scope}
         ).all()
@@ -100,7 +109,7 @@ def check_versions(engine, scope: str, stored_keys: list[str]) -> list:
     assert [r.number for r in rows] == list(range(1, len(stored_keys) + 1))
     assert [r.state for r in rows].count("current") == 1
     assert rows[-1].state == "current" and rows[-1].superseded_by_id is None
-    for older, newer in zip(rows, rows[1:]):
+    for older, newer in zip(rows, rows[1:], strict=False):
         assert older.state == "invalidated" and older.invalidated_at is not None
         assert older.superseded_by_id == newer.id
     assert sorted(r.fingerprint for r in rows) == sorted(crypto.fingerprint(k) for k in stored_keys)
@@ -122,7 +131,9 @@ def test_concurrent_imports_into_one_scope(store, engine, tmp_path):
         keys = [new_key() for _ in range(WORKERS)]
         results = import_together(tmp_path, round_no, ["--appid", "demo"], keys)
         winners = [r["key"] for r in results if check_clean(r)]
-        assert winners, "no import of the round succeeded: " + "; ".join(r["stderr"] for r in results)
+        assert winners, "no import of the round succeeded: " + "; ".join(
+            r["stderr"] for r in results
+        )
         stored += winners
         check_versions(engine, "app:demo", stored)
         reveal_matches(store, "demo", winners)
@@ -159,7 +170,8 @@ def test_import_racing_a_master_key_rotation_stays_readable(store, database: Dat
     from keyvault.db import make_engine, session_factory
     from keyvault.errors import DatabaseError
     from keyvault.scope import app_scope
-    from keyvault.services import masterkeys, secrets, store as store_service
+    from keyvault.services import masterkeys, secrets
+    from keyvault.services import store as store_service
 
     existing = new_key()
     expect(store("import", "--cluster", CLUSTER, "--appid", "old", input=existing))
@@ -167,14 +179,21 @@ def test_import_racing_a_master_key_rotation_stays_readable(store, database: Dat
     settings = load_settings()
     engine = make_engine(database.url)
     impatient = make_engine(
-        make_url(database.url).update_query_dict({"options": "-c lock_timeout=500"}).render_as_string(hide_password=False)
+        make_url(database.url)
+        .update_query_dict({"options": "-c lock_timeout=500"})
+        .render_as_string(hide_password=False)
     )
     try:
         session = session_factory(engine)()
         try:
             keyring = store_service.open_keyring(session, settings=settings)
             secrets.import_key(
-                session, keyring=keyring, cluster_name=CLUSTER, scope=app_scope("racing"), key=racing, actor="t"
+                session,
+                keyring=keyring,
+                cluster_name=CLUSTER,
+                scope=app_scope("racing"),
+                key=racing,
+                actor="t",
             )
             session.flush()  # sealed under the current master key, not committed yet
             try:

@@ -22,9 +22,6 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import func, select, text, update
-
 from db_fixtures import expect
 from http_fixtures import (
     PROCESS_TIMEOUT,
@@ -38,6 +35,9 @@ from http_fixtures import (
     scrub,
     served,  # noqa: F401  (fixture)
 )
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select, text, update
+
 from keyvault.models import AccessToken, AuditRecord, Revision, Rotation, utcnow
 
 ALLOWED_ERRORS = {400, 401, 403, 404, 409, 503}
@@ -60,34 +60,46 @@ def error_problems(world: World, response: httpx.Response) -> list[str]:
     try:
         parsed = json.loads(body)
     except ValueError:
-        return problems + [f"not JSON: {scrub(body)[:200]!r}"]
+        return [*problems, f"not JSON: {scrub(body)[:200]!r}"]
     if not isinstance(parsed, dict) or set(parsed) != {"error", "detail"}:
         problems.append(f"not {{error, detail}}: {scrub(body)[:200]!r}")
-    elif not (isinstance(parsed["error"], str) and parsed["error"] and isinstance(parsed["detail"], str)):
+    elif not (
+        isinstance(parsed["error"], str) and parsed["error"] and isinstance(parsed["detail"], str)
+    ):
         problems.append(f"error/detail are not strings: {scrub(body)[:200]!r}")
     if "Traceback" in body or 'File "' in body:
         problems.append("the body holds a traceback")
     if response.status_code == 401 and response.headers.get("www-authenticate") != "Bearer":
-        problems.append(f"401 without WWW-Authenticate: Bearer ({response.headers.get('www-authenticate')!r})")
+        problems.append(
+            f"401 without WWW-Authenticate: Bearer ({response.headers.get('www-authenticate')!r})"
+        )
     return problems
 
 
-def assert_error(world: World, response: httpx.Response, status: int, code: str | None = None) -> dict:
+def assert_error(
+    world: World, response: httpx.Response, status: int, code: str | None = None
+) -> dict:
     problems = error_problems(world, response)
     assert not problems, f"{response.request.method} {response.request.url.path}: {problems}"
     body = response.json()
-    assert response.status_code == status, f"{response.request.url.path}: {response.status_code} {body}"
+    assert response.status_code == status, (
+        f"{response.request.url.path}: {response.status_code} {body}"
+    )
     if code is not None:
         assert body["error"] == code, body
     return body
 
 
 def assert_key(world: World, response: httpx.Response, cluster: str, scope: str) -> None:
-    assert response.status_code == 200, f"{response.request.url.path}: {response.status_code} {scrub(response.text)}"
+    assert response.status_code == 200, (
+        f"{response.request.url.path}: {response.status_code} {scrub(response.text)}"
+    )
     version = world.versions[(cluster, scope)]
     assert response.headers.get("etag") == f'"v{version}"'
     ok = key_matches(world, response.json(), cluster, scope)
-    assert ok, f"{response.request.url.path}: not the current key v{version} of {scope} in {cluster}"
+    assert ok, (
+        f"{response.request.url.path}: not the current key v{version} of {scope} in {cluster}"
+    )
 
 
 def audit_count(engine) -> int:
@@ -96,7 +108,11 @@ def audit_count(engine) -> int:
 
 
 def path_of(cluster: str, scope: str) -> str:
-    return f"/v1/clusters/{cluster}/root" if scope == "root" else f"/v1/clusters/{cluster}/apps/{scope[4:]}"
+    return (
+        f"/v1/clusters/{cluster}/root"
+        if scope == "root"
+        else f"/v1/clusters/{cluster}/apps/{scope[4:]}"
+    )
 
 
 def sandbox_rotate_and_import(state_dir, appid: str, cluster: str = "c") -> None:
@@ -104,13 +120,23 @@ def sandbox_rotate_and_import(state_dir, appid: str, cluster: str = "c") -> None
 
     The key goes from one child process to the other through a pipe: this process never sees it.
     """
-    generate = ("import sys; from keyvault.sandbox.state import generate; "
-                "sys.stdout.write(generate(sys.argv[1], sys.argv[2]) + '\\n')")
-    producer = subprocess.Popen([sys.executable, "-c", generate, str(state_dir), f"app:{appid}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    generate = (
+        "import sys; from keyvault.sandbox.state import generate; "
+        "sys.stdout.write(generate(sys.argv[1], sys.argv[2]) + '\\n')"
+    )
+    producer = subprocess.Popen(
+        [sys.executable, "-c", generate, str(state_dir), f"app:{appid}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
-        result = subprocess.run([sys.executable, "-m", "keyvault", "import", "--cluster", cluster, "--appid", appid],
-                                stdin=producer.stdout, capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
+        result = subprocess.run(
+            [sys.executable, "-m", "keyvault", "import", "--cluster", cluster, "--appid", appid],
+            stdin=producer.stdout,
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
+        )
     finally:
         producer.stdout.close()
         producer.wait(timeout=PROCESS_TIMEOUT)
@@ -145,13 +171,121 @@ ENDPOINTS = {  # column -> (method, path, (cluster, scope) read or rotated, kind
 # ran: the rotation service ran, and refused because cluster c has no SSH hosts (an error JSON)
 MATRIX = {  # token -> one expectation per column of ENDPOINTS, in order
     #            root   a1     a2     unknown root/v a1/v   a2/v   unk/v  c2:root c2:a1 c2:r/v c2:a1/v events rot:root rot:a1 rot:a2 rot:c2
-    "root-c":   ["ok",  403,   403,   403,    "ok",  403,   403,   403,   403,    403,   403,   403,    "ok",  403,     403,   403,   403],
-    "app-a1":   [403,   "ok",  403,   403,    403,   "ok",  403,   403,   403,    403,   403,   403,    "ok",  403,     403,   403,   403],
-    "app-all":  [403,   "ok",  "ok",  404,    403,   "ok",  "ok",  404,   403,    403,   403,   403,    "ok",  403,     403,   403,   403],
-    "root-c2":  [403,   403,   403,   403,    403,   403,   403,   403,   "ok",   403,   "ok",  403,    "ok",  403,     403,   403,   403],
-    "app-a1a2": [403,   "ok",  "ok",  403,    403,   "ok",  "ok",  403,   403,    403,   403,   403,    "ok",  403,     403,   403,   403],
-    "rotator":  ["ok",  "ok",  403,   403,    "ok",  "ok",  403,   403,   403,    403,   403,   403,    "ok",  "ran",   "ran", 403,   403],
-    None:       [401,   401,   401,   401,    401,   401,   401,   401,   401,    401,   401,   401,    401,   401,     401,   401,   401],
+    "root-c": [
+        "ok",
+        403,
+        403,
+        403,
+        "ok",
+        403,
+        403,
+        403,
+        403,
+        403,
+        403,
+        403,
+        "ok",
+        403,
+        403,
+        403,
+        403,
+    ],
+    "app-a1": [
+        403,
+        "ok",
+        403,
+        403,
+        403,
+        "ok",
+        403,
+        403,
+        403,
+        403,
+        403,
+        403,
+        "ok",
+        403,
+        403,
+        403,
+        403,
+    ],
+    "app-all": [
+        403,
+        "ok",
+        "ok",
+        404,
+        403,
+        "ok",
+        "ok",
+        404,
+        403,
+        403,
+        403,
+        403,
+        "ok",
+        403,
+        403,
+        403,
+        403,
+    ],
+    "root-c2": [
+        403,
+        403,
+        403,
+        403,
+        403,
+        403,
+        403,
+        403,
+        "ok",
+        403,
+        "ok",
+        403,
+        "ok",
+        403,
+        403,
+        403,
+        403,
+    ],
+    "app-a1a2": [
+        403,
+        "ok",
+        "ok",
+        403,
+        403,
+        "ok",
+        "ok",
+        403,
+        403,
+        403,
+        403,
+        403,
+        "ok",
+        403,
+        403,
+        403,
+        403,
+    ],
+    "rotator": [
+        "ok",
+        "ok",
+        403,
+        403,
+        "ok",
+        "ok",
+        403,
+        403,
+        403,
+        403,
+        403,
+        403,
+        "ok",
+        "ran",
+        "ran",
+        403,
+        403,
+    ],
+    None: [401, 401, 401, 401, 401, 401, 401, 401, 401, 401, 401, 401, 401, 401, 401, 401, 401],
 }
 GRANTS = {  # what each token may read; also what its event feed holds (a secret.created per import)
     "root-c": {("c", "root")},
@@ -175,23 +309,39 @@ def _check_pair(world: World, http: httpx.Client, token, column: str, expected) 
         if world.holds_key(json.dumps(body)) and kind != "key":
             return "a key in a metadata answer"
         if kind == "key":
-            return None if key_matches(world, body, *target) else "200 with the wrong key, version or scope"
+            return (
+                None
+                if key_matches(world, body, *target)
+                else "200 with the wrong key, version or scope"
+            )
         if kind == "versions":
             versions = body.get("versions") or []
-            good = (body.get("cluster"), body.get("scope")) == target and len(versions) == 1 and \
-                versions[0]["version"] == 1 and versions[0]["state"] == "current" and "key" not in versions[0]
+            good = (
+                (body.get("cluster"), body.get("scope")) == target
+                and len(versions) == 1
+                and versions[0]["version"] == 1
+                and versions[0]["state"] == "current"
+                and "key" not in versions[0]
+            )
             return None if good else f"unexpected history {body}"
         if kind == "events":
             seen = {(e["cluster"], e["scope"]) for e in body["events"]}
-            return None if seen == GRANTS[token] else f"events of {sorted(seen)}, expected {sorted(GRANTS[token])}"
+            return (
+                None
+                if seen == GRANTS[token]
+                else f"events of {sorted(seen)}, expected {sorted(GRANTS[token])}"
+            )
     problems = error_problems(world, response)
     if problems:
         return f"{status}: {problems}"
     error = response.json()["error"]
     if expected == "ran":
         # The right to rotate was granted: the service ran and refused (no hosts), never a 500.
-        return None if status in (404, 409, 503) and "no SSH hosts" in response.json()["detail"] \
+        return (
+            None
+            if status in (404, 409, 503) and "no SSH hosts" in response.json()["detail"]
             else f"{status} {error}"
+        )
     codes = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
     if status != expected or error != codes[expected]:
         return f"{status} {error}: {response.json()['detail']}"
@@ -205,11 +355,13 @@ def test_scope_matrix_every_token_against_every_endpoint(served: World):
     for token, row in MATRIX.items():
         assert len(row) == len(columns), token
         with world.http(token) as http:
-            for column, expected in zip(columns, row):
+            for column, expected in zip(columns, row, strict=False):
                 outcome = _check_pair(world, http, token, column, expected)
                 checked += 1
                 if outcome is not None:
-                    failures.append(f"{token or '(no token)'} x {column}: expected {expected}, got {outcome}")
+                    failures.append(
+                        f"{token or '(no token)'} x {column}: expected {expected}, got {outcome}"
+                    )
     assert checked == len(MATRIX) * len(ENDPOINTS) == 7 * 17
     assert not failures, "\n".join(failures)
 
@@ -217,12 +369,21 @@ def test_scope_matrix_every_token_against_every_endpoint(served: World):
     readable = {}
     for token in GRANTS:
         with world.http(token) as http:
-            readable[token] = {target for target in SCOPES if http.get(path_of(*target)).status_code == 200}
+            readable[token] = {
+                target for target in SCOPES if http.get(path_of(*target)).status_code == 200
+            }
     assert readable == GRANTS
 
 
-BAD_AUTHORIZATION = [None, "", "Bearer", "Bearer kvt_not-a-token", "Basic dXNlcjpwYXNz", "kvt_without_scheme",
-                     "Bearer " + "x" * 5000]
+BAD_AUTHORIZATION = [
+    None,
+    "",
+    "Bearer",
+    "Bearer kvt_not-a-token",
+    "Basic dXNlcjpwYXNz",
+    "kvt_without_scheme",
+    "Bearer " + "x" * 5000,
+]
 
 
 def test_expired_revoked_and_garbage_tokens_get_401(served: World, engine):
@@ -231,9 +392,13 @@ def test_expired_revoked_and_garbage_tokens_get_401(served: World, engine):
     with world.http() as http:
         for authorization in BAD_AUTHORIZATION:
             headers = {} if authorization is None else {"Authorization": authorization}
-            for method, path in [("GET", "/v1/clusters/c/root"), ("GET", "/v1/clusters/c/apps/a1"),
-                                 ("GET", "/v1/clusters/c/apps/a1/versions"), ("GET", "/v1/events?after=0"),
-                                 ("POST", "/v1/clusters/c/root/rotate")]:
+            for method, path in [
+                ("GET", "/v1/clusters/c/root"),
+                ("GET", "/v1/clusters/c/apps/a1"),
+                ("GET", "/v1/clusters/c/apps/a1/versions"),
+                ("GET", "/v1/events?after=0"),
+                ("POST", "/v1/clusters/c/root/rotate"),
+            ]:
                 response = http.request(method, path, headers=headers)
                 assert response.status_code == 401, (authorization and authorization[:30], path)
                 assert_error(world, response, 401, "unauthorized")
@@ -246,7 +411,9 @@ def test_expired_revoked_and_garbage_tokens_get_401(served: World, engine):
         assert_key(world, http.get("/v1/clusters/c/root"), "c", "root")  # now cached by the server
     # A plain data change: the token's lifetime ends a minute ago (before its first use).
     with engine.begin() as conn:
-        conn.execute(update(AccessToken).where(AccessToken.name == "expires-fresh").values(expires_at=past))
+        conn.execute(
+            update(AccessToken).where(AccessToken.name == "expires-fresh").values(expires_at=past)
+        )
     with world.http("expires-fresh") as http:
         for path in ("/v1/clusters/c/root", "/v1/clusters/c/root/versions", "/v1/events"):
             body = assert_error(world, http.get(path), 401, "unauthorized")
@@ -254,12 +421,17 @@ def test_expired_revoked_and_garbage_tokens_get_401(served: World, engine):
     # The token the server has cached: changed the way every keyvault writer changes tokens, in a
     # transaction that also bumps the revision counter (the servers' cache contract, http/state.py).
     with engine.begin() as conn:
-        conn.execute(update(AccessToken).where(AccessToken.name == "expires-cached").values(expires_at=past))
+        conn.execute(
+            update(AccessToken).where(AccessToken.name == "expires-cached").values(expires_at=past)
+        )
         conn.execute(update(Revision).where(Revision.id == 1).values(value=Revision.value + 1))
     with world.http("expires-cached") as http:
         body = assert_error(world, http.get("/v1/clusters/c/root"), 401, "unauthorized")
         assert "expired" in body["detail"]
-    listed = {t["name"]: t["status"] for t in json.loads(expect(world.cli("token", "list", "--json")).stdout)}
+    listed = {
+        t["name"]: t["status"]
+        for t in json.loads(expect(world.cli("token", "list", "--json")).stdout)
+    }
     assert listed["expires-fresh"] == listed["expires-cached"] == "expired"
 
     # Revoked: refused from the very next request.
@@ -289,7 +461,12 @@ def test_etag_304_and_new_tag_after_rotation(served: World):
         assert again.headers["etag"] == '"v1"'
         assert again.content == b""
         for stale in ('"v0"', '"v2"', "v1", "*garbage*"):
-            assert_key(world, http.get("/v1/clusters/c/root", headers={"If-None-Match": stale}), "c", "root")
+            assert_key(
+                world,
+                http.get("/v1/clusters/c/root", headers={"If-None-Match": stale}),
+                "c",
+                "root",
+            )
 
         world.import_key("c", "root")  # v2
         rotated = http.get("/v1/clusters/c/root", headers={"If-None-Match": '"v1"'})
@@ -300,7 +477,9 @@ def test_etag_304_and_new_tag_after_rotation(served: World):
         settled = http.get("/v1/clusters/c/root", headers={"If-None-Match": '"v2"'})
         assert (settled.status_code, settled.headers["etag"], settled.content) == (304, '"v2"', b"")
         # A 304 is granted per scope and token, like a 200.
-        assert_error(world, http.get("/v1/clusters/c/apps/a1", headers={"If-None-Match": '"v1"'}), 403)
+        assert_error(
+            world, http.get("/v1/clusters/c/apps/a1", headers={"If-None-Match": '"v1"'}), 403
+        )
 
 
 # --- 3. read after commit across processes -------------------------------------------------------
@@ -313,15 +492,23 @@ def test_read_after_commit_by_another_process_on_two_replicas(served: World, tmp
     replica = Server(replica_dir).launch()
     try:
         replica.wait_healthy()
-        with world.http("app-a1a2") as first, httpx.Client(
-                base_url=replica.url, headers={"Authorization": f"Bearer {world.tokens['app-a1a2']}"},
-                timeout=15, trust_env=False) as second:
+        with (
+            world.http("app-a1a2") as first,
+            httpx.Client(
+                base_url=replica.url,
+                headers={"Authorization": f"Bearer {world.tokens['app-a1a2']}"},
+                timeout=15,
+                trust_env=False,
+            ) as second,
+        ):
             for http in (first, second):  # warm both caches
                 assert_key(world, http.get("/v1/clusters/c/apps/a1"), "c", "app:a1")
             for _round in range(2):
                 version = world.import_key("c", "app:a1", other_process=True)
                 for http in (first, second):  # the very next request on each replica
-                    response = http.get("/v1/clusters/c/apps/a1", headers={"If-None-Match": f'"v{version - 1}"'})
+                    response = http.get(
+                        "/v1/clusters/c/apps/a1", headers={"If-None-Match": f'"v{version - 1}"'}
+                    )
                     assert_key(world, response, "c", "app:a1")
                     assert response.json()["version"] == version
             assert_key(world, first.get("/v1/clusters/c/apps/a2"), "c", "app:a2")  # untouched
@@ -346,9 +533,18 @@ def test_every_error_is_json_with_an_allowed_status_and_no_key(served: World, en
     with engine.begin() as conn:  # a rotation of app:a1 left unresolved (as after a crash)
         cluster_id = conn.scalar(text("SELECT id FROM clusters WHERE name = 'c'"))
         now = utcnow()
-        conn.execute(Rotation.__table__.insert().values(
-            id="rot-test-unresolved", cluster_id=cluster_id, scope="app:a1", state="needs_recovery",
-            host_label="ta1.example:22", actor="pytest", created_at=now, updated_at=now))
+        conn.execute(
+            Rotation.__table__.insert().values(
+                id="rot-test-unresolved",
+                cluster_id=cluster_id,
+                scope="app:a1",
+                state="needs_recovery",
+                host_label="ta1.example:22",
+                actor="pytest",
+                created_at=now,
+                updated_at=now,
+            )
+        )
 
     A = True  # audited: a key read, or a rotation that reached the rotation service
     cases = [  # (token, method, path, status, error code, audited)
@@ -357,7 +553,14 @@ def test_every_error_is_json_with_an_allowed_status_and_no_key(served: World, en
         ("app-all", "GET", "/v1/events?after=-1", 400, "invalid_input", False),
         ("app-all", "GET", "/v1/events?after=abc", 400, "invalid_input", False),
         ("app-all", "GET", "/v1/events?wait=3600", 400, "invalid_input", False),
-        ("app-all", "GET", "/v1/events?after=2147483648", 400, "invalid_input", False),  # beyond any event id
+        (
+            "app-all",
+            "GET",
+            "/v1/events?after=2147483648",
+            400,
+            "invalid_input",
+            False,
+        ),  # beyond any event id
         (None, "GET", "/v1/clusters/c/apps/a1", 401, "unauthorized", A),
         (None, "GET", "/v1/clusters/c/apps/a1/versions", 401, "unauthorized", False),
         ("root-c", "GET", "/v1/clusters/c/apps/a1", 403, "forbidden", A),
@@ -394,7 +597,10 @@ def test_every_error_is_json_with_an_allowed_status_and_no_key(served: World, en
         with world.http("app-all") as http:
             body = assert_error(world, http.get("/v1/clusters/c/apps/a1"), 503)
             assert "audit" in body["detail"]
-            assert http.get("/v1/clusters/c/apps/a1", headers={"If-None-Match": '"v1"'}).status_code == 503
+            assert (
+                http.get("/v1/clusters/c/apps/a1", headers={"If-None-Match": '"v1"'}).status_code
+                == 503
+            )
     finally:
         with engine.begin() as conn:
             conn.execute(text("ALTER TABLE audit_log_away RENAME TO audit_log"))
@@ -427,8 +633,13 @@ def test_the_server_recovers_when_postgresql_drops_its_connections(postgres_only
     admin = _admin_engine(database.server_url)
     try:
         with admin.connect() as conn:
-            dropped = conn.scalar(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                       "WHERE datname = :name AND pid <> pg_backend_pid()"), {"name": database.name})
+            dropped = conn.scalar(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": database.name},
+            )
     finally:
         admin.dispose()
     assert dropped >= 2  # at least the revision probe and the audit writer
@@ -448,7 +659,9 @@ def test_the_server_recovers_when_postgresql_drops_its_connections(postgres_only
             assert response.status_code in (200, 503), (path, response.status_code)
             if response.status_code == 503:
                 assert_error(world, response, 503)
-                assert http.get(path).status_code == 200, path  # its pool reconnected on the failure
+                assert http.get(path).status_code == 200, (
+                    path
+                )  # its pool reconnected on the failure
         assert_key(world, http.get("/v1/clusters/c/apps/a2"), "c", "app:a2")
 
 
@@ -473,7 +686,15 @@ def test_audit_holds_one_record_per_key_read_in_a_load_run(served: World, engine
     for j in range(LOAD_PER_THREAD):
         cluster, scope = [("c", "root"), ("c", "app:a1"), ("c", "app:a2")][j % 3]
         etag = {"If-None-Match": f'"v{world.versions[(cluster, scope)]}"'} if j % 2 else {}
-        plan.append(("load", path_of(cluster, scope), etag, 304 if etag else 200, "not_modified" if etag else "ok"))
+        plan.append(
+            (
+                "load",
+                path_of(cluster, scope),
+                etag,
+                304 if etag else 200,
+                "not_modified" if etag else "ok",
+            )
+        )
     for _ in range(REFUSED_PER_THREAD):
         plan.append(("load", "/v1/clusters/c2/root", {}, 403, "forbidden"))
         plan.append(("gone", "/v1/clusters/c/root", {}, 401, "unauthorized"))
@@ -503,7 +724,9 @@ def test_audit_holds_one_record_per_key_read_in_a_load_run(served: World, engine
         thread.start()
     for thread in threads:
         thread.join(JOIN_DEADLINE)
-    assert not any(t.is_alive() for t in threads), f"load threads still running after {JOIN_DEADLINE:g}s"
+    assert not any(t.is_alive() for t in threads), (
+        f"load threads still running after {JOIN_DEADLINE:g}s"
+    )
     assert not errors, errors[:10]
     made = sum(results, Counter())
     requests = sum(made.values())
@@ -512,21 +735,39 @@ def test_audit_holds_one_record_per_key_read_in_a_load_run(served: World, engine
     # Each response was sent after its record was committed: the count is exact now.
     assert audit_count(engine) - before == requests
     with engine.connect() as conn:
-        rows = conn.execute(select(AuditRecord.token_name, AuditRecord.outcome, AuditRecord.action,
-                                   AuditRecord.client, AuditRecord.version).where(AuditRecord.id > last_id)).all()
+        rows = conn.execute(
+            select(
+                AuditRecord.token_name,
+                AuditRecord.outcome,
+                AuditRecord.action,
+                AuditRecord.client,
+                AuditRecord.version,
+            ).where(AuditRecord.id > last_id)
+        ).all()
     assert Counter((r.token_name, r.outcome) for r in rows) == made
     assert {r.action for r in rows} == {"read"}
     assert {r.client for r in rows} == {"127.0.0.1"}
     assert all(r.version == 1 for r in rows if r.outcome in ("ok", "not_modified"))
 
-    listed = json.loads(expect(world.cli("audit", "list", "--json", "--token", "load", "--limit", "1000")).stdout)
-    assert len(listed) == made[("load", "ok")] + made[("load", "not_modified")] + made[("load", "forbidden")]
+    listed = json.loads(
+        expect(world.cli("audit", "list", "--json", "--token", "load", "--limit", "1000")).stdout
+    )
+    assert (
+        len(listed)
+        == made[("load", "ok")] + made[("load", "not_modified")] + made[("load", "forbidden")]
+    )
     assert {r["outcome"] for r in listed} == {"ok", "not_modified", "forbidden"}
     assert {r["token"] for r in listed} == {"load"}
-    assert {(r["cluster"], r["scope"]) for r in listed} == {("c", "root"), ("c", "app:a1"), ("c", "app:a2"),
-                                                          ("c2", "root")}
+    assert {(r["cluster"], r["scope"]) for r in listed} == {
+        ("c", "root"),
+        ("c", "app:a1"),
+        ("c", "app:a2"),
+        ("c2", "root"),
+    }
     gone = json.loads(expect(world.cli("audit", "list", "--json", "--token", "gone")).stdout)
-    assert {r["outcome"] for r in gone} == {"unauthorized"} and len(gone) == made[("gone", "unauthorized")]
+    assert {r["outcome"] for r in gone} == {"unauthorized"} and len(gone) == made[
+        ("gone", "unauthorized")
+    ]
     assert not world.holds_key(json.dumps(listed) + json.dumps(gone))
 
     with world.http() as http:  # no token at all: audited under "(none)"
@@ -547,9 +788,18 @@ def test_healthz_readyz_and_prometheus_metrics(served: World, engine):
     with engine.begin() as conn:
         cluster_id = conn.scalar(text("SELECT id FROM clusters WHERE name = 'c'"))
         now = utcnow()
-        conn.execute(Rotation.__table__.insert().values(
-            id="rot-test-failed", cluster_id=cluster_id, scope="root", state="failed",
-            host_label="ta1.example:22", actor="pytest", created_at=now, updated_at=now))
+        conn.execute(
+            Rotation.__table__.insert().values(
+                id="rot-test-failed",
+                cluster_id=cluster_id,
+                scope="root",
+                state="failed",
+                host_label="ta1.example:22",
+                actor="pytest",
+                created_at=now,
+                updated_at=now,
+            )
+        )
     with world.http("root-c") as http:
         assert http.get("/healthz").json() == {"status": "ok"}
         ready = http.get("/readyz")
@@ -564,14 +814,22 @@ def test_healthz_readyz_and_prometheus_metrics(served: World, engine):
     assert response.headers["content-type"].startswith("text/plain")
     assert not world.holds_key(response.text)
     families = {f.name: f for f in text_string_to_metric_families(response.text)}
-    for name in ("keyvault_http_requests", "keyvault_http_request_seconds", "keyvault_key_age_seconds",
-                 "keyvault_rotations", "keyvault_webhook_deliveries"):
+    for name in (
+        "keyvault_http_requests",
+        "keyvault_http_request_seconds",
+        "keyvault_key_age_seconds",
+        "keyvault_rotations",
+        "keyvault_webhook_deliveries",
+    ):
         assert name in families, sorted(families)
     assert "keyvault_http_requests_total{" in response.text
 
     def samples(family, suffix=""):
-        return {tuple(sorted(s.labels.items())): s.value for s in families[family].samples
-                if s.name == family + suffix}
+        return {
+            tuple(sorted(s.labels.items())): s.value
+            for s in families[family].samples
+            if s.name == family + suffix
+        }
 
     requests = samples("keyvault_http_requests", "_total")
     assert requests[(("route", KEY_ROUTE), ("status", "200"))] == 3
@@ -608,18 +866,45 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(served: Worl
     world.create_token("fuzzer", "root:c", "app:c/*", rotate=True)
     config = tmp_path / "schemathesis.toml"
     config.write_text(SCHEMATHESIS_CONFIG)
-    argv = [SCHEMATHESIS, "--config-file", str(config), "run", f"{world.url}/openapi.json",
-            "--checks", "all", "--max-examples", "20", "--seed", "20261126", "--workers", "4",
-            "--phases", "examples,coverage,fuzzing", "--generation-database", "none",
-            "--request-timeout", "10", "--no-color",
-            "-H", f"Authorization: Bearer {world.tokens['fuzzer']}"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=SCHEMATHESIS_TIMEOUT, cwd=tmp_path,
-                            env={**os.environ, "NO_COLOR": "1"})
+    argv = [
+        SCHEMATHESIS,
+        "--config-file",
+        str(config),
+        "run",
+        f"{world.url}/openapi.json",
+        "--checks",
+        "all",
+        "--max-examples",
+        "20",
+        "--seed",
+        "20261126",
+        "--workers",
+        "4",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--generation-database",
+        "none",
+        "--request-timeout",
+        "10",
+        "--no-color",
+        "-H",
+        f"Authorization: Bearer {world.tokens['fuzzer']}",
+    ]
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=SCHEMATHESIS_TIMEOUT,
+        cwd=tmp_path,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     output = scrub(result.stdout + result.stderr)  # failures quote responses: show no key
     assert result.returncode == 0, output[-6000:]
     assert "Tested: 10" in output, output[-2000:]
     # With the dictionaries the fuzzer got past authorisation and read keys (the audit says so).
-    audited = json.loads(expect(world.cli("audit", "list", "--json", "--token", "fuzzer", "--limit", "5000")).stdout)
+    audited = json.loads(
+        expect(world.cli("audit", "list", "--json", "--token", "fuzzer", "--limit", "5000")).stdout
+    )
     assert {"ok", "forbidden"} <= {r["outcome"] for r in audited}
 
     # What schemathesis relies on, checked directly: the spec declares the 304, the ETag, the
@@ -634,14 +919,19 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(served: Worl
         operation = spec["paths"][path]["get"]
         assert {"200", "304", "400", "401", "403", "404", "503"} <= set(operation["responses"])
         assert "ETag" in operation["responses"]["200"].get("headers", {})
-        assert any(p["name"] == "If-None-Match" and p["in"] == "header" for p in operation["parameters"])
+        assert any(
+            p["name"] == "If-None-Match" and p["in"] == "header" for p in operation["parameters"]
+        )
     for path, item in spec["paths"].items():
         for method, operation in item.items():
             if path.startswith("/v1/"):
                 assert "401" in operation["responses"], (method, path)
             if "{appid}" in path:
                 appid = next(p for p in operation["parameters"] if p["name"] == "appid")
-                assert appid["schema"]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", (method, path)
+                assert appid["schema"]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", (
+                    method,
+                    path,
+                )
 
 
 # --- 8. a service using keyvault.client across rotations by another process ----------------------
@@ -686,7 +976,11 @@ def test_client_keeps_working_across_rotations_by_another_process(served: World,
     ta_thread = threading.Thread(target=ta.serve_forever, daemon=True)
     ta_thread.start()
     ta_url = f"http://127.0.0.1:{ta.server_address[1]}"
-    meta = dict(api_path="open/list-event-meta", params={"projectId": project}, ta_base_url=ta_url)
+    meta = {
+        "api_path": "open/list-event-meta",
+        "params": {"projectId": project},
+        "ta_base_url": ta_url,
+    }
 
     def ta_accepts(info) -> bool:
         return info.key == ta_state.current_key(state_dir, "app:a1")
@@ -709,7 +1003,10 @@ def test_client_keeps_working_across_rotations_by_another_process(served: World,
 
             # The rotation lands between the client's read (v3, from its cache) and TA's check.
             factory = _RotatesBeforeFirstCall(rotate)
-            assert kv.call_ta("c", appid="a1", ta_client_factory=factory, **meta)["projectId"] == project
+            assert (
+                kv.call_ta("c", appid="a1", ta_client_factory=factory, **meta)["projectId"]
+                == project
+            )
             assert factory.calls == 2  # refused once, refreshed, retried once
             assert kv.cached("c", "app:a1").version == 4
             ok = ta_accepts(kv.cached("c", "app:a1"))
@@ -724,7 +1021,15 @@ def test_client_keeps_working_across_rotations_by_another_process(served: World,
     audited = json.loads(expect(world.cli("audit", "list", "--json", "--token", "svc")).stdout)
     outcomes = [r["outcome"] for r in reversed(audited)]  # oldest first
     # get v2 (ok), call_ta (304), get (304), get v3 (ok), call_ta (304), call_ta: 304 then refresh -> ok (v4)
-    assert outcomes == ["ok", "not_modified", "not_modified", "ok", "not_modified", "not_modified", "ok"]
+    assert outcomes == [
+        "ok",
+        "not_modified",
+        "not_modified",
+        "ok",
+        "not_modified",
+        "not_modified",
+        "ok",
+    ]
 
 
 # --- master-key rotation under a running server ------------------------------------------------

@@ -39,26 +39,47 @@ def world(tmp_path, cli):
     engine = make_engine(settings.database_url)
     factory = session_factory(engine)
     with transaction(factory) as s:
-        clusters.add_cluster(s, name="c", open_api_url="http://127.0.0.1:9", options={
-            "generate_root_command": f"{tool} generate_root_secret",
-            "generate_app_command": f"{tool} generate_api_secret -appid {{appid}}",
-        })
-        hosts.add_host(s, cluster_name="c", address="ta-a", username="ta", become="none",
-                       fingerprint="SHA256:" + "A" * 43)
+        clusters.add_cluster(
+            s,
+            name="c",
+            open_api_url="http://127.0.0.1:9",
+            options={
+                "generate_root_command": f"{tool} generate_root_secret",
+                "generate_app_command": f"{tool} generate_api_secret -appid {{appid}}",
+            },
+        )
+        hosts.add_host(
+            s,
+            cluster_name="c",
+            address="ta-a",
+            username="ta",
+            become="none",
+            fingerprint="SHA256:" + "A" * 43,
+        )
     connector = LocalConnector({"HOME": str(ta_home), "PATH": "/usr/bin:/bin"})
-    yield {"settings": settings, "factory": factory, "state": state_dir, "connector": connector,
-           "ta_home": ta_home, "engine": engine}
+    yield {
+        "settings": settings,
+        "factory": factory,
+        "state": state_dir,
+        "connector": connector,
+        "ta_home": ta_home,
+        "engine": engine,
+    }
     engine.dispose()
 
 
 def service(world, **kwargs) -> RotationService:
-    return RotationService(world["factory"], settings=world["settings"], connector=world["connector"], **kwargs)
+    return RotationService(
+        world["factory"], settings=world["settings"], connector=world["connector"], **kwargs
+    )
 
 
 def stored_key(world, scope) -> str:
     with transaction(world["factory"]) as s:
-        return secrets.reveal(open_keyring(s, settings=world["settings"]),
-                              secrets.get_version(s, cluster_name="c", scope=scope))
+        return secrets.reveal(
+            open_keyring(s, settings=world["settings"]),
+            secrets.get_version(s, cluster_name="c", scope=scope),
+        )
 
 
 def rotation_row(world, rid) -> Rotation:
@@ -138,6 +159,7 @@ class Crash(Exception):
 
 def crash_at(world, step: str, scope) -> str:
     """Rotate ``scope`` until ``step``, then "die"; the rotation id."""
+
     def crash(at, rid):
         if at == step:
             raise Crash(rid)
@@ -175,6 +197,7 @@ def test_crash_after_generate_recovers_from_the_remote_file(world):
 
 def test_failed_commit_spools_the_key_and_recovery_stores_it(world, database):
     """Break the database for real between generate and store (the table vanishes)."""
+
     def break_db(step, rid):
         if step == "generated":
             with world["engine"].connect() as conn:
@@ -235,12 +258,24 @@ class _DroppingConnection:
         from keyvault.ssh import ExecResult
         from keyvault.tahost import report_end
 
-        first = re.search(r"kv_gen ([a-z0-9-]{6,32}) ", command)  # a generate script's first rotation
+        first = re.search(
+            r"kv_gen ([a-z0-9-]{6,32}) ", command
+        )  # a generate script's first rotation
         if first is None:
-            return self.inner.run(command, password=password, timeout=timeout, idle_timeout=idle_timeout,
-                                  on_output=on_output)
-        proc = subprocess.Popen(["sh", "-c", command], env=self.env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            return self.inner.run(
+                command,
+                password=password,
+                timeout=timeout,
+                idle_timeout=idle_timeout,
+                on_output=on_output,
+            )
+        proc = subprocess.Popen(
+            ["sh", "-c", command],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         seen, end = b"", None
         while end is None:
             chunk = proc.stdout.read1(65536)
@@ -265,14 +300,15 @@ def test_connection_lost_mid_batch_loses_no_key_and_recover_settles_each(world):
     with service(world) as svc:
         results = dict(svc.rotate_many("c", scopes, actor="t", concurrency=1))
     first = results[scopes[0]]
-    assert first.state in ("stored", "completed") and stored_key(world, scopes[0]) == state.current_key(
-        world["state"], "app:app1")
+    assert first.state in ("stored", "completed") and stored_key(
+        world, scopes[0]
+    ) == state.current_key(world["state"], "app:app1")
     later = [results[s] for s in scopes[1:]]
     assert all(isinstance(r, NeedsRecovery) for r in later)
     # After the drop a rotation either ran (its key is on the host, the only valid one) or
     # never claimed its id: recovery tells which, stores the key or says "never ran", and
     # no rotation is left unresolved.
-    for scope, exc in zip(scopes[1:], later):
+    for scope, exc in zip(scopes[1:], later, strict=False):
         assert rotation_row(world, exc.rotation_id).state == "needs_recovery"
         outcome = service(world).recover(exc.rotation_id, actor="t")
         generated = state.generations(world["state"], f"app:{scope.appid}")
@@ -280,7 +316,9 @@ def test_connection_lost_mid_batch_loses_no_key_and_recover_settles_each(world):
             assert generated == 0 and "never ran" in " ".join(outcome.warnings)
         else:
             assert outcome.state == "completed" and generated == 1
-            assert stored_key(world, scope) == state.current_key(world["state"], f"app:{scope.appid}")
+            assert stored_key(world, scope) == state.current_key(
+                world["state"], f"app:{scope.appid}"
+            )
         assert rotation_row(world, exc.rotation_id).state in ("failed", "completed")
     assert state.generations(world["state"], "app:app1") == 1
 
@@ -292,7 +330,9 @@ def test_a_silent_ta_tool_times_out_its_batch_and_nothing_is_lost(world, tmp_pat
     import dataclasses
 
     release = tmp_path / "release"
-    state.set_noise(world["state"], hold_file=release)  # every run would hold: only the first starts
+    state.set_noise(
+        world["state"], hold_file=release
+    )  # every run would hold: only the first starts
     settings = dataclasses.replace(world["settings"], ssh_command_timeout=0.5)
     scopes = [app_scope(a) for a in ("app1", "app2", "app3")]
     try:
@@ -305,10 +345,14 @@ def test_a_silent_ta_tool_times_out_its_batch_and_nothing_is_lost(world, tmp_pat
     assert all(isinstance(results[s], NeedsRecovery) for s in scopes)
     first = service(world).recover(results[scopes[0]].rotation_id, actor="t")
     assert first.state == "completed" and stored_key(world, scopes[0]) == state.current_key(
-        world["state"], "app:app1")
+        world["state"], "app:app1"
+    )
     for scope in scopes[1:]:
         outcome = service(world).recover(results[scope].rotation_id, actor="t")
-        assert outcome.state == "failed" and state.generations(world["state"], f"app:{scope.appid}") == 0
+        assert (
+            outcome.state == "failed"
+            and state.generations(world["state"], f"app:{scope.appid}") == 0
+        )
     assert state.generations(world["state"], "app:app1") == 1
 
 
@@ -333,7 +377,9 @@ class _RecoverFirstConnector:
                 if "ABSENT" in command:  # the fetch script
                     race()
                     rid = command.split("@@KV:")[1].split(":")[0]
-                    stale = f"@@KV:{rid}:OUT@@\n\n@@KV:{rid}:ERR@@\n\n@@KV:{rid}:RC:none@@\n".encode()
+                    stale = (
+                        f"@@KV:{rid}:OUT@@\n\n@@KV:{rid}:ERR@@\n\n@@KV:{rid}:RC:none@@\n".encode()
+                    )
                     return ExecResult(stale, 0)
                 return conn.run(command, **kwargs)
 
@@ -353,8 +399,11 @@ def test_a_recovery_never_demotes_a_rotation_another_one_stored_meanwhile(world)
     def other_recovery_wins():
         assert service(world).recover(rid, actor="other").state == "completed"
 
-    racing = RotationService(world["factory"], settings=world["settings"],
-                             connector=_RecoverFirstConnector(world["connector"], other_recovery_wins))
+    racing = RotationService(
+        world["factory"],
+        settings=world["settings"],
+        connector=_RecoverFirstConnector(world["connector"], other_recovery_wins),
+    )
     with pytest.raises(NeedsRecovery):  # what it saw was "not finished" ...
         racing.recover(rid, actor="t")
     # ... but the rotation the other recovery stored stays completed, its key current.

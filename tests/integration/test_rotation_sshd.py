@@ -25,11 +25,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
 from sshd_env import hold_file_path, kill_session_processes
 
 from keyvault import crypto
@@ -56,15 +55,19 @@ def _fp(key: str | None) -> str:
 def assert_same_key(actual: str | None, expected: str | None, what: str) -> None:
     """actual == expected, reported by fingerprint only (pytest would print the keys)."""
     if not actual or not expected or actual != expected:
-        pytest.fail(f"{what}: keyvault has {_fp(actual)}, the emulator's valid key is {_fp(expected)}",
-                    pytrace=False)
+        pytest.fail(
+            f"{what}: keyvault has {_fp(actual)}, the emulator's valid key is {_fp(expected)}",
+            pytrace=False,
+        )
 
 
 def assert_no_key(text: str, keys, what: str) -> None:
     """None of ``keys`` occurs in ``text`` (reported without the key or the text)."""
     for n, key in enumerate(k for k in keys if k):
         if key in text:
-            pytest.fail(f"{what}: key #{n} ({_fp(key)}) appears in the captured text", pytrace=False)
+            pytest.fail(
+                f"{what}: key #{n} ({_fp(key)}) appears in the captured text", pytrace=False
+            )
 
 
 def masked(text: str) -> str:
@@ -86,7 +89,9 @@ def one_line_error(result_or_text) -> str:
 # ------------------------------------------------------------------------------ polling
 
 
-def wait_until(predicate, what: str, timeout: float = DEADLINE, proc: subprocess.Popen | None = None):
+def wait_until(
+    predicate, what: str, timeout: float = DEADLINE, proc: subprocess.Popen | None = None
+):
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout``.
     With ``proc``, fail at once if that process exits first."""
     deadline = time.monotonic() + timeout
@@ -96,8 +101,11 @@ def wait_until(predicate, what: str, timeout: float = DEADLINE, proc: subprocess
             return value
         if proc is not None and proc.poll() is not None:
             _out, err = proc.communicate()
-            pytest.fail(f"process exited ({proc.returncode}) while waiting for {what}; "
-                        f"stderr: {masked(err.strip())!r}", pytrace=False)
+            pytest.fail(
+                f"process exited ({proc.returncode}) while waiting for {what}; "
+                f"stderr: {masked(err.strip())!r}",
+                pytrace=False,
+            )
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g}s waiting for {what}", pytrace=False)
         time.sleep(0.02)
@@ -112,7 +120,7 @@ def _zombie(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return True
-    return stat[stat.rfind(")") + 2:].startswith("Z")
+    return stat[stat.rfind(")") + 2 :].startswith("Z")
 
 
 # ------------------------------------------------------------------------ the emulators
@@ -140,7 +148,9 @@ class Hold:
 
     def arm(self) -> None:
         wait_until(lambda: not self.marker.exists(), "an earlier ta-tool to stop holding")
-        st.set_noise(self.state_dir, hold_file=self.release_file, hold_before_print=self.before_print or None)
+        st.set_noise(
+            self.state_dir, hold_file=self.release_file, hold_before_print=self.before_print or None
+        )
 
     def wait_holding(self, proc: subprocess.Popen | None = None) -> int:
         def holding_pid():
@@ -178,6 +188,7 @@ def pending_file(rid: str, suffix: str) -> Path:
 
 def wait_remote_rc(rid: str) -> None:
     """The remote script has written ta-tool's exit status (it ran to its end)."""
+
     def written():
         try:
             return pending_file(rid, "rc").read_text().strip() != ""
@@ -211,8 +222,11 @@ class KV:
         """Run keyvault in-process (CliRunner); assert the exit code."""
         result = self.cli(*args)
         if result.exit_code != code:  # stdout may hold a key: show only stderr, masked
-            pytest.fail(f"keyvault {' '.join(args[:3])}... exited {result.exit_code}, not {code}; "
-                        f"stderr: {masked(result.stderr.strip())!r}", pytrace=False)
+            pytest.fail(
+                f"keyvault {' '.join(args[:3])}... exited {result.exit_code}, not {code}; "
+                f"stderr: {masked(result.stderr.strip())!r}",
+                pytrace=False,
+            )
         return result
 
     def json(self, *args: str):
@@ -224,14 +238,26 @@ class KV:
     def run(self, *args: str, driver: bool = False) -> subprocess.CompletedProcess:
         """Run keyvault (or the driver) as a real process and wait for it."""
         argv = [PYTHON, str(DRIVER), *args] if driver else self.argv(*args)
-        return subprocess.run(argv, capture_output=True, text=True, timeout=PROCESS_TIMEOUT,
-                              cwd=self.tmp_path, env=dict(os.environ))
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
+            cwd=self.tmp_path,
+            env=dict(os.environ),
+        )
 
     def spawn(self, *args: str, driver: bool = False) -> subprocess.Popen:
         """Start keyvault (or the driver) as a real process."""
         argv = [PYTHON, str(DRIVER), *args] if driver else self.argv(*args)
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=self.tmp_path, env=dict(os.environ))
+        return subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.tmp_path,
+            env=dict(os.environ),
+        )
 
     # -- set-up ---------------------------------------------------------------------
     def apps(self, tag: str, count: int) -> list[str]:
@@ -240,16 +266,39 @@ class KV:
         st.add_apps(self.state_dir, apps)
         return apps
 
-    def cluster(self, tag: str, apps=(), *, user: str = "root", become: str = "su",
-                fingerprint: str | None = "pinned") -> str:
+    def cluster(
+        self,
+        tag: str,
+        apps=(),
+        *,
+        user: str = "root",
+        become: str = "su",
+        fingerprint: str | None = "pinned",
+    ) -> str:
         """A cluster on the Open API emulator with one host: the test sshd."""
         name = f"{tag}-{self.backend}"
         self("cluster", "add", name, "--open-api-url", self.api_url, "--login-name", "root")
         if apps:
-            ids = [a for app in apps for a in ("--project-id", f"{app}={st.project_id(self.state_dir, app)}")]
+            ids = [
+                a
+                for app in apps
+                for a in ("--project-id", f"{app}={st.project_id(self.state_dir, app)}")
+            ]
             self("cluster", "set", name, *ids)
-        args = ["host", "add", name, self.sshd.host, "--port", str(self.sshd.port), "--user", user,
-                "--identity", str(self.sshd.identity(user)), "--become", become]
+        args = [
+            "host",
+            "add",
+            name,
+            self.sshd.host,
+            "--port",
+            str(self.sshd.port),
+            "--user",
+            user,
+            "--identity",
+            str(self.sshd.identity(user)),
+            "--become",
+            become,
+        ]
         if fingerprint == "pinned":
             fingerprint = self.sshd.host_key_fingerprint
         if fingerprint:
@@ -266,8 +315,9 @@ class KV:
     # -- reading the store ------------------------------------------------------------
     def reveal(self, cluster: str, scope: str, version: int | None = None) -> str:
         extra = ["--version", str(version)] if version is not None else []
-        return self("secrets", "show", "--cluster", cluster, *scope_flags(scope), *extra,
-                    "--reveal").stdout.strip()
+        return self(
+            "secrets", "show", "--cluster", cluster, *scope_flags(scope), *extra, "--reveal"
+        ).stdout.strip()
 
     def history(self, cluster: str, scope: str) -> list[dict]:
         return self.json("secrets", "history", "--cluster", cluster, *scope_flags(scope))
@@ -291,8 +341,11 @@ class KV:
         return st.current_key(self.state_dir, scope)
 
     def check_current(self, cluster: str, scope: str, what: str = "") -> None:
-        assert_same_key(self.reveal(cluster, scope), self.current(scope),
-                        f"{cluster} {scope}{' ' + what if what else ''}")
+        assert_same_key(
+            self.reveal(cluster, scope),
+            self.current(scope),
+            f"{cluster} {scope}{' ' + what if what else ''}",
+        )
 
     def close(self) -> None:
         for hold in self.holds:
@@ -306,7 +359,9 @@ class KV:
 @pytest.fixture
 def kv(cli, database, ta_sim, sshd_env, openapi, tmp_path):
     """An initialised keyvault home (SQLite or PostgreSQL, see db_url) next to the sshd."""
-    harness = KV(cli=cli, sshd=sshd_env, api_url=openapi, backend=database.backend, tmp_path=tmp_path)
+    harness = KV(
+        cli=cli, sshd=sshd_env, api_url=openapi, backend=database.backend, tmp_path=tmp_path
+    )
     harness("init")
     try:
         yield harness
@@ -325,7 +380,9 @@ def ta_call(api_url: str, state_dir: Path, scope: str, key: str):
 
     client = TaClient(api_url, timeout=10)
     if scope == "root":
-        return client.call("open/project-list", token=key, method="POST", params={"loginName": "root"})
+        return client.call(
+            "open/project-list", token=key, method="POST", params={"loginName": "root"}
+        )
     pid = st.project_id(state_dir, scope[4:])
     return client.call("open/list-event-meta", token=key, method="GET", params={"projectId": pid})
 
@@ -338,7 +395,9 @@ def expect_refused_as_unresolved(kv: KV, cluster: str, app: str, rid: str) -> No
     assert kv.gens(f"app:{app}") == gens
 
 
-def recover_and_check(kv: KV, cluster: str, scope: str, rid: str, gens_before: int, old_version: int) -> None:
+def recover_and_check(
+    kv: KV, cluster: str, scope: str, rid: str, gens_before: int, old_version: int
+) -> None:
     """`rotations recover` stores the emulator's valid key; ta-tool ran exactly once in all."""
     out = kv.json("rotations", "recover", rid)
     assert out["state"] == "completed", out
@@ -368,9 +427,11 @@ def test_rotate_root_and_three_apps_three_times(kv):
     for round_ in (1, 2, 3):
         [root] = kv.json("rotate", "root", "--cluster", cluster, "--yes")
         outcomes = [root, *rotate_app(kv, cluster, *apps)]
-        for scope, o in zip(scopes, outcomes):
+        for scope, o in zip(scopes, outcomes, strict=False):
             assert o["scope"] == scope and o["new_version"] == round_, o
-            assert o["state"] == "completed" and o["cleaned_up"] and o["verify_state"] == "verified", o
+            assert (
+                o["state"] == "completed" and o["cleaned_up"] and o["verify_state"] == "verified"
+            ), o
             assert o["old_version"] == (round_ - 1 or None)
         for scope in scopes:
             kv.check_current(cluster, scope, f"after round {round_}")
@@ -400,7 +461,7 @@ def test_rotate_root_and_three_apps_three_times(kv):
 
 
 @SQLITE_ONLY
-@pytest.mark.parametrize("user, become", [("kvops", "su"), ("kvsudo", "sudo"), ("ta", "none")])
+@pytest.mark.parametrize(("user", "become"), [("kvops", "su"), ("kvsudo", "sudo"), ("ta", "none")])
 def test_become_modes(kv, sshd_env, monkeypatch, user, become):
     if user == "kvops":  # su typed at the PTY prompt, the password from a file
         monkeypatch.setenv("KEYVAULT_SU_PASSWORD_FILE", str(sshd_env.ta_password_file))
@@ -461,7 +522,9 @@ def test_crash_kill9_after_tatool_ran_before_output_read(kv):
         assert kv.gens(scope) == gens + 1  # the old key is dead now
         return _only(kv.rotations(cluster, "pending"), scope)
 
-    rid = killed_while_holding(kv, hold, "rotate", "app", "--cluster", cluster, "--yes", app, look=look)
+    rid = killed_while_holding(
+        kv, hold, "rotate", "app", "--cluster", cluster, "--yes", app, look=look
+    )
     wait_remote_rc(rid)
 
     assert pending_file(rid, "out").exists()
@@ -488,24 +551,45 @@ def test_crash_kill9_mid_batch_settles_every_rotation_of_the_batch(kv):
         assert sorted(ids) == sorted(scopes)  # the whole batch was journaled before ta-tool ran
         return ids
 
-    ids = killed_while_holding(kv, hold, "rotate", "app", "--cluster", cluster, "--yes", "--concurrency", "1",
-                               *apps, look=look)
+    ids = killed_while_holding(
+        kv,
+        hold,
+        "rotate",
+        "app",
+        "--cluster",
+        cluster,
+        "--yes",
+        "--concurrency",
+        "1",
+        *apps,
+        look=look,
+    )
     wait_remote_rc(ids[scopes[0]])
 
     # One command settles the whole batch.
-    settled = {row["scope"]: row for row in kv.json("rotations", "recover", "--all", "--cluster", cluster)}
-    assert sorted(settled) == sorted(scopes) and {settled[s]["id"] for s in scopes} == set(ids.values())
-    assert settled[scopes[0]]["state"] == "completed" and kv.gens(scopes[0]) == gens[scopes[0]] + 1, settled
+    settled = {
+        row["scope"]: row for row in kv.json("rotations", "recover", "--all", "--cluster", cluster)
+    }
+    assert sorted(settled) == sorted(scopes) and {settled[s]["id"] for s in scopes} == set(
+        ids.values()
+    )
+    assert (
+        settled[scopes[0]]["state"] == "completed" and kv.gens(scopes[0]) == gens[scopes[0]] + 1
+    ), settled
     kv.check_current(cluster, scopes[0], "after recovery")
     for scope in scopes[1:]:
         if settled[scope]["state"] == "failed":
             assert kv.gens(scope) == gens[scope], f"{scope}: failed, yet ta-tool ran"
             assert "never ran" in settled[scope]["detail"], settled[scope]
         else:
-            assert settled[scope]["state"] == "completed" and kv.gens(scope) == gens[scope] + 1, settled
+            assert settled[scope]["state"] == "completed" and kv.gens(scope) == gens[scope] + 1, (
+                settled
+            )
             kv.check_current(cluster, scope, "after recovery")
     assert kv.rotations(cluster, "pending") == [] and kv.rotations(cluster, "needs_recovery") == []
-    assert kv.json("rotations", "recover", "--all", "--cluster", cluster) == []  # nothing left to do
+    assert (
+        kv.json("rotations", "recover", "--all", "--cluster", cluster) == []
+    )  # nothing left to do
     kv("rotations", "recover", code=2)  # neither an id nor --all: a usage error
     kv("rotations", "recover", "--all", ids[scopes[0]], code=2)
     rotate_app(kv, cluster, apps[1])  # nothing is left blocking the scopes
@@ -529,11 +613,19 @@ def test_crash_kill9_after_output_read_before_store(kv):
     recover_and_check(kv, cluster, scope, rid, gens, old_version=1)
 
 
-@pytest.mark.parametrize("blank_database, user, become", [
-    ("sqlite", "kvsudo", "sudo"),
-    ("postgres", "kvsudo", "sudo"),
-    ("sqlite", "kvops", "su"),  # su's password typed on a PTY: the hang-up reaches the remote side
-], indirect=["blank_database"])
+@pytest.mark.parametrize(
+    ("blank_database", "user", "become"),
+    [
+        ("sqlite", "kvsudo", "sudo"),
+        ("postgres", "kvsudo", "sudo"),
+        (
+            "sqlite",
+            "kvops",
+            "su",
+        ),  # su's password typed on a PTY: the hang-up reaches the remote side
+    ],
+    indirect=["blank_database"],
+)
 def test_crash_sshd_session_killed_mid_command(kv, sshd_env, monkeypatch, user, become):
     monkeypatch.setenv("KEYVAULT_SU_PASSWORD_FILE", str(sshd_env.ta_password_file))
     cluster, app, scope = _prepared(kv, f"crash-c-{user}", user=user, become=become)
@@ -560,14 +652,16 @@ def test_crash_sshd_session_killed_mid_command(kv, sshd_env, monkeypatch, user, 
     assert kv.rotation(rid)["state"] == "needs_recovery" and kv.versions(cluster, scope) == 1
 
     hold.wait_finished()  # ta-tool survived the dropped connection and prints its key now
-    if user != "kvops":  # on a PTY the hang-up may end the remote shell before it records the status
+    if (
+        user != "kvops"
+    ):  # on a PTY the hang-up may end the remote shell before it records the status
         wait_remote_rc(rid)
     recover_and_check(kv, cluster, scope, rid, gens, old_version=1)
 
 
 @SQLITE_ONLY
 def test_crash_kill9_after_store_before_cleanup(kv):
-    cluster, app, scope = _prepared(kv, "crash-s")
+    cluster, _app, scope = _prepared(kv, "crash-s")
     gens = kv.gens(scope)
     done = kv.run("--kill-at", "stored", cluster, scope, driver=True)
     assert done.returncode == -signal.SIGKILL, masked(done.stderr)
@@ -578,7 +672,11 @@ def test_crash_kill9_after_store_before_cleanup(kv):
     kv.check_current(cluster, scope, "stored before the crash")
     assert pending_file(rid, "out").exists()
     out = kv.json("rotations", "recover", rid)
-    assert (out["state"], out["verify_state"], out["new_version"]) == ("completed", "verified", 2), out
+    assert (out["state"], out["verify_state"], out["new_version"]) == (
+        "completed",
+        "verified",
+        2,
+    ), out
     assert not pending_file(rid, "out").exists() and pending_file(rid, "done").exists()
     kv.check_current(cluster, scope, "after recovery")
     assert kv.gens(scope) == gens + 1
@@ -614,14 +712,15 @@ def test_recover_while_the_rotation_is_still_starting(kv):
     but has not started ta-tool yet (slow connection, busy host). Recovery may conclude
     "never ran" only if it also makes sure ta-tool can no longer run for that rotation:
     otherwise the late ta-tool run generates a key that nobody stores."""
-    cluster, app, scope = _prepared(kv, "crash-late")
+    cluster, _app, scope = _prepared(kv, "crash-late")
     gens = kv.gens(scope)
     go = kv.tmp_path / "go"
     proc = kv.spawn("--pause-at", "journaled", "--pause-file", str(go), cluster, scope, driver=True)
     try:
         paused = Path(f"{go}.paused")
-        rid = wait_until(lambda: paused.exists() and paused.read_text().strip(), "the driver to pause",
-                         proc=proc)
+        rid = wait_until(
+            lambda: paused.exists() and paused.read_text().strip(), "the driver to pause", proc=proc
+        )
         out = kv.json("rotations", "recover", rid)
         assert out["state"] == "failed" and any("never ran" in w for w in out["warnings"]), out
         go.touch()  # the slow rotation goes on and reaches the host only now
@@ -635,7 +734,10 @@ def test_recover_while_the_rotation_is_still_starting(kv):
     assert kv.gens(scope) == gens, "ta-tool must not run for a rotation recovery declared never ran"
     assert kv.rotation(rid)["state"] == "failed"
     line = one_line_error(err)
-    assert f"rotation {rid} was resolved (failed) by a recovery" in line and "ta-tool did not run" in line, line
+    assert (
+        f"rotation {rid} was resolved (failed) by a recovery" in line
+        and "ta-tool did not run" in line
+    ), line
 
 
 # ------------------------------------------------------------------- 4. concurrency
@@ -695,7 +797,9 @@ def test_unknown_host_key_then_trust(kv, sshd_env):
     assert kv.rotations(cluster) == [] and kv.gens(f"app:{app}") == gens
     assert kv.json("secrets", "list", "--cluster", cluster) == []
 
-    trusted = kv("host", "trust", cluster, sshd_env.host, "--port", str(sshd_env.port), "--yes").stdout
+    trusted = kv(
+        "host", "trust", cluster, sshd_env.host, "--port", str(sshd_env.port), "--yes"
+    ).stdout
     assert f"pinned {sshd_env.host_key_fingerprint}" in trusted, trusted
     [o] = rotate_app(kv, cluster, app)
     assert o["state"] == "completed"
@@ -708,11 +812,15 @@ def test_changed_host_key(kv, sshd_env):
     cluster = kv.cluster("hk-changed", [app], fingerprint=wrong)
     gens = kv.gens(f"app:{app}")
     line = one_line_error(kv("rotate", "app", "--cluster", cluster, "--yes", app, code=1))
-    assert "HOST KEY CHANGED" in line and wrong in line and sshd_env.host_key_fingerprint in line, line
+    assert "HOST KEY CHANGED" in line and wrong in line and sshd_env.host_key_fingerprint in line, (
+        line
+    )
     assert kv.rotations(cluster) == [] and kv.gens(f"app:{app}") == gens
     assert kv.json("secrets", "list", "--cluster", cluster) == []
 
-    trusted = kv("host", "trust", cluster, sshd_env.host, "--port", str(sshd_env.port), "--yes").stdout
+    trusted = kv(
+        "host", "trust", cluster, sshd_env.host, "--port", str(sshd_env.port), "--yes"
+    ).stdout
     assert f"currently pinned: {wrong} (DIFFERENT)" in trusted, trusted
     [o] = rotate_app(kv, cluster, app)
     assert o["state"] == "completed"
@@ -818,7 +926,9 @@ def test_hostile_appids_refused(kv):
     cluster = kv.cluster("hostile", [app])
     total = st.generations(kv.state_dir)
     for appid in HOSTILE_APPIDS:
-        line = one_line_error(kv("rotate", "app", "--cluster", cluster, "--yes", "--", appid, code=2))
+        line = one_line_error(
+            kv("rotate", "app", "--cluster", cluster, "--yes", "--", appid, code=2)
+        )
         assert "invalid APPID" in line, line
         assert kv.cli("rotate", "app", "--cluster", cluster, "--yes", appid).exit_code == 2
     assert st.generations(kv.state_dir) == total
@@ -826,8 +936,12 @@ def test_hostile_appids_refused(kv):
 
 
 @SQLITE_ONLY
-@pytest.mark.parametrize("user, become", [("root", "su"), ("kvops", "su"), ("kvsudo", "sudo"), ("ta", "none")])
-def test_hostile_appids_quoted_when_the_pattern_allows_them(kv, sshd_env, monkeypatch, user, become):
+@pytest.mark.parametrize(
+    ("user", "become"), [("root", "su"), ("kvops", "su"), ("kvsudo", "sudo"), ("ta", "none")]
+)
+def test_hostile_appids_quoted_when_the_pattern_allows_them(
+    kv, sshd_env, monkeypatch, user, become
+):
     """Even with an APPID pattern that accepts anything, the APPID reaches ta-tool as one
     quoted word through every become method (su -c, su on a PTY, sudo -i, a login shell):
     nothing is executed, ta-tool rejects the unknown APPID, nothing is generated."""
@@ -840,12 +954,22 @@ def test_hostile_appids_quoted_when_the_pattern_allows_them(kv, sshd_env, monkey
     [app] = kv.apps("hostile-q", 1)
     cluster = kv.cluster(f"hostile-q-{user}", [app], user=user, become=become)
     total = st.generations(kv.state_dir)
-    hostile = [f"x; touch {canary}", f"$(touch {canary})", f"`touch {canary}`", f"a'b; touch {canary}; '",
-               f"a\ntouch {canary}", f'a"; touch {canary}; "']
+    hostile = [
+        f"x; touch {canary}",
+        f"$(touch {canary})",
+        f"`touch {canary}`",
+        f"a'b; touch {canary}; '",
+        f"a\ntouch {canary}",
+        f'a"; touch {canary}; "',
+    ]
     for appid in hostile:
-        line = one_line_error(kv("rotate", "app", "--cluster", cluster, "--yes", "--", appid, code=1))
+        line = one_line_error(
+            kv("rotate", "app", "--cluster", cluster, "--yes", "--", appid, code=1)
+        )
         assert "ta-tool failed" in line and "does not exist" in line, line
-    line = one_line_error(kv("rotate", "app", "--cluster", cluster, "--yes", "--", "-appid", code=2))
+    line = one_line_error(
+        kv("rotate", "app", "--cluster", cluster, "--yes", "--", "-appid", code=2)
+    )
     assert "must not start with '-'" in line, line
     assert not canary.exists(), "a hostile APPID was executed by a shell"
     assert st.generations(kv.state_dir) == total
@@ -873,12 +997,14 @@ def test_no_key_in_any_output(kv, caplog, capfd):
 
     paramiko_level = logging.getLogger("paramiko").level
     try:
-        for args in (["-vv", "rotate", "app", "--cluster", cluster, "--yes", app],
-                     ["-vv", "rotate", "app", "--cluster", cluster, "--yes", "--json", app],
-                     ["-vv", "verify", "--cluster", cluster, "--appid", app],
-                     ["-vv", "rotations", "list"],
-                     ["-vv", "secrets", "show", "--cluster", cluster, "--appid", app],
-                     ["-vv", "secrets", "history", "--cluster", cluster, "--appid", app, "--json"]):
+        for args in (
+            ["-vv", "rotate", "app", "--cluster", cluster, "--yes", app],
+            ["-vv", "rotate", "app", "--cluster", cluster, "--yes", "--json", app],
+            ["-vv", "verify", "--cluster", cluster, "--appid", app],
+            ["-vv", "rotations", "list"],
+            ["-vv", "secrets", "show", "--cluster", cluster, "--appid", app],
+            ["-vv", "secrets", "history", "--cluster", cluster, "--appid", app, "--json"],
+        ):
             result = kv(*args)
             texts += [result.stdout, result.stderr]
             keys.append(kv.current(scope))
@@ -891,7 +1017,9 @@ def test_no_key_in_any_output(kv, caplog, capfd):
     captured = capfd.readouterr()
     texts += [captured.out, captured.err, caplog.text]
     texts += [str(r.args) for r in caplog.records]
-    assert any(r.name.startswith("keyvault.") for r in caplog.records), "no keyvault log record was captured"
+    assert any(r.name.startswith("keyvault.") for r in caplog.records), (
+        "no keyvault log record was captured"
+    )
     distinct = len({k for k in keys if k})
     assert distinct >= 3  # three rotations happened
     assert_no_key("\n".join(texts), keys, "stdout/stderr/logs of rotations")

@@ -35,8 +35,13 @@ def paths(tmp_path) -> SandboxPaths:
 
 @pytest.fixture
 def front(paths):
-    front = SshFront(host_key_file=paths.host_key, authorized_keys_file=paths.authorized_keys,
-                     ta_home=paths.ta_home, bin_dir=paths.bin_dir, port=0)
+    front = SshFront(
+        host_key_file=paths.host_key,
+        authorized_keys_file=paths.authorized_keys,
+        ta_home=paths.ta_home,
+        bin_dir=paths.bin_dir,
+        port=0,
+    )
     front.start()
     try:
         yield front
@@ -45,8 +50,13 @@ def front(paths):
 
 
 def target(front, paths, **changes) -> SshTarget:
-    fields = dict(address="127.0.0.1", port=front.port, username="root",
-                  identity_file=str(paths.client_key), pinned_fingerprint=front.host_key_fingerprint)
+    fields = {
+        "address": "127.0.0.1",
+        "port": front.port,
+        "username": "root",
+        "identity_file": str(paths.client_key),
+        "pinned_fingerprint": front.host_key_fingerprint,
+    }
     fields.update(changes)
     return SshTarget(**fields)
 
@@ -128,8 +138,14 @@ def test_fetch_returns_the_same_output_and_cleanup_leaves_a_tombstone(conn, path
 def _hostile_commands():
     rid = "rot-evil-1"
     gen = tahost.generate_script(rid, app_cmd("demo"))
-    batch = tahost.generate_many_script([(rid, app_cmd("demo")), ("rot-evil-2", ROOT_CMD)], clean_from_stdin=True)
-    assert f"in {rid}|rot-evil-2)" in batch and "; kv_gen rot-evil-2 ta-tool" in batch and 'exec ${kv_cmd}' in batch
+    batch = tahost.generate_many_script(
+        [(rid, app_cmd("demo")), ("rot-evil-2", ROOT_CMD)], clean_from_stdin=True
+    )
+    assert (
+        f"in {rid}|rot-evil-2)" in batch
+        and "; kv_gen rot-evil-2 ta-tool" in batch
+        and "exec ${kv_cmd}" in batch
+    )
     return {
         "id": "id",
         "sh -c id": "sh -c 'id'",
@@ -143,10 +159,20 @@ def _hostile_commands():
         "empty": "",
         "unbalanced quote": "su - ta -c 'id",
         "batch with a command appended": SU.wrap(batch + "; id"),
-        "batch whose clean-up takes any id": SU.wrap(batch.replace(f"in {rid}|rot-evil-2)", "in *)")),
-        "batch with a part that is not keyvault's": SU.wrap(batch.replace("; kv_gen rot-evil-2", "; id; kv_gen rot-evil-2")),
-        "batch whose rotation body runs something else": SU.wrap(batch.replace('exec ${kv_cmd}', "exec id")),
-        "batch call with a command of its own": SU.wrap(batch.replace("kv_gen rot-evil-2 ta-tool 'ta-tool", "kv_gen rot-evil-2 ta-tool 'id; ta-tool")),
+        "batch whose clean-up takes any id": SU.wrap(
+            batch.replace(f"in {rid}|rot-evil-2)", "in *)")
+        ),
+        "batch with a part that is not keyvault's": SU.wrap(
+            batch.replace("; kv_gen rot-evil-2", "; id; kv_gen rot-evil-2")
+        ),
+        "batch whose rotation body runs something else": SU.wrap(
+            batch.replace("exec ${kv_cmd}", "exec id")
+        ),
+        "batch call with a command of its own": SU.wrap(
+            batch.replace(
+                "kv_gen rot-evil-2 ta-tool 'ta-tool", "kv_gen rot-evil-2 ta-tool 'id; ta-tool"
+            )
+        ),
     }
 
 
@@ -166,7 +192,11 @@ def test_anything_else_is_refused_and_generates_nothing(conn, paths, name):
 def test_a_batch_runs_and_cleans_up_only_the_ids_sent_on_stdin(conn, paths):
     from keyvault.ssh import StdinReply
 
-    jobs = [("rot-batch-1", app_cmd("demo")), ("rot-batch-2", ROOT_CMD), ("rot-batch-3", app_cmd("app1"))]
+    jobs = [
+        ("rot-batch-1", app_cmd("demo")),
+        ("rot-batch-2", ROOT_CMD),
+        ("rot-batch-3", app_cmd("app1")),
+    ]
     script = tahost.generate_many_script(jobs, clean_from_stdin=True)
     assert classify(SU.wrap(script)).batch == 3
     seen = bytearray()
@@ -179,19 +209,31 @@ def test_a_batch_runs_and_cleans_up_only_the_ids_sent_on_stdin(conn, paths):
 
     result = conn.run(SU.wrap(script), timeout=TIMEOUT, on_output=on_output)
     assert result.exit_status == 0
-    for rid, scope in (("rot-batch-1", "app:demo"), ("rot-batch-2", "root"), ("rot-batch-3", "app:app1")):
-        remote = tahost.parse_remote(rid, result.output[:tahost.report_end(rid, result.output)])
+    for rid, scope in (
+        ("rot-batch-1", "app:demo"),
+        ("rot-batch-2", "root"),
+        ("rot-batch-3", "app:app1"),
+    ):
+        remote = tahost.parse_remote(rid, result.output[: tahost.report_end(rid, result.output)])
         assert remote.state == "result" and tahost.find_keys(remote.output, PATTERN) == [
-            st.current_key(paths.state_dir, scope)]
+            st.current_key(paths.state_dir, scope)
+        ]
     text = result.output.decode()
     assert "@@KV:rot-batch-1:CLEANED@@" in text and "@@KV:rot-batch-3:CLEANED@@" in text
     assert "rot-batch-2:CLEANED" not in text and "rot-other-9" not in text
-    assert (paths.pending_dir / "rot-batch-1.done").exists() and not (paths.pending_dir / "rot-batch-1.out").exists()
+    assert (paths.pending_dir / "rot-batch-1.done").exists() and not (
+        paths.pending_dir / "rot-batch-1.out"
+    ).exists()
     assert (paths.pending_dir / "rot-batch-2.out").exists()  # not sent: its key stays for recovery
     # The end-of-run clean-up (one command for many ids) cleans the rest.
-    swept = conn.run(SU.wrap(tahost.cleanup_many_script(["rot-batch-2", "rot-batch-3"])), timeout=TIMEOUT)
+    swept = conn.run(
+        SU.wrap(tahost.cleanup_many_script(["rot-batch-2", "rot-batch-3"])), timeout=TIMEOUT
+    )
     assert swept.exit_status == 0 and b"@@KV:rot-batch-2:CLEANED@@" in swept.output
-    assert not (paths.pending_dir / "rot-batch-2.out").exists() and (paths.pending_dir / "rot-batch-2.done").exists()
+    assert (
+        not (paths.pending_dir / "rot-batch-2.out").exists()
+        and (paths.pending_dir / "rot-batch-2.done").exists()
+    )
 
 
 def test_pty_shell_and_subsystem_are_refused(front, paths):
@@ -209,8 +251,9 @@ def test_pty_shell_and_subsystem_are_refused(front, paths):
             finally:
                 chan.close()
         with pytest.raises(paramiko.ChannelException):
-            transport.open_channel("direct-tcpip", ("127.0.0.1", front.port), ("127.0.0.1", 1),
-                                   timeout=TIMEOUT)
+            transport.open_channel(
+                "direct-tcpip", ("127.0.0.1", front.port), ("127.0.0.1", 1), timeout=TIMEOUT
+            )
     finally:
         connection.close()
 
@@ -260,8 +303,13 @@ def test_wrong_pinned_fingerprint_is_refused(front, paths, tmp_path):
 
 def test_only_loopback():
     with pytest.raises(ValueError):
-        SshFront(host_key_file="unused", authorized_keys_file="unused", ta_home="unused",
-                 bin_dir="unused", host="0.0.0.0")
+        SshFront(
+            host_key_file="unused",
+            authorized_keys_file="unused",
+            ta_home="unused",
+            bin_dir="unused",
+            host="0.0.0.0",
+        )
 
 
 def test_at_most_max_sessions_channels_at_once(front, paths, conn):
@@ -303,8 +351,11 @@ def test_dropped_connection_mid_generate_keeps_the_key_for_fetch(front, paths, t
     rid = "rot-drop-1"
     first = ParamikoConnector().connect(target(front, paths))
     results = []
-    runner = threading.Thread(target=lambda: results.append(
-        first.run(SU.wrap(tahost.generate_script(rid, app_cmd("demo"))), timeout=TIMEOUT)))
+    runner = threading.Thread(
+        target=lambda: results.append(
+            first.run(SU.wrap(tahost.generate_script(rid, app_cmd("demo"))), timeout=TIMEOUT)
+        )
+    )
     runner.start()
     try:
         wait_for(lambda: (paths.state_dir / "holding").exists(), "ta-tool to hold")
@@ -319,25 +370,36 @@ def test_dropped_connection_mid_generate_keeps_the_key_for_fetch(front, paths, t
     st.clear_noise(paths.state_dir)
     second = ParamikoConnector().connect(target(front, paths))
     try:
-        fetched = tahost.parse_remote(rid, second.run(SU.wrap(tahost.fetch_script(rid)),
-                                                      timeout=TIMEOUT).output)
+        fetched = tahost.parse_remote(
+            rid, second.run(SU.wrap(tahost.fetch_script(rid)), timeout=TIMEOUT).output
+        )
     finally:
         second.close()
     assert fetched.state == "result" and fetched.rc == 0
-    assert tahost.find_keys(fetched.output, PATTERN) == [st.current_key(paths.state_dir, "app:demo")]
+    assert tahost.find_keys(fetched.output, PATTERN) == [
+        st.current_key(paths.state_dir, "app:demo")
+    ]
     assert st.generations(paths.state_dir, "app:demo") == 1
 
 
 def test_stop_with_open_connections_and_a_running_command(paths, tmp_path):
     release = tmp_path / "release"  # never created: the command is still running at stop()
     st.set_noise(paths.state_dir, hold_file=str(release), hold_before_print=True)
-    front = SshFront(host_key_file=paths.host_key, authorized_keys_file=paths.authorized_keys,
-                     ta_home=paths.ta_home, bin_dir=paths.bin_dir, port=0)
+    front = SshFront(
+        host_key_file=paths.host_key,
+        authorized_keys_file=paths.authorized_keys,
+        ta_home=paths.ta_home,
+        bin_dir=paths.bin_dir,
+        port=0,
+    )
     front.start()
     connection = ParamikoConnector().connect(target(front, paths))
     results = []
-    runner = threading.Thread(target=lambda: results.append(connection.run(
-        SU.wrap(tahost.generate_script("rot-stop-1", ROOT_CMD)), timeout=TIMEOUT)))
+    runner = threading.Thread(
+        target=lambda: results.append(
+            connection.run(SU.wrap(tahost.generate_script("rot-stop-1", ROOT_CMD)), timeout=TIMEOUT)
+        )
+    )
     runner.start()
     try:
         wait_for(lambda: (paths.state_dir / "holding").exists(), "ta-tool to hold")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, time, timedelta, timezone
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -35,7 +35,7 @@ from keyvault.services.store import open_keyring
 from keyvault.ssh.local import LocalConnector
 
 ROOT = Path(__file__).resolve().parents[2]
-UTC = timezone.utc
+UTC = UTC
 APPS = ["app1", "app2", "app3", "app4"]
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -50,33 +50,55 @@ def at(day: str, hhmm: str, tz: str = "UTC") -> datetime:
     return datetime(2026, 1, 5 + days.index(day), hh, mm, tzinfo=ZoneInfo(tz))
 
 
-@pytest.mark.parametrize("text, days, start, end, tz", [
-    ("Tue 02:00-04:00 UTC", {1}, "02:00", "04:00", "UTC"),
-    ("  Tue 02:00-04:00 UTC  ", {1}, "02:00", "04:00", "UTC"),
-    ("Mon-Fri 22:00-02:00 Europe/Berlin", {0, 1, 2, 3, 4}, "22:00", "02:00", "Europe/Berlin"),
-    ("03:00-05:00", set(range(7)), "03:00", "05:00", "UTC"),
-    ("daily 03:00-05:00", set(range(7)), "03:00", "05:00", "UTC"),
-    ("every 3:00-5:30 America/New_York", set(range(7)), "03:00", "05:30", "America/New_York"),
-    ("Fri-Mon 23:00-01:00", {4, 5, 6, 0}, "23:00", "01:00", "UTC"),  # a day range wrapping the week
-    ("sat,SUN 1:00-2:00", {5, 6}, "01:00", "02:00", "UTC"),
-    ("Tuesday,thursday 00:00-23:59", {1, 3}, "00:00", "23:59", "UTC"),
-    ("Mon,Wed-Fri 22:00-00:00", {0, 2, 3, 4}, "22:00", "00:00", "UTC"),
-])
+@pytest.mark.parametrize(
+    ("text", "days", "start", "end", "tz"),
+    [
+        ("Tue 02:00-04:00 UTC", {1}, "02:00", "04:00", "UTC"),
+        ("  Tue 02:00-04:00 UTC  ", {1}, "02:00", "04:00", "UTC"),
+        ("Mon-Fri 22:00-02:00 Europe/Berlin", {0, 1, 2, 3, 4}, "22:00", "02:00", "Europe/Berlin"),
+        ("03:00-05:00", set(range(7)), "03:00", "05:00", "UTC"),
+        ("daily 03:00-05:00", set(range(7)), "03:00", "05:00", "UTC"),
+        ("every 3:00-5:30 America/New_York", set(range(7)), "03:00", "05:30", "America/New_York"),
+        (
+            "Fri-Mon 23:00-01:00",
+            {4, 5, 6, 0},
+            "23:00",
+            "01:00",
+            "UTC",
+        ),  # a day range wrapping the week
+        ("sat,SUN 1:00-2:00", {5, 6}, "01:00", "02:00", "UTC"),
+        ("Tuesday,thursday 00:00-23:59", {1, 3}, "00:00", "23:59", "UTC"),
+        ("Mon,Wed-Fri 22:00-00:00", {0, 2, 3, 4}, "22:00", "00:00", "UTC"),
+    ],
+)
 def test_parse_window_accepts(text, days, start, end, tz):
     w = parse_window(text)
-    assert w == Window(days=frozenset(days), start=time.fromisoformat(start), end=time.fromisoformat(end), tz=tz)
+    assert w == Window(
+        days=frozenset(days), start=time.fromisoformat(start), end=time.fromisoformat(end), tz=tz
+    )
 
 
-@pytest.mark.parametrize("text", [
-    "", "Tue", "Tue 02:00", "02:00", "Tue 02:00-", "Tue 02-04", "Tue 2-4 UTC",
-    "Xyz 02:00-04:00 UTC",  # not a day
-    "Tu 02:00-04:00",  # too short to be a day
-    "mon- 02:00-04:00",  # an open day range
-    "Tue 25:00-26:00 UTC", "Tue 02:60-04:00", "Tue 24:00-02:00",  # not times
-    "Tue 02:00-02:00 UTC",  # empty
-    "Tue 02:00-04:00 Mars/Olympus_Mons",  # not a time zone
-    "Tue 02:00-04:00 UTC extra",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "Tue",
+        "Tue 02:00",
+        "02:00",
+        "Tue 02:00-",
+        "Tue 02-04",
+        "Tue 2-4 UTC",
+        "Xyz 02:00-04:00 UTC",  # not a day
+        "Tu 02:00-04:00",  # too short to be a day
+        "mon- 02:00-04:00",  # an open day range
+        "Tue 25:00-26:00 UTC",
+        "Tue 02:60-04:00",
+        "Tue 24:00-02:00",  # not times
+        "Tue 02:00-02:00 UTC",  # empty
+        "Tue 02:00-04:00 Mars/Olympus_Mons",  # not a time zone
+        "Tue 02:00-04:00 UTC extra",
+    ],
+)
 def test_parse_window_rejects_with_a_hint(text):
     with pytest.raises(InvalidInput) as info:
         parse_window(text)
@@ -110,7 +132,9 @@ def test_window_crossing_midnight_in_a_non_utc_zone():
     assert not w.contains(at("mon", "21:59", "Europe/Berlin"))
     # Seen from UTC (Berlin is UTC+1 in January): Friday 21:00 UTC is 22:00 in Berlin.
     assert w.contains(at("fri", "21:00")) and not w.contains(at("fri", "20:59"))
-    assert w.contains(at("sat", "00:30")) and not w.contains(at("sat", "01:00"))  # 01:30 / 02:00 Berlin
+    assert w.contains(at("sat", "00:30")) and not w.contains(
+        at("sat", "01:00")
+    )  # 01:30 / 02:00 Berlin
     # Summer time (UTC+2): Friday 2026-07-03 20:00 UTC is 22:00 in Berlin.
     assert w.contains(datetime(2026, 7, 3, 20, 0, tzinfo=UTC))
     assert not w.contains(datetime(2026, 7, 3, 19, 59, tzinfo=UTC))
@@ -129,9 +153,15 @@ def test_window_crossing_midnight_at_the_end_of_the_week():
 
 def test_backoff_doubles_and_is_capped():
     base, cap = timedelta(minutes=5), timedelta(hours=1)
-    assert [backoff(n, base=base, cap=cap) for n in range(0, 7)] == [
-        timedelta(minutes=5), timedelta(minutes=5), timedelta(minutes=10), timedelta(minutes=20),
-        timedelta(minutes=40), timedelta(hours=1), timedelta(hours=1)]
+    assert [backoff(n, base=base, cap=cap) for n in range(7)] == [
+        timedelta(minutes=5),
+        timedelta(minutes=5),
+        timedelta(minutes=10),
+        timedelta(minutes=20),
+        timedelta(minutes=40),
+        timedelta(hours=1),
+        timedelta(hours=1),
+    ]
     assert backoff(200, base=base, cap=cap) == cap  # no overflow for a long-failing scope
     assert backoff(1, base=timedelta(hours=2), cap=cap) == cap
 
@@ -153,7 +183,7 @@ def next_local(weekday: int, hhmm: str, tz: ZoneInfo, *, after: datetime) -> dat
     """The first weekday at hh:mm in ``tz`` strictly after ``after`` (returned in UTC)."""
     hh, mm = (int(x) for x in hhmm.split(":"))
     local = after.astimezone(tz)
-    for offset in range(0, 15):  # bounded: two weeks always hold one
+    for offset in range(15):  # bounded: two weeks always hold one
         day = (local + timedelta(days=offset)).date()
         candidate = datetime(day.year, day.month, day.day, hh, mm, tzinfo=tz)
         if candidate.weekday() == weekday and candidate > after:
@@ -178,16 +208,32 @@ def world(tmp_path, cli):
         state.install_wrapper(tool, state_dir, python=sys.executable, pythonpath=str(ROOT))
         states[name] = state_dir
         with transaction(factory) as s:
-            clusters.add_cluster(s, name=name, open_api_url="http://127.0.0.1:9", options={
-                "generate_root_command": f"{tool} generate_root_secret",
-                "generate_app_command": f"{tool} generate_api_secret -appid {{appid}}",
-            })
-            hosts.add_host(s, cluster_name=name, address=f"ta-{name}", username="ta", become="none",
-                           fingerprint="SHA256:" + "A" * 43)
+            clusters.add_cluster(
+                s,
+                name=name,
+                open_api_url="http://127.0.0.1:9",
+                options={
+                    "generate_root_command": f"{tool} generate_root_secret",
+                    "generate_app_command": f"{tool} generate_api_secret -appid {{appid}}",
+                },
+            )
+            hosts.add_host(
+                s,
+                cluster_name=name,
+                address=f"ta-{name}",
+                username="ta",
+                become="none",
+                fingerprint="SHA256:" + "A" * 43,
+            )
     connector = LocalConnector({"HOME": str(ta_home), "PATH": "/usr/bin:/bin"})
     now = datetime.now(UTC)
-    w = World(settings=settings, factory=factory, states=states, connector=connector,
-              t=now.replace(microsecond=0) + timedelta(hours=2))
+    w = World(
+        settings=settings,
+        factory=factory,
+        states=states,
+        connector=connector,
+        t=now.replace(microsecond=0) + timedelta(hours=2),
+    )
     try:
         yield w
     finally:
@@ -196,25 +242,41 @@ def world(tmp_path, cli):
 
 class World:
     def __init__(self, *, settings, factory, states, connector, t) -> None:
-        self.settings, self.factory, self.states, self.connector, self.t = settings, factory, states, connector, t
+        self.settings, self.factory, self.states, self.connector, self.t = (
+            settings,
+            factory,
+            states,
+            connector,
+            t,
+        )
 
     def scheduler(self, clock, **kwargs) -> Scheduler:
         kwargs.setdefault("holder", "test-runner")
-        return Scheduler(self.factory, settings=self.settings, connector=self.connector, clock=clock, **kwargs)
+        return Scheduler(
+            self.factory, settings=self.settings, connector=self.connector, clock=clock, **kwargs
+        )
 
     def seed(self, cluster: str, apps, *, age: timedelta, now: datetime | None = None) -> None:
         """Rotate ``apps`` once through the emulator, then make their keys ``age`` old at ``now``."""
         with RotationService(self.factory, settings=self.settings, connector=self.connector) as svc:
-            results = svc.rotate_many(cluster, [app_scope(a) for a in apps], actor="seed", concurrency=4)
+            results = svc.rotate_many(
+                cluster, [app_scope(a) for a in apps], actor="seed", concurrency=4
+            )
         assert all(not isinstance(r, Exception) for _, r in results), [str(r) for _, r in results]
         self.backdate(cluster, apps, (now or self.t) - age)
 
     def backdate(self, cluster: str, apps, created_at: datetime) -> None:
         with transaction(self.factory) as s:
             cid = clusters.get_cluster(s, name=cluster).id
-            rows = s.scalars(select(SecretVersion).join(Secret, SecretVersion.secret_id == Secret.id).where(
-                Secret.cluster_id == cid, Secret.scope.in_([f"app:{a}" for a in apps]),
-                SecretVersion.state == CURRENT)).all()
+            rows = s.scalars(
+                select(SecretVersion)
+                .join(Secret, SecretVersion.secret_id == Secret.id)
+                .where(
+                    Secret.cluster_id == cid,
+                    Secret.scope.in_([f"app:{a}" for a in apps]),
+                    SecretVersion.state == CURRENT,
+                )
+            ).all()
             assert len(rows) == len(list(apps))
             for row in rows:
                 row.created_at = created_at
@@ -232,17 +294,26 @@ class World:
 
     def check_stored(self, cluster: str, scope: str) -> None:
         with transaction(self.factory) as s:
-            stored = secrets.reveal(open_keyring(s, settings=self.settings),
-                                    secrets.get_version(s, cluster_name=cluster, scope=parse_scope(scope)))
+            stored = secrets.reveal(
+                open_keyring(s, settings=self.settings),
+                secrets.get_version(s, cluster_name=cluster, scope=parse_scope(scope)),
+            )
         valid = state.current_key(self.states[cluster], scope)
         if not valid or stored != valid:
-            pytest.fail(f"{cluster} {scope}: keyvault has {crypto.fingerprint(stored)}, the emulator's valid key "
-                        f"is {crypto.fingerprint(valid) if valid else None}", pytrace=False)
+            pytest.fail(
+                f"{cluster} {scope}: keyvault has {crypto.fingerprint(stored)}, the emulator's valid key "
+                f"is {crypto.fingerprint(valid) if valid else None}",
+                pytrace=False,
+            )
 
     def schedule(self, cluster: str, scope: str) -> ScopeSchedule | None:
         with transaction(self.factory) as s:
             cid = clusters.get_cluster(s, name=cluster).id
-            return s.scalar(select(ScopeSchedule).where(ScopeSchedule.cluster_id == cid, ScopeSchedule.scope == scope))
+            return s.scalar(
+                select(ScopeSchedule).where(
+                    ScopeSchedule.cluster_id == cid, ScopeSchedule.scope == scope
+                )
+            )
 
     def rotation_count(self, cluster: str | None = None, scope: str | None = None) -> int:
         with transaction(self.factory) as s:
@@ -258,7 +329,10 @@ class World:
             stmt = select(Event).where(Event.type == type_).order_by(Event.id)
             if scope is not None:
                 stmt = stmt.where(Event.scope == scope)
-            return [json.loads(e.payload) | {"_cluster": e.cluster, "_scope": e.scope} for e in s.scalars(stmt)]
+            return [
+                json.loads(e.payload) | {"_cluster": e.cluster, "_scope": e.scope}
+                for e in s.scalars(stmt)
+            ]
 
     def lease(self) -> tuple[str | None, datetime | None]:
         with transaction(self.factory) as s:
@@ -287,12 +361,34 @@ def error_line(result, code: int) -> str:
 
 
 def test_policy_set_list_remove(world, cli):
-    out = ok(cli("policy", "set", "--cluster", "c", "--root", "--max-age", "30d",
-                 "--window", "Tue 02:00-04:00 UTC")).stdout
+    out = ok(
+        cli(
+            "policy",
+            "set",
+            "--cluster",
+            "c",
+            "--root",
+            "--max-age",
+            "30d",
+            "--window",
+            "Tue 02:00-04:00 UTC",
+        )
+    ).stdout
     assert "policy for root of c: rotate after 30d, within Tue 02:00-04:00 UTC" in out
     ok(cli("policy", "set", "--cluster", "c", "--appid", "app1", "--max-age", "12h"))
-    ok(cli("policy", "set", "--cluster", "c", "--all-apps", "--max-age", "2w",
-           "--window", "Mon-Fri 22:00-02:00 Europe/Berlin"))
+    ok(
+        cli(
+            "policy",
+            "set",
+            "--cluster",
+            "c",
+            "--all-apps",
+            "--max-age",
+            "2w",
+            "--window",
+            "Mon-Fri 22:00-02:00 Europe/Berlin",
+        )
+    )
     ok(cli("policy", "set", "--cluster", "other", "--all-apps", "--max-age", "90d"))
     rows = json.loads(ok(cli("policy", "list", "--json")).stdout)
     assert [(r["cluster"], r["target"], r["max_age_seconds"], r["window"]) for r in rows] == [
@@ -310,8 +406,10 @@ def test_policy_set_list_remove(world, cli):
     ok(cli("policy", "set", "--cluster", "c", "--root", "--max-age", "7d"))
     rows = json.loads(ok(cli("policy", "list", "--cluster", "c", "--json")).stdout)
     assert [(r["target"], r["max_age_seconds"], r["window"]) for r in rows] == [
-        ("all-apps", 14 * 86400, "Mon-Fri 22:00-02:00 Europe/Berlin"), ("app:app1", 43200, None),
-        ("root", 7 * 86400, None)]
+        ("all-apps", 14 * 86400, "Mon-Fri 22:00-02:00 Europe/Berlin"),
+        ("app:app1", 43200, None),
+        ("root", 7 * 86400, None),
+    ]
 
     assert "removed" in ok(cli("policy", "remove", "--cluster", "c", "--appid", "app1")).stdout
     ok(cli("policy", "remove", "--cluster", "other", "--all-apps"))
@@ -323,12 +421,18 @@ def test_policy_set_list_remove(world, cli):
 
 BAD_POLICY_INPUT = [
     (["--max-age", "30d", "--window", "Tue 02:00"], "invalid window 'Tue 02:00'"),
-    (["--max-age", "30d", "--window", "Xyz 02:00-04:00 UTC"], "invalid window 'Xyz 02:00-04:00 UTC'"),
+    (
+        ["--max-age", "30d", "--window", "Xyz 02:00-04:00 UTC"],
+        "invalid window 'Xyz 02:00-04:00 UTC'",
+    ),
     (["--max-age", "30d", "--window", "Tue 02:00-04:00 Mars/Olympus_Mons"], "invalid window"),
     (["--max-age", "30d", "--window", "Tue 03:00-03:00"], "invalid window"),
     (["--max-age", "30x"], "invalid duration '30x'"),
     (["--max-age", "0d"], "invalid duration '0d'"),
-    (["--max-age", "thirty days", "--window", "Tue 02:00-04:00 UTC"], "invalid duration 'thirty days'"),
+    (
+        ["--max-age", "thirty days", "--window", "Tue 02:00-04:00 UTC"],
+        "invalid duration 'thirty days'",
+    ),
 ]
 
 
@@ -336,7 +440,9 @@ def test_policy_set_rejects_bad_window_and_duration(world, cli):
     for args, expected in BAD_POLICY_INPUT:
         line = error_line(cli("policy", "set", "--cluster", "c", "--all-apps", *args), 2)
         assert expected in line, line
-        assert ("use e.g. 'Tue 02:00-04:00 UTC'" if "window" in expected else "30m, 12h, 90d, 2w") in line, line
+        assert (
+            "use e.g. 'Tue 02:00-04:00 UTC'" if "window" in expected else "30m, 12h, 90d, 2w"
+        ) in line, line
     assert json.loads(ok(cli("policy", "list", "--json")).stdout) == []  # nothing stored
 
 
@@ -344,7 +450,9 @@ def test_policy_target_errors(world, cli):
     for targets in ([], ["--root", "--all-apps"], ["--root", "--appid", "app1"]):
         line = error_line(cli("policy", "set", "--cluster", "c", *targets, "--max-age", "30d"), 2)
         assert "give exactly one of --root, --appid APPID or --all-apps" in line, line
-    line = error_line(cli("policy", "set", "--cluster", "c", "--appid", "a;b", "--max-age", "30d"), 2)
+    line = error_line(
+        cli("policy", "set", "--cluster", "c", "--appid", "a;b", "--max-age", "30d"), 2
+    )
     assert "invalid APPID" in line, line
     line = error_line(cli("policy", "set", "--cluster", "nope", "--root", "--max-age", "30d"), 1)
     assert "nope" in line, line
@@ -368,10 +476,19 @@ def test_due_scopes_are_rotated_and_the_others_untouched(world, cli):
     report = world.scheduler(Clock(world.t)).run()
     assert report.lease_acquired and report.lease_holder == "test-runner"
     results = by_scope(report)
-    assert {s for s, r in results.items() if r.status == "rotated"} == {"root", "app:app1", "app:app2", "app:app4"}
+    assert {s for s, r in results.items() if r.status == "rotated"} == {
+        "root",
+        "app:app1",
+        "app:app2",
+        "app:app4",
+    }
     assert results["app:app3"].status == "skipped"
-    assert results["app:app3"].reason == "not due: key is 29 days, 0:00:00 old, max 30 days, 0:00:00"
-    assert all(r.cluster == "c" for r in report.results)  # `other` has no policy: not even considered
+    assert (
+        results["app:app3"].reason == "not due: key is 29 days, 0:00:00 old, max 30 days, 0:00:00"
+    )
+    assert all(
+        r.cluster == "c" for r in report.results
+    )  # `other` has no policy: not even considered
     assert report.count("failed") == 0 and len(report.results) == 5
     for scope in ("root", "app:app1", "app:app2", "app:app4"):
         assert world.gens("c", scope) == gens_c[scope] + 1, scope
@@ -396,11 +513,27 @@ def test_due_scopes_are_rotated_and_the_others_untouched(world, cli):
 def test_windows_are_respected(world, cli):
     t_in = next_local(1, "02:00", ZoneInfo("UTC"), after=world.t)  # a Tuesday, 02:00 UTC
     world.seed("c", ["app1"], age=timedelta(days=40), now=t_in - timedelta(days=2))
-    ok(cli("policy", "set", "--cluster", "c", "--appid", "app1", "--max-age", "30d",
-           "--window", "Tue 02:00-04:00 UTC"))
+    ok(
+        cli(
+            "policy",
+            "set",
+            "--cluster",
+            "c",
+            "--appid",
+            "app1",
+            "--max-age",
+            "30d",
+            "--window",
+            "Tue 02:00-04:00 UTC",
+        )
+    )
     gens = world.gens("c", "app:app1")
-    outside = [t_in - timedelta(minutes=1), t_in - timedelta(days=1), t_in + timedelta(hours=2),
-               t_in + timedelta(days=1, hours=1)]
+    outside = [
+        t_in - timedelta(minutes=1),
+        t_in - timedelta(days=1),
+        t_in + timedelta(hours=2),
+        t_in + timedelta(days=1, hours=1),
+    ]
     for now in outside:
         report = world.scheduler(Clock(now)).run()
         [r] = report.results
@@ -420,16 +553,31 @@ def test_window_crossing_midnight_in_a_non_utc_zone_is_respected(world, cli):
     # Friday 22:00 in Berlin starts the window; it ends Saturday 02:00 in Berlin.
     friday = next_local(4, "22:00", BERLIN, after=world.t)
     world.seed("c", ["app2"], age=timedelta(days=40), now=friday - timedelta(days=1))
-    ok(cli("policy", "set", "--cluster", "c", "--all-apps", "--max-age", "30d",
-           "--window", "Mon-Fri 22:00-02:00 Europe/Berlin"))
+    ok(
+        cli(
+            "policy",
+            "set",
+            "--cluster",
+            "c",
+            "--all-apps",
+            "--max-age",
+            "30d",
+            "--window",
+            "Mon-Fri 22:00-02:00 Europe/Berlin",
+        )
+    )
     gens = world.gens("c", "app:app2")
-    for now in (friday - timedelta(minutes=1),  # Friday 21:59 Berlin
-                friday + timedelta(hours=4),  # Saturday 02:00 Berlin: the end is exclusive
-                friday + timedelta(hours=24, minutes=30),  # Saturday 22:30 Berlin: not a window day
-                friday + timedelta(days=2, hours=3)):  # Monday 01:00 Berlin: that is Sunday's night
+    for now in (
+        friday - timedelta(minutes=1),  # Friday 21:59 Berlin
+        friday + timedelta(hours=4),  # Saturday 02:00 Berlin: the end is exclusive
+        friday + timedelta(hours=24, minutes=30),  # Saturday 22:30 Berlin: not a window day
+        friday + timedelta(days=2, hours=3),
+    ):  # Monday 01:00 Berlin: that is Sunday's night
         [r] = world.scheduler(Clock(now)).run().results
-        assert (r.status, r.reason) == ("skipped", "outside window Mon-Fri 22:00-02:00 Europe/Berlin"), \
-            now.astimezone(BERLIN)
+        assert (r.status, r.reason) == (
+            "skipped",
+            "outside window Mon-Fri 22:00-02:00 Europe/Berlin",
+        ), now.astimezone(BERLIN)
     assert world.gens("c", "app:app2") == gens
     # Saturday 01:30 in Berlin: after midnight, still inside Friday's window.
     inside = friday + timedelta(hours=3, minutes=30)
@@ -444,17 +592,36 @@ def test_a_specific_appid_policy_wins_over_all_apps(world, cli):
     world.seed("c", ["app1", "app2", "app3"], age=timedelta(days=45))
     ok(cli("policy", "set", "--cluster", "c", "--all-apps", "--max-age", "30d"))
     ok(cli("policy", "set", "--cluster", "c", "--appid", "app1", "--max-age", "60d"))
-    ok(cli("policy", "set", "--cluster", "c", "--appid", "app3", "--max-age", "30d",
-           "--window", "Tue 02:00-04:00 UTC"))
+    ok(
+        cli(
+            "policy",
+            "set",
+            "--cluster",
+            "c",
+            "--appid",
+            "app3",
+            "--max-age",
+            "30d",
+            "--window",
+            "Tue 02:00-04:00 UTC",
+        )
+    )
     gens = world.all_gens("c")
-    clock = Clock(next_local(2, "03:00", ZoneInfo("UTC"), after=world.t))  # a Wednesday: app3 outside
+    clock = Clock(
+        next_local(2, "03:00", ZoneInfo("UTC"), after=world.t)
+    )  # a Wednesday: app3 outside
     world.backdate("c", ["app1", "app2", "app3"], clock.now - timedelta(days=45))
     results = by_scope(world.scheduler(clock).run())
     assert results["app:app1"].status == "skipped"
-    assert results["app:app1"].reason == "not due: key is 45 days, 0:00:00 old, max 60 days, 0:00:00"
+    assert (
+        results["app:app1"].reason == "not due: key is 45 days, 0:00:00 old, max 60 days, 0:00:00"
+    )
     assert results["app:app3"].reason == "outside window Tue 02:00-04:00 UTC"
     assert results["app:app2"].status == "rotated"
-    assert world.gens("c", "app:app1") == gens["app:app1"] and world.gens("c", "app:app3") == gens["app:app3"]
+    assert (
+        world.gens("c", "app:app1") == gens["app:app1"]
+        and world.gens("c", "app:app3") == gens["app:app3"]
+    )
     assert world.gens("c", "app:app2") == gens["app:app2"] + 1
 
     # Without the specific policy, all-apps applies to app1 too.
@@ -492,7 +659,9 @@ def test_backoff_then_pause_then_resume(world, cli):
     # Half-way through the backoff: not even tried.
     rotations = world.rotation_count("c", "app:app1")
     r = run_once(t0 + base / 2)
-    assert r.status == "skipped" and r.reason.startswith("backing off after 1 failure(s) until "), r.reason
+    assert r.status == "skipped" and r.reason.startswith("backing off after 1 failure(s) until "), (
+        r.reason
+    )
     assert (t0 + base).isoformat() in r.reason
     assert world.rotation_count("c", "app:app1") == rotations
     # At the end of the backoff: tried again, backoff doubled.
@@ -517,7 +686,9 @@ def test_backoff_then_pause_then_resume(world, cli):
     state.clear_noise(world.states["c"])
     for later in (t4 + cap, t4 + timedelta(days=3)):
         r = run_once(later)
-        assert r.status == "skipped" and r.reason.startswith("paused after 4 consecutive failures"), r.reason
+        assert r.status == "skipped" and r.reason.startswith(
+            "paused after 4 consecutive failures"
+        ), r.reason
         assert "keyvault policy resume --cluster c" in r.reason
     assert world.rotation_count("c", "app:app1") == rotations
     assert world.gens("c", "app:app1") == gens  # ta-tool never generated anything
@@ -538,7 +709,12 @@ def test_backoff_then_pause_then_resume(world, cli):
     assert world.gens("c", "app:app1") == gens + 1
     world.check_stored("c", "app:app1")
     row = world.schedule("c", "app:app1")
-    assert (row.consecutive_failures, row.next_attempt_at, row.paused_at, row.last_error) == (0, None, None, None)
+    assert (row.consecutive_failures, row.next_attempt_at, row.paused_at, row.last_error) == (
+        0,
+        None,
+        None,
+        None,
+    )
 
 
 def test_a_success_resets_the_failure_count(world, cli):
@@ -563,10 +739,16 @@ def test_a_failure_before_the_journal_still_raises_rotation_failed(world, cli):
     world.connector.unreachable = frozenset({"ta-other"})
     rotations = world.rotation_count("other")
     [r] = world.scheduler(Clock(world.t), max_failures=1).run().results
-    assert r.status == "failed" and "cannot connect to ta-other" in r.reason and r.rotation_id is None
+    assert (
+        r.status == "failed" and "cannot connect to ta-other" in r.reason and r.rotation_id is None
+    )
     assert world.rotation_count("other") == rotations
     [event] = world.events("rotation.failed", "app:app1")
-    assert event["source"] == "scheduler" and event["_cluster"] == "other" and event["rotation_id"] is None
+    assert (
+        event["source"] == "scheduler"
+        and event["_cluster"] == "other"
+        and event["rotation_id"] is None
+    )
     assert len(world.events("rotation.paused", "app:app1")) == 1  # max_failures=1
 
 
@@ -593,11 +775,17 @@ def test_dry_run_rotates_nothing(world, cli):
 
     report = world.scheduler(Clock(world.t)).run(dry_run=True)
     assert not report.lease_acquired and report.lease_holder is None
-    assert [(r.scope, r.status) for r in report.results] == [("app:app1", "due"), ("app:app2", "skipped")]
+    assert [(r.scope, r.status) for r in report.results] == [
+        ("app:app1", "due"),
+        ("app:app2", "skipped"),
+    ]
     # The CLI (real time: app1's key is still more than 30 days old).
     out = json.loads(ok(cli("rotate", "due", "--dry-run", "--json")).stdout)
     assert out["lease"] == "not needed" and out["holder"] is None
-    assert [(r["scope"], r["status"]) for r in out["results"]] == [("app:app1", "due"), ("app:app2", "skipped")]
+    assert [(r["scope"], r["status"]) for r in out["results"]] == [
+        ("app:app1", "due"),
+        ("app:app2", "skipped"),
+    ]
     text = ok(cli("rotate", "due", "--dry-run")).stdout
     assert "app:app1" in text and " due " in text and "summary" not in text
     assert world.all_gens("c") == gens and world.rotation_count() == rotations
@@ -629,17 +817,33 @@ def test_the_lease_lets_one_runner_act(world, cli):
     assert world.gens("c", "app:app1") == gens and world.rotation_count("c") == 1
     assert world.lease() == ("runner-a", t + ttl)  # b did not touch a's lease
     # Taking it directly is refused the same way; a's own renewal works.
-    assert acquire_lease(world.factory, holder="runner-b", now=t + ttl - timedelta(seconds=1), ttl=ttl) \
-        .startswith("runner-a until ")
-    assert acquire_lease(world.factory, holder="runner-a", now=t + timedelta(minutes=1), ttl=ttl) is None
+    assert acquire_lease(
+        world.factory, holder="runner-b", now=t + ttl - timedelta(seconds=1), ttl=ttl
+    ).startswith("runner-a until ")
+    assert (
+        acquire_lease(world.factory, holder="runner-a", now=t + timedelta(minutes=1), ttl=ttl)
+        is None
+    )
     assert world.lease() == ("runner-a", t + timedelta(minutes=1) + ttl)
 
     # The CLI (real time, well before the lease expires) says so and exits 0.
-    assert acquire_lease(world.factory, holder="runner-a", now=datetime.now(UTC), ttl=timedelta(hours=1)) is None
+    assert (
+        acquire_lease(
+            world.factory, holder="runner-a", now=datetime.now(UTC), ttl=timedelta(hours=1)
+        )
+        is None
+    )
     result = ok(cli("rotate", "due", "--json"))
     out = json.loads(result.stdout)
-    assert out["lease"] == "held elsewhere" and out["holder"].startswith("runner-a until ") and out["results"] == []
-    assert "another runner holds the rotation lease (runner-a until " in ok(cli("rotate", "due")).stdout
+    assert (
+        out["lease"] == "held elsewhere"
+        and out["holder"].startswith("runner-a until ")
+        and out["results"] == []
+    )
+    assert (
+        "another runner holds the rotation lease (runner-a until "
+        in ok(cli("rotate", "due")).stdout
+    )
     assert world.gens("c", "app:app1") == gens
     holder, expires = world.lease()
     assert holder == "runner-a"
@@ -694,8 +898,14 @@ def test_the_serve_scheduler_thread_rotates_due_scopes_when_poked_and_stops(worl
     gens = world.all_gens("c")
     runs: queue.Queue = queue.Queue()
     # An hour's interval: only poke() makes it run, so nothing here depends on timing.
-    thread = SchedulerThread(world.factory, settings=world.settings, interval=3600, clock=Clock(world.t),
-                             connector=world.connector, on_run=runs.put)
+    thread = SchedulerThread(
+        world.factory,
+        settings=world.settings,
+        interval=3600,
+        clock=Clock(world.t),
+        connector=world.connector,
+        on_run=runs.put,
+    )
     thread.start()
     try:
         thread.poke()

@@ -100,8 +100,16 @@ def openapi(emulator):
 class Harness:
     """A keyvault home on one database, next to the test sshd and its emulator."""
 
-    def __init__(self, *, cli, sshd, emulator: Emulator, api_url: str, backend: str, tmp_path: Path) -> None:
-        self.cli, self.sshd, self.api_url, self.backend, self.tmp_path = cli, sshd, api_url, backend, tmp_path
+    def __init__(
+        self, *, cli, sshd, emulator: Emulator, api_url: str, backend: str, tmp_path: Path
+    ) -> None:
+        self.cli, self.sshd, self.api_url, self.backend, self.tmp_path = (
+            cli,
+            sshd,
+            api_url,
+            backend,
+            tmp_path,
+        )
         self.state_dir, self.tool = emulator.state_dir, emulator.tool
         self._engine = None
 
@@ -110,8 +118,11 @@ class Harness:
         """keyvault in-process (CliRunner), for set-up and reading."""
         result = self.cli(*args)
         if result.exit_code != code:
-            pytest.fail(f"keyvault {' '.join(args[:3])}... exited {result.exit_code}, not {code}; "
-                        f"stderr: {masked(result.stderr.strip())!r}", pytrace=False)
+            pytest.fail(
+                f"keyvault {' '.join(args[:3])}... exited {result.exit_code}, not {code}; "
+                f"stderr: {masked(result.stderr.strip())!r}",
+                pytrace=False,
+            )
         return result
 
     def json(self, *args: str):
@@ -122,8 +133,15 @@ class Harness:
 
     def run(self, *args: str) -> subprocess.CompletedProcess:
         """keyvault as a real process (stdout and stderr are pipes: not a terminal)."""
-        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=PROCESS_TIMEOUT,
-                              cwd=self.tmp_path, env=dict(os.environ), stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            self.argv(*args),
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
+            cwd=self.tmp_path,
+            env=dict(os.environ),
+            stdin=subprocess.DEVNULL,
+        )
 
     @property
     def factory(self):
@@ -151,23 +169,48 @@ class Harness:
         name = f"{tag}-{self.backend}"
         self("cluster", "add", name, "--open-api-url", self.api_url, "--login-name", "root")
         with transaction(self.factory) as s:
-            clusters.set_options(s, name=name, generate_root_command=f"{self.tool} generate_root_secret",
-                                 generate_app_command=f"{self.tool} generate_api_secret -appid {{appid}}")
+            clusters.set_options(
+                s,
+                name=name,
+                generate_root_command=f"{self.tool} generate_root_secret",
+                generate_app_command=f"{self.tool} generate_api_secret -appid {{appid}}",
+            )
         state = st.read_state(self.state_dir)
-        ids = [a for app in apps for a in ("--project-id", f"{app}={state['apps'][app]['project_id']}")]
+        ids = [
+            a for app in apps for a in ("--project-id", f"{app}={state['apps'][app]['project_id']}")
+        ]
         self("cluster", "set", name, *ids)
-        self("host", "add", name, self.sshd.host, "--port", str(self.sshd.port), "--user", "root",
-             "--identity", str(self.sshd.identity("root")), "--become", "su",
-             "--fingerprint", self.sshd.host_key_fingerprint)
+        self(
+            "host",
+            "add",
+            name,
+            self.sshd.host,
+            "--port",
+            str(self.sshd.port),
+            "--user",
+            "root",
+            "--identity",
+            str(self.sshd.identity("root")),
+            "--become",
+            "su",
+            "--fingerprint",
+            self.sshd.host_key_fingerprint,
+        )
         return name
 
     def backdate(self, cluster: str, apps, by: timedelta) -> None:
         """Make the current keys of ``apps`` older by ``by`` (an UPDATE of created_at)."""
         with transaction(self.factory) as s:
             cid = clusters.get_cluster(s, name=cluster).id
-            rows = s.scalars(select(SecretVersion).join(Secret, SecretVersion.secret_id == Secret.id).where(
-                Secret.cluster_id == cid, Secret.scope.in_([f"app:{a}" for a in apps]),
-                SecretVersion.state == CURRENT)).all()
+            rows = s.scalars(
+                select(SecretVersion)
+                .join(Secret, SecretVersion.secret_id == Secret.id)
+                .where(
+                    Secret.cluster_id == cid,
+                    Secret.scope.in_([f"app:{a}" for a in apps]),
+                    SecretVersion.state == CURRENT,
+                )
+            ).all()
             assert len(rows) == len(apps)
             for row in rows:
                 row.created_at = row.created_at - by
@@ -179,17 +222,26 @@ class Harness:
 
     def check_keys(self, cluster: str, apps, what: str) -> None:
         """Every stored current key equals the emulator's valid key (fingerprints if not)."""
-        valid = {a: e["key"] for a, e in st.read_state(self.state_dir)["apps"].items() if a in set(apps)}
+        valid = {
+            a: e["key"] for a, e in st.read_state(self.state_dir)["apps"].items() if a in set(apps)
+        }
         wrong = []
         with transaction(self.factory) as s:
             keyring = open_keyring(s, settings=load_settings())
             for app in apps:
-                stored = secrets.reveal(keyring, secrets.get_version(s, cluster_name=cluster, scope=app_scope(app)))
+                stored = secrets.reveal(
+                    keyring, secrets.get_version(s, cluster_name=cluster, scope=app_scope(app))
+                )
                 if not valid[app] or stored != valid[app]:
-                    wrong.append(f"{app}: keyvault {crypto.fingerprint(stored)}, emulator "
-                                 f"{crypto.fingerprint(valid[app]) if valid[app] else None}")
+                    wrong.append(
+                        f"{app}: keyvault {crypto.fingerprint(stored)}, emulator "
+                        f"{crypto.fingerprint(valid[app]) if valid[app] else None}"
+                    )
         if wrong:
-            pytest.fail(f"{what}: {len(wrong)} stored key(s) differ from the emulator's: {wrong[:5]}", pytrace=False)
+            pytest.fail(
+                f"{what}: {len(wrong)} stored key(s) differ from the emulator's: {wrong[:5]}",
+                pytrace=False,
+            )
 
     def rotations(self, cluster: str) -> list[dict]:
         return self.json("rotations", "list", "--cluster", cluster)
@@ -197,8 +249,14 @@ class Harness:
 
 @pytest.fixture
 def kv(cli, database, sshd_env, emulator, openapi, tmp_path):
-    harness = Harness(cli=cli, sshd=sshd_env, emulator=emulator, api_url=openapi, backend=database.backend,
-                      tmp_path=tmp_path)
+    harness = Harness(
+        cli=cli,
+        sshd=sshd_env,
+        emulator=emulator,
+        api_url=openapi,
+        backend=database.backend,
+        tmp_path=tmp_path,
+    )
     harness("init")
     try:
         yield harness
@@ -208,7 +266,9 @@ def kv(cli, database, sshd_env, emulator, openapi, tmp_path):
 
 def assert_pending_cleaned(rotation_ids) -> None:
     """No pending file of these rotations is left on the host (only key-less tombstones)."""
-    left = sorted(p.name for rid in rotation_ids for p in TA_PENDING.glob(f"{rid}.*") if p.suffix != ".done")
+    left = sorted(
+        p.name for rid in rotation_ids for p in TA_PENDING.glob(f"{rid}.*") if p.suffix != ".done"
+    )
     assert left == [], f"pending files left under {TA_PENDING}: {left[:10]}"
     missing = [rid for rid in rotation_ids if not (TA_PENDING / f"{rid}.done").exists()]
     assert missing == [], f"rotations without a tombstone: {missing[:10]}"
@@ -228,9 +288,18 @@ def test_three_rotate_due_processes_rotate_each_due_scope_once(kv):
     kv("policy", "set", "--cluster", cluster, "--all-apps", "--max-age", "1d")
     before = kv.gens(apps)
 
-    procs = [subprocess.Popen(kv.argv("rotate", "due", "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, text=True, cwd=kv.tmp_path, env=dict(os.environ))
-             for _ in range(3)]  # all started before any is waited for: they race
+    procs = [
+        subprocess.Popen(
+            kv.argv("rotate", "due", "--json"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=kv.tmp_path,
+            env=dict(os.environ),
+        )
+        for _ in range(3)
+    ]  # all started before any is waited for: they race
     outputs = []
     try:
         for proc in procs:
@@ -246,18 +315,24 @@ def test_three_rotate_due_processes_rotate_each_due_scope_once(kv):
     reports = [json.loads(out) for _code, out, _err in outputs]
 
     # Each due scope rotated exactly once, by one process; the emulator counted one generation each.
-    rotated = sorted(r["scope"] for rep in reports for r in rep["results"] if r["status"] == "rotated")
+    rotated = sorted(
+        r["scope"] for rep in reports for r in rep["results"] if r["status"] == "rotated"
+    )
     assert rotated == sorted(f"app:{a}" for a in due)
     after = kv.gens(apps)
-    assert {a: after[a] - before[a] for a in apps} == {**{a: 1 for a in due}, fresh: 0}
+    assert {a: after[a] - before[a] for a in apps} == {**dict.fromkeys(due, 1), fresh: 0}
     actors = [rep for rep in reports if any(r["status"] == "rotated" for r in rep["results"])]
     assert len(actors) == 1 and actors[0]["lease"] == "acquired"
     assert {r["scope"]: r["status"] for r in actors[0]["results"]} == {
-        **{f"app:{a}": "rotated" for a in due}, f"app:{fresh}": "skipped"}
+        **{f"app:{a}": "rotated" for a in due},
+        f"app:{fresh}": "skipped",
+    }
     for rep in reports:
         if rep is actors[0]:
             continue
-        if rep["lease"] == "held elsewhere":  # the lease was held: it says by whom, and does nothing
+        if (
+            rep["lease"] == "held elsewhere"
+        ):  # the lease was held: it says by whom, and does nothing
             assert " until " in rep["holder"] and rep["results"] == [], rep
         else:  # it came after the first runner: nothing was due any more
             assert rep["lease"] == "acquired", rep
@@ -267,7 +342,9 @@ def test_three_rotate_due_processes_rotate_each_due_scope_once(kv):
 
     rows = [r for r in kv.rotations(cluster) if r["actor"] == "scheduler"]
     assert sorted(r["scope"] for r in rows) == sorted(f"app:{a}" for a in due)
-    assert {(r["state"], r["cleaned_up"], r["verify_state"]) for r in rows} == {("completed", True, "verified")}
+    assert {(r["state"], r["cleaned_up"], r["verify_state"]) for r in rows} == {
+        ("completed", True, "verified")
+    }
     assert_pending_cleaned([r["id"] for r in rows])
     with transaction(kv.factory) as s:
         lease = s.get(Lease, LEASE)
@@ -292,15 +369,20 @@ def test_bulk_rotation_of_100_apps_with_two_failing(kv):
     before = kv.gens(apps)
     st.set_noise(kv.state_dir, fail_apps=failing)
 
-    done = kv.run("rotate", "app", "--cluster", cluster, *apps, "--yes", "--concurrency", "4", "--json")
+    done = kv.run(
+        "rotate", "app", "--cluster", cluster, *apps, "--yes", "--concurrency", "4", "--json"
+    )
     st.set_noise(kv.state_dir, fail_apps=None)
     assert done.returncode == 1, f"exit {done.returncode}; stderr: {masked(done.stderr.strip())!r}"
     assert not PROGRESS_LABEL.search(done.stderr), masked(done.stderr)  # --json, and not a terminal
     out = json.loads(done.stdout)
     assert sorted(out) == ["failed", "rotated", "skipped"] and out["skipped"] == []
-    assert sorted(o["scope"] for o in out["rotated"]) == sorted(f"app:{a}" for a in apps if a not in failing)
-    assert {(o["state"], o["cleaned_up"], o["verify_state"], o["new_version"]) for o in out["rotated"]} == {
-        ("completed", True, "verified", 1)}
+    assert sorted(o["scope"] for o in out["rotated"]) == sorted(
+        f"app:{a}" for a in apps if a not in failing
+    )
+    assert {
+        (o["state"], o["cleaned_up"], o["verify_state"], o["new_version"]) for o in out["rotated"]
+    } == {("completed", True, "verified", 1)}
     assert sorted(f["scope"] for f in out["failed"]) == sorted(f"app:{a}" for a in failing)
     for f in out["failed"]:
         assert "ta-tool failed" in f["reason"] and "ERROR: internal error" in f["reason"], f
@@ -311,10 +393,14 @@ def test_bulk_rotation_of_100_apps_with_two_failing(kv):
     kv.check_keys(cluster, apps, "after the bulk rotation")
     rows = kv.rotations(cluster)
     by_id = {r["id"]: r for r in rows}
-    assert {(by_id[o["rotation_id"]]["state"], by_id[o["rotation_id"]]["cleaned_up"])
-            for o in out["rotated"]} == {("completed", True)}
+    assert {
+        (by_id[o["rotation_id"]]["state"], by_id[o["rotation_id"]]["cleaned_up"])
+        for o in out["rotated"]
+    } == {("completed", True)}
     assert {by_id[f["rotation_id"]]["state"] for f in out["failed"]} == {"failed"}
-    assert sorted(r["state"] for r in rows) == ["completed"] * 101 + ["failed"] * 2  # 98 + the 3 earlier ones
+    assert (
+        sorted(r["state"] for r in rows) == ["completed"] * 101 + ["failed"] * 2
+    )  # 98 + the 3 earlier ones
     assert_pending_cleaned([r["id"] for r in rows if r["state"] == "completed"])
     # A failed ta-tool's output is kept on the host (it is never deleted unread), and holds no key.
     for f in out["failed"]:
@@ -332,10 +418,12 @@ def test_bulk_rotation_of_100_apps_with_two_failing(kv):
     assert sorted(lines) == sorted(known), masked(done.stdout[:500])
     assert lines[store_only].endswith("verify skipped")  # no project id: nothing to check it with
     assert lines[pid_only].split(": ", 1)[1].startswith("v1 ") and "(was" not in lines[pid_only]
-    assert all(lines[a].endswith("verify verified") for a in [*apps, pid_only]), masked(done.stdout[:500])
+    assert all(lines[a].endswith("verify verified") for a in [*apps, pid_only]), masked(
+        done.stdout[:500]
+    )
     assert not KEY_TOKEN.search(done.stdout + done.stderr), "a key-shaped token was printed"
     after = kv.gens(known)
-    assert {a: after[a] - before[a] for a in known} == {a: 1 for a in known}
+    assert {a: after[a] - before[a] for a in known} == dict.fromkeys(known, 1)
     kv.check_keys(cluster, known, "after `rotate app --all`")
     rows = kv.rotations(cluster)
     assert sorted(r["state"] for r in rows) == ["completed"] * 203 + ["failed"] * 2
@@ -347,8 +435,15 @@ def _run_on_terminal(kv: Harness, *args: str) -> tuple[int, str, str]:
     """keyvault with stderr on a pseudo-terminal (stdout a pipe); returns code, stdout, terminal text."""
     master, slave = pty.openpty()
     try:
-        proc = subprocess.Popen(kv.argv(*args), stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
-                                text=True, cwd=kv.tmp_path, env=dict(os.environ))
+        proc = subprocess.Popen(
+            kv.argv(*args),
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=kv.tmp_path,
+            env=dict(os.environ),
+        )
     finally:
         os.close(slave)
     chunks: list[bytes] = []
@@ -378,11 +473,15 @@ def _run_on_terminal(kv: Harness, *args: str) -> tuple[int, str, str]:
 def test_progress_bar_only_on_a_terminal_and_never_with_json(kv):
     apps = kv.apps("bar", 3)
     cluster = kv.cluster("bar", apps)
-    code, out, terminal = _run_on_terminal(kv, "rotate", "app", "--cluster", cluster, *apps, "--yes")
+    code, out, terminal = _run_on_terminal(
+        kv, "rotate", "app", "--cluster", cluster, *apps, "--yes"
+    )
     assert code == 0, masked(terminal)
     assert "rotating 3 keys" in terminal and "3/3" in terminal, masked(terminal)
     assert "summary: 3 rotated, 0 failed, 0 skipped" in terminal
-    code, out, terminal = _run_on_terminal(kv, "rotate", "app", "--cluster", cluster, *apps, "--yes", "--json")
+    code, out, terminal = _run_on_terminal(
+        kv, "rotate", "app", "--cluster", cluster, *apps, "--yes", "--json"
+    )
     assert code == 0, masked(terminal)
     assert not PROGRESS_LABEL.search(terminal), masked(terminal)
     assert len(json.loads(out)["rotated"]) == 3

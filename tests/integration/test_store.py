@@ -16,9 +16,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from db_fixtures import Cli, Database, clear_keyvault_env, describe, expect, new_key
 from sqlalchemy import text
 
-from db_fixtures import Cli, Database, clear_keyvault_env, describe, expect, new_key
 from keyvault import crypto
 from keyvault.db import current_revision, downgrade, head_revision, make_engine, upgrade
 from keyvault.errors import IntegrityError, WrongMasterKey
@@ -58,7 +58,9 @@ def init_store(cli: Cli) -> None:
     expect(cli("cluster", "add", CLUSTER, "--open-api-url", "http://ta2:8992"))
 
 
-def import_key(cli: Cli, key: str, appid: str | None = APPID, *, cluster: str = CLUSTER, code: int = 0):
+def import_key(
+    cli: Cli, key: str, appid: str | None = APPID, *, cluster: str = CLUSTER, code: int = 0
+):
     return expect(cli("import", "--cluster", cluster, *scope_args(appid), input=key + "\n"), code)
 
 
@@ -96,7 +98,12 @@ def key_forms(key: str) -> dict[str, bytes]:
 
 def find_keys(blob: bytes, keys: dict[str, str]) -> list[str]:
     """Names (never values) of the keys found in ``blob``, in any of their forms."""
-    return [f"{name} as {form}" for name, key in keys.items() for form, b in key_forms(key).items() if b in blob]
+    return [
+        f"{name} as {form}"
+        for name, key in keys.items()
+        for form, b in key_forms(key).items()
+        if b in blob
+    ]
 
 
 @pytest.fixture
@@ -118,7 +125,9 @@ def three_keys(store) -> list[str]:
 # --- init -----------------------------------------------------------------------
 
 
-def test_init_creates_home_master_key_config_and_schema(blank_database: Database, tmp_path, monkeypatch):
+def test_init_creates_home_master_key_config_and_schema(
+    blank_database: Database, tmp_path, monkeypatch
+):
     home = tmp_path / "fresh" / "home"
     clear_keyvault_env(monkeypatch)
     monkeypatch.setenv("KEYVAULT_HOME", str(home))
@@ -153,7 +162,9 @@ def test_init_twice_never_overwrites_the_master_key(cli, home, engine):
     assert counts(engine)["master_keys"] == 1
 
 
-@pytest.mark.parametrize("blank_database", ["sqlite"], indirect=True)  # file modes concern SQLite only
+@pytest.mark.parametrize(
+    "blank_database", ["sqlite"], indirect=True
+)  # file modes concern SQLite only
 def test_init_makes_the_sqlite_file_private(cli, database: Database):
     assert database.is_sqlite
     expect(cli("init"))
@@ -179,7 +190,9 @@ def test_import_history_and_show(store, engine):
     outputs = [import_key(store, key).stdout for key in keys]
     outputs.append(import_key(store, root_key, appid=None).stdout)
     assert "as version 1" in outputs[0] and "invalidated" not in outputs[0]
-    assert "as version 3" in outputs[2] and "version 2" in outputs[2] and "invalidated" in outputs[2]
+    assert (
+        "as version 3" in outputs[2] and "version 2" in outputs[2] and "invalidated" in outputs[2]
+    )
 
     rows = history(store)
     assert [r["version"] for r in rows] == [1, 2, 3]
@@ -199,18 +212,40 @@ def test_import_history_and_show(store, engine):
     assert [(r["version"], r["state"]) for r in root_rows] == [(1, "current")]
 
     listed = json.loads(expect(store("secrets", "list", "--json")).stdout)
-    assert [(r["scope"], r["version"], r["state"]) for r in listed] == [("app:demo", 3, "current"), ("root", 1, "current")]
+    assert [(r["scope"], r["version"], r["state"]) for r in listed] == [
+        ("app:demo", 3, "current"),
+        ("root", 1, "current"),
+    ]
     listed = json.loads(expect(store("secrets", "list", "--cluster", CLUSTER, "--json")).stdout)
     assert len(listed) == 2
 
-    shown = json.loads(expect(store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--json")).stdout)
+    shown = json.loads(
+        expect(store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--json")).stdout
+    )
     assert shown["version"] == 3 and shown["state"] == "current"
     assert shown["fingerprint"] == crypto.fingerprint(keys[2])
     assert shown["key"].startswith("********")
     revealed = json.loads(
-        expect(store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--version", "1", "--reveal", "--json")).stdout
+        expect(
+            store(
+                "secrets",
+                "show",
+                "--cluster",
+                CLUSTER,
+                "--appid",
+                APPID,
+                "--version",
+                "1",
+                "--reveal",
+                "--json",
+            )
+        ).stdout
     )
-    assert revealed["version"] == 1 and revealed["state"] == "invalidated" and revealed["superseded_by"] == 2
+    assert (
+        revealed["version"] == 1
+        and revealed["state"] == "invalidated"
+        and revealed["superseded_by"] == 2
+    )
     same_key(revealed["key"], keys[0], "JSON reveal of version 1")
 
     clusters = json.loads(expect(store("cluster", "list", "--json")).stdout)
@@ -228,7 +263,9 @@ def test_import_history_and_show(store, engine):
             ["secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--json"],
         )
     ) + "".join(outputs)
-    assert not find_keys(everything.encode(), {f"key {i}": k for i, k in enumerate([*keys, root_key])})
+    assert not find_keys(
+        everything.encode(), {f"key {i}": k for i, k in enumerate([*keys, root_key])}
+    )
 
     # The outbox: one event per version, in the same transactions.
     with engine.connect() as conn:
@@ -269,10 +306,15 @@ def pg_dump_binary(engine) -> str:
     """A pg_dump whose major version matches the server's."""
     with engine.connect() as conn:
         server_major = int(conn.execute(text("SHOW server_version_num")).scalar_one()) // 10000
-    candidates = [shutil.which("pg_dump") or "/usr/bin/pg_dump", *sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_dump"))]
+    candidates = [
+        shutil.which("pg_dump") or "/usr/bin/pg_dump",
+        *sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_dump")),
+    ]
     for candidate in candidates:
         try:
-            out = subprocess.run([candidate, "--version"], capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [candidate, "--version"], capture_output=True, text=True, check=True
+            ).stdout
         except (OSError, subprocess.CalledProcessError):
             continue
         match = re.search(r"(\d+)\.\d+", out)
@@ -340,20 +382,39 @@ def version_rows(engine, scope: str = "app:demo"):
 def set_blobs(engine, row_id: int, **values) -> None:
     assignments = ", ".join(f"{name} = :{name}" for name in values)
     with engine.begin() as conn:
-        conn.execute(text(f"UPDATE secret_versions SET {assignments} WHERE id = :id"), {"id": row_id, **values})
+        conn.execute(
+            text(f"UPDATE secret_versions SET {assignments} WHERE id = :id"),
+            {"id": row_id, **values},
+        )
 
 
-@pytest.mark.parametrize("columns", [("ciphertext", "wrapped_key"), ("ciphertext",), ("wrapped_key",)])
+@pytest.mark.parametrize(
+    "columns", [("ciphertext", "wrapped_key"), ("ciphertext",), ("wrapped_key",)]
+)
 def test_swapped_versions_fail_with_an_integrity_error(store, three_keys, engine, columns):
-    one, two, three = version_rows(engine)
+    one, two, _three = version_rows(engine)
     set_blobs(engine, one.id, **{c: getattr(two, c) for c in columns})
     set_blobs(engine, two.id, **{c: getattr(one, c) for c in columns})
     for number in (1, 2):
-        result = store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--version", str(number), "--reveal")
-        one_error_line(result, 1, "integrity check failed", f"app:demo version {number} of cluster {CLUSTER}")
+        result = store(
+            "secrets",
+            "show",
+            "--cluster",
+            CLUSTER,
+            "--appid",
+            APPID,
+            "--version",
+            str(number),
+            "--reveal",
+        )
+        one_error_line(
+            result, 1, "integrity check failed", f"app:demo version {number} of cluster {CLUSTER}"
+        )
         assert result.stdout == ""
         # without --reveal the version is still authenticated, and refused
-        result = store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--version", str(number))
+        result = store(
+            "secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--version", str(number)
+        )
         one_error_line(result, 1, f"version {number}")
     same_key(reveal(store, version=3), three_keys[2], "untouched version 3")
 
@@ -394,27 +455,48 @@ def test_master_key_rotate_keeps_every_version_and_retires_the_old_key(store, ho
     new_ring = crypto.load_keyring(home.master_key_file)
     assert set(new_ring.keys) == {new_ring.active} and new_ring.active != old_ring.active
     assert home.master_key_file.stat().st_mode & 0o777 == 0o600
-    assert sorted(p.name for p in home.path.iterdir() if p.name.startswith(".")) == []  # no temp files
+    assert (
+        sorted(p.name for p in home.path.iterdir() if p.name.startswith(".")) == []
+    )  # no temp files
 
     for number, key in enumerate(app_keys, start=1):
         same_key(reveal(store, version=number), key, f"app version {number} after rotation")
     same_key(reveal(store, appid=None), root_key, "root key after rotation")
 
     with engine.connect() as conn:
-        ids = conn.execute(text("SELECT DISTINCT master_key_id FROM secret_versions")).scalars().all()
-        retired = dict(conn.execute(text("SELECT id, retired_at IS NOT NULL FROM master_keys")).all())
+        ids = (
+            conn.execute(text("SELECT DISTINCT master_key_id FROM secret_versions")).scalars().all()
+        )
+        retired = dict(
+            conn.execute(text("SELECT id, retired_at IS NOT NULL FROM master_keys")).all()
+        )
     assert ids == [new_ring.active]
-    assert {k: bool(v) for k, v in retired.items()} == {old_ring.active: True, new_ring.active: False}
+    assert {k: bool(v) for k, v in retired.items()} == {
+        old_ring.active: True,
+        new_ring.active: False,
+    }
 
     # The previous keyring opens nothing: through the CLI ...
     before = counts(engine)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KEYVAULT_MASTER_KEY_FILE", str(old_file))
         for version in (1, 2, 3):
-            result = store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--version", str(version), "--reveal")
+            result = store(
+                "secrets",
+                "show",
+                "--cluster",
+                CLUSTER,
+                "--appid",
+                APPID,
+                "--version",
+                str(version),
+                "--reveal",
+            )
             one_error_line(result, 1, "no live master key")
             assert result.stdout == ""
-        one_error_line(store("import", "--cluster", CLUSTER, "--root", input=new_key()), 1, "master key")
+        one_error_line(
+            store("import", "--cluster", CLUSTER, "--root", input=new_key()), 1, "master key"
+        )
         one_error_line(store("master-key", "rotate"), 1, "master key")
     assert counts(engine) == before
     # ... and directly, row by row.
@@ -433,7 +515,12 @@ def test_master_key_rotate_keeps_every_version_and_retires_the_old_key(store, ho
             crypto.unseal(old_ring, sealed, aad, what="row")
         # even claiming the row is still under the old key id
         with pytest.raises((WrongMasterKey, IntegrityError)):
-            crypto.unseal(old_ring, crypto.Sealed(row.ciphertext, row.wrapped_key, old_ring.active), aad, what="row")
+            crypto.unseal(
+                old_ring,
+                crypto.Sealed(row.ciphertext, row.wrapped_key, old_ring.active),
+                aad,
+                what="row",
+            )
         same = crypto.unseal(new_ring, sealed, aad, what="row").decode()
         assert crypto.fingerprint(same) in {crypto.fingerprint(k) for k in [*app_keys, root_key]}
 
@@ -467,30 +554,46 @@ def test_database_refuses_a_second_current_version(store, three_keys, engine):
     from sqlalchemy.exc import IntegrityError as SAIntegrityError
 
     with engine.connect() as conn:
-        current = conn.execute(text("SELECT * FROM secret_versions WHERE state = 'current'")).mappings().one()
-    columns = [c for c in current.keys() if c != "id"]
+        current = (
+            conn.execute(text("SELECT * FROM secret_versions WHERE state = 'current'"))
+            .mappings()
+            .one()
+        )
+    columns = [c for c in current if c != "id"]
     values = {**{c: current[c] for c in columns}, "number": 99}
-    insert = text(f"INSERT INTO secret_versions ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)})")
-    with pytest.raises(SAIntegrityError, match="(?i)unique|duplicate"):
-        with engine.begin() as conn:
-            conn.execute(insert, values)
+    insert = text(
+        f"INSERT INTO secret_versions ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)})"
+    )
+    with pytest.raises(SAIntegrityError, match="(?i)unique|duplicate"), engine.begin() as conn:
+        conn.execute(insert, values)
     # Reviving an invalidated version is refused the same way.
-    with pytest.raises(SAIntegrityError):
-        with engine.begin() as conn:
-            conn.execute(
-                text("UPDATE secret_versions SET state = 'current', invalidated_at = NULL WHERE number = 1")
+    with pytest.raises(SAIntegrityError), engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE secret_versions SET state = 'current', invalidated_at = NULL WHERE number = 1"
             )
+        )
     # So is a current version with an invalidation time, or an unknown state.
     for state, invalidated in (("current", current["created_at"]), ("retired", None)):
-        with pytest.raises(SAIntegrityError):
-            with engine.begin() as conn:
-                conn.execute(insert, {**values, "number": 98, "state": state, "invalidated_at": invalidated})
+        with pytest.raises(SAIntegrityError), engine.begin() as conn:
+            conn.execute(
+                insert, {**values, "number": 98, "state": state, "invalidated_at": invalidated}
+            )
     # A duplicate version number too.
-    with pytest.raises(SAIntegrityError):
-        with engine.begin() as conn:
-            conn.execute(insert, {**values, "number": 1, "state": "invalidated", "invalidated_at": current["created_at"]})
+    with pytest.raises(SAIntegrityError), engine.begin() as conn:
+        conn.execute(
+            insert,
+            {
+                **values,
+                "number": 1,
+                "state": "invalidated",
+                "invalidated_at": current["created_at"],
+            },
+        )
     with engine.connect() as conn:
-        states = conn.execute(text("SELECT state, count(*) FROM secret_versions GROUP BY state ORDER BY state")).all()
+        states = conn.execute(
+            text("SELECT state, count(*) FROM secret_versions GROUP BY state ORDER BY state")
+        ).all()
     assert [tuple(s) for s in states] == [("current", 1), ("invalidated", 2)]
 
 
@@ -506,13 +609,23 @@ def table_names(engine) -> set[str]:
 def test_upgrade_downgrade_upgrade(engine):
     head = head_revision()
     assert current_revision(engine) == head
-    assert {"master_keys", "clusters", "secrets", "secret_versions", "events"} <= table_names(engine)
+    assert {"master_keys", "clusters", "secrets", "secret_versions", "events"} <= table_names(
+        engine
+    )
     downgrade(engine, "base")
     assert current_revision(engine) is None
     assert table_names(engine) <= {"alembic_version"}
     upgrade(engine)
     assert current_revision(engine) == head
-    assert {"master_keys", "clusters", "secrets", "secret_versions", "events", "hosts", "rotations"} <= table_names(engine)
+    assert {
+        "master_keys",
+        "clusters",
+        "secrets",
+        "secret_versions",
+        "events",
+        "hosts",
+        "rotations",
+    } <= table_names(engine)
     downgrade(engine, "0001")
     assert current_revision(engine) == "0001"
     assert "hosts" not in table_names(engine) and "secret_versions" in table_names(engine)
@@ -552,7 +665,9 @@ def test_downgrade_and_upgrade_through_the_cli_and_db_check(cli, engine):
     expect(cli("db", "check"))
 
 
-def test_commands_on_an_empty_database_name_keyvault_init(blank_database: Database, tmp_path, monkeypatch):
+def test_commands_on_an_empty_database_name_keyvault_init(
+    blank_database: Database, tmp_path, monkeypatch
+):
     clear_keyvault_env(monkeypatch)
     monkeypatch.setenv("KEYVAULT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KEYVAULT_DATABASE_URL", blank_database.url)
@@ -573,14 +688,26 @@ def other_init(tmp_path, monkeypatch) -> Path:
     return other / "master.key"
 
 
-def test_wrong_master_key_file_is_refused_and_nothing_is_written(store, three_keys, home, engine, tmp_path, monkeypatch):
+def test_wrong_master_key_file_is_refused_and_nothing_is_written(
+    store, three_keys, home, engine, tmp_path, monkeypatch
+):
     foreign = other_init(tmp_path, monkeypatch)
     foreign_bytes = foreign.read_bytes()
     before = counts(engine)
     monkeypatch.setenv("KEYVAULT_MASTER_KEY_FILE", str(foreign))
-    one_error_line(store("import", "--cluster", CLUSTER, "--appid", APPID, input=new_key()), 1, "no live master key")
-    one_error_line(store("import", "--cluster", CLUSTER, "--appid", "fresh", input=new_key()), 1, "master key")
-    one_error_line(store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--reveal"), 1, "master key")
+    one_error_line(
+        store("import", "--cluster", CLUSTER, "--appid", APPID, input=new_key()),
+        1,
+        "no live master key",
+    )
+    one_error_line(
+        store("import", "--cluster", CLUSTER, "--appid", "fresh", input=new_key()), 1, "master key"
+    )
+    one_error_line(
+        store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--reveal"),
+        1,
+        "master key",
+    )
     one_error_line(store("master-key", "rotate"), 1, "master key")
     one_error_line(store("init"), 1, "was initialised with master key")
     assert counts(engine) == before
@@ -592,7 +719,11 @@ def test_impostor_key_under_the_right_id_is_refused(store, three_keys, home, eng
     impostor = crypto.Keyring(active=ring.active, keys={ring.active: bytes(32)})
     crypto.save_keyring(home.master_key_file, impostor)
     before = counts(engine)
-    one_error_line(store("import", "--cluster", CLUSTER, "--appid", APPID, input=new_key()), 1, "does not open this store")
+    one_error_line(
+        store("import", "--cluster", CLUSTER, "--appid", APPID, input=new_key()),
+        1,
+        "does not open this store",
+    )
     one_error_line(store("init"), 1, "does not open this store")
     assert counts(engine) == before
 
@@ -600,8 +731,15 @@ def test_impostor_key_under_the_right_id_is_refused(store, three_keys, home, eng
 def test_missing_master_key_names_keyvault_init(store, three_keys, home, engine):
     home.master_key_file.unlink()
     before = counts(engine)
-    one_error_line(store("import", "--cluster", CLUSTER, "--appid", APPID, input=new_key()), 1, "does not exist", "keyvault init")
-    one_error_line(store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID), 1, "keyvault init")
+    one_error_line(
+        store("import", "--cluster", CLUSTER, "--appid", APPID, input=new_key()),
+        1,
+        "does not exist",
+        "keyvault init",
+    )
+    one_error_line(
+        store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID), 1, "keyvault init"
+    )
     assert counts(engine) == before
 
 
@@ -610,13 +748,19 @@ def test_master_key_with_loose_mode_is_refused(store, three_keys, home, engine, 
     home.master_key_file.chmod(mode)
     before = counts(engine)
     line = one_error_line(
-        store("import", "--cluster", CLUSTER, "--appid", APPID, input=new_key()), 1, f"chmod 600 {home.master_key_file}"
+        store("import", "--cluster", CLUSTER, "--appid", APPID, input=new_key()),
+        1,
+        f"chmod 600 {home.master_key_file}",
     )
     assert f"{mode:04o}" in line
-    one_error_line(store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--reveal"), 1, "chmod 600")
+    one_error_line(
+        store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--reveal"), 1, "chmod 600"
+    )
     one_error_line(store("init"), 1, "chmod 600")
     assert counts(engine) == before
-    assert home.master_key_file.stat().st_mode & 0o777 == mode  # keyvault does not "fix" it silently
+    assert (
+        home.master_key_file.stat().st_mode & 0o777 == mode
+    )  # keyvault does not "fix" it silently
 
 
 # --- refused input ------------------------------------------------------------------
@@ -661,20 +805,42 @@ def test_reimporting_the_current_key_is_a_conflict(store, engine):
 
 def test_unknown_cluster_is_refused_with_a_hint(store, engine):
     before = counts(engine)
-    one_error_line(store("import", "--cluster", "nope", "--appid", APPID, input=new_key()), 1, "no cluster named 'nope'", "keyvault cluster")
-    one_error_line(store("secrets", "show", "--cluster", "nope", "--root"), 1, "keyvault cluster list")
+    one_error_line(
+        store("import", "--cluster", "nope", "--appid", APPID, input=new_key()),
+        1,
+        "no cluster named 'nope'",
+        "keyvault cluster",
+    )
+    one_error_line(
+        store("secrets", "show", "--cluster", "nope", "--root"), 1, "keyvault cluster list"
+    )
     one_error_line(store("secrets", "list", "--cluster", "nope"), 1, "no cluster")
     assert counts(engine) == before
 
 
 def test_unknown_scope_and_version_are_not_found(store, three_keys):
-    one_error_line(store("secrets", "show", "--cluster", CLUSTER, "--root"), 1, "no key stored for root")
-    one_error_line(store("secrets", "history", "--cluster", CLUSTER, "--appid", "other"), 1, "no key stored")
-    one_error_line(store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--version", "7"), 1, "no version 7")
+    one_error_line(
+        store("secrets", "show", "--cluster", CLUSTER, "--root"), 1, "no key stored for root"
+    )
+    one_error_line(
+        store("secrets", "history", "--cluster", CLUSTER, "--appid", "other"), 1, "no key stored"
+    )
+    one_error_line(
+        store("secrets", "show", "--cluster", CLUSTER, "--appid", APPID, "--version", "7"),
+        1,
+        "no version 7",
+    )
 
 
 @pytest.mark.parametrize(
-    "scope", [["--root", "--appid", APPID], [], ["--appid", "x; rm -rf ~"], ["--appid", "$(id)"], ["--appid", "-rf"]],
+    "scope",
+    [
+        ["--root", "--appid", APPID],
+        [],
+        ["--appid", "x; rm -rf ~"],
+        ["--appid", "$(id)"],
+        ["--appid", "-rf"],
+    ],
     ids=["both", "neither", "semicolon", "subshell", "dash"],
 )
 def test_bad_scope_options_are_usage_errors(store, engine, scope):
@@ -686,6 +852,14 @@ def test_bad_scope_options_are_usage_errors(store, engine, scope):
 
 
 def test_duplicate_cluster_is_a_conflict(store):
-    one_error_line(store("cluster", "add", CLUSTER, "--open-api-url", "http://other:8992"), 1, "already exists")
-    one_error_line(store("cluster", "add", "x y", "--open-api-url", "http://other:8992"), 2, "invalid cluster name")
-    one_error_line(store("cluster", "add", "ta3", "--open-api-url", "ftp://ta3"), 2, "invalid Open API URL")
+    one_error_line(
+        store("cluster", "add", CLUSTER, "--open-api-url", "http://other:8992"), 1, "already exists"
+    )
+    one_error_line(
+        store("cluster", "add", "x y", "--open-api-url", "http://other:8992"),
+        2,
+        "invalid cluster name",
+    )
+    one_error_line(
+        store("cluster", "add", "ta3", "--open-api-url", "ftp://ta3"), 2, "invalid Open API URL"
+    )

@@ -13,15 +13,15 @@ import socket
 import sys
 import threading
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from db_fixtures import Cli, describe, expect, new_key
 from sqlalchemy import delete, select
 from standardwebhooks.webhooks import Webhook as Verifier
 
-from db_fixtures import Cli, describe, expect, new_key
 from keyvault.config import load_settings
 from keyvault.db import make_engine, session_factory, transaction
 from keyvault.errors import InvalidInput, NotFound
@@ -63,7 +63,7 @@ class Receiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hooks/keyvault"
 
-    def start(self) -> "Receiver":
+    def start(self) -> Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -143,7 +143,7 @@ class Clock:
     """An injected clock: time moves only when the test says so."""
 
     def __init__(self) -> None:
-        self.now = datetime.now(timezone.utc)
+        self.now = datetime.now(UTC)
 
     def __call__(self) -> datetime:
         return self.now
@@ -171,8 +171,13 @@ class Store:
 
     def add_hook(self, receiver: Receiver, *scopes: str, secret: str | None = None) -> int:
         with transaction(self.factory) as s:
-            hook, text = webhooks.add_webhook(s, keyring=open_keyring(s, settings=self.settings),
-                                              url=receiver.url, scopes=list(scopes), secret=secret)
+            hook, text = webhooks.add_webhook(
+                s,
+                keyring=open_keyring(s, settings=self.settings),
+                url=receiver.url,
+                scopes=list(scopes),
+                secret=secret,
+            )
         receiver.secret = text
         return hook.id
 
@@ -228,7 +233,7 @@ def test_signature_verifies_with_standardwebhooks_and_fails_when_tampered():
     secret = webhooks.generate_secret()
     assert secret.startswith("whsec_") and len(webhooks.parse_secret(secret)) == 32
     body = b'{"type":"secret.rotated"}'
-    now = int(datetime.now(timezone.utc).timestamp())
+    now = int(datetime.now(UTC).timestamp())
     headers = webhooks.signed_headers(webhooks.parse_secret(secret), "msg_7", now, body)
     assert headers["webhook-signature"].startswith("v1,")
     assert Verifier(secret).verify(body, headers) == {"type": "secret.rotated"}
@@ -240,16 +245,38 @@ def test_signature_verifies_with_standardwebhooks_and_fails_when_tampered():
         Verifier(webhooks.generate_secret()).verify(body, headers)
 
 
-@pytest.mark.parametrize("text", ["", "abc", "whsec_", "whsec_!!!notbase64", "whsec_" + "QUFB" * 4,
-                                  "whsec_" + "QUFB" * 30, "WHSEC_" + "QUFB" * 10])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "abc",
+        "whsec_",
+        "whsec_!!!notbase64",
+        "whsec_" + "QUFB" * 4,
+        "whsec_" + "QUFB" * 30,
+        "WHSEC_" + "QUFB" * 10,
+    ],
+)
 def test_malformed_secrets_are_refused(text):
     with pytest.raises(InvalidInput):
         webhooks.parse_secret(text)
 
 
-@pytest.mark.parametrize("url", ["ftp://h/x", "http://", "https:///path", "h:80", "http://u:p@h/x",
-                                 "http://h/x#frag", "http://h/ x", "http://h:99999/", "javascript:alert(1)",
-                                 "http://h/" + "a" * 1100])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://h/x",
+        "http://",
+        "https:///path",
+        "h:80",
+        "http://u:p@h/x",
+        "http://h/x#frag",
+        "http://h/ x",
+        "http://h:99999/",
+        "javascript:alert(1)",
+        "http://h/" + "a" * 1100,
+    ],
+)
 def test_bad_urls_are_refused(url):
     with pytest.raises(InvalidInput):
         webhooks.validate_webhook_url(url)
@@ -267,17 +294,42 @@ def test_backoff_is_exponential_full_jitter_and_capped():
 
 
 def test_payload_keeps_only_allow_listed_metadata():
-    at = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
-    stored = {"cluster": CLUSTER, "scope": "app:a1", "old_version": 1, "new_version": 2, "old_fingerprint": "a" * 16,
-              "new_fingerprint": "b" * 16, "rotation_id": "r1", "key": "K" * 64, "ciphertext": "x",
-              "error": "free text", "host": "ta@h:22", "actor": "alice"}
-    event = Event(id=9, type="secret.rotated", cluster=CLUSTER, scope="app:a1", payload=json.dumps(stored),
-                  created_at=at)
+    at = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    stored = {
+        "cluster": CLUSTER,
+        "scope": "app:a1",
+        "old_version": 1,
+        "new_version": 2,
+        "old_fingerprint": "a" * 16,
+        "new_fingerprint": "b" * 16,
+        "rotation_id": "r1",
+        "key": "K" * 64,
+        "ciphertext": "x",
+        "error": "free text",
+        "host": "ta@h:22",
+        "actor": "alice",
+    }
+    event = Event(
+        id=9,
+        type="secret.rotated",
+        cluster=CLUSTER,
+        scope="app:a1",
+        payload=json.dumps(stored),
+        created_at=at,
+    )
     payload = webhooks.event_payload(event)
     assert payload["type"] == "secret.rotated" and payload["timestamp"] == at.isoformat()
-    assert payload["data"] == {"event_id": 9, "cluster": CLUSTER, "scope": "app:a1", "old_version": 1,
-                               "new_version": 2, "old_fingerprint": "a" * 16, "new_fingerprint": "b" * 16,
-                               "rotation_id": "r1", "at": at.isoformat()}
+    assert payload["data"] == {
+        "event_id": 9,
+        "cluster": CLUSTER,
+        "scope": "app:a1",
+        "old_version": 1,
+        "new_version": 2,
+        "old_fingerprint": "a" * 16,
+        "new_fingerprint": "b" * 16,
+        "rotation_id": "r1",
+        "at": at.isoformat(),
+    }
 
 
 # --- delivery -------------------------------------------------------------------------------------
@@ -306,7 +358,12 @@ def test_events_reach_only_the_webhooks_whose_scopes_cover_them(kv, receivers):
     created, rotated = (only_a1.received[f"msg_{i}"][0] for i in sorted(only_a1.event_ids()))
     assert created["type"] == "secret.created" and rotated["type"] == "secret.rotated"
     data = rotated["data"]
-    assert (data["cluster"], data["scope"], data["old_version"], data["new_version"]) == (CLUSTER, "app:a1", 1, 2)
+    assert (data["cluster"], data["scope"], data["old_version"], data["new_version"]) == (
+        CLUSTER,
+        "app:a1",
+        1,
+        2,
+    )
     assert data["old_fingerprint"] == created["data"]["new_fingerprint"] != data["new_fingerprint"]
     assert set(data) <= {"event_id", *webhooks.PAYLOAD_FIELDS}
     assert rotated["timestamp"] and data["at"]
@@ -362,13 +419,20 @@ def test_a_receiver_down_while_keyvault_restarts_gets_every_event(kv, receivers,
     first = WebhookWorker(kv.factory, settings=kv.settings, clock=clock, rand=lambda: 0.5)
     report = first.tick()
     assert (report.attempted, report.retrying) == (2, 2)
-    assert {r["last_error"].split(":")[0] for r in kv.deliveries()} <= {"URLError", "ConnectionRefusedError"}
+    assert {r["last_error"].split(":")[0] for r in kv.deliveries()} <= {
+        "URLError",
+        "ConnectionRefusedError",
+    }
     kv.close()  # keyvault goes away ...
 
     kv.import_key("root")  # ... an event is written meanwhile (by the CLI) ...
-    restarted = Store(kv.cli, db_url)  # ... and keyvault comes back with new engines and a new worker
+    restarted = Store(
+        kv.cli, db_url
+    )  # ... and keyvault comes back with new engines and a new worker
     try:
-        second = WebhookWorker(restarted.factory, settings=restarted.settings, clock=clock, rand=lambda: 0.5)
+        second = WebhookWorker(
+            restarted.factory, settings=restarted.settings, clock=clock, rand=lambda: 0.5
+        )
         assert second.tick().attempted == 1  # the new event; the others wait for their backoff
         receiver.start()  # the receiver comes up on its old port
         assert receiver.port == port
@@ -413,7 +477,11 @@ def test_dead_lettered_after_max_attempts(kv, receivers):
     assert kv.deliver(clock).attempted == 0  # dead letters are not retried
     (row,) = kv.deliveries(failed_only=True, webhook_id=hook_id)
     assert (row["status"], row["attempts"], row["last_status"], row["last_error"]) == (
-        "dead", webhooks.DEFAULT_MAX_ATTEMPTS, 503, "HTTP 503")
+        "dead",
+        webhooks.DEFAULT_MAX_ATTEMPTS,
+        503,
+        "HTTP 503",
+    )
     assert down.attempts[f"msg_{row['event_id']}"] == webhooks.DEFAULT_MAX_ATTEMPTS
     assert down.unverified == []
 
@@ -476,7 +544,9 @@ def test_new_webhooks_start_from_their_creation_and_out_of_order_commits_are_cau
     assert kv.enqueue(clock) == 1
     assert kv.deliver(clock).delivered == 2
     assert len(receiver.event_ids()) == 2
-    assert {r["event_id"] for r in kv.deliveries(webhook_id=hook_id)} == kv.event_ids() - {min(kv.event_ids())}
+    assert {r["event_id"] for r in kv.deliveries(webhook_id=hook_id)} == kv.event_ids() - {
+        min(kv.event_ids())
+    }
 
 
 def test_remove_dead_letters_pending_deliveries_and_stops_fan_out(kv, receivers):
@@ -513,13 +583,24 @@ def test_real_rotations_notify_with_rotation_ids_and_failures(kv, receivers, tmp
     tool = bindir / "ta-tool"
     state.install_wrapper(tool, state_dir, python=sys.executable, pythonpath=str(ROOT))
     with transaction(kv.factory) as s:
-        clusters.set_options(s, name=CLUSTER, generate_app_command=f"{tool} generate_api_secret -appid {{appid}}")
-        hosts.add_host(s, cluster_name=CLUSTER, address="ta-a", username="ta", become="none",
-                       fingerprint="SHA256:" + "A" * 43)
+        clusters.set_options(
+            s, name=CLUSTER, generate_app_command=f"{tool} generate_api_secret -appid {{appid}}"
+        )
+        hosts.add_host(
+            s,
+            cluster_name=CLUSTER,
+            address="ta-a",
+            username="ta",
+            become="none",
+            fingerprint="SHA256:" + "A" * 43,
+        )
     receiver = receivers()
     kv.add_hook(receiver, f"app:{CLUSTER}/*")
-    service = RotationService(kv.factory, settings=kv.settings,
-                              connector=LocalConnector({"HOME": str(ta_home), "PATH": "/usr/bin:/bin"}))
+    service = RotationService(
+        kv.factory,
+        settings=kv.settings,
+        connector=LocalConnector({"HOME": str(ta_home), "PATH": "/usr/bin:/bin"}),
+    )
     outcome = service.rotate(CLUSTER, app_scope("a1"), actor="t")
     outcome2 = service.rotate(CLUSTER, app_scope("a1"), actor="t")
     state.set_noise(state_dir, fail_apps=["a2"])
@@ -527,8 +608,13 @@ def test_real_rotations_notify_with_rotation_ids_and_failures(kv, receivers, tmp
         service.rotate(CLUSTER, app_scope("a2"), actor="t")
     with transaction(kv.factory) as s:
         keyring = open_keyring(s, settings=kv.settings)
-        kv.keys.extend(reveal(keyring, v) for v in [get_version(s, cluster_name=CLUSTER, scope=app_scope("a1"),
-                                                                 number=n) for n in (1, 2)])
+        kv.keys.extend(
+            reveal(keyring, v)
+            for v in [
+                get_version(s, cluster_name=CLUSTER, scope=app_scope("a1"), number=n)
+                for n in (1, 2)
+            ]
+        )
     assert kv.deliver(Clock()).delivered == 3
     payloads = [receiver.received[f"msg_{i}"][0] for i in sorted(receiver.event_ids())]
     assert [p["type"] for p in payloads] == ["secret.created", "secret.rotated", "rotation.failed"]
@@ -556,15 +642,24 @@ def test_signing_secrets_are_sealed_at_rest(kv, receivers, database):
         assert webhooks.webhook_secret(keyring, row) == raw
         from keyvault.errors import IntegrityError
 
-        moved = Webhook(id=row.id + 1, url=row.url, scopes=row.scopes, secret_ciphertext=row.secret_ciphertext,
-                        secret_wrapped_key=row.secret_wrapped_key, master_key_id=row.master_key_id,
-                        created_at=row.created_at)
+        moved = Webhook(
+            id=row.id + 1,
+            url=row.url,
+            scopes=row.scopes,
+            secret_ciphertext=row.secret_ciphertext,
+            secret_wrapped_key=row.secret_wrapped_key,
+            master_key_id=row.master_key_id,
+            created_at=row.created_at,
+        )
         with pytest.raises(IntegrityError):
             webhooks.webhook_secret(keyring, moved)
     if database.is_sqlite:
         kv.close()
-        data = b"".join(Path(database.sqlite_path.as_posix() + suffix).read_bytes()
-                        for suffix in ("", "-wal") if Path(database.sqlite_path.as_posix() + suffix).exists())
+        data = b"".join(
+            Path(database.sqlite_path.as_posix() + suffix).read_bytes()
+            for suffix in ("", "-wal")
+            if Path(database.sqlite_path.as_posix() + suffix).exists()
+        )
         assert receiver.secret.encode() not in data
         assert receiver.secret.removeprefix("whsec_").encode() not in data
         assert raw not in data
@@ -582,34 +677,55 @@ def store(cli: Cli):
 
 def test_cli_add_prints_the_secret_once_and_never_again(store: Cli, receivers, database):
     receiver = receivers()
-    result = expect(store("webhook", "add", receiver.url, "--scope", f"app:{CLUSTER}/a1", "--scope", f"root:{CLUSTER}"))
+    result = expect(
+        store(
+            "webhook",
+            "add",
+            receiver.url,
+            "--scope",
+            f"app:{CLUSTER}/a1",
+            "--scope",
+            f"root:{CLUSTER}",
+        )
+    )
     secrets = [w for w in result.stdout.split() if w.startswith("whsec_")]
     assert len(secrets) == 1 and result.stdout.count("whsec_") == 1
     assert "store this signing secret now" in result.stderr
     receiver.secret = secret = secrets[0]
     assert len(webhooks.parse_secret(secret)) >= 24
 
-    for args in (["webhook", "list"], ["webhook", "list", "--json"], ["webhook", "list", "--all"],
-                 ["webhook", "deliveries", "--json"]):
+    for args in (
+        ["webhook", "list"],
+        ["webhook", "list", "--json"],
+        ["webhook", "list", "--all"],
+        ["webhook", "deliveries", "--json"],
+    ):
         out = expect(store(*args))
         assert secret not in out.output and "whsec_" not in out.output
         assert secret.removeprefix("whsec_") not in out.output
     (listed,) = json.loads(expect(store("webhook", "list", "--json")).stdout)
-    assert listed["url"] == receiver.url and listed["scopes"] == [f"app:{CLUSTER}/a1", f"root:{CLUSTER}"]
+    assert listed["url"] == receiver.url and listed["scopes"] == [
+        f"app:{CLUSTER}/a1",
+        f"root:{CLUSTER}",
+    ]
     assert listed["status"] == "active"
     table = expect(store("webhook", "list")).stdout.splitlines()
     assert table[0].split()[:3] == ["ID", "URL", "SCOPES"] and receiver.url in table[1]
 
     keys = [new_key(), new_key()]
     expect(store("import", "--cluster", CLUSTER, "--appid", "a1", input=keys[0] + "\n"))
-    expect(store("import", "--cluster", CLUSTER, "--appid", "a2", input=keys[1] + "\n"))  # not in scope
+    expect(
+        store("import", "--cluster", CLUSTER, "--appid", "a2", input=keys[1] + "\n")
+    )  # not in scope
     done = json.loads(expect(store("webhook", "deliver", "--json")).stdout)
     assert done == {"enqueued": 1, "attempted": 1, "delivered": 1, "retrying": 0, "dead": 0}
     assert receiver.unverified == [] and len(receiver.received) == 1
     assert not any(k.encode() in b for k in keys for b in receiver.bodies)
     (payload,) = next(iter(receiver.received.values()))
     assert payload["data"]["scope"] == "app:a1"
-    assert expect(store("webhook", "deliver", "--loop")).stdout.startswith("enqueued 0; attempted 0")
+    assert expect(store("webhook", "deliver", "--loop")).stdout.startswith(
+        "enqueued 0; attempted 0"
+    )
     if database.is_sqlite:
         data = database.sqlite_path.read_bytes()
         wal = Path(str(database.sqlite_path) + "-wal")
@@ -623,11 +739,21 @@ def test_cli_secret_file_must_be_private_and_well_formed(store: Cli, receivers, 
     path = tmp_path / "hook.secret"
     path.write_text(secret + "\n")
     os.chmod(path, 0o644)
-    refused = store("webhook", "add", receiver.url, "--scope", f"root:{CLUSTER}", "--secret-file", str(path))
+    refused = store(
+        "webhook", "add", receiver.url, "--scope", f"root:{CLUSTER}", "--secret-file", str(path)
+    )
     assert refused.exit_code == 2, describe(refused)
-    assert "0644" in refused.stderr and f"chmod 600 {path}" in refused.stderr and secret not in refused.output
+    assert (
+        "0644" in refused.stderr
+        and f"chmod 600 {path}" in refused.stderr
+        and secret not in refused.output
+    )
     os.chmod(path, 0o600)
-    added = expect(store("webhook", "add", receiver.url, "--scope", f"root:{CLUSTER}", "--secret-file", str(path)))
+    added = expect(
+        store(
+            "webhook", "add", receiver.url, "--scope", f"root:{CLUSTER}", "--secret-file", str(path)
+        )
+    )
     assert "whsec_" not in added.output  # the operator already has it
     receiver.secret = secret
     expect(store("import", "--cluster", CLUSTER, "--root", input=new_key() + "\n"))
@@ -635,19 +761,32 @@ def test_cli_secret_file_must_be_private_and_well_formed(store: Cli, receivers, 
     assert receiver.unverified == [] and len(receiver.received) == 1
 
     path.write_text("not-a-secret\n")
-    bad = store("webhook", "add", receiver.url, "--scope", f"root:{CLUSTER}", "--secret-file", str(path))
+    bad = store(
+        "webhook", "add", receiver.url, "--scope", f"root:{CLUSTER}", "--secret-file", str(path)
+    )
     assert bad.exit_code == 2 and "whsec_" in bad.stderr, describe(bad)
-    missing = store("webhook", "add", receiver.url, "--scope", f"root:{CLUSTER}", "--secret-file",
-                    str(tmp_path / "nope"))
+    missing = store(
+        "webhook",
+        "add",
+        receiver.url,
+        "--scope",
+        f"root:{CLUSTER}",
+        "--secret-file",
+        str(tmp_path / "nope"),
+    )
     assert missing.exit_code == 2, describe(missing)
 
 
-@pytest.mark.parametrize("args, code, fragment", [
-    (["ftp://127.0.0.1/x", "--scope", f"root:{CLUSTER}"], 2, "invalid webhook URL"),
-    (["http://127.0.0.1:1/x", "--scope", "everything"], 2, "invalid scope"),
-    (["http://127.0.0.1:1/x", "--scope", f"app:{CLUSTER}/a b"], 2, "invalid"),
-    (["http://127.0.0.1:1/x", "--scope", "root:nope"], 1, "no cluster"),
-], ids=["scheme", "scope", "appid", "cluster"])
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["ftp://127.0.0.1/x", "--scope", f"root:{CLUSTER}"], 2, "invalid webhook URL"),
+        (["http://127.0.0.1:1/x", "--scope", "everything"], 2, "invalid scope"),
+        (["http://127.0.0.1:1/x", "--scope", f"app:{CLUSTER}/a b"], 2, "invalid"),
+        (["http://127.0.0.1:1/x", "--scope", "root:nope"], 1, "no cluster"),
+    ],
+    ids=["scheme", "scope", "appid", "cluster"],
+)
 def test_cli_add_refuses_bad_input_with_one_line(store: Cli, args, code, fragment):
     result = store("webhook", "add", *args)
     assert result.exit_code == code, describe(result)
@@ -663,12 +802,18 @@ def test_cli_dead_letters_are_listed_by_deliveries_failed_and_remove(store: Cli,
     hook_id = json.loads(expect(store("webhook", "list", "--json")).stdout)[0]["id"]
     expect(store("import", "--cluster", CLUSTER, "--appid", "a1", input=new_key() + "\n"))
     expect(store("import", "--cluster", CLUSTER, "--appid", "a2", input=new_key() + "\n"))
-    assert json.loads(expect(store("webhook", "deliver", "--json", "--max-attempts", "1")).stdout)["dead"] == 2
+    assert (
+        json.loads(expect(store("webhook", "deliver", "--json", "--max-attempts", "1")).stdout)[
+            "dead"
+        ]
+        == 2
+    )
     assert receiver.unverified == [] and sum(receiver.attempts.values()) == 2
 
     failed = json.loads(expect(store("webhook", "deliveries", "--failed", "--json")).stdout)
     assert [(r["status"], r["attempts"], r["last_status"], r["webhook_id"]) for r in failed] == [
-        ("dead", 1, 500, hook_id)] * 2
+        ("dead", 1, 500, hook_id)
+    ] * 2
     assert {r["scope"] for r in failed} == {"app:a1", "app:a2"}
     table = expect(store("webhook", "deliveries", "--failed")).stdout
     assert table.splitlines()[0].split()[:3] == ["ID", "WEBHOOK_ID", "EVENT_ID"] and "dead" in table
@@ -680,11 +825,16 @@ def test_cli_dead_letters_are_listed_by_deliveries_failed_and_remove(store: Cli,
         with_pending.enqueue(Clock())
     finally:
         with_pending.close()
-    assert expect(store("webhook", "remove", str(hook_id))).stdout.startswith(f"webhook {hook_id} removed")
+    assert expect(store("webhook", "remove", str(hook_id))).stdout.startswith(
+        f"webhook {hook_id} removed"
+    )
     failed = json.loads(expect(store("webhook", "deliveries", "--failed", "--json")).stdout)
     assert sorted(r["last_error"] for r in failed) == ["HTTP 500", "HTTP 500", "webhook removed"]
     assert json.loads(expect(store("webhook", "list", "--json")).stdout) == []
-    assert json.loads(expect(store("webhook", "list", "--all", "--json")).stdout)[0]["status"] == "removed"
+    assert (
+        json.loads(expect(store("webhook", "list", "--all", "--json")).stdout)[0]["status"]
+        == "removed"
+    )
     missing = store("webhook", "remove", "999")
     assert missing.exit_code == 1 and "no webhook with id 999" in missing.stderr
 
@@ -695,6 +845,10 @@ def test_cli_deliver_is_bounded_in_time(store: Cli, receivers):
     receiver.secret = next(w for w in out.stdout.split() if w.startswith("whsec_"))
     expect(store("import", "--cluster", CLUSTER, "--root", input=new_key() + "\n"))
     # A bound already reached: the command returns without starting a delivery.
-    done = json.loads(expect(store("webhook", "deliver", "--loop", "--max-seconds", "0.000001", "--json")).stdout)
+    done = json.loads(
+        expect(store("webhook", "deliver", "--loop", "--max-seconds", "0.000001", "--json")).stdout
+    )
     assert done["attempted"] == 0 and done["enqueued"] == 1
-    assert json.loads(expect(store("webhook", "deliver", "--loop", "--json")).stdout)["delivered"] == 1
+    assert (
+        json.loads(expect(store("webhook", "deliver", "--loop", "--json")).stdout)["delivered"] == 1
+    )

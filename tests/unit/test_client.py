@@ -46,6 +46,7 @@ CLUSTER = "C"
 
 # -- a stand-in of keyvault's HTTP API --------------------------------------------------------
 
+
 @dataclass
 class Entry:
     """One scope's key: a static history, or ``provider() -> (version, key)`` read per request."""
@@ -74,8 +75,11 @@ class FakeVault(ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _VaultHandler)
         self.lock = threading.Lock()
-        self.tokens = {TOKEN: ({"root:C", "app:C/*"}, False), ROTATOR: ({"app:C/*"}, True),
-                       NARROW: ({"app:C/APP1"}, False)}
+        self.tokens = {
+            TOKEN: ({"root:C", "app:C/*"}, False),
+            ROTATOR: ({"app:C/*"}, True),
+            NARROW: ({"app:C/APP1"}, False),
+        }
         self.entries: dict[tuple[str, str], Entry] = {}
         self.seen: list[Seen] = []
         self.inject: dict[str, tuple[int, bytes, str]] = {}  # path -> (status, body, type)
@@ -115,11 +119,20 @@ class _VaultHandler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status, body=None, headers=()):
-        payload = b"" if body is None else (body if isinstance(body, bytes)
-                                             else json.dumps(body).encode())
+        payload = (
+            b""
+            if body is None
+            else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        )
         with self.server.lock:  # recorded before the answer goes out: the client may be quick
-            self.server.seen.append(Seen(self.command, urlsplit(self.path).path,
-                                         self.headers.get("If-None-Match"), status))
+            self.server.seen.append(
+                Seen(
+                    self.command,
+                    urlsplit(self.path).path,
+                    self.headers.get("If-None-Match"),
+                    status,
+                )
+            )
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
@@ -178,9 +191,14 @@ class _VaultHandler(BaseHTTPRequestHandler):
         etag = f'"v{version}"'
         if self.headers.get("If-None-Match") == etag:
             return self._send(304, headers=[("ETag", etag)])
-        body = {"cluster": cluster, "scope": scope, "version": version,
-                "fingerprint": f"sha256:{version:08d}", "created_at": "2026-11-26T12:00:00Z",
-                "key": key}
+        body = {
+            "cluster": cluster,
+            "scope": scope,
+            "version": version,
+            "fingerprint": f"sha256:{version:08d}",
+            "created_at": "2026-11-26T12:00:00Z",
+            "key": key,
+        }
         self._send(200, body, headers=[("ETag", etag)])
 
     def do_GET(self):  # noqa: N802
@@ -226,6 +244,7 @@ def same(a, b):
 
 
 # -- keys, ETag and cache ---------------------------------------------------------------------
+
 
 def test_get_app_then_revalidate_with_304(vault, kv):
     key = secrets.token_urlsafe(40)
@@ -295,6 +314,7 @@ def test_path_segments_are_validated_and_quoted(vault, kv):
 
 # -- errors ------------------------------------------------------------------------------------
 
+
 def _assert_clean(exc):
     text = f"{exc} {exc!r} {exc.detail!r}" if hasattr(exc, "detail") else f"{exc} {exc!r}"
     assert TOKEN not in text and NARROW not in text
@@ -303,8 +323,11 @@ def _assert_clean(exc):
 def test_error_mapping(vault):
     vault.put(CLUSTER, "root", secrets.token_urlsafe(40))
     vault.put(CLUSTER, "app:APP1", secrets.token_urlsafe(40))
-    with Client(vault.url, "kvt_unknown") as bad, Client(vault.url, NARROW) as narrow, \
-            Client(vault.url, TOKEN) as kv:
+    with (
+        Client(vault.url, "kvt_unknown") as bad,
+        Client(vault.url, NARROW) as narrow,
+        Client(vault.url, TOKEN) as kv,
+    ):
         with pytest.raises(Unauthorized) as info:
             bad.get_root(CLUSTER)
         assert (info.value.http_status, info.value.code) == (401, "unauthorized")
@@ -325,17 +348,35 @@ def test_error_mapping(vault):
             kv.get_root("other")
 
 
-@pytest.mark.parametrize("status, body, ctype, cls, code", [
-    (409, b'{"error": "conflict", "detail": "rotation in progress"}', "application/json",
-     Conflict, "conflict"),
-    (400, b'{"error": "invalid_input", "detail": "bad appid"}', "application/json",
-     InvalidInput, "invalid_input"),
-    (503, b'{"error": "database_error", "detail": "database unreachable"}', "application/json",
-     KeyvaultError, "database_error"),
-    (502, b"<html>Bad Gateway</html>", "text/html", KeyvaultError, "error"),
-    (200, b'{"cluster": "C"}', "application/json", KeyvaultError, "error"),
-    (200, b"not json", "text/plain", KeyvaultError, "error"),
-])
+@pytest.mark.parametrize(
+    ("status", "body", "ctype", "cls", "code"),
+    [
+        (
+            409,
+            b'{"error": "conflict", "detail": "rotation in progress"}',
+            "application/json",
+            Conflict,
+            "conflict",
+        ),
+        (
+            400,
+            b'{"error": "invalid_input", "detail": "bad appid"}',
+            "application/json",
+            InvalidInput,
+            "invalid_input",
+        ),
+        (
+            503,
+            b'{"error": "database_error", "detail": "database unreachable"}',
+            "application/json",
+            KeyvaultError,
+            "database_error",
+        ),
+        (502, b"<html>Bad Gateway</html>", "text/html", KeyvaultError, "error"),
+        (200, b'{"cluster": "C"}', "application/json", KeyvaultError, "error"),
+        (200, b"not json", "text/plain", KeyvaultError, "error"),
+    ],
+)
 def test_error_statuses_and_bodies(vault, kv, status, body, ctype, cls, code):
     vault.inject["/v1/clusters/C/apps/APP1"] = (status, body, ctype)
     with pytest.raises(KeyvaultError) as info:
@@ -349,8 +390,16 @@ def test_error_statuses_and_bodies(vault, kv, status, body, ctype, cls, code):
 
 def test_answer_for_another_scope_is_refused(vault, kv):
     vault.put(CLUSTER, "app:APP2", secrets.token_urlsafe(40))
-    body = json.dumps({"cluster": "C", "scope": "app:APP2", "version": 1, "fingerprint": "f",
-                       "created_at": "t", "key": "k" * 40}).encode()
+    body = json.dumps(
+        {
+            "cluster": "C",
+            "scope": "app:APP2",
+            "version": 1,
+            "fingerprint": "f",
+            "created_at": "t",
+            "key": "k" * 40,
+        }
+    ).encode()
     vault.inject["/v1/clusters/C/apps/APP1"] = (200, body, "application/json")
     with pytest.raises(KeyvaultError, match="not 'app:APP1'"):
         kv.get_app(CLUSTER, "APP1")
@@ -377,8 +426,13 @@ def test_unreachable_and_bad_arguments():
         with pytest.raises(KeyvaultError, match="cannot reach keyvault") as info:
             kv.get_root(CLUSTER)
         _assert_clean(info.value)
-    for url in ("ftp://x", "http://", f"http://u:{TOKEN}@127.0.0.1:1", "http://h:99999",
-                "http://h/?token=x"):
+    for url in (
+        "ftp://x",
+        "http://",
+        f"http://u:{TOKEN}@127.0.0.1:1",
+        "http://h:99999",
+        "http://h/?token=x",
+    ):
         with pytest.raises(InvalidInput) as info:
             Client(url, TOKEN)
         assert TOKEN not in str(info.value)
@@ -397,20 +451,27 @@ def test_timeout(vault):
     with vault.lock:
         vault.entries[(CLUSTER, "root")] = Entry(provider=slow)
     try:
-        with Client(vault.url, TOKEN, timeout=0.3) as kv:
-            with pytest.raises(KeyvaultError, match="did not answer"):
-                kv.get_root(CLUSTER)
+        with (
+            Client(vault.url, TOKEN, timeout=0.3) as kv,
+            pytest.raises(KeyvaultError, match="did not answer"),
+        ):
+            kv.get_root(CLUSTER)
     finally:
         gate.set()
 
 
 def test_import_keyvault_client_does_not_import_httpx():
-    code = ("import sys, keyvault, keyvault.client; "
-            "assert 'httpx' not in sys.modules, 'httpx imported'; print('ok')")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, env=env)
+    code = (
+        "import sys, keyvault, keyvault.client; "
+        "assert 'httpx' not in sys.modules, 'httpx imported'; print('ok')"
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
@@ -440,8 +501,9 @@ def test_threads_share_one_cache_while_keys_rotate(vault):
         assert not any(t.is_alive() for t in threads)
         assert not errors, [str(e) for e in errors]
         assert len(results) >= 60
-        mismatched = sum(not same(r.key, vault.key_of(CLUSTER, "app:APP1", r.version))
-                         for r in results)
+        mismatched = sum(
+            not same(r.key, vault.key_of(CLUSTER, "app:APP1", r.version)) for r in results
+        )
         assert mismatched == 0
         final = kv.get_app(CLUSTER, "APP1")
         assert final.version == 11
@@ -450,6 +512,7 @@ def test_threads_share_one_cache_while_keys_rotate(vault):
 
 
 # -- call_ta: the TA Open API emulator and a keyvault that serves the simulator's keys ---------
+
 
 @pytest.fixture
 def sim(tmp_path):
@@ -475,16 +538,23 @@ def ta_url(ta_api):
 def serve_sim_keys(vault, sim, scopes=("root", "app:APP1", "app:APP2")):
     """The fake keyvault answers with the simulator's current key, as after each rotation."""
     for scope in scopes:
-        provider = (lambda s=scope: (st.generations(sim, s), st.current_key(sim, s)))
+        provider = lambda s=scope: (st.generations(sim, s), st.current_key(sim, s))
         with vault.lock:
             vault.entries[(CLUSTER, scope)] = Entry(provider=provider)
 
 
 def rotate_by_another_process(sim, appid):
-    env = dict(os.environ, TA_SIM_STATE_DIR=str(sim), PYTHONPATH=os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    res = subprocess.run([sys.executable, "-m", "keyvault.sandbox.tatool", "generate_api_secret",
-                          "-appid", appid], env=env, capture_output=True, timeout=60)
+    env = dict(
+        os.environ,
+        TA_SIM_STATE_DIR=str(sim),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "keyvault.sandbox.tatool", "generate_api_secret", "-appid", appid],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
     assert res.returncode == 0, "ta-tool emulator failed"
 
 
@@ -492,7 +562,7 @@ def outcomes(ta_api, api_path="open/list-event-meta"):
     return {outcome: n for (path, outcome), n in ta_api.stats.items() if path == api_path}
 
 
-META = dict(api_path="open/list-event-meta", params={"projectId": 1})
+META = {"api_path": "open/list-event-meta", "params": {"projectId": 1}}
 
 
 def test_call_ta_keeps_working_across_rotations(vault, kv, sim, ta_api, ta_url):
@@ -509,7 +579,8 @@ def test_call_ta_keeps_working_across_rotations(vault, kv, sim, ta_api, ta_url):
 
 
 def test_call_ta_refreshes_and_retries_when_the_key_was_rotated_meanwhile(
-        vault, kv, sim, ta_api, ta_url):
+    vault, kv, sim, ta_api, ta_url
+):
     serve_sim_keys(vault, sim)
     rotated = []
 
@@ -522,8 +593,9 @@ def test_call_ta_refreshes_and_retries_when_the_key_was_rotated_meanwhile(
                 rotated.append(True)
             return super().call(*args, **kwargs)
 
-    data = kv.call_ta(CLUSTER, appid="APP1", ta_base_url=ta_url,
-                      ta_client_factory=RotatedUnderfoot, **META)
+    data = kv.call_ta(
+        CLUSTER, appid="APP1", ta_base_url=ta_url, ta_client_factory=RotatedUnderfoot, **META
+    )
     assert data["projectId"] == 1
     assert outcomes(ta_api) == {"invalid_access": 1, "ok": 1}
     seen = vault.gets("/v1/clusters/C/apps/APP1")
@@ -548,12 +620,18 @@ def test_call_ta_raises_after_exactly_one_retry(vault, kv, sim, ta_api, ta_url):
 def test_call_ta_does_not_retry_other_errors(vault, kv, sim, ta_api, ta_url):
     serve_sim_keys(vault, sim)
     with pytest.raises(TaApiError) as info:  # APP1's key used for project 2
-        kv.call_ta(CLUSTER, appid="APP1", ta_base_url=ta_url,
-                   api_path="open/list-event-meta", params={"projectId": 2})
+        kv.call_ta(
+            CLUSTER,
+            appid="APP1",
+            ta_base_url=ta_url,
+            api_path="open/list-event-meta",
+            params={"projectId": 2},
+        )
     assert info.value.return_code == -1009
     with pytest.raises(TaApiError) as info:  # no such project
-        kv.call_ta(CLUSTER, ta_base_url=ta_url, api_path="open/list-event-meta",
-                   params={"projectId": 99})
+        kv.call_ta(
+            CLUSTER, ta_base_url=ta_url, api_path="open/list-event-meta", params={"projectId": 99}
+        )
     assert info.value.return_code == -1999
     assert outcomes(ta_api) == {"no_permission": 1, "invalid_item": 1}
     assert len(vault.gets()) == 2
@@ -562,21 +640,33 @@ def test_call_ta_does_not_retry_other_errors(vault, kv, sim, ta_api, ta_url):
 def test_call_ta_uses_the_factorys_invalid_key_codes(vault, kv, sim, ta_api, ta_url):
     serve_sim_keys(vault, sim)
     with pytest.raises(TaApiError) as info:
-        kv.call_ta(CLUSTER, appid="APP1", ta_base_url=ta_url,
-                   api_path="open/list-event-meta", params={"projectId": 2},
-                   ta_client_factory=lambda url: TaClient(url, invalid_key_codes=[-1009]))
+        kv.call_ta(
+            CLUSTER,
+            appid="APP1",
+            ta_base_url=ta_url,
+            api_path="open/list-event-meta",
+            params={"projectId": 2},
+            ta_client_factory=lambda url: TaClient(url, invalid_key_codes=[-1009]),
+        )
     assert info.value.return_code == -1009
     assert outcomes(ta_api) == {"no_permission": 2}
 
 
 def test_call_ta_with_the_root_key_and_post(vault, kv, sim, ta_api, ta_url):
     serve_sim_keys(vault, sim)
-    data = kv.call_ta(CLUSTER, ta_base_url=ta_url, api_path="open/project-list",
-                      method="POST", params={"loginName": "admin"}, json_body={})
+    data = kv.call_ta(
+        CLUSTER,
+        ta_base_url=ta_url,
+        api_path="open/project-list",
+        method="POST",
+        params={"loginName": "admin"},
+        json_body={},
+    )
     assert [p["appid"] for p in data] == ["APP1", "APP2"]
     st.generate(sim, "root")
-    data = kv.call_ta(CLUSTER, ta_base_url=ta_url, api_path="open/event-analyze",
-                      params={"projectId": 2})
+    data = kv.call_ta(
+        CLUSTER, ta_base_url=ta_url, api_path="open/event-analyze", params={"projectId": 2}
+    )
     assert data["projectId"] == 2
     assert outcomes(ta_api, "open/project-list") == {"ok": 1}
     assert [s.path for s in vault.gets()] == ["/v1/clusters/C/root"] * 2
@@ -584,11 +674,14 @@ def test_call_ta_with_the_root_key_and_post(vault, kv, sim, ta_api, ta_url):
 
 def test_call_ta_keyvault_errors_propagate(vault, sim, ta_api, ta_url):
     serve_sim_keys(vault, sim)
-    with Client(vault.url, NARROW) as narrow:
-        with pytest.raises(Forbidden):
-            narrow.call_ta(CLUSTER, ta_base_url=ta_url, api_path="open/project-list",
-                           method="POST", params={"loginName": "admin"})
-    with pytest.raises(TaTransportError):
-        with Client(vault.url, TOKEN) as kv:
-            kv.call_ta(CLUSTER, appid="APP1", ta_base_url="http://127.0.0.1:9", **META)
+    with Client(vault.url, NARROW) as narrow, pytest.raises(Forbidden):
+        narrow.call_ta(
+            CLUSTER,
+            ta_base_url=ta_url,
+            api_path="open/project-list",
+            method="POST",
+            params={"loginName": "admin"},
+        )
+    with pytest.raises(TaTransportError), Client(vault.url, TOKEN) as kv:
+        kv.call_ta(CLUSTER, appid="APP1", ta_base_url="http://127.0.0.1:9", **META)
     assert ta_api.stats == {}

@@ -67,7 +67,9 @@ def test_wrong_master_key_with_another_id_is_refused(sealed):
 
 
 def test_wrong_master_key_with_the_same_id_fails_integrity(keyring, sealed):
-    impostor = crypto.Keyring(active=keyring.active, keys={keyring.active: os.urandom(crypto.KEY_BYTES)})
+    impostor = crypto.Keyring(
+        active=keyring.active, keys={keyring.active: os.urandom(crypto.KEY_BYTES)}
+    )
     with pytest.raises(IntegrityError) as info:
         crypto.unseal(impostor, sealed, AAD, what=WHAT)
     assert info.value.what == WHAT
@@ -186,7 +188,9 @@ def test_check_value_verifies_with_its_key(keyring):
 
 def test_check_value_refuses_another_key_under_the_same_id(keyring):
     value = crypto.check_value(keyring, keyring.active)
-    impostor = crypto.Keyring(active=keyring.active, keys={keyring.active: os.urandom(crypto.KEY_BYTES)})
+    impostor = crypto.Keyring(
+        active=keyring.active, keys={keyring.active: os.urandom(crypto.KEY_BYTES)}
+    )
     with pytest.raises(WrongMasterKey, match="does not open this store"):
         crypto.verify_check_value(impostor, keyring.active, value)
 

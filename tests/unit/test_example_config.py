@@ -51,28 +51,50 @@ OVERRIDES = {
     "KEYVAULT_SSH_PASSPHRASE_FILE": ("ssh", "passphrase_file"),
     "KEYVAULT_SU_PASSWORD_FILE": ("ssh", "su_password_file"),
 }
-SECRET_FILE_KEYS = {("ssh", "passphrase_file"): "example-passphrase", ("ssh", "su_password_file"): "example-su-pw"}
+SECRET_FILE_KEYS = {
+    ("ssh", "passphrase_file"): "example-passphrase",
+    ("ssh", "su_password_file"): "example-su-pw",
+}
 
 
 def keys_read_by_config() -> set[tuple[str, str]]:
     """(section, key) pairs that load_settings reads, from config.py's source."""
     tree = ast.parse(Path(keyvault.config.__file__).read_text())
-    func = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "load_settings")
+    func = next(
+        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "load_settings"
+    )
     sections: dict[str, str] = {}
     for node in ast.walk(func):
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Attribute)
-                and isinstance(node.value.func.value, ast.Name) and node.value.func.value.id == "data"
-                and node.value.func.attr == "get" and isinstance(node.value.args[0], ast.Constant)):
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Attribute)
+            and isinstance(node.value.func.value, ast.Name)
+            and node.value.func.value.id == "data"
+            and node.value.func.attr == "get"
+            and isinstance(node.value.args[0], ast.Constant)
+        ):
             sections[node.targets[0].id] = node.value.args[0].value
     keys = set()
     for node in ast.walk(func):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
-                and isinstance(node.func.value, ast.Name) and node.func.value.id in sections
-                and node.args and isinstance(node.args[0], ast.Constant)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id in sections
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             keys.add((sections[node.func.value.id], node.args[0].value))
-        if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in sections
-                and isinstance(node.slice, ast.Constant)):
+        if (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in sections
+            and isinstance(node.slice, ast.Constant)
+        ):
             keys.add((sections[node.value.id], node.slice.value))
     return keys
 
@@ -80,8 +102,13 @@ def keys_read_by_config() -> set[tuple[str, str]]:
 def env_vars_read_by_config() -> set[str]:
     """Every KEYVAULT_* name config.py mentions."""
     tree = ast.parse(Path(keyvault.config.__file__).read_text())
-    return {n.value for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and re.fullmatch(r"KEYVAULT_[A-Z_]+", n.value)}
+    return {
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant)
+        and isinstance(n.value, str)
+        and re.fullmatch(r"KEYVAULT_[A-Z_]+", n.value)
+    }
 
 
 def parse_example() -> tuple[dict[tuple[str, str], list[str]], str]:
@@ -134,7 +161,14 @@ def test_example_as_shipped_parses_and_changes_nothing(tmp_path):
     env = {"KEYVAULT_HOME": str(home), "HOME": str(tmp_path)}
     without = load_settings(env)
     (home / CONFIG_FILE_NAME).write_text(EXAMPLE.read_text())
-    assert tomllib.loads(EXAMPLE.read_text()).keys() == {"database", "master_key", "ssh", "validation", "ta", "rotation"}
+    assert tomllib.loads(EXAMPLE.read_text()).keys() == {
+        "database",
+        "master_key",
+        "ssh",
+        "validation",
+        "ta",
+        "rotation",
+    }
     assert load_settings(env) == without
 
 
@@ -146,8 +180,10 @@ def test_example_documents_exactly_the_options_config_reads():
     blocks, text = parse_example()
     documented = {(s, k) for s, table in tomllib.loads(text).items() for k in table}
     assert documented == set(blocks)
-    assert documented == read, (f"not in the example: {sorted(read - documented)}; "
-                                f"not read by config.py: {sorted(documented - read)}")
+    assert documented == read, (
+        f"not in the example: {sorted(read - documented)}; "
+        f"not read by config.py: {sorted(documented - read)}"
+    )
     for key, comments in blocks.items():
         assert len(" ".join(comments)) > 40, f"[{key[0]}] {key[1]} has no explanation"
 
@@ -178,13 +214,20 @@ def test_example_shows_the_real_defaults():
     _, text = parse_example()
     data = tomllib.loads(text)
     defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
-    for section, key in (("ssh", "connect_timeout"), ("ssh", "command_timeout"), ("ssh", "su_prompt"),
-                         ("validation", "appid_pattern"), ("ta", "timeout")):
+    for section, key in (
+        ("ssh", "connect_timeout"),
+        ("ssh", "command_timeout"),
+        ("ssh", "su_prompt"),
+        ("validation", "appid_pattern"),
+        ("ta", "timeout"),
+    ):
         assert data[section][key] == defaults[FIELDS[(section, key)]], f"[{section}] {key}"
     with_defaults = re.findall(r"-?\d+", "\n".join(parse_example()[0][("ta", "error_codes")]))
     from keyvault.ta import DEFAULT_RETURN_CODES
 
-    assert {int(c) for c in with_defaults} >= set(DEFAULT_RETURN_CODES), "the comment lists the built-in codes"
+    assert {int(c) for c in with_defaults} >= set(DEFAULT_RETURN_CODES), (
+        "the comment lists the built-in codes"
+    )
 
 
 def test_every_environment_variable_is_named_and_overrides_what_the_example_says(tmp_path):
@@ -193,7 +236,9 @@ def test_every_environment_variable_is_named_and_overrides_what_the_example_says
     for name in env_vars_read_by_config() | {"KEYVAULT_DEBUG"}:
         assert name in example, f"{name} is not explained in the example"
     for name, key in OVERRIDES.items():
-        assert f"Env: {name} overrides this" in " ".join(blocks[key]), f"[{key[0]}] {key[1]} should name {name}"
+        assert f"Env: {name} overrides this" in " ".join(blocks[key]), (
+            f"[{key[0]}] {key[1]} should name {name}"
+        )
 
     text, _ = enabled_with_temp_secrets(tmp_path)
     home = write_home(tmp_path, text)
@@ -214,8 +259,15 @@ def test_every_environment_variable_is_named_and_overrides_what_the_example_says
         assert getattr(load_settings(base), field) != expected
         assert getattr(load_settings({**base, name: raw}), field) == expected, name
     # The value variables beat both their *_FILE variable and the file option.
-    s = load_settings({**base, "KEYVAULT_SSH_PASSPHRASE_FILE": str(other), "KEYVAULT_SSH_PASSPHRASE": "pp",
-                       "KEYVAULT_SU_PASSWORD_FILE": str(other), "KEYVAULT_SU_PASSWORD": "pw"})
+    s = load_settings(
+        {
+            **base,
+            "KEYVAULT_SSH_PASSPHRASE_FILE": str(other),
+            "KEYVAULT_SSH_PASSPHRASE": "pp",
+            "KEYVAULT_SU_PASSWORD_FILE": str(other),
+            "KEYVAULT_SU_PASSWORD": "pw",
+        }
+    )
     assert (s.ssh_passphrase, s.su_password) == ("pp", "pw")
     # Env-only settings documented in the example.
     s = load_settings({**base, "KEYVAULT_ACTOR": "ops-bot", "KEYVAULT_SERVE_WEBHOOKS": "no"})
@@ -225,9 +277,14 @@ def test_every_environment_variable_is_named_and_overrides_what_the_example_says
     assert load_settings(base).serve_scheduler is False
 
 
-@pytest.mark.parametrize("section,key,bad", [("ssh", "su_prompt", "'(unclosed'"),
-                                             ("validation", "appid_pattern", "'[a-'"),
-                                             ("ssh", "connect_timeout", '"soon"')])
+@pytest.mark.parametrize(
+    ("section", "key", "bad"),
+    [
+        ("ssh", "su_prompt", "'(unclosed'"),
+        ("validation", "appid_pattern", "'[a-'"),
+        ("ssh", "connect_timeout", '"soon"'),
+    ],
+)
 def test_a_bad_value_in_an_example_option_is_refused_naming_the_file(tmp_path, section, key, bad):
     from keyvault.errors import ConfigError
 

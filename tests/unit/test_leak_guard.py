@@ -8,23 +8,41 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
 
-INNER = '''
+INNER = """
 from keyvault.sandbox import state
 
 def test_prints_a_generated_key(tmp_path):
     state.init_state(tmp_path / "sim", ["a"])
     print("oops", state.generate(tmp_path / "sim", "app:a"))
-'''
+"""
 
 
 def run_inner(tmp_path, body: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_inner.py").write_text(body)
     env_path = f"{TESTS}:{TESTS.parent}"
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "leak_guard", "-p", "no:cacheprovider",
-         f"--basetemp={tmp_path / 'inner'}", "--rootdir", str(tmp_path), "-c", "/dev/null", str(tmp_path / "test_inner.py")],
-        cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": env_path, "KEYVAULT_TEST_SSHD": "/nonexistent"},
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "leak_guard",
+            "-p",
+            "no:cacheprovider",
+            f"--basetemp={tmp_path / 'inner'}",
+            "--rootdir",
+            str(tmp_path),
+            "-c",
+            "/dev/null",
+            str(tmp_path / "test_inner.py"),
+        ],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": env_path, "KEYVAULT_TEST_SSHD": "/nonexistent"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 

@@ -48,8 +48,13 @@ def call(server, path, *, body=None, content_type=None, port=None, **params):
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.status == 200
         answer = json.loads(resp.read())
-    assert set(answer) == {"return_code", "return_message", "data", "stackMessage",
-                           "showStackMessage"}
+    assert set(answer) == {
+        "return_code",
+        "return_message",
+        "data",
+        "stackMessage",
+        "showStackMessage",
+    }
     assert answer["stackMessage"] == "" and answer["showStackMessage"] is False
     return answer
 
@@ -75,8 +80,18 @@ def test_list_event_meta_success_envelope(api, sim):
 def test_unknown_path_not_supported(api, sim):
     key = st.generate(sim, "root")
     assert code(call(api, "open/nothing-here", token=key)) == (-1, "Operation not supported")
-    assert code(call(api, "open/querySql", body=b"sql=select+1", token=key,
-                     content_type="application/x-www-form-urlencoded"))[0] == -1
+    assert (
+        code(
+            call(
+                api,
+                "open/querySql",
+                body=b"sql=select+1",
+                token=key,
+                content_type="application/x-www-form-urlencoded",
+            )
+        )[0]
+        == -1
+    )
     assert api.stats[("open/nothing-here", "not_supported")] == 1
 
 
@@ -98,10 +113,17 @@ def test_generation_invalidates_previous_key(api, sim):
 
 def test_rotation_by_real_ta_tool_is_seen_at_once(api, sim):
     old = st.generate(sim, "app:APP3")
-    env = dict(os.environ, TA_SIM_STATE_DIR=str(sim),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    res = subprocess.run([sys.executable, "-m", "keyvault.sandbox.tatool", "generate_api_secret",
-                          "-appid", "APP3"], env=env, capture_output=True, timeout=60)
+    env = dict(
+        os.environ,
+        TA_SIM_STATE_DIR=str(sim),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "keyvault.sandbox.tatool", "generate_api_secret", "-appid", "APP3"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
     assert res.returncode == 0
     printed = KEY_RE.findall(res.stdout.decode())
     assert len(printed) == 1
@@ -117,8 +139,9 @@ def test_root_key_valid_for_everything(api, sim):
         assert code(call(api, ANALYZE, token=root, projectId=pid)) == OK
     answer = call(api, PROJECTS, body={}, token=root, loginName="admin")
     assert code(answer) == OK
-    assert answer["data"] == [{"projectId": i, "appid": f"APP{i}", "projectName": f"Project APP{i}"}
-                              for i in (1, 2, 3)]
+    assert answer["data"] == [
+        {"projectId": i, "appid": f"APP{i}", "projectName": f"Project APP{i}"} for i in (1, 2, 3)
+    ]
     assert code(call(api, PROJECTS, token=root, loginName="admin")) == OK  # GET works too
     newroot = st.generate(sim, "root")
     assert code(call(api, META, token=root, projectId=1)) == INVALID_ACCESS
@@ -150,13 +173,33 @@ def test_post_bodies_are_parsed_leniently(api, sim):
     root = st.generate(sim, "root")
     assert code(call(api, ANALYZE, body={"projectId": 2, "eventView": {}}, token=root)) == OK
     assert code(call(api, PROJECTS, body={"loginName": "admin"}, token=root)) == OK
-    assert code(call(api, PROJECTS, body=b"loginName=admin", token=root,
-                     content_type="application/x-www-form-urlencoded")) == OK
+    assert (
+        code(
+            call(
+                api,
+                PROJECTS,
+                body=b"loginName=admin",
+                token=root,
+                content_type="application/x-www-form-urlencoded",
+            )
+        )
+        == OK
+    )
     assert code(call(api, META, body=b"projectId=3", token=root)) == OK  # not JSON: form
     # urllib's default Content-Type is a form even for a JSON body
     assert code(call(api, META, body=b'{"projectId": 1}', token=root)) == OK
-    assert code(call(api, META, body=b'{"projectId": 1}', token=root,
-                     content_type="application/x-www-form-urlencoded")) == OK
+    assert (
+        code(
+            call(
+                api,
+                META,
+                body=b'{"projectId": 1}',
+                token=root,
+                content_type="application/x-www-form-urlencoded",
+            )
+        )
+        == OK
+    )
     assert code(call(api, META, body=b"{broken", token=root)) == PARAM_ERROR
     assert code(call(api, META, body=b"[1, 2]", token=root)) == PARAM_ERROR
     # a token in the body never overrides the one in the query string
@@ -170,8 +213,7 @@ def test_stats_count_path_and_outcome(api, sim):
     call(api, META, token=key, projectId=1)
     call(api, META, token=key, projectId=2)
     call(api, META, token="nope", projectId=1)
-    assert api.stats == {(META, "ok"): 2, (META, "no_permission"): 1,
-                         (META, "invalid_access"): 1}
+    assert api.stats == {(META, "ok"): 2, (META, "no_permission"): 1, (META, "invalid_access"): 1}
 
 
 def test_tokens_are_never_logged(api, sim, capsys):
@@ -195,11 +237,14 @@ def test_missing_state(tmp_path):
 
 
 def test_cli_serves_until_interrupted(sim):
-    env = dict(os.environ,
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     cmd = [sys.executable, "-m", "keyvault.sandbox.openapi", "--state-dir", str(sim)]
-    with subprocess.Popen([*cmd, "--port", "0"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE) as proc:
+    with subprocess.Popen(
+        [*cmd, "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
         try:
             banner = proc.stdout.readline().decode()
             port = int(re.search(r"127\.0\.0\.1:(\d+)/", banner).group(1))
@@ -212,6 +257,7 @@ def test_cli_serves_until_interrupted(sim):
                 proc.kill()
     assert proc.returncode == 0
     assert key.encode() not in err
-    res = subprocess.run([*cmd, "--host", "0.0.0.0", "--port", "0"], env=env,
-                         capture_output=True, timeout=60)
+    res = subprocess.run(
+        [*cmd, "--host", "0.0.0.0", "--port", "0"], env=env, capture_output=True, timeout=60
+    )
     assert res.returncode == 1 and b"127.0.0.1 only" in res.stderr

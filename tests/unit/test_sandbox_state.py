@@ -35,8 +35,10 @@ def test_init_creates_private_dir_and_registers_apps(sim):
     state = st.read_state(sim)
     assert state == {
         "root": {"key": None, "generations": 0},
-        "apps": {"APP1": {"key": None, "generations": 0, "project_id": 1},
-                 "APP2": {"key": None, "generations": 0, "project_id": 2}},
+        "apps": {
+            "APP1": {"key": None, "generations": 0, "project_id": 1},
+            "APP2": {"key": None, "generations": 0, "project_id": 2},
+        },
         "total_generations": 0,
     }
     assert st.current_key(sim, "root") is None
@@ -52,8 +54,12 @@ def test_init_is_idempotent_and_keeps_keys(sim):
 
 
 def test_add_apps_assigns_next_project_ids(sim):
-    assert st.add_apps(sim, ["APP3", "APP1", "APP4"]) == {"APP1": 1, "APP2": 2, "APP3": 3,
-                                                          "APP4": 4}
+    assert st.add_apps(sim, ["APP3", "APP1", "APP4"]) == {
+        "APP1": 1,
+        "APP2": 2,
+        "APP3": 3,
+        "APP4": 4,
+    }
 
 
 @pytest.mark.parametrize("bad", ["", "has space", "a/b", "x\n", 7])
@@ -111,8 +117,9 @@ def test_uninitialised_dir(tmp_path):
 
 def test_threads_generating_at_once_are_serialised(sim):
     keys = []
-    threads = [threading.Thread(target=lambda: keys.append(st.generate(sim, "root")))
-               for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: keys.append(st.generate(sim, "root"))) for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -126,8 +133,11 @@ def test_noise_merge_remove_clear(sim, tmp_path):
     assert st.read_noise(sim) == {}
     st.set_noise(sim, banner=("Welcome",), crlf=True, hold_file=tmp_path / "go")
     st.set_noise(sim, output_mode="two_keys", crlf=None)
-    assert st.read_noise(sim) == {"banner": ["Welcome"], "hold_file": str(tmp_path / "go"),
-                                  "output_mode": "two_keys"}
+    assert st.read_noise(sim) == {
+        "banner": ["Welcome"],
+        "hold_file": str(tmp_path / "go"),
+        "output_mode": "two_keys",
+    }
     assert _mode(sim / "noise.json") == 0o600
     st.clear_noise(sim)
     st.clear_noise(sim)  # idempotent
@@ -154,13 +164,24 @@ def test_install_wrapper_quotes_paths(tmp_path):
     lines = dest.read_text().splitlines()
     assert lines[0] == "#!/bin/sh"
     env = ["PYTHONPYCACHEPREFIX=${HOME}/.cache/keyvault-ta-sim", f"TA_SIM_STATE_DIR={state_dir}"]
-    assert shlex.split(lines[-1]) == [f"PYTHONPATH={Path(st.__file__).parents[2]}", *env,
-                                      "exec", "/opt/py thon/python3", "-P", "-S", "-c",
-                                      "import sys; from keyvault.sandbox.tatool import main; sys.exit(main())",
-                                      "$@"]
+    assert shlex.split(lines[-1]) == [
+        f"PYTHONPATH={Path(st.__file__).parents[2]}",
+        *env,
+        "exec",
+        "/opt/py thon/python3",
+        "-P",
+        "-S",
+        "-c",
+        "import sys; from keyvault.sandbox.tatool import main; sys.exit(main())",
+        "$@",
+    ]
     assert lines[-1].endswith('"$@"')
     st.install_wrapper(dest, state_dir, python="/usr/bin/python3", pythonpath="/src dir")
-    assert shlex.split(dest.read_text().splitlines()[-1])[:4] == ["PYTHONPATH=/src dir", *env, "exec"]
+    assert shlex.split(dest.read_text().splitlines()[-1])[:4] == [
+        "PYTHONPATH=/src dir",
+        *env,
+        "exec",
+    ]
 
 
 def _nobody():
@@ -178,8 +199,12 @@ def test_owner_gets_dir_and_files_and_keeps_them(tmp_path):
     st.init_state(state_dir, ["APP1"], owner="nobody")
     st.set_noise(state_dir, crlf=True)
     st.generate(state_dir, "root")  # root writes must not steal the files from the owner
-    for path in (state_dir, state_dir / "state.json", state_dir / "state.lock",
-                 state_dir / "noise.json"):
+    for path in (
+        state_dir,
+        state_dir / "state.json",
+        state_dir / "state.lock",
+        state_dir / "noise.json",
+    ):
         assert os.stat(path).st_uid == user.pw_uid
 
 
@@ -216,16 +241,23 @@ def test_cli(tmp_path, capsys):
 def test_init_upgrades_a_format_1_state_and_keeps_every_key(tmp_path):
     state_dir = tmp_path / "old"
     state_dir.mkdir(mode=0o700)
-    old = {"root": {"key": "R" * 64, "generations": 2}, "total_generations": 3,
-           "apps": {"A1": {"key": "K" * 64, "generations": 1, "project_id": 4},
-                    "B2": {"key": None, "generations": 0, "project_id": 7}}}
+    old = {
+        "root": {"key": "R" * 64, "generations": 2},
+        "total_generations": 3,
+        "apps": {
+            "A1": {"key": "K" * 64, "generations": 1, "project_id": 4},
+            "B2": {"key": None, "generations": 0, "project_id": 7},
+        },
+    }
     (state_dir / "state.json").write_text(json.dumps(old))
     with pytest.raises(ValueError, match="old format.*init"):
         st.read_state(state_dir)
     st.init_state(state_dir, ["C3"])
     state = st.read_state(state_dir)
     assert state["root"] == {"key": "R" * 64, "generations": 2}
-    assert state["apps"] == {"A1": {"key": "K" * 64, "generations": 1, "project_id": 4},
-                             "B2": {"key": None, "generations": 0, "project_id": 7},
-                             "C3": {"key": None, "generations": 0, "project_id": 8}}
+    assert state["apps"] == {
+        "A1": {"key": "K" * 64, "generations": 1, "project_id": 4},
+        "B2": {"key": None, "generations": 0, "project_id": 7},
+        "C3": {"key": None, "generations": 0, "project_id": 8},
+    }
     assert "K" * 64 not in (state_dir / "state.json").read_text()

@@ -90,11 +90,19 @@ def test_unknown_appid_generates_nothing(sim):
     assert not (sim / "last_run.json").exists()
 
 
-@pytest.mark.parametrize("args", [
-    [], ["modify_meta"], ["generate_api_secret"], ["generate_api_secret", "-appid"],
-    ["generate_api_secret", "-appid="], ["generate_api_secret", "APP1"],
-    ["generate_root_secret", "x"], ["-appid=APP1"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["modify_meta"],
+        ["generate_api_secret"],
+        ["generate_api_secret", "-appid"],
+        ["generate_api_secret", "-appid="],
+        ["generate_api_secret", "APP1"],
+        ["generate_root_secret", "x"],
+        ["-appid=APP1"],
+    ],
+)
 def test_bad_usage(sim, args):
     res = run_tool(sim, *args)
     assert res.returncode == 1
@@ -104,8 +112,9 @@ def test_bad_usage(sim, args):
 
 
 def test_missing_state_dir_env(sim):
-    res = subprocess.run([*TOOL, "generate_root_secret"], env=_env(), capture_output=True,
-                         timeout=60)
+    res = subprocess.run(
+        [*TOOL, "generate_root_secret"], env=_env(), capture_output=True, timeout=60
+    )
     assert res.returncode == 1 and b"TA_SIM_STATE_DIR" in res.stderr and res.stdout == b""
 
 
@@ -115,8 +124,9 @@ def test_uninitialised_state_dir(tmp_path):
 
 
 def test_last_run_has_pid_and_scope_but_no_key(sim):
-    with subprocess.Popen([*TOOL, "generate_api_secret", "-appid", "APP1"], env=_env(sim),
-                          stdout=subprocess.PIPE) as proc:
+    with subprocess.Popen(
+        [*TOOL, "generate_api_secret", "-appid", "APP1"], env=_env(sim), stdout=subprocess.PIPE
+    ) as proc:
         proc.communicate(timeout=60)
     text = (sim / "last_run.json").read_text()
     assert st.current_key(sim, "app:APP1") not in text
@@ -129,16 +139,21 @@ def test_installed_wrapper(tmp_path):
     st.init_state(state_dir, ["APP1"])
     wrapper = tmp_path / "bin dir" / "ta-tool"
     st.install_wrapper(wrapper, state_dir)
-    res = subprocess.run([str(wrapper), "generate_api_secret", "-appid=APP1"], env=_env(),
-                         capture_output=True, timeout=60)
+    res = subprocess.run(
+        [str(wrapper), "generate_api_secret", "-appid=APP1"],
+        env=_env(),
+        capture_output=True,
+        timeout=60,
+    )
     assert res.returncode == 0
     assert keys_in(res.stdout) == [st.current_key(state_dir, "app:APP1")]
     # pythonpath= lets the wrapper work without PYTHONPATH (as after `su - ta`)
     st.install_wrapper(wrapper, state_dir, pythonpath=REPO)
     env = _env()
     del env["PYTHONPATH"]
-    res = subprocess.run([str(wrapper), "generate_root_secret"], env=env, capture_output=True,
-                         cwd="/", timeout=60)
+    res = subprocess.run(
+        [str(wrapper), "generate_root_secret"], env=env, capture_output=True, cwd="/", timeout=60
+    )
     assert res.returncode == 0
     assert keys_in(res.stdout) == [st.current_key(state_dir, "root")]
     res = subprocess.run([str(wrapper), "bogus"], env=env, capture_output=True, timeout=60)
@@ -146,8 +161,12 @@ def test_installed_wrapper(tmp_path):
 
 
 def test_concurrent_generations_keep_the_last_key(sim):
-    procs = [subprocess.Popen([*TOOL, "generate_api_secret", "-appid", "APP1"], env=_env(sim),
-                              stdout=subprocess.PIPE) for _ in range(8)]
+    procs = [
+        subprocess.Popen(
+            [*TOOL, "generate_api_secret", "-appid", "APP1"], env=_env(sim), stdout=subprocess.PIPE
+        )
+        for _ in range(8)
+    ]
     printed = []
     for proc in procs:
         with proc:
@@ -164,8 +183,11 @@ def test_noise_banner(sim):
     res = run_tool(sim, "generate_root_secret")
     lines = res.stdout.decode().splitlines()
     assert res.returncode == 0
-    assert lines[:3] == ["Last login: Mon Jan 1 from 10.0.0.1", "Welcome to ta1",
-                         "generate root secret success"]
+    assert lines[:3] == [
+        "Last login: Mon Jan 1 from 10.0.0.1",
+        "Welcome to ta1",
+        "generate root secret success",
+    ]
     assert keys_in(res.stdout) == [st.current_key(sim, "root")]
 
 
@@ -193,8 +215,10 @@ def test_noise_delay(sim):
     assert st.generations(sim) == 1
 
 
-@pytest.mark.parametrize("args,scope", [(["generate_api_secret", "-appid", "APP1"], "app:APP1"),
-                                        (["generate_root_secret"], "root")])
+@pytest.mark.parametrize(
+    ("args", "scope"),
+    [(["generate_api_secret", "-appid", "APP1"], "app:APP1"), (["generate_root_secret"], "root")],
+)
 def test_noise_fail_apps(sim, args, scope):
     old = st.generate(sim, scope)
     st.set_noise(sim, fail_apps=["APP1", "root"])
@@ -228,8 +252,9 @@ def test_noise_two_keys(sim):
 def _start_holding(sim, tmp_path, **noise):
     release = tmp_path / "release"
     st.set_noise(sim, hold_file=release, **noise)
-    proc = subprocess.Popen([*TOOL, "generate_api_secret", "-appid", "APP1"], env=_env(sim),
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*TOOL, "generate_api_secret", "-appid", "APP1"], env=_env(sim), stdout=subprocess.PIPE
+    )
     return proc, release
 
 
@@ -284,8 +309,15 @@ def shared_tmp():
 
 def _runs_as_nobody(python):
     try:
-        return subprocess.run([python, "-c", "import sys; assert sys.version_info >= (3, 11)"],
-                              user="nobody", capture_output=True, timeout=60).returncode == 0
+        return (
+            subprocess.run(
+                [python, "-c", "import sys; assert sys.version_info >= (3, 11)"],
+                user="nobody",
+                capture_output=True,
+                timeout=60,
+            ).returncode
+            == 0
+        )
     except OSError:  # e.g. an interpreter under /root
         return False
 
@@ -301,8 +333,13 @@ def test_wrapper_runs_as_owner(shared_tmp):
     st.install_wrapper(wrapper, state_dir, python=usable[0], pythonpath=REPO, owner="nobody")
     env = {"PATH": "/usr/bin:/bin", "HOME": "/"}
     for _ in range(2):  # root rotating in between must not lock the owner out
-        res = subprocess.run([str(wrapper), "generate_api_secret", "-appid", "APP1"], env=env,
-                             user="nobody", capture_output=True, timeout=60)
+        res = subprocess.run(
+            [str(wrapper), "generate_api_secret", "-appid", "APP1"],
+            env=env,
+            user="nobody",
+            capture_output=True,
+            timeout=60,
+        )
         assert res.returncode == 0, res.stderr.decode()
         assert keys_in(res.stdout) == [st.current_key(state_dir, "app:APP1")]
         st.generate(state_dir, "root")

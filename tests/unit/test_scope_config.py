@@ -93,7 +93,9 @@ def test_root_scope():
     assert app_scope("demo").describe() == "the key of app demo"
 
 
-@pytest.mark.parametrize("text", ["ROOT", "app", "app:", "project:demo", " root", "root ", "", "app:a:b"])
+@pytest.mark.parametrize(
+    "text", ["ROOT", "app", "app:", "project:demo", " root", "root ", "", "app:a:b"]
+)
 def test_invalid_scopes_are_refused(text):
     with pytest.raises(InvalidInput):
         parse_scope(text)
@@ -218,11 +220,13 @@ def test_secret_files_are_read_without_their_newline(tmp_path):
 
 def test_unreadable_secret_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="su password"):
-        load_settings({"KEYVAULT_HOME": str(tmp_path), "KEYVAULT_SU_PASSWORD_FILE": str(tmp_path / "none")})
+        load_settings(
+            {"KEYVAULT_HOME": str(tmp_path), "KEYVAULT_SU_PASSWORD_FILE": str(tmp_path / "none")}
+        )
 
 
 @pytest.mark.parametrize(
-    "text, match",
+    ("text", "match"),
     [
         ("[database\nurl = 1", "cannot read"),
         ('[validation]\nappid_pattern = "(unclosed"', "not a valid regex"),
@@ -287,4 +291,4 @@ def test_settings_repr_hides_su_password_and_passphrase(tmp_path):
 def test_schema_head_constant_matches_the_migrations():
     from keyvault.db import SCHEMA_HEAD, head_revision
 
-    assert SCHEMA_HEAD == head_revision()
+    assert head_revision() == SCHEMA_HEAD

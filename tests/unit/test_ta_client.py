@@ -20,8 +20,13 @@ assert len(TOKEN) == 64
 
 
 def envelope(code: int = 0, message: str = "success", data=None, stack: str = "") -> dict:
-    return {"return_code": code, "return_message": message, "data": data,
-            "stackMessage": stack, "showStackMessage": False}
+    return {
+        "return_code": code,
+        "return_message": message,
+        "data": data,
+        "stackMessage": stack,
+        "showStackMessage": False,
+    }
 
 
 @dataclass
@@ -42,7 +47,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         parts = urlsplit(self.path)
         self.server.requests.append(
-            Recorded(self.command, parts.path, parse_qs(parts.query), dict(self.headers), body))
+            Recorded(self.command, parts.path, parse_qs(parts.query), dict(self.headers), body)
+        )
         route = self.server.routes.get(parts.path, (404, b"no route", "text/plain"))
         if callable(route):
             route(self)
@@ -231,8 +237,11 @@ def test_post_form_body(fake_ta, client):
     client.call("/querySql", token=TOKEN, method="POST", form_body=form)
     (req,) = fake_ta.requests
     assert req.headers["Content-Type"] == "application/x-www-form-urlencoded"
-    assert parse_qs(req.body.decode()) == {"sql": ["select 1 & 2"], "format": ["json"],
-                                           "timeoutSeconds": ["30"]}
+    assert parse_qs(req.body.decode()) == {
+        "sql": ["select 1 & 2"],
+        "format": ["json"],
+        "timeoutSeconds": ["30"],
+    }
 
 
 def test_post_without_body(fake_ta, client):
@@ -242,12 +251,15 @@ def test_post_without_body(fake_ta, client):
     assert req.method == "POST" and req.body == b"" and req.query["loginName"] == ["root"]
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"method": "DELETE"},
-    {"method": "GET", "json_body": {}},
-    {"method": "POST", "json_body": {}, "form_body": {}},
-    {"params": {"TOKEN": "x"}},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"method": "DELETE"},
+        {"method": "GET", "json_body": {}},
+        {"method": "POST", "json_body": {}, "form_body": {}},
+        {"params": {"TOKEN": "x"}},
+    ],
+)
 def test_bad_call_arguments(kwargs):
     client = ta.TaClient("http://127.0.0.1:9")  # rejected before any connection is made
     with pytest.raises(InvalidInput):
@@ -299,19 +311,28 @@ def test_verify_key_default_checks(fake_ta, client):
     fake_ta.json("/open/list-event-meta", envelope(data=[]))
     fake_ta.json("/open/project-list", envelope(-1999, "unknown login"))
     check = ta.APP_KEY_CHECK
-    ok = ta.verify_key(client, token=TOKEN, method=check.method, api_path=check.api_path,
-                       params={check.param: 3})
+    ok = ta.verify_key(
+        client, token=TOKEN, method=check.method, api_path=check.api_path, params={check.param: 3}
+    )
     detail = "GET open/list-event-meta answered return_code 0"
     assert ok == ta.VerifyResult(True, 0, "success", detail)
     check = ta.ROOT_KEY_CHECK
-    bad = ta.verify_key(client, token=TOKEN, method=check.method, api_path=check.api_path,
-                        params={check.param: "root"})
+    bad = ta.verify_key(
+        client,
+        token=TOKEN,
+        method=check.method,
+        api_path=check.api_path,
+        params={check.param: "root"},
+    )
     assert (bad.ok, bad.return_code, bad.return_message) == (False, -1999, "unknown login")
     assert "invalid item" in bad.detail
     app, root = fake_ta.requests
     assert (app.method, app.path, app.query["projectId"]) == ("GET", "/open/list-event-meta", ["3"])
-    assert (root.method, root.path, root.query["loginName"]) == ("POST", "/open/project-list",
-                                                                 ["root"])
+    assert (root.method, root.path, root.query["loginName"]) == (
+        "POST",
+        "/open/project-list",
+        ["root"],
+    )
 
 
 def test_verify_key_transport_failure(fake_ta, client):
@@ -329,34 +350,41 @@ def test_redact_url():
     assert ta.redact_url("http://h/p?mytoken=abc") == "http://h/p?mytoken=abc"
 
 
-@pytest.mark.parametrize("base, path, expected", [
-    ("http://ta2:8992", "open/x", "http://ta2:8992/open/x"),
-    ("http://ta2:8992/", "/open/x", "http://ta2:8992/open/x"),
-    ("http://ta2:8992///", "//open/x/", "http://ta2:8992/open/x"),
-    ("HTTPS://ta2.example:443/prefix/", "querySql", "https://ta2.example:443/prefix/querySql"),
-    ("http://[::1]:8992", "open/x", "http://[::1]:8992/open/x"),
-    ("  http://ta2:8992  ", "open/x", "http://ta2:8992/open/x"),
-])
+@pytest.mark.parametrize(
+    ("base", "path", "expected"),
+    [
+        ("http://ta2:8992", "open/x", "http://ta2:8992/open/x"),
+        ("http://ta2:8992/", "/open/x", "http://ta2:8992/open/x"),
+        ("http://ta2:8992///", "//open/x/", "http://ta2:8992/open/x"),
+        ("HTTPS://ta2.example:443/prefix/", "querySql", "https://ta2.example:443/prefix/querySql"),
+        ("http://[::1]:8992", "open/x", "http://[::1]:8992/open/x"),
+        ("  http://ta2:8992  ", "open/x", "http://ta2:8992/open/x"),
+    ],
+)
 def test_build_url_joins_cleanly(base, path, expected):
     assert ta.build_url(base, path, "k") == f"{expected}?token=k"
 
 
 def test_build_url_params():
-    url = ta.build_url("http://ta2:8992", "open/x", "k",
-                       {"a": "x y&z", "b": True, "c": None, "d": [1, 2]})
+    url = ta.build_url(
+        "http://ta2:8992", "open/x", "k", {"a": "x y&z", "b": True, "c": None, "d": [1, 2]}
+    )
     assert url == "http://ta2:8992/open/x?token=k&a=x+y%26z&b=true&d=1&d=2"
 
 
-@pytest.mark.parametrize("base, fragment", [
-    ("ftp://ta2:8992", "http:// or https://"),
-    ("ta2:8992", "http:// or https://"),
-    ("ta2", "http:// or https://"),
-    ("", "http:// or https://"),
-    ("http://", "no host"),
-    ("http://:8992", "no host"),
-    ("http://ta2:notaport", "invalid port"),
-    ("http://ta2:8992/?token=abc", "query"),
-])
+@pytest.mark.parametrize(
+    ("base", "fragment"),
+    [
+        ("ftp://ta2:8992", "http:// or https://"),
+        ("ta2:8992", "http:// or https://"),
+        ("ta2", "http:// or https://"),
+        ("", "http:// or https://"),
+        ("http://", "no host"),
+        ("http://:8992", "no host"),
+        ("http://ta2:notaport", "invalid port"),
+        ("http://ta2:8992/?token=abc", "query"),
+    ],
+)
 def test_build_url_bad_base(base, fragment):
     with pytest.raises(InvalidInput, match=fragment) as info:
         ta.build_url(base, "open/x", TOKEN)
@@ -388,6 +416,9 @@ def test_client_repr_and_validation():
 
 
 def test_tables():
-    assert ta.DEFAULT_RETURN_CODES == {0: "success", -1999: "invalid item",
-                                       -1005: "request frequency too fast (unverified)"}
+    assert ta.DEFAULT_RETURN_CODES == {
+        0: "success",
+        -1999: "invalid item",
+        -1005: "request frequency too fast (unverified)",
+    }
     assert "Invalid access" in ta.KNOWN_DESCRIPTIONS and len(ta.KNOWN_DESCRIPTIONS) == 41

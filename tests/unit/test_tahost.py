@@ -12,10 +12,10 @@ from keyvault.tahost import (
     CLAIM_TOKEN,
     Become,
     check_script,
+    cleaned_ids,
     cleanup_many_script,
     cleanup_marker,
     cleanup_script,
-    cleaned_ids,
     fetch_script,
     find_keys,
     find_marker,
@@ -54,7 +54,9 @@ def install_tool(tmp_path, body: str):
 @pytest.fixture
 def fake_tool(tmp_path):
     """A stand-in ta-tool that echoes its argv (so quoting can be checked) and a key."""
-    return install_tool(tmp_path, 'printf "argv:%s|" "$@"; echo; echo "\\033[32msecret: ' + KEY + '\\033[0m\\r"\n')
+    return install_tool(
+        tmp_path, 'printf "argv:%s|" "$@"; echo; echo "\\033[32msecret: ' + KEY + '\\033[0m\\r"\n'
+    )
 
 
 @pytest.mark.parametrize("appid", ["x; rm -rf ~", "$(id)", "a'b", 'a"b', "a\nb", "`id`", "a b"])
@@ -82,7 +84,9 @@ def test_generate_writes_private_pending_file_and_reads_it_back(fake_tool):
     pending = home / ".keyvault" / "pending" / f"{RID}.out"
     assert pending.stat().st_mode & 0o077 == 0
     # A second run under the same rotation id never runs ta-tool again.
-    again = parse_remote(RID, run_local(generate_script(RID, "ta-tool generate_root_secret"), home, bindir))
+    again = parse_remote(
+        RID, run_local(generate_script(RID, "ta-tool generate_root_secret"), home, bindir)
+    )
     assert again.state == "exists"
     fetched = parse_remote(RID, run_local(fetch_script(RID), home, bindir))
     assert fetched.output == remote.output and fetched.rc == 0
@@ -97,30 +101,56 @@ def test_fetch_of_unknown_rotation_is_absent(fake_tool):
 
 
 def test_missing_ta_tool_is_reported_and_recovery_proves_it_never_ran(tmp_path):
-    out = run_local(generate_script(RID, "ta-tool generate_root_secret"), tmp_path, tmp_path / "nothing")
+    out = run_local(
+        generate_script(RID, "ta-tool generate_root_secret"), tmp_path, tmp_path / "nothing"
+    )
     remote = parse_remote(RID, out)
     assert remote.state == "notatool"
     # The id was claimed (.out) but ta-tool never launched: a recovery takes the launch claim.
-    assert parse_remote(RID, run_local(fetch_script(RID), tmp_path, tmp_path / "nothing")).state == "absent"
-    assert parse_remote(RID, run_local(fetch_script(RID), tmp_path, tmp_path / "nothing")).state == "absent"
+    assert (
+        parse_remote(RID, run_local(fetch_script(RID), tmp_path, tmp_path / "nothing")).state
+        == "absent"
+    )
+    assert (
+        parse_remote(RID, run_local(fetch_script(RID), tmp_path, tmp_path / "nothing")).state
+        == "absent"
+    )
     with pytest.raises(TaToolMissing):
-        raise_for_become(run_local(check_script("ta-tool x"), tmp_path, tmp_path).decode(), "h", Become("su"))
+        raise_for_become(
+            run_local(check_script("ta-tool x"), tmp_path, tmp_path).decode(), "h", Become("su")
+        )
 
 
 def test_markers_survive_pty_noise():
     r = RID.encode()
     # su's prompt may share a line with the first marker; the PTY turns \n into \r\n.
-    raw = (b"Password: @@KV:" + r + b":START@@\r\nWelcome to TA\r\n@@KV:" + r + b":OUT@@\r\n|secret: \r\n@@KV:" + r
-           + b":ERR@@\r\n@@KV:" + r + b":RC:0@@\r\n")
+    raw = (
+        b"Password: @@KV:"
+        + r
+        + b":START@@\r\nWelcome to TA\r\n@@KV:"
+        + r
+        + b":OUT@@\r\n|secret: \r\n@@KV:"
+        + r
+        + b":ERR@@\r\n@@KV:"
+        + r
+        + b":RC:0@@\r\n"
+    )
     remote = parse_remote(RID, raw)
-    assert remote.started and remote.state == "result" and remote.output == b"secret: \n" and remote.rc == 0
+    assert (
+        remote.started
+        and remote.state == "result"
+        and remote.output == b"secret: \n"
+        and remote.rc == 0
+    )
     assert report_end(RID, raw) == raw.index(b":RC:0@@") + len(b":RC:0@@")
 
 
 def test_output_lines_never_pass_for_markers(tmp_path):
     # ta-tool printing marker-shaped lines (even with this very rotation id) cannot end
     # the report early, fake an exit status or claim a clean-up.
-    forged = "\n".join(f"@@KV:{RID}:{word}@@" for word in ("RC:0", "EXISTS", "ERR", "CLEANED", "CLEANUP"))
+    forged = "\n".join(
+        f"@@KV:{RID}:{word}@@" for word in ("RC:0", "EXISTS", "ERR", "CLEANED", "CLEANUP")
+    )
     home, bindir = install_tool(tmp_path, f"printf '%s\\n' '{forged}' 'secret: {KEY}'; exit 3\n")
     out = run_local(generate_script(RID, "ta-tool generate_root_secret"), home, bindir)
     remote = parse_remote(RID, out)
@@ -130,8 +160,13 @@ def test_output_lines_never_pass_for_markers(tmp_path):
     assert cleaned_ids(out, [RID]) == set() and find_marker(out, cleanup_marker(RID)) == -1
 
 
-@pytest.mark.parametrize(("command", "to"), [("ta-tool generate_root_secret | tail -n 1", ""),
-                                             ("ta-tool generate_root_secret 2>&1", " >&2")])
+@pytest.mark.parametrize(
+    ("command", "to"),
+    [
+        ("ta-tool generate_root_secret | tail -n 1", ""),
+        ("ta-tool generate_root_secret 2>&1", " >&2"),
+    ],
+)
 def test_a_command_with_shell_syntax_runs_whole_into_the_pending_file(tmp_path, command, to):
     # A configured command is shell text: its pipe or redirection applies to ta-tool's
     # output in the pending file, never to the report.
@@ -143,17 +178,28 @@ def test_a_command_with_shell_syntax_runs_whole_into_the_pending_file(tmp_path, 
 
 def test_a_failing_command_prefix_never_runs_ta_tool_outside_the_pending_file(tmp_path):
     home, bindir = install_tool(tmp_path, f"echo 'secret: {KEY}'\n")
-    out = run_local(generate_script(RID, "cd /nonexistent-dir && ta-tool generate_root_secret"), home, bindir)
+    out = run_local(
+        generate_script(RID, "cd /nonexistent-dir && ta-tool generate_root_secret"), home, bindir
+    )
     remote = parse_remote(RID, out)
     assert remote.state == "result" and remote.rc not in (0, None)
-    assert KEY.encode() not in out  # ta-tool did not run, least of all with its output on the channel
+    assert (
+        KEY.encode() not in out
+    )  # ta-tool did not run, least of all with its output on the channel
 
 
 def test_long_output_is_read_back_whole(tmp_path):
-    home, bindir = install_tool(tmp_path, f"i=0; while [ $i -lt 300 ]; do echo line $i; i=$((i+1)); done; "
-                                          f"echo 'secret: {KEY}'; echo oops >&2\n")
-    remote = parse_remote(RID, run_local(generate_script(RID, "ta-tool generate_root_secret"), home, bindir))
-    assert remote.output.decode().splitlines() == [f"line {i}" for i in range(300)] + [f"secret: {KEY}"]
+    home, bindir = install_tool(
+        tmp_path,
+        f"i=0; while [ $i -lt 300 ]; do echo line $i; i=$((i+1)); done; "
+        f"echo 'secret: {KEY}'; echo oops >&2\n",
+    )
+    remote = parse_remote(
+        RID, run_local(generate_script(RID, "ta-tool generate_root_secret"), home, bindir)
+    )
+    assert remote.output.decode().splitlines() == [f"line {i}" for i in range(300)] + [
+        f"secret: {KEY}"
+    ]
     assert remote.errors == b"oops\n" and remote.rc == 0
 
 
@@ -185,8 +231,11 @@ def test_mask_keys_hides_every_candidate_and_long_token():
 
 @pytest.mark.parametrize(
     ("become", "prefix"),
-    [(Become("su", "ta", "root"), "su - ta -c "), (Become("sudo", "ta", "ops"), "sudo -n -iu ta sh -c "),
-     (Become("none", "ta", "ta"), "bash -lc ")],
+    [
+        (Become("su", "ta", "root"), "su - ta -c "),
+        (Become("sudo", "ta", "ops"), "sudo -n -iu ta sh -c "),
+        (Become("none", "ta", "ta"), "bash -lc "),
+    ],
 )
 def test_become_wraps_script_as_one_word(become, prefix):
     script = generate_script(RID, "ta-tool generate_root_secret")
@@ -198,7 +247,9 @@ def test_become_wraps_script_as_one_word(become, prefix):
 
 def test_become_failure_message_masks_output():
     with pytest.raises(BecomeFailed) as info:
-        raise_for_become(f"Password: \nsu: Authentication failure {KEY}", "ops@h:22", Become("su", "ta", "ops"))
+        raise_for_become(
+            f"Password: \nsu: Authentication failure {KEY}", "ops@h:22", Become("su", "ta", "ops")
+        )
     assert KEY not in str(info.value) and "Authentication failure" in str(info.value)
 
 
@@ -216,23 +267,37 @@ def test_scripts_survive_sudo_i_requoting_with_the_exit_status_intact(tmp_path):
             for suffix in (".out", ".err", ".rc", ".done", ".launch", ".void"):
                 (home / ".keyvault" / "pending" / f"{rid}{suffix}").unlink(missing_ok=True)
         # The outer (login) shell gets the re-quoted words, as under `sudo -n -iu ta sh -c SCRIPT`.
-        out = run_local(_sudo_i_quote("sh") + " " + _sudo_i_quote("-c") + " " + _sudo_i_quote(script), home, bindir)
+        out = run_local(
+            _sudo_i_quote("sh") + " " + _sudo_i_quote("-c") + " " + _sudo_i_quote(script),
+            home,
+            bindir,
+        )
         remote = parse_remote(RID, out)
         assert remote.state == "result" and remote.rc == 3
         assert find_keys(remote.output, r"[A-Za-z0-9]{64}") == [KEY] and remote.errors == b"oops\n"
         assert (home / ".keyvault" / "pending" / f"{RID}.rc").read_text() == "3\n"
-        fetched = parse_remote(RID, run_local(_sudo_i_quote("sh") + " -c " + _sudo_i_quote(fetch_script(RID)),
-                                              home, bindir))
+        fetched = parse_remote(
+            RID,
+            run_local(
+                _sudo_i_quote("sh") + " -c " + _sudo_i_quote(fetch_script(RID)), home, bindir
+            ),
+        )
         assert fetched.state == "result" and fetched.rc == 3
 
 
 def test_generate_many_runs_each_rotation_in_its_own_part(fake_tool):
     home, bindir = fake_tool
     first, second, third = "aaaaaa111111", "bbbbbb222222", "cccccc333333"
-    run_local(generate_script(second, "ta-tool generate_root_secret"), home, bindir)  # already claimed
-    script = generate_many_script([(first, "ta-tool generate_root_secret"),
-                                   (second, "ta-tool generate_root_secret"),
-                                   (third, "ta-tool generate_root_secret")])
+    run_local(
+        generate_script(second, "ta-tool generate_root_secret"), home, bindir
+    )  # already claimed
+    script = generate_many_script(
+        [
+            (first, "ta-tool generate_root_secret"),
+            (second, "ta-tool generate_root_secret"),
+            (third, "ta-tool generate_root_secret"),
+        ]
+    )
     out = run_local(script, home, bindir)
     assert parse_remote(first, out).state == "result" and parse_remote(first, out).rc == 0
     # The second one's early exit (EXISTS) ends only its own part: the third still runs.
@@ -257,10 +322,16 @@ def test_cleanup_many_reports_only_rotations_whose_files_are_gone(fake_tool):
     (pending / "bbbbbb222222.err").mkdir()
     (pending / "bbbbbb222222.err" / "x").write_text("")
     out = run_local(cleanup_many_script(rids), home, bindir).decode()
-    assert [rid for rid in rids if f"@@KV:{rid}:CLEANED@@" in out] == ["aaaaaa111111", "cccccc333333"]
+    assert [rid for rid in rids if f"@@KV:{rid}:CLEANED@@" in out] == [
+        "aaaaaa111111",
+        "cccccc333333",
+    ]
     assert not (pending / "aaaaaa111111.out").exists() and (pending / "aaaaaa111111.done").exists()
     assert not (pending / "bbbbbb222222.done").exists()
-    assert parse_remote("aaaaaa111111", run_local(fetch_script("aaaaaa111111"), home, bindir)).state == "cleaned"
+    assert (
+        parse_remote("aaaaaa111111", run_local(fetch_script("aaaaaa111111"), home, bindir)).state
+        == "cleaned"
+    )
     with pytest.raises(InvalidInput):
         cleanup_many_script(["../etc"])
 
@@ -268,14 +339,22 @@ def test_cleanup_many_reports_only_rotations_whose_files_are_gone(fake_tool):
 def test_batch_cleans_up_only_the_ids_it_is_sent_on_stdin(fake_tool):
     home, bindir = fake_tool
     first, second = "aaaaaa111111", "bbbbbb222222"
-    script = generate_many_script([(first, "ta-tool generate_root_secret"), (second, "ta-tool generate_root_secret")],
-                                  clean_from_stdin=True)
+    script = generate_many_script(
+        [(first, "ta-tool generate_root_secret"), (second, "ta-tool generate_root_secret")],
+        clean_from_stdin=True,
+    )
     env = {"HOME": str(home), "PATH": f"{bindir}:/usr/bin:/bin"}
     # An id of another batch, a path and the first id: only the first is this batch's to clean.
     sent = f"cccccc333333\n../../x\n{first}\n".encode()
-    out = subprocess.run(["sh", "-c", script], env=env, input=sent, capture_output=True, check=False).stdout
+    out = subprocess.run(
+        ["sh", "-c", script], env=env, input=sent, capture_output=True, check=False
+    ).stdout
     text = out.decode()
-    assert text.index(f"@@KV:{second}:RC:0@@") < text.index(cleanup_marker(first)) < text.index(f"@@KV:{first}:CLEANED@@")
+    assert (
+        text.index(f"@@KV:{second}:RC:0@@")
+        < text.index(cleanup_marker(first))
+        < text.index(f"@@KV:{first}:CLEANED@@")
+    )
     pending = home / ".keyvault" / "pending"
     assert not (pending / f"{first}.out").exists() and (pending / f"{first}.done").exists()
     assert (pending / f"{second}.out").exists() and f"@@KV:{second}:CLEANED@@" not in text
@@ -288,7 +367,9 @@ def test_a_dead_connection_stops_a_batch_before_it_claims_the_next_id(fake_tool)
     rids = ["aaaaaa111111", "bbbbbb222222", "cccccc333333"]
     script = generate_many_script([(rid, "ta-tool generate_root_secret") for rid in rids])
     env = {"HOME": str(home), "PATH": f"{bindir}:/usr/bin:/bin"}
-    proc = subprocess.Popen(["sh", "-c", script], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        ["sh", "-c", script], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+    )
     seen = b""
     while report_end(rids[0], seen) is None:
         chunk = proc.stdout.read1(65536)
@@ -314,7 +395,9 @@ def test_recovery_racing_a_slow_launch_wins_and_ta_tool_never_runs(fake_tool):
     home, bindir = fake_tool
     pending = home / ".keyvault" / "pending"
     pending.mkdir(parents=True)
-    (pending / f"{RID}.out").write_text(f"{CLAIM_TOKEN}\n")  # claimed by a generate that has not launched yet
+    (pending / f"{RID}.out").write_text(
+        f"{CLAIM_TOKEN}\n"
+    )  # claimed by a generate that has not launched yet
     assert parse_remote(RID, run_local(fetch_script(RID), home, bindir)).state == "absent"
     assert (pending / f"{RID}.launch").exists() and (pending / f"{RID}.void").exists()
     again = run_local(generate_script(RID, "ta-tool generate_root_secret"), home, bindir)
@@ -340,4 +423,8 @@ def test_an_empty_pending_file_is_a_running_ta_tool_never_absent(fake_tool):
     (pending / f"{RID}.out").write_text(f"secret: {KEY}\n")
     (pending / f"{RID}.rc").write_text("0\n")
     fetched = parse_remote(RID, run_local(fetch_script(RID), home, bindir))
-    assert fetched.state == "result" and fetched.rc == 0 and find_keys(fetched.output, r"[A-Za-z0-9]{64}") == [KEY]
+    assert (
+        fetched.state == "result"
+        and fetched.rc == 0
+        and find_keys(fetched.output, r"[A-Za-z0-9]{64}") == [KEY]
+    )

@@ -1,10 +1,19 @@
-"""policy set|list|remove|resume."""
+"""`keyvault policy`."""
 
 from __future__ import annotations
 
 import click
 
-from keyvault.cli.output import emit_json, emit_table
+from keyvault.cli.output import emit_json, emit_table, output_option
+
+
+def _target_options(func):
+    func = click.option(
+        "--all-apps", is_flag=True, help="Every app of the cluster (a specific --appid wins)."
+    )(func)
+    func = click.option("--appid")(func)
+    func = click.option("--root", "is_root", is_flag=True)(func)
+    return click.option("--cluster", required=True)(func)
 
 
 def _target(app, is_root: bool, appid: str | None, all_apps: bool) -> str:
@@ -12,14 +21,13 @@ def _target(app, is_root: bool, appid: str | None, all_apps: bool) -> str:
 
     if sum((is_root, appid is not None, all_apps)) != 1:
         raise click.UsageError("give exactly one of --root, --appid APPID or --all-apps")
-    return "root" if is_root else "all-apps" if all_apps else f"app:{validate_appid(appid, app.settings.appid_pattern)}"
-
-
-def _target_options(func):
-    func = click.option("--all-apps", is_flag=True, help="Every app of the cluster (a specific --appid wins).")(func)
-    func = click.option("--appid")(func)
-    func = click.option("--root", "is_root", is_flag=True)(func)
-    return click.option("--cluster", required=True)(func)
+    return (
+        "root"
+        if is_root
+        else "all-apps"
+        if all_apps
+        else f"app:{validate_appid(appid, app.settings.appid_pattern)}"
+    )
 
 
 @click.group()
@@ -39,12 +47,15 @@ def policy_set(app, cluster, is_root, appid, all_apps, max_age, window) -> None:
     target = _target(app, is_root, appid, all_apps)
     with app.transaction() as session:
         set_policy(session, cluster_name=cluster, target=target, max_age=max_age, window=window)
-    click.echo(f"policy for {target} of {cluster}: rotate after {max_age}" + (f", within {window}" if window else ""))
+    click.echo(
+        f"policy for {target} of {cluster}: rotate after {max_age}"
+        + (f", within {window}" if window else "")
+    )
 
 
 @policy.command("list")
 @click.option("--cluster")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_obj
 def policy_list(app, cluster, as_json) -> None:
     """List policies."""
@@ -81,7 +92,13 @@ def policy_resume(app, cluster, is_root, appid) -> None:
 
     if is_root and appid:
         raise click.UsageError("give --root or --appid, not both")
-    scope = "root" if is_root else f"app:{validate_appid(appid, app.settings.appid_pattern)}" if appid else None
+    scope = (
+        "root"
+        if is_root
+        else f"app:{validate_appid(appid, app.settings.appid_pattern)}"
+        if appid
+        else None
+    )
     with app.transaction() as session:
         count = resume(session, cluster_name=cluster, scope=scope, now=utcnow())
     click.echo(f"resumed {count} scope(s) of {cluster}")

@@ -1,18 +1,21 @@
-"""sandbox up|down|status|add-apps: the TA simulator (a stand-in for trying keyvault, not TA)."""
+"""`keyvault sandbox`."""
 
 from __future__ import annotations
 
 import click
 
-from keyvault.cli.output import emit_json
-
-NOT_TA = "a simulator on 127.0.0.1, not TA"
+from keyvault.cli.output import emit_json, output_option
 
 
-def _paths(app):
-    from keyvault.sandbox.run import SandboxPaths
+def _require_store(app) -> None:
+    """Refuse before starting anything when `keyvault init` has not run."""
+    from keyvault.errors import NotInitialized
 
-    return SandboxPaths(app.settings.home)
+    if not app.settings.home.exists():
+        raise NotInitialized(
+            f"keyvault has no home at {app.settings.home}", hint="run `keyvault init` first"
+        )
+    app.factory  # noqa: B018 - checks the schema is at head
 
 
 def _parse_apps(values) -> list[str]:
@@ -26,21 +29,22 @@ def _parse_apps(values) -> list[str]:
             if not appid:
                 continue
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", appid):
-                raise InvalidInput(f"invalid APPID {appid[:40]!r}",
-                                   hint="use letters, digits, '_', '.' and '-' (64 at most)")
+                raise InvalidInput(
+                    f"invalid APPID {appid[:40]!r}",
+                    hint="use letters, digits, '_', '.' and '-' (64 at most)",
+                )
             if appid not in apps:
                 apps.append(appid)
     return apps
 
 
-def _require_store(app) -> None:
-    """Refuse before starting anything when `keyvault init` has not run."""
-    from keyvault.errors import NotInitialized
+def _paths(app):
+    from keyvault.sandbox.run import SandboxPaths
 
-    if not app.settings.home.exists():
-        raise NotInitialized(f"keyvault has no home at {app.settings.home}",
-                             hint="run `keyvault init` first")
-    app.factory  # noqa: B018 - checks the schema is at head
+    return SandboxPaths(app.settings.home)
+
+
+NOT_TA = "a simulator on 127.0.0.1, not TA"
 
 
 @click.group()
@@ -52,12 +56,27 @@ def sandbox() -> None:
 
 
 @sandbox.command("up")
-@click.option("--ssh-port", type=click.IntRange(0, 65535), default=2022, show_default=True,
-              help="SSH front port (a free one if taken; 0: any).")
-@click.option("--api-port", type=click.IntRange(0, 65535), default=8992, show_default=True,
-              help="Open API emulator port (a free one if taken; 0: any).")
-@click.option("--apps", "apps", multiple=True, metavar="APPID,...",
-              help="APPIDs known to the simulator (default demo,app1,app2,app3).")
+@click.option(
+    "--ssh-port",
+    type=click.IntRange(0, 65535),
+    default=2022,
+    show_default=True,
+    help="SSH front port (a free one if taken; 0: any).",
+)
+@click.option(
+    "--api-port",
+    type=click.IntRange(0, 65535),
+    default=8992,
+    show_default=True,
+    help="Open API emulator port (a free one if taken; 0: any).",
+)
+@click.option(
+    "--apps",
+    "apps",
+    multiple=True,
+    metavar="APPID,...",
+    help="APPIDs known to the simulator (default demo,app1,app2,app3).",
+)
 @click.pass_obj
 def sandbox_up(app, ssh_port: int, api_port: int, apps) -> None:
     """Start the simulator in the background and register it as cluster `sandbox`."""
@@ -75,15 +94,22 @@ def sandbox_up(app, ssh_port: int, api_port: int, apps) -> None:
     known = sorted(st.read_state(paths.state_dir)["apps"])
     verb = "started" if info.get("started") else "already running"
     click.echo(f"TA simulator {verb} ({NOT_TA}), pid {info['pid']}:")
-    click.echo(f"  SSH front          127.0.0.1:{info['ssh_port']}  host key {info['host_key_fingerprint']}")
+    click.echo(
+        f"  SSH front          127.0.0.1:{info['ssh_port']}  host key {info['host_key_fingerprint']}"
+    )
     click.echo(f"  Open API emulator  {info['open_api_url']}")
     click.echo(f"  ta-tool emulator   {paths.ta_tool}")
     click.echo(f"  apps               {', '.join(known)}")
-    for asked, got, name in ((ssh_port, info["ssh_port"], "SSH"), (api_port, info["api_port"], "Open API")):
+    for asked, got, name in (
+        (ssh_port, info["ssh_port"], "SSH"),
+        (api_port, info["api_port"], "Open API"),
+    ):
         if asked and asked != got:
             click.echo(f"  note: {name} port {asked} was not used; the simulator listens on {got}")
-    click.echo(f"cluster sandbox registered: host {label}, become su, ta user ta, "
-               f"identity {paths.client_key}, host key pinned")
+    click.echo(
+        f"cluster sandbox registered: host {label}, become su, ta user ta, "
+        f"identity {paths.client_key}, host key pinned"
+    )
     click.echo("next:")
     click.echo("  keyvault host check sandbox")
     click.echo("  keyvault rotate root --cluster sandbox --yes")
@@ -108,7 +134,7 @@ def sandbox_down(app) -> None:
 
 
 @sandbox.command("status")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_obj
 def sandbox_status(app, as_json: bool) -> None:
     """Show whether the simulator runs, its ports and apps (never a key)."""
@@ -122,12 +148,16 @@ def sandbox_status(app, as_json: bool) -> None:
         click.echo(f"TA simulator ({NOT_TA}) is not running; `keyvault sandbox up` starts it")
     else:
         click.echo(f"TA simulator ({NOT_TA}) running, pid {info['pid']}")
-        click.echo(f"  SSH front          127.0.0.1:{info.get('ssh_port')}  host key {info.get('host_key_fingerprint')}")
+        click.echo(
+            f"  SSH front          127.0.0.1:{info.get('ssh_port')}  host key {info.get('host_key_fingerprint')}"
+        )
         click.echo(f"  Open API emulator  {info.get('open_api_url')}")
     if "apps" in info:
         click.echo(f"  root key generations: {info['root_generations']}")
         for appid, entry in info["apps"].items():
-            click.echo(f"  app {appid}: project {entry['project_id']}, generations {entry['generations']}")
+            click.echo(
+                f"  app {appid}: project {entry['project_id']}, generations {entry['generations']}"
+            )
 
 
 @sandbox.command("add-apps")

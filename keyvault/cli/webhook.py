@@ -1,4 +1,4 @@
-"""webhook add|list|remove|deliveries|deliver."""
+"""`keyvault webhook`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,24 @@ from pathlib import Path
 
 import click
 
-from keyvault.cli.output import emit_json, emit_table
+from keyvault.cli.output import emit_json, emit_table, output_option
+
+DELIVERY_COLUMNS = (
+    "id",
+    "webhook_id",
+    "event_id",
+    "type",
+    "cluster",
+    "scope",
+    "status",
+    "attempts",
+    "last_status",
+    "last_error",
+    "next_attempt_at",
+)
+
 
 HOOK_COLUMNS = ("id", "url", "scopes", "status", "pending", "delivered", "dead", "created_at")
-DELIVERY_COLUMNS = ("id", "webhook_id", "event_id", "type", "cluster", "scope", "status", "attempts",
-                    "last_status", "last_error", "next_attempt_at")
 
 
 @click.group()
@@ -20,10 +33,19 @@ def webhook() -> None:
 
 @webhook.command("add")
 @click.argument("url")
-@click.option("--scope", "scopes", multiple=True, required=True, metavar="SCOPE",
-              help="root:CLUSTER, app:CLUSTER/APPID or app:CLUSTER/* (repeatable).")
-@click.option("--secret-file", type=click.Path(path_type=Path, dir_okay=False),
-              help="A file (mode 0600, yours) holding a whsec_... signing secret; default: generate one.")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    required=True,
+    metavar="SCOPE",
+    help="root:CLUSTER, app:CLUSTER/APPID or app:CLUSTER/* (repeatable).",
+)
+@click.option(
+    "--secret-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A file (mode 0600, yours) holding a whsec_... signing secret; default: generate one.",
+)
 @click.pass_obj
 def webhook_add(app, url: str, scopes: tuple[str, ...], secret_file: Path | None) -> None:
     """Register URL for the events of the given scopes."""
@@ -31,17 +53,25 @@ def webhook_add(app, url: str, scopes: tuple[str, ...], secret_file: Path | None
 
     given = read_secret_file(secret_file) if secret_file else None
     with app.transaction() as session:
-        hook, secret = add_webhook(session, keyring=app.keyring(session), url=url, scopes=list(scopes),
-                                   secret=given, appid_pattern=app.settings.appid_pattern)
+        hook, secret = add_webhook(
+            session,
+            keyring=app.keyring(session),
+            url=url,
+            scopes=list(scopes),
+            secret=given,
+            appid_pattern=app.settings.appid_pattern,
+        )
     click.echo(f"webhook {hook.id} added: {hook.url} ({', '.join(scopes)})")
     if given is None:
-        click.echo("warning: store this signing secret now; keyvault will never show it again", err=True)
+        click.echo(
+            "warning: store this signing secret now; keyvault will never show it again", err=True
+        )
         click.echo(f"signing secret: {secret}")
 
 
 @webhook.command("list")
 @click.option("--all", "include_removed", is_flag=True, help="Include removed webhooks.")
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_obj
 def webhook_list(app, include_removed: bool, as_json: bool) -> None:
     """List webhooks and their delivery counts (never their secrets)."""
@@ -49,7 +79,10 @@ def webhook_list(app, include_removed: bool, as_json: bool) -> None:
 
     with app.transaction() as session:
         counts = delivery_counts(session)
-        rows = [webhook_info(h, counts.get(h.id)) for h in list_webhooks(session, include_removed=include_removed)]
+        rows = [
+            webhook_info(h, counts.get(h.id))
+            for h in list_webhooks(session, include_removed=include_removed)
+        ]
     if as_json:
         emit_json(rows)
     else:
@@ -69,13 +102,21 @@ def webhook_remove(app, webhook_id: int) -> None:
 
 
 @webhook.command("deliveries")
-@click.option("--failed", "failed_only", is_flag=True,
-              help="Only dead-lettered deliveries and those whose last attempt failed.")
-@click.option("--webhook", "webhook_id", type=int, metavar="ID", help="Only this webhook's deliveries.")
+@click.option(
+    "--failed",
+    "failed_only",
+    is_flag=True,
+    help="Only dead-lettered deliveries and those whose last attempt failed.",
+)
+@click.option(
+    "--webhook", "webhook_id", type=int, metavar="ID", help="Only this webhook's deliveries."
+)
 @click.option("--limit", type=click.IntRange(1, 10000), default=100, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@output_option
 @click.pass_obj
-def webhook_deliveries(app, failed_only: bool, webhook_id: int | None, limit: int, as_json: bool) -> None:
+def webhook_deliveries(
+    app, failed_only: bool, webhook_id: int | None, limit: int, as_json: bool
+) -> None:
     """List deliveries, newest first."""
     from keyvault.services.webhooks import deliveries
 
@@ -85,22 +126,47 @@ def webhook_deliveries(app, failed_only: bool, webhook_id: int | None, limit: in
 
 
 @webhook.command("deliver")
-@click.option("--once/--loop", default=True,
-              help="One round (default), or rounds until nothing is due or --max-seconds passed.")
-@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=55.0, show_default=True,
-              help="Start no delivery after this long.")
-@click.option("--max-attempts", type=click.IntRange(1, 1000), default=12, show_default=True,
-              help="Dead-letter a delivery after this many failed attempts.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="Seconds to wait for each receiver.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--once/--loop",
+    default=True,
+    help="One round (default), or rounds until nothing is due or --max-seconds passed.",
+)
+@click.option(
+    "--max-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=55.0,
+    show_default=True,
+    help="Start no delivery after this long.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1, 1000),
+    default=12,
+    show_default=True,
+    help="Dead-letter a delivery after this many failed attempts.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for each receiver.",
+)
+@output_option
 @click.pass_obj
-def webhook_deliver(app, once: bool, max_seconds: float, max_attempts: int, timeout: float, as_json: bool) -> None:
+def webhook_deliver(
+    app, once: bool, max_seconds: float, max_attempts: int, timeout: float, as_json: bool
+) -> None:
     """Fan out new events and deliver what is due (for cron)."""
     import time
 
     from keyvault.models import utcnow
-    from keyvault.services.webhooks import DeliveryReport, default_sender, deliver_due, enqueue_deliveries
+    from keyvault.services.webhooks import (
+        DeliveryReport,
+        default_sender,
+        deliver_due,
+        enqueue_deliveries,
+    )
 
     end = time.monotonic() + max_seconds
     should_stop = lambda: time.monotonic() >= end  # noqa: E731
@@ -110,16 +176,25 @@ def webhook_deliver(app, once: bool, max_seconds: float, max_attempts: int, time
     while True:
         with app.transaction() as session:
             enqueued += enqueue_deliveries(session, now=utcnow())
-        report = deliver_due(app.factory, keyring=keyring, now=utcnow, send=default_sender(timeout),
-                             max_attempts=max_attempts, should_stop=should_stop, skip=tried)
+        report = deliver_due(
+            app.factory,
+            keyring=keyring,
+            now=utcnow,
+            send=default_sender(timeout),
+            max_attempts=max_attempts,
+            should_stop=should_stop,
+            skip=tried,
+        )
         total.add(report)
         if once or report.attempted == 0 or should_stop():
             break
     if as_json:
         emit_json({"enqueued": enqueued, **total.as_dict()})
     else:
-        click.echo(f"enqueued {enqueued}; attempted {total.attempted}: {total.delivered} delivered, "
-                   f"{total.retrying} to retry, {total.dead} dead-lettered")
+        click.echo(
+            f"enqueued {enqueued}; attempted {total.attempted}: {total.delivered} delivered, "
+            f"{total.retrying} to retry, {total.dead} dead-lettered"
+        )
 
 
 COMMANDS = [webhook]

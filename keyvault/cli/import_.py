@@ -1,0 +1,52 @@
+"""`keyvault import`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from keyvault.cli.output import (
+    resolve_scope,
+    scope_options,
+)
+
+
+@click.command("import")
+@scope_options
+@click.option(
+    "--any-format", is_flag=True, help="Store a key that does not match the cluster's key pattern."
+)
+@click.pass_obj
+def import_(app, cluster: str, is_root: bool, appid: str | None, any_format: bool) -> None:
+    """Store a key read from standard input as the new current version."""
+    from keyvault.services.secrets import import_key
+
+    scope = resolve_scope(is_root, appid, app.settings)
+    if sys.stdin.isatty():
+        key = click.prompt("key", hide_input=True, prompt_suffix=": ", err=True)
+    else:
+        key = sys.stdin.read(65536)
+        key = key[:-1] if key.endswith("\n") else key
+        key = key[:-1] if key.endswith("\r") else key
+    with app.transaction() as session:
+        stored = import_key(
+            session,
+            keyring=app.keyring(session),
+            cluster_name=cluster,
+            scope=scope,
+            key=key,
+            actor=app.settings.actor,
+            any_format=any_format,
+        )
+    old = (
+        f" (version {stored.old_number} {stored.old_fingerprint} invalidated)"
+        if stored.old_number
+        else ""
+    )
+    click.echo(
+        f"stored {scope} of {cluster} as version {stored.number}, fingerprint {stored.fingerprint}{old}"
+    )
+
+
+COMMANDS = [import_]
