@@ -123,7 +123,7 @@ class Proc:
 
     def __init__(self, name: str, cmd: list[str], env: dict, log: Path) -> None:
         self.name, self.log = name, log
-        self._log_file = open(log, "wb")
+        self._log_file = open(log, "wb")  # noqa: SIM115
         # Its own process group: uvicorn workers go down with it if it must be killed.
         self.popen = subprocess.Popen(
             cmd,

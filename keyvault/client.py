@@ -102,7 +102,7 @@ def _normalize_url(url: str) -> str:
 
 def _port_ok(parts: urllib.parse.SplitResult) -> bool:
     try:
-        parts.port
+        _ = parts.port
     except ValueError:
         return False
     return True

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from keyvault.errors import IntegrityError, MasterKeyFileError, WrongMasterKey
+from keyvault.fsutil import atomic_write
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -225,23 +226,7 @@ def load_keyring(path: Path) -> Keyring:
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``, mode 0600, fsync'd file and directory."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, data, mode=0o600)
 
 
 def save_keyring(path: Path, keyring: Keyring) -> None:

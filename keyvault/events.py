@@ -19,7 +19,7 @@ from keyvault.models import Event, utcnow
 def record_event(
     session: Session,
     *,
-    type: str,
+    kind: str,
     cluster: str,
     scope: str,
     payload: dict[str, Any],
@@ -27,7 +27,7 @@ def record_event(
 ) -> Event:
     """Add an event to ``session``'s transaction (flushed, so its id is known)."""
     event = Event(
-        type=type,
+        type=kind,
         cluster=cluster,
         scope=scope,
         payload=json.dumps(payload, sort_keys=True, default=str),

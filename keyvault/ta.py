@@ -130,7 +130,7 @@ def _normalize_base_url(base_url: str) -> str:
     shown = redact_url(re.sub(r"//[^/@]*@", "//***@", str(base_url)))
     parts = urllib.parse.urlsplit(str(base_url).strip())
     try:
-        parts.port  # raises ValueError for a non-numeric or out-of-range port
+        _ = parts.port  # raises ValueError for a non-numeric or out-of-range port
     except ValueError:
         problem = "has an invalid port"
         raise InvalidInput(f"the TA base URL {shown!r} {problem}", hint=_BASE_HINT) from None

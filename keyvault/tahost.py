@@ -159,7 +159,7 @@ _GEN_FUNCTION = (
     + "; ".join(
         [
             f'kv_rid=${{1}}; kv_tool=${{2}}; kv_cmd=${{3}}; kv_f="{PENDING_DIR}/${{kv_rid}}"',
-            f'[ -d "{PENDING_DIR}" ] || mkdir -p "{PENDING_DIR}" || {{ echo "{_marker(_SH_RID, "NODIR")}"; return 70; }}',
+            f'[ -d "{PENDING_DIR}" ] || mkdir -p "{PENDING_DIR}" || {{ echo "{_marker(_SH_RID, "NODIR")}"; return 70; }}',  # noqa: E501
             # Printed before anything is claimed: when the connection is gone this write fails
             # (SIGPIPE, or EIO on a PTY) and the id stays unclaimed, so recovery can say "never ran".
             f'echo "{_marker(_SH_RID, "START")}" || exit 75',
@@ -169,11 +169,11 @@ _GEN_FUNCTION = (
             # leaves a .out holding exactly it, so recovery can tell "claimed, not launched".
             f'if [ -e "${{kv_f}}.done" ] || ! {{ set -C; echo {CLAIM_TOKEN} >"${{kv_f}}.out"; }} 2>/dev/null; '
             f'then set +C; echo "{_marker(_SH_RID, "EXISTS")}"; return 73; fi',
-            f'if ! command -v "${{kv_tool}}" >/dev/null 2>&1; then set +C; echo "{_marker(_SH_RID, "NOTATOOL")}"; return 74; fi',
+            f'if ! command -v "${{kv_tool}}" >/dev/null 2>&1; then set +C; echo "{_marker(_SH_RID, "NOTATOOL")}"; return 74; fi',  # noqa: E501
             # The last claim, just before ta-tool: a recovery that finds .out but takes .launch
             # first has proved ta-tool never started, and it never will. `true`, a regular builtin,
             # so a refused redirection fails the command, not the shell.
-            f'if ! {{ true >"${{kv_f}}.launch"; }} 2>/dev/null; then set +C; echo "{_marker(_SH_RID, "EXISTS")}"; return 73; fi',
+            f'if ! {{ true >"${{kv_f}}.launch"; }} 2>/dev/null; then set +C; echo "{_marker(_SH_RID, "EXISTS")}"; return 73; fi',  # noqa: E501
             "set +C",
             # Ignoring HUP keeps ta-tool alive when the connection drops mid-run. The configured
             # command is shell text (it may hold a pipe, `&&`, redirections): it runs whole inside

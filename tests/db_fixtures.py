@@ -294,7 +294,7 @@ class Cli:
 
         self.runner = CliRunner()
 
-    def __call__(self, *args: str, input: str | bytes | None = None):
+    def __call__(self, *args: str, input: str | bytes | None = None):  # noqa: A002
         from keyvault.cli import main
 
         return self.runner.invoke(main, list(args), input=input, catch_exceptions=False)

@@ -60,7 +60,9 @@ def free_port() -> int:
 
 
 def kv_process(
-    *args: str, input: str | None = None, env: dict | None = None
+    *args: str,
+    input: str | None = None,  # noqa: A002 - the name subprocess.run uses
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """``python -m keyvault ARGS`` in another process (the ``home`` environment), bounded in time."""
     return subprocess.run(

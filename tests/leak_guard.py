@@ -33,7 +33,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _remember_basetemp(tmp_path_factory):
     _state_dirs.add(tmp_path_factory.getbasetemp())
-    yield
+    yield  # noqa: PT022
 
 
 def _fingerprints() -> set[str]:

@@ -82,7 +82,7 @@ class ServerState:
             except Exception:  # noqa: BLE001 - a raw DBAPI connection raises the driver's errors
                 pass
             try:
-                try:
+                try:  # noqa: SIM105
                     self._probe.invalidate()
                 except Exception:  # noqa: BLE001 - it is broken already
                     pass

@@ -118,10 +118,10 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "TA-OpenAPI-emulator/0.1"
     _api_path = "?"
 
-    def do_GET(self):  # noqa: N802 (http.server naming)
+    def do_GET(self):
         self._handle(b"")
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -137,10 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
             # body as a form), except for /querySql whose body is always a form.
             loaded = None
             if not self._api_path.endswith("querySql"):
-                try:
+                with contextlib.suppress(ValueError):
                     loaded = json.loads(text)
-                except ValueError:
-                    pass
             if isinstance(loaded, dict):
                 extra = loaded
             elif loaded is None:

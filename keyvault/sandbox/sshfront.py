@@ -298,7 +298,7 @@ def _handle_request_then_run(chan: paramiko.Channel, m) -> None:
 
 
 class _FrontTransport(paramiko.Transport):
-    _channel_handler_table = {
+    _channel_handler_table = {  # noqa: RUF012
         **paramiko.Transport._channel_handler_table,
         MSG_CHANNEL_REQUEST: _handle_request_then_run,
     }

@@ -23,6 +23,7 @@ Admin CLI: ``python -m keyvault.sandbox.state {init,install,add-apps,generations
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sys
@@ -54,7 +55,7 @@ class UnknownApp(Exception):
 
 
 FINGERPRINT_LOG = "generated.sha256"
-_NOT_INITIALISED = "TA simulator state not initialised in {} (run: python -m keyvault.sandbox.state init --state-dir ...)"
+_NOT_INITIALISED = "TA simulator state not initialised in {} (run: python -m keyvault.sandbox.state init --state-dir ...)"  # noqa: E501
 
 
 def _path(state_dir, name):
@@ -82,10 +83,8 @@ def _chown_tree(state_dir, owner):
     if os.path.isdir(keys):
         names += [os.path.join(KEYS_DIR, n) for n in os.listdir(keys)]
     for name in names:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.chown(_path(state_dir, name), pw.pw_uid, pw.pw_gid)
-        except FileNotFoundError:
-            pass
 
 
 class _locked:
@@ -133,10 +132,8 @@ def _write_file(state_dir, name, data: bytes):
             os.close(fd)
         os.replace(tmp, _path(state_dir, name))
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
@@ -148,7 +145,7 @@ def _write_json(state_dir, name, obj):
 
 def _read_json(state_dir, name, default):
     try:
-        f = open(_path(state_dir, name), encoding="utf-8")
+        f = open(_path(state_dir, name), encoding="utf-8")  # noqa: SIM115
     except FileNotFoundError:
         return default
     import json
@@ -424,11 +421,8 @@ def read_noise(state_dir):
 
 def clear_noise(state_dir):
     """Remove all noise options."""
-    with _locked(state_dir, exclusive=True):
-        try:
-            os.unlink(_path(state_dir, "noise.json"))
-        except FileNotFoundError:
-            pass
+    with _locked(state_dir, exclusive=True), contextlib.suppress(FileNotFoundError):
+        os.unlink(_path(state_dir, "noise.json"))
 
 
 def install_wrapper(dest, state_dir, *, python=sys.executable, owner=None, pythonpath=None):
@@ -468,10 +462,8 @@ def install_wrapper(dest, state_dir, *, python=sys.executable, owner=None, pytho
         os.chmod(tmp, 0o755)
         os.replace(tmp, dest)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     if owner is not None and os.path.isdir(state_dir):
         _chown_tree(state_dir, owner)  # the owner runs the wrapper, so must lock/write state

@@ -24,6 +24,7 @@ printing instead). ``state_dir/last_run.json`` records pid and scope of each gen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -93,10 +94,8 @@ def _hold(state_dir, hold_file):
         while not os.path.exists(hold_file) and time.monotonic() < deadline:
             time.sleep(HOLD_POLL_SECONDS)
     finally:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(marker)
-        except FileNotFoundError:
-            pass
 
 
 def _print_or_fail(lines, noise):

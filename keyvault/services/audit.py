@@ -124,7 +124,7 @@ class AuditWriter:
         if self._broken:
             # The last batch failed: the database may have dropped the connection (restart,
             # failover). Start this one on a fresh connection, or fail it as well.
-            try:
+            try:  # noqa: SIM105
                 self._conn.invalidate()
             except Exception:  # noqa: BLE001 - it is broken already
                 pass
@@ -155,10 +155,10 @@ class AuditWriter:
             self._since_checkpoint += len(batch)
             if self._sqlite and self._since_checkpoint >= _CHECKPOINT_EVERY:
                 self._truncate_wal()
-        except Exception as exc:  # every waiting request must learn it failed
+        except Exception as exc:  # noqa: BLE001 - every waiting request must learn it failed
             log.error("audit write failed: %s", exc)
             self._broken = True
-            try:
+            try:  # noqa: SIM105
                 self._conn.rollback() if not self._sqlite else cur.execute("ROLLBACK")
             except Exception:  # noqa: BLE001 - the connection may be gone; the error stands
                 pass

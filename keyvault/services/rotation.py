@@ -22,6 +22,7 @@ commits its own transactions, in deliberate steps (docs/rotation.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -277,7 +278,7 @@ class RotationService:
                 return self._rotate_batch(
                     cluster_name, batch, actor=actor, on_done=done, results=results
                 )
-            except Exception as exc:  # a bug: what was reported stands; the rest go to recover
+            except Exception as exc:  # noqa: BLE001 - a bug: what was reported stands; the rest go to recover
                 self._reported(exc, batch[0])
                 for i, scope in enumerate(batch):
                     if i not in reported:
@@ -547,7 +548,7 @@ class RotationService:
             if batch.inline_cleanup:
                 try:
                     self._settle_inline_cleanup(batch, result.output, results)
-                except Exception as exc:  # the keys are stored; only the record of clean-up failed
+                except Exception as exc:  # noqa: BLE001 - the keys are stored; only the record of clean-up failed
                     log.warning("recording the clean-up on %s failed: %s", host.label, exc)
                     self._defer(host, batch.to_clean)
         finally:
@@ -579,7 +580,7 @@ class RotationService:
                 host.label,
                 verified=unverifiable(cluster, job.scope),
             )  # step 5
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             return self._reported(exc, job.scope)
         self.on_step("stored", job.rid)
         try:
@@ -589,7 +590,7 @@ class RotationService:
                 self._cleanup(batch.conn, host, job.rid, outcome)  # step 6
             if outcome.verify_state is None:
                 self._verify(job.rid, cluster, job.scope, key, outcome)  # step 7
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             # The key is stored: the rotation succeeded even if what follows was not recorded.
             outcome.warnings.append(f"after the key was stored: {self._reported(exc, job.scope)}")
         return outcome
@@ -831,7 +832,7 @@ class RotationService:
                 outcome.old_fingerprint = stored.old_fingerprint
         except RotationError:
             raise
-        except Exception as exc:  # any failure: the key must go somewhere durable first
+        except Exception as exc:  # noqa: BLE001 - any failure: the key must go somewhere durable first
             try:
                 path = spool.write_spool(
                     self.settings,
@@ -841,22 +842,20 @@ class RotationService:
                     scope=str(scope),
                     key=key,
                 )
-            except Exception as spool_exc:
+            except Exception as spool_exc:  # noqa: BLE001
                 raise StoreFailed(
                     f"THE NEW KEY OF {scope} IN {cluster_name} WAS NOT STORED ({exc}) and the spool failed too "
                     f"({type(spool_exc).__name__}); it is still in the pending file on {host_label}",
                     rotation_id=rid,
                     hint=f"do not rotate again; fix the database, then `keyvault rotations recover {rid}`",
                 ) from None
-            try:
+            with contextlib.suppress(Exception):
                 self._mark(
                     rid,
                     "needs_recovery",
                     error=f"store failed: {exc}; key spooled at {path}",
                     event="rotation.failed",
                 )
-            except Exception:
-                pass
             raise StoreFailed(
                 f"THE NEW KEY OF {scope} IN {cluster_name} COULD NOT BE STORED ({exc}); it is safe, encrypted, "
                 f"in {path}",
@@ -1037,7 +1036,7 @@ class RotationService:
         for rid, scope in todo:
             try:
                 results.append((rid, scope, self.recover(rid, actor=actor)))
-            except Exception as exc:  # one rotation's trouble never stops the others
+            except Exception as exc:  # noqa: BLE001 - one rotation's trouble never stops the others
                 results.append((rid, scope, self._reported(exc, scope)))
         return results
 

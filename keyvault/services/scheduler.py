@@ -9,7 +9,6 @@ Like rotation, this commits in steps (lease, then each scope's bookkeeping).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Callable
@@ -21,7 +20,8 @@ from sqlalchemy import or_, select, update
 from keyvault.config import Settings
 from keyvault.db import transaction
 from keyvault.errors import KeyvaultError, RotationUnresolved
-from keyvault.models import Event, Lease, ScopeSchedule
+from keyvault.events import record_event
+from keyvault.models import Lease, ScopeSchedule
 from keyvault.scope import parse_scope
 from keyvault.services.clusters import get_cluster
 from keyvault.services.policies import candidates
@@ -242,25 +242,23 @@ class Scheduler:
             }
             if getattr(result, "rotation_id", None) is None:
                 # Failures after the journal already wrote rotation.failed; failures before it did not.
-                s.add(
-                    Event(
-                        type="rotation.failed",
-                        cluster=cluster_name,
-                        scope=scope,
-                        payload=json.dumps(payload, sort_keys=True),
-                        created_at=now,
-                    )
+                record_event(
+                    s,
+                    kind="rotation.failed",
+                    cluster=cluster_name,
+                    scope=scope,
+                    payload=payload,
+                    at=now,
                 )
             if row.consecutive_failures >= self.max_failures and row.paused_at is None:
                 row.paused_at = now
-                s.add(
-                    Event(
-                        type="rotation.paused",
-                        cluster=cluster_name,
-                        scope=scope,
-                        payload=json.dumps(payload, sort_keys=True),
-                        created_at=now,
-                    )
+                record_event(
+                    s,
+                    kind="rotation.paused",
+                    cluster=cluster_name,
+                    scope=scope,
+                    payload=payload,
+                    at=now,
                 )
             return ScopeResult(
                 cluster_name, scope, "failed", message, getattr(result, "rotation_id", None)
@@ -336,7 +334,7 @@ class SchedulerThread:
                         report.count("failed"),
                     )
                 outcome: object = report
-            except Exception as exc:  # the server keeps serving; the next tick tries again
+            except Exception as exc:  # noqa: BLE001 - the server keeps serving; the next tick tries again
                 log.error("scheduled rotation run failed: %s", exc)
                 outcome = exc
             try:

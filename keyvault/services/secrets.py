@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
@@ -12,11 +11,11 @@ from sqlalchemy.orm import Session
 
 from keyvault import crypto
 from keyvault.errors import Conflict, InvalidInput, NotFound
+from keyvault.events import record_event
 from keyvault.models import (
     CURRENT,
     INVALIDATED,
     Cluster,
-    Event,
     Revision,
     Secret,
     SecretVersion,
@@ -159,14 +158,14 @@ def store_version(
         "actor": actor,
         "at": now.isoformat(),
     }
-    event = Event(
-        type="secret.rotated" if old else "secret.created",
+    event = record_event(
+        session,
+        kind="secret.rotated" if old else "secret.created",
         cluster=cluster.name,
         scope=str(scope),
-        payload=json.dumps(payload, sort_keys=True),
-        created_at=now,
+        payload=payload,
+        at=now,
     )
-    session.add(event)
     bump_revision(session)
     session.flush()
     return StoredVersion(

@@ -39,8 +39,8 @@ def import_together(tmp_path, round_no: int, scope_args: list[str], keys: list[s
     procs = []
     try:
         for i, _ in enumerate(keys):
-            out = open(tmp_path / f"r{round_no}-p{i}.out", "w+b")
-            err = open(tmp_path / f"r{round_no}-p{i}.err", "w+b")
+            out = open(tmp_path / f"r{round_no}-p{i}.out", "w+b")  # noqa: SIM115
+            err = open(tmp_path / f"r{round_no}-p{i}.err", "w+b")  # noqa: SIM115
             proc = subprocess.Popen(
                 [sys.executable, "-m", "keyvault", "import", "--cluster", CLUSTER, *scope_args],
                 stdin=subprocess.PIPE,
@@ -109,7 +109,7 @@ def check_versions(engine, scope: str, stored_keys: list[str]) -> list:
     assert [r.number for r in rows] == list(range(1, len(stored_keys) + 1))
     assert [r.state for r in rows].count("current") == 1
     assert rows[-1].state == "current" and rows[-1].superseded_by_id is None
-    for older, newer in zip(rows, rows[1:], strict=False):
+    for older, newer in zip(rows, rows[1:], strict=False):  # noqa: RUF007
         assert older.state == "invalidated" and older.invalidated_at is not None
         assert older.superseded_by_id == newer.id
     assert sorted(r.fingerprint for r in rows) == sorted(crypto.fingerprint(k) for k in stored_keys)

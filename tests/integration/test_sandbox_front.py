@@ -243,7 +243,7 @@ def test_pty_shell_and_subsystem_are_refused(front, paths):
         for request in ("get_pty", "invoke_shell", "subsystem"):
             chan = transport.open_session(timeout=TIMEOUT)
             try:
-                with pytest.raises(paramiko.SSHException):
+                with pytest.raises(paramiko.SSHException):  # noqa: PT012
                     if request == "subsystem":
                         chan.invoke_subsystem("sftp")
                     else:
@@ -302,7 +302,7 @@ def test_wrong_pinned_fingerprint_is_refused(front, paths, tmp_path):
 
 
 def test_only_loopback():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # noqa: PT011
         SshFront(
             host_key_file="unused",
             authorized_keys_file="unused",

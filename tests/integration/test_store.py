@@ -564,7 +564,7 @@ def test_database_refuses_a_second_current_version(store, three_keys, engine):
     insert = text(
         f"INSERT INTO secret_versions ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)})"
     )
-    with pytest.raises(SAIntegrityError, match="(?i)unique|duplicate"), engine.begin() as conn:
+    with pytest.raises(SAIntegrityError, match="(?i)unique|duplicate"), engine.begin() as conn:  # noqa: RUF043
         conn.execute(insert, values)
     # Reviving an invalidated version is refused the same way.
     with pytest.raises(SAIntegrityError), engine.begin() as conn:

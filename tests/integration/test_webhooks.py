@@ -67,7 +67,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 status = receiver.handle(body, headers)
@@ -604,7 +604,7 @@ def test_real_rotations_notify_with_rotation_ids_and_failures(kv, receivers, tmp
     outcome = service.rotate(CLUSTER, app_scope("a1"), actor="t")
     outcome2 = service.rotate(CLUSTER, app_scope("a1"), actor="t")
     state.set_noise(state_dir, fail_apps=["a2"])
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017,PT011
         service.rotate(CLUSTER, app_scope("a2"), actor="t")
     with transaction(kv.factory) as s:
         keyring = open_keyring(s, settings=kv.settings)

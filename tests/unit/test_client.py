@@ -201,10 +201,10 @@ class _VaultHandler(BaseHTTPRequestHandler):
         }
         self._send(200, body, headers=[("ETag", etag)])
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         self._route()
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
@@ -538,7 +538,10 @@ def ta_url(ta_api):
 def serve_sim_keys(vault, sim, scopes=("root", "app:APP1", "app:APP2")):
     """The fake keyvault answers with the simulator's current key, as after each rotation."""
     for scope in scopes:
-        provider = lambda s=scope: (st.generations(sim, s), st.current_key(sim, s))
+
+        def provider(s=scope):
+            return (st.generations(sim, s), st.current_key(sim, s))
+
         with vault.lock:
             vault.entries[(CLUSTER, scope)] = Entry(provider=provider)
 

@@ -349,7 +349,7 @@ def test_atomic_write_failure_leaves_the_old_file_and_no_temp_files(tmp_path, ke
     target = tmp_path / "home" / "adir"
     target.mkdir()
     (target / "occupied").write_text("x")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError):  # noqa: PT011
         crypto.write_private_file(target, b"new content")
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["adir", "master.key"]

@@ -227,7 +227,7 @@ def test_tokens_are_never_logged(api, sim, capsys):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "localhost", "::1", "192.168.1.10", ""])
 def test_only_loopback(sim, host):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # noqa: PT011
         make_server(sim, host=host, port=0)
 
 

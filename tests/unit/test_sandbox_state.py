@@ -64,7 +64,7 @@ def test_add_apps_assigns_next_project_ids(sim):
 
 @pytest.mark.parametrize("bad", ["", "has space", "a/b", "x\n", 7])
 def test_bad_appid_is_refused(sim, bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # noqa: PT011
         st.add_apps(sim, [bad])
 
 
@@ -104,7 +104,7 @@ def test_generate_unknown_app_changes_nothing(sim):
 
 @pytest.mark.parametrize("scope", ["app:", "APP1", "app", "Root", None])
 def test_bad_scope(sim, scope):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # noqa: PT011
         st.generate(sim, scope)
 
 
@@ -250,7 +250,7 @@ def test_init_upgrades_a_format_1_state_and_keeps_every_key(tmp_path):
         },
     }
     (state_dir / "state.json").write_text(json.dumps(old))
-    with pytest.raises(ValueError, match="old format.*init"):
+    with pytest.raises(ValueError, match="old format.*init"):  # noqa: RUF043
         st.read_state(state_dir)
     st.init_state(state_dir, ["C3"])
     state = st.read_state(state_dir)

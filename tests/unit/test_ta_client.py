@@ -39,7 +39,7 @@ class Recorded:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, format, *args):  # keep pytest output clean
+    def log_message(self, format, *args):  # noqa: A002 - keep pytest output clean
         pass
 
     def _serve(self) -> None:
