@@ -195,6 +195,7 @@ class RotationError(KeyvaultError):
     """A rotation could not complete."""
 
     code = "rotation_error"
+    http_status = 502  # ta-tool or the host failed, not keyvault
 
     def __init__(self, message: str, *, rotation_id: str, hint: str | None = None) -> None:
         self.rotation_id = rotation_id
@@ -211,6 +212,7 @@ class StoreFailed(RotationError):
     """The new key could not be committed; it waits in the local spool."""
 
     code = "store_failed"
+    http_status = 503  # the database refused the new key
 
 
 class TaApiError(KeyvaultError):
