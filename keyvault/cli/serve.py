@@ -75,6 +75,9 @@ def serve(
         os.environ["KEYVAULT_SERVE_WEBHOOKS"] = "0"
     if scheduler:
         os.environ["KEYVAULT_SERVE_SCHEDULER"] = "1"
+    # The server's records go through keyvault.logs alone (the group may have set up another).
+    for handler in list(logging.getLogger().handlers):
+        logging.getLogger().removeHandler(handler)
     logs.configure(log_format, level=logging.INFO)
     _run(host, port, workers, tls_cert, tls_key)
 
