@@ -4,6 +4,10 @@ Every error a user can meet is a ``KeyvaultError``. Each class carries the data
 that explains it, an ``exit_code`` for the CLI and a ``code``/``http_status`` for
 HTTP. Messages name the problem and what to do; they never contain a secret.
 
+``http_status`` (sent by keyvault.http.errors.error_response): 4xx for the caller's
+mistakes, 502 when a host or TA behind keyvault failed, 503 only when keyvault itself
+cannot serve, 500 (the root's) for the rest; an exception outside this tree is a bug (500).
+
     KeyvaultError                      exit 1
     ├── InvalidInput                   exit 2   bad APPID, scope, URL, pattern, ...
     ├── ConfigError                            unreadable or invalid configuration

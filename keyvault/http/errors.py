@@ -74,7 +74,7 @@ def _validation_detail(exc: RequestValidationError) -> str:
 
 async def send_error(send: Send, error: ErrorResponse) -> None:
     """Send ``error`` as a complete JSON response on a plain ASGI ``send``."""
-    body = json.dumps(error.body).encode()
+    body = json.dumps(error.body, separators=(",", ":")).encode()  # as JSONResponse
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

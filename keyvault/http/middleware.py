@@ -12,6 +12,7 @@ the raw path, and never a header: no token and no key is logged.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -23,11 +24,14 @@ from keyvault import logs
 from keyvault.http.errors import error_response, send_error
 from keyvault.http.metrics import Metrics
 
-access_log = logging.getLogger("keyvault.http.access")
+ACCESS_LOGGER = "keyvault.http.access"
+access_log = logging.getLogger(ACCESS_LOGGER)
 log = logging.getLogger("keyvault.http")
 ROUTE_KEY = "keyvault.route"  # set in the ASGI scope by handlers that bypass routing
 UNMATCHED = "unmatched"
 _SANE_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+_PREFIX = uuid.uuid4().hex[:12]  # another process (worker, replica): another prefix
+_COUNTER = itertools.count(1)
 
 
 def request_id_of(scope: Scope) -> str:
@@ -37,7 +41,12 @@ def request_id_of(scope: Scope) -> str:
             if _SANE_ID.fullmatch(value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """A process-unique id: a random prefix per process and a counter (no syscall per request)."""
+    return f"{_PREFIX}-{next(_COUNTER):x}"
 
 
 def route_of(scope: Scope) -> str:

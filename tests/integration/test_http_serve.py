@@ -36,6 +36,7 @@ from keyvault.models import Rotation, utcnow
 
 START_DEADLINE = 60.0  # seconds for the process to print its port and answer (an upper bound)
 STOP_DEADLINE = 15.0
+MADE_UP_ID = "[0-9a-f]{12}-[0-9a-f]+"  # made by the server: per-process prefix, counter
 ALERTS = Path(__file__).resolve().parents[2] / "ops" / "prometheus" / "keyvault-alerts.yml"
 LISTENING = re.compile(r"keyvault listening on http://127\.0\.0\.1:(\d+) ")
 SUFFIXES = {  # sample names Prometheus stores for a family, by type
@@ -102,16 +103,17 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=STOP_DEADLINE)
 
 
-def test_serve_port_0_prints_its_port_and_logs_json_access_lines(served: World, tmp_path):
-    world = served
+def _serve_port_0(world: World, cwd: Path, *options: str, talk) -> tuple[object, str]:
+    """Run `keyvault serve --port 0 OPTIONS`, call ``talk(url)`` once it answers, stop it;
+    return what ``talk`` returned and everything the server wrote on stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "keyvault", "serve", "--port", "0", "--log-format", "json"],
+        [sys.executable, "-m", "keyvault", "serve", "--port", "0", *options],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         env=world.server.env,
-        cwd=tmp_path,
+        cwd=cwd,
     )
     lines = _Lines(proc.stderr)
     try:
@@ -120,11 +122,7 @@ def test_serve_port_0_prints_its_port_and_logs_json_access_lines(served: World, 
         assert port != 0
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, deadline)
-        headers = {"Authorization": f"Bearer {world.tokens['root-c']}"}
-        with httpx.Client(base_url=url, headers=headers, timeout=REQUEST_TIMEOUT) as http:
-            read = http.get("/v1/clusters/c/root", headers={"X-Request-ID": "trace-read-1"})
-            refused = http.get("/v1/clusters/c/apps/a1", headers={"X-Request-ID": "x" * 200})
-            missing = http.get("/v1/nothing-here")
+        result = talk(url)
     finally:
         _stop(proc)
         seen = lines.rest()
@@ -132,11 +130,28 @@ def test_serve_port_0_prints_its_port_and_logs_json_access_lines(served: World, 
     output = "\n".join(seen)
     assert not world.holds_key(output), "a key in the server log"
     assert not any(token in output for token in world.tokens.values()), "a token in the log"
+    return result, output
 
+
+def test_serve_port_0_prints_its_port_and_logs_json_access_lines(served: World, tmp_path):
+    world = served
+
+    def talk(url: str) -> tuple[httpx.Response, ...]:
+        headers = {"Authorization": f"Bearer {world.tokens['root-c']}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=REQUEST_TIMEOUT) as http:
+            return (
+                http.get("/v1/clusters/c/root", headers={"X-Request-ID": "trace-read-1"}),
+                http.get("/v1/clusters/c/apps/a1", headers={"X-Request-ID": "x" * 200}),
+                http.get("/v1/nothing-here"),
+            )
+
+    (read, refused, missing), output = _serve_port_0(
+        world, tmp_path, "--log-format", "json", talk=talk
+    )
     assert (read.status_code, read.headers["x-request-id"]) == (200, "trace-read-1")
     assert refused.status_code == 403
     made_up = refused.headers["x-request-id"]  # 200 characters is not sane: replaced
-    assert re.fullmatch("[0-9a-f]{32}", made_up) and refused.json()["request_id"] == made_up
+    assert re.fullmatch(MADE_UP_ID, made_up) and refused.json()["request_id"] == made_up
     assert missing.json()["request_id"] == missing.headers["x-request-id"]
 
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
@@ -150,6 +165,16 @@ def test_serve_port_0_prints_its_port_and_logs_json_access_lines(served: World, 
     assert access["trace-read-1"] == ("GET", "/v1/clusters/{cluster}/root", 200)
     assert access[made_up] == ("GET", "/v1/clusters/{cluster}/apps/{appid}", 403)
     assert access[missing.headers["x-request-id"]] == ("GET", "unmatched", 404)
+
+
+def test_serve_no_access_log_writes_no_access_lines(served: World, tmp_path):
+    def talk(url: str) -> int:
+        with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT) as http:
+            return http.get("/v1/clusters/c/root").status_code
+
+    status, output = _serve_port_0(served, tmp_path, "--no-access-log", talk=talk)
+    assert status == 401
+    assert "keyvault.http.access" not in output, scrub(output)[-800:]
 
 
 def _exported_names(families) -> set[str]:
