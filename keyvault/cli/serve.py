@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from typing import TYPE_CHECKING
 
 import click
@@ -110,7 +111,7 @@ def _run(host: str, port: int, workers: int, tls_cert: str | None, tls_key: str 
         server_header=False,
         lifespan="on",
     )
-    sock = config.bind_socket()  # exits with uvicorn's error if the address is taken
+    sock = _bind(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     click.echo(
@@ -126,6 +127,25 @@ def _run(host: str, port: int, workers: int, tls_cert: str | None, tls_key: str 
         server.run(sockets=[sock])
     if not server.started:
         raise SystemExit(STARTUP_FAILURE)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket's address, bound here (as uvicorn would) to report the real port."""
+    from keyvault.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+            hint="choose another --port or --host, or stop the process using it",
+        ) from None
+    sock.set_inheritable(True)  # the worker processes serve on it
+    return sock
 
 
 COMMANDS = [serve]

@@ -25,6 +25,8 @@ from db_fixtures import expect
 from http_fixtures import (
     REQUEST_TIMEOUT,
     World,
+    kv_process,
+    proc_describe,
     scrub,
     served,  # noqa: F401  (fixture)
 )
@@ -175,6 +177,16 @@ def test_serve_no_access_log_writes_no_access_lines(served: World, tmp_path):
     status, output = _serve_port_0(served, tmp_path, "--no-access-log", talk=talk)
     assert status == 401
     assert "keyvault.http.access" not in output, scrub(output)[-800:]
+
+
+def test_serve_on_a_taken_port_is_a_one_line_error(served: World):
+    taken = served.server.port
+    result = kv_process("serve", "--port", str(taken), env=served.server.env)
+    assert result.returncode == 1, proc_describe(result)
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{taken}: Address already in use; "
+        "choose another --port or --host, or stop the process using it"
+    ], proc_describe(result)
 
 
 def _exported_names(families) -> set[str]:
