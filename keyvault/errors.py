@@ -4,6 +4,10 @@ Every error a user can meet is a ``KeyvaultError``. Each class carries the data
 that explains it, an ``exit_code`` for the CLI and a ``code``/``http_status`` for
 HTTP. Messages name the problem and what to do; they never contain a secret.
 
+``http_status`` (sent by keyvault.http.errors.error_response): 4xx for the caller's
+mistakes, 502 when a host or TA behind keyvault failed, 503 only when keyvault itself
+cannot serve, 500 (the root's) for the rest; an exception outside this tree is a bug (500).
+
     KeyvaultError                      exit 1
     ├── InvalidInput                   exit 2   bad APPID, scope, URL, pattern, ...
     ├── ConfigError                            unreadable or invalid configuration
@@ -195,6 +199,7 @@ class RotationError(KeyvaultError):
     """A rotation could not complete."""
 
     code = "rotation_error"
+    http_status = 502  # ta-tool or the host failed, not keyvault
 
     def __init__(self, message: str, *, rotation_id: str, hint: str | None = None) -> None:
         self.rotation_id = rotation_id
@@ -211,6 +216,7 @@ class StoreFailed(RotationError):
     """The new key could not be committed; it waits in the local spool."""
 
     code = "store_failed"
+    http_status = 503  # the database refused the new key
 
 
 class TaApiError(KeyvaultError):

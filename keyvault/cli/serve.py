@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from typing import TYPE_CHECKING
+
 import click
 
+if TYPE_CHECKING:
+    from keyvault.cli.context import AppContext
+
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+STARTUP_FAILURE = 3  # uvicorn's exit status when the application did not start
 
 
 @click.command()
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told)."
 )
-@click.option("--port", default=8200, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--port",
+    default=8200,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="0: any free port (the one bound is printed).",
+)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
@@ -21,14 +35,42 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
     is_flag=True,
     help="Also run `rotate due` every minute (a lease lets one replica act).",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="KEYVAULT_LOG_FORMAT",
+    show_envvar=True,
+    help="Log lines (one access line per request) as text or JSON objects.",
+)
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    envvar="KEYVAULT_ACCESS_LOG",
+    help="One log line per request (costs the key read about a third of its throughput).",
+)
 @click.pass_obj
-def serve(app, host, port, workers, tls_cert, tls_key, no_webhooks, scheduler) -> None:
+def serve(
+    app: AppContext,
+    host: str,
+    port: int,
+    workers: int,
+    tls_cert: str | None,
+    tls_key: str | None,
+    no_webhooks: bool,
+    scheduler: bool,
+    log_format: str,
+    access_log: bool,
+) -> None:
     """Serve current keys over HTTP to services holding scoped tokens."""
+    import logging
     import os
 
-    import uvicorn
-
+    from keyvault import logs
     from keyvault.db import require_head
+    from keyvault.http.app import ACCESS_LOG_ENV, LOG_FORMAT_ENV
 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("give both --tls-cert and --tls-key, or neither")
@@ -36,27 +78,74 @@ def serve(app, host, port, workers, tls_cert, tls_key, no_webhooks, scheduler) -
     app.keyring_check()
     if host not in LOOPBACK and not tls_cert:
         click.echo(f"warning: serving keys on {host} without TLS", err=True)
+    # Read by each worker process (uvicorn's factory, keyvault.http.app.serve_app).
+    os.environ[LOG_FORMAT_ENV] = log_format
+    os.environ[ACCESS_LOG_ENV] = "1" if access_log else "0"
     if no_webhooks:
-        os.environ["KEYVAULT_SERVE_WEBHOOKS"] = "0"  # read by each worker's settings
+        os.environ["KEYVAULT_SERVE_WEBHOOKS"] = "0"
     if scheduler:
         os.environ["KEYVAULT_SERVE_SCHEDULER"] = "1"
-    click.echo(
-        f"keyvault serving on {'https' if tls_cert else 'http'}://{host}:{port} ({workers} worker(s))",
-        err=True,
-    )
-    uvicorn.run(
-        "keyvault.http.app:create_app",
+    # The server's records go through keyvault.logs alone (the group may have set up another).
+    for handler in list(logging.getLogger().handlers):
+        logging.getLogger().removeHandler(handler)
+    logs.configure(log_format, level=logging.INFO)
+    _run(host, port, workers, tls_cert, tls_key)
+
+
+def _run(host: str, port: int, workers: int, tls_cert: str | None, tls_key: str | None) -> None:
+    """Bind, say where (the real port, also for --port 0), and serve until stopped."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(
+        "keyvault.http.app:serve_app",
         factory=True,
         host=host,
         port=port,
         workers=workers,
         ssl_certfile=tls_cert,
         ssl_keyfile=tls_key,
+        log_config=None,  # keyvault.logs formats every record, uvicorn's too
         log_level="warning",
-        access_log=False,
+        access_log=False,  # keyvault logs its own access lines (no raw paths)
         server_header=False,
         lifespan="on",
     )
+    sock = _bind(host, port)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"keyvault listening on {'https' if tls_cert else 'http'}://{shown}:{bound}"
+        f" ({workers} worker(s))",
+        err=True,
+    )
+    if workers > 1:
+        Multiprocess(config, sockets=[sock]).run()
+        return
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down already
+        server.run(sockets=[sock])
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket's address, bound here (as uvicorn would) to report the real port."""
+    from keyvault.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+            hint="choose another --port or --host, or stop the process using it",
+        ) from None
+    sock.set_inheritable(True)  # the worker processes serve on it
+    return sock
 
 
 COMMANDS = [serve]

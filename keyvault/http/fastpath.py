@@ -1,132 +1,132 @@
 """The hot path, as plain ASGI: GET the current key of a scope.
 
-It runs before FastAPI's routing and validation because this one request is
-what consumers make thousands of times a second; FastAPI still declares the
-same routes (keyvault.http.app) so they appear in /openapi.json.
+It runs before FastAPI's routing and validation because this one request is what
+consumers make thousands of times a second; the same routes are declared in
+routers/keys.py so that they appear in /openapi.json. Errors are answered by the one
+error surface (errors.error_response), exactly as the routes answer them.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import re
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keyvault.errors import KeyvaultError
-from keyvault.http.errors import error_status
-from keyvault.http.metrics import Metrics
-from keyvault.http.state import ServerState, require_scope
+from keyvault.http.audit_writer import AuditEntry
+from keyvault.http.errors import error_response, send_error
+from keyvault.http.middleware import ROUTE_KEY
+from keyvault.http.state import KeyEntry, ServerState, require_scope
 from keyvault.models import utcnow
-from keyvault.services.audit import AuditEntry
 
-log = logging.getLogger("keyvault.http")
 KEY_PATH = re.compile(r"^/v1/clusters/([^/]{1,64})/(?:(root)|apps/([^/]{1,64}))$")
+ROOT_ROUTE = "/v1/clusters/{cluster}/root"
+APP_ROUTE = "/v1/clusters/{cluster}/apps/{appid}"
 _JSON = (b"content-type", b"application/json")
 
 
-def _header(scope, name: bytes) -> str | None:
+def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
-            return value.decode("latin-1")
+            return str(value.decode("latin-1"))
     return None
 
 
-async def _send(send, status: int, body: bytes = b"", headers: list | None = None) -> None:
-    hdrs = [_JSON, (b"content-length", str(len(body)).encode())] + (headers or [])
-    await send({"type": "http.response.start", "status": status, "headers": hdrs})
-    await send({"type": "http.response.body", "body": body})
+@dataclass
+class _Read:
+    """One key read, as it will be audited."""
+
+    cluster: str
+    scope: str
+    client: str | None
+    token_name: str = "(none)"  # until a token is recognised
+    version: int | None = None
+
+    def audit(self, outcome: str) -> AuditEntry:
+        return AuditEntry(
+            utcnow(), self.token_name, "read", self.cluster, self.scope, self.version,
+            self.client, outcome,
+        )  # fmt: skip
 
 
 class FastKeyPath:
     """ASGI middleware answering ``GET /v1/clusters/{c}/root|apps/{a}`` itself."""
 
-    def __init__(self, app, *, state_getter, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, state: Callable[[], ServerState]) -> None:
         self.app = app
-        self.state_getter = state_getter
-        self.metrics = metrics
+        self.state = state
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "GET":
-            return await self.app(scope, receive, send)
-        match = KEY_PATH.match(scope["path"])
-        if match is None:
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        status = await self._serve(scope, send, match)
-        self.metrics.observe(
-            "GET /v1/clusters/{cluster}/key", status, time.perf_counter() - started
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = (
+            KEY_PATH.match(scope["path"])
+            if scope["type"] == "http" and scope["method"] == "GET"
+            else None
         )
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        scope[ROUTE_KEY] = ROOT_ROUTE if match.group(2) else APP_ROUTE
+        client = scope.get("client")
+        read = _Read(
+            cluster=match.group(1),
+            scope="root" if match.group(2) else f"app:{match.group(3)}",
+            client=client[0] if client else None,
+        )
+        await self._serve(scope, send, read)
 
-    async def _serve(self, scope, send, match) -> int:
-        state: ServerState = self.state_getter()
-        cluster = match.group(1)
-        key_scope = "root" if match.group(2) else f"app:{match.group(3)}"
-        client = scope["client"][0] if scope.get("client") else None
-        token_name, version, outcome = "(none)", None, "error"
+    async def _serve(self, scope: Scope, send: Send, read: _Read) -> None:
+        state = self.state()
         try:
-            state.ensure_fresh()
-            grant = state.authenticate(_header(scope, b"authorization"))
-            token_name = grant.name
-            require_scope(grant, cluster, key_scope)
-            entry = state.key_entry(cluster, key_scope)
-            version = entry.version
+            entry = self._authorized_entry(state, scope, read)
             if _header(scope, b"if-none-match") == entry.etag:
-                outcome, status, body = "not_modified", 304, b""
+                await state.audit.record(read.audit("not_modified"))
+                await _send_not_modified(send, entry)
             else:
-                outcome, status, body = "ok", 200, entry.body
-            await state.audit.record(
-                AuditEntry(
-                    utcnow(), token_name, "read", cluster, key_scope, version, client, outcome
-                )
-            )
-            if status == 304:
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 304,
-                        "headers": [(b"etag", entry.etag.encode())],
-                    }
-                )
-                await send({"type": "http.response.body", "body": b""})
-            else:
-                await _send(
-                    send,
-                    200,
-                    body,
-                    [(b"etag", entry.etag.encode()), (b"cache-control", b"no-store")],
-                )
-            return status
+                await state.audit.record(read.audit("ok"))
+                await _send_key(send, entry)
         except KeyvaultError as exc:
-            status = error_status(exc)
-            token_name = getattr(
-                exc, "token_name", token_name
-            )  # a revoked or expired token is named
-            if outcome != "not_modified" and status != 503:
-                # Refused reads are audited too; an audit failure is the 503 itself.
-                try:
-                    await state.audit.record(
-                        AuditEntry(
-                            utcnow(),
-                            token_name,
-                            "read",
-                            cluster,
-                            key_scope,
-                            version,
-                            client,
-                            exc.code,
-                        )
-                    )
-                except KeyvaultError:
-                    status, exc = 503, exc
-            body = json.dumps(
-                {"error": exc.code if status != 503 else "unavailable", "detail": str(exc)}
-            ).encode()
-            headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
-            await _send(send, status, body, headers)
-            return status
-        except Exception:
-            log.exception("unexpected error on the key read of %s in %s", key_scope, cluster)
-            await _send(
-                send, 503, json.dumps({"error": "unavailable", "detail": "internal error"}).encode()
-            )
-            return 503
+            await send_error(send, error_response(await self._audit_refusal(state, read, exc)))
+        except Exception as exc:  # noqa: BLE001 - a bug: answered (500) and logged by error_response
+            await send_error(send, error_response(exc))
+
+    @staticmethod
+    def _authorized_entry(state: ServerState, scope: Scope, read: _Read) -> KeyEntry:
+        state.ensure_fresh()
+        grant = state.authenticate(_header(scope, b"authorization"))
+        read.token_name = grant.name
+        require_scope(grant, read.cluster, read.scope)
+        entry = state.key_entry(read.cluster, read.scope)
+        read.version = entry.version
+        return entry
+
+    @staticmethod
+    async def _audit_refusal(state: ServerState, read: _Read, exc: KeyvaultError) -> KeyvaultError:
+        """Audit a refused read; the error to answer with (the audit's own, if it fails)."""
+        if exc.http_status == 503:  # the database is away (or the audit failed): nothing to write
+            return exc
+        # A revoked or expired token is named in the record.
+        read.token_name = getattr(exc, "token_name", read.token_name)
+        try:
+            await state.audit.record(read.audit(exc.code))
+        except KeyvaultError as audit_failed:
+            return audit_failed
+        return exc
+
+
+async def _send_key(send: Send, entry: KeyEntry) -> None:
+    headers = [
+        _JSON,
+        (b"content-length", str(len(entry.body)).encode()),
+        (b"etag", entry.etag.encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": entry.body})
+
+
+async def _send_not_modified(send: Send, entry: KeyEntry) -> None:
+    headers = [(b"etag", entry.etag.encode())]
+    await send({"type": "http.response.start", "status": 304, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})

@@ -1,97 +1,73 @@
-"""Prometheus metrics: requests and latencies by route (this process), and from
-the database at scrape time: rotations by state, webhook deliveries by status,
-and the age of each current key (the same for every replica)."""
+"""Prometheus metrics, named by Prometheus conventions (units in names, ``_total`` counters).
+
+Per process (each replica and worker counts its own requests):
+
+    keyvault_http_requests_total{method,route,code}            counter
+    keyvault_http_request_duration_seconds{method,route}       histogram
+    keyvault_build_info{version}                               always 1
+
+From the database at scrape time (the same on every replica): see ``store_metrics.py``.
+``route`` is the route template (``/v1/clusters/{cluster}/apps/{appid}``, or ``unmatched``),
+so label values stay few whatever paths clients send.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import func, select
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy.orm import Session, sessionmaker
 
-from keyvault.models import (
-    CURRENT,
-    Cluster,
-    Rotation,
-    Secret,
-    SecretVersion,
-    WebhookDelivery,
-    utcnow,
-)
+import keyvault
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class Metrics:
-    """A registry per process."""
+    """The registry of one server process."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "keyvault_http_requests", "HTTP requests", ["route", "status"], registry=self.registry
+            "keyvault_http_requests",
+            "HTTP requests answered, by method, route template and status code",
+            ["method", "route", "code"],
+            registry=self.registry,
         )
-        self.latency = Histogram(
-            "keyvault_http_request_seconds",
-            "HTTP request latency",
-            ["route"],
+        self.duration = Histogram(
+            "keyvault_http_request_duration_seconds",
+            "Time to answer an HTTP request, by method and route template",
+            ["method", "route"],
             buckets=BUCKETS,
             registry=self.registry,
         )
-        self._children: dict = {}
+        build = Gauge(
+            "keyvault_build_info",
+            "The running keyvault version",
+            ["version"],
+            registry=self.registry,
+        )
+        build.labels(keyvault.__version__).set(1)
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
-    def observe(self, route: str, status: int, seconds: float) -> None:
-        key = (route, status)
+    def observe(self, method: str, route: str, code: int, seconds: float) -> None:
+        """Count one answered request and its duration."""
+        key = (method, route, code)
         children = self._children.get(key)
-        if children is None:
+        if children is None:  # labels() costs a lock and a dict walk: once per label set
             children = self._children[key] = (
-                self.requests.labels(route, str(status)),
-                self.latency.labels(route),
+                self.requests.labels(method, route, str(code)),
+                self.duration.labels(method, route),
             )
-        children[0].inc()
-        children[1].observe(seconds)
+        counter, histogram = children
+        counter.inc()
+        histogram.observe(seconds)
 
-    def attach_database(self, factory) -> None:
-        self.registry.register(_DatabaseCollector(factory))
+    def attach_database(self, factory: sessionmaker[Session]) -> None:
+        """Also export the store's state, read at each scrape."""
+        from keyvault.http.store_metrics import StoreCollector
+
+        self.registry.register(StoreCollector(factory))
 
     def render(self) -> bytes:
+        """The text exposition of every metric."""
         return generate_latest(self.registry)
-
-
-class _DatabaseCollector:
-    def __init__(self, factory) -> None:
-        self.factory = factory
-
-    def collect(self):
-        from keyvault.db import transaction
-
-        rotations = GaugeMetricFamily(
-            "keyvault_rotations", "Rotations by state", labels=["cluster", "state"]
-        )
-        deliveries = GaugeMetricFamily(
-            "keyvault_webhook_deliveries", "Webhook deliveries by status", labels=["status"]
-        )
-        age = GaugeMetricFamily(
-            "keyvault_key_age_seconds", "Age of each current key", labels=["cluster", "scope"]
-        )
-        with transaction(self.factory) as s:
-            for cluster, state, count in s.execute(
-                select(Cluster.name, Rotation.state, func.count())
-                .join(Cluster)
-                .group_by(Cluster.name, Rotation.state)
-            ):
-                rotations.add_metric([cluster, state], count)
-            for status, count in s.execute(
-                select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
-            ):
-                deliveries.add_metric([status], count)
-            now = utcnow()
-            for cluster, scope, created in s.execute(
-                select(Cluster.name, Secret.scope, SecretVersion.created_at)
-                .join(Secret, SecretVersion.secret_id == Secret.id)
-                .join(Cluster, Secret.cluster_id == Cluster.id)
-                .where(SecretVersion.state == CURRENT)
-            ):
-                created = created if created.tzinfo else created.replace(tzinfo=now.tzinfo)
-                age.add_metric([cluster, scope], (now - created).total_seconds())
-        yield rotations
-        yield deliveries
-        yield age

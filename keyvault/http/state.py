@@ -17,8 +17,8 @@ from sqlalchemy import select, text
 from keyvault.config import Settings
 from keyvault.db import make_engine, require_head, session_factory, transaction
 from keyvault.errors import DatabaseError, Forbidden, NotFound, Unauthorized
+from keyvault.http.audit_writer import AuditWriter
 from keyvault.models import CURRENT, AccessToken, Cluster, Secret, SecretVersion, utcnow
-from keyvault.services.audit import AuditWriter
 from keyvault.services.secrets import reveal
 from keyvault.services.store import open_keyring
 from keyvault.services.tokens import Grant, check_token, token_hash

@@ -40,8 +40,9 @@ from sqlalchemy import func, select, text, update
 
 from keyvault.models import AccessToken, AuditRecord, Revision, Rotation, utcnow
 
-ALLOWED_ERRORS = {400, 401, 403, 404, 409, 503}
-KEY_ROUTE = "GET /v1/clusters/{cluster}/key"
+# 502: a host behind keyvault failed; 503: keyvault cannot serve. A 500 is a bug: never allowed.
+ALLOWED_ERRORS = {400, 401, 403, 404, 409, 502, 503}
+ROOT_ROUTE = "/v1/clusters/{cluster}/root"
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -61,8 +62,10 @@ def error_problems(world: World, response: httpx.Response) -> list[str]:
         parsed = json.loads(body)
     except ValueError:
         return [*problems, f"not JSON: {scrub(body)[:200]!r}"]
-    if not isinstance(parsed, dict) or set(parsed) != {"error", "detail"}:
-        problems.append(f"not {{error, detail}}: {scrub(body)[:200]!r}")
+    if not isinstance(parsed, dict) or set(parsed) != {"error", "detail", "request_id"}:
+        problems.append(f"not {{error, detail, request_id}}: {scrub(body)[:200]!r}")
+    elif parsed["request_id"] != response.headers.get("x-request-id"):
+        problems.append(f"request_id {parsed['request_id']!r} is not the X-Request-ID header")
     elif not (
         isinstance(parsed["error"], str) and parsed["error"] and isinstance(parsed["detail"], str)
     ):
@@ -571,7 +574,7 @@ def test_every_error_is_json_with_an_allowed_status_and_no_key(served: World, en
         ("app-all", "GET", "/v1/clusters/c/apps/a1/nothing", 404, "not_found", False),
         ("rotator", "POST", "/v1/clusters/c/root/rotate", 404, "not_found", A),  # no SSH hosts
         ("rotator", "POST", "/v1/clusters/c/apps/a1/rotate", 409, "rotation_unresolved", A),
-        ("rotator-c2", "POST", "/v1/clusters/c2/root/rotate", 503, None, A),  # its one host is down
+        ("rotator-c2", "POST", "/v1/clusters/c2/root/rotate", 502, "ssh_error", A),  # host down
         # Names no cluster or APPID can have: refused like any other, never a database error.
         ("app-all", "GET", "/v1/clusters/c/apps/%00", 404, "not_found", A),
         ("app-all", "GET", "/v1/clusters/c/apps/%C3%A9%00x", 404, "not_found", A),
@@ -586,7 +589,7 @@ def test_every_error_is_json_with_an_allowed_status_and_no_key(served: World, en
             if path.endswith("/c/root/rotate") and status == 404:
                 assert "no SSH hosts" in body["detail"]
             seen.add(status)
-    assert seen == ALLOWED_ERRORS
+    assert seen == ALLOWED_ERRORS - {503}  # the 503 follows: the audit log away
     # Every refused key read was audited, the odd names included (one bad row must fail no batch).
     assert audit_count(engine) - before == sum(1 for case in cases if case[-1])
 
@@ -816,7 +819,8 @@ def test_healthz_readyz_and_prometheus_metrics(served: World, engine):
     families = {f.name: f for f in text_string_to_metric_families(response.text)}
     for name in (
         "keyvault_http_requests",
-        "keyvault_http_request_seconds",
+        "keyvault_http_request_duration_seconds",
+        "keyvault_build_info",
         "keyvault_key_age_seconds",
         "keyvault_rotations",
         "keyvault_webhook_deliveries",
@@ -832,10 +836,11 @@ def test_healthz_readyz_and_prometheus_metrics(served: World, engine):
         }
 
     requests = samples("keyvault_http_requests", "_total")
-    assert requests[(("route", KEY_ROUTE), ("status", "200"))] == 3
-    assert requests[(("route", KEY_ROUTE), ("status", "304"))] == 1
-    assert requests[(("route", KEY_ROUTE), ("status", "403"))] == 1
-    assert requests[(("route", "/v1/clusters/{cluster}/root/versions"), ("status", "200"))] == 1
+    get = (("method", "GET"),)
+    assert requests[(("code", "200"), *get, ("route", ROOT_ROUTE))] == 3
+    assert requests[(("code", "304"), *get, ("route", ROOT_ROUTE))] == 1
+    assert requests[(("code", "403"), *get, ("route", "/v1/clusters/{cluster}/apps/{appid}"))] == 1
+    assert requests[(("code", "200"), *get, ("route", ROOT_ROUTE + "/versions"))] == 1
     ages = samples("keyvault_key_age_seconds")
     assert set(ages) == {(("cluster", c), ("scope", s)) for c, s in SCOPES}
     assert all(age >= 0 for age in ages.values())

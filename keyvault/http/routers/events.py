@@ -1,0 +1,68 @@
+"""The event feed: what happened to the keys a token may read, with long polling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from keyvault.db import transaction
+from keyvault.http.deps import State, authenticate
+from keyvault.http.schemas import ERRORS, EventOut, EventsOut
+from keyvault.http.state import ServerState
+from keyvault.models import Event
+from keyvault.services.tokens import Grant
+
+router = APIRouter(tags=["events"])
+PAGE = 100  # events per answer
+_SCAN = 500  # rows read per query (most may belong to other tokens' scopes)
+_POLL_SECONDS = 0.25
+
+
+# events.id is a 32-bit INTEGER on PostgreSQL: a larger ``after`` is invalid input, not a 503.
+@router.get("/v1/events", response_model=EventsOut, responses=ERRORS)
+async def events(
+    request: Request,
+    state: State,
+    after: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    wait: Annotated[float, Query(ge=0, le=60)] = 0,
+) -> EventsOut:
+    """Events of the token's scopes after ``after``; with ``wait``, long-poll up to that many seconds."""
+    # Authenticated here, after FastAPI validated the query (a bad query is a 400 first).
+    grant = await run_in_threadpool(authenticate, request, state)
+    deadline = time.monotonic() + wait
+    while True:
+        found, last = await run_in_threadpool(events_after, state, grant, after)
+        if found or time.monotonic() >= deadline:
+            return EventsOut(events=found, last_id=last)
+        after = last
+        await asyncio.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+
+
+def events_after(state: ServerState, grant: Grant, after: int) -> tuple[list[EventOut], int]:
+    """Up to ``PAGE`` events the grant may see after ``after``, and the id to continue from."""
+    with transaction(state.factory) as session:
+        rows = list(
+            session.scalars(select(Event).where(Event.id > after).order_by(Event.id).limit(_SCAN))
+        )
+    last = rows[-1].id if rows else after
+    found = [_event_out(e) for e in rows if grant.allows(e.cluster, e.scope)][:PAGE]
+    if len(found) == PAGE:
+        last = found[-1].id
+    return found, last
+
+
+def _event_out(e: Event) -> EventOut:
+    return EventOut(
+        id=e.id,
+        type=e.type,
+        cluster=e.cluster,
+        scope=e.scope,
+        payload=json.loads(e.payload),
+        created_at=e.created_at.isoformat(),
+    )

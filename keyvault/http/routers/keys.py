@@ -1,0 +1,80 @@
+"""Reading keys and their history.
+
+The key reads themselves are answered by ``FastKeyPath`` (fastpath.py) before routing, as
+plain ASGI; they are declared here too so that /openapi.json describes them completely.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, NoReturn
+
+from fastapi import APIRouter, Header
+
+from keyvault.db import transaction
+from keyvault.http.deps import AppAccess, AppId, ClusterName, RootAccess, State, Target
+from keyvault.http.schemas import ERRORS, KEY_RESPONSES, KeyOut, VersionOut, VersionsOut
+from keyvault.models import SecretVersion
+
+router = APIRouter(tags=["keys"])
+IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match")]
+
+
+def _served_by_fast_path() -> NoReturn:
+    raise AssertionError("served by FastKeyPath")  # pragma: no cover
+
+
+@router.get(
+    "/v1/clusters/{cluster}/root",
+    response_model=KeyOut,
+    responses=KEY_RESPONSES,
+    summary="The current root key (ETag: its version; If-None-Match answers 304)",
+)
+async def get_root(cluster: ClusterName, if_none_match: IfNoneMatch = None) -> NoReturn:
+    _served_by_fast_path()  # pragma: no cover
+
+
+@router.get(
+    "/v1/clusters/{cluster}/apps/{appid}",
+    response_model=KeyOut,
+    responses=KEY_RESPONSES,
+    summary="The current key of one project (ETag: its version; If-None-Match answers 304)",
+)
+async def get_app(
+    cluster: ClusterName, appid: AppId, if_none_match: IfNoneMatch = None
+) -> NoReturn:
+    _served_by_fast_path()  # pragma: no cover
+
+
+@router.get("/v1/clusters/{cluster}/root/versions", response_model=VersionsOut, responses=ERRORS)
+def root_versions(access: RootAccess, state: State) -> VersionsOut:
+    """The history of the root key, as metadata (never keys)."""
+    return _versions(state, access.target)
+
+
+@router.get(
+    "/v1/clusters/{cluster}/apps/{appid}/versions", response_model=VersionsOut, responses=ERRORS
+)
+def app_versions(access: AppAccess, state: State) -> VersionsOut:
+    """The history of a project key, as metadata (never keys)."""
+    return _versions(state, access.target)
+
+
+def _versions(state: State, target: Target) -> VersionsOut:
+    from keyvault.services.secrets import history
+
+    with transaction(state.factory) as session:
+        rows = history(session, cluster_name=target.cluster, scope=target.scope)
+        versions = [_version_out(v) for v in rows]
+    return VersionsOut(cluster=target.cluster, scope=str(target.scope), versions=versions)
+
+
+def _version_out(v: SecretVersion) -> VersionOut:
+    return VersionOut(
+        version=v.number,
+        fingerprint=v.fingerprint,
+        state=v.state,
+        source=v.source,
+        created_at=v.created_at.isoformat(),
+        invalidated_at=v.invalidated_at.isoformat() if v.invalidated_at else None,
+        superseded_by=v.superseded_by.number if v.superseded_by else None,
+    )
