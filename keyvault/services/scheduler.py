@@ -19,13 +19,12 @@ from sqlalchemy import or_, select, update
 
 from keyvault.config import Settings
 from keyvault.db import transaction
-from keyvault.errors import KeyvaultError, RotationUnresolved
 from keyvault.events import record_event
 from keyvault.models import Lease, ScopeSchedule
 from keyvault.scope import parse_scope
 from keyvault.services.clusters import get_cluster
 from keyvault.services.policies import candidates
-from keyvault.services.rotation import RotationService
+from keyvault.services.rotation import ResultStatus, RotationResult, RotationService
 
 LEASE = "rotate-due"
 Clock = Callable[[], datetime]
@@ -171,8 +170,8 @@ class Scheduler:
             with self.service_factory() as service:
                 for cluster, scopes in due.items():
 
-                    def done(scope, result, cluster=cluster):
-                        item = self._record(cluster, str(scope), result)
+                    def done(result: RotationResult, cluster: str = cluster) -> None:
+                        item = self._record(cluster, result.scope, result)
                         report.results.append(item)
                         # Long runs keep the lease alive.
                         acquire_lease(
@@ -192,7 +191,7 @@ class Scheduler:
         finally:
             release_lease(self.factory, holder=self.holder)
 
-    def _record(self, cluster_name: str, scope: str, result) -> ScopeResult:
+    def _record(self, cluster_name: str, scope: str, result: RotationResult) -> ScopeResult:
         now = self.clock()
         with transaction(self.factory) as s:
             cluster = get_cluster(s, name=cluster_name)
@@ -207,7 +206,7 @@ class Scheduler:
                 )
                 s.add(row)
             row.updated_at = now
-            if not isinstance(result, Exception):
+            if result.failure is None:
                 row.consecutive_failures, row.next_attempt_at, row.last_error = 0, None, None
                 return ScopeResult(
                     cluster_name,
@@ -218,14 +217,12 @@ class Scheduler:
                     result.new_version,
                     result.new_fingerprint,
                 )
-            if isinstance(result, RotationUnresolved):
+            if result.status is ResultStatus.REFUSED:
                 # Not this run's failure: the scope waits for an operator's recover.
-                return ScopeResult(cluster_name, scope, "skipped", str(result), result.rotation_id)
-            message = (
-                str(result)
-                if isinstance(result, KeyvaultError)
-                else f"internal error ({type(result).__name__})"
-            )
+                return ScopeResult(
+                    cluster_name, scope, "skipped", str(result.failure), result.rotation_id
+                )
+            message = str(result.failure)
             row.consecutive_failures = (row.consecutive_failures or 0) + 1
             row.last_error = message[:2000]
             row.next_attempt_at = now + backoff(
@@ -238,10 +235,11 @@ class Scheduler:
                 "source": "scheduler",
                 "consecutive_failures": row.consecutive_failures,
                 "next_attempt_at": row.next_attempt_at.isoformat(),
-                "rotation_id": getattr(result, "rotation_id", None),
+                "rotation_id": result.rotation_id,
             }
-            if getattr(result, "rotation_id", None) is None:
-                # Failures after the journal already wrote rotation.failed; failures before it did not.
+            if result.failure.rotation_id is None:
+                # Errors that name a rotation come after its journal row, which wrote
+                # rotation.failed already; the others did not.
                 record_event(
                     s,
                     kind="rotation.failed",
@@ -260,9 +258,7 @@ class Scheduler:
                     payload=payload,
                     at=now,
                 )
-            return ScopeResult(
-                cluster_name, scope, "failed", message, getattr(result, "rotation_id", None)
-            )
+            return ScopeResult(cluster_name, scope, "failed", message, result.rotation_id)
 
 
 class SchedulerThread:
