@@ -1,4 +1,8 @@
-"""`keyvault rotations list|show|recover`: inspect and finish rotations."""
+"""`keyvault rotations list|show|recover`: inspect and finish rotations.
+
+`rotations recover` prints one JSON shape, for one ID or ``--all``:
+``{"results": [...], "summary": {"examined", "settled", "unresolved"}}``.
+"""
 
 from __future__ import annotations
 
@@ -98,7 +102,7 @@ def rotations_recover(
                 return
             result = service.recover(rotation_id, actor=app.settings.actor)
     if as_json:
-        emit_json(result.as_dict())
+        emit_json({"results": [result.as_dict()], "summary": recover_summary([result])})
         return
     click.echo(f"rotation {result.rotation_id}: {result.state}")
     if result.new_version:
@@ -122,27 +126,34 @@ def _regenerate(app: AppContext, rotation_id: str, yes: bool) -> RotationResult:
         return service.rotate(cluster, scope, actor=app.settings.actor)
 
 
+def recover_summary(results: list[RotationResult]) -> dict[str, int]:
+    """How many rotations were examined, settled, and are still unresolved."""
+    left = sum(1 for r in results if r.failure is not None)
+    return {"examined": len(results), "settled": len(results) - left, "unresolved": left}
+
+
 def _recover_summary(results: list[RotationResult], as_json: bool) -> None:
-    rows = [
-        {
-            "id": r.rotation_id,
-            "scope": r.scope,
-            "state": "unresolved" if r.failure is not None else r.state,
-            "detail": str(r.failure) if r.failure is not None else "; ".join(r.warnings),
-        }
-        for r in results
-    ]
-    left = [row for row in rows if row["state"] == "unresolved"]
+    counts = recover_summary(results)
     if as_json:
-        emit_json(rows)
+        emit_json({"results": [r.as_dict() for r in results], "summary": counts})
     else:
+        rows = [
+            {
+                "id": r.rotation_id,
+                "scope": r.scope,
+                "state": "unresolved" if r.failure is not None else r.state,
+                "detail": str(r.failure) if r.failure is not None else "; ".join(r.warnings),
+            }
+            for r in results
+        ]
         if rows:
             emit_table(rows, ("id", "scope", "state", "detail"))
         click.echo(
-            f"summary: {len(rows)} examined, {len(rows) - len(left)} settled, {len(left)} still unresolved",
+            f"summary: {counts['examined']} examined, {counts['settled']} settled, "
+            f"{counts['unresolved']} still unresolved",
             err=True,
         )
-    if left:
+    if counts["unresolved"]:
         sys.exit(1)
 
 
