@@ -166,7 +166,11 @@ class BatchRun:
             log.error("on_done callback failed for %s", result.scope, exc_info=True)
 
     def collected(self) -> list[RotationResult]:
-        """Every scope's result (all settled once ``run`` returned or ``settle_rest`` ran)."""
+        """Every scope's result, in order (all are settled once ``run`` returned or
+        ``settle_rest`` ran: a scope without one is a bug, and an error here)."""
+        missing = [str(self.scopes[i]) for i, r in enumerate(self.results) if r is None]
+        if missing:
+            raise RuntimeError(f"no result for {', '.join(missing)}")
         return [r for r in self.results if r is not None]
 
     def settle_rest(self, exc: Exception) -> list[RotationResult]:
@@ -186,7 +190,7 @@ class BatchRun:
                 self._settle(
                     i, RotationResult.failed(self.cluster_name, str(self.scopes[i]), command)
                 )
-        if not plan.hosts:  # every scope was refused in step 1
+        if not plan.hosts:  # every scope was refused in step 1 (no other is left)
             return self.collected()
         conn, host = self.rt.pool.connect_any(plan.hosts)
         healthy = False
