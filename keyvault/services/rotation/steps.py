@@ -72,7 +72,10 @@ def key_or_raise(rt: Runtime, rid: str, verdict: Verdict, host: Host, pattern: s
         # ta-tool said it failed and printed nothing that looks like a key. Its output stays on
         # the host all the same: if the real tool ever prints a key in another format and exits
         # non-zero, that file is its only copy.
-        message = f"ta-tool failed on {label} (exit {verdict.rc}): {shown}; its output is kept in {_pending_file(host, rid)}"  # noqa: E501
+        message = (
+            f"ta-tool failed on {label} (exit {verdict.rc}): {shown}; "
+            f"its output is kept in {_pending_file(host, rid)}"
+        )
         hint = "nothing was generated; fix the cause and rotate again"
         raise _failed(rt, rid, message, RotationError(message, rotation_id=rid, hint=hint))
     if kind is VerdictKind.NOT_FINISHED:
