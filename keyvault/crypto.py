@@ -20,9 +20,13 @@ import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from keyvault.errors import IntegrityError, MasterKeyFileError, WrongMasterKey
 from keyvault.fsutil import atomic_write
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -91,7 +95,7 @@ class Keyring:
             ) from None
 
 
-def _aesgcm(key: bytes):
+def _aesgcm(key: bytes) -> AESGCM:
     # Imported here so `keyvault --help` never pays for cryptography.
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -119,9 +123,10 @@ def _unwrap(keyring: Keyring, sealed: Sealed, aad: bytes, what: str) -> bytes:
     master = keyring.key(sealed.master_key_id)
     blob = sealed.wrapped_key
     try:
-        return _aesgcm(master).decrypt(
+        dek: bytes = _aesgcm(master).decrypt(
             blob[:NONCE_BYTES], blob[NONCE_BYTES:], _wrap_aad(sealed.master_key_id, aad)
         )
+        return dek
     except (InvalidTag, ValueError):
         raise IntegrityError(
             f"integrity check failed for {what}: its data key does not authenticate "
@@ -138,7 +143,8 @@ def unseal(keyring: Keyring, sealed: Sealed, aad: bytes, *, what: str) -> bytes:
     dek = _unwrap(keyring, sealed, aad, what)
     blob = sealed.ciphertext
     try:
-        return _aesgcm(dek).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+        plaintext: bytes = _aesgcm(dek).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+        return plaintext
     except (InvalidTag, ValueError):
         raise IntegrityError(
             f"integrity check failed for {what}: the ciphertext was altered or belongs to another row",

@@ -22,9 +22,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from keyvault.rotation_states import UNRESOLVED, RotationState
+
 CURRENT = "current"
 INVALIDATED = "invalidated"
-UNRESOLVED_ROTATION_STATES = ("pending", "needs_recovery")
+# The unresolved states as stored strings, in the enum's order (for `IN (...)` queries).
+UNRESOLVED_ROTATION_STATES: tuple[str, ...] = tuple(
+    s.value for s in RotationState if s in UNRESOLVED
+)
 
 
 def utcnow() -> datetime:

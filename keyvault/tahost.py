@@ -290,6 +290,18 @@ class RemoteOutput:
     raw_tail: str = field(default="", repr=False)
 
 
+def _result_sections(words: list[str]) -> tuple[int, int, int] | None:
+    """Where the OUT, ERR and RC markers of a complete result are, in that order; or None."""
+    rc_at = next((i for i, word in enumerate(words) if word.startswith("RC:")), None)
+    if rc_at is None:
+        return None
+    out_at = next((i for i, word in enumerate(words[:rc_at]) if word == "OUT"), None)
+    if out_at is None:
+        return None
+    err_at = next((i for i in range(out_at + 1, rc_at) if words[i] == "ERR"), None)
+    return None if err_at is None else (out_at, err_at, rc_at)
+
+
 def parse_remote(rid: str, raw: bytes) -> RemoteOutput:
     """Read the markers of one script's output."""
     text = raw.decode("utf-8", "replace").replace("\r", "")
@@ -313,19 +325,10 @@ def parse_remote(rid: str, raw: bytes) -> RemoteOutput:
     ):
         if word in words:
             return RemoteOutput(started=started, state=state, raw_tail=tail)
-    rc_at = next((i for i, word in enumerate(words) if word.startswith("RC:")), None)
-    out_at = (
-        next((i for i, word in enumerate(words[:rc_at]) if word == "OUT"), None)
-        if rc_at is not None
-        else None
-    )
-    err_at = (
-        next((i for i in range(out_at + 1, rc_at) if words[i] == "ERR"), None)
-        if out_at is not None
-        else None
-    )
-    if err_at is None:
+    sections = _result_sections(words)
+    if sections is None:
         return RemoteOutput(started=started, state="none", raw_tail=tail)
+    out_at, err_at, rc_at = sections
 
     def content(first: int, end: int) -> bytes:
         # Each line as printed back; a last line without a newline gets one.

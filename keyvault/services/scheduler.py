@@ -14,18 +14,22 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, cast
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.orm import Session
 
 from keyvault.config import Settings
 from keyvault.db import transaction
-from keyvault.errors import KeyvaultError, RotationUnresolved
 from keyvault.events import record_event
 from keyvault.models import Lease, ScopeSchedule
 from keyvault.scope import parse_scope
 from keyvault.services.clusters import get_cluster
 from keyvault.services.policies import candidates
-from keyvault.services.rotation import RotationService
+from keyvault.services.rotation import ResultStatus, RotationResult, RotationService
+from keyvault.services.rotation.journal import SessionFactory
+from keyvault.ssh import Connector
 
 LEASE = "rotate-due"
 Clock = Callable[[], datetime]
@@ -57,29 +61,36 @@ def runner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def acquire_lease(factory, *, holder: str, now: datetime, ttl: timedelta) -> str | None:
+def acquire_lease(
+    factory: SessionFactory, *, holder: str, now: datetime, ttl: timedelta
+) -> str | None:
     """Take (or extend) the lease; return None on success, else the current holder."""
     with transaction(factory) as s:
-        taken = s.execute(
-            update(Lease)
-            .where(
-                Lease.name == LEASE,
-                or_(
-                    Lease.holder.is_(None),
-                    Lease.expires_at.is_(None),
-                    Lease.expires_at <= now,
-                    Lease.holder == holder,
-                ),
-            )
-            .values(holder=holder, expires_at=now + ttl)
+        taken = cast(
+            "CursorResult[Any]",
+            s.execute(
+                update(Lease)
+                .where(
+                    Lease.name == LEASE,
+                    or_(
+                        Lease.holder.is_(None),
+                        Lease.expires_at.is_(None),
+                        Lease.expires_at <= now,
+                        Lease.holder == holder,
+                    ),
+                )
+                .values(holder=holder, expires_at=now + ttl)
+            ),
         ).rowcount
         if taken == 1:
             return None
         row = s.get(Lease, LEASE)
-        return f"{row.holder} until {row.expires_at.isoformat()}" if row else "unknown"
+        if row is None or row.expires_at is None:
+            return "unknown"
+        return f"{row.holder} until {row.expires_at.isoformat()}"
 
 
-def release_lease(factory, *, holder: str) -> None:
+def release_lease(factory: SessionFactory, *, holder: str) -> None:
     """Give the lease back (only if we still hold it)."""
     with transaction(factory) as s:
         s.execute(
@@ -106,10 +117,10 @@ class Scheduler:
 
     def __init__(
         self,
-        factory,
+        factory: SessionFactory,
         *,
         settings: Settings,
-        connector,
+        connector: Connector,
         clock: Clock,
         concurrency: int = 4,
         max_failures: int = 5,
@@ -171,8 +182,8 @@ class Scheduler:
             with self.service_factory() as service:
                 for cluster, scopes in due.items():
 
-                    def done(scope, result, cluster=cluster):
-                        item = self._record(cluster, str(scope), result)
+                    def done(result: RotationResult, cluster: str = cluster) -> None:
+                        item = self._record(cluster, result.scope, result)
                         report.results.append(item)
                         # Long runs keep the lease alive.
                         acquire_lease(
@@ -192,7 +203,7 @@ class Scheduler:
         finally:
             release_lease(self.factory, holder=self.holder)
 
-    def _record(self, cluster_name: str, scope: str, result) -> ScopeResult:
+    def _record(self, cluster_name: str, scope: str, result: RotationResult) -> ScopeResult:
         now = self.clock()
         with transaction(self.factory) as s:
             cluster = get_cluster(s, name=cluster_name)
@@ -207,7 +218,7 @@ class Scheduler:
                 )
                 s.add(row)
             row.updated_at = now
-            if not isinstance(result, Exception):
+            if result.failure is None:
                 row.consecutive_failures, row.next_attempt_at, row.last_error = 0, None, None
                 return ScopeResult(
                     cluster_name,
@@ -218,51 +229,60 @@ class Scheduler:
                     result.new_version,
                     result.new_fingerprint,
                 )
-            if isinstance(result, RotationUnresolved):
+            if result.status is ResultStatus.REFUSED:
                 # Not this run's failure: the scope waits for an operator's recover.
-                return ScopeResult(cluster_name, scope, "skipped", str(result), result.rotation_id)
-            message = (
-                str(result)
-                if isinstance(result, KeyvaultError)
-                else f"internal error ({type(result).__name__})"
-            )
-            row.consecutive_failures = (row.consecutive_failures or 0) + 1
-            row.last_error = message[:2000]
-            row.next_attempt_at = now + backoff(
-                row.consecutive_failures, base=self.backoff_base, cap=self.backoff_cap
-            )
-            payload = {
-                "cluster": cluster_name,
-                "scope": scope,
-                "error": message[:500],
-                "source": "scheduler",
-                "consecutive_failures": row.consecutive_failures,
-                "next_attempt_at": row.next_attempt_at.isoformat(),
-                "rotation_id": getattr(result, "rotation_id", None),
-            }
-            if getattr(result, "rotation_id", None) is None:
-                # Failures after the journal already wrote rotation.failed; failures before it did not.
-                record_event(
-                    s,
-                    kind="rotation.failed",
-                    cluster=cluster_name,
-                    scope=scope,
-                    payload=payload,
-                    at=now,
+                return ScopeResult(
+                    cluster_name, scope, "skipped", str(result.failure), result.rotation_id
                 )
-            if row.consecutive_failures >= self.max_failures and row.paused_at is None:
-                row.paused_at = now
-                record_event(
-                    s,
-                    kind="rotation.paused",
-                    cluster=cluster_name,
-                    scope=scope,
-                    payload=payload,
-                    at=now,
-                )
-            return ScopeResult(
-                cluster_name, scope, "failed", message, getattr(result, "rotation_id", None)
+            return self._record_failure(s, row, cluster_name, result, now)
+
+    def _record_failure(
+        self,
+        s: Session,
+        row: ScopeSchedule,
+        cluster_name: str,
+        result: RotationResult,
+        now: datetime,
+    ) -> ScopeResult:
+        """Count a failure: back off, raise rotation.failed if no journal row did, maybe pause."""
+        assert result.failure is not None
+        scope, message = result.scope, str(result.failure)
+        row.consecutive_failures = (row.consecutive_failures or 0) + 1
+        row.last_error = message[:2000]
+        row.next_attempt_at = now + backoff(
+            row.consecutive_failures, base=self.backoff_base, cap=self.backoff_cap
+        )
+        payload = {
+            "cluster": cluster_name,
+            "scope": scope,
+            "error": message[:500],
+            "source": "scheduler",
+            "consecutive_failures": row.consecutive_failures,
+            "next_attempt_at": row.next_attempt_at.isoformat(),
+            "rotation_id": result.rotation_id,
+        }
+        if result.failure.rotation_id is None:
+            # Errors that name a rotation come after its journal row, which wrote
+            # rotation.failed already; the others did not.
+            record_event(
+                s,
+                kind="rotation.failed",
+                cluster=cluster_name,
+                scope=scope,
+                payload=payload,
+                at=now,
             )
+        if row.consecutive_failures >= self.max_failures and row.paused_at is None:
+            row.paused_at = now
+            record_event(
+                s,
+                kind="rotation.paused",
+                cluster=cluster_name,
+                scope=scope,
+                payload=payload,
+                at=now,
+            )
+        return ScopeResult(cluster_name, scope, "failed", message, result.rotation_id)
 
 
 class SchedulerThread:
@@ -275,12 +295,12 @@ class SchedulerThread:
 
     def __init__(
         self,
-        factory,
+        factory: SessionFactory,
         *,
         settings: Settings,
         interval: float = 60.0,
         clock: Clock | None = None,
-        connector=None,
+        connector: Connector | None = None,
         on_run: Callable[[object], None] | None = None,
     ) -> None:
         import threading

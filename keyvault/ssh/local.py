@@ -44,15 +44,17 @@ class LocalConnection:
             stderr=subprocess.STDOUT,
         )
         output = bytearray()
+        stdout = proc.stdout
+        assert stdout is not None  # stdout=PIPE
         with proc, selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
+            sel.register(stdout, selectors.EVENT_READ)
             while True:
                 remaining = deadline - time.monotonic()
                 wait = remaining if idle_timeout is None else min(remaining, idle_timeout)
                 if remaining <= 0 or not sel.select(wait):
                     proc.kill()
                     return ExecResult(bytes(output), None)
-                chunk = os.read(proc.stdout.fileno(), 65536)
+                chunk = os.read(stdout.fileno(), 65536)
                 if not chunk:
                     break
                 output += chunk
@@ -67,15 +69,16 @@ class LocalConnection:
         pass
 
 
-def _answer(proc: subprocess.Popen, reply: StdinReply | None) -> None:
-    if reply is None or proc.stdin.closed:
+def _answer(proc: subprocess.Popen[bytes], reply: StdinReply | None) -> None:
+    stdin = proc.stdin
+    if reply is None or stdin is None or stdin.closed:
         return
     try:
         if reply.data:
-            proc.stdin.write(reply.data)
-            proc.stdin.flush()
+            stdin.write(reply.data)
+            stdin.flush()
         if reply.close:
-            proc.stdin.close()
+            stdin.close()
     except BrokenPipeError:  # the command is gone, as a remote one may be
         pass
 

@@ -11,17 +11,25 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paramiko
 
 from keyvault.errors import AuthenticationFailed, ConnectionLost, HostKeyError, HostUnreachable
 from keyvault.ssh import ExecResult, SshTarget, StdinReply, sha256_fingerprint
 
+if TYPE_CHECKING:
+    from keyvault.config import Settings
+
 _READ_CHUNK = 65536
 
 
 class _CallbackFailed(Exception):
     """Carries an exception raised by an ``on_output`` callback out of the read loop."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__()
+        self.cause = cause
 
 
 class ParamikoConnection:
@@ -77,14 +85,14 @@ class ParamikoConnection:
                         reply = on_output(chunk)
                     except BaseException as exc:
                         # Not a transport failure: it must not read as a lost connection.
-                        raise _CallbackFailed() from exc
+                        raise _CallbackFailed(exc) from exc
                     if reply is not None and stdin_open:  # after the end of input, replies are moot
                         if reply.data:
                             chan.sendall(reply.data)
                         if reply.close:
                             chan.shutdown_write()
                             stdin_open = False
-                if not sent and self._prompt.search(bytes(output[-200:])):
+                if not sent and password is not None and self._prompt.search(bytes(output[-200:])):
                     # The prompt came; type the password once. It never enters `output`'s
                     # consumers because su does not echo it.
                     chan.sendall((password + "\n").encode())
@@ -97,7 +105,7 @@ class ParamikoConnection:
         except (paramiko.SSHException, OSError, EOFError):
             return ExecResult(bytes(output), None)
         except _CallbackFailed as failed:
-            raise failed.__cause__ from None
+            raise failed.cause from None
         finally:
             chan.close()
 
@@ -247,7 +255,7 @@ class ParamikoConnector:
         return ParamikoConnection(transport, target.label, self.su_prompt)
 
 
-def connector_from_settings(settings) -> ParamikoConnector:
+def connector_from_settings(settings: Settings) -> ParamikoConnector:
     """The real connector, configured from ``Settings`` (CLI, HTTP rotate, scheduler)."""
     return ParamikoConnector(
         connect_timeout=settings.ssh_connect_timeout,

@@ -18,7 +18,7 @@ from keyvault.models import Event, Rotation
 from keyvault.sandbox import state
 from keyvault.scope import app_scope, root_scope
 from keyvault.services import clusters, hosts, secrets, spool
-from keyvault.services.rotation import RotationService
+from keyvault.services.rotation import ResultStatus, RotationService
 from keyvault.services.store import open_keyring
 from keyvault.ssh.local import LocalConnector
 
@@ -298,13 +298,15 @@ def test_connection_lost_mid_batch_loses_no_key_and_recover_settles_each(world):
     world = dict(world, connector=_DroppingConnector(world["connector"]))
     scopes = [app_scope(a) for a in ("app1", "app2", "app3")]
     with service(world) as svc:
-        results = dict(svc.rotate_many("c", scopes, actor="t", concurrency=1))
+        results = dict(
+            zip(scopes, svc.rotate_many("c", scopes, actor="t", concurrency=1), strict=True)
+        )
     first = results[scopes[0]]
     assert first.state in ("stored", "completed") and stored_key(
         world, scopes[0]
     ) == state.current_key(world["state"], "app:app1")
     later = [results[s] for s in scopes[1:]]
-    assert all(isinstance(r, NeedsRecovery) for r in later)
+    assert all(r.status is ResultStatus.NEEDS_RECOVERY for r in later)
     # After the drop a rotation either ran (its key is on the host, the only valid one) or
     # never claimed its id: recovery tells which, stores the key or says "never ran", and
     # no rotation is left unresolved.
@@ -338,11 +340,13 @@ def test_a_silent_ta_tool_times_out_its_batch_and_nothing_is_lost(world, tmp_pat
     try:
         svc = RotationService(world["factory"], settings=settings, connector=world["connector"])
         with svc:
-            results = dict(svc.rotate_many("c", scopes, actor="t", concurrency=1))
+            results = dict(
+                zip(scopes, svc.rotate_many("c", scopes, actor="t", concurrency=1), strict=True)
+            )
     finally:
         state.clear_noise(world["state"])
         release.touch()  # the held ta-tool finishes (its key is already in the pending file)
-    assert all(isinstance(results[s], NeedsRecovery) for s in scopes)
+    assert all(results[s].status is ResultStatus.NEEDS_RECOVERY for s in scopes)
     first = service(world).recover(results[scopes[0]].rotation_id, actor="t")
     assert first.state == "completed" and stored_key(world, scopes[0]) == state.current_key(
         world["state"], "app:app1"

@@ -371,7 +371,7 @@ def kv(cli, database, ta_sim, sshd_env, openapi, tmp_path):
 
 def rotate_app(kv: KV, cluster: str, *apps: str) -> list[dict]:
     out = kv.json("rotate", "app", "--cluster", cluster, "--yes", *apps)
-    return out if isinstance(out, list) else out["rotated"]
+    return [r for r in out["results"] if r["error"] is None]
 
 
 def ta_call(api_url: str, state_dir: Path, scope: str, key: str):
@@ -399,7 +399,7 @@ def recover_and_check(
     kv: KV, cluster: str, scope: str, rid: str, gens_before: int, old_version: int
 ) -> None:
     """`rotations recover` stores the emulator's valid key; ta-tool ran exactly once in all."""
-    out = kv.json("rotations", "recover", rid)
+    [out] = kv.json("rotations", "recover", rid)["results"]
     assert out["state"] == "completed", out
     assert out["new_version"] == old_version + 1 and out["verify_state"] == "verified", out
     kv.check_current(cluster, scope, "after recovery")
@@ -425,7 +425,7 @@ def test_rotate_root_and_three_apps_three_times(kv):
     before = {s: kv.gens(s) for s in scopes}
 
     for round_ in (1, 2, 3):
-        [root] = kv.json("rotate", "root", "--cluster", cluster, "--yes")
+        [root] = kv.json("rotate", "root", "--cluster", cluster, "--yes")["results"]
         outcomes = [root, *rotate_app(kv, cluster, *apps)]
         for scope, o in zip(scopes, outcomes, strict=False):
             assert o["scope"] == scope and o["new_version"] == round_, o
@@ -568,9 +568,10 @@ def test_crash_kill9_mid_batch_settles_every_rotation_of_the_batch(kv):
 
     # One command settles the whole batch.
     settled = {
-        row["scope"]: row for row in kv.json("rotations", "recover", "--all", "--cluster", cluster)
+        row["scope"]: row
+        for row in kv.json("rotations", "recover", "--all", "--cluster", cluster)["results"]
     }
-    assert sorted(settled) == sorted(scopes) and {settled[s]["id"] for s in scopes} == set(
+    assert sorted(settled) == sorted(scopes) and {settled[s]["rotation_id"] for s in scopes} == set(
         ids.values()
     )
     assert (
@@ -580,7 +581,7 @@ def test_crash_kill9_mid_batch_settles_every_rotation_of_the_batch(kv):
     for scope in scopes[1:]:
         if settled[scope]["state"] == "failed":
             assert kv.gens(scope) == gens[scope], f"{scope}: failed, yet ta-tool ran"
-            assert "never ran" in settled[scope]["detail"], settled[scope]
+            assert "never ran" in " ".join(settled[scope]["warnings"]), settled[scope]
         else:
             assert settled[scope]["state"] == "completed" and kv.gens(scope) == gens[scope] + 1, (
                 settled
@@ -588,7 +589,7 @@ def test_crash_kill9_mid_batch_settles_every_rotation_of_the_batch(kv):
             kv.check_current(cluster, scope, "after recovery")
     assert kv.rotations(cluster, "pending") == [] and kv.rotations(cluster, "needs_recovery") == []
     assert (
-        kv.json("rotations", "recover", "--all", "--cluster", cluster) == []
+        kv.json("rotations", "recover", "--all", "--cluster", cluster)["results"] == []
     )  # nothing left to do
     kv("rotations", "recover", code=2)  # neither an id nor --all: a usage error
     kv("rotations", "recover", "--all", ids[scopes[0]], code=2)
@@ -671,7 +672,7 @@ def test_crash_kill9_after_store_before_cleanup(kv):
     assert row["state"] == "stored" and not row["cleaned_up"] and row["verify_state"] is None, row
     kv.check_current(cluster, scope, "stored before the crash")
     assert pending_file(rid, "out").exists()
-    out = kv.json("rotations", "recover", rid)
+    [out] = kv.json("rotations", "recover", rid)["results"]
     assert (out["state"], out["verify_state"], out["new_version"]) == (
         "completed",
         "verified",
@@ -692,7 +693,7 @@ def test_crash_kill9_after_journal_before_tatool(kv):
     assert _only(kv.rotations(cluster, "pending"), scope) == rid
     expect_refused_as_unresolved(kv, cluster, app, rid)
 
-    out = kv.json("rotations", "recover", rid)
+    [out] = kv.json("rotations", "recover", rid)["results"]
     assert out["state"] == "failed", out
     assert any("never ran" in w for w in out["warnings"]), out
     row = kv.rotation(rid)
@@ -721,7 +722,7 @@ def test_recover_while_the_rotation_is_still_starting(kv):
         rid = wait_until(
             lambda: paused.exists() and paused.read_text().strip(), "the driver to pause", proc=proc
         )
-        out = kv.json("rotations", "recover", rid)
+        [out] = kv.json("rotations", "recover", rid)["results"]
         assert out["state"] == "failed" and any("never ran" in w for w in out["warnings"]), out
         go.touch()  # the slow rotation goes on and reaches the host only now
         _out, err = proc.communicate(timeout=PROCESS_TIMEOUT)

@@ -262,7 +262,7 @@ class World:
             results = svc.rotate_many(
                 cluster, [app_scope(a) for a in apps], actor="seed", concurrency=4
             )
-        assert all(not isinstance(r, Exception) for _, r in results), [str(r) for _, r in results]
+        assert all(r.ok for r in results), [str(r.failure) for r in results]
         self.backdate(cluster, apps, (now or self.t) - age)
 
     def backdate(self, cluster: str, apps, created_at: datetime) -> None:

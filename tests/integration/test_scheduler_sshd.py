@@ -283,7 +283,7 @@ def test_three_rotate_due_processes_rotate_each_due_scope_once(kv):
     due, fresh = apps[:6], apps[6]
     cluster = kv.cluster("due3", apps)
     first = kv.json("rotate", "app", "--cluster", cluster, "--yes", *apps)
-    assert len(first["rotated"]) == 7 and first["failed"] == [], first["failed"]
+    assert first["summary"] == {"rotated": 7, "failed": 0, "skipped": 0}, first
     kv.backdate(cluster, due, timedelta(days=2))
     kv("policy", "set", "--cluster", cluster, "--all-apps", "--max-age", "1d")
     before = kv.gens(apps)
@@ -365,7 +365,7 @@ def test_bulk_rotation_of_100_apps_with_two_failing(kv):
     cluster = kv.cluster("bulk", [*apps, pid_only])
     # The two failing apps have a key already: it must stay current (and valid).
     pre = kv.json("rotate", "app", "--cluster", cluster, "--yes", *failing, store_only)
-    assert len(pre["rotated"]) == 3, pre["failed"]
+    assert pre["summary"]["rotated"] == 3, pre
     before = kv.gens(apps)
     st.set_noise(kv.state_dir, fail_apps=failing)
 
@@ -376,17 +376,21 @@ def test_bulk_rotation_of_100_apps_with_two_failing(kv):
     assert done.returncode == 1, f"exit {done.returncode}; stderr: {masked(done.stderr.strip())!r}"
     assert not PROGRESS_LABEL.search(done.stderr), masked(done.stderr)  # --json, and not a terminal
     out = json.loads(done.stdout)
-    assert sorted(out) == ["failed", "rotated", "skipped"] and out["skipped"] == []
-    assert sorted(o["scope"] for o in out["rotated"]) == sorted(
+    assert sorted(out) == ["results", "summary"] and out["summary"]["skipped"] == 0
+    rotated = [o for o in out["results"] if o["error"] is None]
+    failed = [o for o in out["results"] if o["status"] == "failed"]
+    assert len(rotated) + len(failed) == len(out["results"])
+    assert sorted(o["scope"] for o in rotated) == sorted(
         f"app:{a}" for a in apps if a not in failing
     )
     assert {
-        (o["state"], o["cleaned_up"], o["verify_state"], o["new_version"]) for o in out["rotated"]
+        (o["state"], o["cleaned_up"], o["verify_state"], o["new_version"]) for o in rotated
     } == {("completed", True, "verified", 1)}
-    assert sorted(f["scope"] for f in out["failed"]) == sorted(f"app:{a}" for a in failing)
-    for f in out["failed"]:
-        assert "ta-tool failed" in f["reason"] and "ERROR: internal error" in f["reason"], f
-        assert "nothing was generated" in f["reason"] and f["rotation_id"], f
+    assert sorted(f["scope"] for f in failed) == sorted(f"app:{a}" for a in failing)
+    for f in failed:
+        reason = f"{f['error']['message']}; {f['error']['hint']}"
+        assert "ta-tool failed" in reason and "ERROR: internal error" in reason, f
+        assert "nothing was generated" in reason and f["rotation_id"], f
 
     after = kv.gens(apps)
     assert {a: after[a] - before[a] for a in apps} == {a: (0 if a in failing else 1) for a in apps}
@@ -394,16 +398,15 @@ def test_bulk_rotation_of_100_apps_with_two_failing(kv):
     rows = kv.rotations(cluster)
     by_id = {r["id"]: r for r in rows}
     assert {
-        (by_id[o["rotation_id"]]["state"], by_id[o["rotation_id"]]["cleaned_up"])
-        for o in out["rotated"]
+        (by_id[o["rotation_id"]]["state"], by_id[o["rotation_id"]]["cleaned_up"]) for o in rotated
     } == {("completed", True)}
-    assert {by_id[f["rotation_id"]]["state"] for f in out["failed"]} == {"failed"}
+    assert {by_id[f["rotation_id"]]["state"] for f in failed} == {"failed"}
     assert (
         sorted(r["state"] for r in rows) == ["completed"] * 101 + ["failed"] * 2
     )  # 98 + the 3 earlier ones
     assert_pending_cleaned([r["id"] for r in rows if r["state"] == "completed"])
     # A failed ta-tool's output is kept on the host (it is never deleted unread), and holds no key.
-    for f in out["failed"]:
+    for f in failed:
         kept = TA_PENDING / f"{f['rotation_id']}.out"
         assert kept.exists() and not KEY_TOKEN.search(kept.read_text(errors="replace"))
 
@@ -484,6 +487,6 @@ def test_progress_bar_only_on_a_terminal_and_never_with_json(kv):
     )
     assert code == 0, masked(terminal)
     assert not PROGRESS_LABEL.search(terminal), masked(terminal)
-    assert len(json.loads(out)["rotated"]) == 3
+    assert json.loads(out)["summary"]["rotated"] == 3
     assert not KEY_TOKEN.search(out + terminal), "a key-shaped token was printed"
     kv.check_keys(cluster, apps, "after rotating on a terminal")
