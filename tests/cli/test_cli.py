@@ -9,9 +9,10 @@ import sys
 import click
 import pytest
 from click.testing import CliRunner
-from db_fixtures import Cli, clear_keyvault_env, describe, expect, new_key
 
 from keyvault.cli import main
+from tests.support.cli import Cli, clear_keyvault_env, describe, expect
+from tests.support.leak_guard import new_key
 
 HEAVY = ("sqlalchemy", "alembic", "paramiko", "cryptography", "psycopg")
 CLUSTER = "ta2"

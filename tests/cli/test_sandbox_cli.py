@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from db_fixtures import describe, expect
 
 from keyvault.sandbox import state as st
 from keyvault.sandbox.run import SandboxPaths, stop
+from tests.support.cli import describe, expect
 
 KEY_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{64}(?![A-Za-z0-9])")
 FREE_PORTS = ("--ssh-port", "0", "--api-port", "0")

@@ -12,10 +12,12 @@ import subprocess
 import sys
 
 import pytest
-from db_fixtures import Cli, Database, describe, expect, new_key
 from sqlalchemy import text
 
 from keyvault import crypto
+from tests.support.cli import Cli, describe, expect
+from tests.support.db import Database
+from tests.support.leak_guard import new_key
 
 CLUSTER = "ta2"
 WORKERS = 4

@@ -22,23 +22,13 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from db_fixtures import expect
-from http_fixtures import (
-    PROCESS_TIMEOUT,
-    SCOPES,
-    Server,
-    World,
-    free_port,
-    key_matches,
-    kv_process,
-    proc_describe,
-    scrub,
-    served,  # noqa: F401  (fixture)
-)
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, text, update
 
 from keyvault.models import AccessToken, AuditRecord, Revision, Rotation, utcnow
+from tests.support.cli import expect, proc_describe, run_keyvault
+from tests.support.http import SCOPES, Server, World, free_port, key_matches, scrub
+from tests.support.timeouts import TIMEOUT
 
 ALLOWED_ERRORS = {400, 401, 403, 404, 409, 503}
 KEY_ROUTE = "GET /v1/clusters/{cluster}/key"
@@ -135,11 +125,11 @@ def sandbox_rotate_and_import(state_dir, appid: str, cluster: str = "c") -> None
             stdin=producer.stdout,
             capture_output=True,
             text=True,
-            timeout=PROCESS_TIMEOUT,
+            timeout=TIMEOUT,
         )
     finally:
         producer.stdout.close()
-        producer.wait(timeout=PROCESS_TIMEOUT)
+        producer.wait(timeout=TIMEOUT)
     assert producer.returncode == 0, producer.stderr.read().decode(errors="replace")[-500:]
     producer.stderr.close()
     assert result.returncode == 0, proc_describe(result)
@@ -513,7 +503,7 @@ def test_read_after_commit_by_another_process_on_two_replicas(served: World, tmp
                     assert response.json()["version"] == version
             assert_key(world, first.get("/v1/clusters/c/apps/a2"), "c", "app:a2")  # untouched
 
-            result = kv_process("token", "revoke", "app-a1a2")
+            result = run_keyvault("token", "revoke", "app-a1a2")
             assert result.returncode == 0, proc_describe(result)
             for http in (first, second):
                 body = assert_error(world, http.get("/v1/clusters/c/apps/a1"), 401, "unauthorized")
@@ -623,14 +613,14 @@ def postgres_only(database):
 def test_the_server_recovers_when_postgresql_drops_its_connections(postgres_only, served: World):
     """A PostgreSQL restart or failover cuts every connection of the server: requests meanwhile
     get a 503 JSON (never a 500), and the server reconnects by itself."""
-    from db_fixtures import _admin_engine
+    from tests.support.db import admin_engine
 
     database = postgres_only
 
     world = served
     with world.http("app-all") as http:
         assert_key(world, http.get("/v1/clusters/c/apps/a1"), "c", "app:a1")
-    admin = _admin_engine(database.server_url)
+    admin = admin_engine(database.server_url)
     try:
         with admin.connect() as conn:
             dropped = conn.scalar(
@@ -1038,7 +1028,7 @@ def test_client_keeps_working_across_rotations_by_another_process(served: World,
 def test_a_running_server_follows_a_master_key_rotation(served: World):
     """Keys sealed after `master-key rotate` (another process) are served without a restart."""
     world = served
-    result = kv_process("master-key", "rotate")
+    result = run_keyvault("master-key", "rotate")
     assert result.returncode == 0, proc_describe(result)
     world.import_key("c", "root", other_process=True)  # sealed under the new master key
     with world.http("root-c") as http:

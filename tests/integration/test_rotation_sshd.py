@@ -29,10 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sshd_env import hold_file_path, kill_session_processes
 
 from keyvault import crypto
 from keyvault.sandbox import state as st
+from tests.support.sshd_env import hold_file_path, kill_session_processes
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "rotate_driver.py"

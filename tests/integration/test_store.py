@@ -16,12 +16,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from db_fixtures import Cli, Database, clear_keyvault_env, describe, expect, new_key
 from sqlalchemy import text
 
 from keyvault import crypto
 from keyvault.db import current_revision, downgrade, head_revision, make_engine, upgrade
 from keyvault.errors import IntegrityError, WrongMasterKey
+from tests.support.cli import Cli, clear_keyvault_env, describe, expect
+from tests.support.db import Database
+from tests.support.leak_guard import new_key
 
 CLUSTER = "ta2"
 APPID = "demo"

@@ -18,7 +18,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from db_fixtures import Cli, describe, expect, new_key
 from sqlalchemy import delete, select
 from standardwebhooks.webhooks import Webhook as Verifier
 
@@ -30,6 +29,8 @@ from keyvault.scope import app_scope
 from keyvault.services import webhooks
 from keyvault.services.store import open_keyring
 from keyvault.services.webhook_worker import WebhookWorker
+from tests.support.cli import Cli, describe, expect
+from tests.support.leak_guard import new_key
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = "c"
