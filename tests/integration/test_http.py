@@ -1,7 +1,7 @@
 """The HTTP service end to end: a real ``keyvault serve`` subprocess on 127.0.0.1, real HTTP
 (httpx), on SQLite and on PostgreSQL (``db_url``).
 
-The store behind the server is described in tests/http_fixtures.py (fixture ``served``).
+The store behind the server is described in tests/support/http.py (fixture ``served``).
 Keys are never printed: they are compared as ``ok = a == b; assert ok``, failure messages
 show error bodies only after checking that they hold no key, and the leak guard scans the
 whole run's output for every key made here (``new_key``) and by the TA emulator.
@@ -660,7 +660,7 @@ def test_the_server_recovers_when_postgresql_drops_its_connections(postgres_only
 LOAD_THREADS = 8
 LOAD_PER_THREAD = 50  # 400 key reads that succeed (200 or 304)
 REFUSED_PER_THREAD = 5  # plus 40 forbidden and 40 unauthorized ones
-JOIN_DEADLINE = 120.0
+JOIN_DEADLINE = TIMEOUT
 
 
 def test_audit_holds_one_record_per_key_read_in_a_load_run(served: World, engine):
@@ -836,7 +836,7 @@ def test_healthz_readyz_and_prometheus_metrics(served: World, engine):
 # --- 7. schemathesis -----------------------------------------------------------------------------
 
 SCHEMATHESIS = os.path.join(os.path.dirname(sys.executable), "schemathesis")
-SCHEMATHESIS_TIMEOUT = 90  # the run itself is bounded by --max-examples; this only stops a hang
+SCHEMATHESIS_TIMEOUT = TIMEOUT  # the run is bounded by --max-examples; this only stops a hang
 SCHEMATHESIS_CONFIG = """
 [dictionaries.clusters]
 values = ["c", "c2"]
@@ -1006,7 +1006,7 @@ def test_client_keeps_working_across_rotations_by_another_process(served: World,
     finally:
         ta.shutdown()
         ta.server_close()
-        ta_thread.join(10)
+        ta_thread.join(TIMEOUT)
 
     audited = json.loads(expect(world.cli("audit", "list", "--json", "--token", "svc")).stdout)
     outcomes = [r["outcome"] for r in reversed(audited)]  # oldest first

@@ -17,6 +17,7 @@ Results may hold a key on stdout: assertion messages show stderr only (``expect`
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -75,6 +76,16 @@ def env(home: Home) -> dict:
     return dict(home.env)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A run started as a background job of a non-interactive shell (`pytest ... &` in a
+    # script, some CI runners) inherits SIGINT ignored, and so does every child it starts:
+    # a Python child then never gets the KeyboardInterrupt a test sends it as its Ctrl-C,
+    # and the test hangs until its timeout (test_cli_serves_until_interrupted did). With a
+    # handler here, children start with SIGINT at its default, as in an interactive run.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 # ----------------------------------------------------------------------------- in-process
 
 
@@ -130,15 +141,18 @@ def run_process(
     input: str | None = None,  # noqa: A002 - the name subprocess.run uses
     env: dict | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    timeout: float = TIMEOUT,
 ) -> subprocess.CompletedProcess:
-    """Run a child to its end (text output captured), bounded by ``TIMEOUT``; the
-    environment is ``os.environ`` (the ``home`` of the test) unless ``env`` is given."""
+    """Run a child to its end (text output captured, stdin ``input`` or nothing), bounded
+    by ``timeout``; the environment is ``os.environ`` (the ``home`` of the test) unless
+    ``env`` is given."""
     return subprocess.run(
         list(argv),
         input=input,
+        stdin=subprocess.DEVNULL if input is None else None,  # never the terminal's
         capture_output=True,
         text=True,
-        timeout=TIMEOUT,
+        timeout=timeout,
         env=env if env is not None else dict(os.environ),
         cwd=cwd,
     )
@@ -160,10 +174,11 @@ def spawn_process(
     env: dict | None = None,
     cwd: str | os.PathLike[str] | None = None,
 ) -> subprocess.Popen:
-    """Start a child with text pipes for stdout and stderr; the caller waits for it
+    """Start a child (no stdin, text pipes for stdout and stderr); the caller waits for it
     (``communicate(timeout=TIMEOUT)``)."""
     return subprocess.Popen(
         list(argv),
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
