@@ -127,6 +127,7 @@ def reveal_matches(cli: Cli, appid: str, keys: list[str]) -> None:
     assert ok, "the current key is none of the keys of the last round"
 
 
+@pytest.mark.slow  # rounds of 4 processes started together: 10-15 s
 def test_concurrent_imports_into_one_scope(store, engine, tmp_path):
     stored: list[str] = []
     for round_no in range(ROUNDS):

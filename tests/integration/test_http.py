@@ -851,6 +851,7 @@ values = ["a1", "a2", "unknown"]
 """
 
 
+@pytest.mark.slow  # a fuzzing run against a real server: ~8 s
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(served: World, tmp_path):
     world = served
     world.create_token("fuzzer", "root:c", "app:c/*", rotate=True)

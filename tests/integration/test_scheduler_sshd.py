@@ -331,6 +331,7 @@ def test_three_rotate_due_processes_rotate_each_due_scope_once(kv):
 # ------------------------------------------------------------------------- bulk: 100 apps
 
 
+@pytest.mark.slow  # 100 rotations through the real sshd, twice
 @pytest.mark.parametrize("blank_database", ["sqlite", "postgres"], indirect=True)
 def test_bulk_rotation_of_100_apps_with_two_failing(kv):
     apps = kv.apps("bulk", 100)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,7 @@ class Database:
 @pytest.fixture(
     params=[pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
 )
-def blank_database(request, tmp_path_factory) -> Database:
+def blank_database(request, tmp_path_factory) -> Iterator[Database]:
     """A fresh, empty database (no schema) on SQLite or PostgreSQL."""
     if request.param == "sqlite":
         path = tmp_path_factory.mktemp("sqlite") / "keyvault.db"

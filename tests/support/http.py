@@ -30,6 +30,7 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +123,8 @@ class Server:
         )
 
     def _wait_healthy(self) -> bool:
+        proc = self.proc
+        assert proc is not None, "launch() first"
         deadline = time.monotonic() + TIMEOUT
         with httpx.Client(timeout=2.0, trust_env=False) as http:
             while time.monotonic() < deadline:
@@ -131,7 +134,7 @@ class Server:
                 except httpx.TransportError:
                     pass
                 try:  # the pause between polls doubles as the early-exit check
-                    self.proc.wait(timeout=0.05)
+                    proc.wait(timeout=0.05)
                     return False
                 except subprocess.TimeoutExpired:
                     pass
@@ -240,7 +243,7 @@ def build_world(cli: Cli, db_url: str, workdir: Path) -> World:
 
 
 @pytest.fixture
-def served(cli: Cli, db_url: str, tmp_path) -> World:
+def served(cli: Cli, db_url: str, tmp_path) -> Iterator[World]:
     """A store with two clusters, five keys and six tokens, served by ``keyvault serve``."""
     workdir = tmp_path / "serve"
     workdir.mkdir()
