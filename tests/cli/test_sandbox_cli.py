@@ -14,7 +14,7 @@ import pytest
 
 from keyvault.sandbox import state as st
 from keyvault.sandbox.run import SandboxPaths, stop
-from tests.support.cli import Cli, clear_keyvault_env, describe, expect
+from tests.support.cli import Cli, clear_keyvault_env, describe, expect, process_gone
 
 KEY_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{64}(?![A-Za-z0-9])")
 FREE_PORTS = ("--ssh-port", "0", "--api-port", "0")
@@ -33,15 +33,6 @@ def kvhome(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def run() -> Cli:
     return Cli()
-
-
-def process_gone(pid: int) -> bool:
-    """Exited (a zombie left to a non-reaping init counts as exited)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rpartition(")")[2].split()[0] == "Z"
 
 
 def registered(home: Path):

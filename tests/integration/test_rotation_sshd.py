@@ -32,7 +32,7 @@ import pytest
 
 from keyvault import crypto
 from keyvault.sandbox import state as st
-from tests.support.cli import KEYVAULT, run_process, spawn_process
+from tests.support.cli import KEYVAULT, process_gone, run_process, spawn_process
 from tests.support.sshd_env import hold_file_path, kill_session_processes
 from tests.support.timeouts import TIMEOUT
 
@@ -111,18 +111,6 @@ def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g}s waiting for {what}", pytrace=False)
         time.sleep(0.02)
-
-
-def process_gone(pid: int) -> bool:
-    return not Path(f"/proc/{pid}").exists() or _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :].startswith("Z")
 
 
 # ------------------------------------------------------------------------ the emulators

@@ -187,6 +187,16 @@ def spawn_process(
     )
 
 
+def process_gone(pid: int) -> bool:
+    """The process has exited (a zombie its parent has not reaped yet counts as exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    # The comm field may hold spaces and parentheses: the state follows the last ')'.
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
 def proc_describe(result: subprocess.CompletedProcess) -> str:
     """A failure message for a subprocess that shows only its stderr (stdout may hold a secret)."""
     return f"exit {result.returncode}; stderr: {result.stderr.strip()[-800:]!r}"

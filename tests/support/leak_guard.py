@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 KEY_ALPHABET = string.ascii_letters + string.digits
-KEY_LOG_NAME = "generated.sha256"  # keyvault.sandbox.state.FINGERPRINT_LOG's name
 
 _captured: list[str] = []
 _state_dirs: set[Path] = set()
@@ -51,11 +50,13 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _remember_basetemp(tmp_path_factory):
+    from keyvault.sandbox.state import FINGERPRINT_LOG
+
     global _key_log
     basetemp = tmp_path_factory.getbasetemp()
     _state_dirs.add(basetemp)
     (basetemp / "new-keys").mkdir(exist_ok=True)
-    _key_log = basetemp / "new-keys" / KEY_LOG_NAME
+    _key_log = basetemp / "new-keys" / FINGERPRINT_LOG
     yield
     _key_log = None
 
