@@ -29,7 +29,7 @@ test: venv
 
 # The quick loop: no sshd, no PostgreSQL (SQLite only), slowest tests listed.
 test-fast: venv
-	$(PY) -m pytest -m 'not sshd and not postgres' --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m 'not sshd and not postgres and not slow' --durations=15 $(PYTEST_ARGS)
 
 # ruff lint (rule set in pyproject.toml) and formatting; fails on any finding.
 lint: venv

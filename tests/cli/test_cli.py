@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import click
 import pytest
 from click.testing import CliRunner
-from db_fixtures import Cli, clear_keyvault_env, describe, expect, new_key
 
 from keyvault.cli import main
+from tests.support.cli import Cli, clear_keyvault_env, expect, one_error_line, run_process
+from tests.support.leak_guard import new_key
 
 HEAVY = ("sqlalchemy", "alembic", "paramiko", "cryptography", "psycopg")
 CLUSTER = "ta2"
@@ -31,16 +31,6 @@ def all_commands(command: click.Command = main, path: tuple[str, ...] = ()):
             yield from all_commands(sub, (*path, name))
     else:
         yield path
-
-
-def one_error_line(result, code: int, *fragments: str) -> str:
-    assert result.exit_code == code, describe(result)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), describe(result)
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], describe(result)
-    return lines[0]
 
 
 @pytest.fixture
@@ -309,7 +299,7 @@ print("HEAVY=" + ",".join(sorted({{m.split(".")[0] for m in sys.modules}} & {set
     ids=lambda a: " ".join(a),
 )
 def test_help_imports_no_heavy_library(args, nowhere):
-    result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True)
+    result = run_process([sys.executable, "-c", PROBE, *args])
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout or "version" in result.stdout
     heavy_loaded = result.stdout.rsplit("HEAVY=", 1)[1].strip()
@@ -317,11 +307,7 @@ def test_help_imports_no_heavy_library(args, nowhere):
 
 
 def test_importtime_of_help_lists_no_heavy_module(nowhere):
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "keyvault", "--help"],
-        capture_output=True,
-        text=True,
-    )
+    result = run_process([sys.executable, "-X", "importtime", "-m", "keyvault", "--help"])
     assert result.returncode == 0
     imported = {
         line.split("|")[-1].strip().split(".")[0]
@@ -336,9 +322,7 @@ def test_importtime_of_help_lists_no_heavy_module(nowhere):
 
 
 def keyvault_process(*args: str, code: str = "from keyvault.cli import run; run()"):
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120
-    )
+    return run_process([sys.executable, "-c", code, *args])
 
 
 def test_executable_keeps_exit_status_and_error_line(nowhere):

@@ -7,16 +7,14 @@ stops it at teardown even when it fails halfway.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from db_fixtures import describe, expect
 
 from keyvault.sandbox import state as st
 from keyvault.sandbox.run import SandboxPaths, stop
+from tests.support.cli import Cli, clear_keyvault_env, describe, expect, process_gone
 
 KEY_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{64}(?![A-Za-z0-9])")
 FREE_PORTS = ("--ssh-port", "0", "--api-port", "0")
@@ -25,9 +23,7 @@ FREE_PORTS = ("--ssh-port", "0", "--api-port", "0")
 @pytest.fixture
 def kvhome(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "kvhome"
-    for name in list(os.environ):
-        if name.startswith("KEYVAULT_") and not name.startswith("KEYVAULT_TEST_"):
-            monkeypatch.delenv(name)  # KEYVAULT_DATABASE_URL among them: SQLite in the home
+    clear_keyvault_env(monkeypatch)  # KEYVAULT_DATABASE_URL among them: SQLite in the home
     monkeypatch.setenv("KEYVAULT_HOME", str(home))
     monkeypatch.setenv("KEYVAULT_ACTOR", "pytest")
     yield home
@@ -35,24 +31,8 @@ def kvhome(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def run():
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        from keyvault.cli import main
-
-        return runner.invoke(main, list(args), catch_exceptions=False)
-
-    return invoke
-
-
-def process_gone(pid: int) -> bool:
-    """Exited (a zombie left to a non-reaping init counts as exited)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rpartition(")")[2].split()[0] == "Z"
+def run() -> Cli:
+    return Cli()
 
 
 def registered(home: Path):

@@ -19,7 +19,6 @@ import secrets
 from pathlib import Path
 
 import pytest
-from db_fixtures import Cli, Database, _admin_engine, describe, expect, new_key
 from sqlalchemy import select, text
 
 from keyvault import crypto
@@ -27,6 +26,9 @@ from keyvault.db import SCHEMA_HEAD, make_engine, session_factory, transaction
 from keyvault.models import AuditRecord, Rotation, ScopeSchedule, utcnow
 from keyvault.services import backup as service
 from keyvault.services import webhooks
+from tests.support.cli import Cli, describe, expect, one_error_line
+from tests.support.db import Database, admin_engine
+from tests.support.leak_guard import new_key
 
 CLUSTERS = ("ta2", "ta3")
 # (cluster, appid or None for root) -> number of keys imported before the backup
@@ -44,15 +46,6 @@ def same_key(actual: str, expected: str, what: str) -> None:
 
 def scope_args(appid: str | None) -> list[str]:
     return ["--root"] if appid is None else ["--appid", appid]
-
-
-def one_error_line(result, code: int, *fragments: str) -> str:
-    assert result.exit_code == code, describe(result)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), describe(result)
-    for fragment in fragments:
-        assert fragment in lines[0], describe(result)
-    return lines[0]
 
 
 def import_key(cli: Cli, cluster: str, appid: str | None, key: str) -> None:
@@ -135,7 +128,7 @@ def wipe(database: Database) -> None:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{database.sqlite_path}{suffix}").unlink(missing_ok=True)
         return
-    engine = _admin_engine(database.server_url)
+    engine = admin_engine(database.server_url)
     try:
         with engine.connect() as conn:
             conn.execute(

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
-from db_fixtures import Cli, Database, describe, expect, new_key
 from sqlalchemy import text
 
 from keyvault import crypto
+from tests.support.cli import KEYVAULT, Cli, describe, expect
+from tests.support.db import Database
+from tests.support.leak_guard import new_key
+from tests.support.timeouts import TIMEOUT
 
 CLUSTER = "ta2"
 WORKERS = 4
@@ -42,7 +44,7 @@ def import_together(tmp_path, round_no: int, scope_args: list[str], keys: list[s
             out = open(tmp_path / f"r{round_no}-p{i}.out", "w+b")  # noqa: SIM115
             err = open(tmp_path / f"r{round_no}-p{i}.err", "w+b")  # noqa: SIM115
             proc = subprocess.Popen(
-                [sys.executable, "-m", "keyvault", "import", "--cluster", CLUSTER, *scope_args],
+                [*KEYVAULT, "import", "--cluster", CLUSTER, *scope_args],
                 stdin=subprocess.PIPE,
                 stdout=out,
                 stderr=err,
@@ -54,7 +56,7 @@ def import_together(tmp_path, round_no: int, scope_args: list[str], keys: list[s
             proc.stdin.close()
         results = []
         for (proc, out, err), key in zip(procs, keys, strict=False):
-            code = proc.wait(timeout=240)
+            code = proc.wait(timeout=TIMEOUT)
             out.seek(0)
             err.seek(0)
             results.append(
@@ -125,6 +127,7 @@ def reveal_matches(cli: Cli, appid: str, keys: list[str]) -> None:
     assert ok, "the current key is none of the keys of the last round"
 
 
+@pytest.mark.slow  # rounds of 4 processes started together: 10-15 s
 def test_concurrent_imports_into_one_scope(store, engine, tmp_path):
     stored: list[str] = []
     for round_no in range(ROUNDS):

@@ -1,7 +1,7 @@
 """The HTTP service end to end: a real ``keyvault serve`` subprocess on 127.0.0.1, real HTTP
 (httpx), on SQLite and on PostgreSQL (``db_url``).
 
-The store behind the server is described in tests/http_fixtures.py (fixture ``served``).
+The store behind the server is described in tests/support/http.py (fixture ``served``).
 Keys are never printed: they are compared as ``ok = a == b; assert ok``, failure messages
 show error bodies only after checking that they hold no key, and the leak guard scans the
 whole run's output for every key made here (``new_key``) and by the TA emulator.
@@ -22,23 +22,13 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from db_fixtures import expect
-from http_fixtures import (
-    PROCESS_TIMEOUT,
-    SCOPES,
-    Server,
-    World,
-    free_port,
-    key_matches,
-    kv_process,
-    proc_describe,
-    scrub,
-    served,  # noqa: F401  (fixture)
-)
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, text, update
 
 from keyvault.models import AccessToken, AuditRecord, Revision, Rotation, utcnow
+from tests.support.cli import expect, proc_describe, run_keyvault
+from tests.support.http import SCOPES, Server, World, free_port, key_matches, scrub
+from tests.support.timeouts import TIMEOUT
 
 # 502: a host behind keyvault failed; 503: keyvault cannot serve. A 500 is a bug: never allowed.
 ALLOWED_ERRORS = {400, 401, 403, 404, 409, 502, 503}
@@ -138,11 +128,11 @@ def sandbox_rotate_and_import(state_dir, appid: str, cluster: str = "c") -> None
             stdin=producer.stdout,
             capture_output=True,
             text=True,
-            timeout=PROCESS_TIMEOUT,
+            timeout=TIMEOUT,
         )
     finally:
         producer.stdout.close()
-        producer.wait(timeout=PROCESS_TIMEOUT)
+        producer.wait(timeout=TIMEOUT)
     assert producer.returncode == 0, producer.stderr.read().decode(errors="replace")[-500:]
     producer.stderr.close()
     assert result.returncode == 0, proc_describe(result)
@@ -516,7 +506,7 @@ def test_read_after_commit_by_another_process_on_two_replicas(served: World, tmp
                     assert response.json()["version"] == version
             assert_key(world, first.get("/v1/clusters/c/apps/a2"), "c", "app:a2")  # untouched
 
-            result = kv_process("token", "revoke", "app-a1a2")
+            result = run_keyvault("token", "revoke", "app-a1a2")
             assert result.returncode == 0, proc_describe(result)
             for http in (first, second):
                 body = assert_error(world, http.get("/v1/clusters/c/apps/a1"), 401, "unauthorized")
@@ -626,14 +616,14 @@ def postgres_only(database):
 def test_the_server_recovers_when_postgresql_drops_its_connections(postgres_only, served: World):
     """A PostgreSQL restart or failover cuts every connection of the server: requests meanwhile
     get a 503 JSON (never a 500), and the server reconnects by itself."""
-    from db_fixtures import _admin_engine
+    from tests.support.db import admin_engine
 
     database = postgres_only
 
     world = served
     with world.http("app-all") as http:
         assert_key(world, http.get("/v1/clusters/c/apps/a1"), "c", "app:a1")
-    admin = _admin_engine(database.server_url)
+    admin = admin_engine(database.server_url)
     try:
         with admin.connect() as conn:
             dropped = conn.scalar(
@@ -673,7 +663,7 @@ def test_the_server_recovers_when_postgresql_drops_its_connections(postgres_only
 LOAD_THREADS = 8
 LOAD_PER_THREAD = 50  # 400 key reads that succeed (200 or 304)
 REFUSED_PER_THREAD = 5  # plus 40 forbidden and 40 unauthorized ones
-JOIN_DEADLINE = 120.0
+JOIN_DEADLINE = TIMEOUT
 
 
 def test_audit_holds_one_record_per_key_read_in_a_load_run(served: World, engine):
@@ -851,7 +841,7 @@ def test_healthz_readyz_and_prometheus_metrics(served: World, engine):
 # --- 7. schemathesis -----------------------------------------------------------------------------
 
 SCHEMATHESIS = os.path.join(os.path.dirname(sys.executable), "schemathesis")
-SCHEMATHESIS_TIMEOUT = 90  # the run itself is bounded by --max-examples; this only stops a hang
+SCHEMATHESIS_TIMEOUT = TIMEOUT  # the run is bounded by --max-examples; this only stops a hang
 SCHEMATHESIS_CONFIG = """
 [dictionaries.clusters]
 values = ["c", "c2"]
@@ -866,6 +856,7 @@ values = ["a1", "a2", "unknown"]
 """
 
 
+@pytest.mark.slow  # a fuzzing run against a real server: ~8 s
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(served: World, tmp_path):
     world = served
     world.create_token("fuzzer", "root:c", "app:c/*", rotate=True)
@@ -1021,7 +1012,7 @@ def test_client_keeps_working_across_rotations_by_another_process(served: World,
     finally:
         ta.shutdown()
         ta.server_close()
-        ta_thread.join(10)
+        ta_thread.join(TIMEOUT)
 
     audited = json.loads(expect(world.cli("audit", "list", "--json", "--token", "svc")).stdout)
     outcomes = [r["outcome"] for r in reversed(audited)]  # oldest first
@@ -1043,7 +1034,7 @@ def test_client_keeps_working_across_rotations_by_another_process(served: World,
 def test_a_running_server_follows_a_master_key_rotation(served: World):
     """Keys sealed after `master-key rotate` (another process) are served without a restart."""
     world = served
-    result = kv_process("master-key", "rotate")
+    result = run_keyvault("master-key", "rotate")
     assert result.returncode == 0, proc_describe(result)
     world.import_key("c", "root", other_process=True)  # sealed under the new master key
     with world.http("root-c") as http:

@@ -5,8 +5,6 @@ real sshd in test_rotation_sshd.py; this file is the fast, exhaustive one."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
@@ -21,46 +19,25 @@ from keyvault.services import clusters, hosts, secrets, spool
 from keyvault.services.rotation import ResultStatus, RotationService
 from keyvault.services.store import open_keyring
 from keyvault.ssh.local import LocalConnector
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.cluster import add_emulated_cluster, install_ta_tool, local_connector
 
 
 @pytest.fixture
 def world(tmp_path, cli):
     """An initialised store, a cluster `c` with one host, and a local emulated ta-tool."""
     assert cli("init").exit_code == 0
-    state_dir, bindir, ta_home = tmp_path / "state", tmp_path / "bin", tmp_path / "ta-home"
-    bindir.mkdir()
-    ta_home.mkdir()
-    state.init_state(state_dir, ["app1", "app2", "app3"])
-    tool = bindir / "ta-tool"
-    state.install_wrapper(tool, state_dir, python=sys.executable, pythonpath=str(ROOT))
+    ta = install_ta_tool(tmp_path / "ta-c", ["app1", "app2", "app3"])
+    ta_home = tmp_path / "ta-home"
     settings = load_settings()
     engine = make_engine(settings.database_url)
     factory = session_factory(engine)
     with transaction(factory) as s:
-        clusters.add_cluster(
-            s,
-            name="c",
-            open_api_url="http://127.0.0.1:9",
-            options={
-                "generate_root_command": f"{tool} generate_root_secret",
-                "generate_app_command": f"{tool} generate_api_secret -appid {{appid}}",
-            },
-        )
-        hosts.add_host(
-            s,
-            cluster_name="c",
-            address="ta-a",
-            username="ta",
-            become="none",
-            fingerprint="SHA256:" + "A" * 43,
-        )
-    connector = LocalConnector({"HOME": str(ta_home), "PATH": "/usr/bin:/bin"})
+        add_emulated_cluster(s, "c", ta, host="ta-a")
+    connector = local_connector(ta_home)
     yield {
         "settings": settings,
         "factory": factory,
-        "state": state_dir,
+        "state": ta.state_dir,
         "connector": connector,
         "ta_home": ta_home,
         "engine": engine,

@@ -29,16 +29,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sshd_env import hold_file_path, kill_session_processes
 
 from keyvault import crypto
 from keyvault.sandbox import state as st
+from tests.support.cli import KEYVAULT, process_gone, run_process, spawn_process
+from tests.support.sshd_env import hold_file_path, kill_session_processes
+from tests.support.timeouts import TIMEOUT
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "rotate_driver.py"
 PYTHON = sys.executable
-DEADLINE = 60.0  # seconds; a bound for polls, never a duration that must elapse
-PROCESS_TIMEOUT = 120.0
+DEADLINE = TIMEOUT  # a bound for polls, never a duration that must elapse
+PROCESS_TIMEOUT = TIMEOUT
 KEY_TOKEN = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{64}(?![A-Za-z0-9])")
 TA_PENDING = Path(pwd.getpwnam("ta").pw_dir) / ".keyvault" / "pending"
 
@@ -109,18 +111,6 @@ def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g}s waiting for {what}", pytrace=False)
         time.sleep(0.02)
-
-
-def process_gone(pid: int) -> bool:
-    return not Path(f"/proc/{pid}").exists() or _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :].startswith("Z")
 
 
 # ------------------------------------------------------------------------ the emulators
@@ -233,31 +223,17 @@ class KV:
         return json.loads(self(*args, "--json").stdout)
 
     def argv(self, *args: str) -> list[str]:
-        return [PYTHON, "-m", "keyvault", *args]
+        return [*KEYVAULT, *args]
 
     def run(self, *args: str, driver: bool = False) -> subprocess.CompletedProcess:
         """Run keyvault (or the driver) as a real process and wait for it."""
         argv = [PYTHON, str(DRIVER), *args] if driver else self.argv(*args)
-        return subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=PROCESS_TIMEOUT,
-            cwd=self.tmp_path,
-            env=dict(os.environ),
-        )
+        return run_process(argv, cwd=self.tmp_path)
 
     def spawn(self, *args: str, driver: bool = False) -> subprocess.Popen:
         """Start keyvault (or the driver) as a real process."""
         argv = [PYTHON, str(DRIVER), *args] if driver else self.argv(*args)
-        return subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=self.tmp_path,
-            env=dict(os.environ),
-        )
+        return spawn_process(argv, cwd=self.tmp_path)
 
     # -- set-up ---------------------------------------------------------------------
     def apps(self, tag: str, count: int) -> list[str]:

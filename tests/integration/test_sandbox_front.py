@@ -15,11 +15,11 @@ from keyvault.sandbox.run import SandboxPaths
 from keyvault.sandbox.sshfront import REFUSED_STATUS, SshFront, classify, ensure_ed25519_key
 from keyvault.ssh import SshTarget, sha256_fingerprint
 from keyvault.ssh.paramiko_transport import ParamikoConnector
+from tests.support.timeouts import TIMEOUT
 
 ROOT_CMD = "ta-tool generate_root_secret"
 PATTERN = r"[A-Za-z0-9]{64}"
 SU = tahost.Become("su", ta_user="ta", ssh_user="root")
-TIMEOUT = 60
 
 
 def app_cmd(appid: str) -> str:

@@ -12,9 +12,7 @@ Keys are compared with ``==`` inside a helper that reports fingerprints only.
 from __future__ import annotations
 
 import json
-import sys
 from datetime import UTC, datetime, time, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -27,14 +25,16 @@ from keyvault.errors import InvalidInput
 from keyvault.models import CURRENT, Event, Lease, Rotation, ScopeSchedule, Secret, SecretVersion
 from keyvault.sandbox import state
 from keyvault.scope import app_scope, parse_scope
-from keyvault.services import clusters, hosts, secrets
+from keyvault.services import clusters, secrets
 from keyvault.services.policies import Window, parse_window
 from keyvault.services.rotation import RotationService
 from keyvault.services.scheduler import LEASE, Scheduler, acquire_lease, backoff
 from keyvault.services.store import open_keyring
-from keyvault.ssh.local import LocalConnector
+from tests.support.cli import expect as ok  # this file's short name for it
+from tests.support.clock import Clock
+from tests.support.cluster import add_emulated_cluster, install_ta_tool, local_connector
+from tests.support.timeouts import TIMEOUT
 
-ROOT = Path(__file__).resolve().parents[2]
 UTC = UTC
 APPS = ["app1", "app2", "app3", "app4"]
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -169,16 +169,6 @@ def test_backoff_doubles_and_is_capped():
 # ------------------------------------------------------------------------------ the world
 
 
-class Clock:
-    """The injected clock: returns ``now``, which a test sets."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 def next_local(weekday: int, hhmm: str, tz: ZoneInfo, *, after: datetime) -> datetime:
     """The first weekday at hh:mm in ``tz`` strictly after ``after`` (returned in UTC)."""
     hh, mm = (int(x) for x in hhmm.split(":"))
@@ -196,36 +186,16 @@ def world(tmp_path, cli):
     """A store with two clusters, `c` and `other`, each with one (local) host and its own
     emulated TA cluster (ta-tool emulator state), and a base time ``t`` a little ahead."""
     assert cli("init").exit_code == 0
-    ta_home = tmp_path / "ta-home"
-    ta_home.mkdir()
     settings = load_settings()
     engine = make_engine(settings.database_url)
     factory = session_factory(engine)
     states = {}
     for name in ("c", "other"):
-        state_dir, tool = tmp_path / f"state-{name}", tmp_path / f"bin-{name}" / "ta-tool"
-        state.init_state(state_dir, APPS)
-        state.install_wrapper(tool, state_dir, python=sys.executable, pythonpath=str(ROOT))
-        states[name] = state_dir
+        ta = install_ta_tool(tmp_path / f"ta-{name}", APPS)
+        states[name] = ta.state_dir
         with transaction(factory) as s:
-            clusters.add_cluster(
-                s,
-                name=name,
-                open_api_url="http://127.0.0.1:9",
-                options={
-                    "generate_root_command": f"{tool} generate_root_secret",
-                    "generate_app_command": f"{tool} generate_api_secret -appid {{appid}}",
-                },
-            )
-            hosts.add_host(
-                s,
-                cluster_name=name,
-                address=f"ta-{name}",
-                username="ta",
-                become="none",
-                fingerprint="SHA256:" + "A" * 43,
-            )
-    connector = LocalConnector({"HOME": str(ta_home), "PATH": "/usr/bin:/bin"})
+            add_emulated_cluster(s, name, ta, host=f"ta-{name}")
+    connector = local_connector(tmp_path / "ta-home")
     now = datetime.now(UTC)
     w = World(
         settings=settings,
@@ -342,12 +312,6 @@ class World:
 
 def by_scope(report) -> dict[str, object]:
     return {r.scope: r for r in report.results}
-
-
-def ok(result, code: int = 0):
-    """Assert a CLI exit code; on failure show stderr only."""
-    assert result.exit_code == code, f"exit {result.exit_code}; stderr: {result.stderr.strip()!r}"
-    return result
 
 
 def error_line(result, code: int) -> str:
@@ -865,7 +829,7 @@ def test_two_schedulers_in_threads_rotate_each_scope_once(world, cli):
     world.seed("c", APPS, age=timedelta(days=40))
     ok(cli("policy", "set", "--cluster", "c", "--all-apps", "--max-age", "30d"))
     gens = world.all_gens("c")
-    reports, barrier = {}, threading.Barrier(2, timeout=60)
+    reports, barrier = {}, threading.Barrier(2, timeout=TIMEOUT)
 
     def runner(name):
         sched = world.scheduler(Clock(world.t), holder=name)
@@ -876,7 +840,7 @@ def test_two_schedulers_in_threads_rotate_each_scope_once(world, cli):
     for th in threads:
         th.start()
     for th in threads:
-        th.join(120)
+        th.join(TIMEOUT)
     assert not any(th.is_alive() for th in threads) and len(reports) == 2
     rotated = [r.scope for rep in reports.values() for r in rep.results if r.status == "rotated"]
     assert sorted(rotated) == [f"app:{a}" for a in APPS]
@@ -909,7 +873,7 @@ def test_the_serve_scheduler_thread_rotates_due_scopes_when_poked_and_stops(worl
     thread.start()
     try:
         thread.poke()
-        report = runs.get(timeout=120)  # a bound on a hang, not a synchronisation sleep
+        report = runs.get(timeout=TIMEOUT)  # a bound on a hang, not a synchronisation sleep
         assert not isinstance(report, Exception), report
         results = by_scope(report)
         assert results["app:app1"].status == "rotated" and results["app:app2"].status == "skipped"
@@ -917,8 +881,8 @@ def test_the_serve_scheduler_thread_rotates_due_scopes_when_poked_and_stops(worl
         assert world.gens("c", "app:app2") == gens["app:app2"]
         world.check_stored("c", "app:app1")
         thread.poke()
-        again = runs.get(timeout=120)
+        again = runs.get(timeout=TIMEOUT)
         assert again.count("rotated") == 0 and world.gens("c", "app:app1") == gens["app:app1"] + 1
     finally:
-        assert thread.stop(timeout=60)
+        assert thread.stop(timeout=TIMEOUT)
     assert runs.empty()  # stopping runs nothing more

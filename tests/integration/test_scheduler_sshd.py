@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,9 +38,12 @@ from keyvault.scope import app_scope
 from keyvault.services import clusters, secrets
 from keyvault.services.scheduler import LEASE
 from keyvault.services.store import open_keyring
+from tests.support.cli import KEYVAULT, run_process, spawn_process
+from tests.support.cluster import TaTool, install_ta_tool
+from tests.support.timeouts import TIMEOUT
 
 PYTHON = sys.executable
-PROCESS_TIMEOUT = 280.0  # a bound for a whole bulk run, never a duration that must elapse
+PROCESS_TIMEOUT = 2 * TIMEOUT  # a bound for a whole bulk run, never a duration that must elapse
 KEY_TOKEN = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{64}(?![A-Za-z0-9])")
 TA_PENDING = Path(pwd.getpwnam("ta").pw_dir) / ".keyvault" / "pending"
 PROGRESS_LABEL = re.compile(r"rotating \d+ keys")
@@ -54,12 +56,6 @@ def masked(text: str) -> str:
     return KEY_TOKEN.sub("<64-char token>", text)
 
 
-@dataclass(frozen=True)
-class Emulator:
-    state_dir: Path
-    tool: Path
-
-
 @pytest.fixture
 def emulator(sshd_env, tmp_path):
     """A ta-tool emulator of this test alone, run as ta through the test sshd.
@@ -70,16 +66,14 @@ def emulator(sshd_env, tmp_path):
     gets its own state dir (owned by ta) and wrapper, beside the shared one, and points its
     cluster's generate commands at it. The same emulator code, the same python, the same
     sshd, `su - ta` and pending files. At the end, the SHA-256 log of the keys it made is
-    kept under tmp_path, where tests/leak_guard.py looks for it."""
+    kept under tmp_path, where tests/support/leak_guard.py looks for it."""
     base = Path(sshd_env.tatool_state_dir).parent / f"kvtest-ta-sim-{pysecrets.token_hex(6)}"
     base.mkdir(mode=0o755)
     try:
         os.chmod(base, 0o755)  # ta must traverse it (mkdir's mode passes through umask)
-        state_dir, tool = base / "state", base / "bin" / "ta-tool"
-        st.init_state(state_dir, [], owner="ta")
-        st.install_wrapper(tool, state_dir, python=sshd_env.python or PYTHON)
-        os.chmod(tool.parent, 0o755)
-        yield Emulator(state_dir=state_dir, tool=tool)
+        ta = install_ta_tool(base, owner="ta", python=sshd_env.python or PYTHON, pythonpath=None)
+        os.chmod(ta.tool.parent, 0o755)
+        yield ta
     finally:
         log = base / "state" / st.FINGERPRINT_LOG
         if log.exists():
@@ -101,7 +95,7 @@ class Harness:
     """A keyvault home on one database, next to the test sshd and its emulator."""
 
     def __init__(
-        self, *, cli, sshd, emulator: Emulator, api_url: str, backend: str, tmp_path: Path
+        self, *, cli, sshd, emulator: TaTool, api_url: str, backend: str, tmp_path: Path
     ) -> None:
         self.cli, self.sshd, self.api_url, self.backend, self.tmp_path = (
             cli,
@@ -129,19 +123,11 @@ class Harness:
         return json.loads(self(*args, "--json").stdout)
 
     def argv(self, *args: str) -> list[str]:
-        return [PYTHON, "-m", "keyvault", *args]
+        return [*KEYVAULT, *args]
 
     def run(self, *args: str) -> subprocess.CompletedProcess:
         """keyvault as a real process (stdout and stderr are pipes: not a terminal)."""
-        return subprocess.run(
-            self.argv(*args),
-            capture_output=True,
-            text=True,
-            timeout=PROCESS_TIMEOUT,
-            cwd=self.tmp_path,
-            env=dict(os.environ),
-            stdin=subprocess.DEVNULL,
-        )
+        return run_process(self.argv(*args), cwd=self.tmp_path, timeout=PROCESS_TIMEOUT)
 
     @property
     def factory(self):
@@ -289,16 +275,7 @@ def test_three_rotate_due_processes_rotate_each_due_scope_once(kv):
     before = kv.gens(apps)
 
     procs = [
-        subprocess.Popen(
-            kv.argv("rotate", "due", "--json"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            cwd=kv.tmp_path,
-            env=dict(os.environ),
-        )
-        for _ in range(3)
+        spawn_process(kv.argv("rotate", "due", "--json"), cwd=kv.tmp_path) for _ in range(3)
     ]  # all started before any is waited for: they race
     outputs = []
     try:
@@ -354,6 +331,7 @@ def test_three_rotate_due_processes_rotate_each_due_scope_once(kv):
 # ------------------------------------------------------------------------- bulk: 100 apps
 
 
+@pytest.mark.slow  # 100 rotations through the real sshd, twice
 @pytest.mark.parametrize("blank_database", ["sqlite", "postgres"], indirect=True)
 def test_bulk_rotation_of_100_apps_with_two_failing(kv):
     apps = kv.apps("bulk", 100)

@@ -16,12 +16,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from db_fixtures import Cli, Database, clear_keyvault_env, describe, expect, new_key
 from sqlalchemy import text
 
 from keyvault import crypto
 from keyvault.db import current_revision, downgrade, head_revision, make_engine, upgrade
 from keyvault.errors import IntegrityError, WrongMasterKey
+from tests.support.cli import Cli, clear_keyvault_env, describe, expect, one_error_line
+from tests.support.db import Database
+from tests.support.leak_guard import new_key
 
 CLUSTER = "ta2"
 APPID = "demo"
@@ -39,18 +41,6 @@ def same_key(actual: str, expected: str, what: str) -> None:
 
 def scope_args(appid: str | None) -> list[str]:
     return ["--root"] if appid is None else ["--appid", appid]
-
-
-def one_error_line(result, code: int, *fragments: str) -> str:
-    """The exit code is ``code`` and stderr is exactly one line 'error: ...' with ``fragments``."""
-    assert result.exit_code == code, describe(result)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, describe(result)
-    assert lines[0].startswith("error: "), describe(result)
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], describe(result)
-    return lines[0]
 
 
 def init_store(cli: Cli) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -18,7 +17,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from db_fixtures import Cli, describe, expect, new_key
 from sqlalchemy import delete, select
 from standardwebhooks.webhooks import Webhook as Verifier
 
@@ -30,10 +28,13 @@ from keyvault.scope import app_scope
 from keyvault.services import webhooks
 from keyvault.services.store import open_keyring
 from keyvault.services.webhook_worker import WebhookWorker
+from tests.support.cli import Cli, describe, expect
+from tests.support.clock import Clock
+from tests.support.leak_guard import new_key
+from tests.support.timeouts import TIMEOUT
 
-ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = "c"
-WAIT = 60  # an upper bound for waiting on a thread, never an assertion about time
+WAIT = TIMEOUT  # an upper bound for waiting on a thread, never an assertion about time
 
 
 # --- a real receiver -----------------------------------------------------------------------------
@@ -137,19 +138,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Clock:
-    """An injected clock: time moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -571,35 +559,18 @@ def test_remove_dead_letters_pending_deliveries_and_stops_fan_out(kv, receivers)
 
 def test_real_rotations_notify_with_rotation_ids_and_failures(kv, receivers, tmp_path):
     from keyvault.sandbox import state
-    from keyvault.services import clusters, hosts
     from keyvault.services.rotation import RotationService
     from keyvault.services.secrets import get_version, reveal
-    from keyvault.ssh.local import LocalConnector
+    from tests.support.cluster import add_emulated_cluster, install_ta_tool, local_connector
 
-    state_dir, bindir, ta_home = tmp_path / "state", tmp_path / "bin", tmp_path / "ta-home"
-    bindir.mkdir()
-    ta_home.mkdir()
-    state.init_state(state_dir, ["a1", "a2"])
-    tool = bindir / "ta-tool"
-    state.install_wrapper(tool, state_dir, python=sys.executable, pythonpath=str(ROOT))
+    ta = install_ta_tool(tmp_path / "ta", ["a1", "a2"])
+    state_dir = ta.state_dir
     with transaction(kv.factory) as s:
-        clusters.set_options(
-            s, name=CLUSTER, generate_app_command=f"{tool} generate_api_secret -appid {{appid}}"
-        )
-        hosts.add_host(
-            s,
-            cluster_name=CLUSTER,
-            address="ta-a",
-            username="ta",
-            become="none",
-            fingerprint="SHA256:" + "A" * 43,
-        )
+        add_emulated_cluster(s, CLUSTER, ta, host="ta-a", exists=True)
     receiver = receivers()
     kv.add_hook(receiver, f"app:{CLUSTER}/*")
     service = RotationService(
-        kv.factory,
-        settings=kv.settings,
-        connector=LocalConnector({"HOME": str(ta_home), "PATH": "/usr/bin:/bin"}),
+        kv.factory, settings=kv.settings, connector=local_connector(tmp_path / "ta-home")
     )
     outcome = service.rotate(CLUSTER, app_scope("a1"), actor="t")
     outcome2 = service.rotate(CLUSTER, app_scope("a1"), actor="t")

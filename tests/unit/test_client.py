@@ -36,6 +36,7 @@ from keyvault.errors import (
 from keyvault.sandbox import state as st
 from keyvault.sandbox.openapi import serving
 from keyvault.ta import TaClient
+from tests.support.timeouts import TIMEOUT
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "kvt_" + "Rd7Q" * 11  # reader of cluster C: root and every app
@@ -220,7 +221,7 @@ def _serve(server):
 def _stop(server, thread):
     server.shutdown()
     server.server_close()
-    thread.join(timeout=10)
+    thread.join(timeout=TIMEOUT)
 
 
 @pytest.fixture
@@ -470,7 +471,7 @@ def test_import_keyvault_client_does_not_import_httpx():
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     )
     res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, env=env
     )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
@@ -497,7 +498,7 @@ def test_threads_share_one_cache_while_keys_rotate(vault):
             vault.rotate(CLUSTER, "app:APP1")
             time.sleep(0.01)
         for t in threads:
-            t.join(timeout=30)
+            t.join(timeout=TIMEOUT)
         assert not any(t.is_alive() for t in threads)
         assert not errors, [str(e) for e in errors]
         assert len(results) >= 60
@@ -556,7 +557,7 @@ def rotate_by_another_process(sim, appid):
         [sys.executable, "-m", "keyvault.sandbox.tatool", "generate_api_secret", "-appid", appid],
         env=env,
         capture_output=True,
-        timeout=60,
+        timeout=TIMEOUT,
     )
     assert res.returncode == 0, "ta-tool emulator failed"
 

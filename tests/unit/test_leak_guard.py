@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1]
+from tests.support.timeouts import TIMEOUT
+
+REPO = Path(__file__).resolve().parents[2]
 
 INNER = """
 from keyvault.sandbox import state
@@ -19,7 +21,7 @@ def test_prints_a_generated_key(tmp_path):
 
 def run_inner(tmp_path, body: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_inner.py").write_text(body)
-    env_path = f"{TESTS}:{TESTS.parent}"
+    env_path = str(REPO)  # tests.support.leak_guard, and keyvault
     return subprocess.run(
         [
             sys.executable,
@@ -27,7 +29,7 @@ def run_inner(tmp_path, body: str) -> subprocess.CompletedProcess:
             "pytest",
             "-q",
             "-p",
-            "leak_guard",
+            "tests.support.leak_guard",
             "-p",
             "no:cacheprovider",
             f"--basetemp={tmp_path / 'inner'}",
@@ -41,7 +43,7 @@ def run_inner(tmp_path, body: str) -> subprocess.CompletedProcess:
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": env_path, "KEYVAULT_TEST_SSHD": "/nonexistent"},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=TIMEOUT,
         check=False,
     )
 

@@ -16,6 +16,7 @@ import pytest
 
 from keyvault.sandbox import state as st
 from keyvault.sandbox.openapi import make_server, serving
+from tests.support.timeouts import TIMEOUT
 
 REPO = Path(__file__).resolve().parents[2]
 KEY_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{64}(?![A-Za-z0-9])")
@@ -122,7 +123,7 @@ def test_rotation_by_real_ta_tool_is_seen_at_once(api, sim):
         [sys.executable, "-m", "keyvault.sandbox.tatool", "generate_api_secret", "-appid", "APP3"],
         env=env,
         capture_output=True,
-        timeout=60,
+        timeout=TIMEOUT,
     )
     assert res.returncode == 0
     printed = KEY_RE.findall(res.stdout.decode())
@@ -251,13 +252,13 @@ def test_cli_serves_until_interrupted(sim):
             key = st.generate(sim, "root")
             assert code(call(None, META, port=port, token=key, projectId=1)) == OK
             proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=30)
+            _, err = proc.communicate(timeout=TIMEOUT)
         finally:
             if proc.poll() is None:
                 proc.kill()
     assert proc.returncode == 0
     assert key.encode() not in err
     res = subprocess.run(
-        [*cmd, "--host", "0.0.0.0", "--port", "0"], env=env, capture_output=True, timeout=60
+        [*cmd, "--host", "0.0.0.0", "--port", "0"], env=env, capture_output=True, timeout=TIMEOUT
     )
     assert res.returncode == 1 and b"127.0.0.1 only" in res.stderr

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from keyvault.sandbox import state as st
+from tests.support.timeouts import TIMEOUT
 
 KEY_RE = re.compile(r"[A-Za-z0-9]{64}")
 
@@ -123,7 +124,7 @@ def test_threads_generating_at_once_are_serialised(sim):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=TIMEOUT)
     assert len(set(keys)) == 8
     assert st.generations(sim, "root") == 8
     assert st.current_key(sim, "root") in keys

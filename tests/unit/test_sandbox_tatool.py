@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from keyvault.sandbox import state as st
+from tests.support.timeouts import TIMEOUT
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = [sys.executable, "-m", "keyvault.sandbox.tatool"]
@@ -34,14 +35,14 @@ def _env(state_dir=None):
 
 
 def run_tool(state_dir, *args):
-    return subprocess.run([*TOOL, *args], env=_env(state_dir), capture_output=True, timeout=60)
+    return subprocess.run([*TOOL, *args], env=_env(state_dir), capture_output=True, timeout=TIMEOUT)
 
 
 def keys_in(output):
     return KEY_RE.findall(ANSI_RE.sub("", output.decode()))
 
 
-def wait_for(predicate, timeout=30.0):
+def wait_for(predicate, timeout=TIMEOUT):
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -113,7 +114,7 @@ def test_bad_usage(sim, args):
 
 def test_missing_state_dir_env(sim):
     res = subprocess.run(
-        [*TOOL, "generate_root_secret"], env=_env(), capture_output=True, timeout=60
+        [*TOOL, "generate_root_secret"], env=_env(), capture_output=True, timeout=TIMEOUT
     )
     assert res.returncode == 1 and b"TA_SIM_STATE_DIR" in res.stderr and res.stdout == b""
 
@@ -127,7 +128,7 @@ def test_last_run_has_pid_and_scope_but_no_key(sim):
     with subprocess.Popen(
         [*TOOL, "generate_api_secret", "-appid", "APP1"], env=_env(sim), stdout=subprocess.PIPE
     ) as proc:
-        proc.communicate(timeout=60)
+        proc.communicate(timeout=TIMEOUT)
     text = (sim / "last_run.json").read_text()
     assert st.current_key(sim, "app:APP1") not in text
     last = json.loads(text)
@@ -143,7 +144,7 @@ def test_installed_wrapper(tmp_path):
         [str(wrapper), "generate_api_secret", "-appid=APP1"],
         env=_env(),
         capture_output=True,
-        timeout=60,
+        timeout=TIMEOUT,
     )
     assert res.returncode == 0
     assert keys_in(res.stdout) == [st.current_key(state_dir, "app:APP1")]
@@ -152,11 +153,15 @@ def test_installed_wrapper(tmp_path):
     env = _env()
     del env["PYTHONPATH"]
     res = subprocess.run(
-        [str(wrapper), "generate_root_secret"], env=env, capture_output=True, cwd="/", timeout=60
+        [str(wrapper), "generate_root_secret"],
+        env=env,
+        capture_output=True,
+        cwd="/",
+        timeout=TIMEOUT,
     )
     assert res.returncode == 0
     assert keys_in(res.stdout) == [st.current_key(state_dir, "root")]
-    res = subprocess.run([str(wrapper), "bogus"], env=env, capture_output=True, timeout=60)
+    res = subprocess.run([str(wrapper), "bogus"], env=env, capture_output=True, timeout=TIMEOUT)
     assert res.returncode == 1 and b"usage" in res.stderr
 
 
@@ -170,7 +175,7 @@ def test_concurrent_generations_keep_the_last_key(sim):
     printed = []
     for proc in procs:
         with proc:
-            out, _ = proc.communicate(timeout=60)
+            out, _ = proc.communicate(timeout=TIMEOUT)
         assert proc.returncode == 0
         printed.extend(keys_in(out))
     assert len(printed) == 8 and len(set(printed)) == 8
@@ -270,7 +275,7 @@ def test_hold_after_print(sim, tmp_path):
             assert keys_in(b"".join(lines)) == [st.current_key(sim, "app:APP1")]
             proc.send_signal(signal.SIGHUP)  # a dropped SSH session must not kill it
             release.touch()
-            assert proc.wait(timeout=30) == 0
+            assert proc.wait(timeout=TIMEOUT) == 0
         finally:
             release.touch()
             if proc.poll() is None:
@@ -287,7 +292,7 @@ def test_hold_before_print(sim, tmp_path):
             assert st.generations(sim, "app:APP1") == 1  # generated already ...
             assert select.select([proc.stdout], [], [], 0)[0] == []  # ... but nothing printed
             release.touch()
-            out, _ = proc.communicate(timeout=30)
+            out, _ = proc.communicate(timeout=TIMEOUT)
         finally:
             release.touch()
             if proc.poll() is None:
@@ -314,7 +319,7 @@ def _runs_as_nobody(python):
                 [python, "-c", "import sys; assert sys.version_info >= (3, 11)"],
                 user="nobody",
                 capture_output=True,
-                timeout=60,
+                timeout=TIMEOUT,
             ).returncode
             == 0
         )
@@ -338,7 +343,7 @@ def test_wrapper_runs_as_owner(shared_tmp):
             env=env,
             user="nobody",
             capture_output=True,
-            timeout=60,
+            timeout=TIMEOUT,
         )
         assert res.returncode == 0, res.stderr.decode()
         assert keys_in(res.stdout) == [st.current_key(state_dir, "app:APP1")]

@@ -27,6 +27,7 @@ from keyvault.tahost import (
     render_command,
     report_end,
 )
+from tests.support.timeouts import TIMEOUT
 
 KEY = "A" * 20 + "b" * 20 + "9" * 24
 OTHER = "Z" * 64
@@ -376,7 +377,7 @@ def test_a_dead_connection_stops_a_batch_before_it_claims_the_next_id(fake_tool)
         assert chunk, "the first report never ended"
         seen += chunk
     proc.stdout.close()
-    proc.wait(timeout=60)
+    proc.wait(timeout=TIMEOUT)
     first = parse_remote(rids[0], run_local(fetch_script(rids[0]), home, bindir))
     assert first.state == "result" and find_keys(first.output, r"[A-Za-z0-9]{64}") == [KEY]
     for rid in rids[1:]:

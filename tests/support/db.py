@@ -1,28 +1,23 @@
-"""Database and CLI fixtures shared by the keyvault test suite.
+"""The database fixtures of the keyvault test suite (a plugin, see tests/conftest.py).
 
-Imported by ``tests/conftest.py``. Every database test runs twice, through the
-``db_url`` fixture: on SQLite (a file in ``tmp_path``) and on PostgreSQL (a fresh
-database ``kv_test_<random>`` per test, dropped at teardown). Both are migrated by
-the real ``alembic upgrade head`` through ``keyvault.db.upgrade``.
+Every database test runs twice, through the ``db_url`` fixture: on SQLite (a file in
+``tmp_path``) and on PostgreSQL (a fresh database ``kv_test_<random>`` per test, dropped
+at teardown). Both are migrated by the real ``alembic upgrade head`` through
+``keyvault.db.upgrade``. ``blank_database``/``blank_db_url`` are the same without a schema;
+``engine`` is an engine on ``db_url``.
 
 PostgreSQL: ``KEYVAULT_TEST_POSTGRES_URL`` names the server (default
 ``postgresql+psycopg://postgres@127.0.0.1:5432/test``; its database is only used to
 create and drop the per-test databases). If the server is unreachable the
 PostgreSQL tests are skipped, unless ``KEYVAULT_TEST_REQUIRE_POSTGRES=1``: then they
 fail, so CI cannot pass with the database tests silently skipped.
-
-``env`` gives an isolated ``KEYVAULT_HOME`` / ``KEYVAULT_DATABASE_URL`` /
-``KEYVAULT_MASTER_KEY_FILE`` (set in ``os.environ`` with ``monkeypatch``, which is
-how the CLI and any subprocess read their configuration), and ``cli`` runs
-``keyvault.cli.main`` with click's ``CliRunner`` in that environment.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
-import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,31 +26,6 @@ import pytest
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 POSTGRES_URL_VAR = "KEYVAULT_TEST_POSTGRES_URL"
 REQUIRE_POSTGRES_VAR = "KEYVAULT_TEST_REQUIRE_POSTGRES"
-BACKENDS = ("sqlite", "postgres")
-
-KEY_ALPHABET = string.ascii_letters + string.digits
-
-
-# SHA-256 of every key new_key() made, where tests/leak_guard.py looks for them
-# (a ``generated.sha256`` under pytest's basetemp): the run fails if one is printed.
-KEY_LOG_NAME = "generated.sha256"
-_key_log: Path | None = None
-
-
-def new_key(length: int = 64) -> str:
-    """A random key in TA's shape ([A-Za-z0-9]{64}); never print it."""
-    key = "".join(secrets.choice(KEY_ALPHABET) for _ in range(length))
-    if _key_log is not None:
-        with open(_key_log, "a", encoding="ascii") as log:
-            log.write(hashlib.sha256(key.encode()).hexdigest() + "\n")
-    return key
-
-
-def _log_keys_under(basetemp: Path) -> None:
-    global _key_log
-    directory = basetemp / "db-fixtures-keys"
-    directory.mkdir(exist_ok=True)
-    _key_log = directory / KEY_LOG_NAME
 
 
 def postgres_server_url() -> str:
@@ -66,7 +36,7 @@ def _require_postgres() -> bool:
     return os.environ.get(REQUIRE_POSTGRES_VAR, "") not in ("", "0")
 
 
-def _admin_engine(server_url: str):
+def admin_engine(server_url: str):
     """An AUTOCOMMIT engine on the server's maintenance database, without pooling."""
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
@@ -88,7 +58,7 @@ def postgres_server() -> str:
     from sqlalchemy.exc import SQLAlchemyError
 
     url = postgres_server_url()
-    engine = _admin_engine(url)
+    engine = admin_engine(url)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -105,6 +75,12 @@ def postgres_server() -> str:
     finally:
         engine.dispose()
     return url
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: str) -> str:
+    """The PostgreSQL server URL, for a test that makes its own databases (marked ``postgres``)."""
+    return postgres_server
 
 
 def _hide_password(url: str) -> str:
@@ -137,7 +113,7 @@ def create_postgres_database(server_url: str) -> PostgresDatabase:
     from sqlalchemy import text
 
     name = f"kv_test_{secrets.token_hex(6)}"
-    engine = _admin_engine(server_url)
+    engine = admin_engine(server_url)
     try:
         with engine.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -150,7 +126,7 @@ def drop_postgres_database(db: PostgresDatabase) -> None:
     """Terminate whatever still talks to the database, then drop it."""
     from sqlalchemy import text
 
-    engine = _admin_engine(db.server_url)
+    engine = admin_engine(db.server_url)
     try:
         with engine.connect() as conn:
             conn.execute(
@@ -191,7 +167,7 @@ class Database:
 @pytest.fixture(
     params=[pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
 )
-def blank_database(request, tmp_path_factory) -> Database:
+def blank_database(request, tmp_path_factory) -> Iterator[Database]:
     """A fresh, empty database (no schema) on SQLite or PostgreSQL."""
     if request.param == "sqlite":
         path = tmp_path_factory.mktemp("sqlite") / "keyvault.db"
@@ -238,80 +214,3 @@ def engine(db_url: str):
     eng = make_engine(db_url)
     yield eng
     eng.dispose()
-
-
-@dataclass(frozen=True)
-class Home:
-    """An isolated keyvault home and the environment that points at it."""
-
-    path: Path
-    database_url: str
-    master_key_file: Path
-    env: dict
-
-    @property
-    def config_file(self) -> Path:
-        return self.path / "keyvault.toml"
-
-
-def clear_keyvault_env(monkeypatch) -> None:
-    """Remove the caller's KEYVAULT_* settings (not the KEYVAULT_TEST_* switches)."""
-    for name in list(os.environ):
-        if name.startswith("KEYVAULT_") and not name.startswith("KEYVAULT_TEST_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def home(tmp_path_factory, db_url: str, monkeypatch) -> Home:
-    """KEYVAULT_HOME (not yet created), KEYVAULT_DATABASE_URL and KEYVAULT_MASTER_KEY_FILE,
-    set in ``os.environ`` for the CLI and for subprocesses."""
-    _log_keys_under(tmp_path_factory.getbasetemp())
-    path = tmp_path_factory.mktemp("kvhome") / "home"
-    master_key_file = path / "master.key"
-    env = {
-        "KEYVAULT_HOME": str(path),
-        "KEYVAULT_DATABASE_URL": db_url,
-        "KEYVAULT_MASTER_KEY_FILE": str(master_key_file),
-        "KEYVAULT_ACTOR": "pytest",
-    }
-    clear_keyvault_env(monkeypatch)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return Home(path=path, database_url=db_url, master_key_file=master_key_file, env=env)
-
-
-@pytest.fixture
-def env(home: Home) -> dict:
-    """The environment dict of ``home`` (already applied to ``os.environ``)."""
-    return dict(home.env)
-
-
-class Cli:
-    """Runs ``keyvault`` in-process with click's CliRunner (separate stdout and stderr)."""
-
-    def __init__(self) -> None:
-        from click.testing import CliRunner
-
-        self.runner = CliRunner()
-
-    def __call__(self, *args: str, input: str | bytes | None = None):  # noqa: A002
-        from keyvault.cli import main
-
-        return self.runner.invoke(main, list(args), input=input, catch_exceptions=False)
-
-
-@pytest.fixture
-def cli(env) -> Cli:
-    """``cli("secrets", "list", "--json")`` → click Result, in the ``env`` environment."""
-    return Cli()
-
-
-def describe(result) -> str:
-    """A failure message for a CLI result that never shows stdout (it may hold a key)."""
-    return f"exit {result.exit_code}; stderr: {result.stderr.strip()!r}"
-
-
-def expect(result, code: int = 0):
-    """Assert the exit code; on failure show only stderr (errors never contain keys)."""
-    assert result.exit_code == code, describe(result)
-    return result

@@ -12,11 +12,14 @@ with the in-process CLI, then starts the server:
               app-a1a2      app:c/a1 + app:c/a2
               rotator       root:c + app:c/a1, --rotate
 
-Keys come from ``db_fixtures.new_key`` (registered with the leak guard) and are kept in
+Keys come from ``leak_guard.new_key`` (registered with the leak guard) and are kept in
 ``World.keys``; compare them as ``ok = a == b; assert ok`` so that a failure report never
-shows one. The server is started with ``[sys.executable, "-m", "keyvault", "serve"]`` in
+shows one. The server is started with ``python -m keyvault serve`` in
 the ``home`` environment (``KEYVAULT_SERVE_WEBHOOKS=0``), waited for with a bounded poll of
 ``/healthz``, and stopped at teardown (SIGTERM, a bounded wait, then SIGKILL).
+
+pytest does not rewrite this module's asserts (PYTEST_DONT_REWRITE): their messages show
+stderr only, never a CompletedProcess with its stdout.
 """
 
 from __future__ import annotations
@@ -26,18 +29,18 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
-from db_fixtures import Cli, expect, new_key
 
-START_DEADLINE = 30.0  # seconds for the server to answer /healthz (an upper bound, not a measure)
-STOP_DEADLINE = 15.0
-PROCESS_TIMEOUT = 60.0  # any CLI subprocess
+from tests.support.cli import KEYVAULT, Cli, expect, proc_describe, run_keyvault
+from tests.support.leak_guard import new_key
+from tests.support.timeouts import TIMEOUT
+
 REQUEST_TIMEOUT = 15.0  # any HTTP request
 
 TOKENS = {
@@ -57,27 +60,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def kv_process(
-    *args: str,
-    input: str | None = None,  # noqa: A002 - the name subprocess.run uses
-    env: dict | None = None,
-) -> subprocess.CompletedProcess:
-    """``python -m keyvault ARGS`` in another process (the ``home`` environment), bounded in time."""
-    return subprocess.run(
-        [sys.executable, "-m", "keyvault", *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=PROCESS_TIMEOUT,
-        env=env or dict(os.environ),
-    )
-
-
-def proc_describe(result: subprocess.CompletedProcess) -> str:
-    """A failure message for a subprocess that shows only its stderr (stdout may hold a secret)."""
-    return f"exit {result.returncode}; stderr: {result.stderr.strip()[-800:]!r}"
 
 
 def scrub(text: str) -> str:
@@ -116,16 +98,7 @@ class Server:
             open(self.workdir / f"serve-{self._starts}.err", "wb") as err,
         ):
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "keyvault",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                ],
+                [*KEYVAULT, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
@@ -145,12 +118,14 @@ class Server:
                 break
             self.launch()
         pytest.fail(
-            f"keyvault serve did not become healthy within {START_DEADLINE:g}s: {last}",
+            f"keyvault serve did not become healthy within {TIMEOUT:g}s: {last}",
             pytrace=False,
         )
 
     def _wait_healthy(self) -> bool:
-        deadline = time.monotonic() + START_DEADLINE
+        proc = self.proc
+        assert proc is not None, "launch() first"
+        deadline = time.monotonic() + TIMEOUT
         with httpx.Client(timeout=2.0, trust_env=False) as http:
             while time.monotonic() < deadline:
                 try:
@@ -159,7 +134,7 @@ class Server:
                 except httpx.TransportError:
                     pass
                 try:  # the pause between polls doubles as the early-exit check
-                    self.proc.wait(timeout=0.05)
+                    proc.wait(timeout=0.05)
                     return False
                 except subprocess.TimeoutExpired:
                     pass
@@ -171,10 +146,10 @@ class Server:
             return
         proc.terminate()
         try:
-            proc.wait(timeout=STOP_DEADLINE)
+            proc.wait(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(timeout=STOP_DEADLINE)
+            proc.wait(timeout=TIMEOUT)
 
     def log_tail(self, path: Path | None = None, chars: int = 1500) -> str:
         path = path or self.workdir / f"serve-{self._starts}.err"
@@ -223,7 +198,7 @@ class World:
             ["--root"] if scope == "root" else ["--appid", scope[4:]]
         )
         if other_process:
-            result = kv_process(*args, input=key + "\n")
+            result = run_keyvault(*args, input=key + "\n")
             assert result.returncode == 0, proc_describe(result)
         else:
             expect(self.cli(*args, input=key + "\n"))
@@ -268,7 +243,7 @@ def build_world(cli: Cli, db_url: str, workdir: Path) -> World:
 
 
 @pytest.fixture
-def served(cli: Cli, db_url: str, tmp_path) -> World:
+def served(cli: Cli, db_url: str, tmp_path) -> Iterator[World]:
     """A store with two clusters, five keys and six tokens, served by ``keyvault serve``."""
     workdir = tmp_path / "serve"
     workdir.mkdir()
@@ -280,7 +255,6 @@ def served(cli: Cli, db_url: str, tmp_path) -> World:
 
 
 __all__ = [
-    "PROCESS_TIMEOUT",
     "REQUEST_TIMEOUT",
     "SCOPES",
     "TOKENS",
@@ -289,8 +263,6 @@ __all__ = [
     "build_world",
     "free_port",
     "key_matches",
-    "kv_process",
-    "proc_describe",
     "scrub",
     "served",
 ]

@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.timeouts import TIMEOUT
+
 ENV_VAR = "KEYVAULT_TEST_SSHD"
 REQUIRE_VAR = "KEYVAULT_TEST_REQUIRE_SSHD"
 DEFAULT_PATH = Path("/var/lib/keyvault-test/sshd.json")
@@ -274,7 +276,7 @@ def kill_session_processes(env: SshdEnv, user: str) -> int:
     return killed
 
 
-def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+def wait_for_port(host: str, port: int, timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not port_open(host, port, timeout=0.5):
         if time.monotonic() >= deadline:
@@ -298,7 +300,7 @@ def stop_sshd(env: SshdEnv, timeout: float = 5.0) -> None:
         env.sshd_pid_file.unlink()
 
 
-def start_sshd(env: SshdEnv, timeout: float = 10.0) -> int:
+def start_sshd(env: SshdEnv, timeout: float = TIMEOUT) -> int:
     """Start the listener from env's config; return its pid once it accepts connections."""
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     subprocess.run(
@@ -320,7 +322,7 @@ def start_sshd(env: SshdEnv, timeout: float = 10.0) -> int:
         time.sleep(0.1)
 
 
-def restart_sshd(env: SshdEnv, timeout: float = 10.0) -> int:
+def restart_sshd(env: SshdEnv, timeout: float = TIMEOUT) -> int:
     """Stop and start the test sshd; return the new listener pid."""
     stop_sshd(env)
     return start_sshd(env, timeout=timeout)

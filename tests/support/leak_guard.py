@@ -5,17 +5,35 @@ Every key the ta-tool emulator generates is logged by SHA-256 in its state dir
 stderr (fd level, so subprocesses too), log records (keyvault's loggers at DEBUG)
 and failure reports — and at the end hashes every 64-character token in it. A
 match is a leaked key: the run fails, naming only how many were found.
+
+Keys a test makes itself come from ``new_key``, which logs them the same way (a
+``generated.sha256`` under pytest's basetemp), so they are looked for too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import secrets
+import string
 from pathlib import Path
 
 import pytest
 
+KEY_ALPHABET = string.ascii_letters + string.digits
+
 _captured: list[str] = []
 _state_dirs: set[Path] = set()
+_key_log: Path | None = None
+
+
+def new_key(length: int = 64) -> str:
+    """A random key in TA's shape ([A-Za-z0-9]{64}), known to the guard; never print it."""
+    key = "".join(secrets.choice(KEY_ALPHABET) for _ in range(length))
+    if _key_log is not None:
+        with open(_key_log, "a", encoding="ascii") as log:
+            log.write(hashlib.sha256(key.encode()).hexdigest() + "\n")
+    return key
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,8 +50,15 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _remember_basetemp(tmp_path_factory):
-    _state_dirs.add(tmp_path_factory.getbasetemp())
-    yield  # noqa: PT022
+    from keyvault.sandbox.state import FINGERPRINT_LOG
+
+    global _key_log
+    basetemp = tmp_path_factory.getbasetemp()
+    _state_dirs.add(basetemp)
+    (basetemp / "new-keys").mkdir(exist_ok=True)
+    _key_log = basetemp / "new-keys" / FINGERPRINT_LOG
+    yield
+    _key_log = None
 
 
 def _fingerprints() -> set[str]:
@@ -41,7 +66,7 @@ def _fingerprints() -> set[str]:
 
     roots = set(_state_dirs)
     try:
-        from sshd_env import load_sshd_env
+        from tests.support.sshd_env import load_sshd_env
 
         env = load_sshd_env()
         if env is not None:

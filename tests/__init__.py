@@ -1,0 +1,1 @@
+"""keyvault's test suite; a package so that ``tests.support`` is importable by that name."""
