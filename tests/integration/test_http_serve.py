@@ -3,7 +3,7 @@ json` writes one JSON object per line with one access line per request (request 
 template, status; never a token or a key), and /metrics exports what the example alert rules
 in ops/prometheus/ use, with values read from the store (SQLite and PostgreSQL).
 
-A real server process on 127.0.0.1 (tests/http_fixtures.py); every wait is bounded.
+A real server process on 127.0.0.1 (tests/support/http.py); every wait is bounded.
 """
 
 from __future__ import annotations
@@ -21,23 +21,18 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from db_fixtures import expect
-from http_fixtures import (
-    REQUEST_TIMEOUT,
-    World,
-    kv_process,
-    proc_describe,
-    scrub,
-    served,  # noqa: F401  (fixture)
-)
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 import keyvault
 from keyvault.models import Rotation, utcnow
+from tests.support.cli import expect, proc_describe, run_keyvault
+from tests.support.http import REQUEST_TIMEOUT, World, scrub
+from tests.support.timeouts import TIMEOUT
 
-START_DEADLINE = 60.0  # seconds for the process to print its port and answer (an upper bound)
-STOP_DEADLINE = 15.0
+# Upper bounds for a process to print its port and answer, and to stop (never durations
+# that must elapse): the shared TIMEOUT, generous for two busy cores.
+START_DEADLINE = STOP_DEADLINE = TIMEOUT
 MADE_UP_ID = "[0-9a-f]{12}-[0-9a-f]+"  # made by the server: per-process prefix, counter
 ALERTS = Path(__file__).resolve().parents[2] / "ops" / "prometheus" / "keyvault-alerts.yml"
 LISTENING = re.compile(r"keyvault listening on http://127\.0\.0\.1:(\d+) ")
@@ -181,7 +176,7 @@ def test_serve_no_access_log_writes_no_access_lines(served: World, tmp_path):
 
 def test_serve_on_a_taken_port_is_a_one_line_error(served: World):
     taken = served.server.port
-    result = kv_process("serve", "--port", str(taken), env=served.server.env)
+    result = run_keyvault("serve", "--port", str(taken), env=served.server.env)
     assert result.returncode == 1, proc_describe(result)
     assert result.stderr.strip().splitlines() == [
         f"error: cannot listen on 127.0.0.1:{taken}: Address already in use; "
