@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 CLUSTER, APPID, SECRET_NAME = "C", "A", "bench"
 LOADS = ((1, 1), (32, 2))  # (connections, threads)
-KEY_READ_ROUTE = 'keyvault_http_requests_total{route="GET /v1/clusters/{cluster}/key",status="200"}'
+KEY_READ_ROUTE = 'keyvault_http_requests_total{code="200",method="GET",route="/v1/clusters/{cluster}/apps/{appid}"}'
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
