@@ -19,20 +19,14 @@ def _require_store(app) -> None:
 
 
 def _parse_apps(values) -> list[str]:
-    import re
-
-    from keyvault.errors import InvalidInput
+    from keyvault.scope import validate_appid
 
     apps: list[str] = []
     for value in values:
         for appid in (a.strip() for a in value.split(",")):
             if not appid:
                 continue
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", appid):
-                raise InvalidInput(
-                    f"invalid APPID {appid[:40]!r}",
-                    hint="use letters, digits, '_', '.' and '-' (64 at most)",
-                )
+            validate_appid(appid)
             if appid not in apps:
                 apps.append(appid)
     return apps

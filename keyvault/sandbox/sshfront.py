@@ -45,6 +45,7 @@ import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
 
 from keyvault import tahost
+from keyvault.scope import APPID
 from keyvault.ssh import sha256_fingerprint
 
 log = logging.getLogger("keyvault.sandbox.sshfront")
@@ -57,11 +58,10 @@ REFUSED_STATUS = 126
 REFUSAL = b"sandbox: refusing command\n"
 ROOT_COMMAND = "ta-tool generate_root_secret"
 APP_TEMPLATE = "ta-tool generate_api_secret -appid {appid}"
-# An APPID the front accepts; shlex.quote leaves all of these unquoted.
-APPID = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 _RID_RE = re.compile(r"@@KV:([a-z0-9-]{6,32}):")
 _CLEANUP_IDS_RE = re.compile(r'umask 077; kv_ids="([a-z0-9-]{6,32}(?: [a-z0-9-]{6,32})*)"; ')
 _CALL_RE = re.compile(r"([a-z0-9-]{6,32}) (.*)")
+# An APPID per keyvault.scope; shlex.quote leaves all of these unquoted.
 _APPID_RE = re.compile(rf"-appid ({APPID})")
 _MAX_CANDIDATES = 4
 _READ_CHUNK = 65536

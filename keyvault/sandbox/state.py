@@ -45,7 +45,10 @@ NOISE_OPTIONS = frozenset(
 )
 OUTPUT_MODES = ("normal", "no_key", "two_keys")
 _FILES = ("state.json", "state.lock", "noise.json", "last_run.json", "holding", "generated.sha256")
-_APPID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+# Characters of a key file name. Registration checks the APPID grammar (keyvault.scope); a
+# generation only checks that the name is a safe file name (no '/', no '.'), which every
+# registered APPID is, without paying for importing keyvault.scope on each ta-tool call.
+_FILE_NAME_CHARS = frozenset(KEY_ALPHABET + "_-")
 KEYS_DIR = "keys"
 FORMAT = 2
 
@@ -158,19 +161,10 @@ def _scope_file(scope):
     if scope == "root":
         return os.path.join(KEYS_DIR, "root")
     if isinstance(scope, str) and scope.startswith("app:") and len(scope) > 4:
-        if not _valid_appid(scope[4:]):  # could never have been registered
+        if not set(scope[4:]) <= _FILE_NAME_CHARS:  # could never have been registered
             raise UnknownApp(f"appid {scope[4:]} does not exist")
         return os.path.join(KEYS_DIR, f"app-{scope[4:]}")
     raise ValueError(f"bad scope {scope!r}: expected 'root' or 'app:<APPID>'")
-
-
-def _valid_appid(appid):
-    return (
-        isinstance(appid, str)
-        and appid != ""
-        and set(appid) <= _APPID_CHARS
-        and appid not in (".", "..")
-    )
 
 
 def _read_entry(state_dir, scope):
@@ -212,9 +206,11 @@ def _upgrade(state_dir, old):
 
 
 def _register(state_dir, registry, apps):
+    from keyvault.scope import APPID_RULE, is_appid  # the one APPID grammar
+
     for appid in apps:
-        if not _valid_appid(appid):
-            raise ValueError(f"bad APPID {appid!r}: expected [A-Za-z0-9_.-]+")
+        if not is_appid(appid):
+            raise ValueError(f"bad APPID {appid!r}: expected {APPID_RULE}")
     for appid in apps:
         if appid not in registry["apps"]:
             registry["apps"][appid] = max(registry["apps"].values(), default=0) + 1
@@ -378,7 +374,7 @@ def find_leaks(text, fingerprints) -> int:
 def _write_last_run(state_dir, scope):
     """Write last_run.json with this process's pid and the scope (never the key)."""
     # By hand rather than with json: ta-tool then never imports it. A scope is root or
-    # app:<APPID> with APPID characters [A-Za-z0-9_.-], which need no escaping.
+    # app:<APPID> with APPID characters [A-Za-z0-9_-] (keyvault.scope), which need no escaping.
     text = f'{{"pid": {os.getpid()}, "scope": "{scope}", "time": {time.time()!r}}}\n'
     _write_file(state_dir, "last_run.json", text.encode("ascii"))
 
