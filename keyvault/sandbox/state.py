@@ -66,11 +66,18 @@ def _path(state_dir, name):
 
 
 def _follow_dir_owner(fd, state_dir):
+    owner = _dir_owner(state_dir)
+    if owner is not None:
+        os.fchown(fd, *owner)
+
+
+def _dir_owner(state_dir):
     # When root writes into a state dir that belongs to the ta user (init with
     # owner=...), new files must stay that user's or ta-tool loses access to them.
-    if os.geteuid() == 0:
-        st = os.stat(state_dir)
-        os.fchown(fd, st.st_uid, st.st_gid)
+    if os.geteuid() != 0:
+        return None
+    st = os.stat(state_dir)
+    return st.st_uid, st.st_gid
 
 
 def _chown_tree(state_dir, owner):
@@ -123,21 +130,13 @@ class _locked:
 
 
 def _write_file(state_dir, name, data: bytes):
-    """Atomically replace state_dir/name with data (mode 0600)."""
-    # Callers hold the exclusive lock, so a per-process name cannot collide.
-    tmp = _path(state_dir, f"{name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            _follow_dir_owner(fd, state_dir)
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, _path(state_dir, name))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Atomically replace state_dir/name with data (mode 0600, owned like state_dir)."""
+    from keyvault.fsutil import atomic_write  # imports only os and contextlib
+
+    # Not fsync'd: the simulated cluster must survive killed processes, not power loss.
+    atomic_write(
+        _path(state_dir, name), data, mode=0o600, durable=False, owner=_dir_owner(state_dir)
+    )
 
 
 def _write_json(state_dir, name, obj):
@@ -429,7 +428,6 @@ def install_wrapper(dest, state_dir, *, python=sys.executable, owner=None, pytho
     default, the directory this copy of keyvault is in.
     """
     import shlex
-    import tempfile
 
     dest = os.fspath(dest)
     state_dir = os.path.abspath(os.fspath(state_dir))  # the wrapper runs from any cwd
@@ -449,18 +447,11 @@ def install_wrapper(dest, state_dir, *, python=sys.executable, owner=None, pytho
         "#!/bin/sh\n# ta-tool emulator of the keyvault TA simulator (not the real TA tool)\n"
         f'{env} exec {shlex.quote(os.fspath(python))} -P -S -c {shlex.quote(code)} "$@"\n'
     )
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ta-tool.", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(script)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from keyvault.fsutil import atomic_write
+
+    # Made here with the umask's mode, not atomic_write's 0700: the ta user runs the wrapper.
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    atomic_write(dest, script.encode("utf-8"), mode=0o755)
     if owner is not None and os.path.isdir(state_dir):
         _chown_tree(state_dir, owner)  # the owner runs the wrapper, so must lock/write state
 
