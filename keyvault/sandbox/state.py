@@ -216,7 +216,7 @@ def _register(state_dir, registry, apps):
             _write_entry(state_dir, f"app:{appid}", 0, None)
 
 
-def new_key():
+def new_key() -> str:
     """Return a fresh random 64-char [A-Za-z0-9] token."""
     # os.urandom with rejection sampling (uniform over the 62 symbols); no `secrets`
     # import, whose start-up cost every emulated ta-tool run would pay.

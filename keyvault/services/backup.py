@@ -30,13 +30,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, cast
 
 from sqlalchemy import (
     Boolean,
+    CursorResult,
     DateTime,
     Integer,
     LargeBinary,
+    Result,
     String,
+    Table,
     Text,
     bindparam,
     delete,
@@ -116,7 +120,7 @@ class RestoreReport:
 # --- tables and values -------------------------------------------------------------------
 
 
-def backup_tables():
+def backup_tables() -> list[Table]:
     """Every table of the schema, parents before children (``alembic_version`` is not a model)."""
     return list(Base.metadata.sorted_tables)
 
@@ -467,19 +471,8 @@ def _verify(session: Session, keyring: crypto.Keyring) -> tuple[int, int]:
     return versions, hooks
 
 
-def import_store(
-    session: Session, *, keyring: crypto.Keyring, data: bytes, replace: bool
-) -> RestoreReport:
-    """Restore a backup into this database, in the caller's transaction.
-
-    Refuses a damaged file (``InvalidInput``/``IntegrityError``), a keyring without the
-    backup's master key (``WrongMasterKey``), another schema revision (``Conflict``) and,
-    unless ``replace``, a database that already holds keyvault data (``Conflict``). With
-    ``replace`` every row is deleted first. After inserting (ids preserved) every secret
-    version is decrypted; any failure raises, and the caller's rollback keeps the old data.
-    """
-    contents = open_backup(data, keyring=keyring)
-    header = contents.header
+def _check_restorable(session: Session, header: BackupHeader) -> None:
+    """The backup and the database are at this keyvault's schema, with no unknown tables."""
     if header.schema_revision != SCHEMA_HEAD:
         raise Conflict(
             f"this backup is at schema revision {header.schema_revision}, this keyvault's is {SCHEMA_HEAD}",
@@ -493,6 +486,87 @@ def import_store(
             hint="run `keyvault init` (or `keyvault db upgrade`) before restoring",
         )
     _check_no_unknown_tables(session)
+
+
+def _delete_all(session: Session, tables: list[Table]) -> dict[str, int]:
+    """Delete every row but the revision counter's; return the keyvault data deleted per table."""
+    deleted = {}
+    for table in reversed(tables):
+        if table.name == _REVISION_TABLE:
+            continue
+        n = _rowcount(session.execute(delete(table)))
+        if n and table.name not in _INIT_TABLES:
+            deleted[table.name] = n
+    return deleted
+
+
+def _insert_rows(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` (ids preserved); self-references are set once every row exists."""
+    self_refs = [c for c in table.columns if any(fk.column.table is table for fk in c.foreign_keys)]
+    session.execute(insert(table), [{**r, **{c.name: None for c in self_refs}} for r in rows])
+    pk = list(table.primary_key.columns)
+    for c in self_refs:
+        links = [
+            {**{f"_pk_{k.name}": r[k.name] for k in pk}, "_link": r[c.name]}
+            for r in rows
+            if r[c.name] is not None
+        ]
+        if links:
+            stmt = update(table).where(*(k == bindparam(f"_pk_{k.name}") for k in pk))
+            session.execute(stmt.values({c.name: bindparam("_link")}), links)
+
+
+def _advance_revision(session: Session, current: int, backup_rows: list[dict[str, Any]]) -> None:
+    # Servers compare the revision counter for equality: move it past both histories.
+    new_value = max(current, max((r["value"] for r in backup_rows), default=0)) + 1
+    updated = session.execute(text("UPDATE revision SET value = :v WHERE id = 1"), {"v": new_value})
+    if _rowcount(updated) == 0:
+        session.execute(text("INSERT INTO revision (id, value) VALUES (1, :v)"), {"v": new_value})
+
+
+def _rowcount(result: Result[Any]) -> int:
+    # DML results are CursorResults, which count rows; Result's annotation does not say so.
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+def _replace_rows(
+    session: Session, tables: list[Table], rows_by_table: dict[str, list[dict[str, Any]]]
+) -> dict[str, int]:
+    """Delete everything, insert the backup's rows, move the revision on; return what was deleted."""
+    revision_value = session.execute(text("SELECT value FROM revision WHERE id = 1")).scalar() or 0
+    try:
+        deleted = _delete_all(session, tables)
+        for table in tables:
+            rows = rows_by_table[table.name]
+            if table.name != _REVISION_TABLE and rows:
+                _insert_rows(session, table, rows)
+        _advance_revision(session, revision_value, rows_by_table.get(_REVISION_TABLE, []))
+        _fix_sequences(session)
+        session.flush()
+    except SAIntegrityError as exc:
+        orig = getattr(exc, "orig", None) or exc
+        reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
+        raise DatabaseError(
+            f"the backup's rows do not fit the database ({reason}); nothing was restored",
+            hint="use an unmodified backup made by this keyvault version",
+        ) from None
+    return deleted
+
+
+def import_store(
+    session: Session, *, keyring: crypto.Keyring, data: bytes, replace: bool
+) -> RestoreReport:
+    """Restore a backup into this database, in the caller's transaction.
+
+    Refuses a damaged file (``InvalidInput``/``IntegrityError``), a keyring without the
+    backup's master key (``WrongMasterKey``), another schema revision (``Conflict``) and,
+    unless ``replace``, a database that already holds keyvault data (``Conflict``). With
+    ``replace`` every row is deleted first. After inserting (ids preserved) every secret
+    version is decrypted; any failure raises, and the caller's rollback keeps the old data.
+    """
+    contents = open_backup(data, keyring=keyring)
+    header = contents.header
+    _check_restorable(session, header)
     tables = backup_tables()
     rows_by_table = {t.name: _rows_of(contents, t) for t in tables}
     _check_backup_keys(contents, keyring)
@@ -506,59 +580,7 @@ def import_store(
             hint="restore into an empty store (`keyvault init` on a fresh database), "
             "or pass --replace to delete everything and replace it with the backup",
         )
-
-    deleted = {}
-    revision_value = session.execute(text("SELECT value FROM revision WHERE id = 1")).scalar() or 0
-    try:
-        for table in reversed(tables):
-            if table.name == _REVISION_TABLE:
-                continue
-            n = session.execute(delete(table)).rowcount
-            if n and table.name not in _INIT_TABLES:
-                deleted[table.name] = n
-        for table in tables:
-            rows = rows_by_table[table.name]
-            if table.name == _REVISION_TABLE or not rows:
-                continue
-            # Self-references (superseded_by_id) are set once every row of the table exists.
-            self_refs = [
-                c for c in table.columns if any(fk.column.table is table for fk in c.foreign_keys)
-            ]
-            first = [{**r, **{c.name: None for c in self_refs}} for r in rows]
-            session.execute(insert(table), first)
-            pk = list(table.primary_key.columns)
-            for c in self_refs:
-                links = [
-                    {**{f"_pk_{k.name}": r[k.name] for k in pk}, "_link": r[c.name]}
-                    for r in rows
-                    if r[c.name] is not None
-                ]
-                if links:
-                    stmt = update(table).where(*(k == bindparam(f"_pk_{k.name}") for k in pk))
-                    session.execute(stmt.values({c.name: bindparam("_link")}), links)
-        # Servers compare the revision counter for equality: move it past both histories.
-        backup_revision = max(
-            (r["value"] for r in rows_by_table.get(_REVISION_TABLE, [])), default=0
-        )
-        new_value = max(revision_value, backup_revision) + 1
-        if (
-            session.execute(
-                text("UPDATE revision SET value = :v WHERE id = 1"), {"v": new_value}
-            ).rowcount
-            == 0
-        ):
-            session.execute(
-                text("INSERT INTO revision (id, value) VALUES (1, :v)"), {"v": new_value}
-            )
-        _fix_sequences(session)
-        session.flush()
-    except SAIntegrityError as exc:
-        orig = getattr(exc, "orig", None) or exc
-        reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
-        raise DatabaseError(
-            f"the backup's rows do not fit the database ({reason}); nothing was restored",
-            hint="use an unmodified backup made by this keyvault version",
-        ) from None
+    deleted = _replace_rows(session, tables, rows_by_table)
     session.expire_all()
     versions, hooks = _verify(session, keyring)
     return RestoreReport(
