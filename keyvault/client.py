@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from keyvault import httpclient
+from keyvault import __version__, httpclient
 from keyvault.errors import (
     Conflict,
     Forbidden,
@@ -57,7 +57,7 @@ _ERRORS: dict[int, type[KeyvaultError]] = {
 }
 _SEGMENT = re.compile(r"[^/\s]+")
 _FIELDS = ("cluster", "scope", "version", "fingerprint", "created_at", "key")
-_USER_AGENT = "keyvault-client/0.1"
+_USER_AGENT = f"keyvault-client/{__version__}"
 # A key answer is a few hundred bytes; anything near this is not keyvault answering.
 _MAX_ANSWER_BYTES = 1024 * 1024
 
