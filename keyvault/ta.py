@@ -1,6 +1,6 @@
 """Client for the TA (ThinkingData) Open API: build URLs, call them, explain return codes.
 
-What is confirmed (see docs: ta-facts.md): the URL is ``http://<host>:8992/<api_path>?token=<key>``,
+What TA's Open API documentation confirms: the URL is ``http://<host>:8992/<api_path>?token=<key>``,
 GET or POST (JSON body; form body for ``querySql``), and errors come back as HTTP 200 with a
 non-zero ``return_code`` in the envelope. The key travels in the query string, so every URL this
 module shows (exception, repr, log) goes through ``redact_url`` and server text is scrubbed of it.
