@@ -19,18 +19,22 @@ Errors are ``keyvault.errors`` classes mapped from the server's answer: 400 Inva
 ``.code``, the status in ``.http_status`` and its ``detail``. Neither the token nor a key is
 ever part of a repr or an error message.
 
-httpx is imported when a Client is made, so ``import keyvault`` stays light.
+Requests go through ``keyvault.httpclient`` (standard library; one connection per request,
+no environment proxy, no redirect followed, bounded answers), so ``import keyvault.client``
+stays light and a Client is safe to share between threads.
 """
 
 from __future__ import annotations
 
 import re
+import ssl
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from keyvault import __version__, httpclient
 from keyvault.errors import (
     Conflict,
     Forbidden,
@@ -53,7 +57,9 @@ _ERRORS: dict[int, type[KeyvaultError]] = {
 }
 _SEGMENT = re.compile(r"[^/\s]+")
 _FIELDS = ("cluster", "scope", "version", "fingerprint", "created_at", "key")
-_USER_AGENT = "keyvault-client/0.1"
+_USER_AGENT = f"keyvault-client/{__version__}"
+# A key answer is a few hundred bytes; anything near this is not keyvault answering.
+_MAX_ANSWER_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -118,11 +124,20 @@ class _Hidden(str):
 
 
 class Client:
-    """A pooled, thread-safe client of keyvault's HTTP API for one bearer token."""
+    """A thread-safe client of keyvault's HTTP API for one bearer token.
 
-    def __init__(self, url: str, token: str, *, timeout: float = 5.0, verify: Any = True) -> None:
-        import httpx  # lazily: only consumers that make a Client pay for it
+    ``verify``: True (system CAs), False (no check: tests only), a CA bundle path or an
+    ``ssl.SSLContext``; used for https URLs.
+    """
 
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout: float = 5.0,
+        verify: bool | str | ssl.SSLContext = True,
+    ) -> None:
         if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token):
             raise InvalidInput(
                 "the keyvault token is empty or contains whitespace",
@@ -135,30 +150,19 @@ class Client:
         self._token = _Hidden(token)
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], KeyInfo] = {}
-        self._httpx = httpx
-        # trust_env=False: no proxy from the environment gets to see keys (cf. keyvault.ta);
-        # redirects are not followed, so the bearer token goes nowhere else.
-        self._http = httpx.Client(
-            base_url=self.url,
-            timeout=self.timeout,
-            verify=verify,
-            trust_env=False,
-            follow_redirects=False,
-            headers={
-                "Authorization": f"Bearer {token}",
-                "Accept": "application/json",
-                "User-Agent": _USER_AGENT,
-            },
-        )
+        self._ssl = httpclient.ssl_context(verify) if self.url.startswith("https:") else None
+        # httpclient uses no proxy from the environment (none gets to see keys) and follows
+        # no redirect, so the bearer token goes nowhere else. The Authorization header is
+        # made per request, so no attribute but the _Hidden token holds it.
+        self._headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
 
     def __repr__(self) -> str:
         return f"Client(url={self.url!r})"
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the connection pool and forget every cached key."""
+        """Forget every cached key (each request uses its own connection)."""
         self.refresh()
-        self._http.close()
 
     def __enter__(self) -> Client:
         return self
@@ -203,15 +207,15 @@ class Client:
             cached = self._cache.get((cluster, scope))
         headers = {"If-None-Match": cached.etag} if cached is not None else {}
         response = self._request("GET", path, headers=headers)
-        if response.status_code == 304:
+        if response.status == 304:
             if cached is None:
                 raise KeyvaultError(
                     f"keyvault answered GET {path} with 304 to a request without If-None-Match",
                     hint="check proxies in between",
                 )
             return cached
-        if response.status_code != 200:
-            if response.status_code == 404:
+        if response.status != 200:
+            if response.status == 404:
                 self.refresh(cluster, scope)
             raise self._error("GET", path, response)
         info = self._parse_key(path, response, cluster, scope)
@@ -219,7 +223,9 @@ class Client:
             self._cache[(cluster, scope)] = info
         return info
 
-    def _parse_key(self, path: str, response: Any, cluster: str, scope: str) -> KeyInfo:
+    def _parse_key(
+        self, path: str, response: httpclient.Response, cluster: str, scope: str
+    ) -> KeyInfo:
         try:
             body = response.json()
         except ValueError:
@@ -244,7 +250,7 @@ class Client:
                 f"{str(body['scope'])[:80]!r} of {str(body['cluster'])[:80]!r}, "
                 f"not {scope!r} of {cluster!r}"
             )
-        etag = response.headers.get("ETag") or f'"v{version}"'
+        etag = response.header("ETag") or f'"v{version}"'
         return KeyInfo(
             cluster=cluster,
             scope=scope,
@@ -299,25 +305,33 @@ class Client:
         return call(fetch())
 
     # -- HTTP ------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        httpx = self._httpx
+    def _request(
+        self, method: str, path: str, *, headers: Mapping[str, str] | None = None
+    ) -> httpclient.Response:
         try:
-            return self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException:
-            raise KeyvaultError(
-                f"keyvault at {self.url} did not answer {method} {path} within {self.timeout:g}s"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise KeyvaultError(
-                f"cannot reach keyvault at {self.url} ({method} {path}): "
-                f"{type(exc).__name__}: {self._scrub(str(exc))}"
-            ) from None
+            return httpclient.request(
+                method,
+                self.url + path,
+                headers={
+                    **self._headers,
+                    "Authorization": f"Bearer {self._token}",
+                    **(headers or {}),
+                },
+                timeout=self.timeout,
+                max_bytes=_MAX_ANSWER_BYTES,
+                what="keyvault",
+                shown=f"{self.url} ({method} {path})",
+                scrub=self._scrub,
+                context=self._ssl,
+            )
+        except httpclient.HttpError as exc:
+            raise KeyvaultError(str(exc)) from None
 
     def _scrub(self, text: str) -> str:
         return text.replace(str(self._token), "***") if self._token else text
 
-    def _error(self, method: str, path: str, response: Any) -> KeyvaultError:
-        status = response.status_code
+    def _error(self, method: str, path: str, response: httpclient.Response) -> KeyvaultError:
+        status = response.status
         code, detail = None, None
         try:
             body = response.json()
@@ -331,12 +345,12 @@ class Client:
         label = (
             (f"{code}: {shown}" if shown else code)
             if code
-            else response.reason_phrase or "no JSON error body"
+            else response.reason or "no JSON error body"
         )
         cls = _ERRORS.get(status, KeyvaultError)
         error = cls(f"keyvault {method} {path} answered HTTP {status} ({label})")
         error.http_status = status
         if code:
             error.code = code
-        error.detail = detail
+        error.detail = detail  # type: ignore[attr-defined]  # not declared in errors.py (see notes)
         return error

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from keyvault.errors import DatabaseError, NotInitialized
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
-    from sqlalchemy.orm import Session
+    from alembic.config import Config
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.orm import Session, sessionmaker
 
 
 def normalize_url(url: str) -> str:
@@ -41,7 +42,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn, _record):
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             # Let SQLAlchemy's "begin" event decide how transactions start.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
@@ -53,7 +54,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _on_begin(conn):
+        def _on_begin(conn: Connection) -> None:
             # IMMEDIATE takes the write lock up front, so two writers serialize
             # instead of failing late with "database is locked" on upgrade.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -62,7 +63,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def session_factory(engine: Engine):
+def session_factory(engine: Engine) -> sessionmaker[Session]:
     """A sessionmaker bound to ``engine`` that keeps objects usable after commit."""
     from sqlalchemy.orm import sessionmaker
 
@@ -70,7 +71,7 @@ def session_factory(engine: Engine):
 
 
 @contextmanager
-def transaction(factory) -> Iterator[Session]:
+def transaction(factory: Callable[[], Session]) -> Iterator[Session]:
     """One unit of work owned by an entrypoint: commit on success, roll back on error."""
     from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -98,7 +99,7 @@ def _one_line(exc: Exception) -> str:
     return str(orig).strip().splitlines()[0][:300] if str(orig).strip() else type(orig).__name__
 
 
-def alembic_config(url: str):
+def alembic_config(url: str) -> Config:
     """An alembic Config pointing at keyvault's migrations and ``url``."""
     from alembic.config import Config
 
@@ -138,7 +139,10 @@ def head_revision() -> str:
     """The newest migration revision shipped with this keyvault."""
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory(str(migrations_dir())).get_current_head()
+    head = ScriptDirectory(str(migrations_dir())).get_current_head()
+    if head is None:  # a packaging error: the migrations directory is empty
+        raise RuntimeError(f"no migrations found in {migrations_dir()}")
+    return head
 
 
 # The newest migration; a test proves it equals alembic's head. Reading it from
@@ -178,7 +182,7 @@ def require_head(engine: Engine) -> None:
         )
 
 
-def schema_drift(engine: Engine) -> list:
+def schema_drift(engine: Engine) -> list[Any]:
     """Differences between the models and the migrated database (empty when they agree)."""
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext

@@ -1,6 +1,6 @@
 """Client for the TA (ThinkingData) Open API: build URLs, call them, explain return codes.
 
-What is confirmed (see docs: ta-facts.md): the URL is ``http://<host>:8992/<api_path>?token=<key>``,
+What TA's Open API documentation confirms: the URL is ``http://<host>:8992/<api_path>?token=<key>``,
 GET or POST (JSON body; form body for ``querySql``), and errors come back as HTTP 200 with a
 non-zero ``return_code`` in the envelope. The key travels in the query string, so every URL this
 module shows (exception, repr, log) goes through ``redact_url`` and server text is scrubbed of it.
@@ -8,17 +8,15 @@ module shows (exception, repr, log) goes through ``redact_url`` and server text 
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from keyvault import httpclient
 from keyvault.errors import InvalidInput, TaApiError, TaTransportError
 
 log = logging.getLogger("keyvault.ta")
@@ -179,13 +177,6 @@ def build_url(
     return f"{base}/{path}?{urllib.parse.urlencode(query)}"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # The Open API does not redirect; a redirect means a proxy or login page, and following
-    # it could carry the request (and its key) somewhere else. Turn it into an HTTPError.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
 def _snippet(body: bytes, token: str) -> str:
     text = " ".join(body[:120].decode("utf-8", "replace").split())
     return f", body starts {_scrub(text, token)!r}" if text else ""
@@ -211,9 +202,6 @@ class TaClient:
             **{int(k): str(v) for k, v in (error_codes or {}).items()},
         }
         self.invalid_key_codes = frozenset(int(c) for c in (invalid_key_codes or ()))
-        # No environment proxies: a corporate proxy would otherwise see (and log) keys that sit
-        # in the query string of plain-HTTP URLs to an internal cluster.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
 
     def __repr__(self) -> str:
         return f"TaClient(base_url={self.base_url!r})"
@@ -278,49 +266,45 @@ class TaClient:
                 {k: _param_value(v) for k, v in form_body.items()}
             ).encode("utf-8")
             headers["Content-Type"] = "application/x-www-form-urlencoded"
-        request = urllib.request.Request(url, data=data, headers=headers, method=method)
         log.debug("TA %s %s", method, shown)
-        body, content_type = self._send(request, shown, token)
+        body, content_type = self._send(method, url, data, headers, shown, token)
         envelope = _parse_envelope(body, content_type, shown, token)
         log.debug("TA %s %s -> return_code %s", method, shown, envelope["return_code"])
         return envelope
 
-    def _send(self, request: urllib.request.Request, shown: str, token: str) -> tuple[bytes, str]:
-        # `from None` everywhere: urllib's exceptions keep the full URL (with the key) around.
-        timeout_msg = f"TA Open API {shown} did not answer within {self.timeout:g}s"
+    def _send(
+        self,
+        method: str,
+        url: str,
+        data: bytes | None,
+        headers: dict[str, str],
+        shown: str,
+        token: str,
+    ) -> tuple[bytes, str]:
+        # httpclient uses no environment proxy (a proxy would see the key in the query
+        # string) and follows no redirect: the Open API does not redirect, so a 3xx is a
+        # proxy or login page and following it could carry the key somewhere else.
         try:
-            with self._opener.open(request, timeout=self.timeout) as resp:
-                status, body = resp.status, resp.read()
-                content_type = resp.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as exc:
-            try:
-                snippet = _snippet(exc.read(), token)
-            except (OSError, http.client.HTTPException):
-                snippet = ""
-            finally:
-                exc.close()  # holds the socket; unclosed it leaks (ResourceWarning)
-            raise TaTransportError(
-                f"TA Open API {shown} answered HTTP {exc.code} "
-                f"{_scrub(str(exc.reason), token)}{snippet}"
-            ) from None
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, TimeoutError):
-                raise TaTransportError(timeout_msg) from None
-            raise TaTransportError(
-                f"cannot reach the TA Open API at {shown}: {_scrub(str(exc.reason), token)}"
-            ) from None
-        except TimeoutError:
-            raise TaTransportError(timeout_msg) from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise TaTransportError(
-                f"connection to the TA Open API at {shown} failed: "
-                f"{type(exc).__name__}: {_scrub(str(exc), token)}"
-            ) from None
-        if status != 200:  # TA reports errors in the envelope with HTTP 200, so 2xx != 200 is odd
-            raise TaTransportError(
-                f"TA Open API {shown} answered HTTP {status} instead of 200{_snippet(body, token)}"
+            answer = httpclient.request(
+                method,
+                url,
+                body=data,
+                headers=headers,
+                timeout=self.timeout,
+                what="the TA Open API",
+                shown=shown,
+                scrub=lambda text: _scrub(text, token),
             )
-        return body, content_type
+        except httpclient.HttpError as exc:
+            raise TaTransportError(str(exc)) from None
+        if answer.status == 200:
+            return answer.body, answer.header("Content-Type")
+        # TA reports errors in the envelope with HTTP 200: any other status is a failure.
+        detail = "instead of 200" if 200 <= answer.status < 300 else _scrub(answer.reason, token)
+        raise TaTransportError(
+            f"TA Open API {shown} answered HTTP {answer.status} {detail}"
+            f"{_snippet(answer.body, token)}"
+        )
 
     def _api_error(self, api_path: str, envelope: Mapping[str, Any], token: str) -> TaApiError:
         code = envelope["return_code"]
@@ -335,8 +319,9 @@ class TaClient:
             meaning=meaning,
         )
         # Kept for diagnosis but out of str(): a Java stack is long and not for the user.
-        error.stack_message = _scrub(str(envelope.get("stackMessage") or ""), token)
-        error.api_path = path
+        # (errors.TaApiError does not declare these two; see the pkg requests note.)
+        error.stack_message = _scrub(str(envelope.get("stackMessage") or ""), token)  # type: ignore[attr-defined]
+        error.api_path = path  # type: ignore[attr-defined]
         return error
 
 

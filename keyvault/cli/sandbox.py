@@ -19,20 +19,14 @@ def _require_store(app) -> None:
 
 
 def _parse_apps(values) -> list[str]:
-    import re
-
-    from keyvault.errors import InvalidInput
+    from keyvault.scope import validate_appid
 
     apps: list[str] = []
     for value in values:
         for appid in (a.strip() for a in value.split(",")):
             if not appid:
                 continue
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", appid):
-                raise InvalidInput(
-                    f"invalid APPID {appid[:40]!r}",
-                    hint="use letters, digits, '_', '.' and '-' (64 at most)",
-                )
+            validate_appid(appid)
             if appid not in apps:
                 apps.append(appid)
     return apps
@@ -80,7 +74,8 @@ def sandbox() -> None:
 @click.pass_obj
 def sandbox_up(app, ssh_port: int, api_port: int, apps) -> None:
     """Start the simulator in the background and register it as cluster `sandbox`."""
-    from keyvault.sandbox.run import DEFAULT_APPS, register, start_background
+    from keyvault.sandbox.registration import register
+    from keyvault.sandbox.run import DEFAULT_APPS, start_background
 
     _require_store(app)
     wanted = _parse_apps(apps) or list(DEFAULT_APPS)
@@ -167,7 +162,7 @@ def sandbox_add_apps(app, apps) -> None:
     """Register more APPIDs in the simulator (and their project ids in cluster `sandbox`)."""
     from keyvault.errors import NotFound
     from keyvault.sandbox import state as st
-    from keyvault.sandbox.run import sync_project_ids
+    from keyvault.sandbox.registration import sync_project_ids
 
     wanted = _parse_apps(apps)
     paths = _paths(app)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -89,13 +90,34 @@ def webhook_list(app, include_removed: bool, as_json: bool) -> None:
         emit_table([{**r, "scopes": ",".join(r["scopes"])} for r in rows], HOOK_COLUMNS)
 
 
+def _confirm_remove(yes: bool, webhook_id: int) -> None:
+    # Like the other destructive commands: --yes, else a terminal to ask on; declining
+    # raises click.Abort, which the CLI group reports as a one-line error.
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.UsageError(
+            "webhook remove needs confirmation: pass --yes when not running on a terminal"
+        )
+    click.echo(
+        f"webhook {webhook_id} will receive nothing more; its pending deliveries are "
+        "dead-lettered and not sent.",
+        err=True,
+    )
+    click.confirm("Remove it now?", abort=True, err=True)
+
+
 @webhook.command("remove")
 @click.argument("webhook_id", metavar="ID", type=int)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
-def webhook_remove(app, webhook_id: int) -> None:
+def webhook_remove(app, webhook_id: int, yes: bool) -> None:
     """Stop notifying a webhook; its pending deliveries are dead-lettered."""
-    from keyvault.services.webhooks import remove_webhook
+    from keyvault.services.webhooks import get_webhook, remove_webhook
 
+    with app.transaction() as session:
+        get_webhook(session, webhook_id=webhook_id)  # a missing id fails before the question
+    _confirm_remove(yes, webhook_id)
     with app.transaction() as session:
         hook = remove_webhook(session, webhook_id=webhook_id)
     click.echo(f"webhook {hook.id} removed: {hook.url}")
@@ -158,42 +180,24 @@ def webhook_deliver(
     app, once: bool, max_seconds: float, max_attempts: int, timeout: float, as_json: bool
 ) -> None:
     """Fan out new events and deliver what is due (for cron)."""
-    import time
+    from keyvault.services.webhooks import default_sender, run_deliveries, summary
 
-    from keyvault.models import utcnow
-    from keyvault.services.webhooks import (
-        DeliveryReport,
-        default_sender,
-        deliver_due,
-        enqueue_deliveries,
-    )
-
-    end = time.monotonic() + max_seconds
-    should_stop = lambda: time.monotonic() >= end  # noqa: E731
-    total, enqueued, tried = DeliveryReport(), 0, set()
     with app.transaction() as session:
         keyring = app.keyring(session)
-    while True:
-        with app.transaction() as session:
-            enqueued += enqueue_deliveries(session, now=utcnow())
-        report = deliver_due(
-            app.factory,
-            keyring=keyring,
-            now=utcnow,
-            send=default_sender(timeout),
-            max_attempts=max_attempts,
-            should_stop=should_stop,
-            skip=tried,
-        )
-        total.add(report)
-        if once or report.attempted == 0 or should_stop():
-            break
+    report = run_deliveries(
+        app.factory,
+        keyring=keyring,
+        once=once,
+        max_seconds=max_seconds,
+        max_attempts=max_attempts,
+        send=default_sender(timeout),
+    )
     if as_json:
-        emit_json({"enqueued": enqueued, **total.as_dict()})
+        emit_json(summary(report))
     else:
         click.echo(
-            f"enqueued {enqueued}; attempted {total.attempted}: {total.delivered} delivered, "
-            f"{total.retrying} to retry, {total.dead} dead-lettered"
+            f"enqueued {report.enqueued}; attempted {report.attempted}: {report.delivered} "
+            f"delivered, {report.retrying} to retry, {report.dead} dead-lettered"
         )
 
 

@@ -29,6 +29,7 @@ import contextlib
 import hmac
 import json
 import os
+import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -231,8 +232,23 @@ def serving(state_dir, host="127.0.0.1", port=0):
         thread.join(10)
 
 
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM end ``serve_forever`` (as KeyboardInterrupt), whatever was inherited.
+
+    A process started as a background job (``cmd &`` without job control, many CI runners)
+    inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler: Ctrl-C
+    or ``kill -INT`` would be lost and the emulator would run until killed.
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
 def main(argv=None):
-    """Run the emulator in the foreground until Ctrl-C."""
+    """Run the emulator in the foreground until Ctrl-C (SIGINT) or SIGTERM."""
     parser = argparse.ArgumentParser(
         prog="python -m keyvault.sandbox.openapi",
         description="TA Open API emulator (127.0.0.1 only).",
@@ -246,6 +262,7 @@ def main(argv=None):
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    _stop_on_signals()
     host, port = server.server_address[:2]
     print(f"TA Open API emulator on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     try:

@@ -6,7 +6,8 @@ A simulator for trying keyvault and for tests, not TA. Everything lives under
     serve(paths, ssh_port, api_port)       run both servers in this process until SIGTERM
     start_background(paths, ...)           spawn ``python -m keyvault.sandbox.run serve``
     stop(paths), status(paths)             by the pid file (flock'd while the server lives)
-    register(session, info=, paths=)       add/update cluster ``sandbox`` and its host
+
+Registering the running simulator in the store is :mod:`keyvault.sandbox.registration`.
 
 ``sandbox.log`` gets startup lines and one line per SSH command (its kind, never its
 output) and per Open API request (its path, never the token): no key ever goes there.
@@ -24,12 +25,19 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from keyvault.errors import Conflict, KeyvaultError, NotFound
+from keyvault.errors import KeyvaultError
+from keyvault.fsutil import atomic_write
+
+if TYPE_CHECKING:
+    from keyvault.sandbox.sshfront import SshFront
+
+_Server = TypeVar("_Server")
 
 DEFAULT_SSH_PORT = 2022
 DEFAULT_API_PORT = 8992
@@ -98,7 +106,7 @@ class SandboxPaths:
         except FileNotFoundError:
             current = None
         if current != wanted:
-            _write_text(self.authorized_keys, wanted)
+            atomic_write(self.authorized_keys, wanted.encode(), mode=0o600)
 
 
 def _source_root() -> str:
@@ -106,21 +114,6 @@ def _source_root() -> str:
     import keyvault
 
     return str(Path(keyvault.__file__).resolve().parent.parent)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomically replace ``path`` (mode 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # --- liveness ---------------------------------------------------------------------------
@@ -229,7 +222,7 @@ def status(paths: SandboxPaths) -> dict:
 # --- the server process -----------------------------------------------------------------
 
 
-def _bind_with_fallback(what: str, make, port: int):
+def _bind_with_fallback(what: str, make: Callable[[int], _Server], port: int) -> _Server:
     try:
         return make(port)
     except OSError as exc:
@@ -261,68 +254,106 @@ def _take_pid_lock(paths: SandboxPaths) -> int:
     return fd
 
 
+def _release_pid_lock(paths: SandboxPaths, lock_fd: int) -> None:
+    for path in (paths.info_file, paths.pid_file):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    os.close(lock_fd)
+
+
+def _stop_on_signals(stack: contextlib.ExitStack, stop_event: threading.Event) -> None:
+    """SIGTERM/SIGINT set ``stop_event`` until ``stack`` closes (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.signal(sig, lambda *_: stop_event.set())
+        stack.callback(signal.signal, sig, previous)
+
+
+def _start_openapi(stack: contextlib.ExitStack, paths: SandboxPaths, port: int) -> int:
+    """Serve the Open API emulator in a thread until ``stack`` closes; return its port."""
+    from keyvault.sandbox.openapi import make_server
+
+    api = _bind_with_fallback(
+        "Open API emulator", lambda p: make_server(paths.state_dir, LOOPBACK, p), port
+    )
+    thread = threading.Thread(
+        target=api.serve_forever, args=(0.2,), name="sandbox-openapi", daemon=True
+    )
+    thread.start()
+
+    def shut() -> None:
+        api.shutdown()
+        api.server_close()
+        thread.join(STOP_TIMEOUT)
+
+    stack.callback(shut)
+    return int(api.server_address[1])
+
+
+def _start_front(stack: contextlib.ExitStack, paths: SandboxPaths, port: int) -> SshFront:
+    """Start the SSH front until ``stack`` closes."""
+    from keyvault.sandbox.sshfront import SshFront
+
+    def make_front(port: int) -> SshFront:
+        candidate = SshFront(
+            host_key_file=paths.host_key,
+            authorized_keys_file=paths.authorized_keys,
+            ta_home=paths.ta_home,
+            bin_dir=paths.bin_dir,
+            port=port,
+            ta_user=TA_USER,
+        )
+        candidate.start()
+        return candidate
+
+    front: SshFront = _bind_with_fallback("SSH front", make_front, port)
+    stack.callback(front.stop)
+    return front
+
+
+def _server_info(paths: SandboxPaths, front: SshFront, api_port: int) -> dict[str, Any]:
+    """What ``sandbox.json`` says about the running simulator (never a key)."""
+    return {
+        "pid": os.getpid(),
+        "simulator": True,
+        "host": LOOPBACK,
+        "ssh_port": front.port,
+        "api_port": api_port,
+        "open_api_url": f"http://{LOOPBACK}:{api_port}",
+        "host_key_fingerprint": front.host_key_fingerprint,
+        "ssh_user": SSH_USER,
+        "ta_user": TA_USER,
+        "client_key": str(paths.client_key),
+        "started_at": time.time(),
+    }
+
+
 def serve(
     paths: SandboxPaths,
     ssh_port: int = DEFAULT_SSH_PORT,
     api_port: int = DEFAULT_API_PORT,
     *,
-    apps=(),
-    ready=None,
+    apps: Iterable[str] = (),
+    ready: Callable[[dict[str, Any]], None] | None = None,
     stop_event: threading.Event | None = None,
 ) -> int:
     """Run the Open API emulator and the SSH front until SIGTERM/SIGINT (or ``stop_event``).
 
     ``sandbox.json`` is written once both listen. ``ready(info)`` is called then too.
+    Everything started is stopped in reverse order on the way out, however it ends.
     """
-    from keyvault.sandbox.openapi import make_server
-    from keyvault.sandbox.sshfront import SshFront
-
     paths.prepare(apps)
-    lock_fd = _take_pid_lock(paths)
-    stop_event = stop_event or threading.Event()
-    api = front = api_thread = None
-    previous = {}
-    try:
+    stop = stop_event or threading.Event()
+    with contextlib.ExitStack() as stack:
+        stack.callback(_release_pid_lock, paths, _take_pid_lock(paths))
         with contextlib.suppress(FileNotFoundError):
             paths.info_file.unlink()
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, lambda *_: stop_event.set())
-        api = _bind_with_fallback(
-            "Open API emulator", lambda p: make_server(paths.state_dir, LOOPBACK, p), api_port
-        )
-        api_thread = threading.Thread(
-            target=api.serve_forever, args=(0.2,), name="sandbox-openapi", daemon=True
-        )
-        api_thread.start()
-
-        def make_front(port):
-            candidate = SshFront(
-                host_key_file=paths.host_key,
-                authorized_keys_file=paths.authorized_keys,
-                ta_home=paths.ta_home,
-                bin_dir=paths.bin_dir,
-                port=port,
-                ta_user=TA_USER,
-            )
-            candidate.start()
-            return candidate
-
-        front = _bind_with_fallback("SSH front", make_front, ssh_port)
-        info = {
-            "pid": os.getpid(),
-            "simulator": True,
-            "host": LOOPBACK,
-            "ssh_port": front.port,
-            "api_port": api.server_address[1],
-            "open_api_url": f"http://{LOOPBACK}:{api.server_address[1]}",
-            "host_key_fingerprint": front.host_key_fingerprint,
-            "ssh_user": SSH_USER,
-            "ta_user": TA_USER,
-            "client_key": str(paths.client_key),
-            "started_at": time.time(),
-        }
-        _write_text(paths.info_file, json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _stop_on_signals(stack, stop)
+        api_port = _start_openapi(stack, paths, api_port)
+        front = _start_front(stack, paths, ssh_port)
+        info = _server_info(paths, front, api_port)
+        atomic_write(paths.info_file, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
         log.info(
             "TA simulator ready: SSH %s:%d, Open API %s (pid %d)",
             LOOPBACK,
@@ -332,48 +363,14 @@ def serve(
         )
         if ready is not None:
             ready(info)
-        while not stop_event.wait(1.0):
+        while not stop.wait(1.0):  # a timed wait: signal handlers run between waits
             pass
         log.info("TA simulator stopping")
-        return 0
-    finally:
-        if front is not None:
-            front.stop()
-        if api is not None:
-            api.shutdown()
-            api.server_close()
-            api_thread.join(STOP_TIMEOUT)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for path in (paths.info_file, paths.pid_file):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        os.close(lock_fd)
+    return 0
 
 
-def start_background(
-    paths: SandboxPaths,
-    *,
-    ssh_port: int = DEFAULT_SSH_PORT,
-    api_port: int = DEFAULT_API_PORT,
-    apps=DEFAULT_APPS,
-    timeout: float = START_TIMEOUT,
-) -> dict:
-    """Start the sandbox server detached (unless it runs already); return its info.
-
-    The returned dict has ``"started": True`` when this call started it. Waits at most
-    ``timeout`` seconds in all.
-    """
-    deadline = time.monotonic() + timeout
-    paths.prepare(apps)  # errors show here, not in the log; adds apps to a running one too
-    pid = _running_pid(paths)
-    if pid is not None:
-        info = _wait_info(paths, pid, deadline)
-        return {**info, "started": False}
-    _remove_stale(paths)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_source_root(), env.get("PYTHONPATH")]))
-    command = [
+def _server_command(paths: SandboxPaths, ssh_port: int, api_port: int) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "keyvault.sandbox.run",
@@ -386,6 +383,12 @@ def start_background(
         str(api_port),
         "--detach",
     ]
+
+
+def _spawn_detached(paths: SandboxPaths, command: list[str], deadline: float) -> int:
+    """Run ``command`` (which forks the server and prints its pid); return that pid."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_source_root(), env.get("PYTHONPATH")]))
     fd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
         # The child forks the server and exits at once, printing the server's pid, so the
@@ -415,7 +418,30 @@ def start_background(
         raise SandboxError(
             f"the sandbox failed to start: {_log_tail(paths)}", hint=f"see {paths.log_file}"
         )
-    return {**_wait_info(paths, int(text), deadline), "started": True}
+    return int(text)
+
+
+def start_background(
+    paths: SandboxPaths,
+    *,
+    ssh_port: int = DEFAULT_SSH_PORT,
+    api_port: int = DEFAULT_API_PORT,
+    apps: Iterable[str] = DEFAULT_APPS,
+    timeout: float = START_TIMEOUT,
+) -> dict[str, Any]:
+    """Start the sandbox server detached (unless it runs already); return its info.
+
+    The returned dict has ``"started": True`` when this call started it. Waits at most
+    ``timeout`` seconds in all.
+    """
+    deadline = time.monotonic() + timeout
+    paths.prepare(apps)  # errors show here, not in the log; adds apps to a running one too
+    pid = _running_pid(paths)
+    if pid is not None:
+        return {**_wait_info(paths, pid, deadline), "started": False}
+    _remove_stale(paths)
+    pid = _spawn_detached(paths, _server_command(paths, ssh_port, api_port), deadline)
+    return {**_wait_info(paths, pid, deadline), "started": True}
 
 
 def _wait_info(paths: SandboxPaths, pid: int, deadline: float) -> dict:
@@ -461,98 +487,6 @@ def stop(paths: SandboxPaths, timeout: float = STOP_TIMEOUT) -> int | None:
                 return pid
             time.sleep(_POLL)
     raise SandboxError(f"the sandbox (pid {pid}) did not stop")
-
-
-# --- registration in the store ----------------------------------------------------------
-
-
-def register(session, *, info: dict, paths: SandboxPaths, cluster_name: str = "sandbox"):
-    """Add or update cluster ``cluster_name`` and its host 127.0.0.1 for the running sandbox.
-
-    The session is flushed, not committed. Returns ``(cluster, host)``.
-    """
-    from urllib.parse import urlsplit
-
-    from keyvault.sandbox import state as st
-    from keyvault.services import clusters, hosts
-
-    state = st.read_state(paths.state_dir)
-    project_ids = {appid: a["project_id"] for appid, a in state["apps"].items()}
-    url = f"http://{LOOPBACK}:{int(info['api_port'])}"
-    try:
-        cluster = clusters.get_cluster(session, name=cluster_name)
-    except NotFound:
-        cluster = clusters.add_cluster(
-            session,
-            name=cluster_name,
-            open_api_url=url,
-            options={"login_name": LOGIN_NAME, "project_ids": project_ids},
-        )
-    else:
-        if urlsplit(cluster.open_api_url).hostname != LOOPBACK:
-            raise Conflict(
-                f"cluster {cluster_name!r} exists and is not a sandbox "
-                f"(its Open API is {cluster.open_api_url})",
-                hint="rename that cluster; the sandbox registers itself as 'sandbox'",
-            )
-        clusters.set_options(
-            session,
-            name=cluster_name,
-            open_api_url=url,
-            login_name=LOGIN_NAME,
-            project_ids=project_ids,
-        )
-    port = int(info["ssh_port"])
-    fields = {
-        "username": SSH_USER,
-        "identity_file": str(paths.client_key),
-        "become": "su",
-        "ta_user": TA_USER,
-        "fingerprint": info["host_key_fingerprint"],
-    }
-    existing = [
-        h for h in hosts.list_hosts(session, cluster_name=cluster_name) if h.address == LOOPBACK
-    ]
-    if not existing:
-        host = hosts.add_host(
-            session, cluster_name=cluster_name, address=LOOPBACK, port=port, **fields
-        )
-    else:
-        host = next((h for h in existing if h.port == port), existing[0])
-        hosts.validate_host_fields(
-            address=LOOPBACK,
-            port=port,
-            username=fields["username"],
-            become=fields["become"],
-            ta_user=fields["ta_user"],
-            fingerprint=fields["fingerprint"],
-        )
-        host.port = port
-        host.username = fields["username"]
-        host.identity_file = fields["identity_file"]
-        host.become = fields["become"]
-        host.ta_user = fields["ta_user"]
-        host.host_key_fingerprint = fields["fingerprint"]
-    session.flush()
-    return cluster, host
-
-
-def sync_project_ids(session, *, paths: SandboxPaths, cluster_name: str = "sandbox") -> bool:
-    """Copy the emulator's APPID -> projectId map into the cluster; False if no such cluster."""
-    from keyvault.sandbox import state as st
-    from keyvault.services import clusters
-
-    try:
-        clusters.get_cluster(session, name=cluster_name)
-    except NotFound:
-        return False
-    state = st.read_state(paths.state_dir)
-    clusters.set_options(
-        session,
-        name=cluster_name,
-        project_ids={a: v["project_id"] for a, v in state["apps"].items()},
-    )
-    return True
 
 
 # --- command line (used by start_background) --------------------------------------------

@@ -3,16 +3,12 @@
 Built on paramiko's server mode. It is a simulator, not an sshd:
 
 - public-key authentication only, for the keys of an authorized_keys-style file (any
-  username; lines with options are ignored); its own ed25519 host key;
-- ``exec`` requests only, and only the scripts keyvault itself sends
-  (:mod:`keyvault.tahost`): the command line must be exactly ``Become.wrap(script)``
-  for su, sudo or none, and the script exactly one of ``check_script(cmd)``,
-  ``generate_script(rid, cmd)``, ``generate_many_script(jobs)``, ``fetch_script(rid)``,
-  ``cleanup_script(rid)`` or ``cleanup_many_script(rids)`` with
-  ``cmd`` ``ta-tool generate_root_secret`` or ``ta-tool generate_api_secret -appid
-  APPID``. Candidates are pulled out of the script with regexes, re-rendered with the
-  tahost functions and compared for equality. Anything else gets ``sandbox: refusing
-  command`` on stderr and exit status 126. Shells, subsystems, PTYs, forwarding: refused;
+  username; lines with options are ignored); its own ed25519 host key
+  (:mod:`keyvault.sandbox.sshkeys`);
+- ``exec`` requests only, and only the scripts keyvault itself sends, recognised
+  character for character by :func:`keyvault.sandbox.commands.classify`. Anything else
+  gets ``sandbox: refusing command`` on stderr and exit status 126. Shells, subsystems,
+  PTYs, forwarding: refused;
 - an accepted script runs as ``/bin/sh -c SCRIPT`` as the current user (there is no
   su: every "ta user" is this process's user), in a new session, with stdin
   /dev/null and only ``HOME`` (the simulated ta home), ``PATH`` (the ta-tool wrapper's
@@ -24,282 +20,80 @@ Output is never logged (it carries keys); the log names only the kind of script.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import os
 import pwd
-import re
 import selectors
-import shlex
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST
 
-from keyvault import tahost
+from keyvault.sandbox.commands import Accepted, classify
+from keyvault.sandbox.sshkeys import ensure_ed25519_key, public_key_line, read_authorized_keys
 from keyvault.ssh import sha256_fingerprint
+
+__all__ = [
+    "REFUSED_STATUS",
+    "Accepted",
+    "SshFront",
+    "classify",
+    "ensure_ed25519_key",
+    "public_key_line",
+    "read_authorized_keys",
+]
 
 log = logging.getLogger("keyvault.sandbox.sshfront")
 
 LOOPBACK = "127.0.0.1"
 MAX_SESSIONS = 32  # channels per connection, like sshd's MaxSessions
-MAX_COMMAND_BYTES = 65536
-MAX_BATCH = 50  # rotations in one generate_many_script
 REFUSED_STATUS = 126
 REFUSAL = b"sandbox: refusing command\n"
-ROOT_COMMAND = "ta-tool generate_root_secret"
-APP_TEMPLATE = "ta-tool generate_api_secret -appid {appid}"
-# An APPID the front accepts; shlex.quote leaves all of these unquoted.
-APPID = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-_RID_RE = re.compile(r"@@KV:([a-z0-9-]{6,32}):")
-_CLEANUP_IDS_RE = re.compile(r'umask 077; kv_ids="([a-z0-9-]{6,32}(?: [a-z0-9-]{6,32})*)"; ')
-_CALL_RE = re.compile(r"([a-z0-9-]{6,32}) (.*)")
-_APPID_RE = re.compile(rf"-appid ({APPID})")
-_MAX_CANDIDATES = 4
 _READ_CHUNK = 65536
-
-
-# --- keys --------------------------------------------------------------------------------
-
-
-def ensure_ed25519_key(
-    path, *, comment: str = "keyvault-sandbox", public_file=None
-) -> paramiko.PKey:
-    """Load the OpenSSH ed25519 private key at ``path``; create it (mode 0600) if missing.
-
-    With ``public_file``, also write the public key line there if it is missing.
-    """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    path = Path(path)
-    if not path.exists():
-        private = Ed25519PrivateKey.generate()
-        pem = private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-        _write_private(path, pem)
-    key = paramiko.Ed25519Key.from_private_key_file(str(path))
-    if public_file is not None and not Path(public_file).exists():
-        line = f"{key.get_name()} {key.get_base64()} {comment}\n"
-        _write_private(Path(public_file), line.encode(), mode=0o644)
-    return key
-
-
-def _write_private(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def public_key_line(key: paramiko.PKey, comment: str = "") -> str:
-    """``ssh-ed25519 AAAA... [comment]``."""
-    return f"{key.get_name()} {key.get_base64()}" + (f" {comment}" if comment else "")
-
-
-def read_authorized_keys(path) -> set[bytes]:
-    """Public key blobs of an authorized_keys file; lines with options are skipped."""
-    blobs: set[bytes] = set()
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return blobs
-    for line in text.splitlines():
-        parts = line.strip().split()
-        if len(parts) < 2 or parts[0].startswith("#"):
-            continue
-        kind, data = parts[0], parts[1]
-        if not re.fullmatch(r"(ssh|ecdsa|sk)-[A-Za-z0-9@.-]+", kind):
-            log.warning("authorized_keys: skipping a line with options or an unknown key type")
-            continue
-        try:
-            blob = base64.b64decode(data, validate=True)
-        except ValueError:
-            continue
-        blobs.add(blob)
-    return blobs
-
-
-# --- which commands run -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Accepted:
-    """A command the front will run: which tahost script, for what."""
-
-    method: str  # su | sudo | none
-    kind: str  # check | generate | fetch | cleanup
-    script: str
-    rid: str | None = None
-    scope: str | None = None  # for generate: root or app:<APPID>
-    batch: int = 1  # rotations in a generate_many_script
-
-    def describe(self) -> str:
-        parts = [f"{self.kind} via {self.method}"]
-        if self.rid:
-            parts.append(f"rotation {self.rid}")
-        if self.scope:
-            parts.append(self.scope)
-        if self.batch > 1:
-            parts.append(f"and {self.batch - 1} more")
-        return ", ".join(parts)
-
-
-def _unwrap(command: str, ta_user: str) -> tuple[str, str] | None:
-    """(method, script) if ``command`` is exactly a ``Become.wrap`` of some script."""
-    try:
-        argv = shlex.split(command)
-    except ValueError:
-        return None
-    if len(argv) == 5 and argv[:2] == ["su", "-"] and argv[2] == ta_user and argv[3] == "-c":
-        method, script = "su", argv[4]
-    elif (
-        len(argv) == 7
-        and argv[:3] == ["sudo", "-n", "-iu"]
-        and argv[3] == ta_user
-        and argv[4:6] == ["sh", "-c"]
-    ):
-        method, script = "sudo", argv[6]
-    elif len(argv) == 3 and argv[:2] == ["bash", "-lc"]:
-        method, script = "none", argv[2]
-    else:
-        return None
-    if tahost.Become(method=method, ta_user=ta_user).wrap(script) != command:
-        return None
-    return method, script
-
-
-def _candidates(pattern: re.Pattern, text: str) -> list[str]:
-    found: list[str] = []
-    for value in pattern.findall(text):
-        if value not in found:
-            found.append(value)
-        if len(found) >= _MAX_CANDIDATES:
-            break
-    return found
-
-
-def classify(command: str, *, ta_user: str = "ta") -> Accepted | None:
-    """The keyvault script that ``command`` is, character for character; else None."""
-    if len(command) > MAX_COMMAND_BYTES:
-        return None
-    unwrapped = _unwrap(command, ta_user)
-    if unwrapped is None:
-        return None
-    method, script = unwrapped
-    if script == tahost.check_script(ROOT_COMMAND):
-        return Accepted(method, "check", script)
-    many = _CLEANUP_IDS_RE.match(script)
-    if many and script == tahost.cleanup_many_script(many.group(1).split(" ")):
-        return Accepted(method, "cleanup", script, many.group(1).split(" ")[0])
-    if script.startswith(tahost.GENERATE_PREFIX):
-        return _classify_generate(method, script)
-    for rid in _candidates(_RID_RE, script):
-        if script == tahost.fetch_script(rid):
-            return Accepted(method, "fetch", script, rid)
-        if script == tahost.cleanup_script(rid):
-            return Accepted(method, "cleanup", script, rid)
-    return None
-
-
-def _job(call: str) -> tuple[str, str, str] | None:
-    """(rid, scope, command) of one ``kv_gen RID TOOL 'COMMAND'`` call, for the commands allowed."""
-    found = _CALL_RE.fullmatch(call)
-    if found is None:
-        return None
-    rid, rest = found.groups()
-    try:
-        words = shlex.split(rest)
-    except ValueError:
-        return None
-    if len(words) != 2:
-        return None
-    command = words[1]
-    if command == ROOT_COMMAND:
-        return rid, "root", command
-    appid = _APPID_RE.search(command)
-    if appid is not None and command == tahost.render_command(APP_TEMPLATE, appid.group(1)):
-        return rid, f"app:{appid.group(1)}", command
-    return None
-
-
-def _classify_generate(method: str, script: str) -> Accepted | None:
-    # Splitting is only a way to find the parts: the whole script is re-rendered and
-    # compared, so a part that merely contains the separator cannot slip through.
-    body, clean = script[len(tahost.GENERATE_PREFIX) :], False
-    cut = body.rfind("; echo @@KV:")
-    if cut != -1 and ":CLEANUP@@; " in body[cut:]:  # the clean_from_stdin tail
-        body, clean = body[:cut], True
-    if not body.startswith("kv_gen "):
-        return None
-    calls = body[len("kv_gen ") :].split("; kv_gen ")
-    if not 1 <= len(calls) <= MAX_BATCH:
-        return None
-    jobs = [_job(call) for call in calls]
-    if any(job is None for job in jobs):
-        return None
-    if (
-        tahost.generate_many_script([(rid, cmd) for rid, _, cmd in jobs], clean_from_stdin=clean)
-        != script
-    ):
-        return None
-    return Accepted(method, "generate", script, jobs[0][0], jobs[0][1], batch=len(jobs))
 
 
 # --- the server -------------------------------------------------------------------------
 
 
-def _feed_stdin(chan: paramiko.Channel, proc: subprocess.Popen) -> None:
+def _feed_stdin(chan: paramiko.Channel, stdin: IO[bytes]) -> None:
     # What the client sends goes to the script's stdin, as sshd does; its EOF closes it.
     try:
         while True:
             data = chan.recv(_READ_CHUNK)
             if not data:
                 break
-            proc.stdin.write(data)
-            proc.stdin.flush()
+            stdin.write(data)
+            stdin.flush()
     except (paramiko.SSHException, OSError, EOFError, ValueError):
         pass  # the command or the channel is gone
     finally:
         with contextlib.suppress(OSError, ValueError):
-            proc.stdin.close()
+            stdin.close()
 
 
-def _handle_request_then_run(chan: paramiko.Channel, m) -> None:
+def _handle_request_then_run(chan: paramiko.Channel, m: paramiko.Message) -> None:
     # paramiko answers an exec request (CHANNEL_SUCCESS) only after
     # check_channel_exec_request returns. Starting the command from inside that check
     # would race the answer: a fast refusal could close the channel first, and the
     # client would see "Channel closed" instead of exit status 126. So the command
     # starts here, once the answer is on its way.
-    paramiko.Channel._handle_request(chan, m)
+    paramiko.Channel._handle_request(chan, m)  # type: ignore[attr-defined]  # private, no stub
     server = chan.transport.server_object if chan.transport is not None else None
     if isinstance(server, _Session):
         server.run_pending(chan)
 
 
 class _FrontTransport(paramiko.Transport):
+    # paramiko's private dispatch table (no stub): exec requests go through the hook above.
     _channel_handler_table = {  # noqa: RUF012
-        **paramiko.Transport._channel_handler_table,
+        **paramiko.Transport._channel_handler_table,  # type: ignore[attr-defined]
         MSG_CHANNEL_REQUEST: _handle_request_then_run,
     }
 
@@ -420,9 +214,8 @@ class SshFront:
         self.host_key_fingerprint = sha256_fingerprint(self.host_key.asbytes())
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._listener: socket.socket | None = None
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
+        # A socket pair wakes the accept loop at stop(); made by start().
+        self._wake: tuple[socket.socket, socket.socket] | None = None
         self._accept_thread: threading.Thread | None = None
         self._transports: set[paramiko.Transport] = set()
         self._threads: set[threading.Thread] = set()
@@ -453,11 +246,13 @@ class SshFront:
         except BaseException:
             listener.close()
             raise
-        self._listener = listener
         self.port = listener.getsockname()[1]
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake = socket.socketpair()
         self._accept_thread = threading.Thread(
-            target=self._accept_loop, name="sshfront-accept", daemon=True
+            target=self._accept_loop,
+            args=(listener, self._wake[0]),
+            name="sshfront-accept",
+            daemon=True,
         )
         self._accept_thread.start()
         log.info(
@@ -470,11 +265,11 @@ class SshFront:
 
     def stop(self) -> None:
         """Stop accepting, close every connection, end commands still running."""
-        if self._accept_thread is None or self._stopping.is_set():
+        if self._accept_thread is None or self._wake is None or self._stopping.is_set():
             return
         self._stopping.set()
         with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
+            self._wake[1].send(b"x")
         self._accept_thread.join(self.stop_timeout)
         with self._lock:
             transports = list(self._transports)
@@ -489,7 +284,7 @@ class SshFront:
                 procs = list(self._procs)
             self._signal_procs(procs, signal.SIGKILL)
             self._join_threads(self.stop_timeout)
-        for sock in (self._wake_r, self._wake_w):
+        for sock in self._wake:
             sock.close()
         log.info("SSH front on port %s stopped", self.port)
 
@@ -518,17 +313,17 @@ class SshFront:
             self._threads.add(thread)
 
     # accepting connections
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, listener: socket.socket, wake: socket.socket) -> None:
         sel = selectors.DefaultSelector()
         try:
-            sel.register(self._listener, selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
+            sel.register(listener, selectors.EVENT_READ)
+            sel.register(wake, selectors.EVENT_READ)
             while not self._stopping.is_set():
                 for key, _ in sel.select():
-                    if key.fileobj is self._wake_r or self._stopping.is_set():
+                    if key.fileobj is wake or self._stopping.is_set():
                         return
                     try:
-                        sock, addr = self._listener.accept()
+                        sock, addr = listener.accept()
                     except OSError as exc:
                         log.warning("accept failed: %s", exc)
                         continue
@@ -542,7 +337,7 @@ class SshFront:
                     thread.start()
         finally:
             sel.close()
-            self._listener.close()
+            listener.close()
 
     def _serve_connection(self, sock: socket.socket, addr) -> None:
         peer = f"{addr[0]}:{addr[1]}"
@@ -640,27 +435,16 @@ class SshFront:
                 start_new_session=True,
             )
             self._procs.add(proc)
-        feeder = threading.Thread(
-            target=_feed_stdin,
-            args=(chan, proc),
-            daemon=True,
-            name=f"sshfront-stdin-{chan.get_id()}",
-        )
-        feeder.start()
         try:
-            fd = proc.stdout.fileno()
-            while True:
-                chunk = os.read(fd, _READ_CHUNK)
-                if not chunk:
-                    break
-                try:
-                    chan.sendall(chunk)
-                except (paramiko.SSHException, OSError, EOFError):
-                    # The client is gone. Like sshd, close the pipe: the shell dies of
-                    # SIGPIPE at its next write, while ta-tool's output, which goes to the
-                    # pending file, survives.
-                    break
-            proc.stdout.close()
+            if proc.stdin is None or proc.stdout is None:  # never: both are pipes
+                raise OSError("the command's pipes are missing")
+            threading.Thread(
+                target=_feed_stdin,
+                args=(chan, proc.stdin),
+                daemon=True,
+                name=f"sshfront-stdin-{chan.get_id()}",
+            ).start()
+            _stream_output(proc.stdout, chan)
             return proc.wait()
         finally:
             if proc.stdout and not proc.stdout.closed:
@@ -669,3 +453,19 @@ class SshFront:
                 proc.wait()
             with self._lock:
                 self._procs.discard(proc)
+
+
+def _stream_output(stdout: IO[bytes], chan: paramiko.Channel) -> None:
+    """Copy the command's output to the channel until it ends or the client is gone."""
+    fd = stdout.fileno()
+    while True:
+        chunk = os.read(fd, _READ_CHUNK)
+        if not chunk:
+            break
+        try:
+            chan.sendall(chunk)
+        except (paramiko.SSHException, OSError, EOFError):
+            # The client is gone. Like sshd, close the pipe: the shell dies of SIGPIPE at
+            # its next write, while ta-tool's output, which goes to the pending file, survives.
+            break
+    stdout.close()

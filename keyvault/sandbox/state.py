@@ -45,7 +45,10 @@ NOISE_OPTIONS = frozenset(
 )
 OUTPUT_MODES = ("normal", "no_key", "two_keys")
 _FILES = ("state.json", "state.lock", "noise.json", "last_run.json", "holding", "generated.sha256")
-_APPID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+# Characters of a key file name. Registration checks the APPID grammar (keyvault.scope); a
+# generation only checks that the name is a safe file name (no '/', no '.'), which every
+# registered APPID is, without paying for importing keyvault.scope on each ta-tool call.
+_FILE_NAME_CHARS = frozenset(KEY_ALPHABET + "_-")
 KEYS_DIR = "keys"
 FORMAT = 2
 
@@ -63,11 +66,18 @@ def _path(state_dir, name):
 
 
 def _follow_dir_owner(fd, state_dir):
+    owner = _dir_owner(state_dir)
+    if owner is not None:
+        os.fchown(fd, *owner)
+
+
+def _dir_owner(state_dir):
     # When root writes into a state dir that belongs to the ta user (init with
     # owner=...), new files must stay that user's or ta-tool loses access to them.
-    if os.geteuid() == 0:
-        st = os.stat(state_dir)
-        os.fchown(fd, st.st_uid, st.st_gid)
+    if os.geteuid() != 0:
+        return None
+    st = os.stat(state_dir)
+    return st.st_uid, st.st_gid
 
 
 def _chown_tree(state_dir, owner):
@@ -120,21 +130,13 @@ class _locked:
 
 
 def _write_file(state_dir, name, data: bytes):
-    """Atomically replace state_dir/name with data (mode 0600)."""
-    # Callers hold the exclusive lock, so a per-process name cannot collide.
-    tmp = _path(state_dir, f"{name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            _follow_dir_owner(fd, state_dir)
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, _path(state_dir, name))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Atomically replace state_dir/name with data (mode 0600, owned like state_dir)."""
+    from keyvault.fsutil import atomic_write  # imports only os and contextlib
+
+    # Not fsync'd: the simulated cluster must survive killed processes, not power loss.
+    atomic_write(
+        _path(state_dir, name), data, mode=0o600, durable=False, owner=_dir_owner(state_dir)
+    )
 
 
 def _write_json(state_dir, name, obj):
@@ -158,19 +160,10 @@ def _scope_file(scope):
     if scope == "root":
         return os.path.join(KEYS_DIR, "root")
     if isinstance(scope, str) and scope.startswith("app:") and len(scope) > 4:
-        if not _valid_appid(scope[4:]):  # could never have been registered
+        if not set(scope[4:]) <= _FILE_NAME_CHARS:  # could never have been registered
             raise UnknownApp(f"appid {scope[4:]} does not exist")
         return os.path.join(KEYS_DIR, f"app-{scope[4:]}")
     raise ValueError(f"bad scope {scope!r}: expected 'root' or 'app:<APPID>'")
-
-
-def _valid_appid(appid):
-    return (
-        isinstance(appid, str)
-        and appid != ""
-        and set(appid) <= _APPID_CHARS
-        and appid not in (".", "..")
-    )
 
 
 def _read_entry(state_dir, scope):
@@ -212,16 +205,18 @@ def _upgrade(state_dir, old):
 
 
 def _register(state_dir, registry, apps):
+    from keyvault.scope import APPID_RULE, is_appid  # the one APPID grammar
+
     for appid in apps:
-        if not _valid_appid(appid):
-            raise ValueError(f"bad APPID {appid!r}: expected [A-Za-z0-9_.-]+")
+        if not is_appid(appid):
+            raise ValueError(f"bad APPID {appid!r}: expected {APPID_RULE}")
     for appid in apps:
         if appid not in registry["apps"]:
             registry["apps"][appid] = max(registry["apps"].values(), default=0) + 1
             _write_entry(state_dir, f"app:{appid}", 0, None)
 
 
-def new_key():
+def new_key() -> str:
     """Return a fresh random 64-char [A-Za-z0-9] token."""
     # os.urandom with rejection sampling (uniform over the 62 symbols); no `secrets`
     # import, whose start-up cost every emulated ta-tool run would pay.
@@ -378,7 +373,7 @@ def find_leaks(text, fingerprints) -> int:
 def _write_last_run(state_dir, scope):
     """Write last_run.json with this process's pid and the scope (never the key)."""
     # By hand rather than with json: ta-tool then never imports it. A scope is root or
-    # app:<APPID> with APPID characters [A-Za-z0-9_.-], which need no escaping.
+    # app:<APPID> with APPID characters [A-Za-z0-9_-] (keyvault.scope), which need no escaping.
     text = f'{{"pid": {os.getpid()}, "scope": "{scope}", "time": {time.time()!r}}}\n'
     _write_file(state_dir, "last_run.json", text.encode("ascii"))
 
@@ -433,7 +428,6 @@ def install_wrapper(dest, state_dir, *, python=sys.executable, owner=None, pytho
     default, the directory this copy of keyvault is in.
     """
     import shlex
-    import tempfile
 
     dest = os.fspath(dest)
     state_dir = os.path.abspath(os.fspath(state_dir))  # the wrapper runs from any cwd
@@ -453,18 +447,11 @@ def install_wrapper(dest, state_dir, *, python=sys.executable, owner=None, pytho
         "#!/bin/sh\n# ta-tool emulator of the keyvault TA simulator (not the real TA tool)\n"
         f'{env} exec {shlex.quote(os.fspath(python))} -P -S -c {shlex.quote(code)} "$@"\n'
     )
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ta-tool.", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(script)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from keyvault.fsutil import atomic_write
+
+    # Made here with the umask's mode, not atomic_write's 0700: the ta user runs the wrapper.
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    atomic_write(dest, script.encode("utf-8"), mode=0o755)
     if owner is not None and os.path.isdir(state_dir):
         _chown_tree(state_dir, owner)  # the owner runs the wrapper, so must lock/write state
 

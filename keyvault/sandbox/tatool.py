@@ -84,11 +84,11 @@ def _hold(state_dir, hold_file):
     import signal  # here: only a held run needs it, and every run pays for imports
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from keyvault.fsutil import atomic_write  # imports only os and contextlib
+
     marker = os.path.join(state_dir, "holding")
-    tmp = f"{marker}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, marker)  # pollers never see an empty marker
+    # Atomic: pollers never see an empty marker. It holds a pid only, so others may read it.
+    atomic_write(marker, f"{os.getpid()}\n".encode("ascii"), mode=0o644, durable=False)
     deadline = time.monotonic() + HOLD_MAX_SECONDS
     try:
         while not os.path.exists(hold_file) and time.monotonic() < deadline:

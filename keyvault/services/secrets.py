@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
@@ -76,7 +77,7 @@ def _lock_secret(session: Session, cluster: Cluster, scope: str) -> Secret:
         return secret
     except SAIntegrityError:
         # Another transaction created it first; wait for its lock.
-        return session.scalar(stmt)
+        return session.scalars(stmt).one()
 
 
 def bump_revision(session: Session) -> None:
@@ -100,6 +101,48 @@ def current_version(session: Session, secret_id: int) -> SecretVersion | None:
     )
 
 
+def _next_number(session: Session, secret_id: int) -> int:
+    return (
+        session.scalar(
+            select(func.max(SecretVersion.number)).where(SecretVersion.secret_id == secret_id)
+        )
+        or 0
+    ) + 1
+
+
+def _record_stored(
+    session: Session,
+    stored: StoredVersion,
+    *,
+    now: datetime,
+    source: str,
+    actor: str,
+    rotation_id: str | None,
+) -> StoredVersion:
+    """Write the ``secret.created``/``secret.rotated`` event of a new version; add its id."""
+    payload = {
+        "cluster": stored.cluster,
+        "scope": stored.scope,
+        "old_version": stored.old_number,
+        "old_fingerprint": stored.old_fingerprint,
+        "new_version": stored.number,
+        "new_fingerprint": stored.fingerprint,
+        "source": source,
+        "rotation_id": rotation_id,
+        "actor": actor,
+        "at": now.isoformat(),
+    }
+    event = record_event(
+        session,
+        kind="secret.rotated" if stored.old_number is not None else "secret.created",
+        cluster=stored.cluster,
+        scope=stored.scope,
+        payload=payload,
+        at=now,
+    )
+    return replace(stored, event_id=event.id)
+
+
 def store_version(
     session: Session,
     *,
@@ -114,12 +157,7 @@ def store_version(
     """Make ``key`` the current version of its scope, invalidate the previous one, write the event."""
     secret = _lock_secret(session, cluster, str(scope))
     old = current_version(session, secret.id)
-    number = (
-        session.scalar(
-            select(func.max(SecretVersion.number)).where(SecretVersion.secret_id == secret.id)
-        )
-        or 0
-    ) + 1
+    number = _next_number(session, secret.id)
     now = utcnow()
     if old is not None:
         # The partial unique index allows one current row at any instant.
@@ -146,37 +184,21 @@ def store_version(
     session.flush()
     if old is not None:
         old.superseded_by_id = new.id
-    payload = {
-        "cluster": cluster.name,
-        "scope": str(scope),
-        "old_version": old.number if old else None,
-        "old_fingerprint": old.fingerprint if old else None,
-        "new_version": number,
-        "new_fingerprint": new.fingerprint,
-        "source": source,
-        "rotation_id": rotation_id,
-        "actor": actor,
-        "at": now.isoformat(),
-    }
-    event = record_event(
-        session,
-        kind="secret.rotated" if old else "secret.created",
-        cluster=cluster.name,
-        scope=str(scope),
-        payload=payload,
-        at=now,
-    )
-    bump_revision(session)
-    session.flush()
-    return StoredVersion(
+    stored = StoredVersion(
         cluster=cluster.name,
         scope=str(scope),
         number=number,
         fingerprint=new.fingerprint,
         old_number=old.number if old else None,
         old_fingerprint=old.fingerprint if old else None,
-        event_id=event.id,
+        event_id=0,  # set by _record_stored
     )
+    stored = _record_stored(
+        session, stored, now=now, source=source, actor=actor, rotation_id=rotation_id
+    )
+    bump_revision(session)
+    session.flush()
+    return stored
 
 
 def import_key(

@@ -25,7 +25,7 @@ class WebhookWorker:
 
     def __init__(
         self,
-        factory,
+        factory: webhooks.SessionFactory,
         *,
         settings: Settings,
         send: webhooks.Sender | None = None,
@@ -43,7 +43,7 @@ class WebhookWorker:
         self.rand = rand
         self.max_attempts = max_attempts
         self.limit = limit
-        self.outcomes: Counter = Counter()  # delivered / retrying / dead / errors, for /metrics
+        self.outcomes: Counter[str] = Counter()  # delivered / retrying / dead / errors, for /metrics
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()

@@ -269,15 +269,15 @@ def test_repr_hides_key_and_token(vault, kv):
     assert key not in repr(info) and key not in str(info)
     assert "version=1" in repr(info) and "fingerprint=" in repr(info)
     assert TOKEN not in repr(kv) and vault.url in repr(kv)
-    assert TOKEN not in repr(vars(kv)) and TOKEN not in repr(kv._http.headers)
+    assert TOKEN not in repr(vars(kv)) and TOKEN not in repr(kv._headers)
 
 
 def test_rotation_by_another_client_is_seen_at_next_call(vault, kv):
     vault.put(CLUSTER, "app:APP1", secrets.token_urlsafe(40))
     assert kv.get_app(CLUSTER, "APP1").version == 1
     with Client(vault.url, ROTATOR) as other:  # the rotate endpoint, as another process would
-        response = other._http.post("/v1/clusters/C/apps/APP1/rotate")
-        assert response.status_code == 200 and response.json()["version"] == 2
+        response = other._request("POST", "/v1/clusters/C/apps/APP1/rotate")
+        assert response.status == 200 and response.json()["version"] == 2
     info = kv.get_app(CLUSTER, "APP1")
     ok = same(info.key, vault.key_of(CLUSTER, "app:APP1", 2))
     assert info.version == 2 and ok
