@@ -352,5 +352,5 @@ class Client:
         error.http_status = status
         if code:
             error.code = code
-        error.detail = detail  # type: ignore[attr-defined]  # not declared in errors.py (see notes)
+        error.detail = detail
         return error

@@ -29,6 +29,7 @@ cannot serve, 500 (the root's) for the rest; an exception outside this tree is a
     │   ├── BecomeFailed                       su/sudo to the ta user failed
     │   ├── TaToolMissing                      ta-tool not on the ta user's PATH
     │   └── ConnectionLost                     dropped after the command started
+    ├── IllegalTransition                      a rotation state change the table forbids (a bug)
     ├── RotationError                          a rotation could not complete
     │   ├── NeedsRecovery                      key may exist only remotely: recover it
     │   └── StoreFailed                        key spooled locally: recover it
@@ -45,6 +46,8 @@ class KeyvaultError(Exception):
     exit_code = 1
     http_status = 500
     code = "error"
+    # Structured detail an HTTP error body carried (set by keyvault.client).
+    detail: object = None
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         self.message = message
@@ -113,6 +116,8 @@ class Unauthorized(KeyvaultError):
 
     code = "unauthorized"
     http_status = 401
+    # The name of the token that was refused (expired or revoked), for the audit log.
+    token_name: str | None = None
 
 
 class Forbidden(KeyvaultError):
@@ -224,6 +229,9 @@ class TaApiError(KeyvaultError):
 
     code = "ta_api_error"
     http_status = 502
+    # What TA's envelope said (scrubbed of the token) and which API path answered.
+    stack_message: str = ""
+    api_path: str = ""
 
     def __init__(
         self,
@@ -242,3 +250,16 @@ class TaApiError(KeyvaultError):
 
 class TaTransportError(TaApiError):
     """The TA Open API could not be reached or answered garbage."""
+
+
+class IllegalTransition(KeyvaultError):
+    """A write of a rotation's state that the transition table forbids: a bug."""
+
+    code = "illegal_transition"
+
+    def __init__(self, rotation_id: str, old: str, new: str) -> None:
+        self.rotation_id, self.old, self.new = rotation_id, old, new
+        super().__init__(
+            f"rotation {rotation_id}: {old} -> {new} is not an allowed transition",
+            hint="this is a bug in keyvault; the rotation row was left unchanged",
+        )

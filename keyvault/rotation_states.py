@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from keyvault.errors import KeyvaultError
+from keyvault.errors import IllegalTransition
+
+__all__ = ["IllegalTransition", "RotationState"]
 
 
 class RotationState(StrEnum):
@@ -41,19 +43,6 @@ TRANSITIONS: dict[RotationState, frozenset[RotationState]] = {
     _S.FAILED: frozenset(),
     _S.ABANDONED: frozenset(),
 }
-
-
-class IllegalTransition(KeyvaultError):
-    """A write of a rotation's state that the transition table forbids: a bug."""
-
-    code = "illegal_transition"
-
-    def __init__(self, rotation_id: str, old: str, new: str) -> None:
-        self.rotation_id, self.old, self.new = rotation_id, old, new
-        super().__init__(
-            f"rotation {rotation_id}: {old} -> {new} is not an allowed transition",
-            hint="this is a bug in keyvault; the rotation row was left unchanged",
-        )
 
 
 def is_unresolved(state: str) -> bool:

@@ -320,8 +320,8 @@ class TaClient:
         )
         # Kept for diagnosis but out of str(): a Java stack is long and not for the user.
         # (errors.TaApiError does not declare these two; see the pkg requests note.)
-        error.stack_message = _scrub(str(envelope.get("stackMessage") or ""), token)  # type: ignore[attr-defined]
-        error.api_path = path  # type: ignore[attr-defined]
+        error.stack_message = _scrub(str(envelope.get("stackMessage") or ""), token)
+        error.api_path = path
         return error
 
 

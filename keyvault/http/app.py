@@ -32,6 +32,7 @@ from keyvault.http.metrics import Metrics
 from keyvault.http.middleware import ACCESS_LOGGER, RequestContext
 from keyvault.http.routers import events, health, keys, metrics, rotations
 from keyvault.http.state import ServerState
+from keyvault.scope import schema_pattern
 
 LOG_FORMAT_ENV = "KEYVAULT_LOG_FORMAT"
 ACCESS_LOG_ENV = "KEYVAULT_ACCESS_LOG"  # "0": no access lines (they cost the hot path ~30%)
@@ -114,7 +115,7 @@ def _openapi_with_appid_pattern(app: FastAPI, pattern: str) -> Callable[[], dict
     Declared, not enforced by FastAPI (the pattern is Python's): app_scope() enforces it.
     """
     original = app.openapi
-    anchored = pattern if pattern.startswith("^") and pattern.endswith("$") else f"^(?:{pattern})$"
+    anchored = schema_pattern(pattern)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -149,6 +149,6 @@ def check_token(row: AccessToken | None, presented_hash: str, now: datetime) -> 
         error = Unauthorized(f"token {row.name!r} expired at {row.expires_at.isoformat()}")
     if error is not None:
         # The audit record names the refused token (an attribute errors.py does not declare).
-        error.token_name = row.name  # type: ignore[attr-defined]
+        error.token_name = row.name
         raise error
     return grant_of(row)

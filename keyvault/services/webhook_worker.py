@@ -43,7 +43,8 @@ class WebhookWorker:
         self.rand = rand
         self.max_attempts = max_attempts
         self.limit = limit
-        self.outcomes: Counter[str] = Counter()  # delivered / retrying / dead / errors, for /metrics
+        # delivered / retrying / dead / errors, for /metrics
+        self.outcomes: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()

@@ -12,11 +12,11 @@ import subprocess
 import sys
 
 import pytest
-from db_fixtures import Cli, expect
+
+from tests.support.cli import Cli, expect
+from tests.support.timeouts import TIMEOUT
 
 CLUSTER = "c"
-# Generous: a cold interpreter importing keyvault on two busy cores; never a measurement.
-SUBPROCESS_TIMEOUT = 120
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def _remove_on_a_terminal(hook_id: int, answer: str) -> subprocess.CompletedProc
             os.close(secondary)
             secondary = -1
             os.write(primary, answer.encode() + b"\n")
-            out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+            out, err = proc.communicate(timeout=TIMEOUT)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     finally:
         os.close(primary)

@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 from keyvault.sandbox import state as st
+from tests.support.timeouts import TIMEOUT
 
 REPO = Path(__file__).resolve().parents[2]
-# Room for a cold interpreter on two busy cores; the emulator answers a signal at once.
-EXIT_TIMEOUT = 60
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -42,7 +41,7 @@ def test_stops_on_signal_with_sigint_ignored_by_the_parent(tmp_path, sig):
             banner = proc.stdout.readline().decode()
             assert re.search(r"127\.0\.0\.1:\d+/", banner), banner
             proc.send_signal(sig)
-            proc.communicate(timeout=EXIT_TIMEOUT)
+            proc.communicate(timeout=TIMEOUT)
         finally:
             if proc.poll() is None:
                 proc.kill()
