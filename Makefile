@@ -27,7 +27,7 @@ test: venv
 	    || { tail -n 30 /tmp/keyvault-sshd-setup.log; exit 1; }; fi
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The quick loop: no sshd, no PostgreSQL (SQLite only), slowest tests listed.
+# The quick loop: no sshd, no PostgreSQL (SQLite only), no slow tests; slowest listed.
 test-fast: venv
 	$(PY) -m pytest -m 'not sshd and not postgres and not slow' --durations=15 $(PYTEST_ARGS)
 

@@ -8,7 +8,7 @@
 # kept; users, profiles, sudoers and the ta-tool wrapper are brought back in line;
 # a running instance started from the same --out is restarted).
 #
-# What it makes (see tests/sshd_env.py for how tests read it):
+# What it makes (see tests/support/sshd_env.py for how tests read it):
 #   users    ta        bash; random password (saved to $OUT/ta-password, 0600); its
 #                      login shell's PATH has /opt/ta-sim/bin (the ta-tool emulator)
 #            kvops     plain SSH user; must type ta's password to `su - ta`
