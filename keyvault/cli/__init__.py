@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import IO, cast
 
 import click
 
+from keyvault import __version__
 from keyvault.errors import KeyvaultError
+from keyvault.logs import FORMATS as LOG_FORMATS
+
+# `keyvault status` exits with this when something needs a person (docs/cli.md).
+NEEDS_ATTENTION = 3
 
 
 class KeyvaultGroup(click.Group):
-    """Turns ``KeyvaultError`` into one line on stderr and its exit code."""
+    """Turns ``KeyvaultError`` (and a declined confirmation) into one line on stderr and its exit code."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -31,7 +37,14 @@ class KeyvaultGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+        except click.Abort:
+            # A declined confirmation (or end of input at a prompt): nothing was done.
+            click.echo(
+                "error: not confirmed, nothing was changed; pass --yes to skip the question",
+                err=True,
+            )
+            ctx.exit(1)
+        except (click.ClickException, click.exceptions.Exit, SystemExit):
             raise
         except Exception as exc:  # a bug: say so without dumping locals or secrets
             if os.environ.get("KEYVAULT_DEBUG"):
@@ -44,21 +57,39 @@ class KeyvaultGroup(click.Group):
 
 
 @click.group(cls=KeyvaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="keyvault")
+@click.version_option(version=__version__, prog_name="keyvault")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    envvar="KEYVAULT_LOG_FORMAT",
+    show_default=True,
+    show_envvar=True,
+    help="Log lines on stderr as text or as one JSON object each (for collectors).",
+)
 @click.pass_context
-def main(ctx: click.Context, verbose: int) -> None:
+def main(ctx: click.Context, verbose: int, log_format: str) -> None:
     """keyvault: keep, rotate and serve the API keys of a self-hosted TA cluster."""
     import logging
 
+    from keyvault import logs
     from keyvault.cli.context import AppContext
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=False)
-    # paramiko reports transport errors itself; keyvault's own error says what matters.
-    logging.getLogger("paramiko").setLevel(logging.CRITICAL if verbose < 2 else logging.DEBUG)
+    logs.configure(log_format, level=level, stream=cast(IO[str], _CurrentStderr()))
     ctx.obj = AppContext()
     ctx.call_on_close(ctx.obj.close)
+
+
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is when a record is written (a test runner swaps it per run)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 # Each module exports COMMANDS; importing them costs only click (heavy imports are lazy).

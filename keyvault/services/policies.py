@@ -21,7 +21,7 @@ from keyvault.models import (
     utcnow,
 )
 from keyvault.services.clusters import cluster_options, get_cluster
-from keyvault.services.tokens import parse_duration
+from keyvault.timespec import parse_duration
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WINDOW = re.compile(
@@ -123,8 +123,8 @@ def list_policies(session: Session, *, cluster_name: str | None = None) -> list[
     return list(session.scalars(stmt))
 
 
-def remove_policy(session: Session, *, cluster_name: str, target: str) -> None:
-    """Delete a policy."""
+def remove_policy(session: Session, *, cluster_name: str, target: str) -> dict:
+    """Delete a policy; return what it was (`policy_info`)."""
     cluster = get_cluster(session, name=cluster_name)
     policy = session.scalar(
         select(RotationPolicy).where(
@@ -135,8 +135,10 @@ def remove_policy(session: Session, *, cluster_name: str, target: str) -> None:
         raise NotFound(
             f"no policy for {target} in cluster {cluster_name}", hint="see `keyvault policy list`"
         )
+    removed = policy_info(policy)
     session.delete(policy)
     session.flush()
+    return removed
 
 
 def resume(session: Session, *, cluster_name: str, scope: str | None, now: datetime) -> int:
