@@ -23,7 +23,6 @@ from keyvault.models import (
 from keyvault.services.clusters import cluster_options, get_cluster
 from keyvault.timespec import parse_duration
 
-DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WINDOW = re.compile(
     r"^(?:(?P<days>[A-Za-z,-]+)\s+)?(?P<start>\d{1,2}:\d{2})-(?P<end>\d{1,2}:\d{2})(?:\s+(?P<tz>\S+))?$"
 )
@@ -51,21 +50,28 @@ class Window:
         )
 
 
+DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+def _day(name: str) -> int:
+    """Monday = 0: a day's three-letter abbreviation or its full English name, nothing else."""
+    for index, full in enumerate(DAY_NAMES):
+        if name in (full, full[:3]):
+            return index
+    raise ValueError(name)
+
+
 def _parse_days(text: str | None) -> frozenset[int]:
     if text is None or text.lower() in ("daily", "every"):
         return frozenset(range(7))
     days: set[int] = set()
     for part in text.lower().split(","):
-        if "-" in part:
-            a, _, b = part.partition("-")
-            if a[:3] not in DAYS or b[:3] not in DAYS:
-                raise ValueError(part)
-            i, j = DAYS.index(a[:3]), DAYS.index(b[:3])
+        first, dash, last = part.partition("-")
+        if dash:
+            i, j = _day(first), _day(last)
             days.update(range(i, j + 1) if i <= j else [*range(i, 7), *range(j + 1)])
-        elif part[:3] in DAYS and len(part) >= 3:
-            days.add(DAYS.index(part[:3]))
         else:
-            raise ValueError(part)
+            days.add(_day(part))
     return frozenset(days)
 
 
@@ -84,7 +90,8 @@ def parse_window(text: str) -> Window:
     except (ValueError, ZoneInfoNotFoundError):
         raise InvalidInput(
             f"invalid window {text!r}",
-            hint="use e.g. 'Tue 02:00-04:00 UTC', 'Mon-Fri 22:00-02:00 Europe/Berlin' or 'daily 03:00-05:00'",
+            hint="use e.g. 'Tue 02:00-04:00 UTC', 'Mon-Fri 22:00-02:00 Europe/Berlin' or "
+            "'daily 03:00-05:00' (days as Mon or Monday)",
         ) from None
 
 
