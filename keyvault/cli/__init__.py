@@ -16,9 +16,6 @@ from keyvault import __version__
 from keyvault.errors import KeyvaultError
 from keyvault.logs import FORMATS as LOG_FORMATS
 
-# `keyvault status` exits with this when something needs a person (docs/cli.md).
-NEEDS_ATTENTION = 3
-
 
 class KeyvaultGroup(click.Group):
     """Turns ``KeyvaultError`` (and a declined confirmation) into one line on stderr and its exit code."""
@@ -109,6 +106,8 @@ COMMAND_MODULES = (
     "webhook",
     "backup",
     "sandbox",
+    "status",
+    "completion",
 )
 
 
@@ -146,8 +145,12 @@ def run() -> None:
     import atexit
     import threading
 
+    from keyvault.cli.completion import COMPLETE_VAR
+
     try:
-        main()
+        # Named explicitly: `python -m keyvault` would otherwise call itself "python -m
+        # keyvault", and shell completion would listen for another variable.
+        main(prog_name="keyvault", complete_var=COMPLETE_VAR)
         status = 0
     except SystemExit as exc:
         status = exit_status(exc)

@@ -177,6 +177,7 @@ class Candidate:
     due: bool
     reason: str
     age_seconds: float | None
+    max_age_seconds: int | None = None  # the policy's
 
 
 def app_scopes_of(session: Session, cluster: Cluster) -> list[str]:
@@ -226,7 +227,9 @@ def _decide(session, cluster, scope, policy, schedule, now) -> Candidate:
         )
     )
     age = (now - created).total_seconds() if created is not None else None
-    make = lambda due, reason: Candidate(cluster.name, scope, due, reason, age)  # noqa: E731
+    make = lambda due, reason: Candidate(  # noqa: E731
+        cluster.name, scope, due, reason, age, policy.max_age_seconds
+    )
     if schedule is not None and schedule.paused_at is not None:
         return make(
             False,

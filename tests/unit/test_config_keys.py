@@ -89,6 +89,5 @@ def test_the_cli_refuses_an_unknown_key_in_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["cluster", "list"])
     assert result.exit_code == 1
     assert result.stderr == (
-        f"error: unknown key 'conect_timeout' in [ssh] of {path}; "
-        "did you mean 'connect_timeout'?\n"
+        f"error: unknown key 'conect_timeout' in [ssh] of {path}; did you mean 'connect_timeout'?\n"
     )
