@@ -16,9 +16,31 @@ from keyvault import __version__
 from keyvault.errors import KeyvaultError
 from keyvault.logs import FORMATS as LOG_FORMATS
 
+# A group called without a command: click shows its help (not an error to shorten).
+_NO_ARGS_IS_HELP: tuple[type[Exception], ...] = tuple(
+    c for c in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if c is not None
+)
+
+
+def _usage_error(ctx: click.Context, exc: click.UsageError) -> None:
+    """One line, like every other error, naming where to read more; exit 2."""
+    if isinstance(exc, _NO_ARGS_IS_HELP):
+        raise exc
+    where = exc.ctx.command_path if exc.ctx is not None else "keyvault"
+    click.echo(f"error: {exc.format_message()}; see `{where} --help`", err=True)
+    ctx.exit(2)
+
 
 class KeyvaultGroup(click.Group):
     """Turns ``KeyvaultError`` (and a declined confirmation) into one line on stderr and its exit code."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # The group's own options (--log-format, -v) are parsed here, before invoke.
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            _usage_error(ctx, exc)
+            raise AssertionError("unreachable") from None
 
     def invoke(self, ctx: click.Context):
         try:
@@ -27,10 +49,7 @@ class KeyvaultGroup(click.Group):
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except click.UsageError as exc:
-            # One line, like every other error, naming where to read more.
-            where = exc.ctx.command_path if exc.ctx is not None else "keyvault"
-            click.echo(f"error: {exc.format_message()}; see `{where} --help`", err=True)
-            ctx.exit(2)
+            _usage_error(ctx, exc)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
@@ -53,7 +72,9 @@ class KeyvaultGroup(click.Group):
             ctx.exit(1)
 
 
-@click.group(cls=KeyvaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    "keyvault", cls=KeyvaultGroup, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(version=__version__, prog_name="keyvault")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 @click.option(
