@@ -120,19 +120,24 @@ def host_remove(
 @ADDRESS_ARGUMENT
 @click.option("--port", type=int)
 @click.option("--yes", is_flag=True, help="Pin without asking (for scripts).")
+@output_option
 @click.pass_obj
-def host_trust(app: AppContext, cluster: str, address: str, port: int | None, yes: bool) -> None:
+def host_trust(
+    app: AppContext, cluster: str, address: str, port: int | None, yes: bool, as_json: bool
+) -> None:
     """Show the host key the server offers and pin it after confirmation."""
-    from keyvault.services.hosts import get_host, pin_host_key, ssh_target
+    from keyvault.services.hosts import get_host, host_info, pin_host_key, ssh_target
 
     with app.transaction() as session:
         h = get_host(session, cluster_name=cluster, address=address, port=port)
         offered = app.connector.offered_fingerprint(ssh_target(h, app.settings))
-        click.echo(f"{h.address}:{h.port} offers host key {offered}")
+        # With --json, stdout holds only the JSON: what a person reads goes to stderr.
+        click.echo(f"{h.address}:{h.port} offers host key {offered}", err=as_json)
         if h.host_key_fingerprint:
             click.echo(
                 f"currently pinned: {h.host_key_fingerprint}"
-                + (" (same)" if offered == h.host_key_fingerprint else " (DIFFERENT)")
+                + (" (same)" if offered == h.host_key_fingerprint else " (DIFFERENT)"),
+                err=as_json,
             )
         if not yes:
             click.confirm(
@@ -141,7 +146,8 @@ def host_trust(app: AppContext, cluster: str, address: str, port: int | None, ye
                 err=True,
             )
         pin_host_key(session, host=h, fingerprint=offered)
-    click.echo(f"pinned {offered} for {address}")
+        info = host_info(h)
+    emit_json(info) if as_json else click.echo(f"pinned {offered} for {address}")
 
 
 @host.command("check")
