@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import IO, cast
 
 import click
@@ -95,9 +96,30 @@ def main(ctx: click.Context, verbose: int, log_format: str) -> None:
     from keyvault.cli.context import AppContext
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    ctx.call_on_close(_logging_restorer())  # registered first: runs after the context closes
     logs.configure(log_format, level=level, stream=cast(IO[str], _CurrentStderr()))
     ctx.obj = AppContext()
     ctx.call_on_close(ctx.obj.close)
+
+
+def _logging_restorer() -> Callable[[], None]:
+    """Undo `logs.configure` when the command ends, so one in-process run (tests, an
+    embedding program) does not leave its handler and levels behind for the next."""
+    import logging
+
+    root, paramiko = logging.getLogger(), logging.getLogger("paramiko")
+    levels = root.level, paramiko.level
+    before = [h for h in root.handlers if h.get_name() == "keyvault"]
+
+    def restore() -> None:
+        for handler in [h for h in root.handlers if h.get_name() == "keyvault"]:
+            root.removeHandler(handler)
+        for handler in before:
+            root.addHandler(handler)
+        root.setLevel(levels[0])
+        paramiko.setLevel(levels[1])
+
+    return restore
 
 
 class _CurrentStderr:
