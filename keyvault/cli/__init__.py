@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import IO, cast
+from typing import IO, Any, cast
 
 import click
 
@@ -43,7 +43,7 @@ class KeyvaultGroup(click.Group):
             _usage_error(ctx, exc)
             raise AssertionError("unreachable") from None
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except KeyvaultError as exc:
