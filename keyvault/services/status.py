@@ -1,7 +1,8 @@
 """`keyvault status`: is anything waiting for a person? Each finding says what to do.
 
-Checks, in order: the schema (at head?), the keyring (does the master key open the
-store?), the spool (keys waiting to be stored), rotations left unresolved, scopes the
+Checks, in order: the schema (at head?), the spool (keys waiting to be stored), the
+keyring (does the master key open the store?), project id mappings that are invalid
+(stored before they were validated), rotations left unresolved, scopes the
 scheduler paused, keys older than their policy allows, tokens about to expire (or
 expired and not revoked) and webhook deliveries dead-lettered recently. When the schema
 or the keyring fail, the later checks are skipped: their answers would mean nothing.
@@ -12,6 +13,7 @@ transaction, because it checks the files beside the database too.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -84,6 +86,7 @@ def collect_status(
         keyring = check_keyring(session, settings=settings)
         findings.append(keyring)
         if keyring.status == OK:
+            findings += check_project_ids(session, appid_pattern=settings.appid_pattern)
             findings += check_rotations(session)
             findings += check_paused(session)
             findings += check_key_ages(session, now=now)
@@ -138,6 +141,29 @@ def check_spool(settings: Settings) -> list[Finding]:
         for rid in spooled_rotations(settings)
     ]
     return _ok_or("spool", problems, "no key waiting")
+
+
+def check_project_ids(session: Session, *, appid_pattern: str) -> list[Finding]:
+    """No cluster maps an invalid APPID (stored before mappings were validated): every
+    `rotate app --all` and `rotate due` of that cluster would fail on it."""
+    from keyvault.services.clusters import cluster_options, list_clusters, validate_project_id
+
+    problems = []
+    for cluster in list_clusters(session):
+        for appid, project_id in cluster_options(cluster)["project_ids"].items():
+            try:
+                validate_project_id(appid, project_id, appid_pattern)
+            except KeyvaultError as exc:
+                problems.append(
+                    Finding(
+                        "project_ids",
+                        ATTENTION,
+                        f"cluster {cluster.name}: {exc.message}",
+                        f"`keyvault cluster set {cluster.name} --remove-project-id {shlex.quote(appid)}`, "
+                        "then map it again with a valid --project-id APPID=N",
+                    )
+                )
+    return _ok_or("project_ids", problems, "every APPID -> project id mapping is valid")
 
 
 def check_rotations(session: Session) -> list[Finding]:

@@ -56,6 +56,7 @@ def test_a_fresh_store_is_all_ok(cli, store):
         "schema",
         "spool",
         "keyring",
+        "project_ids",
         "rotations",
         "paused",
         "key_age",
@@ -77,6 +78,8 @@ def test_each_problem_is_reported_with_what_to_do(cli, store, home):
     with transaction(store) as session:
         cluster = session.query(Cluster).one()
         session.execute(update(SecretVersion).values(created_at=now - timedelta(days=45)))
+        # A mapping stored before mappings were validated.
+        session.execute(update(Cluster).values(options=json.dumps({"project_ids": {"": 3}})))
         session.add(
             Rotation(
                 id="r0000000001a",
@@ -115,7 +118,16 @@ def test_each_problem_is_reported_with_what_to_do(cli, store, home):
     report = status_json(cli, code=3)
     found = attention(report)
     assert report["ok"] is False
-    assert set(found) == {"spool", "rotations", "paused", "key_age", "tokens", "webhooks"}
+    assert set(found) == {
+        "spool",
+        "project_ids",
+        "rotations",
+        "paused",
+        "key_age",
+        "tokens",
+        "webhooks",
+    }
+    assert f"cluster set {CLUSTER} --remove-project-id ''" in found["project_ids"][0]["action"]
     assert "keyvault rotations recover r0000000002b" in found["spool"][0]["action"]
     assert "r0000000001a" in found["rotations"][0]["detail"]
     assert "keyvault rotations recover r0000000001a" in found["rotations"][0]["action"]
@@ -129,7 +141,7 @@ def test_each_problem_is_reported_with_what_to_do(cli, store, home):
     assert len(attention(status_json(cli, "--token-days", "90", code=3))["tokens"]) == 2
 
     table = ok(cli("status"), 3).stdout
-    assert table.count("ATTENTION") == 6 and table.count("-> ") == 6
+    assert table.count("ATTENTION") == 7 and table.count("-> ") == 7
     assert KEY not in table
 
 
