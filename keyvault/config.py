@@ -6,12 +6,14 @@ HTTP app or a job, and the resulting ``Settings`` object is passed down.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Final
 
 from keyvault.errors import ConfigError
 
@@ -73,6 +75,69 @@ def default_home(env: Mapping[str, str]) -> Path:
     return Path(env.get("HOME") or Path.home()).expanduser() / ".keyvault"
 
 
+# Every table and key keyvault.toml may hold; anything else is refused with the nearest
+# valid name, so a typo (``conect_timeout``) fails loudly instead of being ignored.
+# ``None`` is a value; ``FREE_FORM`` is a table whose keys are data (TA return codes).
+FREE_FORM: Final = "free-form table"
+CONFIG_KEYS: Final[dict[str, dict[str, object]]] = {
+    "database": {"url": None},
+    "master_key": {"file": None},
+    "ssh": {
+        "known_hosts_file": None,
+        "identity_file": None,
+        "passphrase_file": None,
+        "su_password_file": None,
+        "connect_timeout": None,
+        "command_timeout": None,
+        "su_prompt": None,
+    },
+    "validation": {"appid_pattern": None},
+    "ta": {"timeout": None, "error_codes": FREE_FORM},
+    "rotation": {"batch_size": None},
+}
+
+
+def check_known_keys(
+    data: Mapping[str, object], schema: Mapping[str, object], *, path: Path, table: str = ""
+) -> None:
+    """Refuse a key ``schema`` does not name (in nested tables too), suggesting the nearest."""
+    for key, value in data.items():
+        where = f"[{table}] of {path}" if table else str(path)
+        if key not in schema:
+            what = "key" if table or not isinstance(value, dict) else "table"
+            close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
+            shown = (lambda k: f"[{k}]") if what == "table" else (lambda k: repr(k))
+            hint = (
+                f"did you mean {shown(close[0])}?"
+                if close
+                else f"valid {what}s here: {', '.join(sorted(schema))}"
+            )
+            raise ConfigError(f"unknown {what} {shown(key)} in {where}", hint=hint)
+        expected = schema[key]
+        dotted = f"{table}.{key}" if table else key
+        if isinstance(expected, dict) or expected == FREE_FORM:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{dotted}] in {path} must be a table, not {value!r}")
+            if isinstance(expected, dict):
+                check_known_keys(value, expected, path=path, table=dotted)
+        elif isinstance(value, dict):
+            raise ConfigError(f"{key} in {where} must be a value, not a table")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The parsed and key-checked config file, or ``{}`` when there is none."""
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read {path}: {exc}", hint="fix the file or move it away"
+        ) from None
+    check_known_keys(data, CONFIG_KEYS, path=path)
+    return data
+
+
 def _read_secret_file(path: str, what: str) -> str:
     try:
         return Path(path).expanduser().read_text().rstrip("\r\n")
@@ -83,82 +148,89 @@ def _read_secret_file(path: str, what: str) -> str:
         ) from None
 
 
+def _secret(env: Mapping[str, str], name: str, file_setting: str | None, what: str) -> str | None:
+    """``$NAME``, else the content of ``$NAME_FILE`` or of the config's file setting."""
+    value = env.get(name)
+    if value is not None:
+        return value
+    file = env.get(f"{name}_FILE") or file_setting
+    return _read_secret_file(file, what) if file else None
+
+
+def _checked_regex(pattern: str, name: str, config_file: Path) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{name} in {config_file} is not a valid regex: {exc}") from None
+    return pattern
+
+
+def _checked_batch_size(value: object, config_file: Path) -> int:
+    if type(value) is not int or not 1 <= value <= MAX_ROTATION_BATCH_SIZE:
+        raise ConfigError(
+            f"rotation.batch_size in {config_file} must be a whole number from 1 to "
+            f"{MAX_ROTATION_BATCH_SIZE}, not {value!r}"
+        )
+    return value
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+def _ssh_fields(env: Mapping[str, str], ssh: Mapping[str, Any], config_file: Path) -> dict:
+    """The Settings fields of the SSH connection: ``[ssh]`` and its environment overrides."""
+    return {
+        "known_hosts_file": _optional_path(
+            env.get("KEYVAULT_KNOWN_HOSTS") or ssh.get("known_hosts_file")
+        ),
+        "ssh_identity_file": _optional_path(
+            env.get("KEYVAULT_SSH_IDENTITY") or ssh.get("identity_file")
+        ),
+        "ssh_connect_timeout": float(ssh.get("connect_timeout", 10.0)),
+        "ssh_command_timeout": float(ssh.get("command_timeout", 300.0)),
+        "ssh_passphrase": _secret(
+            env, "KEYVAULT_SSH_PASSPHRASE", ssh.get("passphrase_file"), "SSH passphrase"
+        ),
+        "su_password": _secret(
+            env, "KEYVAULT_SU_PASSWORD", ssh.get("su_password_file"), "su password"
+        ),
+        "su_prompt": _checked_regex(
+            ssh.get("su_prompt", DEFAULT_SU_PROMPT), "ssh.su_prompt", config_file
+        ),
+    }
+
+
 def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = None) -> Settings:
     """Build the settings from ``env`` (default ``os.environ``) and the config file."""
     env = os.environ if env is None else env
     home = default_home(env)
-    data: dict = {}
     config_file = home / CONFIG_FILE_NAME
-    if config_file.exists():
-        try:
-            data = tomllib.loads(config_file.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(
-                f"cannot read {config_file}: {exc}", hint="fix the file or move it away"
-            ) from None
+    data = read_config_file(config_file)
     db = data.get("database", {})
     mk = data.get("master_key", {})
-    ssh = data.get("ssh", {})
     validation = data.get("validation", {})
     ta = data.get("ta", {})
     rotation = data.get("rotation", {})
-
-    database_url = (
-        env.get("KEYVAULT_DATABASE_URL") or db.get("url") or (f"sqlite:///{home / 'keyvault.db'}")
-    )
-    master_key_file = Path(
-        env.get("KEYVAULT_MASTER_KEY_FILE") or mk.get("file") or home / "master.key"
-    ).expanduser()
-
-    passphrase = env.get("KEYVAULT_SSH_PASSPHRASE")
-    if passphrase is None and (
-        env.get("KEYVAULT_SSH_PASSPHRASE_FILE") or ssh.get("passphrase_file")
-    ):
-        passphrase = _read_secret_file(
-            env.get("KEYVAULT_SSH_PASSPHRASE_FILE") or ssh["passphrase_file"], "SSH passphrase"
-        )
-    su_password = env.get("KEYVAULT_SU_PASSWORD")
-    if su_password is None and (
-        env.get("KEYVAULT_SU_PASSWORD_FILE") or ssh.get("su_password_file")
-    ):
-        su_password = _read_secret_file(
-            env.get("KEYVAULT_SU_PASSWORD_FILE") or ssh["su_password_file"], "su password"
-        )
-
-    known_hosts = env.get("KEYVAULT_KNOWN_HOSTS") or ssh.get("known_hosts_file")
-    identity = env.get("KEYVAULT_SSH_IDENTITY") or ssh.get("identity_file")
-    appid_pattern = validation.get("appid_pattern", DEFAULT_APPID_PATTERN)
-    su_prompt = ssh.get("su_prompt", DEFAULT_SU_PROMPT)
-    for name, pattern in (
-        ("validation.appid_pattern", appid_pattern),
-        ("ssh.su_prompt", su_prompt),
-    ):
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"{name} in {config_file} is not a valid regex: {exc}") from None
-    batch_size = rotation.get("batch_size", DEFAULT_ROTATION_BATCH_SIZE)
-    if type(batch_size) is not int or not 1 <= batch_size <= MAX_ROTATION_BATCH_SIZE:
-        raise ConfigError(
-            f"rotation.batch_size in {config_file} must be a whole number from 1 to "
-            f"{MAX_ROTATION_BATCH_SIZE}, not {batch_size!r}"
-        )
     try:
-        codes = {int(k): str(v) for k, v in ta.get("error_codes", {}).items()}
         return Settings(
             home=home,
-            database_url=database_url,
-            master_key_file=master_key_file,
-            appid_pattern=appid_pattern,
-            known_hosts_file=Path(known_hosts).expanduser() if known_hosts else None,
-            ssh_connect_timeout=float(ssh.get("connect_timeout", 10.0)),
-            ssh_command_timeout=float(ssh.get("command_timeout", 300.0)),
-            rotation_batch_size=batch_size,
-            ssh_identity_file=Path(identity).expanduser() if identity else None,
-            ssh_passphrase=passphrase,
-            su_password=su_password,
-            su_prompt=su_prompt,
-            ta_error_codes=codes,
+            database_url=env.get("KEYVAULT_DATABASE_URL")
+            or db.get("url")
+            or f"sqlite:///{home / 'keyvault.db'}",
+            master_key_file=Path(
+                env.get("KEYVAULT_MASTER_KEY_FILE") or mk.get("file") or home / "master.key"
+            ).expanduser(),
+            appid_pattern=_checked_regex(
+                validation.get("appid_pattern", DEFAULT_APPID_PATTERN),
+                "validation.appid_pattern",
+                config_file,
+            ),
+            rotation_batch_size=_checked_batch_size(
+                rotation.get("batch_size", DEFAULT_ROTATION_BATCH_SIZE), config_file
+            ),
+            **_ssh_fields(env, data.get("ssh", {}), config_file),
+            ta_error_codes={int(k): str(v) for k, v in ta.get("error_codes", {}).items()},
             ta_timeout=float(ta.get("timeout", 10.0)),
             actor=actor or env.get("KEYVAULT_ACTOR") or env.get("USER") or "cli",
             serve_webhooks=env.get("KEYVAULT_SERVE_WEBHOOKS", "1") not in ("0", "false", "no"),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC
-
 import click
 
+from keyvault.cli.context import AppContext
 from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.params import complete_token_names
 
 
 @click.group()
@@ -16,31 +16,19 @@ def audit() -> None:
 
 @audit.command("list")
 @click.option("--since", help="ISO time or a duration ago (e.g. 1h).")
-@click.option("--token", "token_name")
+@click.option("--token", "token_name", shell_complete=complete_token_names)
 @click.option("--limit", default=200, show_default=True, type=click.IntRange(1, 100000))
 @output_option
 @click.pass_obj
-def audit_list(app, since, token_name, limit, as_json) -> None:
+def audit_list(
+    app: AppContext, since: str | None, token_name: str | None, limit: int, as_json: bool
+) -> None:
     """Key reads and rotations, newest first."""
-    from datetime import datetime
-
-    from keyvault.errors import InvalidInput
     from keyvault.models import utcnow
     from keyvault.services.audit import audit_info, list_audit
-    from keyvault.services.tokens import parse_duration
+    from keyvault.timespec import parse_since
 
-    when = None
-    if since:
-        try:
-            when = datetime.fromisoformat(since)
-            when = when if when.tzinfo else when.replace(tzinfo=UTC)
-        except ValueError:
-            try:
-                when = utcnow() - parse_duration(since)
-            except InvalidInput:
-                raise InvalidInput(
-                    f"invalid --since {since!r}", hint="give an ISO time or a duration like 1h"
-                ) from None
+    when = parse_since(since, now=utcnow()) if since else None
     with app.transaction() as session:
         rows = [
             audit_info(r)

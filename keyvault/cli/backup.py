@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
+from keyvault.cli.confirm import confirm
 from keyvault.cli.output import emit_json, output_option
 
 
@@ -85,17 +85,14 @@ def restore(app, file: Path, replace: bool, yes: bool, as_json: bool) -> None:
     keyring = crypto.load_keyring(app.settings.master_key_file)
     header = service.open_backup(data, keyring=keyring).header  # refuse a bad file before asking
     factory = app.factory  # the schema must be at head
-    if replace and not yes:
-        if not sys.stdin.isatty():
-            raise click.UsageError(
-                "restore --replace needs confirmation: pass --yes when not running on a terminal"
-            )
-        click.echo(REPLACE_WARNING, err=True)
-        click.echo(
-            f"backup of {header.created_at.isoformat()} (master key {header.master_key_id})",
-            err=True,
+    if replace:
+        confirm(
+            yes,
+            command="restore --replace",
+            warning=f"{REPLACE_WARNING}\nbackup of {header.created_at.isoformat()} "
+            f"(master key {header.master_key_id})",
+            question="Replace the store now?",
         )
-        click.confirm("Replace the store now?", abort=True, err=True)
     from keyvault.db import transaction
 
     with transaction(factory) as session:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from keyvault.cli.context import AppContext
 from keyvault.cli.output import emit_json, output_option
 
 
@@ -14,19 +15,24 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
+@output_option
 @click.pass_obj
-def db_upgrade(app, revision: str) -> None:
+def db_upgrade(app: AppContext, revision: str, as_json: bool) -> None:
     """Apply the migrations."""
-    from keyvault.db import current_revision, upgrade
+    from keyvault.db import current_revision, head_revision, upgrade
 
     upgrade(app.engine, revision)
-    click.echo(f"database at {current_revision(app.engine)}")
+    current = current_revision(app.engine)
+    if as_json:
+        emit_json({"current": current, "head": head_revision()})
+        return
+    click.echo(f"database at {current}")
 
 
 @db.command("current")
 @output_option
 @click.pass_obj
-def db_current(app, as_json: bool) -> None:
+def db_current(app: AppContext, as_json: bool) -> None:
     """Show the schema revision of the database and of this keyvault."""
     from keyvault.db import current_revision, head_revision
 
@@ -36,7 +42,7 @@ def db_current(app, as_json: bool) -> None:
 
 @db.command("check")
 @click.pass_obj
-def db_check(app) -> None:
+def db_check(app: AppContext) -> None:
     """Check that the database is at head and that the models and the migrations agree."""
     from keyvault.db import require_head, schema_drift
     from keyvault.errors import DatabaseError

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
+from keyvault.cli.confirm import confirm, yes_option
+from keyvault.cli.context import AppContext
 from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.params import complete_clusters, complete_host_addresses
+
+CLUSTER_ARGUMENT = click.argument("cluster", shell_complete=complete_clusters)
+ADDRESS_ARGUMENT = click.argument("address", shell_complete=complete_host_addresses)
 
 
 @click.group()
@@ -13,7 +19,7 @@ def host() -> None:
 
 
 @host.command("add")
-@click.argument("cluster")
+@CLUSTER_ARGUMENT
 @click.argument("address")
 @click.option("--port", default=22, show_default=True, type=int)
 @click.option("--user", "username", default="root", show_default=True, help="SSH login user.")
@@ -23,12 +29,24 @@ def host() -> None:
 )
 @click.option("--ta-user", default="ta", show_default=True)
 @click.option("--fingerprint", help="Pinned host key fingerprint, SHA256:...")
+@output_option
 @click.pass_obj
-def host_add(app, cluster, address, port, username, identity, become, ta_user, fingerprint) -> None:
+def host_add(
+    app: AppContext,
+    cluster: str,
+    address: str,
+    port: int,
+    username: str,
+    identity: str | None,
+    become: str,
+    ta_user: str,
+    fingerprint: str | None,
+    as_json: bool,
+) -> None:
     """Add a host where ta-tool can be run."""
     import os
 
-    from keyvault.services.hosts import add_host
+    from keyvault.services.hosts import add_host, host_info
 
     identity = os.path.abspath(identity) if identity else None
     with app.transaction() as session:
@@ -43,7 +61,10 @@ def host_add(app, cluster, address, port, username, identity, become, ta_user, f
             ta_user=ta_user,
             fingerprint=fingerprint,
         )
-        label = h.label
+        label, info = h.label, host_info(h)
+    if as_json:
+        emit_json(info)
+        return
     click.echo(f"host {label} added to {cluster}")
     if not fingerprint:
         click.echo(
@@ -53,64 +74,70 @@ def host_add(app, cluster, address, port, username, identity, become, ta_user, f
 
 
 @host.command("list")
-@click.option("--cluster")
+@click.option("--cluster", shell_complete=complete_clusters)
 @output_option
 @click.pass_obj
-def host_list(app, cluster, as_json) -> None:
+def host_list(app: AppContext, cluster: str | None, as_json: bool) -> None:
     """List hosts in the order they are tried."""
-    from keyvault.services.hosts import list_hosts
+    from keyvault.services.hosts import host_info, list_hosts
 
     with app.transaction() as session:
-        rows = [
-            {
-                "cluster": h.cluster.name,
-                "address": h.address,
-                "port": h.port,
-                "user": h.username,
-                "become": h.become,
-                "ta_user": h.ta_user,
-                "identity": h.identity_file,
-                "fingerprint": h.host_key_fingerprint or "(untrusted)",
-            }
-            for h in list_hosts(session, cluster_name=cluster)
-        ]
+        rows = [host_info(h) for h in list_hosts(session, cluster_name=cluster)]
     emit_json(rows) if as_json else emit_table(
         rows, ("cluster", "address", "port", "user", "become", "ta_user", "fingerprint")
     )
 
 
 @host.command("remove")
-@click.argument("cluster")
-@click.argument("address")
+@CLUSTER_ARGUMENT
+@ADDRESS_ARGUMENT
 @click.option("--port", type=int)
+@yes_option
+@output_option
 @click.pass_obj
-def host_remove(app, cluster, address, port) -> None:
+def host_remove(
+    app: AppContext, cluster: str, address: str, port: int | None, yes: bool, as_json: bool
+) -> None:
     """Remove a host (refused while a rotation on it is unresolved)."""
-    from keyvault.services.hosts import remove_host
+    from keyvault.services.hosts import get_host, host_info, remove_host
 
+    with app.transaction() as session:  # a missing host is NotFound before the question
+        found = get_host(session, cluster_name=cluster, address=address, port=port)
+        info, port = host_info(found), found.port
+    confirm(
+        yes,
+        command="host remove",
+        warning=f"rotations of cluster {cluster} will no longer use {address}:{port}.",
+        question=f"Remove host {address}:{port} from {cluster}?",
+    )
     with app.transaction() as session:
         remove_host(session, cluster_name=cluster, address=address, port=port)
-    click.echo(f"host {address} removed from {cluster}")
+    emit_json(info) if as_json else click.echo(f"host {address} removed from {cluster}")
 
 
 @host.command("trust")
-@click.argument("cluster")
-@click.argument("address")
+@CLUSTER_ARGUMENT
+@ADDRESS_ARGUMENT
 @click.option("--port", type=int)
 @click.option("--yes", is_flag=True, help="Pin without asking (for scripts).")
+@output_option
 @click.pass_obj
-def host_trust(app, cluster, address, port, yes) -> None:
+def host_trust(
+    app: AppContext, cluster: str, address: str, port: int | None, yes: bool, as_json: bool
+) -> None:
     """Show the host key the server offers and pin it after confirmation."""
-    from keyvault.services.hosts import get_host, pin_host_key, ssh_target
+    from keyvault.services.hosts import get_host, host_info, pin_host_key, ssh_target
 
     with app.transaction() as session:
         h = get_host(session, cluster_name=cluster, address=address, port=port)
         offered = app.connector.offered_fingerprint(ssh_target(h, app.settings))
-        click.echo(f"{h.address}:{h.port} offers host key {offered}")
+        # With --json, stdout holds only the JSON: what a person reads goes to stderr.
+        click.echo(f"{h.address}:{h.port} offers host key {offered}", err=as_json)
         if h.host_key_fingerprint:
             click.echo(
                 f"currently pinned: {h.host_key_fingerprint}"
-                + (" (same)" if offered == h.host_key_fingerprint else " (DIFFERENT)")
+                + (" (same)" if offered == h.host_key_fingerprint else " (DIFFERENT)"),
+                err=as_json,
             )
         if not yes:
             click.confirm(
@@ -119,24 +146,20 @@ def host_trust(app, cluster, address, port, yes) -> None:
                 err=True,
             )
         pin_host_key(session, host=h, fingerprint=offered)
-    click.echo(f"pinned {offered} for {address}")
+        info = host_info(h)
+    emit_json(info) if as_json else click.echo(f"pinned {offered} for {address}")
 
 
 @host.command("check")
-@click.argument("cluster")
-@click.argument("address", required=False)
+@CLUSTER_ARGUMENT
+@click.argument("address", required=False, shell_complete=complete_host_addresses)
 @click.pass_obj
-def host_check(app, cluster, address) -> None:
+def host_check(app: AppContext, cluster: str, address: str | None) -> None:
     """Connect, become ta and confirm ta-tool is on its PATH; generates nothing."""
-    from keyvault.services.hosts import check_host, list_hosts
+    from keyvault.services.hosts import check_host, hosts_to_check
 
     with app.transaction() as session:
-        hosts = [
-            h for h in list_hosts(session, cluster_name=cluster) if address in (None, h.address)
-        ]
-        if not hosts:
-            raise click.UsageError(f"no host {address or ''} in cluster {cluster}")
-        for h in hosts:
+        for h in hosts_to_check(session, cluster_name=cluster, address=address):
             click.echo(check_host(session, host=h, settings=app.settings, connector=app.connector))
 
 

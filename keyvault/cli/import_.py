@@ -6,10 +6,8 @@ import sys
 
 import click
 
-from keyvault.cli.output import (
-    resolve_scope,
-    scope_options,
-)
+from keyvault.cli.context import AppContext
+from keyvault.cli.output import emit_json, output_option, resolve_scope, scope_options
 
 
 @click.command("import")
@@ -17,8 +15,11 @@ from keyvault.cli.output import (
 @click.option(
     "--any-format", is_flag=True, help="Store a key that does not match the cluster's key pattern."
 )
+@output_option
 @click.pass_obj
-def import_(app, cluster: str, is_root: bool, appid: str | None, any_format: bool) -> None:
+def import_(
+    app: AppContext, cluster: str, is_root: bool, appid: str | None, any_format: bool, as_json: bool
+) -> None:
     """Store a key read from standard input as the new current version."""
     from keyvault.services.secrets import import_key
 
@@ -39,6 +40,18 @@ def import_(app, cluster: str, is_root: bool, appid: str | None, any_format: boo
             actor=app.settings.actor,
             any_format=any_format,
         )
+    if as_json:
+        emit_json(
+            {
+                "cluster": stored.cluster,
+                "scope": stored.scope,
+                "version": stored.number,
+                "fingerprint": stored.fingerprint,
+                "old_version": stored.old_number,
+                "old_fingerprint": stored.old_fingerprint,
+            }
+        )
+        return
     old = (
         f" (version {stored.old_number} {stored.old_fingerprint} invalidated)"
         if stored.old_number

@@ -4,30 +4,29 @@ from __future__ import annotations
 
 import click
 
+from keyvault.cli.context import AppContext
+from keyvault.cli.output import emit_json, output_option
+
 
 @click.command()
+@output_option
 @click.pass_obj
-def init(app) -> None:
+def init(app: AppContext, as_json: bool) -> None:
     """Create the home, a master key (never overwritten), the config and the schema."""
-    from keyvault.db import session_factory, transaction, upgrade
-    from keyvault.services import store
+    from keyvault.services.store import initialise
 
     settings = app.settings
-    created = store.ensure_home(settings)
-    upgrade(app.engine)
-    store.restrict_sqlite_file(app.engine)
-    with transaction(session_factory(app.engine)) as session:
-        store.refuse_foreign_store(session, settings=settings)
-        keyring, new_key = store.ensure_keyring(settings.master_key_file)
-        store.register_keyring(session, keyring=keyring)
-    if new_key:
-        created.append(f"master key {settings.master_key_file} ({keyring.active})")
-    for line in created:
+    report = initialise(app.engine, settings=settings)
+    if as_json:
+        emit_json(report.as_dict(settings))
+        return
+    for line in report.created:
         click.echo(f"created {line}")
     click.echo(
-        f"keyvault is ready: home {settings.home}, database at schema head, master key {keyring.active}"
+        f"keyvault is ready: home {settings.home}, database at schema head, "
+        f"master key {report.master_key_id}"
     )
-    if new_key:
+    if report.new_master_key:
         click.echo("back up the master key file now: without it the store cannot be read")
 
 

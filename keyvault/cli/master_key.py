@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import click
 
+from keyvault.cli.confirm import confirm, yes_option
+from keyvault.cli.context import AppContext
+from keyvault.cli.output import emit_json, output_option
+
 
 @click.group("master-key")
 def master_key() -> None:
@@ -11,18 +15,39 @@ def master_key() -> None:
 
 
 @master_key.command("rotate")
+@yes_option
+@output_option
 @click.pass_obj
-def master_key_rotate(app) -> None:
+def master_key_rotate(app: AppContext, yes: bool, as_json: bool) -> None:
     """Make a new master key and re-wrap every data key under it in one transaction."""
     from keyvault.services.masterkeys import rotate_master_key
 
+    keyring_file = app.settings.master_key_file
+    confirm(
+        yes,
+        command="master-key rotate",
+        warning=(
+            f"the keyring file {keyring_file} is rewritten; every copy of the current one "
+            "(backups included) stops opening this store."
+        ),
+        question="Rotate the master key now?",
+    )
     result = rotate_master_key(app.factory, settings=app.settings)
+    if as_json:
+        emit_json(
+            {
+                "old_master_key_id": result.old_id,
+                "new_master_key_id": result.new_id,
+                "rewrapped": result.rewrapped,
+                "master_key_file": str(keyring_file),
+            }
+        )
+        return
     click.echo(
-        f"master key rotated: {result.old_id} -> {result.new_id}; {result.rewrapped} data keys re-wrapped"
+        f"master key rotated: {result.old_id} -> {result.new_id}; "
+        f"{result.rewrapped} data keys re-wrapped"
     )
-    click.echo(
-        f"back up {app.settings.master_key_file} now; the previous master key opens nothing any more"
-    )
+    click.echo(f"back up {keyring_file} now; the previous master key opens nothing any more")
 
 
 COMMANDS = [master_key]

@@ -39,11 +39,17 @@ def mask(key: str) -> str:
 
 def scope_options(func):
     """Add ``--cluster``, ``--root`` and ``--appid`` to a command."""
-    func = click.option("--appid", help="The project APPID (a project key).")(func)
+    from keyvault.cli.params import complete_appids, complete_clusters
+
+    func = click.option(
+        "--appid", shell_complete=complete_appids, help="The project APPID (a project key)."
+    )(func)
     func = click.option(
         "--root", "is_root", is_flag=True, help="The root key (valid for every project)."
     )(func)
-    func = click.option("--cluster", required=True, help="Cluster name.")(func)
+    func = click.option(
+        "--cluster", required=True, shell_complete=complete_clusters, help="Cluster name."
+    )(func)
     return func
 
 
@@ -53,7 +59,7 @@ def resolve_scope(is_root: bool, appid: str | None, settings):
 
     if is_root == (appid is not None):
         raise click.UsageError("give exactly one of --root or --appid APPID")
-    return root_scope() if is_root else app_scope(appid, settings.appid_pattern)
+    return root_scope() if appid is None else app_scope(appid, settings.appid_pattern)
 
 
 def output_option(func: Callable[..., Any]) -> Callable[..., Any]:

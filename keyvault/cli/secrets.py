@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from keyvault.cli.context import AppContext
 from keyvault.cli.output import (
     emit_json,
     emit_table,
@@ -14,6 +15,7 @@ from keyvault.cli.output import (
     resolve_scope,
     scope_options,
 )
+from keyvault.cli.params import complete_clusters
 
 VERSION_COLUMNS = (
     "version",
@@ -32,10 +34,10 @@ def secrets() -> None:
 
 
 @secrets.command("list")
-@click.option("--cluster")
+@click.option("--cluster", shell_complete=complete_clusters)
 @output_option
 @click.pass_obj
-def secrets_list(app, cluster: str | None, as_json: bool) -> None:
+def secrets_list(app: AppContext, cluster: str | None, as_json: bool) -> None:
     """List every scope with its current version (no keys)."""
     from keyvault.services.secrets import list_current, version_info
 
@@ -52,7 +54,15 @@ def secrets_list(app, cluster: str | None, as_json: bool) -> None:
 @click.option("--reveal", is_flag=True, help="Print the key itself.")
 @output_option
 @click.pass_obj
-def secrets_show(app, cluster, is_root, appid, number, reveal, as_json) -> None:
+def secrets_show(
+    app: AppContext,
+    cluster: str,
+    is_root: bool,
+    appid: str | None,
+    number: int | None,
+    reveal: bool,
+    as_json: bool,
+) -> None:
     """Show one version; the key is masked unless --reveal."""
     from keyvault.services.secrets import get_version, version_info
     from keyvault.services.secrets import reveal as reveal_key
@@ -86,7 +96,9 @@ def secrets_show(app, cluster, is_root, appid, number, reveal, as_json) -> None:
 @scope_options
 @output_option
 @click.pass_obj
-def secrets_history(app, cluster, is_root, appid, as_json) -> None:
+def secrets_history(
+    app: AppContext, cluster: str, is_root: bool, appid: str | None, as_json: bool
+) -> None:
     """Every version of a scope, oldest first (no keys)."""
     from keyvault.services.secrets import history, version_info
 

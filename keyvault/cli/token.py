@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
+from keyvault.cli.confirm import confirm, yes_option
+from keyvault.cli.context import AppContext
 from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.params import complete_token_names
 
 
 @click.group()
@@ -25,9 +28,17 @@ def token() -> None:
 @click.option("--expires", help="Lifetime such as 90d, 12h, 30m.")
 @output_option
 @click.pass_obj
-def token_create(app, name, scopes, can_rotate, expires, as_json) -> None:
+def token_create(
+    app: AppContext,
+    name: str,
+    scopes: tuple[str, ...],
+    can_rotate: bool,
+    expires: str | None,
+    as_json: bool,
+) -> None:
     """Create a token; it is printed once, only its hash is kept."""
-    from keyvault.services.tokens import create_token, parse_duration, token_info
+    from keyvault.services.tokens import create_token, token_info
+    from keyvault.timespec import parse_duration
 
     lifetime = parse_duration(expires) if expires else None
     with app.transaction() as session:
@@ -56,7 +67,7 @@ def token_create(app, name, scopes, can_rotate, expires, as_json) -> None:
 @token.command("list")
 @output_option
 @click.pass_obj
-def token_list(app, as_json) -> None:
+def token_list(app: AppContext, as_json: bool) -> None:
     """List tokens (never their value)."""
     from keyvault.services.tokens import list_tokens, token_info
 
@@ -72,15 +83,23 @@ def token_list(app, as_json) -> None:
 
 
 @token.command("revoke")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_token_names)
+@yes_option
+@output_option
 @click.pass_obj
-def token_revoke(app, name) -> None:
+def token_revoke(app: AppContext, name: str, yes: bool, as_json: bool) -> None:
     """Revoke a token; every server refuses it from its next request."""
-    from keyvault.services.tokens import revoke_token
+    from keyvault.services.tokens import revoke_token, token_info
 
+    confirm(
+        yes,
+        command="token revoke",
+        warning=f"every service holding token {name} loses access at its next request.",
+        question=f"Revoke token {name}?",
+    )
     with app.transaction() as session:
-        revoke_token(session, name=name)
-    click.echo(f"token {name} revoked")
+        info = token_info(revoke_token(session, name=name))
+    emit_json(info) if as_json else click.echo(f"token {name} revoked")
 
 
 COMMANDS = [token]

@@ -95,6 +95,33 @@ def list_hosts(session: Session, *, cluster_name: str | None = None) -> list[Hos
     return list(session.scalars(stmt))
 
 
+def host_info(host: Host) -> dict[str, object]:
+    """A JSON-ready description of a host (the shape of `host list` and `host add --json`)."""
+    return {
+        "cluster": host.cluster.name,
+        "address": host.address,
+        "port": host.port,
+        "user": host.username,
+        "become": host.become,
+        "ta_user": host.ta_user,
+        "identity": host.identity_file,
+        "fingerprint": host.host_key_fingerprint or "(untrusted)",
+    }
+
+
+def hosts_to_check(session: Session, *, cluster_name: str, address: str | None) -> list[Host]:
+    """The hosts of a cluster (with ``address``: that host only), or ``NotFound``."""
+    hosts = [
+        h for h in list_hosts(session, cluster_name=cluster_name) if address in (None, h.address)
+    ]
+    if not hosts:
+        raise NotFound(
+            f"no host {address + ' ' if address else ''}in cluster {cluster_name}",
+            hint=f"add one with `keyvault host add {cluster_name} ADDRESS`",
+        )
+    return hosts
+
+
 def get_host(session: Session, *, cluster_name: str, address: str, port: int | None = None) -> Host:
     """One host of a cluster by address (and port when ambiguous)."""
     hosts = [

@@ -21,9 +21,8 @@ from keyvault.models import (
     utcnow,
 )
 from keyvault.services.clusters import cluster_options, get_cluster
-from keyvault.services.tokens import parse_duration
+from keyvault.timespec import parse_duration
 
-DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WINDOW = re.compile(
     r"^(?:(?P<days>[A-Za-z,-]+)\s+)?(?P<start>\d{1,2}:\d{2})-(?P<end>\d{1,2}:\d{2})(?:\s+(?P<tz>\S+))?$"
 )
@@ -51,21 +50,28 @@ class Window:
         )
 
 
+DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+def _day(name: str) -> int:
+    """Monday = 0: a day's three-letter abbreviation or its full English name, nothing else."""
+    for index, full in enumerate(DAY_NAMES):
+        if name in (full, full[:3]):
+            return index
+    raise ValueError(name)
+
+
 def _parse_days(text: str | None) -> frozenset[int]:
     if text is None or text.lower() in ("daily", "every"):
         return frozenset(range(7))
     days: set[int] = set()
     for part in text.lower().split(","):
-        if "-" in part:
-            a, _, b = part.partition("-")
-            if a[:3] not in DAYS or b[:3] not in DAYS:
-                raise ValueError(part)
-            i, j = DAYS.index(a[:3]), DAYS.index(b[:3])
+        first, dash, last = part.partition("-")
+        if dash:
+            i, j = _day(first), _day(last)
             days.update(range(i, j + 1) if i <= j else [*range(i, 7), *range(j + 1)])
-        elif part[:3] in DAYS and len(part) >= 3:
-            days.add(DAYS.index(part[:3]))
         else:
-            raise ValueError(part)
+            days.add(_day(part))
     return frozenset(days)
 
 
@@ -84,7 +90,8 @@ def parse_window(text: str) -> Window:
     except (ValueError, ZoneInfoNotFoundError):
         raise InvalidInput(
             f"invalid window {text!r}",
-            hint="use e.g. 'Tue 02:00-04:00 UTC', 'Mon-Fri 22:00-02:00 Europe/Berlin' or 'daily 03:00-05:00'",
+            hint="use e.g. 'Tue 02:00-04:00 UTC', 'Mon-Fri 22:00-02:00 Europe/Berlin' or "
+            "'daily 03:00-05:00' (days as Mon or Monday)",
         ) from None
 
 
@@ -123,8 +130,8 @@ def list_policies(session: Session, *, cluster_name: str | None = None) -> list[
     return list(session.scalars(stmt))
 
 
-def remove_policy(session: Session, *, cluster_name: str, target: str) -> None:
-    """Delete a policy."""
+def remove_policy(session: Session, *, cluster_name: str, target: str) -> dict:
+    """Delete a policy; return what it was (`policy_info`)."""
     cluster = get_cluster(session, name=cluster_name)
     policy = session.scalar(
         select(RotationPolicy).where(
@@ -135,8 +142,10 @@ def remove_policy(session: Session, *, cluster_name: str, target: str) -> None:
         raise NotFound(
             f"no policy for {target} in cluster {cluster_name}", hint="see `keyvault policy list`"
         )
+    removed = policy_info(policy)
     session.delete(policy)
     session.flush()
+    return removed
 
 
 def resume(session: Session, *, cluster_name: str, scope: str | None, now: datetime) -> int:
@@ -168,6 +177,7 @@ class Candidate:
     due: bool
     reason: str
     age_seconds: float | None
+    max_age_seconds: int | None = None  # the policy's
 
 
 def app_scopes_of(session: Session, cluster: Cluster) -> list[str]:
@@ -217,7 +227,9 @@ def _decide(session, cluster, scope, policy, schedule, now) -> Candidate:
         )
     )
     age = (now - created).total_seconds() if created is not None else None
-    make = lambda due, reason: Candidate(cluster.name, scope, due, reason, age)  # noqa: E731
+    make = lambda due, reason: Candidate(  # noqa: E731
+        cluster.name, scope, due, reason, age, policy.max_age_seconds
+    )
     if schedule is not None and schedule.paused_at is not None:
         return make(
             False,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -12,6 +14,9 @@ from keyvault import crypto
 from keyvault.config import CONFIG_FILE_NAME, Settings
 from keyvault.errors import WrongMasterKey
 from keyvault.models import MasterKey, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 DEFAULT_CONFIG = """\
 # keyvault configuration. Environment variables override these values:
@@ -120,3 +125,43 @@ def restrict_sqlite_file(engine) -> None:
         path = Path(engine.url.database + suffix)
         if path.exists():
             os.chmod(path, 0o600)
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """What `initialise` did: what it created and the master key the store opens with."""
+
+    created: list[str] = field(default_factory=list)
+    master_key_id: str = ""
+    new_master_key: bool = False
+
+    def as_dict(self, settings: Settings) -> dict[str, object]:
+        return {
+            "home": str(settings.home),
+            "created": self.created,
+            "master_key_id": self.master_key_id,
+            "new_master_key": self.new_master_key,
+            "master_key_file": str(settings.master_key_file),
+        }
+
+
+def initialise(engine: Engine, *, settings: Settings) -> InitReport:
+    """Make the home, the schema at head and the master key; safe to run again.
+
+    Like master key rotation this spans files and the database, so it owns its steps:
+    the home and config first, then the schema (alembic commits per migration), then one
+    transaction that refuses a foreign store, loads or creates the keyring file (never
+    overwriting one) and records its check value.
+    """
+    from keyvault.db import session_factory, transaction, upgrade
+
+    created = ensure_home(settings)
+    upgrade(engine)
+    restrict_sqlite_file(engine)
+    with transaction(session_factory(engine)) as session:
+        refuse_foreign_store(session, settings=settings)
+        keyring, new_key = ensure_keyring(settings.master_key_file)
+        register_keyring(session, keyring=keyring)
+    if new_key:
+        created.append(f"master key {settings.master_key_file} ({keyring.active})")
+    return InitReport(created=created, master_key_id=keyring.active, new_master_key=new_key)

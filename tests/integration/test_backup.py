@@ -173,7 +173,7 @@ def populate(cli: Cli, home) -> dict[tuple, list[str]]:
     expect(cli("host", "add", "ta3", "10.0.0.3", "--port", "2222"))
     expect(cli("token", "create", "reader", "--scope", "app:ta2/demo", "--expires", "90d"))
     expect(cli("token", "create", "rotator", "--scope", "root:ta3", "--rotate"))
-    expect(cli("token", "revoke", "rotator"))
+    expect(cli("token", "revoke", "rotator", "--yes"))
     expect(
         cli(
             "webhook",
@@ -192,7 +192,7 @@ def populate(cli: Cli, home) -> dict[tuple, list[str]]:
             keys.setdefault((cluster, appid), []).append(new_key())
             import_key(cli, cluster, appid, keys[(cluster, appid)][-1])
     # A retired master key row, versions re-wrapped, and one version sealed after it.
-    expect(cli("master-key", "rotate"))
+    expect(cli("master-key", "rotate", "--yes"))
     keys[("ta2", "demo")].append(new_key())
     import_key(cli, "ta2", "demo", keys[("ta2", "demo")][-1])
 

@@ -211,7 +211,7 @@ def test_import_racing_a_master_key_rotation_stays_readable(store, database: Dat
         impatient.dispose()
         engine.dispose()
     if not rotated_meanwhile:
-        expect(store("master-key", "rotate"))
+        expect(store("master-key", "rotate", "--yes"))
     for appid, key in (("old", existing), ("racing", racing)):
         result = store("secrets", "show", "--cluster", CLUSTER, "--appid", appid, "--reveal")
         assert result.exit_code == 0, describe(result)

@@ -430,7 +430,7 @@ def test_expired_revoked_and_garbage_tokens_get_401(served: World, engine):
     # Revoked: refused from the very next request.
     with world.http("app-all") as http:
         assert_key(world, http.get("/v1/clusters/c/apps/a2"), "c", "app:a2")
-        expect(world.cli("token", "revoke", "app-all"))
+        expect(world.cli("token", "revoke", "app-all", "--yes"))
         body = assert_error(world, http.get("/v1/clusters/c/apps/a2"), 401, "unauthorized")
         assert "revoked" in body["detail"]
         for path in ("/v1/clusters/c/apps/a1/versions", "/v1/events"):
@@ -506,7 +506,7 @@ def test_read_after_commit_by_another_process_on_two_replicas(served: World, tmp
                     assert response.json()["version"] == version
             assert_key(world, first.get("/v1/clusters/c/apps/a2"), "c", "app:a2")  # untouched
 
-            result = run_keyvault("token", "revoke", "app-a1a2")
+            result = run_keyvault("token", "revoke", "app-a1a2", "--yes")
             assert result.returncode == 0, proc_describe(result)
             for http in (first, second):
                 body = assert_error(world, http.get("/v1/clusters/c/apps/a1"), 401, "unauthorized")
@@ -670,7 +670,7 @@ def test_audit_holds_one_record_per_key_read_in_a_load_run(served: World, engine
     world = served
     world.create_token("load", "root:c", "app:c/*")
     world.create_token("gone", "root:c")
-    expect(world.cli("token", "revoke", "gone"))
+    expect(world.cli("token", "revoke", "gone", "--yes"))
     before = audit_count(engine)
     with engine.connect() as conn:
         last_id = conn.scalar(select(func.coalesce(func.max(AuditRecord.id), 0)))
@@ -1034,7 +1034,7 @@ def test_client_keeps_working_across_rotations_by_another_process(served: World,
 def test_a_running_server_follows_a_master_key_rotation(served: World):
     """Keys sealed after `master-key rotate` (another process) are served without a restart."""
     world = served
-    result = run_keyvault("master-key", "rotate")
+    result = run_keyvault("master-key", "rotate", "--yes")
     assert result.returncode == 0, proc_describe(result)
     world.import_key("c", "root", other_process=True)  # sealed under the new master key
     with world.http("root-c") as http:

@@ -330,7 +330,7 @@ def test_no_key_is_stored_in_clear(store, engine, database: Database, home):
     keys["root key"] = new_key()
     for name, key in keys.items():
         import_key(store, key, appid=None if name == "root key" else APPID)
-    expect(store("master-key", "rotate"))
+    expect(store("master-key", "rotate", "--yes"))
 
     if database.is_sqlite:
         # While a connection is open the WAL holds the recent pages: search it too.
@@ -440,7 +440,7 @@ def test_master_key_rotate_keeps_every_version_and_retires_the_old_key(store, ho
     shutil.copy2(home.master_key_file, old_file)
     old_ring = crypto.load_keyring(old_file)
 
-    result = expect(store("master-key", "rotate"))
+    result = expect(store("master-key", "rotate", "--yes"))
     assert "4 data keys re-wrapped" in result.stdout
     new_ring = crypto.load_keyring(home.master_key_file)
     assert set(new_ring.keys) == {new_ring.active} and new_ring.active != old_ring.active
@@ -487,7 +487,7 @@ def test_master_key_rotate_keeps_every_version_and_retires_the_old_key(store, ho
         one_error_line(
             store("import", "--cluster", CLUSTER, "--root", input=new_key()), 1, "master key"
         )
-        one_error_line(store("master-key", "rotate"), 1, "master key")
+        one_error_line(store("master-key", "rotate", "--yes"), 1, "master key")
     assert counts(engine) == before
     # ... and directly, row by row.
     with engine.connect() as conn:
@@ -515,7 +515,7 @@ def test_master_key_rotate_keeps_every_version_and_retires_the_old_key(store, ho
         assert crypto.fingerprint(same) in {crypto.fingerprint(k) for k in [*app_keys, root_key]}
 
     # A second rotation works as well, and new imports use the new key.
-    expect(store("master-key", "rotate"))
+    expect(store("master-key", "rotate", "--yes"))
     newest = new_key()
     import_key(store, newest)
     same_key(reveal(store), newest, "key imported after two rotations")
@@ -527,7 +527,7 @@ def test_keyring_left_by_a_crash_after_the_commit_still_opens(store, home):
     key = new_key()
     import_key(store, key)
     old_ring = crypto.load_keyring(home.master_key_file)
-    expect(store("master-key", "rotate"))
+    expect(store("master-key", "rotate", "--yes"))
     new_ring = crypto.load_keyring(home.master_key_file)
     both = crypto.Keyring(active=old_ring.active, keys={**old_ring.keys, **new_ring.keys})
     crypto.save_keyring(home.master_key_file, both)
@@ -698,7 +698,7 @@ def test_wrong_master_key_file_is_refused_and_nothing_is_written(
         1,
         "master key",
     )
-    one_error_line(store("master-key", "rotate"), 1, "master key")
+    one_error_line(store("master-key", "rotate", "--yes"), 1, "master key")
     one_error_line(store("init"), 1, "was initialised with master key")
     assert counts(engine) == before
     assert foreign.read_bytes() == foreign_bytes  # not grown by the failed rotation

@@ -3,9 +3,9 @@ shows their real defaults, and names the environment variables that really overr
 
 The example keeps every option commented out (``# key = value`` right under its
 section), so as shipped it changes nothing; "enabled" below means every such line
-uncommented. What config.py reads is derived from its source (``<section> = data.get(...)``
-then ``<section>.get("key")`` / ``<section>["key"]``), so a new option there fails here
-until the example explains it.
+uncommented. What config.py reads is its table of accepted keys (``CONFIG_KEYS``; any
+other key is refused), each of which its source must read, so a new option there fails
+here until the example explains it.
 """
 
 from __future__ import annotations
@@ -58,44 +58,12 @@ SECRET_FILE_KEYS = {
 
 
 def keys_read_by_config() -> set[tuple[str, str]]:
-    """(section, key) pairs that load_settings reads, from config.py's source."""
-    tree = ast.parse(Path(keyvault.config.__file__).read_text())
-    func = next(
-        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "load_settings"
-    )
-    sections: dict[str, str] = {}
-    for node in ast.walk(func):
-        if (
-            isinstance(node, ast.Assign)
-            and len(node.targets) == 1
-            and isinstance(node.targets[0], ast.Name)
-            and isinstance(node.value, ast.Call)
-            and isinstance(node.value.func, ast.Attribute)
-            and isinstance(node.value.func.value, ast.Name)
-            and node.value.func.value.id == "data"
-            and node.value.func.attr == "get"
-            and isinstance(node.value.args[0], ast.Constant)
-        ):
-            sections[node.targets[0].id] = node.value.args[0].value
-    keys = set()
-    for node in ast.walk(func):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "get"
-            and isinstance(node.func.value, ast.Name)
-            and node.func.value.id in sections
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-        ):
-            keys.add((sections[node.func.value.id], node.args[0].value))
-        if (
-            isinstance(node, ast.Subscript)
-            and isinstance(node.value, ast.Name)
-            and node.value.id in sections
-            and isinstance(node.slice, ast.Constant)
-        ):
-            keys.add((sections[node.value.id], node.slice.value))
+    """(section, key) pairs config.py accepts (CONFIG_KEYS), each one read in its source."""
+    source = Path(keyvault.config.__file__).read_text()
+    keys = {(s, k) for s, table in keyvault.config.CONFIG_KEYS.items() for k in table}
+    for section, key in keys:
+        assert f'.get("{section}"' in source, f"config.py never reads [{section}]"
+        assert f'.get("{key}"' in source, f"config.py accepts [{section}] {key} but never reads it"
     return keys
 
 
