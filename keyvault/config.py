@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from keyvault.errors import ConfigError
+from keyvault.scope import DEFAULT_APPID_PATTERN
 
-DEFAULT_APPID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 DEFAULT_KEY_PATTERN = r"[A-Za-z0-9]{64}"
 # su's password prompt differs by locale; matched against the PTY tail.
 DEFAULT_SU_PROMPT = r"(?i)(password|passwort|mot de passe|contraseña|密码)[^\n:]*[:：]\s*$"

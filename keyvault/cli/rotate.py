@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.params import complete_appids, complete_clusters
 
 if TYPE_CHECKING:
     from keyvault.cli.context import AppContext
@@ -30,14 +32,12 @@ WARNING = (
 
 def confirm_rotation(yes: bool, what: str, cluster: str) -> None:
     """Ask before a rotation unless ``--yes``; refuse without a terminal."""
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise click.UsageError(
-            "rotation needs confirmation: pass --yes when not running on a terminal"
-        )
-    click.echo(WARNING.format(what=what, cluster=cluster), err=True)
-    click.confirm("Rotate now?", abort=True, err=True)
+    confirm(
+        yes,
+        command="rotation",
+        warning=WARNING.format(what=what, cluster=cluster),
+        question="Rotate now?",
+    )
 
 
 def print_rotated(o: RotationResult) -> None:
@@ -141,8 +141,8 @@ def rotate() -> None:
 
 
 @rotate.command("root")
-@click.option("--cluster", required=True)
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--cluster", required=True, shell_complete=complete_clusters)
+@yes_option
 @output_option
 @click.pass_obj
 def rotate_root(app: AppContext, cluster: str, yes: bool, as_json: bool) -> None:
@@ -168,8 +168,8 @@ def _all_appids(app: AppContext, cluster: str) -> list[str]:
 
 
 @rotate.command("app")
-@click.option("--cluster", required=True)
-@click.argument("appids", nargs=-1)
+@click.option("--cluster", required=True, shell_complete=complete_clusters)
+@click.argument("appids", nargs=-1, shell_complete=complete_appids)
 @click.option("--all", "all_apps", is_flag=True, help="Every app keyvault knows for the cluster.")
 @click.option(
     "--concurrency",
@@ -178,7 +178,7 @@ def _all_appids(app: AppContext, cluster: str) -> list[str]:
     type=click.IntRange(1, 32),
     help="Parallel channels over one SSH connection per host (keep within sshd's MaxSessions).",
 )
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
 @output_option
 @click.pass_obj
 def rotate_app(
@@ -203,7 +203,7 @@ def rotate_app(
 
 
 @rotate.command("due")
-@click.option("--cluster", help="Only this cluster.")
+@click.option("--cluster", help="Only this cluster.", shell_complete=complete_clusters)
 @click.option(
     "--dry-run", is_flag=True, help="Show what is due and why the rest is not; rotate nothing."
 )

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 
 import click
 
+from keyvault.cli.confirm import yes_option
 from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.params import complete_clusters, complete_rotation_ids
 from keyvault.cli.rotate import confirm_rotation, print_rotated
 from keyvault.rotation_states import RotationState
 
@@ -27,7 +29,7 @@ def rotations() -> None:
 
 @rotations.command("list")
 @click.option("--state", type=click.Choice([s.value for s in RotationState]))
-@click.option("--cluster")
+@click.option("--cluster", shell_complete=complete_clusters)
 @output_option
 @click.pass_obj
 def rotations_list(app: AppContext, state: str | None, cluster: str | None, as_json: bool) -> None:
@@ -44,7 +46,7 @@ def rotations_list(app: AppContext, state: str | None, cluster: str | None, as_j
 
 
 @rotations.command("show")
-@click.argument("rotation_id")
+@click.argument("rotation_id", shell_complete=complete_rotation_ids)
 @output_option
 @click.pass_obj
 def rotations_show(app: AppContext, rotation_id: str, as_json: bool) -> None:
@@ -61,7 +63,7 @@ def rotations_show(app: AppContext, rotation_id: str, as_json: bool) -> None:
 
 
 @rotations.command("recover")
-@click.argument("rotation_id", required=False)
+@click.argument("rotation_id", required=False, shell_complete=complete_rotation_ids)
 @click.option(
     "--all",
     "all_rotations",
@@ -69,9 +71,9 @@ def rotations_show(app: AppContext, rotation_id: str, as_json: bool) -> None:
     help="Every unresolved rotation, and every stored one not cleaned up (after a crash or a "
     "dropped bulk run).",
 )
-@click.option("--cluster", help="With --all: only this cluster.")
+@click.option("--cluster", help="With --all: only this cluster.", shell_complete=complete_clusters)
 @click.option("--regenerate", is_flag=True, help="Give up this rotation and run ta-tool again.")
-@click.option("--yes", is_flag=True)
+@yes_option
 @output_option
 @click.pass_obj
 def rotations_recover(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
+from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.output import emit_json, emit_table, output_option
 
 DELIVERY_COLUMNS = (
@@ -90,26 +90,9 @@ def webhook_list(app, include_removed: bool, as_json: bool) -> None:
         emit_table([{**r, "scopes": ",".join(r["scopes"])} for r in rows], HOOK_COLUMNS)
 
 
-def _confirm_remove(yes: bool, webhook_id: int) -> None:
-    # Like the other destructive commands: --yes, else a terminal to ask on; declining
-    # raises click.Abort, which the CLI group reports as a one-line error.
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise click.UsageError(
-            "webhook remove needs confirmation: pass --yes when not running on a terminal"
-        )
-    click.echo(
-        f"webhook {webhook_id} will receive nothing more; its pending deliveries are "
-        "dead-lettered and not sent.",
-        err=True,
-    )
-    click.confirm("Remove it now?", abort=True, err=True)
-
-
 @webhook.command("remove")
 @click.argument("webhook_id", metavar="ID", type=int)
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
 @click.pass_obj
 def webhook_remove(app, webhook_id: int, yes: bool) -> None:
     """Stop notifying a webhook; its pending deliveries are dead-lettered."""
@@ -117,7 +100,13 @@ def webhook_remove(app, webhook_id: int, yes: bool) -> None:
 
     with app.transaction() as session:
         get_webhook(session, webhook_id=webhook_id)  # a missing id fails before the question
-    _confirm_remove(yes, webhook_id)
+    confirm(
+        yes,
+        command="webhook remove",
+        warning=f"webhook {webhook_id} will receive nothing more; its pending deliveries are "
+        "dead-lettered and not sent.",
+        question="Remove it now?",
+    )
     with app.transaction() as session:
         hook = remove_webhook(session, webhook_id=webhook_id)
     click.echo(f"webhook {hook.id} removed: {hook.url}")

@@ -33,23 +33,11 @@ from keyvault.services.secrets import bump_revision
 
 TOKEN_PREFIX = "kvt_"
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def token_hash(token: str) -> str:
     """SHA-256 hex of a presented token (tokens are random: no slow hash needed)."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90d``, ``12h``, ``30m``, ``2w``, ``45s``."""
-    m = _DURATION.match(text.strip())
-    if not m or int(m.group(1)) == 0:
-        raise InvalidInput(
-            f"invalid duration {text!r}", hint="use a number and a unit: 30m, 12h, 90d, 2w"
-        )
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
 
 
 def grant_of(row: AccessToken) -> Grant:
