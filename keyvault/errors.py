@@ -31,6 +31,7 @@ cannot serve, 500 (the root's) for the rest; an exception outside this tree is a
     │   └── ConnectionLost                     dropped after the command started
     ├── IllegalTransition                      a rotation state change the table forbids (a bug)
     ├── RotationError                          a rotation could not complete
+    │   ├── ResolvedMeanwhile                  a concurrent recovery stored another key
     │   ├── NeedsRecovery                      key may exist only remotely: recover it
     │   └── StoreFailed                        key spooled locally: recover it
     └── TaApiError                             the TA Open API answered an error
@@ -209,6 +210,12 @@ class RotationError(KeyvaultError):
     def __init__(self, message: str, *, rotation_id: str, hint: str | None = None) -> None:
         self.rotation_id = rotation_id
         super().__init__(message, hint=hint)
+
+
+class ResolvedMeanwhile(RotationError):
+    """A concurrent recovery stored another key for this rotation (only the same key is accepted)."""
+
+    code = "resolved_meanwhile"
 
 
 class NeedsRecovery(RotationError):

@@ -28,7 +28,7 @@ def _usage_error(ctx: click.Context, exc: click.UsageError) -> None:
     if isinstance(exc, _NO_ARGS_IS_HELP):
         raise exc
     where = exc.ctx.command_path if exc.ctx is not None else "keyvault"
-    click.echo(f"error: {exc.format_message()}; see `{where} --help`", err=True)
+    click.echo(f"error: {exc.format_message().rstrip('.')}; see `{where} --help`", err=True)
     ctx.exit(2)
 
 

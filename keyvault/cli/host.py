@@ -119,7 +119,7 @@ def host_remove(
 @CLUSTER_ARGUMENT
 @ADDRESS_ARGUMENT
 @click.option("--port", type=int)
-@click.option("--yes", is_flag=True, help="Pin without asking (for scripts).")
+@yes_option
 @output_option
 @click.pass_obj
 def host_trust(
@@ -139,12 +139,12 @@ def host_trust(
                 + (" (same)" if offered == h.host_key_fingerprint else " (DIFFERENT)"),
                 err=as_json,
             )
-        if not yes:
-            click.confirm(
-                "Compare it with the host's own `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub`. Pin it?",
-                abort=True,
-                err=True,
-            )
+        confirm(
+            yes,
+            command="host trust",
+            warning="Compare it with the host's own `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub`.",
+            question="Pin it?",
+        )
         pin_host_key(session, host=h, fingerprint=offered)
         info = host_info(h)
     emit_json(info) if as_json else click.echo(f"pinned {offered} for {address}")

@@ -64,15 +64,30 @@ def _run(
     app: AppContext, cluster: str, scopes: list[Scope], as_json: bool, concurrency: int = 4
 ) -> None:
     if len(scopes) == 1:
-        with app.rotation_service() as service:
-            result = service.rotate(cluster, scopes[0], actor=app.settings.actor)
-        if as_json:
-            emit_json({"results": [result.as_dict()], "summary": summary([result])})
-        else:
-            print_rotated(result)
+        _run_one(app, cluster, scopes[0], as_json)
         return
     results = _rotate_many(app, cluster, scopes, as_json, concurrency)
     _summarise(results, as_json)
+
+
+def _run_one(app: AppContext, cluster: str, scope: Scope, as_json: bool) -> None:
+    """One scope: its failure is the command's error (one line, its exit code); with --json,
+    stdout still holds the same shape as for several scopes."""
+    from keyvault.errors import KeyvaultError
+    from keyvault.services.rotation import RotationResult
+
+    try:
+        with app.rotation_service() as service:
+            result = service.rotate(cluster, scope, actor=app.settings.actor)
+    except KeyvaultError as exc:
+        if as_json:
+            failed = RotationResult.failed(cluster, str(scope), exc)
+            emit_json({"results": [failed.as_dict()], "summary": summary([failed])})
+        raise
+    if as_json:
+        emit_json({"results": [result.as_dict()], "summary": summary([result])})
+    else:
+        print_rotated(result)
 
 
 @contextmanager

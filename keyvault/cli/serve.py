@@ -38,11 +38,10 @@ STARTUP_FAILURE = 3  # uvicorn's exit status when the application did not start
 @click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
     envvar="KEYVAULT_LOG_FORMAT",
     show_envvar=True,
-    help="Log lines (one access line per request) as text or JSON objects.",
+    help="Log lines (one access line per request) as text or JSON objects "
+    "[default: the global --log-format, else text].",
 )
 @click.option(
     "--access-log/--no-access-log",
@@ -61,7 +60,7 @@ def serve(
     tls_key: str | None,
     no_webhooks: bool,
     scheduler: bool,
-    log_format: str,
+    log_format: str | None,
     access_log: bool,
 ) -> None:
     """Serve current keys over HTTP to services holding scoped tokens."""
@@ -78,6 +77,9 @@ def serve(
     app.keyring_check()
     if host not in LOOPBACK and not tls_cert:
         click.echo(f"warning: serving keys on {host} without TLS", err=True)
+    # `keyvault --log-format json serve` means the same as `keyvault serve --log-format json`.
+    log_format = log_format or click.get_current_context().find_root().params.get("log_format")
+    log_format = log_format or "text"
     # Read by each worker process (uvicorn's factory, keyvault.http.app.serve_app).
     os.environ[LOG_FORMAT_ENV] = log_format
     os.environ[ACCESS_LOG_ENV] = "1" if access_log else "0"
@@ -85,9 +87,7 @@ def serve(
         os.environ["KEYVAULT_SERVE_WEBHOOKS"] = "0"
     if scheduler:
         os.environ["KEYVAULT_SERVE_SCHEDULER"] = "1"
-    # The server's records go through keyvault.logs alone (the group may have set up another).
-    for handler in list(logging.getLogger().handlers):
-        logging.getLogger().removeHandler(handler)
+    # Replaces the group's handler (keyvault.logs installs one, by name): INFO, the access lines.
     logs.configure(log_format, level=logging.INFO)
     _run(host, port, workers, tls_cert, tls_key)
 

@@ -197,7 +197,7 @@ class AuditWriter:
         at_value = at.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else at
         return (
             at_value,
-            _text(entry.token_name),
+            _text(entry.token_name) or "(none)",  # NOT NULL: one bad row must not fail a batch
             entry.action,
             _text(entry.cluster),
             _text(entry.scope),

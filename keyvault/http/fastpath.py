@@ -107,7 +107,7 @@ class FastKeyPath:
         if exc.http_status == 503:  # the database is away (or the audit failed): nothing to write
             return exc
         # A revoked or expired token is named in the record.
-        read.token_name = getattr(exc, "token_name", read.token_name)
+        read.token_name = getattr(exc, "token_name", None) or read.token_name
         try:
             await state.audit.record(read.audit(exc.code))
         except KeyvaultError as audit_failed:

@@ -188,3 +188,15 @@ def test_log_format_is_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("KEYVAULT_HOME", str(tmp_path / "kv"))
     result = CliRunner().invoke(main, ["--log-format", "xml", "status"])
     one_error_line(result, 2, "--log-format")
+
+
+def test_rotate_json_is_one_shape_when_the_only_scope_fails(store):
+    """`rotate app X --json` prints {"results", "summary"} whether one scope or several, and a
+    failure of the one scope is still the command's one-line error and exit code."""
+    result = store("rotate", "app", "--cluster", CLUSTER, "a1", "--yes", "--json")
+    line = one_error_line(result, 1, "no SSH hosts")
+    body = json.loads(result.stdout)
+    assert body["summary"] == {"rotated": 0, "failed": 1, "skipped": 0}, line
+    (only,) = body["results"]
+    assert only["status"] == "failed" and only["scope"] == "app:a1"
+    assert only["error"]["code"] == "not_found" and "host add" in only["error"]["hint"]

@@ -199,6 +199,24 @@ def test_failed_commit_spools_the_key_and_recovery_stores_it(world, database):
     assert state.generations(world["state"], "app:app2") == 1
 
 
+def test_journal_row_deleted_after_generate_still_spools_the_key(world):
+    """A restore (or a hostile writer) deletes the rotation row while ta-tool runs: the key
+    it generated is the only valid one, so it must still land somewhere durable."""
+
+    def delete_row(step, rid):
+        if step == "generated":
+            with transaction(world["factory"]) as s:
+                s.execute(text("DELETE FROM rotations WHERE id = :id"), {"id": rid})
+
+    with pytest.raises(StoreFailed) as info:
+        service(world, on_step=delete_row).rotate("c", app_scope("app2"), actor="t")
+    with transaction(world["factory"]) as s:
+        keyring = open_keyring(s, settings=world["settings"])
+    spooled = spool.read_spool(world["settings"], keyring, info.value.rotation_id)
+    assert spooled is not None
+    assert spooled.key == state.current_key(world["state"], "app:app2")
+
+
 def test_failover_to_the_next_host_before_anything_ran(world):
     with transaction(world["factory"]) as s:
         s.execute(text("UPDATE hosts SET address = 'dead-host'"))

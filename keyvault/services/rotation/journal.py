@@ -15,7 +15,14 @@ from sqlalchemy.orm import Session
 
 from keyvault import crypto
 from keyvault.db import transaction
-from keyvault.errors import InvalidInput, KeyvaultError, NotFound, RotationError, RotationUnresolved
+from keyvault.errors import (
+    InvalidInput,
+    KeyvaultError,
+    NotFound,
+    ResolvedMeanwhile,
+    RotationError,
+    RotationUnresolved,
+)
 from keyvault.events import record_event
 from keyvault.models import UNRESOLVED_ROTATION_STATES, Cluster, Host, Rotation, utcnow
 from keyvault.rotation_states import RotationState, check_transition, is_unresolved
@@ -155,7 +162,7 @@ class Journal:
             rotation = _locked(s, rid)
             if not is_unresolved(rotation.state):
                 if rotation.new_fingerprint != crypto.fingerprint(key):
-                    raise RotationError(
+                    raise ResolvedMeanwhile(
                         f"rotation {rid} was resolved meanwhile with another key", rotation_id=rid
                     )
                 return RotationResult.of_row(rotation)

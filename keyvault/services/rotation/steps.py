@@ -10,7 +10,14 @@ from typing import Any
 
 from keyvault import crypto
 from keyvault.config import Settings
-from keyvault.errors import KeyvaultError, NeedsRecovery, RotationError, StoreFailed, TaToolMissing
+from keyvault.errors import (
+    KeyvaultError,
+    NeedsRecovery,
+    ResolvedMeanwhile,
+    RotationError,
+    StoreFailed,
+    TaToolMissing,
+)
 from keyvault.models import Cluster, Host
 from keyvault.rotation_states import RotationState, is_unresolved
 from keyvault.scope import Scope
@@ -157,9 +164,9 @@ def store_or_spool(
             actor=new.actor,
             verified=verified,
         )
-    except RotationError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure: the key must go somewhere durable first
+    except ResolvedMeanwhile:
+        raise  # the row holds another key, stored by a concurrent recovery
+    except Exception as exc:  # noqa: BLE001 - any other failure (even the row gone): the key must go somewhere durable first
         raise _spool(rt, keyring, new, exc) from None
     try:
         spool.remove_spool(rt.settings, new.rid)
