@@ -56,7 +56,8 @@ class DueReport:
     lease_acquired: bool
     lease_holder: str | None
     results: list[ScopeResult] = field(default_factory=list)
-    # False when the run ended after losing its lease, so its end was not recorded.
+    # True once the run's end is on the lease row; False for a dry run, a lease held
+    # elsewhere, or a run that lost its lease before it ended (it must not write).
     recorded: bool = False
 
     def count(self, status: str) -> int:
@@ -108,8 +109,8 @@ def record_run(
 ) -> bool:
     """Release the lease and record the run's end on it; False when we no longer held it.
 
-    Outcomes: ``failed`` when the run raised (it did not get through its plan: database,
-    configuration, a bug); ``partial`` when it completed but some scopes failed; ``ok``
+    Outcomes: ``failed`` when the run raised before it was through (unknown cluster,
+    database, a bug; ``last_error`` keeps its first line); ``partial`` when it completed but some scopes failed; ``ok``
     otherwise, nothing due included. A completed run is a success even if scopes failed:
     "last success" answers "is the scheduler alive and able to work" (a dead timer, a
     broken configuration), and a failing host has its own signals (backoff, pause,
