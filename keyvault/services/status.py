@@ -229,14 +229,11 @@ def check_scheduler(session: Session, *, now: datetime, hours: int) -> Finding:
         return Finding("scheduler", OK, "no rotation policy: nothing for it to do")
     lease = session.get(Lease, ROTATE_DUE_LEASE)
     success = lease.last_success_at if lease else None
-    detail = (
-        "no run completed yet"
-        if success is None
-        else f"last run completed {timedelta(seconds=int((now - success).total_seconds()))} ago"
-    )
+    age = None if success is None else timedelta(seconds=int((now - success).total_seconds()))
+    detail = "no run completed yet" if age is None else f"last completed run ended {age} ago"
     if lease is not None and lease.last_outcome == "failed":
-        detail += f"; the last run failed: {lease.last_error}"
-    if success is not None and now - success <= timedelta(hours=hours):
+        detail += f"; the run after it failed: {lease.last_error}"
+    if age is not None and age <= timedelta(hours=hours):
         return Finding("scheduler", OK, detail)
     return Finding(
         "scheduler",

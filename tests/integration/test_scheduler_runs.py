@@ -215,12 +215,12 @@ def test_status_reports_the_age_of_the_last_completed_run(world, cli):
     assert world.scheduler(clock, "runner-a").run().recorded
     finding = status_of_scheduler(cli)
     assert finding["status"] == "ok"
-    assert re.fullmatch(r"last run completed 2:\d\d:\d\d ago", finding["detail"])
+    assert re.fullmatch(r"last completed run ended 2:\d\d:\d\d ago", finding["detail"])
     assert status_of_scheduler(cli, "--scheduler-hours", "1")["status"] == "attention"
 
     clock.advance(timedelta(minutes=30))
     with pytest.raises(NotFound):
         world.scheduler(clock, "runner-a").run(cluster_name="gone")
     finding = status_of_scheduler(cli)
-    assert finding["status"] == "ok" and "the last run failed" in finding["detail"]
+    assert finding["status"] == "ok" and "the run after it failed" in finding["detail"]
     assert "gone" in finding["detail"]
