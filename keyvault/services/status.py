@@ -232,7 +232,8 @@ def check_scheduler(session: Session, *, now: datetime, hours: int) -> Finding:
     age = None if success is None else timedelta(seconds=int((now - success).total_seconds()))
     detail = "no run completed yet" if age is None else f"last completed run ended {age} ago"
     if lease is not None and lease.last_outcome == "failed":
-        detail += f"; the run after it failed: {lease.last_error}"
+        later = "the last run" if age is None else "the run after it"
+        detail += f"; {later} failed: {lease.last_error}"
     if age is not None and age <= timedelta(hours=hours):
         return Finding("scheduler", OK, detail)
     return Finding(
