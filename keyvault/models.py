@@ -354,11 +354,36 @@ class ScopeSchedule(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
+# The scheduler's lease (`rotate due`, timers, `serve --scheduler`); migration 0004 seeds it.
+ROTATE_DUE_LEASE = "rotate-due"
+
+
 class Lease(Base):
-    """A named lease so that one runner acts at a time across processes and machines."""
+    """A named lease so that one runner acts at a time across processes and machines.
+
+    The ``last_*`` columns are the end of the last run its holder finished (written in
+    the statement that releases the lease, so a runner that lost the lease writes
+    nothing); ``last_success_at`` and ``last_failure_at`` keep the last of each kind.
+    One row per lease name: the record cannot grow.
+    """
 
     __tablename__ = "leases"
+    __table_args__ = (
+        CheckConstraint(
+            "last_outcome IN ('ok', 'partial', 'failed')", name="ck_leases_last_outcome"
+        ),
+    )
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str | None] = mapped_column(String(200))
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_holder: Mapped[str | None] = mapped_column(String(200))
+    last_outcome: Mapped[str | None] = mapped_column(String(16))  # ok, partial or failed
+    last_rotated: Mapped[int | None] = mapped_column(Integer)
+    last_failed: Mapped[int | None] = mapped_column(Integer)
+    last_skipped: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)  # why the last failed run failed
+    last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

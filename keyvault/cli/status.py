@@ -19,18 +19,32 @@ NEEDS_ATTENTION = 3
     show_default=True,
     help="Report tokens that expire within this many days.",
 )
+@click.option(
+    "--scheduler-hours",
+    type=click.IntRange(1, 8760),
+    default=24,
+    show_default=True,
+    help="With rotation policies, report a scheduler that completed no run for this many hours.",
+)
 @output_option
 @click.pass_obj
-def status(app: AppContext, token_days: int, as_json: bool) -> None:
+def status(app: AppContext, token_days: int, scheduler_hours: int, as_json: bool) -> None:
     """Check the store; exit 3 when something needs a person, each problem saying what to do.
 
-    Checks the schema, the keyring, the spool, unresolved and paused rotations, keys older
-    than their policy, tokens about to expire and dead webhook deliveries.
+    Checks the schema, the keyring, the spool, unresolved and paused rotations, the
+    scheduler's last completed run, keys older than their policy, tokens about to expire
+    and dead webhook deliveries.
     """
     from keyvault.models import utcnow
     from keyvault.services.status import collect_status
 
-    report = collect_status(app.engine, settings=app.settings, now=utcnow(), token_days=token_days)
+    report = collect_status(
+        app.engine,
+        settings=app.settings,
+        now=utcnow(),
+        token_days=token_days,
+        scheduler_hours=scheduler_hours,
+    )
     if as_json:
         emit_json(report.as_dict())
     else:

@@ -4,13 +4,17 @@
     keyvault_rotation_duration_seconds{cluster,outcome}      summary (_count, _sum) of finished
                                                              rotations, created -> last update
     keyvault_unresolved_rotation_age_seconds{cluster}        age of the oldest unresolved rotation
-    keyvault_scheduler_last_success_timestamp_seconds        last scope the scheduler rotated (0: never)
+    keyvault_scheduler_last_success_timestamp_seconds        end of its last completed run (0: never)
+    keyvault_scheduler_last_run_timestamp_seconds            end of its last run, completed or not
+    keyvault_scheduler_last_run_ok                           1: the last run completed; 0: it failed
+    keyvault_scheduler_last_run_scope_failures               scopes that failed in the last run
     keyvault_key_age_seconds{cluster,scope}                  age of each current key
     keyvault_key_max_age_seconds{cluster,scope}              its policy's max age (scopes with a policy)
     keyvault_webhook_deliveries{status}                      deliveries by status
 
-The scheduler leaves no row for a run that found nothing due, so its timestamp is that of the
-last *rotation* it completed; an alert pairs it with an overdue key (ops/prometheus).
+The scheduler records the end of each run on its lease row (services/scheduler.record_run),
+including runs that found nothing due; "completed" counts a run whose scopes failed (those
+have their own metrics and alerts). Never run: timestamps 0 and last_run_ok 0.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from keyvault.db import transaction
 from keyvault.models import (
     CURRENT,
+    ROTATE_DUE_LEASE,
     UNRESOLVED_ROTATION_STATES,
     Cluster,
+    Lease,
     Rotation,
     RotationPolicy,
     Secret,
@@ -39,8 +45,6 @@ from keyvault.models import (
 from keyvault.services.policies import ALL_APPS
 
 FINISHED = ("completed", "failed", "abandoned")
-SUCCEEDED = ("stored", "completed")
-SCHEDULER_ACTOR = "scheduler"
 _DurationRows = list[tuple[str, str, int, float | None]]
 
 
@@ -54,6 +58,7 @@ class StoreCollector(Collector):
         now = utcnow()
         with transaction(self.factory) as session:
             yield from rotation_metrics(session, now)
+            yield from scheduler_metrics(session)
             yield from key_metrics(session, now)
             yield webhook_metric(session)
 
@@ -66,7 +71,7 @@ def _seconds_between(start: Any, end: Any, dialect: str) -> ColumnElement[Any]:
 
 
 def rotation_metrics(session: Session, now: datetime) -> Iterator[Metric]:
-    """Rotations by state, durations by outcome, the oldest unresolved, the scheduler's last."""
+    """Rotations by state, durations by outcome, the oldest unresolved."""
     by_state = GaugeMetricFamily(
         "keyvault_rotations", "Rotation journal rows by state", labels=["cluster", "state"]
     )
@@ -91,15 +96,36 @@ def rotation_metrics(session: Session, now: datetime) -> Iterator[Metric]:
     ):
         oldest.add_metric([cluster], (now - created).total_seconds())
     yield oldest
-    last = session.scalar(
-        select(func.max(Rotation.updated_at)).where(
-            Rotation.actor == SCHEDULER_ACTOR, Rotation.state.in_(SUCCEEDED)
-        )
-    )
+
+
+def scheduler_metrics(session: Session) -> Iterator[Metric]:
+    """The scheduler's last run and last completed run, from its lease row."""
+    lease = session.get(Lease, ROTATE_DUE_LEASE)
+
+    def stamp(at: datetime | None) -> float:
+        return at.timestamp() if at is not None else 0.0
+
+    last_run = stamp(lease.last_finished_at) if lease else 0.0
     yield GaugeMetricFamily(
         "keyvault_scheduler_last_success_timestamp_seconds",
-        "When the scheduler last rotated a key successfully (Unix time; 0: never)",
-        value=last.timestamp() if last is not None else 0.0,
+        "When the scheduler last completed a run, due scopes or not (Unix time; 0: never)",
+        value=stamp(lease.last_success_at) if lease else 0.0,
+    )
+    yield GaugeMetricFamily(
+        "keyvault_scheduler_last_run_timestamp_seconds",
+        "When the scheduler's last run ended, completed or failed (Unix time; 0: never)",
+        value=last_run,
+    )
+    completed = lease is not None and lease.last_outcome in ("ok", "partial")
+    yield GaugeMetricFamily(
+        "keyvault_scheduler_last_run_ok",
+        "1 when the scheduler's last run completed (scope failures included), 0 when it failed or never ran",
+        value=1.0 if completed else 0.0,
+    )
+    yield GaugeMetricFamily(
+        "keyvault_scheduler_last_run_scope_failures",
+        "Scopes whose rotation failed in the scheduler's last run",
+        value=float((lease.last_failed or 0) if lease else 0),
     )
 
 

@@ -5,10 +5,14 @@ runner act; the others report who holds it and do nothing. Time comes from an
 injected clock. A failing scope backs off exponentially (capped) and is paused
 after ``max_failures`` consecutive failures until an operator resumes it.
 Like rotation, this commits in steps (lease, then each scope's bookkeeping).
+
+Each run's end is recorded on the lease row (``record_run``), so "when did the scheduler
+last run, and did it work" is answered even when nothing was due.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -23,7 +27,7 @@ from sqlalchemy.orm import Session
 from keyvault.config import Settings
 from keyvault.db import transaction
 from keyvault.events import record_event
-from keyvault.models import Lease, ScopeSchedule
+from keyvault.models import ROTATE_DUE_LEASE, Lease, ScopeSchedule
 from keyvault.scope import parse_scope
 from keyvault.services.clusters import get_cluster
 from keyvault.services.policies import candidates
@@ -31,7 +35,8 @@ from keyvault.services.rotation import ResultStatus, RotationResult, RotationSer
 from keyvault.services.rotation.journal import SessionFactory
 from keyvault.ssh import Connector
 
-LEASE = "rotate-due"
+LEASE = ROTATE_DUE_LEASE
+_log = logging.getLogger("keyvault.scheduler")
 Clock = Callable[[], datetime]
 
 
@@ -51,6 +56,9 @@ class DueReport:
     lease_acquired: bool
     lease_holder: str | None
     results: list[ScopeResult] = field(default_factory=list)
+    # True once the run's end is on the lease row; False for a dry run, a lease held
+    # elsewhere, or a run that lost its lease before it ended (it must not write).
+    recorded: bool = False
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results if r.status == status)
@@ -90,14 +98,53 @@ def acquire_lease(
         return f"{row.holder} until {row.expires_at.isoformat()}"
 
 
-def release_lease(factory: SessionFactory, *, holder: str) -> None:
-    """Give the lease back (only if we still hold it)."""
+def record_run(
+    factory: SessionFactory,
+    *,
+    holder: str,
+    started_at: datetime,
+    finished_at: datetime,
+    report: DueReport,
+    error: BaseException | None = None,
+) -> bool:
+    """Release the lease and record the run's end on it; False when we no longer held it.
+
+    Outcomes: ``failed`` when the run raised before it was through (unknown cluster,
+    database, a bug; ``last_error`` keeps its first line); ``partial`` when it completed but some scopes failed; ``ok``
+    otherwise, nothing due included. A completed run is a success even if scopes failed:
+    "last success" answers "is the scheduler alive and able to work" (a dead timer, a
+    broken configuration), and a failing host has its own signals (backoff, pause,
+    rotation.failed, the key-age alert) that must not mask, or be masked by, that one.
+    One conditional UPDATE: a runner whose lease expired and was taken writes nothing.
+    """
+    failed = report.count("failed")
+    outcome = "failed" if error is not None else "partial" if failed else "ok"
+    values: dict[str, Any] = {
+        "holder": None,
+        "expires_at": None,
+        "last_started_at": started_at,
+        "last_finished_at": finished_at,
+        "last_holder": holder,
+        "last_outcome": outcome,
+        "last_rotated": report.count("rotated"),
+        "last_failed": failed,
+        "last_skipped": report.count("skipped"),
+        "last_error": None if error is None else _one_line(error),
+    }
+    values["last_failure_at" if error is not None else "last_success_at"] = finished_at
     with transaction(factory) as s:
-        s.execute(
-            update(Lease)
-            .where(Lease.name == LEASE, Lease.holder == holder)
-            .values(holder=None, expires_at=None)
-        )
+        written = cast(
+            "CursorResult[Any]",
+            s.execute(
+                update(Lease).where(Lease.name == LEASE, Lease.holder == holder).values(**values)
+            ),
+        ).rowcount
+    return written == 1
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:500]
 
 
 def backoff(failures: int, *, base: timedelta, cap: timedelta) -> timedelta:
@@ -163,45 +210,73 @@ class Scheduler:
             return DueReport(
                 lease_acquired=False, lease_holder=None, results=self.plan(cluster_name)
             )
-        other = acquire_lease(
-            self.factory, holder=self.holder, now=self.clock(), ttl=self.lease_ttl
-        )
+        started = self.clock()
+        other = acquire_lease(self.factory, holder=self.holder, now=started, ttl=self.lease_ttl)
         if other is not None:
             return DueReport(lease_acquired=False, lease_holder=other)
+        report = DueReport(lease_acquired=True, lease_holder=self.holder)
         try:
-            planned = self.plan(cluster_name)
-            report = DueReport(
-                lease_acquired=True,
-                lease_holder=self.holder,
-                results=[r for r in planned if r.status == "skipped"],
-            )
-            due: dict[str, list] = {}
-            for r in planned:
-                if r.status == "due":
-                    due.setdefault(r.cluster, []).append(parse_scope(r.scope, r".+"))
-            with self.service_factory() as service:
-                for cluster, scopes in due.items():
+            self._rotate_due(report, cluster_name, on_done)
+        except BaseException as exc:
+            self._record_run(started, report, exc)
+            raise
+        self._record_run(started, report, None)
+        return report
 
-                    def done(result: RotationResult, cluster: str = cluster) -> None:
-                        item = self._record(cluster, result.scope, result)
-                        report.results.append(item)
-                        # Long runs keep the lease alive.
-                        acquire_lease(
-                            self.factory, holder=self.holder, now=self.clock(), ttl=self.lease_ttl
-                        )
-                        if on_done is not None:
-                            on_done(item)
+    def _rotate_due(
+        self,
+        report: DueReport,
+        cluster_name: str | None,
+        on_done: Callable[[ScopeResult], None] | None,
+    ) -> None:
+        planned = self.plan(cluster_name)
+        report.results += [r for r in planned if r.status == "skipped"]
+        due: dict[str, list] = {}
+        for r in planned:
+            if r.status == "due":
+                due.setdefault(r.cluster, []).append(parse_scope(r.scope, r".+"))
+        with self.service_factory() as service:
+            for cluster, scopes in due.items():
 
-                    service.rotate_many(
-                        cluster,
-                        scopes,
-                        actor="scheduler",
-                        concurrency=self.concurrency,
-                        on_done=done,
+                def done(result: RotationResult, cluster: str = cluster) -> None:
+                    item = self._record(cluster, result.scope, result)
+                    report.results.append(item)
+                    # Long runs keep the lease alive.
+                    acquire_lease(
+                        self.factory, holder=self.holder, now=self.clock(), ttl=self.lease_ttl
                     )
-            return report
-        finally:
-            release_lease(self.factory, holder=self.holder)
+                    if on_done is not None:
+                        on_done(item)
+
+                service.rotate_many(
+                    cluster,
+                    scopes,
+                    actor="scheduler",
+                    concurrency=self.concurrency,
+                    on_done=done,
+                )
+
+    def _record_run(
+        self, started: datetime, report: DueReport, error: BaseException | None
+    ) -> None:
+        """Release the lease with the run's end; a failure to do so never hides ``error``."""
+        try:
+            report.recorded = record_run(
+                self.factory,
+                holder=self.holder,
+                started_at=started,
+                finished_at=self.clock(),
+                report=report,
+                error=error,
+            )
+        except Exception as exc:
+            if error is None:
+                raise
+            # The lease expires on its own; the run's own error is the one to report.
+            _log.warning("could not record the failed scheduler run: %s", _one_line(exc))
+            return
+        if not report.recorded:
+            _log.warning("the scheduler lost its lease during the run; its end is not recorded")
 
     def _record(self, cluster_name: str, scope: str, result: RotationResult) -> ScopeResult:
         now = self.clock()

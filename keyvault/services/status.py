@@ -3,7 +3,8 @@
 Checks, in order: the schema (at head?), the spool (keys waiting to be stored), the
 keyring (does the master key open the store?), project id mappings that are invalid
 (stored before they were validated), rotations left unresolved, scopes the
-scheduler paused, keys older than their policy allows, tokens about to expire (or
+scheduler paused, the scheduler's last completed run (when policies exist), keys older
+than their policy allows, tokens about to expire (or
 expired and not revoked) and webhook deliveries dead-lettered recently. When the schema
 or the keyring fail, the later checks are skipped: their answers would mean nothing.
 
@@ -24,10 +25,13 @@ from sqlalchemy.orm import Session
 from keyvault.config import Settings
 from keyvault.errors import KeyvaultError
 from keyvault.models import (
+    ROTATE_DUE_LEASE,
     UNRESOLVED_ROTATION_STATES,
     AccessToken,
     Cluster,
+    Lease,
     Rotation,
+    RotationPolicy,
     ScopeSchedule,
     Webhook,
     WebhookDelivery,
@@ -40,6 +44,7 @@ OK = "ok"
 ATTENTION = "attention"
 SKIPPED = "skipped"
 DEFAULT_TOKEN_DAYS = 14
+DEFAULT_SCHEDULER_HOURS = 24
 # Dead deliveries older than this were seen (and either fixed or accepted) already.
 DEAD_DELIVERY_WINDOW = timedelta(days=7)
 
@@ -73,7 +78,12 @@ class StatusReport:
 
 
 def collect_status(
-    engine: Engine, *, settings: Settings, now: datetime, token_days: int = DEFAULT_TOKEN_DAYS
+    engine: Engine,
+    *,
+    settings: Settings,
+    now: datetime,
+    token_days: int = DEFAULT_TOKEN_DAYS,
+    scheduler_hours: int = DEFAULT_SCHEDULER_HOURS,
 ) -> StatusReport:
     """Run every check; a failing schema or keyring skips the checks that need them."""
     from keyvault.db import session_factory, transaction
@@ -89,6 +99,7 @@ def collect_status(
             findings += check_project_ids(session, appid_pattern=settings.appid_pattern)
             findings += check_rotations(session)
             findings += check_paused(session)
+            findings.append(check_scheduler(session, now=now, hours=scheduler_hours))
             findings += check_key_ages(session, now=now)
             findings += check_tokens(session, now=now, days=token_days)
             findings += check_webhooks(session, now=now)
@@ -210,6 +221,28 @@ def check_paused(session: Session) -> list[Finding]:
         for row, cluster in rows
     ]
     return _ok_or("paused", problems, "no scope paused")
+
+
+def check_scheduler(session: Session, *, now: datetime, hours: int) -> Finding:
+    """With a policy, the scheduler completed a run within ``hours`` (a dead timer shows here)."""
+    if session.scalar(select(func.count()).select_from(RotationPolicy)) == 0:
+        return Finding("scheduler", OK, "no rotation policy: nothing for it to do")
+    lease = session.get(Lease, ROTATE_DUE_LEASE)
+    success = lease.last_success_at if lease else None
+    age = None if success is None else timedelta(seconds=int((now - success).total_seconds()))
+    detail = "no run completed yet" if age is None else f"last completed run ended {age} ago"
+    if lease is not None and lease.last_outcome == "failed":
+        later = "the last run" if age is None else "the run after it"
+        detail += f"; {later} failed: {lease.last_error}"
+    if age is not None and age <= timedelta(hours=hours):
+        return Finding("scheduler", OK, detail)
+    return Finding(
+        "scheduler",
+        ATTENTION,
+        detail,
+        "check that `keyvault rotate due` runs: `systemctl status keyvault-rotate.timer` "
+        "and `journalctl -u keyvault-rotate`, or the servers' --scheduler",
+    )
 
 
 def check_key_ages(session: Session, *, now: datetime) -> list[Finding]:

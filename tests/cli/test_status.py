@@ -59,6 +59,7 @@ def test_a_fresh_store_is_all_ok(cli, store):
         "project_ids",
         "rotations",
         "paused",
+        "scheduler",
         "key_age",
         "tokens",
         "webhooks",
@@ -123,6 +124,7 @@ def test_each_problem_is_reported_with_what_to_do(cli, store, home):
         "project_ids",
         "rotations",
         "paused",
+        "scheduler",  # a policy, and no scheduler run ever
         "key_age",
         "tokens",
         "webhooks",
@@ -141,7 +143,7 @@ def test_each_problem_is_reported_with_what_to_do(cli, store, home):
     assert len(attention(status_json(cli, "--token-days", "90", code=3))["tokens"]) == 2
 
     table = ok(cli("status"), 3).stdout
-    assert table.count("ATTENTION") == 7 and table.count("-> ") == 7
+    assert table.count("ATTENTION") == 8 and table.count("-> ") == 8
     assert KEY not in table
 
 
