@@ -7,7 +7,6 @@ import sys
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from keyvault.cli import main
 from tests.support.cli import Cli, clear_keyvault_env, expect, one_error_line, run_process
@@ -66,7 +65,7 @@ def test_the_cli_has_the_documented_commands():
 def test_help_of_every_group_lists_its_commands(path, nowhere):
     group = dict(groups())[path]
     for flag in ("--help", "-h"):
-        result = CliRunner().invoke(main, [*path, flag])
+        result = Cli().invoke([*path, flag])
         assert result.exit_code == 0, result.output
         assert result.stderr == ""
         listed = result.stdout.split("Commands:", 1)[1]
@@ -77,14 +76,14 @@ def test_help_of_every_group_lists_its_commands(path, nowhere):
 
 @pytest.mark.parametrize("path", list(all_commands()), ids=lambda p: " ".join(p))
 def test_help_of_every_command(path, nowhere):
-    result = CliRunner().invoke(main, [*path, "--help"])
+    result = Cli().invoke([*path, "--help"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("Usage: ")
     assert not nowhere.exists()
 
 
 def test_version(nowhere):
-    result = CliRunner().invoke(main, ["--version"])
+    result = Cli().invoke(["--version"])
     assert result.exit_code == 0
     assert "0.1.0" in result.stdout
 
@@ -127,7 +126,7 @@ def all_commands_with_objects(command: click.Command = main, path: tuple[str, ..
     ],
 )
 def test_usage_errors_exit_2(args, nowhere):
-    result = CliRunner().invoke(main, args, input="")
+    result = Cli().invoke(args, input="")
     assert result.exit_code == 2, result.output
     assert result.stdout == ""
     # One line, like every other error, pointing at the command's --help.
@@ -141,7 +140,7 @@ def test_usage_errors_exit_2(args, nowhere):
     "appid", ["x; rm -rf ~", "$(id)", "a'b", 'a"b', "a\nb", "-rf", "a" * 65, "ａｐｐ"]
 )
 def test_invalid_appid_is_exit_2_with_one_error_line(appid, nowhere):
-    result = CliRunner().invoke(main, ["secrets", "show", "--cluster", CLUSTER, f"--appid={appid}"])
+    result = Cli().invoke(["secrets", "show", "--cluster", CLUSTER, f"--appid={appid}"])
     one_error_line(result, 2, "invalid APPID")
     assert result.stdout == ""
     assert not nowhere.exists()  # refused before anything was opened or written
@@ -149,20 +148,20 @@ def test_invalid_appid_is_exit_2_with_one_error_line(appid, nowhere):
 
 def test_missing_store_is_exit_1_naming_keyvault_init(tmp_path, monkeypatch, nowhere):
     nowhere.mkdir(mode=0o700)
-    one_error_line(CliRunner().invoke(main, ["secrets", "list"]), 1, "keyvault init")
+    one_error_line(Cli().invoke(["secrets", "list"]), 1, "keyvault init")
 
 
 def test_unreadable_config_is_exit_1(nowhere):
     nowhere.mkdir(mode=0o700)
     (nowhere / "keyvault.toml").write_text("[database\n")
-    one_error_line(CliRunner().invoke(main, ["cluster", "list"]), 1, "keyvault.toml")
+    one_error_line(Cli().invoke(["cluster", "list"]), 1, "keyvault.toml")
 
 
 def test_garbage_sqlite_file_is_a_clean_database_error(tmp_path, monkeypatch, nowhere):
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not an SQLite database, not at all" * 100)
     monkeypatch.setenv("KEYVAULT_DATABASE_URL", f"sqlite:///{garbage}")
-    one_error_line(CliRunner().invoke(main, ["secrets", "list"]), 1, "database")
+    one_error_line(Cli().invoke(["secrets", "list"]), 1, "database")
 
 
 @pytest.mark.parametrize(
@@ -182,7 +181,7 @@ def test_unreachable_postgres_is_a_clean_database_error(monkeypatch, nowhere, ar
         "KEYVAULT_DATABASE_URL",
         "postgresql+psycopg://kv:Pw-sEcReT-99@127.0.0.1:1/none?connect_timeout=2",
     )
-    line = one_error_line(CliRunner().invoke(main, args), 1, "the database", "Connection refused")
+    line = one_error_line(Cli().invoke(args), 1, "the database", "Connection refused")
     assert "internal error" not in line
     assert "Pw-sEcReT-99" not in line  # the URL is shown without its password
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from keyvault.errors import InvalidInput, NotFound
-from tests.support.cli import expect, one_error_line
+from tests.support.cli import Cli, expect, one_error_line
 from tests.support.timeouts import TIMEOUT
 
 CLUSTER = "ta2"
@@ -181,12 +181,9 @@ def test_log_format_json_makes_every_log_line_a_json_object(home):
 
 
 def test_log_format_is_checked(tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
-    from keyvault.cli import main
 
     monkeypatch.setenv("KEYVAULT_HOME", str(tmp_path / "kv"))
-    result = CliRunner().invoke(main, ["--log-format", "xml", "status"])
+    result = Cli().invoke(["--log-format", "xml", "status"])
     one_error_line(result, 2, "--log-format")
 
 

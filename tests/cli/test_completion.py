@@ -11,9 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
-from keyvault.cli import main
+from tests.support.cli import Cli
 from tests.support.timeouts import TIMEOUT
 
 KEY = "C" * 64
@@ -48,7 +47,7 @@ def complete(words: str, env: dict[str, str] | None = None) -> tuple[list[str], 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_completion_prints_the_script_of_each_shell(shell, tmp_path, monkeypatch):
     monkeypatch.setenv("KEYVAULT_HOME", str(tmp_path / "untouched"))
-    result = CliRunner().invoke(main, ["completion", shell])
+    result = Cli().invoke(["completion", shell])
     assert result.exit_code == 0
     assert "_KEYVAULT_COMPLETE" in result.stdout
     assert f"{shell}_complete" in result.stdout  # the script calls keyvault back
@@ -56,7 +55,7 @@ def test_completion_prints_the_script_of_each_shell(shell, tmp_path, monkeypatch
 
 
 def test_an_unknown_shell_is_a_usage_error():
-    result = CliRunner().invoke(main, ["completion", "tcsh"])
+    result = Cli().invoke(["completion", "tcsh"])
     assert result.exit_code == 2 and result.stderr.startswith("error: ")
 
 

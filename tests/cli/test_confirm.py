@@ -13,9 +13,8 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
-from keyvault.cli import main
+from tests.support.cli import Cli
 from tests.support.timeouts import TIMEOUT
 
 CLUSTER = "ta2"
@@ -116,7 +115,7 @@ def test_agreeing_does_it(store):
 @pytest.mark.parametrize("args", DESTRUCTIVE, ids=lambda a: " ".join(a[:2]))
 def test_without_a_terminal_yes_is_required(store, args):
     before = state(store)
-    result = CliRunner().invoke(main, list(args), input="y\n")
+    result = Cli().invoke(list(args), input="y\n")
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "pass --yes" in result.stderr

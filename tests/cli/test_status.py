@@ -18,6 +18,7 @@ from keyvault.models import (
     WebhookDelivery,
     utcnow,
 )
+from tests.support.cli import Cli
 
 CLUSTER = "ta2"
 KEY = "Q" * 64  # a key-shaped value; never printed by status
@@ -161,11 +162,7 @@ def test_a_wrong_keyring_skips_the_checks_that_need_it(cli, store, tmp_path, mon
 
 
 def run_cli(*args: str):
-    from click.testing import CliRunner
-
-    from keyvault.cli import main
-
-    return CliRunner().invoke(main, list(args))
+    return Cli()(*args)
 
 
 def isolated_env(monkeypatch, home_path, database_url: str) -> None:

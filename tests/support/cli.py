@@ -98,9 +98,13 @@ class Cli:
         self.runner = CliRunner()
 
     def __call__(self, *args: str, input: str | bytes | None = None):  # noqa: A002
+        return self.invoke(list(args), input=input)
+
+    def invoke(self, args: list[str], input: str | bytes | None = None):  # noqa: A002
+        """The same, with the arguments as a list (tests that build them)."""
         from keyvault.cli import main
 
-        return self.runner.invoke(main, list(args), input=input, catch_exceptions=False)
+        return self.runner.invoke(main, args, input=input, catch_exceptions=False)
 
 
 @pytest.fixture

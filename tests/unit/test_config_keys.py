@@ -8,6 +8,7 @@ import pytest
 
 from keyvault.config import CONFIG_FILE_NAME, load_settings
 from keyvault.errors import ConfigError
+from tests.support.cli import Cli
 
 
 def settings_with(tmp_path: Path, text: str):
@@ -77,16 +78,13 @@ def test_every_valid_key_is_accepted(tmp_path):
 
 
 def test_the_cli_refuses_an_unknown_key_in_one_line(tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
-    from keyvault.cli import main
 
     _, path = settings_with(tmp_path, "[ssh]\nconnect_timeout = 5\n")
     path.write_text("[ssh]\nconect_timeout = 5\n")
     for name in ("KEYVAULT_DATABASE_URL", "KEYVAULT_MASTER_KEY_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("KEYVAULT_HOME", str(path.parent))
-    result = CliRunner().invoke(main, ["cluster", "list"])
+    result = Cli().invoke(["cluster", "list"])
     assert result.exit_code == 1
     assert result.stderr == (
         f"error: unknown key 'conect_timeout' in [ssh] of {path}; did you mean 'connect_timeout'?\n"
