@@ -7,7 +7,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
+
 from keyvault.errors import DatabaseError, NotInitialized
+from keyvault.models import Base
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -35,8 +40,6 @@ def migrations_dir() -> Path:
 
 def make_engine(url: str) -> Engine:
     """An engine with keyvault's connection policy for SQLite (WAL, FKs, immediate writes)."""
-    from sqlalchemy import create_engine, event
-
     url = normalize_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
@@ -65,16 +68,12 @@ def make_engine(url: str) -> Engine:
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """A sessionmaker bound to ``engine`` that keeps objects usable after commit."""
-    from sqlalchemy.orm import sessionmaker
-
     return sessionmaker(engine, expire_on_commit=False)
 
 
 @contextmanager
 def transaction(factory: Callable[[], Session]) -> Iterator[Session]:
     """One unit of work owned by an entrypoint: commit on success, roll back on error."""
-    from sqlalchemy.exc import OperationalError, SQLAlchemyError
-
     session = factory()
     try:
         yield session
@@ -101,7 +100,7 @@ def _one_line(exc: Exception) -> str:
 
 def alembic_config(url: str) -> Config:
     """An alembic Config pointing at keyvault's migrations and ``url``."""
-    from alembic.config import Config
+    from alembic.config import Config  # noqa: PLC0415 - alembic takes ~0.15 s; db commands only
 
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
@@ -110,8 +109,7 @@ def alembic_config(url: str) -> Config:
 
 
 def _migrate(engine: Engine, step: str, revision: str) -> None:
-    from alembic import command
-    from sqlalchemy.exc import SQLAlchemyError
+    from alembic import command  # noqa: PLC0415 - alembic takes ~0.15 s; db commands only
 
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     try:
@@ -137,7 +135,7 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 def head_revision() -> str:
     """The newest migration revision shipped with this keyvault."""
-    from alembic.script import ScriptDirectory
+    from alembic.script import ScriptDirectory  # noqa: PLC0415 - alembic takes ~0.15 s; db commands only
 
     head = ScriptDirectory(str(migrations_dir())).get_current_head()
     if head is None:  # a packaging error: the migrations directory is empty
@@ -152,9 +150,6 @@ SCHEMA_HEAD = "0005"
 
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at, or None for an empty database (read without alembic)."""
-    from sqlalchemy import inspect, text
-    from sqlalchemy.exc import SQLAlchemyError
-
     try:
         with engine.connect() as conn:
             if not inspect(conn).has_table("alembic_version"):
@@ -184,10 +179,8 @@ def require_head(engine: Engine) -> None:
 
 def schema_drift(engine: Engine) -> list[Any]:
     """Differences between the models and the migrated database (empty when they agree)."""
-    from alembic.autogenerate import compare_metadata
-    from alembic.runtime.migration import MigrationContext
-
-    from keyvault.models import Base
+    from alembic.autogenerate import compare_metadata  # noqa: PLC0415 - alembic takes ~0.15 s; db commands only
+    from alembic.runtime.migration import MigrationContext  # noqa: PLC0415 - alembic takes ~0.15 s; db commands only
 
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})

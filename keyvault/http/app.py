@@ -33,6 +33,8 @@ from keyvault.http.middleware import ACCESS_LOGGER, RequestContext
 from keyvault.http.routers import events, health, keys, metrics, rotations
 from keyvault.http.state import ServerState
 from keyvault.scope import schema_pattern
+from keyvault.services.scheduler import SchedulerThread
+from keyvault.services.webhook_worker import WebhookWorker
 
 LOG_FORMAT_ENV = "KEYVAULT_LOG_FORMAT"
 ACCESS_LOG_ENV = "KEYVAULT_ACCESS_LOG"  # "0": no access lines (they cost the hot path ~30%)
@@ -91,14 +93,10 @@ def _start_workers(
 ) -> None:
     """The background threads this server runs (stopped in reverse order at shutdown)."""
     if serve_webhooks:
-        from keyvault.services.webhook_worker import WebhookWorker
-
         worker = WebhookWorker(state.factory, settings=settings)
         worker.start()
         stack.callback(worker.stop)
     if settings.serve_scheduler:
-        from keyvault.services.scheduler import SchedulerThread
-
         scheduler = SchedulerThread(state.factory, settings=settings)
         scheduler.start()
         stack.callback(scheduler.stop)

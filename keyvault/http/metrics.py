@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from sqlalchemy.orm import Session, sessionmaker
 
 import keyvault
+from keyvault.http.store_metrics import StoreCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -64,8 +65,6 @@ class Metrics:
 
     def attach_database(self, factory: sessionmaker[Session]) -> None:
         """Also export the store's state, read at each scrape."""
-        from keyvault.http.store_metrics import StoreCollector
-
         self.registry.register(StoreCollector(factory))
 
     def render(self) -> bytes:

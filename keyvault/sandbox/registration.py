@@ -14,19 +14,17 @@ from sqlalchemy.orm import Session
 
 from keyvault.errors import Conflict, NotFound
 from keyvault.models import Cluster, Host
+from keyvault.sandbox import state as st
 from keyvault.sandbox.run import LOGIN_NAME, LOOPBACK, SSH_USER, TA_USER, SandboxPaths
+from keyvault.services import clusters, hosts
 
 
 def _project_ids(paths: SandboxPaths) -> dict[str, int]:
-    from keyvault.sandbox import state as st
-
     state = st.read_state(paths.state_dir)
     return {appid: a["project_id"] for appid, a in state["apps"].items()}
 
 
 def _upsert_cluster(session: Session, name: str, url: str, project_ids: dict[str, int]) -> Cluster:
-    from keyvault.services import clusters
-
     try:
         cluster = clusters.get_cluster(session, name=name)
     except NotFound:
@@ -48,8 +46,6 @@ def _upsert_cluster(session: Session, name: str, url: str, project_ids: dict[str
 
 
 def _upsert_host(session: Session, cluster_name: str, port: int, fields: dict[str, Any]) -> Host:
-    from keyvault.services import hosts
-
     existing = [
         h for h in hosts.list_hosts(session, cluster_name=cluster_name) if h.address == LOOPBACK
     ]
@@ -101,8 +97,6 @@ def sync_project_ids(
     session: Session, *, paths: SandboxPaths, cluster_name: str = "sandbox"
 ) -> bool:
     """Copy the emulator's APPID -> projectId map into the cluster; False if no such cluster."""
-    from keyvault.services import clusters
-
     try:
         clusters.get_cluster(session, name=cluster_name)
     except NotFound:

@@ -31,8 +31,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import keyvault
 from keyvault.errors import KeyvaultError
 from keyvault.fsutil import atomic_write
+from keyvault.sandbox import state as st
 
 if TYPE_CHECKING:
     from keyvault.sandbox.sshfront import SshFront
@@ -88,8 +90,7 @@ class SandboxPaths:
 
     def prepare(self, apps=()) -> None:
         """Create (or complete) the sandbox: state, wrapper, keys. Idempotent; keys are kept."""
-        from keyvault.sandbox import state as st
-        from keyvault.sandbox.sshfront import ensure_ed25519_key, public_key_line
+        from keyvault.sandbox.sshfront import ensure_ed25519_key, public_key_line  # noqa: PLC0415 - paramiko: ~0.13 s, on demand
 
         for directory in (self.root, self.ta_home, self.bin_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -111,8 +112,6 @@ class SandboxPaths:
 
 def _source_root() -> str:
     """The directory holding the ``keyvault`` package (a checkout or site-packages)."""
-    import keyvault
-
     return str(Path(keyvault.__file__).resolve().parent.parent)
 
 
@@ -197,8 +196,6 @@ def _remove_stale(paths: SandboxPaths) -> None:
 def status(paths: SandboxPaths) -> dict:
     """``{"running": bool, "pid", ...sandbox.json, "apps": {appid: {project_id, generations}},
     "root_generations"}``; no key."""
-    from keyvault.sandbox import state as st
-
     pid = _running_pid(paths)
     result: dict = {
         "running": pid is not None,
@@ -272,7 +269,7 @@ def _stop_on_signals(stack: contextlib.ExitStack, stop_event: threading.Event) -
 
 def _start_openapi(stack: contextlib.ExitStack, paths: SandboxPaths, port: int) -> int:
     """Serve the Open API emulator in a thread until ``stack`` closes; return its port."""
-    from keyvault.sandbox.openapi import make_server
+    from keyvault.sandbox.openapi import make_server  # noqa: PLC0415 - ~45 ms; only the sandbox process serves it
 
     api = _bind_with_fallback(
         "Open API emulator", lambda p: make_server(paths.state_dir, LOOPBACK, p), port
@@ -293,7 +290,7 @@ def _start_openapi(stack: contextlib.ExitStack, paths: SandboxPaths, port: int) 
 
 def _start_front(stack: contextlib.ExitStack, paths: SandboxPaths, port: int) -> SshFront:
     """Start the SSH front until ``stack`` closes."""
-    from keyvault.sandbox.sshfront import SshFront
+    from keyvault.sandbox.sshfront import SshFront  # noqa: PLC0415 - paramiko: ~0.13 s, on demand
 
     def make_front(port: int) -> SshFront:
         candidate = SshFront(

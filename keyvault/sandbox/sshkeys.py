@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from keyvault.fsutil import atomic_write
 
@@ -26,9 +28,6 @@ def ensure_ed25519_key(
 
     With ``public_file``, also write the public key line there if it is missing.
     """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     path = Path(path)
     if not path.exists():
         private = Ed25519PrivateKey.generate()

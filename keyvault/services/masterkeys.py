@@ -20,7 +20,9 @@ from keyvault.config import Settings
 from keyvault.db import transaction
 from keyvault.errors import Conflict
 from keyvault.models import MasterKey, SecretVersion, utcnow
+from keyvault.services.spool import spooled_rotations
 from keyvault.services.store import open_keyring
+from keyvault.services.webhooks import rewrap_webhook_secrets
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,6 @@ class MasterKeyRotation:
 
 def rotate_master_key(factory, *, settings: Settings) -> MasterKeyRotation:
     """Replace the master key; every version stays readable, the old key opens nothing."""
-    from keyvault.services.spool import spooled_rotations
-
     waiting = spooled_rotations(settings)
     if waiting:
         # Spooled keys are sealed under the current master key: store them first.
@@ -77,8 +77,6 @@ def rotate_master_key(factory, *, settings: Settings) -> MasterKeyRotation:
             version.wrapped_key, version.master_key_id = moved.wrapped_key, moved.master_key_id
             count += 1
         # Webhook signing secrets are sealed under the master key too.
-        from keyvault.services.webhooks import rewrap_webhook_secrets
-
         count += rewrap_webhook_secrets(session, keyring=grown, to=new_id)
         now = utcnow()
         for row in live:

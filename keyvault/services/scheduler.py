@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session
 from keyvault.config import Settings
 from keyvault.db import transaction
 from keyvault.events import record_event
-from keyvault.models import ROTATE_DUE_LEASE, Lease, ScopeSchedule
+from keyvault.models import ROTATE_DUE_LEASE, Lease, ScopeSchedule, utcnow
 from keyvault.scope import parse_scope
 from keyvault.services.clusters import get_cluster
 from keyvault.services.policies import candidates
@@ -378,12 +379,8 @@ class SchedulerThread:
         connector: Connector | None = None,
         on_run: Callable[[object], None] | None = None,
     ) -> None:
-        import threading
-
-        from keyvault.models import utcnow
-
         if connector is None:
-            from keyvault.ssh.paramiko_transport import connector_from_settings
+            from keyvault.ssh.paramiko_transport import connector_from_settings  # noqa: PLC0415 - paramiko: ~0.13 s, on demand
 
             connector = connector_from_settings(settings)
         self.scheduler = Scheduler(
@@ -412,8 +409,6 @@ class SchedulerThread:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
-        import logging
-
         log = logging.getLogger("keyvault.scheduler")
         while True:
             self._wake.wait(self.interval)

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from keyvault.config import Settings
+from keyvault.db import SCHEMA_HEAD, require_head, session_factory, transaction
 from keyvault.errors import KeyvaultError
 from keyvault.models import (
     ROTATE_DUE_LEASE,
@@ -36,6 +37,10 @@ from keyvault.models import (
     Webhook,
     WebhookDelivery,
 )
+from keyvault.services.clusters import cluster_options, list_clusters, validate_project_id
+from keyvault.services.policies import candidates
+from keyvault.services.spool import spooled_rotations
+from keyvault.services.store import open_keyring
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -86,8 +91,6 @@ def collect_status(
     scheduler_hours: int = DEFAULT_SCHEDULER_HOURS,
 ) -> StatusReport:
     """Run every check; a failing schema or keyring skips the checks that need them."""
-    from keyvault.db import session_factory, transaction
-
     findings = [check_schema(engine)]
     if findings[0].status != OK:
         return StatusReport([*findings, _skipped("keyring, rotations, keys, tokens, webhooks")])
@@ -118,8 +121,6 @@ def _ok_or(check: str, problems: list[Finding], fine: str) -> list[Finding]:
 
 def check_schema(engine: Engine) -> Finding:
     """The database is reachable and its schema is at this keyvault's head."""
-    from keyvault.db import SCHEMA_HEAD, require_head
-
     try:
         require_head(engine)
     except KeyvaultError as exc:
@@ -129,8 +130,6 @@ def check_schema(engine: Engine) -> Finding:
 
 def check_keyring(session: Session, *, settings: Settings) -> Finding:
     """The keyring file opens the store."""
-    from keyvault.services.store import open_keyring
-
     try:
         keyring = open_keyring(session, settings=settings)
     except KeyvaultError as exc:
@@ -140,8 +139,6 @@ def check_keyring(session: Session, *, settings: Settings) -> Finding:
 
 def check_spool(settings: Settings) -> list[Finding]:
     """No generated key is waiting in the local spool."""
-    from keyvault.services.spool import spooled_rotations
-
     problems = [
         Finding(
             "spool",
@@ -157,8 +154,6 @@ def check_spool(settings: Settings) -> list[Finding]:
 def check_project_ids(session: Session, *, appid_pattern: str) -> list[Finding]:
     """No cluster maps an invalid APPID (stored before mappings were validated): every
     `rotate app --all` and `rotate due` of that cluster would fail on it."""
-    from keyvault.services.clusters import cluster_options, list_clusters, validate_project_id
-
     problems = []
     for cluster in list_clusters(session):
         for appid, project_id in cluster_options(cluster)["project_ids"].items():
@@ -247,8 +242,6 @@ def check_scheduler(session: Session, *, now: datetime, hours: int) -> Finding:
 
 def check_key_ages(session: Session, *, now: datetime) -> list[Finding]:
     """No key is older than its policy's max age."""
-    from keyvault.services.policies import candidates
-
     problems = []
     for c in candidates(session, now=now):
         if c.age_seconds is None or c.max_age_seconds is None:

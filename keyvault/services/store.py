@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from keyvault import crypto
 from keyvault.config import CONFIG_FILE_NAME, Settings
+from keyvault.db import session_factory, transaction, upgrade
 from keyvault.errors import WrongMasterKey
 from keyvault.models import MasterKey, utcnow
 
@@ -153,8 +154,6 @@ def initialise(engine: Engine, *, settings: Settings) -> InitReport:
     transaction that refuses a foreign store, loads or creates the keyring file (never
     overwriting one) and records its check value.
     """
-    from keyvault.db import session_factory, transaction, upgrade
-
     created = ensure_home(settings)
     upgrade(engine)
     restrict_sqlite_file(engine)

@@ -10,7 +10,9 @@ from sqlalchemy.orm import Session
 from keyvault.config import Settings
 from keyvault.models import Cluster
 from keyvault.scope import Scope
-from keyvault.services.clusters import cluster_options
+from keyvault.services.clusters import cluster_options, get_cluster
+from keyvault.services.secrets import get_version, reveal
+from keyvault.ta import TaClient, verify_key
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,6 @@ class KeyCheckOutcome:
 
 def make_client(cluster: Cluster, settings: Settings, client_factory: Callable | None = None):
     """A TA Open API client for ``cluster`` (``client_factory`` is for injection)."""
-    from keyvault.ta import TaClient
-
     factory = client_factory or TaClient
     return factory(
         cluster.open_api_url, timeout=settings.ta_timeout, error_codes=dict(settings.ta_error_codes)
@@ -53,8 +53,6 @@ def verify_scope_key(
     client_factory: Callable | None = None,
 ) -> KeyCheckOutcome:
     """Call the cluster's check endpoint for ``scope`` with ``key``."""
-    from keyvault.ta import verify_key
-
     skipped = unverifiable(cluster, scope)
     if skipped is not None:
         return skipped
@@ -88,9 +86,6 @@ def verify_current(
     client_factory: Callable | None = None,
 ) -> tuple[int, KeyCheckOutcome]:
     """Verify the current stored key of a scope; returns (version, outcome)."""
-    from keyvault.services.clusters import get_cluster
-    from keyvault.services.secrets import get_version, reveal
-
     version = get_version(session, cluster_name=cluster_name, scope=scope)
     key = reveal(keyring, version)
     return version.number, verify_scope_key(

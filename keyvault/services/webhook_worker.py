@@ -14,8 +14,10 @@ from collections import Counter
 from collections.abc import Callable
 
 from keyvault.config import Settings
+from keyvault.db import transaction
 from keyvault.models import utcnow
 from keyvault.services import webhooks
+from keyvault.services.store import open_keyring
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,6 @@ class WebhookWorker:
 
     def tick(self) -> webhooks.DeliveryReport:
         """One round: fan out new events, then deliver what is due (at most ``limit``)."""
-        from keyvault.db import transaction
-        from keyvault.services.store import open_keyring
-
         with self._lock:
             with transaction(self.factory) as session:
                 keyring = open_keyring(session, settings=self.settings)

@@ -14,6 +14,7 @@ from keyvault.db import transaction
 from keyvault.http.deps import AppAccess, AppId, ClusterName, RootAccess, State, Target
 from keyvault.http.schemas import ERRORS, KEY_RESPONSES, KeyOut, VersionOut, VersionsOut
 from keyvault.models import SecretVersion
+from keyvault.services.secrets import history
 
 router = APIRouter(tags=["keys"])
 IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match")]
@@ -60,8 +61,6 @@ def app_versions(access: AppAccess, state: State) -> VersionsOut:
 
 
 def _versions(state: State, target: Target) -> VersionsOut:
-    from keyvault.services.secrets import history
-
     with transaction(state.factory) as session:
         rows = history(session, cluster_name=target.cluster, scope=target.scope)
         versions = [_version_out(v) for v in rows]

@@ -47,6 +47,8 @@ from keyvault.services.backup.fileformat import (
     open_backup,
     table_counts,
 )
+from keyvault.services.secrets import reveal
+from keyvault.services.webhooks import webhook_secret
 
 # Bookkeeping tables a freshly initialised store already has rows in (init's master key,
 # the revision counter, the migrations' seeded leases); every other table must be empty
@@ -145,9 +147,6 @@ def _existing_data(session: Session) -> dict[str, int]:
 
 def _verify(session: Session, keyring: crypto.Keyring) -> tuple[int, int]:
     """Every secret version and webhook secret decrypts with the keyring (else ``IntegrityError``)."""
-    from keyvault.services.secrets import reveal
-    from keyvault.services.webhooks import webhook_secret
-
     versions = 0
     stmt = (
         select(SecretVersion).order_by(SecretVersion.id).execution_options(populate_existing=True)

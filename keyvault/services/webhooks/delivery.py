@@ -29,6 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from keyvault import crypto, httpclient
+from keyvault.db import transaction
 from keyvault.errors import InvalidInput, KeyvaultError
 from keyvault.models import Event, Webhook, WebhookDelivery, utcnow
 from keyvault.services.webhooks.outbox import enqueue_deliveries, event_payload
@@ -258,8 +259,6 @@ def deliver_due(
     Ids in ``skip`` are not attempted and every claimed id joins it, so a caller looping
     over runs tries each delivery at most once.
     """
-    from keyvault.db import transaction
-
     if max_attempts < 1:
         raise InvalidInput("max attempts must be at least 1")
     clock: Clock = now if callable(now) else (lambda: now)
@@ -306,8 +305,6 @@ def run_deliveries(
     nothing is due or ``max_seconds`` passed (no delivery starts after that). Each delivery is
     tried at most once per call. ``report.enqueued`` counts the deliveries fan-out created.
     """
-    from keyvault.db import transaction
-
     end = monotonic() + max_seconds
 
     def should_stop() -> bool:

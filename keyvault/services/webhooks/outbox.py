@@ -15,6 +15,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Insert, and_, exists, false, func, or_, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from keyvault.models import Event, Webhook, WebhookDelivery
@@ -118,13 +120,9 @@ def _insert_ignoring_duplicates(session: Session, rows: list[dict[str, Any]]) ->
     """Insert ``rows``; a (webhook, event) pair that exists already is skipped, not an error."""
     stmt: Insert
     if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
         pg_stmt = pg_insert(WebhookDelivery).values(rows)
         stmt = pg_stmt.on_conflict_do_nothing(index_elements=["webhook_id", "event_id"])
     else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
         lite_stmt = sqlite_insert(WebhookDelivery).values(rows)
         stmt = lite_stmt.on_conflict_do_nothing(index_elements=["webhook_id", "event_id"])
     return len(session.execute(stmt.returning(WebhookDelivery.id)).all())
