@@ -232,16 +232,19 @@ def serving(state_dir, host="127.0.0.1", port=0):
         thread.join(10)
 
 
-def _stop_on_signals() -> None:
-    """SIGINT and SIGTERM end ``serve_forever`` (as KeyboardInterrupt), whatever was inherited.
+def _stop_on_signals(server: ThreadingHTTPServer) -> None:
+    """SIGINT and SIGTERM end ``serve_forever`` cleanly, whatever was inherited.
 
     A process started as a background job (``cmd &`` without job control, many CI runners)
     inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler: Ctrl-C
-    or ``kill -INT`` would be lost and the emulator would run until killed.
+    or ``kill -INT`` would be lost and the emulator would run until killed. The handler asks
+    the server to stop from another thread (``shutdown`` waits for the loop, so it cannot run
+    in the loop's own thread); a signal that arrives before the loop starts still stops it,
+    and no KeyboardInterrupt can land half-way through the clean-up.
     """
 
     def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        threading.Thread(target=server.shutdown, daemon=True).start()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
@@ -262,13 +265,11 @@ def main(argv=None):
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    _stop_on_signals()
+    _stop_on_signals(server)
     host, port = server.server_address[:2]
     print(f"TA Open API emulator on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
     return 0
