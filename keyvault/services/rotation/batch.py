@@ -251,7 +251,9 @@ class BatchRun:
             if job.rid in refused:
                 self._settle(
                     job.index,
-                    RotationResult.failed(self.cluster_name, str(job.scope), refused[job.rid]),
+                    RotationResult.failed(
+                        self.cluster_name, str(job.scope), refused[job.rid], host=host.label
+                    ),
                 )
         jobs = [job for job in jobs if job.rid not in refused]
         for job in jobs:
@@ -314,7 +316,8 @@ class BatchRun:
             result = store_or_spool(rt, target.plan.keyring, new, unverifiable(cluster, job.scope))
         except Exception as exc:  # noqa: BLE001 - this rotation's failure, as its result
             self._settle(
-                job.index, RotationResult.failed(cluster.name, str(job.scope), exc, job.rid)
+                job.index,
+                RotationResult.failed(cluster.name, str(job.scope), exc, job.rid, host.label),
             )
             return
         rt.on_step("stored", job.rid)

@@ -96,11 +96,17 @@ class RotationResult:
 
     @classmethod
     def failed(
-        cls, cluster: str, scope: str, exc: Exception, rotation_id: str | None = None
+        cls,
+        cluster: str,
+        scope: str,
+        exc: Exception,
+        rotation_id: str | None = None,
+        host: str | None = None,
     ) -> RotationResult:
-        """The result of a rotation that raised ``exc``."""
+        """The result of a rotation that raised ``exc`` (on ``host``, once one was chosen)."""
         failure = Failure.of(exc, scope)
-        return cls(cluster, scope, rotation_id=failure.rotation_id or rotation_id, failure=failure)
+        rid = failure.rotation_id or rotation_id
+        return cls(cluster, scope, rotation_id=rid, host=host, failure=failure)
 
     @property
     def ok(self) -> bool:
