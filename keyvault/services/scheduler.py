@@ -32,7 +32,12 @@ from keyvault.models import ROTATE_DUE_LEASE, Lease, ScopeSchedule, utcnow
 from keyvault.scope import parse_scope
 from keyvault.services.clusters import get_cluster
 from keyvault.services.policies import candidates
-from keyvault.services.rotation import ResultStatus, RotationResult, RotationService
+from keyvault.services.rotation import (
+    SETTLE_AFTER,
+    ResultStatus,
+    RotationResult,
+    RotationService,
+)
 from keyvault.services.rotation.journal import SessionFactory
 from keyvault.ssh import Connector
 
@@ -57,6 +62,8 @@ class DueReport:
     lease_acquired: bool
     lease_holder: str | None
     results: list[ScopeResult] = field(default_factory=list)
+    # Stored rotations a dead process left, finished by this run (see _settle_stored).
+    settled: list[RotationResult] = field(default_factory=list)
     # True once the run's end is on the lease row; False for a dry run, a lease held
     # elsewhere, or a run that lost its lease before it ended (it must not write).
     recorded: bool = False
@@ -237,6 +244,7 @@ class Scheduler:
             if r.status == "due":
                 due.setdefault(r.cluster, []).append(parse_scope(r.scope, r".+"))
         with self.service_factory() as service:
+            self._settle_stored(service, report, cluster_name)
             for cluster, scopes in due.items():
 
                 def done(result: RotationResult, cluster: str = cluster) -> None:
@@ -255,6 +263,25 @@ class Scheduler:
                     actor="scheduler",
                     concurrency=self.concurrency,
                     on_done=done,
+                )
+
+    def _settle_stored(
+        self, service: RotationService, report: DueReport, cluster_name: str | None
+    ) -> None:
+        """Finish rotations whose key is stored but whose process died before the clean-up
+        (the TA host still holds a copy of the key) or the check; say which could not be."""
+        report.settled = service.settle_stored(
+            actor="scheduler",
+            stored_before=self.clock() - SETTLE_AFTER,
+            cluster_name=cluster_name,
+        )
+        for result in report.settled:
+            if result.failure is not None:
+                _log.warning(
+                    "could not settle rotation %s of %s: %s",
+                    result.rotation_id,
+                    result.scope,
+                    result.failure.message,
                 )
 
     def _record_run(

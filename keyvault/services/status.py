@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from keyvault.config import Settings
@@ -39,6 +39,7 @@ from keyvault.models import (
 )
 from keyvault.services.clusters import cluster_options, list_clusters, validate_project_id
 from keyvault.services.policies import candidates
+from keyvault.services.rotation import SETTLE_AFTER
 from keyvault.services.spool import spooled_rotations
 from keyvault.services.store import open_keyring
 
@@ -100,7 +101,7 @@ def collect_status(
         findings.append(keyring)
         if keyring.status == OK:
             findings += check_project_ids(session, appid_pattern=settings.appid_pattern)
-            findings += check_rotations(session)
+            findings += check_rotations(session, now=now)
             findings += check_paused(session)
             findings.append(check_scheduler(session, now=now, hours=scheduler_hours))
             findings += check_key_ages(session, now=now)
@@ -172,11 +173,22 @@ def check_project_ids(session: Session, *, appid_pattern: str) -> list[Finding]:
     return _ok_or("project_ids", problems, "every APPID -> project id mapping is valid")
 
 
-def check_rotations(session: Session) -> list[Finding]:
-    """No rotation is left pending or needing recovery."""
+def check_rotations(session: Session, *, now: datetime) -> list[Finding]:
+    """No rotation is left pending or needing recovery, nor stored but never settled.
+
+    A ``stored`` rotation still has its pending file (a copy of the current key) on the TA
+    host, or was never checked against TA; the scheduler settles those older than
+    ``SETTLE_AFTER``, so one older than an hour past that is stuck.
+    """
+    stuck_before = now - SETTLE_AFTER - timedelta(hours=1)
     rows = session.scalars(
         select(Rotation)
-        .where(Rotation.state.in_(UNRESOLVED_ROTATION_STATES))
+        .where(
+            or_(
+                Rotation.state.in_(UNRESOLVED_ROTATION_STATES),
+                (Rotation.state == "stored") & (Rotation.updated_at < stuck_before),
+            )
+        )
         .order_by(Rotation.created_at)
     )
     problems = [
@@ -184,12 +196,13 @@ def check_rotations(session: Session) -> list[Finding]:
             "rotations",
             ATTENTION,
             f"rotation {r.id} of {r.scope} in {r.cluster.name} is {r.state} "
-            f"(since {r.created_at.isoformat(timespec='seconds')})",
+            f"(since {r.created_at.isoformat(timespec='seconds')})"
+            + ("; its pending file on the host is not removed" if r.state == "stored" else ""),
             f"run `keyvault rotations recover {r.id}` (see docs/rotation.md)",
         )
         for r in rows
     ]
-    return _ok_or("rotations", problems, "none unresolved")
+    return _ok_or("rotations", problems, "none unresolved or unsettled")
 
 
 def _scope_options(scope: str) -> str:

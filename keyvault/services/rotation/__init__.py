@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -39,12 +40,13 @@ from keyvault.services.rotation.batch import BatchRun, OnDone, new_rotation_id
 from keyvault.services.rotation.cleanup import CleanupPolicy, DeferredCleanups
 from keyvault.services.rotation.journal import Journal, SessionFactory
 from keyvault.services.rotation.pool import ConnectionPool
-from keyvault.services.rotation.recovery import Recovery
+from keyvault.services.rotation.recovery import SETTLE_AFTER, Recovery
 from keyvault.services.rotation.results import Failure, ResultStatus, RotationResult
 from keyvault.services.rotation.steps import Runtime, StepHook
 from keyvault.ssh import Connector
 
 __all__ = [
+    "SETTLE_AFTER",
     "CleanupPolicy",
     "Failure",
     "ResultStatus",
@@ -162,6 +164,14 @@ class RotationService:
     def recover(self, rid: str, *, actor: str) -> RotationResult:
         """Complete an interrupted rotation from the local spool or the remote pending file."""
         return Recovery(self._runtime()).recover(rid, actor=actor)
+
+    def settle_stored(
+        self, *, actor: str, stored_before: datetime, cluster_name: str | None = None
+    ) -> list[RotationResult]:
+        """Finish stored rotations a dead process left (see ``Recovery.settle_stored``)."""
+        return Recovery(self._runtime()).settle_stored(
+            actor=actor, stored_before=stored_before, cluster_name=cluster_name
+        )
 
     def recover_all(self, *, actor: str, cluster_name: str | None = None) -> list[RotationResult]:
         """Recover every unresolved rotation and every stored one not cleaned up, oldest first."""

@@ -7,6 +7,7 @@ pending file on the host the rotation ran on (see docs/rotation.md, "Recovery").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
@@ -37,6 +38,9 @@ from keyvault.tahost import fetch_script, find_keys, parse_remote
 
 S = RotationState
 FINISHED = (S.COMPLETED, S.FAILED, S.ABANDONED)
+# A `stored` rotation untouched this long is not being finished by its own run any more:
+# the scheduler settles it (clean-up, check), and `keyvault status` reports it an hour later.
+SETTLE_AFTER = timedelta(minutes=15)
 
 
 @dataclass(frozen=True)
@@ -137,16 +141,36 @@ class Recovery:
         recovery can only make its not-yet-started rotations fail, never lose a key.
         Oldest first; one rotation's trouble never stops the others.
         """
+        states = (*UNRESOLVED_ROTATION_STATES, S.STORED.value)
+        return self._recover_each(self._todo(states, cluster_name, None), actor)
+
+    def settle_stored(
+        self, *, actor: str, stored_before: datetime, cluster_name: str | None = None
+    ) -> list[RotationResult]:
+        """Finish the ``stored`` rotations last touched before ``stored_before``.
+
+        Their key is committed, but a process died before the clean-up or the check: the
+        pending file on the TA host (a copy of the current key) is still there. Only old
+        ones are taken, so a run still finishing its own rotations is left alone (and a
+        clean-up or check done twice is harmless). Unresolved rotations are not touched:
+        one may still be running; they are the operator's (`rotations recover`).
+        """
+        todo = self._todo((S.STORED.value,), cluster_name, stored_before)
+        return self._recover_each(todo, actor)
+
+    def _todo(
+        self, states: tuple[str, ...], cluster_name: str | None, updated_before: datetime | None
+    ) -> list[tuple[str, str, str]]:
         with transaction(self.rt.journal.factory) as s:
-            stmt = select(Rotation).where(
-                Rotation.state.in_((*UNRESOLVED_ROTATION_STATES, S.STORED.value))
-            )
+            stmt = select(Rotation).where(Rotation.state.in_(states))
             if cluster_name is not None:
                 stmt = stmt.where(Rotation.cluster_id == get_cluster(s, name=cluster_name).id)
-            todo = [
-                (r.id, r.cluster.name, r.scope)
-                for r in s.scalars(stmt.order_by(Rotation.created_at, Rotation.id))
-            ]
+            if updated_before is not None:
+                stmt = stmt.where(Rotation.updated_at < updated_before)
+            rows = s.scalars(stmt.order_by(Rotation.created_at, Rotation.id))
+            return [(r.id, r.cluster.name, r.scope) for r in rows]
+
+    def _recover_each(self, todo: list[tuple[str, str, str]], actor: str) -> list[RotationResult]:
         results = []
         for rid, cluster, scope in todo:
             try:
