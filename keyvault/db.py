@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +40,10 @@ def migrations_dir() -> Path:
     )
 
 
+# Engines whose SQLite file may be created: those a schema upgrade ran on (init, db upgrade).
+_MAY_CREATE: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
 def make_engine(url: str) -> Engine:
     """An engine with keyvault's connection policy for SQLite (WAL, FKs, immediate writes)."""
     url = normalize_url(url)
@@ -56,6 +62,12 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.close()
 
+        @event.listens_for(engine, "do_connect")
+        def _no_new_file(_dialect: Any, _record: Any, cargs: Any, _cparams: Any) -> None:
+            # sqlite3 creates a missing file on connect: a read command (or a typo in the
+            # URL) would leave an empty database behind. Only a schema upgrade may create it.
+            _refuse_missing_sqlite_file(engine, cargs[0] if cargs else "")
+
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
             # IMMEDIATE takes the write lock up front, so two writers serialize
@@ -64,6 +76,16 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _refuse_missing_sqlite_file(engine: Engine, database: str) -> None:
+    if engine in _MAY_CREATE or database in ("", ":memory:") or database.startswith("file:"):
+        return
+    if not os.path.exists(database):
+        raise NotInitialized(
+            f"no keyvault database at {database}",
+            hint="run `keyvault init` (or check database_url / KEYVAULT_DATABASE_URL)",
+        )
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -124,7 +146,8 @@ def _migrate(engine: Engine, step: str, revision: str) -> None:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Run the migrations up to ``revision`` on ``engine``."""
+    """Run the migrations up to ``revision`` on ``engine`` (creating an SQLite file)."""
+    _MAY_CREATE.add(engine)
     _migrate(engine, "upgrade", revision)
 
 
