@@ -122,7 +122,9 @@ def read_body(
             wrapped[: crypto.NONCE_BYTES], wrapped[crypto.NONCE_BYTES :], _wrap_aad(key_id, aad)
         )
     except (InvalidTag, ValueError):
-        raise damaged("the backup failed its integrity check: its data key does not authenticate") from None
+        raise damaged(
+            "the backup failed its integrity check: its data key does not authenticate"
+        ) from None
     dec = Cipher(algorithms.AES(dek), modes.GCM(nonce)).decryptor()
     dec.authenticate_additional_data(aad)
     unzip = zlib.decompressobj(_GZIP_WBITS)
@@ -136,9 +138,13 @@ def read_body(
     except (InvalidTag, ValueError):
         raise damaged("the backup failed its integrity check") from None
     except zlib.error:
-        raise damaged("the backup failed its integrity check: its body does not decompress") from None
+        raise damaged(
+            "the backup failed its integrity check: its body does not decompress"
+        ) from None
     if not unzip.eof or unzip.unused_data:
-        raise damaged("the backup failed its integrity check: its body is incomplete or has trailing data")
+        raise damaged(
+            "the backup failed its integrity check: its body is incomplete or has trailing data"
+        )
     return body
 
 
