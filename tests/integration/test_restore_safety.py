@@ -229,6 +229,20 @@ def test_an_unresolved_rotation_is_refused_unless_named(cli, home, store):
     assert "discarded: rotation r000" in result.stdout
 
 
+def test_a_key_waiting_in_the_spool_is_refused_unless_named(cli, home, store):
+    spool = home.path / "spool"
+    spool.mkdir(mode=0o700, exist_ok=True)
+    (spool / "rspooled.json").write_text("{}")  # its content is not read by restore
+    current = store_state(home.database_url)
+    one_error_line(
+        cli("restore", str(store["file"]), "--replace", "--yes"), 1, "rspooled", "--discard-newer"
+    )
+    assert store_state(home.database_url) == current
+    result = expect(cli("restore", str(store["file"]), "--replace", "--discard-newer", "--yes"))
+    assert "discarded: rotation rspooled (a key waiting in the local spool)" in result.stdout
+    assert (spool / "rspooled.json").exists()  # a restore never deletes a spooled key
+
+
 # --- tokens and the audit log ---------------------------------------------------------------
 
 

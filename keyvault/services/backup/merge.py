@@ -60,8 +60,9 @@ class UnresolvedRotation:
     state: str
 
     def describe(self) -> str:
-        where = f"{self.cluster} {self.scope}" if self.cluster else "a spooled key"
-        return f"rotation {self.rotation_id} ({where}, {self.state})"
+        if not self.cluster:
+            return f"rotation {self.rotation_id} (a key waiting in the local spool)"
+        return f"rotation {self.rotation_id} ({self.cluster} {self.scope}, {self.state})"
 
 
 @dataclass(frozen=True)
