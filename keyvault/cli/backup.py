@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keyvault.cli.confirm import confirm
+from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.output import emit_json, output_option
 
 
@@ -15,8 +15,9 @@ def _summary(counts: dict[str, int]) -> str:
 
 
 REPLACE_WARNING = (
-    "restore --replace DELETES every cluster, key version, host, rotation, token, webhook and "
-    "event of this store and puts the backup's in their place (one transaction)."
+    "restore --replace DELETES every cluster, key version, host, rotation, webhook and event "
+    "of this store and puts the backup's in their place (one transaction); tokens, their "
+    "revocations and the audit log are kept."
 )
 
 
@@ -31,7 +32,6 @@ def backup(app, file: Path, force: bool, as_json: bool) -> None:
     The master keyring is NOT in the backup: keep a copy of the keyring file
     (KEYVAULT_MASTER_KEY_FILE) with it, or the backup cannot be restored.
     """
-    from keyvault import crypto
     from keyvault.db import transaction
     from keyvault.errors import Conflict
     from keyvault.services import backup as service
@@ -43,19 +43,18 @@ def backup(app, file: Path, force: bool, as_json: bool) -> None:
     with transaction(app.factory) as session:
         service.use_snapshot(session)
         keyring = app.keyring(session)
-        data = service.export_store(session, keyring=keyring)
+        size = service.write_backup_file(session, keyring=keyring, path=file)
         counts = service.table_counts(session)
-    crypto.write_private_file(file, data)
     info = {
         "file": str(file),
-        "bytes": len(data),
+        "bytes": size,
         "master_key_id": keyring.active,
         "counts": counts,
     }
     if as_json:
         emit_json(info)
     else:
-        click.echo(f"backup written to {file} ({len(data)} bytes): {_summary(counts)}")
+        click.echo(f"backup written to {file} ({size} bytes): {_summary(counts)}")
         click.echo(f"restoring it needs master key {keyring.active}")
     click.echo(
         f"warning: the master key is not in the backup; keep a copy of {app.settings.master_key_file} "
@@ -64,56 +63,124 @@ def backup(app, file: Path, force: bool, as_json: bool) -> None:
     )
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class SizeType(click.ParamType):
+    """A byte count: 1073741824, 512M, 1G, 2GiB."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+        number = text[: len(text) - len(unit)]
+        if not number.isdigit() or int(number) <= 0:
+            self.fail(f"{value!r} is not a size (examples: 1073741824, 512M, 1G)", param, ctx)
+        return int(number) * _SIZE_UNITS[unit]
+
+
+def _loss_warning(plan, replace: bool) -> str:
+    lines = [REPLACE_WARNING] if replace else []
+    if plan.losses:
+        lines.append(
+            "These key versions and rotations are NOT in the backup and will be deleted "
+            "(they may be the only keys TA accepts now):"
+        )
+        lines += [f"  {line}" for line in plan.listing()]
+    return "\n".join(lines)
+
+
+def _restore_info(file: Path, report) -> dict:
+    return {
+        "file": str(file),
+        "master_key_id": report.master_key_id,
+        "schema_revision": report.schema_revision,
+        "backup_created_at": report.backup_created_at.isoformat(),
+        "replaced": report.replaced,
+        "counts": report.counts,
+        "deleted": report.deleted,
+        "discarded": list(report.discarded),
+        "audit_records_merged": report.audit_records_merged,
+        "versions_verified": report.versions_verified,
+        "webhooks_verified": report.webhooks_verified,
+    }
+
+
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option(
     "--replace", is_flag=True, help="Delete everything in the store and replace it with the backup."
 )
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation of --replace.")
+@click.option(
+    "--discard-newer",
+    is_flag=True,
+    help="Allow deleting key versions newer than the backup and unresolved rotations "
+    "(lists each one and asks).",
+)
+@click.option(
+    "--max-size",
+    type=SizeType(),
+    default="1G",
+    show_default=True,
+    envvar="KEYVAULT_RESTORE_MAX_SIZE",
+    help="Refuse a backup whose decompressed content is larger.",
+)
+@yes_option
 @output_option
 @click.pass_obj
-def restore(app, file: Path, replace: bool, yes: bool, as_json: bool) -> None:
+def restore(
+    app, file: Path, replace: bool, discard_newer: bool, max_size: int, yes: bool, as_json: bool
+) -> None:
     """Restore the store from FILE, all or nothing.
 
     The database must be at schema head (`keyvault init` on a fresh machine, with the
-    keyring file of the backup already in place) and empty, unless --replace.
+    keyring file of the backup already in place) and empty, unless --replace. Key
+    versions newer than the backup are never deleted without --discard-newer; tokens,
+    revocations and audit records are kept (docs/backup.md).
     """
     from keyvault import crypto
+    from keyvault.db import transaction
     from keyvault.services import backup as service
+    from keyvault.services.spool import spooled_rotations
 
-    data = file.read_bytes()
     keyring = crypto.load_keyring(app.settings.master_key_file)
-    header = service.open_backup(data, keyring=keyring).header  # refuse a bad file before asking
-    factory = app.factory  # the schema must be at head
-    if replace:
+    # The file is checked (and refused if bad) before anything is asked or touched.
+    contents = service.open_backup_file(file, keyring=keyring, max_body=max_size)
+    header = contents.header
+    spooled = spooled_rotations(app.settings)
+    with transaction(app.factory) as session:  # the schema must be at head
+        plan = service.preview_restore(session, contents=contents, spooled=spooled)
+    if replace and not discard_newer:  # without --replace, a store with data is refused anyway
+        service.check_losses(plan, None)
+    if replace or (discard_newer and plan.losses):
         confirm(
             yes,
-            command="restore --replace",
-            warning=f"{REPLACE_WARNING}\nbackup of {header.created_at.isoformat()} "
+            command="restore --discard-newer" if plan.losses else "restore --replace",
+            warning=f"{_loss_warning(plan, replace)}\nbackup of {header.created_at.isoformat()} "
             f"(master key {header.master_key_id})",
-            question="Replace the store now?",
+            question="Delete them and restore now?" if plan.losses else "Replace the store now?",
         )
-    from keyvault.db import transaction
-
-    with transaction(factory) as session:
-        report = service.import_store(session, keyring=keyring, data=data, replace=replace)
+    with transaction(app.factory) as session:
+        report = service.import_store(
+            session,
+            keyring=keyring,
+            contents=contents,
+            replace=replace,
+            discard=plan.losses if discard_newer else None,
+            spooled=spooled,
+            actor=app.settings.actor,
+            file_name=file.name,
+        )
     if as_json:
-        emit_json(
-            {
-                "file": str(file),
-                "master_key_id": report.master_key_id,
-                "schema_revision": report.schema_revision,
-                "backup_created_at": report.backup_created_at.isoformat(),
-                "replaced": report.replaced,
-                "counts": report.counts,
-                "deleted": report.deleted,
-                "versions_verified": report.versions_verified,
-                "webhooks_verified": report.webhooks_verified,
-            }
-        )
+        emit_json(_restore_info(file, report))
         return
     if report.replaced and report.deleted:
         click.echo(f"deleted: {_summary(report.deleted)}")
+    for line in report.discarded:
+        click.echo(f"discarded: {line}")
     click.echo(
         f"restored from {file} (backup of {report.backup_created_at.isoformat()}, "
         f"master key {report.master_key_id}): {_summary(report.counts)}"

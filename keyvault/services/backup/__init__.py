@@ -1,9 +1,13 @@
 """Encrypted backup and restore of the whole store (every table but ``alembic_version``).
 
 - ``fileformat``  the file (a clear header bound to an AES-256-GCM sealed, gzip'd JSON
-                  body), reading and checking it, table values to and from JSON;
-- ``export``      ``export_store``: the store, read from one snapshot, as such a file;
-- ``restore``     ``import_store``: a file into this database, all or nothing.
+                  body), its header, table values to and from JSON;
+- ``stream``      the sealed body written and read chunk by chunk, with a size limit;
+- ``reader``      ``read_backup``/``open_backup_file``: a file checked and decrypted;
+- ``export``      ``write_backup``: the store, read from one snapshot in row batches;
+- ``merge``       what a restore must not lose (newer key versions, unresolved rotations)
+                  and what it keeps (tokens, revocations, audit records);
+- ``restore``     ``import_store``: a file into this database, all or nothing, audited.
 
 Secret versions and webhook secrets stay in their stored, already-encrypted form inside
 the body. The master keys themselves are NOT in the file: the keyring file must be backed
@@ -14,7 +18,12 @@ caller's transaction and raises on any problem: the caller must roll back then
 (``keyvault.db.transaction`` does), so a restore is all or nothing.
 """
 
-from keyvault.services.backup.export import export_store, use_snapshot
+from keyvault.services.backup.export import (
+    export_store,
+    use_snapshot,
+    write_backup,
+    write_backup_file,
+)
 from keyvault.services.backup.fileformat import (
     FORMAT_VERSION,
     MAGIC,
@@ -22,24 +31,47 @@ from keyvault.services.backup.fileformat import (
     BackupHeader,
     backup_tables,
     body_aad,
-    open_backup,
     read_header,
     table_counts,
 )
-from keyvault.services.backup.restore import RestoreReport, import_store
+from keyvault.services.backup.merge import (
+    LostVersion,
+    RestorePlan,
+    UnresolvedRotation,
+    plan_restore,
+)
+from keyvault.services.backup.reader import open_backup, open_backup_file, read_backup
+from keyvault.services.backup.restore import (
+    RestoreReport,
+    check_losses,
+    import_store,
+    preview_restore,
+)
+from keyvault.services.backup.stream import DEFAULT_MAX_BODY
 
 __all__ = [
+    "DEFAULT_MAX_BODY",
     "FORMAT_VERSION",
     "MAGIC",
     "BackupContents",
     "BackupHeader",
+    "LostVersion",
+    "RestorePlan",
     "RestoreReport",
+    "UnresolvedRotation",
     "backup_tables",
     "body_aad",
+    "check_losses",
     "export_store",
     "import_store",
     "open_backup",
+    "open_backup_file",
+    "plan_restore",
+    "preview_restore",
+    "read_backup",
     "read_header",
     "table_counts",
     "use_snapshot",
+    "write_backup",
+    "write_backup_file",
 ]

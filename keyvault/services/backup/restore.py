@@ -8,6 +8,7 @@ webhook secret. Any failure raises; the caller's rollback keeps the old data.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -36,7 +37,8 @@ from keyvault.errors import (
     NotInitialized,
     WrongMasterKey,
 )
-from keyvault.models import MasterKey, SecretVersion, Webhook
+from keyvault.models import AccessToken, AuditRecord, MasterKey, SecretVersion, Webhook
+from keyvault.services.backup.auditing import record_restore, restore_target
 from keyvault.services.backup.fileformat import (
     BackupContents,
     BackupHeader,
@@ -44,9 +46,17 @@ from keyvault.services.backup.fileformat import (
     bad_body,
     check_no_unknown_tables,
     decode_value,
-    open_backup,
     table_counts,
 )
+from keyvault.services.backup.merge import (
+    KEPT_TABLES,
+    PLAN_TABLES,
+    RestorePlan,
+    merge_audit,
+    merge_tokens,
+    plan_restore,
+)
+from keyvault.services.backup.reader import open_backup
 from keyvault.services.secrets import reveal
 from keyvault.services.webhooks import webhook_secret
 
@@ -69,6 +79,8 @@ class RestoreReport:
     deleted: dict[str, int] = field(default_factory=dict)
     versions_verified: int = 0
     webhooks_verified: int = 0
+    discarded: tuple[str, ...] = ()  # the newer versions and rotations given up (--discard-newer)
+    audit_records_merged: int = 0  # the backup's audit records the store did not hold
 
 
 def _stored_schema(session: Session) -> str | None:
@@ -124,10 +136,12 @@ def _rows_of(contents: BackupContents, table) -> list[dict]:
     return rows
 
 
-def _check_backup_keys(contents: BackupContents, keyring: crypto.Keyring) -> None:
+def _check_backup_keys(
+    master_keys: list[dict[str, Any]], header: BackupHeader, keyring: crypto.Keyring
+) -> None:
     """The restored store must open with this keyring: its live key is the backup's key."""
-    rows = {r["id"]: r for r in _rows_of(contents, MasterKey.__table__)}
-    key_id = contents.header.master_key_id
+    rows = {r["id"]: r for r in master_keys}
+    key_id = header.master_key_id
     row = rows.get(key_id)
     if row is None or row["retired_at"] is not None:
         raise bad_body(f"master key {key_id} is not a live key of the backed-up store")
@@ -142,7 +156,8 @@ def _check_backup_keys(contents: BackupContents, keyring: crypto.Keyring) -> Non
 
 def _existing_data(session: Session) -> dict[str, int]:
     counts = table_counts(session)
-    return {name: n for name, n in counts.items() if n and name not in _INIT_TABLES}
+    skip = (*_INIT_TABLES, AuditRecord.__tablename__)  # audit records are kept, never replaced
+    return {name: n for name, n in counts.items() if n and name not in skip}
 
 
 def _verify(session: Session, keyring: crypto.Keyring) -> tuple[int, int]:
@@ -188,10 +203,11 @@ def _check_restorable(session: Session, header: BackupHeader) -> None:
 
 
 def _delete_all(session: Session, tables: list[Table]) -> dict[str, int]:
-    """Delete every row but the revision counter's; return the keyvault data deleted per table."""
+    """Delete every row but the revision counter's, the tokens' and the audit log's;
+    return the keyvault data deleted per table."""
     deleted = {}
     for table in reversed(tables):
-        if table.name == _REVISION_TABLE:
+        if table.name == _REVISION_TABLE or table.name in KEPT_TABLES:
             continue
         n = _rowcount(session.execute(delete(table)))
         if n and table.name not in _INIT_TABLES:
@@ -229,15 +245,26 @@ def _rowcount(result: Result[Any]) -> int:
 
 
 def _replace_rows(
-    session: Session, tables: list[Table], rows_by_table: dict[str, list[dict[str, Any]]]
-) -> dict[str, int]:
-    """Delete everything, insert the backup's rows, move the revision on; return what was deleted."""
+    session: Session,
+    tables: list[Table],
+    rows_by_table: dict[str, list[dict[str, Any]]],
+    *,
+    store_had_data: bool,
+) -> tuple[dict[str, int], int]:
+    """Delete everything but what is kept (see ``merge``), insert the backup's rows, merge
+    tokens and audit records, move the revision on; return what was deleted and the
+    number of audit records added."""
     revision_value = session.execute(text("SELECT value FROM revision WHERE id = 1")).scalar() or 0
+    audit_added = 0
     try:
         deleted = _delete_all(session, tables)
         for table in tables:
             rows = rows_by_table[table.name]
-            if table.name != _REVISION_TABLE and rows:
+            if table.name == AccessToken.__tablename__:
+                merge_tokens(session, rows, store_had_data)
+            elif table.name == AuditRecord.__tablename__:
+                audit_added = merge_audit(session, rows)
+            elif table.name != _REVISION_TABLE and rows:
                 _insert_rows(session, table, rows)
         _advance_revision(session, revision_value, rows_by_table.get(_REVISION_TABLE, []))
         _fix_sequences(session)
@@ -249,26 +276,62 @@ def _replace_rows(
             f"the backup's rows do not fit the database ({reason}); nothing was restored",
             hint="use an unmodified backup made by this keyvault version",
         ) from None
-    return deleted
+    return deleted, audit_added
+
+
+def check_losses(plan: RestorePlan, discard: frozenset[object] | None) -> None:
+    """Refuse to lose what the operator did not name (``discard``: the confirmed losses)."""
+    if not plan.losses:
+        return
+    if discard is None:
+        raise Conflict(
+            f"the store holds {plan.summary()}; restoring this backup would delete them, "
+            "and they may be the only keys TA accepts now; nothing was changed",
+            hint="resolve rotations first (`keyvault rotations recover`) and take a new backup; "
+            "or pass --discard-newer to delete them (it lists each one and asks)",
+        )
+    unconfirmed = plan.losses - discard
+    if unconfirmed:
+        raise Conflict(
+            f"the store changed while the restore was being confirmed ({len(unconfirmed)} more "
+            "key version(s) or rotation(s) would be lost); nothing was changed",
+            hint="run the restore again and check the list it shows",
+        )
 
 
 def import_store(
-    session: Session, *, keyring: crypto.Keyring, data: bytes, replace: bool
+    session: Session,
+    *,
+    keyring: crypto.Keyring,
+    replace: bool,
+    data: bytes | None = None,
+    contents: BackupContents | None = None,
+    discard: frozenset[object] | None = None,
+    spooled: Iterable[str] = (),
+    actor: str = "cli",
+    file_name: str = "backup",
 ) -> RestoreReport:
-    """Restore a backup into this database, in the caller's transaction.
+    """Restore a backup (``contents``, or the file ``data``) into this database, in the
+    caller's transaction.
 
     Refuses a damaged file (``InvalidInput``/``IntegrityError``), a keyring without the
-    backup's master key (``WrongMasterKey``), another schema revision (``Conflict``) and,
-    unless ``replace``, a database that already holds keyvault data (``Conflict``). With
-    ``replace`` every row is deleted first. After inserting (ids preserved) every secret
-    version is decrypted; any failure raises, and the caller's rollback keeps the old data.
+    backup's master key (``WrongMasterKey``), another schema revision (``Conflict``),
+    unless ``replace`` a database that already holds keyvault data (``Conflict``), and a
+    restore that would lose key versions newer than the backup or unresolved rotations
+    (``merge.plan_restore``) unless each of them is in ``discard`` (``Conflict``). Tokens
+    and audit records are kept and merged (see ``merge``). After inserting (ids
+    preserved) every secret version is decrypted and the restore is audited; any
+    failure raises, and the caller's rollback keeps the old data.
     """
-    contents = open_backup(data, keyring=keyring)
+    if contents is None:
+        if data is None:
+            raise TypeError("import_store needs data or contents")
+        contents = open_backup(data, keyring=keyring)
     header = contents.header
     _check_restorable(session, header)
     tables = backup_tables()
     rows_by_table = {t.name: _rows_of(contents, t) for t in tables}
-    _check_backup_keys(contents, keyring)
+    _check_backup_keys(rows_by_table[MasterKey.__tablename__], header, keyring)
 
     _lock_all(session)
     existing = _existing_data(session)
@@ -279,9 +342,19 @@ def import_store(
             hint="restore into an empty store (`keyvault init` on a fresh database), "
             "or pass --replace to delete everything and replace it with the backup",
         )
-    deleted = _replace_rows(session, tables, rows_by_table)
+    plan = plan_restore(session, rows_by_table, spooled)
+    check_losses(plan, discard)
+    deleted, audit_added = _replace_rows(
+        session, tables, rows_by_table, store_had_data=bool(existing)
+    )
     session.expire_all()
     versions, hooks = _verify(session, keyring)
+    record_restore(
+        session,
+        actor=actor,
+        target=restore_target(file_name, contents.digest),
+        outcome="ok-discarded-newer" if plan.losses else "ok",
+    )
     return RestoreReport(
         master_key_id=header.master_key_id,
         schema_revision=header.schema_revision,
@@ -291,4 +364,15 @@ def import_store(
         deleted=deleted,
         versions_verified=versions,
         webhooks_verified=hooks,
+        discarded=tuple(plan.listing()),
+        audit_records_merged=audit_added,
     )
+
+
+def preview_restore(
+    session: Session, *, contents: BackupContents, spooled: Iterable[str] = ()
+) -> RestorePlan:
+    """What restoring ``contents`` would lose, read without changing anything (for the
+    confirmation; ``import_store`` checks again under its lock)."""
+    needed = {t.name: t for t in backup_tables() if t.name in PLAN_TABLES}
+    return plan_restore(session, {n: _rows_of(contents, t) for n, t in needed.items()}, spooled)
