@@ -15,20 +15,26 @@ from __future__ import annotations
 import contextlib
 import os
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (see above)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import BinaryIO
 
-def atomic_write(
+
+@contextlib.contextmanager
+def atomic_writer(
     path: str | os.PathLike[str],
-    data: bytes,
     *,
     mode: int = 0o600,
     durable: bool = True,
     owner: tuple[int, int] | None = None,
-) -> None:
-    """Replace ``path`` with ``data`` (mode ``mode``).
+) -> Iterator[BinaryIO]:
+    """Yield a binary stream; on a clean exit what was written replaces ``path``.
 
-    ``durable`` fsyncs file and directory (off where surviving a killed process is
-    enough). ``owner`` (uid, gid) is given to the new file before it appears, for a
-    root process writing into another user's directory.
+    For content written piece by piece (a backup need not fit in memory). ``durable``
+    fsyncs file and directory (off where surviving a killed process is enough).
+    ``owner`` (uid, gid) is given to the new file before it appears, for a root process
+    writing into another user's directory. On an exception nothing is replaced.
     """
     path = os.fspath(path)
     parent = os.path.dirname(path) or "."
@@ -39,7 +45,7 @@ def atomic_write(
         with os.fdopen(fd, "wb") as fh:
             if owner is not None:
                 os.fchown(fh.fileno(), *owner)
-            fh.write(data)
+            yield fh
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())
@@ -55,3 +61,16 @@ def atomic_write(
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    data: bytes,
+    *,
+    mode: int = 0o600,
+    durable: bool = True,
+    owner: tuple[int, int] | None = None,
+) -> None:
+    """Replace ``path`` with ``data`` (mode ``mode``); see ``atomic_writer``."""
+    with atomic_writer(path, mode=mode, durable=durable, owner=owner) as fh:
+        fh.write(data)

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from keyvault import crypto
 from keyvault.db import SCHEMA_HEAD
+from keyvault.fsutil import atomic_writer
 from keyvault.models import utcnow
-from keyvault.services.backup.atomicfile import private_file_writer
 from keyvault.services.backup.fileformat import (
     FORMAT_VERSION,
     backup_tables,
@@ -98,7 +98,7 @@ def export_store(session: Session, *, keyring: crypto.Keyring) -> bytes:
 
 def write_backup_file(session: Session, *, keyring: crypto.Keyring, path: Path) -> int:
     """``write_backup`` into ``path`` (atomically, mode 0600); return its size in bytes."""
-    with private_file_writer(path) as out:
+    with atomic_writer(path) as out:
         write_backup(session, keyring=keyring, out=out)
         size = out.tell()
     return size
