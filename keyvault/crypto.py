@@ -269,7 +269,7 @@ def keyring_lock_path(path: Path) -> Path:
 @contextlib.contextmanager
 def keyring_file_lock(path: Path, *, exclusive: bool) -> Iterator[bool]:
     """Hold the keyring file's lock: exclusive (a `master-key rotate`, which must not
-    wait: ``MasterKeyError`` if taken) or shared (blocking; a spool write).
+    wait: ``MasterKeyLocked`` if taken) or shared (blocking; a spool write, a restore).
 
     Yields whether the lock is held: a shared lock is skipped, not failed, when its
     file cannot be created (a read-only directory, where no rotation can write either).
@@ -291,7 +291,8 @@ def keyring_file_lock(path: Path, *, exclusive: bool) -> Iterator[bool]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
         except BlockingIOError:
             raise MasterKeyLocked(
-                f"another `master-key rotate` holds the lock {lock} of the master key file",
+                f"the master key file is in use: its lock {lock} is held by another "
+                "`master-key rotate`, or by a spool write or restore on this machine",
                 hint="wait for it to finish, then check `keyvault status`; rotate again only if needed",
             ) from None
         yield True

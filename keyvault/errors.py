@@ -21,7 +21,7 @@ cannot serve, 500 (the root's) for the rest; an exception outside this tree is a
     ├── NotFound                               cluster, secret, version, host, rotation
     ├── Conflict                               already exists, concurrent change
     │   ├── RotationUnresolved                 a previous rotation must be recovered
-    │   └── MasterKeyLocked                    another `master-key rotate` holds the keyring lock
+    │   └── MasterKeyLocked                    the keyring file's lock is held (master-key rotate)
     ├── DatabaseError                          the database refused or is unreachable
     ├── SshError                               anything on the way to ta-tool
     │   ├── HostUnreachable                    TCP/SSH handshake failed (safe to fail over)
@@ -154,7 +154,7 @@ class RotationUnresolved(Conflict):
 
 
 class MasterKeyLocked(Conflict):
-    """Another `master-key rotate` holds the keyring file's lock."""
+    """The keyring file's lock is held (another `master-key rotate`, a spool write)."""
 
     code = "master_key_locked"
 
