@@ -34,7 +34,7 @@ from keyvault.scope import app_scope
 from keyvault.services import masterkeys, secrets, spool
 from keyvault.services.rotation import RotationService
 from keyvault.services.store import open_keyring
-from tests.support.cli import describe, expect
+from tests.support.cli import KEYVAULT, describe, expect, proc_describe, run_keyvault, spawn_process
 from tests.support.cluster import add_emulated_cluster, install_ta_tool, local_connector
 from tests.support.leak_guard import new_key
 from tests.support.timeouts import TIMEOUT
@@ -184,6 +184,29 @@ def test_rotation_sealed_and_not_committed_while_master_key_rotate_starts(world)
 
     outcome = service(world, hold).rotate("c", SCOPE, actor="t")
     worker[0].outcome()
+    assert outcome.state == "completed"
+    assert_sound(world, {"app1": generated(world)})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["generated", "sealed"])
+def test_rotation_overlapping_a_master_key_rotate_process(world, step):
+    """The issue's reproduction with a real `keyvault master-key rotate` process: run to the
+    end while the rotation waits for ta-tool ("generated"), or started while the rotation's
+    store transaction is open ("sealed"; it finishes after the commit)."""
+    started: list = []
+
+    def hold(at: str, rid: str) -> None:
+        if at == step == "generated":
+            done = run_keyvault("master-key", "rotate", "--yes")
+            assert done.returncode == 0, proc_describe(done)
+        elif at == step:
+            started.append(spawn_process([*KEYVAULT, "master-key", "rotate", "--yes"]))
+
+    outcome = service(world, hold).rotate("c", SCOPE, actor="t")
+    for proc in started:
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, err
     assert outcome.state == "completed"
     assert_sound(world, {"app1": generated(world)})
 
