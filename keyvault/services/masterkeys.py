@@ -81,8 +81,8 @@ def rotate_master_key(
         grown = keyring.with_new_active()
         new_id = grown.active
         crypto.save_keyring(path, crypto.Keyring(active=old_id, keys=grown.keys))  # step 1
-        hook("grown")
         try:
+            hook("grown")
             count = _rewrap_all(factory, grown, old_id, hook)  # step 2
         except BaseException:
             _undo_step_one(factory, path, previous, new_id)
@@ -154,10 +154,14 @@ def _keep_needed(
     """Keys of ``grown`` other than the new one that a stored row or a spool file still names.
 
     After step 2 none should be: this is the last guard before a key leaves the file."""
-    with transaction(factory) as session:
-        named = set(session.scalars(select(SecretVersion.master_key_id).distinct()))
-        named |= set(session.scalars(select(Webhook.master_key_id).distinct()))
-    kept = dict.fromkeys(named, "a stored row is sealed under it")
+    try:
+        with transaction(factory) as session:
+            named = set(session.scalars(select(SecretVersion.master_key_id).distinct()))
+            named |= set(session.scalars(select(Webhook.master_key_id).distinct()))
+        kept = dict.fromkeys(named, "a stored row is sealed under it")
+    except KeyvaultError as exc:  # committed already: when in doubt, keep every key
+        why = f"the database could not be asked whether a row needs it ({exc})"
+        kept = dict.fromkeys(grown.keys, why)
     for key_id, rotation_ids in spooled_master_keys(settings).items():
         kept[key_id] = f"spooled rotation {', '.join(rotation_ids)} is sealed under it"
     return {k: why for k, why in kept.items() if k in grown.keys and k != grown.active}
