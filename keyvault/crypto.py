@@ -6,23 +6,28 @@ associated data that binds the ciphertext to its row (cluster, scope, version),
 so a ciphertext copied or moved to another row fails authentication.
 
 The keyring file holds one or more master keys by id. It must be mode 0600 and
-owned by the running user; it is replaced atomically and fsync'd.
+owned by the running user; it is replaced atomically and fsync'd. A lock file beside
+it (``<name>.lock``, taken with ``flock``) keeps a `master-key rotate` from changing the
+file while another one, or a spool write, depends on what it holds.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 import stat
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from keyvault.errors import IntegrityError, MasterKeyFileError, WrongMasterKey
+from keyvault.errors import IntegrityError, MasterKeyFileError, MasterKeyLocked, WrongMasterKey
 from keyvault.fsutil import atomic_write
 
 if TYPE_CHECKING:
@@ -60,10 +65,15 @@ class Sealed:
 
 @dataclass(frozen=True)
 class Keyring:
-    """Master keys by id; ``active`` seals new values."""
+    """Master keys by id; ``active`` seals new values.
+
+    ``source`` is the file it was read from: a holder whose ``active`` key was retired
+    meanwhile re-reads it to find the live key (``store.live_keyring``).
+    """
 
     active: str
     keys: dict[str, bytes] = field(repr=False)
+    source: Path | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         return f"Keyring(active={self.active!r}, ids={sorted(self.keys)!r})"
@@ -79,11 +89,17 @@ class Keyring:
         key_id = new_master_key_id()
         while key_id in self.keys:
             key_id = new_master_key_id()
-        return Keyring(active=key_id, keys={**self.keys, key_id: secrets.token_bytes(KEY_BYTES)})
+        return replace(
+            self, active=key_id, keys={**self.keys, key_id: secrets.token_bytes(KEY_BYTES)}
+        )
 
     def only(self, key_id: str) -> Keyring:
         """A keyring that holds just ``key_id``."""
-        return Keyring(active=key_id, keys={key_id: self.keys[key_id]})
+        return replace(self, active=key_id, keys={key_id: self.keys[key_id]})
+
+    def restricted(self, key_ids: set[str], *, active: str) -> Keyring:
+        """A keyring that holds just ``key_ids`` (of this one), ``active`` sealing."""
+        return replace(self, active=active, keys={k: self.keys[k] for k in sorted(key_ids)})
 
     def key(self, key_id: str) -> bytes:
         try:
@@ -221,7 +237,7 @@ def load_keyring(path: Path) -> Keyring:
         keys = {k: base64.b64decode(v, validate=True) for k, v in data["keys"].items()}
         if data["active"] not in keys or any(len(v) != KEY_BYTES for v in keys.values()):
             raise ValueError("inconsistent keys")
-        return Keyring(active=data["active"], keys=keys)
+        return Keyring(active=data["active"], keys=keys, source=path)
     except (ValueError, KeyError, TypeError, AttributeError):
         raise MasterKeyFileError(
             f"master key file {path} is damaged or not a keyvault keyring",
@@ -243,3 +259,42 @@ def save_keyring(path: Path, keyring: Keyring) -> None:
         "keys": {k: base64.b64encode(v).decode() for k, v in sorted(keyring.keys.items())},
     }
     write_private_file(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def keyring_lock_path(path: Path) -> Path:
+    """The lock file of the keyring file ``path`` (beside it, never a dot-file)."""
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def keyring_file_lock(path: Path, *, exclusive: bool) -> Iterator[bool]:
+    """Hold the keyring file's lock: exclusive (a `master-key rotate`, which must not
+    wait: ``MasterKeyLocked`` if taken) or shared (blocking; a spool write, a restore).
+
+    Yields whether the lock is held: a shared lock is skipped, not failed, when its
+    file cannot be created (a read-only directory, where no rotation can write either).
+    """
+    lock = keyring_lock_path(path)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if not exclusive:
+            yield False
+            return
+        raise MasterKeyFileError(
+            f"cannot create the lock file {lock} of the master key file: {exc.strerror}",
+            path=str(lock),
+            hint="run keyvault as the owner of the master key file's directory",
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            raise MasterKeyLocked(
+                f"the master key file is in use: its lock {lock} is held by another "
+                "`master-key rotate`, or by a spool write or restore on this machine",
+                hint="wait for it to finish, then check `keyvault status`; rotate again only if needed",
+            ) from None
+        yield True
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -20,7 +20,8 @@ cannot serve, 500 (the root's) for the rest; an exception outside this tree is a
     ├── Forbidden                              HTTP: the token does not cover this scope/action
     ├── NotFound                               cluster, secret, version, host, rotation
     ├── Conflict                               already exists, concurrent change
-    │   └── RotationUnresolved                 a previous rotation must be recovered
+    │   ├── RotationUnresolved                 a previous rotation must be recovered
+    │   └── MasterKeyLocked                    the keyring file's lock is held (master-key rotate)
     ├── DatabaseError                          the database refused or is unreachable
     ├── SshError                               anything on the way to ta-tool
     │   ├── HostUnreachable                    TCP/SSH handshake failed (safe to fail over)
@@ -150,6 +151,12 @@ class RotationUnresolved(Conflict):
     def __init__(self, message: str, *, rotation_id: str, hint: str | None = None) -> None:
         self.rotation_id = rotation_id
         super().__init__(message, hint=hint)
+
+
+class MasterKeyLocked(Conflict):
+    """The keyring file's lock is held (another `master-key rotate`, a spool write)."""
+
+    code = "master_key_locked"
 
 
 class DatabaseError(KeyvaultError):

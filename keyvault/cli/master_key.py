@@ -40,6 +40,7 @@ def master_key_rotate(app: AppContext, yes: bool, as_json: bool) -> None:
                 "new_master_key_id": result.new_id,
                 "rewrapped": result.rewrapped,
                 "master_key_file": str(keyring_file),
+                "kept_master_key_ids": sorted(result.kept),
             }
         )
         return
@@ -47,6 +48,11 @@ def master_key_rotate(app: AppContext, yes: bool, as_json: bool) -> None:
         f"master key rotated: {result.old_id} -> {result.new_id}; "
         f"{result.rewrapped} data keys re-wrapped"
     )
+    for key_id, why in sorted(result.kept.items()):
+        click.echo(f"kept {key_id} in {keyring_file}: {why}; the next `master-key rotate` drops it")
+    if result.kept:
+        click.echo(f"back up {keyring_file} now")
+        return
     click.echo(f"back up {keyring_file} now; the previous master key opens nothing any more")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -24,6 +25,7 @@ from keyvault.models import (
 )
 from keyvault.scope import Scope
 from keyvault.services.clusters import get_cluster
+from keyvault.services.store import live_keyring
 
 MAX_KEY_LENGTH = 4096
 
@@ -153,8 +155,17 @@ def store_version(
     source: str,
     actor: str,
     rotation_id: str | None = None,
+    on_sealed: Callable[[], None] | None = None,
 ) -> StoredVersion:
-    """Make ``key`` the current version of its scope, invalidate the previous one, write the event."""
+    """Make ``key`` the current version of its scope, invalidate the previous one, write the event.
+
+    The key is sealed under the store's live master key, taken (and share-locked against
+    a `master-key rotate`) in this transaction, whatever ``keyring`` had active when the
+    caller loaded it. ``on_sealed`` (tests) runs after the version is written, before commit.
+    """
+    # First, before any version row is locked: a `master-key rotate` holding the master
+    # key rows waits for version rows, so taking them in the other order could deadlock.
+    keyring = live_keyring(session, keyring)
     secret = _lock_secret(session, cluster, str(scope))
     old = current_version(session, secret.id)
     number = _next_number(session, secret.id)
@@ -198,6 +209,8 @@ def store_version(
     )
     bump_revision(session)
     session.flush()
+    if on_sealed is not None:
+        on_sealed()
     return stored
 
 

@@ -2,6 +2,9 @@
 
 A spool file is sealed under the master key like a stored version, bound to its
 rotation id, written atomically with fsync, mode 0600, under KEYVAULT_HOME/spool.
+It is written under a shared lock of the keyring file and sealed under a key that file
+holds at that moment, so a `master-key rotate` (which takes the lock exclusively and
+keeps in the file every key a spool file names) never strands it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 from keyvault import crypto
 from keyvault.config import Settings
-from keyvault.errors import IntegrityError
+from keyvault.errors import IntegrityError, KeyvaultError
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,28 @@ def write_spool(
     scope: str,
     key: str,
 ) -> Path:
-    """Seal ``key`` into the spool, durably."""
-    sealed = crypto.seal(keyring, key.encode(), _aad(rotation_id, cluster, scope))
+    """Seal ``key`` into the spool, durably, under a master key the keyring file holds."""
+    with crypto.keyring_file_lock(settings.master_key_file, exclusive=False):
+        sealing = _sealing_keyring(settings, keyring)
+        sealed = crypto.seal(sealing, key.encode(), _aad(rotation_id, cluster, scope))
+        return _write_record(settings, sealed, rotation_id, cluster, scope, key)
+
+
+def _sealing_keyring(settings: Settings, keyring: crypto.Keyring) -> crypto.Keyring:
+    """``keyring``, or the file's if a `master-key rotate` removed ``keyring.active`` from it
+    since the caller loaded it (the database may be down: the file is what we can read)."""
+    try:
+        on_file = crypto.load_keyring(settings.master_key_file)
+    except KeyvaultError:
+        return keyring  # nothing better to seal with; recover needs this keyring then
+    if keyring.active in on_file.keys:
+        return keyring
+    return on_file
+
+
+def _write_record(
+    settings: Settings, sealed: crypto.Sealed, rotation_id: str, cluster: str, scope: str, key: str
+) -> Path:
     record = {
         "rotation_id": rotation_id,
         "cluster": cluster,
@@ -90,3 +113,18 @@ def spooled_rotations(settings: Settings) -> list[str]:
     if not settings.spool_dir.exists():
         return []
     return sorted(p.stem for p in settings.spool_dir.glob("*.json"))
+
+
+def spooled_master_keys(settings: Settings) -> dict[str, list[str]]:
+    """The master key ids spool files are sealed under, with their rotation ids.
+
+    A file that cannot be read names no key: it is reported by `keyvault status`."""
+    needed: dict[str, list[str]] = {}
+    for rotation_id in spooled_rotations(settings):
+        try:
+            record = json.loads(spool_path(settings, rotation_id).read_text())
+            key_id = str(record["master_key_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        needed.setdefault(key_id, []).append(rotation_id)
+    return needed

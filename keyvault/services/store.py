@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,8 +89,16 @@ def open_keyring(session: Session, *, settings: Settings) -> crypto.Keyring:
     live key, instead of retiring that key under it (PostgreSQL; SQLite serialises writers).
     """
     keyring = crypto.load_keyring(settings.master_key_file)
-    rows = {row.id: row for row in session.scalars(select(MasterKey).with_for_update(read=True))}
-    live = [k for k in keyring.keys if k in rows and rows[k].retired_at is None]
+    for _ in range(LIVE_KEY_ATTEMPTS):
+        rows = {
+            row.id: row for row in session.scalars(select(MasterKey).with_for_update(read=True))
+        }
+        live = [k for k in keyring.keys if k in rows and rows[k].retired_at is None]
+        if live or not _rotated_meanwhile(session, rows):
+            break
+        # A `master-key rotate` committed while we waited for its lock: its new key is
+        # in the file (its first step wrote it there) and visible to the next statement.
+        keyring = crypto.load_keyring(settings.master_key_file)
     if not live:
         if keyring.active in rows:
             crypto.verify_check_value(keyring, keyring.active, rows[keyring.active].check_value)
@@ -103,7 +111,58 @@ def open_keyring(session: Session, *, settings: Settings) -> crypto.Keyring:
     crypto.verify_check_value(keyring, active, rows[active].check_value)
     # After a crash between commit and the final keyring write, the file's
     # "active" may name the retired key: the database decides which is live.
-    return crypto.Keyring(active=active, keys=keyring.keys)
+    return replace(keyring, active=active)
+
+
+# How often to look again when a `master-key rotate` commits while we wait for its lock;
+# each look waits for one rotation, so this bounds a run of back-to-back rotations.
+LIVE_KEY_ATTEMPTS = 5
+
+
+def _rotated_meanwhile(session: Session, locked: dict[str, MasterKey]) -> bool:
+    """A live key this transaction did not see when it took its locks (PostgreSQL's
+    READ COMMITTED: the locking statement's snapshot predates the rotation's insert)."""
+    live_now = session.scalars(select(MasterKey.id).where(MasterKey.retired_at.is_(None)))
+    return any(key_id not in locked for key_id in live_now)
+
+
+def live_keyring(session: Session, keyring: crypto.Keyring) -> crypto.Keyring:
+    """``keyring`` with the store's live master key active, that key held against retirement.
+
+    Called by every sealing step inside the transaction that stores what it seals, since
+    the caller may have loaded ``keyring`` long before (a rotation loads it at its start):
+    the live key's row is share-locked until the transaction ends, so a `master-key rotate`
+    (which locks it for update) either re-wraps what this transaction stores, or finished
+    before and this seals under its new key, read from the keyring file if needed.
+    """
+    for _ in range(LIVE_KEY_ATTEMPTS):
+        live_id = session.scalar(
+            select(MasterKey.id).where(MasterKey.retired_at.is_(None)).order_by(MasterKey.id)
+        )
+        if live_id is None:
+            raise WrongMasterKey(
+                "this store has no live master key",
+                hint="run `keyvault status` and `keyvault init`",
+            )
+        row = session.scalar(
+            select(MasterKey)
+            .where(MasterKey.id == live_id)
+            .with_for_update(read=True)
+            .execution_options(populate_existing=True)
+        )
+        if row is not None and row.retired_at is None:
+            break
+    else:
+        raise WrongMasterKey(
+            "the store's master key kept changing while a key was being stored",
+            hint="let the running `master-key rotate` finish, then retry",
+        )
+    if live_id not in keyring.keys and keyring.source is not None:
+        keyring = crypto.load_keyring(keyring.source)  # rotated meanwhile: the file holds it
+    if live_id not in keyring.keys:
+        keyring.key(live_id)  # raises WrongMasterKey naming the missing key
+    crypto.verify_check_value(keyring, live_id, row.check_value)
+    return replace(keyring, active=live_id)
 
 
 def refuse_foreign_store(session: Session, *, settings: Settings) -> None:

@@ -152,11 +152,14 @@ class Journal:
         key: str,
         actor: str,
         verified: KeyCheckOutcome | None,
+        on_sealed: Callable[[], None] | None = None,
     ) -> RotationResult:
         """Step 5 in one transaction: the new current version, its event, the row ``stored``.
 
         A rotation resolved meanwhile (by a concurrent recovery) accepts only the same key.
-        ``verified`` (a check known without TA, i.e. skipped) is recorded with it.
+        ``verified`` (a check known without TA, i.e. skipped) is recorded with it. The key
+        is sealed under the live master key of this transaction (see ``store_version``),
+        not necessarily ``keyring``'s; ``on_sealed`` runs before the commit (tests).
         """
         with transaction(self.factory) as s:
             rotation = _locked(s, rid)
@@ -175,6 +178,7 @@ class Journal:
                 source="rotation",
                 actor=actor,
                 rotation_id=rid,
+                on_sealed=on_sealed,
             )
             _set_state(rotation, S.STORED)
             rotation.old_version, rotation.new_version = stored.old_number, stored.number

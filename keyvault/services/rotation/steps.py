@@ -163,6 +163,7 @@ def store_or_spool(
             key=new.key,
             actor=new.actor,
             verified=verified,
+            on_sealed=lambda: rt.on_step("sealed", new.rid),
         )
     except ResolvedMeanwhile:
         raise  # the row holds another key, stored by a concurrent recovery
