@@ -163,17 +163,21 @@ def restore(
             f"(master key {header.master_key_id})",
             question="Delete them and restore now?" if plan.losses else "Replace the store now?",
         )
-    with transaction(app.factory) as session:
-        report = service.import_store(
-            session,
-            keyring=keyring,
-            contents=contents,
-            replace=replace,
-            discard=plan.losses if discard_newer else None,
-            spooled=spooled,
-            actor=app.settings.actor,
-            file_name=file.name,
-        )
+    # Shared with other writers, exclusive to `master-key rotate`: the rows written here
+    # are checked against the keyring as it is while no rotation can retire a key of it.
+    with crypto.keyring_file_lock(app.settings.master_key_file, exclusive=False):
+        keyring = crypto.load_keyring(app.settings.master_key_file)
+        with transaction(app.factory) as session:
+            report = service.import_store(
+                session,
+                keyring=keyring,
+                contents=contents,
+                replace=replace,
+                discard=plan.losses if discard_newer else None,
+                spooled=spooled,
+                actor=app.settings.actor,
+                file_name=file.name,
+            )
     if as_json:
         emit_json(_restore_info(file, report))
         return
