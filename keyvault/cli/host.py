@@ -6,7 +6,7 @@ import click
 
 from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.context import AppContext
-from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 from keyvault.cli.params import complete_clusters, complete_host_addresses
 
 CLUSTER_ARGUMENT = click.argument("cluster", shell_complete=complete_clusters)
@@ -132,9 +132,9 @@ def host_trust(
         h = get_host(session, cluster_name=cluster, address=address, port=port)
         offered = app.connector.offered_fingerprint(ssh_target(h, app.settings))
         # With --json, stdout holds only the JSON: what a person reads goes to stderr.
-        click.echo(f"{h.address}:{h.port} offers host key {offered}", err=as_json)
+        echo_safe(f"{h.address}:{h.port} offers host key {offered}", err=as_json)
         if h.host_key_fingerprint:
-            click.echo(
+            echo_safe(
                 f"currently pinned: {h.host_key_fingerprint}"
                 + (" (same)" if offered == h.host_key_fingerprint else " (DIFFERENT)"),
                 err=as_json,
@@ -160,7 +160,7 @@ def host_check(app: AppContext, cluster: str, address: str | None) -> None:
 
     with app.transaction() as session:
         for h in hosts_to_check(session, cluster_name=cluster, address=address):
-            click.echo(check_host(session, host=h, settings=app.settings, connector=app.connector))
+            echo_safe(check_host(session, host=h, settings=app.settings, connector=app.connector))
 
 
 COMMANDS = [host]

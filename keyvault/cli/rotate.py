@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from keyvault.cli.confirm import confirm, yes_option
-from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 from keyvault.cli.params import complete_appids, complete_clusters
 
 if TYPE_CHECKING:
@@ -46,9 +46,9 @@ def print_rotated(o: RotationResult) -> None:
     click.echo(f"{o.cluster} {o.scope}: rotated ({o.rotation_id} on {o.host})")
     click.echo(f"  old: {old}")
     click.echo(f"  new: v{o.new_version} {o.new_fingerprint}")
-    click.echo(f"  verify: {o.verify_state} - {o.verify_message}")
+    echo_safe(f"  verify: {o.verify_state} - {o.verify_message}")
     for warning in o.warnings:
-        click.echo(f"  warning: {warning}", err=True)
+        echo_safe(f"  warning: {warning}", err=True)
 
 
 def summary(results: list[RotationResult]) -> dict[str, int]:
@@ -122,7 +122,7 @@ def _rotate_many(
 
 def _print_line(result: RotationResult) -> None:
     if result.failure is not None:
-        click.echo(f"{result.scope}: FAILED: {result.failure}", err=True)
+        echo_safe(f"{result.scope}: FAILED: {result.failure}", err=True)
     else:
         old = f" (was v{result.old_version})" if result.old_version else ""
         click.echo(
@@ -145,7 +145,7 @@ def _summarise(results: list[RotationResult], as_json: bool) -> None:
         for r in results:
             if r.failure is not None:
                 what = "skipped" if r.status is ResultStatus.REFUSED else "failed "
-                click.echo(f"  {what} {r.scope}: {r.failure}", err=True)
+                echo_safe(f"  {what} {r.scope}: {r.failure}", err=True)
     if counts["failed"]:
         sys.exit(1)
 

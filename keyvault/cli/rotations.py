@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from keyvault.cli.confirm import yes_option
-from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 from keyvault.cli.params import complete_clusters, complete_rotation_ids
 from keyvault.cli.rotate import confirm_rotation, print_rotated
 from keyvault.rotation_states import RotationState
@@ -59,7 +59,7 @@ def rotations_show(app: AppContext, rotation_id: str, as_json: bool) -> None:
         emit_json(row)
     else:
         for name, value in row.items():
-            click.echo(f"{name:16} {'' if value is None else value}")
+            echo_safe(f"{name:16} {'' if value is None else value}")
 
 
 @rotations.command("recover")
@@ -110,7 +110,7 @@ def rotations_recover(
     if result.new_version:
         print_rotated(result)
     for warning in result.warnings:
-        click.echo(f"  {warning}")
+        echo_safe(f"  {warning}")
 
 
 def _regenerate(app: AppContext, rotation_id: str, yes: bool) -> RotationResult:

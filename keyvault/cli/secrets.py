@@ -8,6 +8,7 @@ import click
 
 from keyvault.cli.context import AppContext
 from keyvault.cli.output import (
+    echo_safe,
     emit_json,
     emit_table,
     mask,
@@ -77,7 +78,7 @@ def secrets_show(
         emit_json(info)
     elif reveal and not sys.stdout.isatty():
         click.echo(key)  # scripts get the bare key
-    else:
+    else:  # stored text (created_by, source) is shown escaped; a key is plain alphanumerics
         for name in (
             "cluster",
             "scope",
@@ -89,7 +90,7 @@ def secrets_show(
             "created_by",
             "key",
         ):
-            click.echo(f"{name:12} {info[name]}")
+            echo_safe(f"{name:12} {info[name]}")
 
 
 @secrets.command("history")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from keyvault.cli.output import emit_json, output_option, resolve_scope, scope_options
+from keyvault.cli.output import echo_safe, emit_json, output_option, resolve_scope, scope_options
 
 if TYPE_CHECKING:
     from keyvault.cli.context import AppContext
@@ -38,7 +38,7 @@ def verify(app: AppContext, cluster: str, is_root: bool, appid: str | None, as_j
         "return_code": result.return_code,
         "message": result.message,
     }
-    emit_json(info) if as_json else click.echo(
+    emit_json(info) if as_json else echo_safe(
         f"{cluster} {scope} v{number}: {result.state} - {result.message}"
     )
     if result.state == "failed":

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from keyvault.cli.confirm import confirm, yes_option
-from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 
 DELIVERY_COLUMNS = (
     "id",
@@ -62,7 +62,7 @@ def webhook_add(app, url: str, scopes: tuple[str, ...], secret_file: Path | None
             secret=given,
             appid_pattern=app.settings.appid_pattern,
         )
-    click.echo(f"webhook {hook.id} added: {hook.url} ({', '.join(scopes)})")
+    echo_safe(f"webhook {hook.id} added: {hook.url} ({', '.join(scopes)})")
     if given is None:
         click.echo(
             "warning: store this signing secret now; keyvault will never show it again", err=True
@@ -109,7 +109,7 @@ def webhook_remove(app, webhook_id: int, yes: bool) -> None:
     )
     with app.transaction() as session:
         hook = remove_webhook(session, webhook_id=webhook_id)
-    click.echo(f"webhook {hook.id} removed: {hook.url}")
+    echo_safe(f"webhook {hook.id} removed: {hook.url}")
 
 
 @webhook.command("deliveries")
