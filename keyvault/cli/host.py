@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from keyvault.cli.audited import audited
 from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.context import AppContext
 from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
@@ -11,6 +12,14 @@ from keyvault.cli.params import complete_clusters, complete_host_addresses
 
 CLUSTER_ARGUMENT = click.argument("cluster", shell_complete=complete_clusters)
 ADDRESS_ARGUMENT = click.argument("address", shell_complete=complete_host_addresses)
+
+
+def _host_target(params: dict) -> dict[str, str | None]:
+    port = params.get("port")
+    return {
+        "cluster": params["cluster"],
+        "target": f"host:{params['address']}" + (f":{port}" if port else ""),
+    }
 
 
 @click.group()
@@ -31,6 +40,7 @@ def host() -> None:
 @click.option("--fingerprint", help="Pinned host key fingerprint, SHA256:...")
 @output_option
 @click.pass_obj
+@audited("host.add", about=lambda p: _host_target(p))
 def host_add(
     app: AppContext,
     cluster: str,
@@ -95,6 +105,7 @@ def host_list(app: AppContext, cluster: str | None, as_json: bool) -> None:
 @yes_option
 @output_option
 @click.pass_obj
+@audited("host.remove", about=lambda p: _host_target(p))
 def host_remove(
     app: AppContext, cluster: str, address: str, port: int | None, yes: bool, as_json: bool
 ) -> None:
@@ -122,6 +133,7 @@ def host_remove(
 @yes_option
 @output_option
 @click.pass_obj
+@audited("host.trust", about=lambda p: _host_target(p))
 def host_trust(
     app: AppContext, cluster: str, address: str, port: int | None, yes: bool, as_json: bool
 ) -> None:

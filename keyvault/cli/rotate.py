@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from keyvault.cli.audited import audited
 from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 from keyvault.cli.params import complete_appids, complete_clusters
@@ -150,6 +151,13 @@ def _summarise(results: list[RotationResult], as_json: bool) -> None:
         sys.exit(1)
 
 
+def _apps_target(params: dict) -> dict[str, str | None]:
+    appids = list(dict.fromkeys(params["appids"]))
+    if len(appids) == 1 and not params["all_apps"]:
+        return {"cluster": params["cluster"], "scope": f"app:{appids[0]}"}
+    return {"cluster": params["cluster"], "target": "apps: " + (" ".join(appids) or "--all")}
+
+
 @click.group()
 def rotate() -> None:
     """Generate new keys with ta-tool over SSH (the old key dies at once)."""
@@ -160,6 +168,7 @@ def rotate() -> None:
 @yes_option
 @output_option
 @click.pass_obj
+@audited("rotate.root", about=lambda p: {"cluster": p["cluster"], "scope": "root"})
 def rotate_root(app: AppContext, cluster: str, yes: bool, as_json: bool) -> None:
     """Rotate the root key of a cluster."""
     from keyvault.scope import root_scope
@@ -196,6 +205,7 @@ def _all_appids(app: AppContext, cluster: str) -> list[str]:
 @yes_option
 @output_option
 @click.pass_obj
+@audited("rotate.app", about=lambda p: _apps_target(p))
 def rotate_app(
     app: AppContext,
     cluster: str,
@@ -225,6 +235,7 @@ def rotate_app(
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 32))
 @output_option
 @click.pass_obj
+@audited("rotate.due", about=lambda p: {"cluster": p["cluster"]}, when=lambda p: not p["dry_run"])
 def rotate_due(
     app: AppContext, cluster: str | None, dry_run: bool, concurrency: int, as_json: bool
 ) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from keyvault.cli.audited import audited
 from keyvault.cli.confirm import yes_option
 from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 from keyvault.cli.params import complete_clusters, complete_rotation_ids
@@ -76,6 +77,14 @@ def rotations_show(app: AppContext, rotation_id: str, as_json: bool) -> None:
 @yes_option
 @output_option
 @click.pass_obj
+@audited(
+    "rotations.recover",
+    about=lambda p: {
+        "cluster": p["cluster"],
+        "target": f"rotation:{p['rotation_id']}" if p["rotation_id"] else "rotations: --all",
+        "detail": "--regenerate (abandon, then rotate again)" if p["regenerate"] else None,
+    },
+)
 def rotations_recover(
     app: AppContext,
     rotation_id: str | None,

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from keyvault.cli.audited import audited, key_scope
 from keyvault.cli.context import AppContext
 from keyvault.cli.output import (
     echo_safe,
@@ -55,6 +56,11 @@ def secrets_list(app: AppContext, cluster: str | None, as_json: bool) -> None:
 @click.option("--reveal", is_flag=True, help="Print the key itself.")
 @output_option
 @click.pass_obj
+@audited(
+    "secrets.reveal",
+    about=lambda p: {**key_scope(p), "detail": f"version {p['number']}" if p["number"] else None},
+    when=lambda p: p["reveal"],
+)
 def secrets_show(
     app: AppContext,
     cluster: str,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from keyvault.cli.audited import audited, key_scope
 from keyvault.cli.output import echo_safe, emit_json, output_option, resolve_scope, scope_options
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 @scope_options
 @output_option
 @click.pass_obj
+@audited("verify", about=key_scope)
 def verify(app: AppContext, cluster: str, is_root: bool, appid: str | None, as_json: bool) -> None:
     """Call the TA Open API with the current key of a scope."""
     from keyvault.services.verify import verify_current
