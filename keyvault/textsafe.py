@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import re
 
-# CSI (ESC [ or the 8-bit 0x9b) with its parameters and final byte; OSC (ESC ] or 0x9d) up to
-# BEL or ST; any other two-byte ESC sequence. An unterminated OSC runs to the end of the text.
+# CSI (ESC [ or the 8-bit 0x9b) with its parameters and final byte; the string sequences
+# (OSC ESC ], DCS ESC P, SOS ESC X, PM ESC ^, APC ESC _, or their 8-bit forms) with their
+# payload, up to BEL or ST (an unterminated one runs to the end of the text); any other ESC
+# sequence (ESC c resets the terminal, ESC ( B picks a character set).
 _ANSI = re.compile(
     r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
-    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c|$)"
-    r"|\x1b[@-Z\\-_]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c|$)"
+    r"|\x1b[ -/]*[0-~]"
 )
 # C0 controls, DEL, C1 controls; the Unicode line and paragraph separators and the
 # bidirectional overrides and isolates, which reorder what the terminal shows ("Trojan Source").

@@ -78,7 +78,15 @@ def _write_intent(app: AppContext, action: str, about: dict[str, str | None]) ->
 
     try:
         with app.transaction() as session:
-            return record_intent(session, actor=app.settings.actor, action=action, **about)
+            return record_intent(
+                session,
+                actor=app.settings.actor,
+                action=action,
+                cluster=about.get("cluster"),
+                scope=about.get("scope"),
+                target=about.get("target"),
+                detail=about.get("detail"),
+            )
     except DatabaseError as exc:
         raise DatabaseError(
             f"cannot write the audit record of {action}, so nothing was done ({exc.message})",
