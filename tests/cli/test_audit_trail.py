@@ -22,7 +22,8 @@ ACTOR = OS_USER if OS_USER == "pytest" else f"{OS_USER} [declared: pytest]"  # h
 
 
 @pytest.fixture
-def store(cli):
+def store(cli, monkeypatch):
+    monkeypatch.delenv("SUDO_USER", raising=False)  # a run under sudo: ACTOR stays exact
     expect(cli("init"))
     expect(cli("cluster", "add", CLUSTER, "--open-api-url", "http://127.0.0.1:9"))
     return cli
@@ -258,3 +259,15 @@ def test_an_error_carrying_ansi_from_ta_tool_is_shown_stripped(cli, home):
         "pending",
         "rotation_error",
     ]
+
+
+@pytest.mark.slow
+def test_an_unauthenticated_hostile_path_cannot_reach_the_terminal(served):
+    """The issue's case: a request path with %1b[2J and %0a, no token, a real server."""
+    with served.http() as http:
+        answer = http.get("/v1/clusters/c/apps/%1b[2J%0aforged%20line")
+    assert answer.status_code == 401
+    table = expect(served.cli("audit", "list", "--token", "(none)")).stdout
+    lines = table.splitlines()
+    assert len(lines) == 2 and "\x1b" not in table, lines  # header + one record, nothing raw
+    assert "app:\\x1b[2J\\x0aforged line" in lines[1]
