@@ -40,7 +40,7 @@ def host() -> None:
 @click.option("--fingerprint", help="Pinned host key fingerprint, SHA256:...")
 @output_option
 @click.pass_obj
-@audited("host.add", about=lambda p: _host_target(p))
+@audited("host.add", about=_host_target)
 def host_add(
     app: AppContext,
     cluster: str,
@@ -105,7 +105,7 @@ def host_list(app: AppContext, cluster: str | None, as_json: bool) -> None:
 @yes_option
 @output_option
 @click.pass_obj
-@audited("host.remove", about=lambda p: _host_target(p))
+@audited("host.remove", about=_host_target)
 def host_remove(
     app: AppContext, cluster: str, address: str, port: int | None, yes: bool, as_json: bool
 ) -> None:
@@ -133,7 +133,7 @@ def host_remove(
 @yes_option
 @output_option
 @click.pass_obj
-@audited("host.trust", about=lambda p: _host_target(p))
+@audited("host.trust", about=_host_target)
 def host_trust(
     app: AppContext, cluster: str, address: str, port: int | None, yes: bool, as_json: bool
 ) -> None:

@@ -100,7 +100,7 @@ def policy_list(app: AppContext, cluster: str | None, as_json: bool) -> None:
 @_target_options
 @output_option
 @click.pass_obj
-@audited("policy.remove", about=lambda p: _policy_target(p))
+@audited("policy.remove", about=_policy_target)
 def policy_remove(
     app: AppContext, cluster: str, is_root: bool, appid: str | None, all_apps: bool, as_json: bool
 ) -> None:

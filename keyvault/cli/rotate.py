@@ -205,7 +205,7 @@ def _all_appids(app: AppContext, cluster: str) -> list[str]:
 @yes_option
 @output_option
 @click.pass_obj
-@audited("rotate.app", about=lambda p: _apps_target(p))
+@audited("rotate.app", about=_apps_target)
 def rotate_app(
     app: AppContext,
     cluster: str,
