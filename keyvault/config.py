@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from typing import Any, Final
 
 from keyvault.errors import ConfigError
 from keyvault.scope import DEFAULT_APPID_PATTERN
+from keyvault.textsafe import printable
 
 DEFAULT_KEY_PATTERN = r"[A-Za-z0-9]{64}"
 # su's password prompt differs by locale; matched against the PTY tail.
@@ -201,6 +203,30 @@ def _ssh_fields(env: Mapping[str, str], ssh: Mapping[str, Any], config_file: Pat
     }
 
 
+_LABEL_LIMIT = 40  # the whole actor fits the 128 characters of the actor columns
+
+
+def os_actor(env: Mapping[str, str]) -> str:
+    """Who runs this process, as the audit log and the rotations record it.
+
+    The OS user of the effective uid (which the environment cannot change), with the
+    invoking user when run through sudo: "keyvault (sudo by alice)". ``KEYVAULT_ACTOR`` is
+    only a label the caller declares, kept after the OS identity ("[declared: ops-bot]"),
+    never instead of it; a label equal to the sudo user adds nothing and is left out.
+    """
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid without a passwd entry (a container)
+        user = f"uid {uid}"
+    sudo_user = printable(env.get("SUDO_USER", "").strip())[:_LABEL_LIMIT]
+    actor = f"{user} (sudo by {sudo_user})" if sudo_user and sudo_user != user else user
+    label = printable(env.get("KEYVAULT_ACTOR", "").strip())[:_LABEL_LIMIT]
+    if label and label not in (user, sudo_user):
+        actor += f" [declared: {label}]"
+    return actor
+
+
 def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = None) -> Settings:
     """Build the settings from ``env`` (default ``os.environ``) and the config file."""
     env = os.environ if env is None else env
@@ -232,7 +258,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = N
             **_ssh_fields(env, data.get("ssh", {}), config_file),
             ta_error_codes={int(k): str(v) for k, v in ta.get("error_codes", {}).items()},
             ta_timeout=float(ta.get("timeout", 10.0)),
-            actor=actor or env.get("KEYVAULT_ACTOR") or env.get("USER") or "cli",
+            actor=actor or os_actor(env),
             serve_webhooks=env.get("KEYVAULT_SERVE_WEBHOOKS", "1") not in ("0", "false", "no"),
             serve_scheduler=env.get("KEYVAULT_SERVE_SCHEDULER", "0") in ("1", "true", "yes"),
         )

@@ -267,20 +267,38 @@ class AccessToken(Base):
 
 
 class AuditRecord(Base):
-    """One key read or rotation through the HTTP API."""
+    """One key read or rotation through the HTTP API, or one step of a CLI action.
+
+    An HTTP record names its ``token_name``; a CLI record its ``actor`` (the OS user) and no
+    token. A CLI action that reads a key or changes state writes two records: its intent
+    (``phase`` "intent", outcome "pending"), committed before it acts, and its outcome
+    (``phase`` "outcome", ``intent_id`` pointing back), after. An intent without an outcome
+    is an action that was interrupted.
+    """
 
     __tablename__ = "audit_log"
-    __table_args__ = (Index("ix_audit_log_at", "at"), Index("ix_audit_log_token", "token_name"))
+    __table_args__ = (
+        Index("ix_audit_log_at", "at"),
+        Index("ix_audit_log_token", "token_name"),
+        CheckConstraint(
+            "phase IS NULL OR phase IN ('intent', 'outcome')", name="ck_audit_log_phase"
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
-    token_name: Mapped[str] = mapped_column(String(64), nullable=False)
+    token_name: Mapped[str | None] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(32), nullable=False)
     cluster: Mapped[str | None] = mapped_column(String(64))
     scope: Mapped[str | None] = mapped_column(String(80))
     version: Mapped[int | None] = mapped_column(Integer)
     client: Mapped[str | None] = mapped_column(String(64))
     outcome: Mapped[str] = mapped_column(String(32), nullable=False)
+    actor: Mapped[str | None] = mapped_column(String(128))
+    target: Mapped[str | None] = mapped_column(String(255))
+    phase: Mapped[str | None] = mapped_column(String(8))
+    intent_id: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[str | None] = mapped_column(Text)
 
 
 class Webhook(Base):

@@ -16,6 +16,7 @@ import click
 from keyvault import __version__
 from keyvault.errors import KeyvaultError
 from keyvault.logs import FORMATS as LOG_FORMATS
+from keyvault.textsafe import safe_line
 
 # A group called without a command: click shows its help (not an error to shorten).
 _NO_ARGS_IS_HELP: tuple[type[Exception], ...] = tuple(
@@ -28,7 +29,8 @@ def _usage_error(ctx: click.Context, exc: click.UsageError) -> None:
     if isinstance(exc, _NO_ARGS_IS_HELP):
         raise exc
     where = exc.ctx.command_path if exc.ctx is not None else "keyvault"
-    click.echo(f"error: {exc.format_message().rstrip('.')}; see `{where} --help`", err=True)
+    message = safe_line(exc.format_message().rstrip("."))
+    click.echo(f"error: {message}; see `{where} --help`", err=True)
     ctx.exit(2)
 
 
@@ -47,7 +49,9 @@ class KeyvaultGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KeyvaultError as exc:
-            click.echo(f"error: {exc}", err=True)
+            # A message may carry remote text (ta-tool output, a TA answer, a stored name):
+            # shown without its terminal sequences and with every control escaped.
+            click.echo(f"error: {safe_line(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except click.UsageError as exc:
             _usage_error(ctx, exc)

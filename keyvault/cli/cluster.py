@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from keyvault.cli.audited import audited
 from keyvault.cli.context import AppContext
 from keyvault.cli.output import emit_json, emit_table, output_option
 from keyvault.cli.params import PROJECT_ID_MAPPING, complete_appids, complete_clusters
@@ -21,6 +22,7 @@ def cluster() -> None:
 @click.option("--login-name", help="Login name for the root-key check (open/project-list).")
 @output_option
 @click.pass_obj
+@audited("cluster.add", about=lambda p: {"cluster": p["name"], "detail": p["open_api_url"]})
 def cluster_add(
     app: AppContext,
     name: str,
@@ -69,6 +71,7 @@ def cluster_add(
 )
 @output_option
 @click.pass_obj
+@audited("cluster.set", about=lambda p: {"cluster": p["name"], "detail": changed_options(p)})
 def cluster_set(
     app: AppContext,
     name: str,
@@ -98,6 +101,12 @@ def cluster_set(
             )
         info = cluster_info(changed)
     emit_json(info) if as_json else click.echo(f"cluster {name} updated")
+
+
+def changed_options(params: dict) -> str:
+    """The options `cluster set` was given (their values are not secrets)."""
+    names = ("open_api_url", "key_pattern", "login_name", "project_ids", "removed")
+    return " ".join(f"{n}={params[n]!r}" for n in names if params.get(n))
 
 
 @cluster.command("list")

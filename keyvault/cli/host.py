@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import click
 
+from keyvault.cli.audited import audited
 from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.context import AppContext
-from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 from keyvault.cli.params import complete_clusters, complete_host_addresses
 
 CLUSTER_ARGUMENT = click.argument("cluster", shell_complete=complete_clusters)
 ADDRESS_ARGUMENT = click.argument("address", shell_complete=complete_host_addresses)
+
+
+def _host_target(params: dict) -> dict[str, str | None]:
+    port = params.get("port")
+    return {
+        "cluster": params["cluster"],
+        "target": f"host:{params['address']}" + (f":{port}" if port else ""),
+    }
 
 
 @click.group()
@@ -31,6 +40,7 @@ def host() -> None:
 @click.option("--fingerprint", help="Pinned host key fingerprint, SHA256:...")
 @output_option
 @click.pass_obj
+@audited("host.add", about=_host_target)
 def host_add(
     app: AppContext,
     cluster: str,
@@ -95,6 +105,7 @@ def host_list(app: AppContext, cluster: str | None, as_json: bool) -> None:
 @yes_option
 @output_option
 @click.pass_obj
+@audited("host.remove", about=_host_target)
 def host_remove(
     app: AppContext, cluster: str, address: str, port: int | None, yes: bool, as_json: bool
 ) -> None:
@@ -122,6 +133,7 @@ def host_remove(
 @yes_option
 @output_option
 @click.pass_obj
+@audited("host.trust", about=_host_target)
 def host_trust(
     app: AppContext, cluster: str, address: str, port: int | None, yes: bool, as_json: bool
 ) -> None:
@@ -132,9 +144,9 @@ def host_trust(
         h = get_host(session, cluster_name=cluster, address=address, port=port)
         offered = app.connector.offered_fingerprint(ssh_target(h, app.settings))
         # With --json, stdout holds only the JSON: what a person reads goes to stderr.
-        click.echo(f"{h.address}:{h.port} offers host key {offered}", err=as_json)
+        echo_safe(f"{h.address}:{h.port} offers host key {offered}", err=as_json)
         if h.host_key_fingerprint:
-            click.echo(
+            echo_safe(
                 f"currently pinned: {h.host_key_fingerprint}"
                 + (" (same)" if offered == h.host_key_fingerprint else " (DIFFERENT)"),
                 err=as_json,
@@ -160,7 +172,7 @@ def host_check(app: AppContext, cluster: str, address: str | None) -> None:
 
     with app.transaction() as session:
         for h in hosts_to_check(session, cluster_name=cluster, address=address):
-            click.echo(check_host(session, host=h, settings=app.settings, connector=app.connector))
+            echo_safe(check_host(session, host=h, settings=app.settings, connector=app.connector))
 
 
 COMMANDS = [host]

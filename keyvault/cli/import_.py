@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from keyvault.cli.audited import audited, key_scope
 from keyvault.cli.context import AppContext
 from keyvault.cli.output import emit_json, output_option, resolve_scope, scope_options
 
@@ -17,6 +18,7 @@ from keyvault.cli.output import emit_json, output_option, resolve_scope, scope_o
 )
 @output_option
 @click.pass_obj
+@audited("import", about=key_scope)
 def import_(
     app: AppContext, cluster: str, is_root: bool, appid: str | None, any_format: bool, as_json: bool
 ) -> None:

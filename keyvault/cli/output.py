@@ -9,27 +9,38 @@ from typing import Any
 
 import click
 
+from keyvault.textsafe import printable, safe_line
+
 OUTPUT_FORMATS = ("table", "json")
 
 
 def emit_json(data) -> None:
-    """Print ``data`` as indented JSON."""
+    """Print ``data`` as indented JSON (``json.dumps`` escapes every control character)."""
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def emit_table(rows: Iterable[dict], columns: Sequence[str], *, empty: str = "(none)") -> None:
-    """Print rows as an aligned table with the given columns."""
+    """Print rows as an aligned table with the given columns; control characters in a cell
+    are escaped (a cell may hold a request path, a URL or remote output)."""
     rows = list(rows)
     if not rows:
         click.echo(empty)
         return
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    cells = [
+        [("" if r.get(c) is None else printable(str(r.get(c)))) for c in columns] for r in rows
+    ]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     click.echo(
         "  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=False)).rstrip()
     )
     for row in cells:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip())
+
+
+def echo_safe(text: str, *, err: bool = False) -> None:
+    """Print one line that holds untrusted text (remote output, a stored name or URL): ANSI
+    sequences removed, other control characters escaped, so it cannot act on the terminal."""
+    click.echo(safe_line(text), err=err)
 
 
 def mask(key: str) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from keyvault.cli.audited import audited, key_scope, scope_of
 from keyvault.cli.context import AppContext
 from keyvault.cli.output import emit_json, emit_table, output_option
 from keyvault.cli.params import complete_appids, complete_clusters
@@ -33,6 +34,13 @@ def _target(app: AppContext, is_root: bool, appid: str | None, all_apps: bool) -
     return f"app:{validate_appid(appid, app.settings.appid_pattern)}"
 
 
+def _policy_target(params: dict) -> dict[str, str | None]:
+    return {
+        "cluster": params["cluster"],
+        "target": f"policy:{scope_of(params) or ('all-apps' if params['all_apps'] else '?')}",
+    }
+
+
 @click.group()
 def policy() -> None:
     """Rotation policies for `keyvault rotate due`."""
@@ -44,6 +52,10 @@ def policy() -> None:
 @click.option("--window", help="When rotation may happen, e.g. 'Tue 02:00-04:00 UTC'.")
 @output_option
 @click.pass_obj
+@audited(
+    "policy.set",
+    about=lambda p: {**_policy_target(p), "detail": f"max-age {p['max_age']} window {p['window']}"},
+)
 def policy_set(
     app: AppContext,
     cluster: str,
@@ -88,6 +100,7 @@ def policy_list(app: AppContext, cluster: str | None, as_json: bool) -> None:
 @_target_options
 @output_option
 @click.pass_obj
+@audited("policy.remove", about=_policy_target)
 def policy_remove(
     app: AppContext, cluster: str, is_root: bool, appid: str | None, all_apps: bool, as_json: bool
 ) -> None:
@@ -106,6 +119,7 @@ def policy_remove(
 @click.option("--appid", shell_complete=complete_appids)
 @output_option
 @click.pass_obj
+@audited("policy.resume", about=key_scope)
 def policy_resume(
     app: AppContext, cluster: str, is_root: bool, appid: str | None, as_json: bool
 ) -> None:

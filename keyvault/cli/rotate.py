@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from keyvault.cli.audited import audited
 from keyvault.cli.confirm import confirm, yes_option
-from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 from keyvault.cli.params import complete_appids, complete_clusters
 
 if TYPE_CHECKING:
@@ -46,9 +47,9 @@ def print_rotated(o: RotationResult) -> None:
     click.echo(f"{o.cluster} {o.scope}: rotated ({o.rotation_id} on {o.host})")
     click.echo(f"  old: {old}")
     click.echo(f"  new: v{o.new_version} {o.new_fingerprint}")
-    click.echo(f"  verify: {o.verify_state} - {o.verify_message}")
+    echo_safe(f"  verify: {o.verify_state} - {o.verify_message}")
     for warning in o.warnings:
-        click.echo(f"  warning: {warning}", err=True)
+        echo_safe(f"  warning: {warning}", err=True)
 
 
 def summary(results: list[RotationResult]) -> dict[str, int]:
@@ -122,7 +123,7 @@ def _rotate_many(
 
 def _print_line(result: RotationResult) -> None:
     if result.failure is not None:
-        click.echo(f"{result.scope}: FAILED: {result.failure}", err=True)
+        echo_safe(f"{result.scope}: FAILED: {result.failure}", err=True)
     else:
         old = f" (was v{result.old_version})" if result.old_version else ""
         click.echo(
@@ -145,9 +146,16 @@ def _summarise(results: list[RotationResult], as_json: bool) -> None:
         for r in results:
             if r.failure is not None:
                 what = "skipped" if r.status is ResultStatus.REFUSED else "failed "
-                click.echo(f"  {what} {r.scope}: {r.failure}", err=True)
+                echo_safe(f"  {what} {r.scope}: {r.failure}", err=True)
     if counts["failed"]:
         sys.exit(1)
+
+
+def _apps_target(params: dict) -> dict[str, str | None]:
+    appids = list(dict.fromkeys(params["appids"]))
+    if len(appids) == 1 and not params["all_apps"]:
+        return {"cluster": params["cluster"], "scope": f"app:{appids[0]}"}
+    return {"cluster": params["cluster"], "target": "apps: " + (" ".join(appids) or "--all")}
 
 
 @click.group()
@@ -160,6 +168,7 @@ def rotate() -> None:
 @yes_option
 @output_option
 @click.pass_obj
+@audited("rotate.root", about=lambda p: {"cluster": p["cluster"], "scope": "root"})
 def rotate_root(app: AppContext, cluster: str, yes: bool, as_json: bool) -> None:
     """Rotate the root key of a cluster."""
     from keyvault.scope import root_scope
@@ -196,6 +205,7 @@ def _all_appids(app: AppContext, cluster: str) -> list[str]:
 @yes_option
 @output_option
 @click.pass_obj
+@audited("rotate.app", about=_apps_target)
 def rotate_app(
     app: AppContext,
     cluster: str,
@@ -225,6 +235,7 @@ def rotate_app(
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 32))
 @output_option
 @click.pass_obj
+@audited("rotate.due", about=lambda p: {"cluster": p["cluster"]}, when=lambda p: not p["dry_run"])
 def rotate_due(
     app: AppContext, cluster: str | None, dry_run: bool, concurrency: int, as_json: bool
 ) -> None:

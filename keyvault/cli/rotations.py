@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 import click
 
+from keyvault.cli.audited import audited
 from keyvault.cli.confirm import yes_option
-from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 from keyvault.cli.params import complete_clusters, complete_rotation_ids
 from keyvault.cli.rotate import confirm_rotation, print_rotated
 from keyvault.rotation_states import RotationState
@@ -59,7 +60,7 @@ def rotations_show(app: AppContext, rotation_id: str, as_json: bool) -> None:
         emit_json(row)
     else:
         for name, value in row.items():
-            click.echo(f"{name:16} {'' if value is None else value}")
+            echo_safe(f"{name:16} {'' if value is None else value}")
 
 
 @rotations.command("recover")
@@ -76,6 +77,14 @@ def rotations_show(app: AppContext, rotation_id: str, as_json: bool) -> None:
 @yes_option
 @output_option
 @click.pass_obj
+@audited(
+    "rotations.recover",
+    about=lambda p: {
+        "cluster": p["cluster"],
+        "target": f"rotation:{p['rotation_id']}" if p["rotation_id"] else "rotations: --all",
+        "detail": "--regenerate (abandon, then rotate again)" if p["regenerate"] else None,
+    },
+)
 def rotations_recover(
     app: AppContext,
     rotation_id: str | None,
@@ -110,7 +119,7 @@ def rotations_recover(
     if result.new_version:
         print_rotated(result)
     for warning in result.warnings:
-        click.echo(f"  {warning}")
+        echo_safe(f"  {warning}")
 
 
 def _regenerate(app: AppContext, rotation_id: str, yes: bool) -> RotationResult:

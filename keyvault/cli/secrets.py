@@ -6,8 +6,10 @@ import sys
 
 import click
 
+from keyvault.cli.audited import audited, key_scope
 from keyvault.cli.context import AppContext
 from keyvault.cli.output import (
+    echo_safe,
     emit_json,
     emit_table,
     mask,
@@ -54,6 +56,11 @@ def secrets_list(app: AppContext, cluster: str | None, as_json: bool) -> None:
 @click.option("--reveal", is_flag=True, help="Print the key itself.")
 @output_option
 @click.pass_obj
+@audited(
+    "secrets.reveal",
+    about=lambda p: {**key_scope(p), "detail": f"version {p['number']}" if p["number"] else None},
+    when=lambda p: p["reveal"],
+)
 def secrets_show(
     app: AppContext,
     cluster: str,
@@ -77,7 +84,7 @@ def secrets_show(
         emit_json(info)
     elif reveal and not sys.stdout.isatty():
         click.echo(key)  # scripts get the bare key
-    else:
+    else:  # stored text (created_by, source) is shown escaped; a key is plain alphanumerics
         for name in (
             "cluster",
             "scope",
@@ -89,7 +96,7 @@ def secrets_show(
             "created_by",
             "key",
         ):
-            click.echo(f"{name:12} {info[name]}")
+            echo_safe(f"{name:12} {info[name]}")
 
 
 @secrets.command("history")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from keyvault.cli.context import AppContext
-from keyvault.cli.output import emit_json, output_option
+from keyvault.cli.output import echo_safe, emit_json, output_option
 
 # Exit status when something needs a person (0: all fine; 1/2: the usual errors).
 NEEDS_ATTENTION = 3
@@ -51,7 +51,7 @@ def status(app: AppContext, token_days: int, scheduler_hours: int, as_json: bool
         width = max(len(f.check) for f in report.findings)
         for f in report.findings:
             mark = {"ok": "ok", "attention": "ATTENTION", "skipped": "skipped"}[f.status]
-            click.echo(f"{f.check.ljust(width)}  {mark:9}  {f.detail}")
+            echo_safe(f"{f.check.ljust(width)}  {mark:9}  {f.detail}")
             if f.action and f.status != "ok":
                 click.echo(f"{''.ljust(width)}  {'':9}  -> {f.action}")
     if report.needs_attention:

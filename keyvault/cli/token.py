@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from keyvault.cli.audited import audited
 from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.context import AppContext
 from keyvault.cli.output import emit_json, emit_table, output_option
@@ -28,6 +29,13 @@ def token() -> None:
 @click.option("--expires", help="Lifetime such as 90d, 12h, 30m.")
 @output_option
 @click.pass_obj
+@audited(
+    "token.create",
+    about=lambda p: {
+        "target": f"token:{p['name']}",
+        "detail": " ".join(p["scopes"]) + (" (may rotate)" if p["can_rotate"] else ""),
+    },
+)
 def token_create(
     app: AppContext,
     name: str,
@@ -87,6 +95,7 @@ def token_list(app: AppContext, as_json: bool) -> None:
 @yes_option
 @output_option
 @click.pass_obj
+@audited("token.revoke", about=lambda p: {"target": f"token:{p['name']}"})
 def token_revoke(app: AppContext, name: str, yes: bool, as_json: bool) -> None:
     """Revoke a token; every server refuses it from its next request."""
     from keyvault.services.tokens import revoke_token, token_info

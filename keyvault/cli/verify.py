@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from keyvault.cli.output import emit_json, output_option, resolve_scope, scope_options
+from keyvault.cli.audited import audited, key_scope
+from keyvault.cli.output import echo_safe, emit_json, output_option, resolve_scope, scope_options
 
 if TYPE_CHECKING:
     from keyvault.cli.context import AppContext
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 @scope_options
 @output_option
 @click.pass_obj
+@audited("verify", about=key_scope)
 def verify(app: AppContext, cluster: str, is_root: bool, appid: str | None, as_json: bool) -> None:
     """Call the TA Open API with the current key of a scope."""
     from keyvault.services.verify import verify_current
@@ -38,7 +40,7 @@ def verify(app: AppContext, cluster: str, is_root: bool, appid: str | None, as_j
         "return_code": result.return_code,
         "message": result.message,
     }
-    emit_json(info) if as_json else click.echo(
+    emit_json(info) if as_json else echo_safe(
         f"{cluster} {scope} v{number}: {result.state} - {result.message}"
     )
     if result.state == "failed":

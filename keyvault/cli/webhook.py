@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
+from keyvault.cli.audited import audited
 from keyvault.cli.confirm import confirm, yes_option
-from keyvault.cli.output import emit_json, emit_table, output_option
+from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 
 DELIVERY_COLUMNS = (
     "id",
@@ -48,6 +49,7 @@ def webhook() -> None:
     help="A file (mode 0600, yours) holding a whsec_... signing secret; default: generate one.",
 )
 @click.pass_obj
+@audited("webhook.add", about=lambda p: {"target": p["url"], "detail": " ".join(p["scopes"])})
 def webhook_add(app, url: str, scopes: tuple[str, ...], secret_file: Path | None) -> None:
     """Register URL for the events of the given scopes."""
     from keyvault.services.webhooks import add_webhook, read_secret_file
@@ -62,7 +64,7 @@ def webhook_add(app, url: str, scopes: tuple[str, ...], secret_file: Path | None
             secret=given,
             appid_pattern=app.settings.appid_pattern,
         )
-    click.echo(f"webhook {hook.id} added: {hook.url} ({', '.join(scopes)})")
+    echo_safe(f"webhook {hook.id} added: {hook.url} ({', '.join(scopes)})")
     if given is None:
         click.echo(
             "warning: store this signing secret now; keyvault will never show it again", err=True
@@ -94,6 +96,7 @@ def webhook_list(app, include_removed: bool, as_json: bool) -> None:
 @click.argument("webhook_id", metavar="ID", type=int)
 @yes_option
 @click.pass_obj
+@audited("webhook.remove", about=lambda p: {"target": f"webhook:{p['webhook_id']}"})
 def webhook_remove(app, webhook_id: int, yes: bool) -> None:
     """Stop notifying a webhook; its pending deliveries are dead-lettered."""
     from keyvault.services.webhooks import get_webhook, remove_webhook
@@ -109,7 +112,7 @@ def webhook_remove(app, webhook_id: int, yes: bool) -> None:
     )
     with app.transaction() as session:
         hook = remove_webhook(session, webhook_id=webhook_id)
-    click.echo(f"webhook {hook.id} removed: {hook.url}")
+    echo_safe(f"webhook {hook.id} removed: {hook.url}")
 
 
 @webhook.command("deliveries")
