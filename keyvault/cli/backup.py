@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from keyvault.cli.audited import audited
 from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.output import emit_json, output_option
 
@@ -26,6 +27,7 @@ REPLACE_WARNING = (
 @click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
 @output_option
 @click.pass_obj
+@audited("backup", about=lambda p: {"target": str(p["file"])})
 def backup(app, file: Path, force: bool, as_json: bool) -> None:
     """Write an encrypted backup of the whole store to FILE (mode 0600).
 
@@ -131,6 +133,10 @@ def _restore_info(file: Path, report) -> dict:
 @yes_option
 @output_option
 @click.pass_obj
+@audited(
+    "restore",
+    about=lambda p: {"target": str(p["file"]), "detail": "--replace" if p["replace"] else None},
+)
 def restore(
     app, file: Path, replace: bool, discard_newer: bool, max_size: int, yes: bool, as_json: bool
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from keyvault.cli.audited import audited
 from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.context import AppContext
 from keyvault.cli.output import emit_json, output_option
@@ -18,6 +19,7 @@ def master_key() -> None:
 @yes_option
 @output_option
 @click.pass_obj
+@audited("master-key.rotate", about=lambda p: {"target": "master-keyring"})
 def master_key_rotate(app: AppContext, yes: bool, as_json: bool) -> None:
     """Make a new master key and re-wrap every data key under it in one transaction."""
     from keyvault.services.masterkeys import rotate_master_key

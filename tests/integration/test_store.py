@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import glob
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from sqlalchemy import text
 
 from keyvault import crypto
+from keyvault.config import os_actor
 from keyvault.db import current_revision, downgrade, head_revision, make_engine, upgrade
 from keyvault.errors import IntegrityError, WrongMasterKey
 from tests.support.cli import Cli, clear_keyvault_env, describe, expect, one_error_line
@@ -191,7 +193,7 @@ def test_import_history_and_show(store, engine):
     assert all(r["invalidated_at"] for r in rows[:2]) and rows[2]["invalidated_at"] is None
     assert [r["fingerprint"] for r in rows] == [crypto.fingerprint(k) for k in keys]
     assert {r["source"] for r in rows} == {"import"}
-    assert {r["created_by"] for r in rows} == {"pytest"}
+    assert {r["created_by"] for r in rows} == {os_actor(os.environ)}
     assert {r["cluster"] for r in rows} == {CLUSTER} and {r["scope"] for r in rows} == {"app:demo"}
 
     same_key(reveal(store), keys[2], "current app key")
@@ -270,7 +272,7 @@ def test_import_history_and_show(store, engine):
     assert (payload["old_version"], payload["new_version"]) == (2, 3)
     assert payload["old_fingerprint"] == crypto.fingerprint(keys[1])
     assert payload["new_fingerprint"] == crypto.fingerprint(keys[2])
-    assert payload["source"] == "import" and payload["actor"] == "pytest"
+    assert payload["source"] == "import" and payload["actor"] == os_actor(os.environ)
     assert not find_keys("".join(e.payload for e in events).encode(), {"any": keys[2]})
 
 

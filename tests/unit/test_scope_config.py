@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from keyvault.config import DEFAULT_APPID_PATTERN, Settings, load_settings
+from keyvault.config import DEFAULT_APPID_PATTERN, Settings, load_settings, os_actor
 from keyvault.errors import ConfigError, InvalidInput
 from keyvault.scope import app_scope, parse_scope, root_scope, validate_appid
 
@@ -193,7 +193,7 @@ def test_environment_overrides_the_config_file(tmp_path):
     settings = load_settings(env)
     assert settings.database_url == "sqlite:////from/env.db"
     assert settings.master_key_file == tmp_path / "env.key"
-    assert settings.actor == "robot"
+    assert settings.actor == os_actor(env) and settings.actor.endswith("[declared: robot]")
     assert load_settings(env, actor="explicit").actor == "explicit"
 
 

@@ -97,7 +97,12 @@ def _lock_all(session: Session) -> None:
 
 
 def _fix_sequences(session: Session) -> None:
-    """PostgreSQL: move each serial sequence past the restored ids."""
+    """PostgreSQL: move each serial sequence past the restored ids, never back.
+
+    ``setval`` is not undone by a rollback: a restore that fails after this step must not
+    leave a sequence below the live rows (the next insert would collide). A gap in the ids
+    is harmless.
+    """
     if session.get_bind().dialect.name != "postgresql":
         return
     quote = session.get_bind().dialect.identifier_preparer.quote
@@ -113,8 +118,8 @@ def _fix_sequences(session: Session) -> None:
         col = quote(pk[0].name)
         session.execute(
             text(
-                f"SELECT setval(CAST(:seq AS regclass), COALESCE(MAX({col}), 1), MAX({col}) IS NOT NULL)"
-                f" FROM {quote(table.name)}"
+                f"SELECT setval(CAST(:seq AS regclass), GREATEST(COALESCE(MAX({col}), 1), "
+                f"nextval(CAST(:seq AS regclass))), true) FROM {quote(table.name)}"
             ),
             {"seq": seq},
         )
