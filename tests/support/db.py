@@ -214,3 +214,46 @@ def engine(db_url: str):
     eng = make_engine(db_url)
     yield eng
     eng.dispose()
+
+
+# ------------------------------------------------------------------------- store dumps
+
+# Every backup and restore command is audited (intent, then outcome), whatever it did.
+AUDITED_ATTEMPTS = frozenset({"backup", "restore"})
+
+
+def dump_store(url: str) -> dict[str, list[dict]]:
+    """Every row of every table a backup holds, by primary key (bytes stay bytes)."""
+    from sqlalchemy import select
+
+    from keyvault.db import make_engine
+    from keyvault.services.backup import backup_tables
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {
+                t.name: [
+                    dict(r._mapping)
+                    for r in conn.execute(select(t).order_by(*t.primary_key.columns))
+                ]
+                for t in backup_tables()
+            }
+    finally:
+        engine.dispose()
+
+
+def comparable(dump: dict[str, list[dict]], *, revision: bool = True) -> dict[str, list]:
+    """``dump`` as it compares across backup and restore attempts: without the audit records
+    of those attempts, audit records without their ids (a restore renumbers the records it
+    merges), and without the revision counter when ``revision`` is false."""
+    rest = {name: rows for name, rows in dump.items() if revision or name != "revision"}
+    rest["audit_log"] = sorted(
+        (
+            {k: v for k, v in r.items() if k not in ("id", "intent_id")}
+            for r in dump["audit_log"]
+            if r["action"] not in AUDITED_ATTEMPTS
+        ),
+        key=lambda r: (r["at"], r["action"], r.get("phase") or ""),
+    )
+    return rest
