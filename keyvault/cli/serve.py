@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 STARTUP_FAILURE = 3  # uvicorn's exit status when the application did not start
+# The request line and headers of one request, at most (h11 refuses more as soon as it has
+# read that much, instead of buffering a 100 MB header): tokens and paths are short.
+MAX_HEAD_BYTES = 16 * 1024
 
 
 @click.command()
@@ -50,6 +53,24 @@ STARTUP_FAILURE = 3  # uvicorn's exit status when the application did not start
     envvar="KEYVAULT_ACCESS_LOG",
     help="One log line per request (costs the key read about a third of its throughput).",
 )
+@click.option(
+    "--forwarded-allow-ips",
+    metavar="IPS",
+    help="Comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto are "
+    "believed (the audit's client address). Without it, those headers are ignored.",
+)
+@click.option(
+    "--db-budget",
+    type=click.FloatRange(0.1, 300),
+    default=5.0,
+    show_default=True,
+    help="Seconds a request may wait for the database (its audit record included); then 503.",
+)
+@click.option(
+    "--metrics-token-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="/metrics answers only with `Authorization: Bearer <the token in this file>`.",
+)
 @click.pass_obj
 def serve(
     app: AppContext,
@@ -62,6 +83,9 @@ def serve(
     scheduler: bool,
     log_format: str | None,
     access_log: bool,
+    forwarded_allow_ips: str | None,
+    db_budget: float,
+    metrics_token_file: str | None,
 ) -> None:
     """Serve current keys over HTTP to services holding scoped tokens."""
     import logging
@@ -69,7 +93,13 @@ def serve(
 
     from keyvault import logs
     from keyvault.db import require_head
-    from keyvault.http.app import ACCESS_LOG_ENV, LOG_FORMAT_ENV
+    from keyvault.http.app import (
+        ACCESS_LOG_ENV,
+        DB_BUDGET_ENV,
+        LOG_FORMAT_ENV,
+        METRICS_TOKEN_FILE_ENV,
+    )
+    from keyvault.http.routers.metrics import read_metrics_token
 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("give both --tls-cert and --tls-key, or neither")
@@ -87,12 +117,23 @@ def serve(
         os.environ["KEYVAULT_SERVE_WEBHOOKS"] = "0"
     if scheduler:
         os.environ["KEYVAULT_SERVE_SCHEDULER"] = "1"
+    os.environ[DB_BUDGET_ENV] = str(db_budget)
+    if metrics_token_file:
+        read_metrics_token(metrics_token_file)  # a bad file fails here, once, clearly
+        os.environ[METRICS_TOKEN_FILE_ENV] = os.path.abspath(metrics_token_file)
     # Replaces the group's handler (keyvault.logs installs one, by name): INFO, the access lines.
     logs.configure(log_format, level=logging.INFO)
-    _run(host, port, workers, tls_cert, tls_key)
+    _run(host, port, workers, tls_cert, tls_key, forwarded_allow_ips)
 
 
-def _run(host: str, port: int, workers: int, tls_cert: str | None, tls_key: str | None) -> None:
+def _run(
+    host: str,
+    port: int,
+    workers: int,
+    tls_cert: str | None,
+    tls_key: str | None,
+    forwarded_allow_ips: str | None,
+) -> None:
     """Bind, say where (the real port, also for --port 0), and serve until stopped."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
@@ -110,6 +151,14 @@ def _run(host: str, port: int, workers: int, tls_cert: str | None, tls_key: str 
         access_log=False,  # keyvault logs its own access lines (no raw paths)
         server_header=False,
         lifespan="on",
+        # Proxy headers only from the proxies named: uvicorn's default believes any local
+        # client, which could then forge the audit's client address.
+        proxy_headers=bool(forwarded_allow_ips),
+        forwarded_allow_ips=forwarded_allow_ips or "",
+        # h11 (not httptools, which has no limit): a request line and headers over
+        # MAX_HEAD_BYTES are refused (400) once that much is read, never buffered whole.
+        http="h11",
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )
     sock = _bind(host, port)
     bound = sock.getsockname()[1]

@@ -3,14 +3,22 @@
 Every request first reads the ``revision`` counter (one tiny query); any commit
 that changes keys or tokens bumps it in the same transaction, so the caches are
 dropped before a request could see an old key or a revoked token.
+
+No database call runs on the event loop: requests hand them to ``blocking()`` (a pool of
+database threads) and wait at most ``db_budget`` seconds, then answer 503. A locked table
+or a stuck writer delays the requests that need the database, never ``/healthz``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import select, text
 
@@ -24,6 +32,9 @@ from keyvault.services.store import open_keyring
 from keyvault.services.tokens import Grant, check_token, token_hash
 
 _NEGATIVE_CACHE_LIMIT = 10_000
+DB_BUDGET = 5.0  # seconds a request waits for the database (its audit record included)
+_DB_THREADS = 8  # database calls in flight at once; more wait their turn (within the budget)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -38,14 +49,16 @@ class KeyEntry:
 class ServerState:
     """Database, keyring, caches and the audit writer of one server process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, db_budget: float = DB_BUDGET) -> None:
         self.settings = settings
+        self.db_budget = db_budget
         self.engine = make_engine(settings.database_url)
         require_head(self.engine)
         self.factory = session_factory(self.engine)
         with transaction(self.factory) as session:
             self.keyring = open_keyring(session, settings=settings)
-        self.audit = AuditWriter(self.engine)
+        self.audit = AuditWriter(self.engine, timeout=db_budget)
+        self._db_threads = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="keyvault-db")
         self._lock = threading.Lock()
         self._revision: int | None = None
         self._keys: dict[tuple[str, str], KeyEntry | None] = {}
@@ -53,17 +66,35 @@ class ServerState:
         self._grants: dict[str, Grant] = {}
         self._probe = self._open_probe()
 
-    def _open_probe(self):
+    def _open_probe(self) -> Any:
         probe = self.engine.raw_connection()
         if self.engine.dialect.name == "postgresql":
-            probe.driver_connection.autocommit = True
+            driver: Any = probe.driver_connection
+            driver.autocommit = True
+            cur = probe.cursor()
+            try:  # a locked table fails the probe after the budget (the thread is freed)
+                cur.execute(f"SET statement_timeout = {max(1, int(self.db_budget * 1000))}")
+            finally:
+                cur.close()
         return probe
+
+    async def blocking(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` in a database thread; ``DatabaseError`` if it takes over the budget."""
+        pending = asyncio.get_running_loop().run_in_executor(self._db_threads, call, *args)
+        try:
+            return await asyncio.wait_for(pending, self.db_budget)
+        except TimeoutError:
+            raise DatabaseError(
+                f"the database did not answer within {self.db_budget:g}s",
+                hint="check the database for a long transaction or a lock",
+            ) from None
 
     def start(self) -> None:
         self.audit.start()
 
     async def aclose(self) -> None:
         await self.audit.stop()
+        self._db_threads.shutdown(wait=False, cancel_futures=True)
         self.close()
 
     def close(self) -> None:
@@ -179,14 +210,18 @@ class ServerState:
             ).encode()
             return KeyEntry(version=version.number, etag=f'"v{version.number}"', body=body)
 
-    def ready(self) -> bool:
-        """Database reachable and master key loaded."""
+    async def ready(self) -> bool:
+        """Database reachable, master key loaded, and audit records writable (else no key
+        read could succeed), each within the budget."""
         try:
-            with self.engine.connect() as conn:
-                conn.execute(text("SELECT value FROM revision WHERE id = 1"))
-            return self.keyring is not None
+            await self.blocking(self._database_answers)
         except Exception:  # noqa: BLE001 - not ready, whatever the reason
             return False
+        return self.keyring is not None and await self.audit.writable()
+
+    def _database_answers(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT value FROM revision WHERE id = 1"))
 
 
 def require_scope(grant: Grant, cluster: str, scope: str) -> None:
