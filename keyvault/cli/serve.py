@@ -56,6 +56,8 @@ MAX_HEAD_BYTES = 16 * 1024
 @click.option(
     "--forwarded-allow-ips",
     metavar="IPS",
+    envvar="KEYVAULT_FORWARDED_ALLOW_IPS",
+    show_envvar=True,
     help="Comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto are "
     "believed (the audit's client address). Without it, those headers are ignored.",
 )
@@ -64,11 +66,15 @@ MAX_HEAD_BYTES = 16 * 1024
     type=click.FloatRange(0.1, 300),
     default=5.0,
     show_default=True,
+    envvar="KEYVAULT_HTTP_DB_BUDGET",  # keyvault.http.app.DB_BUDGET_ENV (read by each worker)
+    show_envvar=True,
     help="Seconds a request may wait for the database (its audit record included); then 503.",
 )
 @click.option(
     "--metrics-token-file",
     type=click.Path(exists=True, dir_okay=False),
+    envvar="KEYVAULT_METRICS_TOKEN_FILE",  # keyvault.http.app.METRICS_TOKEN_FILE_ENV
+    show_envvar=True,
     help="/metrics answers only with `Authorization: Bearer <the token in this file>`.",
 )
 @click.pass_obj

@@ -295,7 +295,7 @@ class AuditWriter:
             _text(entry.cluster),
             _text(entry.scope),
             entry.version,
-            _text(entry.client),
+            _text(entry.client[:64] if entry.client else None),  # VARCHAR(64): a forwarded name
             entry.outcome,
         )
 
