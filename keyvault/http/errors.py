@@ -21,7 +21,12 @@ from keyvault import logs
 from keyvault.errors import KeyvaultError
 
 log = logging.getLogger("keyvault.http")
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    414: "uri_too_long",
+    431: "headers_too_large",
+}
 _DETAIL_LIMIT = 500
 
 
