@@ -77,6 +77,14 @@ MAX_HEAD_BYTES = 16 * 1024
     show_envvar=True,
     help="/metrics answers only with `Authorization: Bearer <the token in this file>`.",
 )
+@click.option(
+    "--allow-private-network",
+    is_flag=True,
+    envvar="KEYVAULT_ALLOW_PRIVATE_NETWORK",  # keyvault.http.app.ALLOW_PRIVATE_NETWORK_ENV
+    show_envvar=True,
+    help="Deliver webhooks to loopback, link-local and private addresses too "
+    "(refused by default: a webhook URL must not reach what only keyvault can).",
+)
 @click.pass_obj
 def serve(
     app: AppContext,
@@ -92,6 +100,7 @@ def serve(
     forwarded_allow_ips: str | None,
     db_budget: float,
     metrics_token_file: str | None,
+    allow_private_network: bool,
 ) -> None:
     """Serve current keys over HTTP to services holding scoped tokens."""
     import logging
@@ -101,6 +110,7 @@ def serve(
     from keyvault.db import require_head
     from keyvault.http.app import (
         ACCESS_LOG_ENV,
+        ALLOW_PRIVATE_NETWORK_ENV,
         DB_BUDGET_ENV,
         LOG_FORMAT_ENV,
         METRICS_TOKEN_FILE_ENV,
@@ -124,6 +134,7 @@ def serve(
     if scheduler:
         os.environ["KEYVAULT_SERVE_SCHEDULER"] = "1"
     os.environ[DB_BUDGET_ENV] = str(db_budget)
+    os.environ[ALLOW_PRIVATE_NETWORK_ENV] = "1" if allow_private_network else "0"
     if metrics_token_file:
         read_metrics_token(metrics_token_file)  # a bad file fails here, once, clearly
         os.environ[METRICS_TOKEN_FILE_ENV] = os.path.abspath(metrics_token_file)

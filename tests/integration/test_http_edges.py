@@ -8,6 +8,8 @@
 - A request line or header block over the limit is refused once that much is read (a
   100 MB ``Authorization`` header is never buffered); no redirect built from ``Host``.
 - ``/metrics`` can require a token and never shows the database URL.
+- Webhooks are delivered to a private address (here 127.0.0.1) only with
+  ``--allow-private-network``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
-from keyvault.models import AuditRecord
+from keyvault.models import AuditRecord, WebhookDelivery
+from tests.support.cli import expect
 from tests.support.http import Server, World, key_matches
 from tests.support.timeouts import TIMEOUT
 
@@ -184,3 +191,75 @@ def test_metrics_can_require_a_token_and_never_show_the_database_url(served: Wor
     assert scraped.status_code == 200
     assert "keyvault_http_requests_total" in scraped.text
     assert database not in scraped.text and world.db_url not in scraped.text
+
+
+class _Receiver:
+    """A webhook receiver on 127.0.0.1: a private address, refused unless allowed."""
+
+    def __init__(self) -> None:
+        self.got = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(204)
+                self.end_headers()
+                receiver.got.set()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def restart_delivering(world: World, **env: str) -> None:
+    """Restart the world's server delivering webhooks (the test servers do not, by default)."""
+    workdir = world.server.workdir
+    world.server.stop()
+    server = Server(workdir, env={**os.environ, **env})
+    server.env["KEYVAULT_SERVE_WEBHOOKS"] = "1"
+    world.server = server.start()
+
+
+def first_attempt_error(world: World, engine) -> str | None:
+    """The error of the first delivery once it has been attempted (a bounded poll)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            row = conn.execute(
+                select(WebhookDelivery.attempts, WebhookDelivery.last_error).order_by(
+                    WebhookDelivery.id
+                )
+            ).first()
+        if row is not None and row.attempts >= 1:
+            return row.last_error
+        with contextlib.suppress(subprocess.TimeoutExpired):  # the pause doubles as a check
+            assert world.server.proc is not None
+            world.server.proc.wait(timeout=0.1)
+            raise AssertionError(f"the server exited: {world.server.log_tail()}")
+    raise AssertionError(f"no delivery attempted within {TIMEOUT:g}s")
+
+
+def test_served_webhooks_reach_private_addresses_only_when_allowed(served: World, engine):
+    world = served
+    receiver = _Receiver()
+    try:
+        expect(world.cli("webhook", "add", receiver.url, "--scope", "root:c"))
+        restart_delivering(world)
+        world.import_key("c", "root")  # an event: secret.rotated
+        error = first_attempt_error(world, engine)
+        assert error is not None and "127.0.0.1" in error and "refused" in error
+        assert not receiver.got.is_set()  # nothing was sent to it
+
+        restart_delivering(world, KEYVAULT_ALLOW_PRIVATE_NETWORK="1")
+        world.import_key("c", "root")
+        assert receiver.got.wait(TIMEOUT), "no delivery with --allow-private-network"
+    finally:
+        receiver.close()
