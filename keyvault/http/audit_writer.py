@@ -184,6 +184,8 @@ class AuditWriter:
     ) -> None:
         self._writing = False
         failed = done.exception()
+        if failed is not None:  # a bug in the writer: every waiting request learns it failed
+            log.error("audit write failed: %s", failed, exc_info=failed)
         error = done.result() if failed is None else _write_failed()
         for _, future in batch:
             if future is not None:

@@ -218,3 +218,47 @@ def test_refused_rotates_versions_events_and_failed_reads_are_audited(served: Wo
         ("(none)", "read", "c", "app:a1", "database_error"),  # before its token was looked up
         ("app-all", "read", "c", "app:a1", "ok"),
     ]
+
+
+def test_a_rotated_key_reaches_the_client_even_when_its_outcome_cannot_be_audited(
+    served: World, engine, sshd_env, ta_sim
+):
+    """The issue's case, over the real sshd: the audit refuses the outcome record after ta-tool
+    made the new key. The client still gets the rotation's answer (200, the new version), not
+    a 503 that would make it rotate again and kill the key it never received."""
+    from keyvault.sandbox import state as st
+    from keyvault.sandbox.openapi import serving
+
+    world = served
+    with serving(ta_sim) as api:
+        api_url = f"http://127.0.0.1:{api.server_address[1]}"
+        expect(world.cli("cluster", "add", "t", "--open-api-url", api_url, "--login-name", "root"))
+        expect(
+            world.cli(
+                "host", "add", "t", sshd_env.host, "--port", str(sshd_env.port),
+                "--user", "root", "--identity", str(sshd_env.identity("root")),
+                "--become", "su", "--fingerprint", sshd_env.host_key_fingerprint,
+            )
+        )  # fmt: skip
+        world.create_token("rotator-t", "root:t", rotate=True)
+        last = last_audit_id(engine)
+        refuse_audit(engine, REFUSE_ROTATE_OUTCOME)
+        try:
+            with world.http("rotator-t") as http:
+                rotated = http.post("/v1/clusters/t/root/rotate")
+        finally:
+            allow_audit(engine)
+        assert rotated.status_code == 200, rotated.text
+        body = rotated.json()
+        assert body["new_version"] == 1 and body["verify_state"] == "verified"
+        with world.http("rotator-t") as http:
+            current = http.get("/v1/clusters/t/root")
+        assert current.status_code == 200
+        assert current.json()["version"] == body["new_version"]
+        same = current.json()["key"] == st.current_key(ta_sim, "root")
+        assert same, "the key served is not the one TA holds"
+    assert records_after(engine, last) == [
+        ("rotator-t", "rotate", "t", "root", "started"),  # the outcome was refused
+        ("rotator-t", "read", "t", "root", "ok"),
+    ]
+    assert "was not recorded" in world.server.log_tail(chars=20_000)
