@@ -13,9 +13,6 @@ if TYPE_CHECKING:
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 STARTUP_FAILURE = 3  # uvicorn's exit status when the application did not start
-# The request line and headers of one request, at most (h11 refuses more as soon as it has
-# read that much, instead of buffering a 100 MB header): tokens and paths are short.
-MAX_HEAD_BYTES = 16 * 1024
 
 
 @click.command()
@@ -155,6 +152,8 @@ def _run(
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    from keyvault.http.protocol import LimitedHttpToolsProtocol
+
     config = uvicorn.Config(
         "keyvault.http.app:serve_app",
         factory=True,
@@ -172,10 +171,9 @@ def _run(
         # client, which could then forge the audit's client address.
         proxy_headers=bool(forwarded_allow_ips),
         forwarded_allow_ips=forwarded_allow_ips or "",
-        # h11 (not httptools, which has no limit): a request line and headers over
-        # MAX_HEAD_BYTES are refused (400) once that much is read, never buffered whole.
-        http="h11",
-        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        # httptools with a limit: a request line and headers over 16 KiB are refused
+        # (400) once that much is read, never buffered whole (keyvault/http/protocol.py).
+        http=LimitedHttpToolsProtocol,
     )
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
