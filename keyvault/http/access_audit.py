@@ -12,6 +12,7 @@ writer); the CLI's audit records are ``keyvault.services.audit``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class AccessAudit:
     client: str | None
     token_name: str = NO_TOKEN
     version: int | None = None
+    # Event-loop time by which the request's database work, its record included, must be
+    # done (``ServerState.deadline()``); None: each record gets the writer's whole budget.
+    deadline: float | None = None
 
     def entry(self, outcome: str) -> AuditEntry:
         return AuditEntry(
@@ -45,7 +49,10 @@ class AccessAudit:
 
     async def record(self, outcome: str) -> None:
         """Write the record and wait until it is committed; ``AuditUnavailable`` if not."""
-        await self.writer.record(self.entry(outcome))
+        timeout = None
+        if self.deadline is not None:  # what is left of the request's budget
+            timeout = max(0.001, self.deadline - asyncio.get_running_loop().time())
+        await self.writer.record(self.entry(outcome), timeout)
 
     async def refused(self, exc: KeyvaultError) -> KeyvaultError:
         """Audit a refused or failed request; the error to answer with.
@@ -75,6 +82,7 @@ class AccessAudit:
         does (a client told 503 after a rotation would retry and kill the key it never got).
         The intent record was committed before the act; a missing outcome is logged.
         """
+        self.deadline = None  # the act took its time: the record gets a whole budget
         try:
             await self.record(outcome)
             return True

@@ -57,7 +57,9 @@ def authenticate(state: ServerState, authorization: str | None) -> Grant:
 async def audited_grant(request: Request, state: ServerState, audit: AccessAudit) -> Grant:
     """The caller's grant, named in ``audit``; a refusal is audited, then raised."""
     try:
-        grant = await state.blocking(authenticate, state, request.headers.get("authorization"))
+        grant = await state.blocking(
+            authenticate, state, request.headers.get("authorization"), deadline=audit.deadline
+        )
     except KeyvaultError as exc:
         raise await audit.refused(exc) from None
     audit.token_name = grant.name
@@ -104,7 +106,12 @@ def scoped(target_of: Callable[..., Target], action: str) -> Callable[..., Any]:
         state: ServerState = Depends(server_state),  # noqa: B008
     ) -> Access:
         audit = AccessAudit(
-            state.audit, action, target.cluster, str(target.scope), client_of(request.scope)
+            state.audit,
+            action,
+            target.cluster,
+            str(target.scope),
+            client_of(request.scope),
+            deadline=state.deadline(),
         )
         grant = await audited_grant(request, state, audit)
         try:

@@ -59,11 +59,14 @@ class FastKeyPath:
             match.group(1),
             "root" if match.group(2) else f"app:{match.group(3)}",
             client_of(scope),
+            deadline=state.deadline(),  # one budget for the lookups and the record together
         )
         try:
             # The revision probe, the token and the key come from the database: in a thread,
             # within the budget (a locked table delays this request, not the event loop).
-            entry = await state.blocking(self._authorized_entry, state, scope, read)
+            entry = await state.blocking(
+                self._authorized_entry, state, scope, read, deadline=read.deadline
+            )
             if _header(scope, b"if-none-match") == entry.etag:
                 await read.record("not_modified")
                 await _send_not_modified(send, entry)

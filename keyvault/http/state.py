@@ -78,11 +78,20 @@ class ServerState:
                 cur.close()
         return probe
 
-    async def blocking(self, call: Callable[..., T], *args: Any) -> T:
-        """``call(*args)`` in a database thread; ``DatabaseError`` if it takes over the budget."""
-        pending = asyncio.get_running_loop().run_in_executor(self._db_threads, call, *args)
+    def deadline(self) -> float:
+        """When a request starting now has used up its budget (event-loop time)."""
+        return asyncio.get_running_loop().time() + self.db_budget
+
+    async def blocking(
+        self, call: Callable[..., T], *args: Any, deadline: float | None = None
+    ) -> T:
+        """``call(*args)`` in a database thread; ``DatabaseError`` if it takes over the budget
+        (or runs past ``deadline``: what is left of the request's budget)."""
+        loop = asyncio.get_running_loop()
+        budget = self.db_budget if deadline is None else max(0.0, deadline - loop.time())
+        pending = loop.run_in_executor(self._db_threads, call, *args)
         try:
-            return await asyncio.wait_for(pending, self.db_budget)
+            return await asyncio.wait_for(pending, budget)
         except TimeoutError:
             raise DatabaseError(
                 f"the database did not answer within {self.db_budget:g}s",

@@ -111,7 +111,10 @@ class _BrokenState:
 
     audit = None  # never reached: the read fails first
 
-    async def blocking(self, call, *args):
+    def deadline(self) -> float:
+        return 0.0
+
+    async def blocking(self, call, *args, deadline=None):
         return call(*args)
 
     def ensure_fresh(self) -> None:

@@ -65,7 +65,9 @@ async def app_versions(access: AppRead, state: State) -> VersionsOut:
 async def _audited_versions(state: ServerState, access: Access) -> VersionsOut:
     """The history, in a database thread; answered only once its audit record is written."""
     try:
-        versions = await state.blocking(_versions, state, access.target)
+        versions = await state.blocking(
+            _versions, state, access.target, deadline=access.audit.deadline
+        )
     except KeyvaultError as exc:
         raise await access.audit.refused(exc) from None
     await access.audit.record("ok")
