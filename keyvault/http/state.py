@@ -61,9 +61,12 @@ class ServerState:
         self._db_threads = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="keyvault-db")
         self._lock = threading.Lock()
         self._revision: int | None = None
-        self._keys: dict[tuple[str, str], KeyEntry | None] = {}
-        self._tokens: dict[str, AccessToken | None] = {}
-        self._grants: dict[str, Grant] = {}
+        self._cache_lock = threading.Lock()  # the caches and _revision, between db threads
+        self._seen = threading.local()  # the revision the current request read
+        # Each entry: (the revision it was read at, the value).
+        self._keys: dict[tuple[str, str], tuple[int, KeyEntry | None]] = {}
+        self._tokens: dict[str, tuple[int, AccessToken | None]] = {}
+        self._grants: dict[str, tuple[int, Grant]] = {}
         self._probe = self._open_probe()
 
     def _open_probe(self) -> Any:
@@ -143,37 +146,46 @@ class ServerState:
             cur.close()
 
     def ensure_fresh(self) -> None:
-        """Drop the caches if anything changed since they were filled."""
+        """Read the revision counter for this request (this database thread); the caches
+        answer it only with what was read at that same revision."""
         revision = self.database_revision()
-        if revision != self._revision:
-            self._keys.clear()
-            self._tokens.clear()
-            self._grants.clear()
-            self._revision = revision
+        self._seen.revision = revision
+        with self._cache_lock:
+            if revision != self._revision:  # only what this revision reads is of use now
+                self._keys.clear()
+                self._tokens.clear()
+                self._grants.clear()
+                self._revision = revision
+
+    def _revision_seen(self) -> int | None:
+        return getattr(self._seen, "revision", None)
 
     def authenticate(self, authorization: str | None, now: datetime | None = None) -> Grant:
         """The grant of a ``Bearer`` token, or ``Unauthorized``."""
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized("missing bearer token", hint="send `Authorization: Bearer <token>`")
         digest = token_hash(authorization[7:].strip())
-        if digest in self._tokens:
-            row = self._tokens[digest]
+        revision = self._revision_seen()
+        cached = self._tokens.get(digest)
+        if cached is not None and cached[0] == revision:
+            row = cached[1]
         else:
             with transaction(self.factory) as session:
                 row = session.scalar(select(AccessToken).where(AccessToken.token_hash == digest))
                 if row is not None:
                     session.expunge(row)
             if row is not None or len(self._tokens) < _NEGATIVE_CACHE_LIMIT:
-                self._tokens[digest] = row
-        grant = self._grants.get(digest)
+                self._cache(self._tokens, digest, revision, row)
+        granted = self._grants.get(digest)
         if (
-            grant is not None
+            granted is not None
+            and granted[0] == revision
             and row is not None
             and (row.expires_at is None or row.expires_at > (now or utcnow()))
         ):
-            return grant
+            return granted[1]
         grant = check_token(row, digest, now or utcnow())
-        self._grants[digest] = grant
+        self._cache(self._grants, digest, revision, grant)
         return grant
 
     def key_entry(self, cluster: str, scope: str) -> KeyEntry:
@@ -183,12 +195,30 @@ class ServerState:
             "\x00" in cluster or "\x00" in scope
         ):  # no name holds NUL, and PostgreSQL refuses to compare one
             raise NotFound(f"no current key for {scope!r} in cluster {cluster!r}")
-        if cache_key not in self._keys:
-            self._keys[cache_key] = self._load(cluster, scope)
-        entry = self._keys[cache_key]
+        revision = self._revision_seen()
+        cached = self._keys.get(cache_key)
+        if cached is not None and cached[0] == revision:
+            entry = cached[1]
+        else:
+            entry = self._load(cluster, scope)
+            self._cache(self._keys, cache_key, revision, entry)
         if entry is None:
             raise NotFound(f"no current key for {scope} in cluster {cluster}")
         return entry
+
+    def _cache(self, cache: dict[Any, Any], key: Any, revision: int | None, value: Any) -> None:
+        """Keep ``value``, read at ``revision``, unless the caches have moved on meanwhile.
+
+        Database threads fill the caches concurrently: a value read before a commit must
+        not land after another thread saw the commit's revision (a dead key or a revoked
+        token served again). Each entry carries the revision it was read at, and a
+        request uses only entries of the revision it read itself.
+        """
+        if revision is None:
+            return
+        with self._cache_lock:
+            if revision == self._revision:
+                cache[key] = (revision, value)
 
     def _load(self, cluster: str, scope: str) -> KeyEntry | None:
         with transaction(self.factory) as session:
