@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -107,6 +108,20 @@ def raw_request(port: int, request: bytes) -> bytes:
         return answer
 
 
+def pipelined_statuses(port: int, requests: bytes, count: int) -> list[int]:
+    """Send ``requests`` at once on one connection; the statuses of the first ``count``
+    answers (read until that many have arrived or the server closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(requests)
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < count:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answers += data
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)]
+
+
 def test_the_server_keeps_answering_while_the_database_is_locked(served: World, engine):
     world = served
     restart_with(world, KEYVAULT_HTTP_DB_BUDGET="1")
@@ -164,6 +179,10 @@ def test_oversized_heads_are_refused_early_and_nothing_redirects(served: World):
         )
         assert answer.startswith(b"HTTP/1.1 404"), (path, answer[:100])
         assert b"location:" not in answer.lower() and b"evil.example" not in answer
+
+    # Many small requests pipelined on one connection are no oversized head.
+    pipelined = b"GET /healthz HTTP/1.1\r\nHost: kv\r\n\r\n" * 600  # ~23 KiB in one send
+    assert pipelined_statuses(port, pipelined, 600) == [200] * 600
 
     with world.http("app-all") as http:  # the server is fine
         assert key_matches(world, http.get("/v1/clusters/c/apps/a1").json(), "c", "app:a1")
