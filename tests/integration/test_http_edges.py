@@ -29,7 +29,7 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
 from keyvault.models import AuditRecord, WebhookDelivery
-from tests.support.cli import expect
+from tests.support.cli import expect, one_error_line
 from tests.support.http import Server, World, key_matches
 from tests.support.timeouts import TIMEOUT
 
@@ -282,3 +282,11 @@ def test_served_webhooks_reach_private_addresses_only_when_allowed(served: World
         assert receiver.got.wait(TIMEOUT), "no delivery with --allow-private-network"
     finally:
         receiver.close()
+
+
+def test_serve_refuses_an_empty_metrics_token_file_in_one_line(cli, db_url, tmp_path: Path):
+    expect(cli("init"))
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    result = cli("serve", "--port", "0", "--metrics-token-file", str(empty))
+    one_error_line(result, 1, "metrics token file", "is empty")
