@@ -131,12 +131,15 @@ def request(
     shown: str | None = None,
     scrub: Callable[[str], str] = _identity,
     context: ssl.SSLContext | None = None,
+    peer_allowed: Callable[[str], bool] | None = None,
 ) -> Response:
     """Send one request and return the whole answer, whatever its status.
 
     ``what`` names the peer in messages ("the TA Open API"), ``shown`` the target (default:
     the URL without its query). ``truncate`` cuts a body over ``max_bytes`` instead of failing.
     Raises ``HttpError`` when no complete answer arrives; a 4xx/5xx/3xx is a ``Response``.
+    ``peer_allowed`` checks the address actually connected to, before anything is sent (no
+    second DNS lookup could answer differently).
     """
     if shown is None:
         parts = urlsplit(url)  # never user:password@ nor the query (it may hold a key)
@@ -154,6 +157,8 @@ def request(
             fail(f"did not accept a connection within {timeout:g}s", timed_out=True)
         except OSError as exc:
             raise HttpError(f"cannot reach {what} at {shown}: {scrub(_reason(exc))}") from None
+        if peer_allowed is not None:
+            _check_peer(conn, peer_allowed, fail)
         try:
             conn.request(method, target, body=body, headers=dict(headers or {}))
             answer = conn.getresponse()
@@ -167,6 +172,16 @@ def request(
         return Response(answer.status, answer.reason or "", answer.headers, data)
     finally:
         conn.close()
+
+
+def _check_peer(
+    conn: http.client.HTTPConnection,
+    peer_allowed: Callable[[str], bool],
+    fail: Callable[[str], NoReturn],
+) -> None:
+    peer = str(conn.sock.getpeername()[0]) if conn.sock is not None else ""
+    if not peer_allowed(peer):
+        fail(f"is at {peer}, a loopback, link-local, private or reserved address: refused")
 
 
 def _reason(exc: BaseException) -> str:

@@ -50,6 +50,38 @@ STARTUP_FAILURE = 3  # uvicorn's exit status when the application did not start
     envvar="KEYVAULT_ACCESS_LOG",
     help="One log line per request (costs the key read about a third of its throughput).",
 )
+@click.option(
+    "--forwarded-allow-ips",
+    metavar="IPS",
+    envvar="KEYVAULT_FORWARDED_ALLOW_IPS",
+    show_envvar=True,
+    help="Comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto are "
+    "believed (the audit's client address). Without it, those headers are ignored.",
+)
+@click.option(
+    "--db-budget",
+    type=click.FloatRange(0.1, 300),
+    default=5.0,
+    show_default=True,
+    envvar="KEYVAULT_HTTP_DB_BUDGET",  # keyvault.http.app.DB_BUDGET_ENV (read by each worker)
+    show_envvar=True,
+    help="Seconds a request may wait for the database (its audit record included); then 503.",
+)
+@click.option(
+    "--metrics-token-file",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="KEYVAULT_METRICS_TOKEN_FILE",  # keyvault.http.app.METRICS_TOKEN_FILE_ENV
+    show_envvar=True,
+    help="/metrics answers only with `Authorization: Bearer <the token in this file>`.",
+)
+@click.option(
+    "--allow-private-network",
+    is_flag=True,
+    envvar="KEYVAULT_ALLOW_PRIVATE_NETWORK",  # keyvault.http.app.ALLOW_PRIVATE_NETWORK_ENV
+    show_envvar=True,
+    help="Deliver webhooks to loopback, link-local and private addresses too "
+    "(refused by default: a webhook URL must not reach what only keyvault can).",
+)
 @click.pass_obj
 def serve(
     app: AppContext,
@@ -62,6 +94,10 @@ def serve(
     scheduler: bool,
     log_format: str | None,
     access_log: bool,
+    forwarded_allow_ips: str | None,
+    db_budget: float,
+    metrics_token_file: str | None,
+    allow_private_network: bool,
 ) -> None:
     """Serve current keys over HTTP to services holding scoped tokens."""
     import logging
@@ -69,7 +105,14 @@ def serve(
 
     from keyvault import logs
     from keyvault.db import require_head
-    from keyvault.http.app import ACCESS_LOG_ENV, LOG_FORMAT_ENV
+    from keyvault.http.app import (
+        ACCESS_LOG_ENV,
+        ALLOW_PRIVATE_NETWORK_ENV,
+        DB_BUDGET_ENV,
+        LOG_FORMAT_ENV,
+        METRICS_TOKEN_FILE_ENV,
+    )
+    from keyvault.http.routers.metrics import read_metrics_token
 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("give both --tls-cert and --tls-key, or neither")
@@ -87,15 +130,29 @@ def serve(
         os.environ["KEYVAULT_SERVE_WEBHOOKS"] = "0"
     if scheduler:
         os.environ["KEYVAULT_SERVE_SCHEDULER"] = "1"
+    os.environ[DB_BUDGET_ENV] = str(db_budget)
+    os.environ[ALLOW_PRIVATE_NETWORK_ENV] = "1" if allow_private_network else "0"
+    if metrics_token_file:
+        read_metrics_token(metrics_token_file)  # a bad file fails here, once, clearly
+        os.environ[METRICS_TOKEN_FILE_ENV] = os.path.abspath(metrics_token_file)
     # Replaces the group's handler (keyvault.logs installs one, by name): INFO, the access lines.
     logs.configure(log_format, level=logging.INFO)
-    _run(host, port, workers, tls_cert, tls_key)
+    _run(host, port, workers, tls_cert, tls_key, forwarded_allow_ips)
 
 
-def _run(host: str, port: int, workers: int, tls_cert: str | None, tls_key: str | None) -> None:
+def _run(
+    host: str,
+    port: int,
+    workers: int,
+    tls_cert: str | None,
+    tls_key: str | None,
+    forwarded_allow_ips: str | None,
+) -> None:
     """Bind, say where (the real port, also for --port 0), and serve until stopped."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
+
+    from keyvault.http.protocol import LimitedHttpToolsProtocol
 
     config = uvicorn.Config(
         "keyvault.http.app:serve_app",
@@ -110,6 +167,13 @@ def _run(host: str, port: int, workers: int, tls_cert: str | None, tls_key: str 
         access_log=False,  # keyvault logs its own access lines (no raw paths)
         server_header=False,
         lifespan="on",
+        # Proxy headers only from the proxies named: uvicorn's default believes any local
+        # client, which could then forge the audit's client address.
+        proxy_headers=bool(forwarded_allow_ips),
+        forwarded_allow_ips=forwarded_allow_ips or "",
+        # httptools with a limit: a request line and headers over 16 KiB are refused
+        # (400) once that much is read, never buffered whole (keyvault/http/protocol.py).
+        http=LimitedHttpToolsProtocol,
     )
     sock = _bind(host, port)
     bound = sock.getsockname()[1]

@@ -31,13 +31,18 @@ from keyvault.http.fastpath import FastKeyPath
 from keyvault.http.metrics import Metrics
 from keyvault.http.middleware import ACCESS_LOGGER, RequestContext
 from keyvault.http.routers import events, health, keys, metrics, rotations
-from keyvault.http.state import ServerState
+from keyvault.http.routers.metrics import read_metrics_token
+from keyvault.http.state import DB_BUDGET, ServerState
 from keyvault.scope import schema_pattern
+from keyvault.services import webhooks
 from keyvault.services.scheduler import SchedulerThread
 from keyvault.services.webhook_worker import WebhookWorker
 
 LOG_FORMAT_ENV = "KEYVAULT_LOG_FORMAT"
 ACCESS_LOG_ENV = "KEYVAULT_ACCESS_LOG"  # "0": no access lines (they cost the hot path ~30%)
+DB_BUDGET_ENV = "KEYVAULT_HTTP_DB_BUDGET"  # seconds a request may wait for the database
+METRICS_TOKEN_FILE_ENV = "KEYVAULT_METRICS_TOKEN_FILE"  # /metrics needs this bearer token
+ALLOW_PRIVATE_NETWORK_ENV = "KEYVAULT_ALLOW_PRIVATE_NETWORK"  # "1": webhooks to private addresses
 DESCRIPTION = (
     "Current TA API keys for services, with scoped tokens, audit and an event feed. "
     "Every error is JSON `{error, detail, request_id}`; every response carries `X-Request-ID`."
@@ -49,20 +54,38 @@ def serve_app() -> ASGIApp:
     logs.configure(os.environ.get(LOG_FORMAT_ENV) or "text", level=logging.INFO)
     if os.environ.get(ACCESS_LOG_ENV, "1") in ("0", "false", "no"):
         logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)
-    return create_app()
+    token_file = os.environ.get(METRICS_TOKEN_FILE_ENV)
+    return create_app(
+        db_budget=float(os.environ.get(DB_BUDGET_ENV) or DB_BUDGET),
+        metrics_token=read_metrics_token(token_file) if token_file else None,
+        allow_private_network=os.environ.get(ALLOW_PRIVATE_NETWORK_ENV, "0")
+        in ("1", "true", "yes"),
+    )
 
 
-def create_app(settings: Settings | None = None, *, webhooks: bool | None = None) -> ASGIApp:
-    """The application; ``webhooks`` overrides ``settings.serve_webhooks``."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    webhooks: bool | None = None,
+    db_budget: float = DB_BUDGET,
+    metrics_token: str | None = None,
+    allow_private_network: bool = False,
+) -> ASGIApp:
+    """The application; ``webhooks`` overrides ``settings.serve_webhooks``; ``db_budget`` bounds
+    each request's wait for the database; ``metrics_token``, if given, guards /metrics;
+    ``allow_private_network`` lets webhooks reach loopback, link-local and private addresses."""
     settings = settings or load_settings(actor="http")
     serve_webhooks = settings.serve_webhooks if webhooks is None else webhooks
     app = FastAPI(
         title="keyvault",
         version="1",
         description=DESCRIPTION,
-        lifespan=_lifespan(settings, serve_webhooks),
+        lifespan=_lifespan(settings, serve_webhooks, db_budget, allow_private_network),
+        # A slash redirect would build its Location from the client's Host header.
+        redirect_slashes=False,
     )
     app.state.settings = settings
+    app.state.metrics_token = metrics_token
     app.state.metrics = Metrics()
     for router in (keys.router, rotations.router, events.router, health.router, metrics.router):
         app.include_router(router)
@@ -73,27 +96,34 @@ def create_app(settings: Settings | None = None, *, webhooks: bool | None = None
     return RequestContext(fast, metrics=app.state.metrics)
 
 
-def _lifespan(settings: Settings, serve_webhooks: bool) -> Callable[[FastAPI], Any]:
+def _lifespan(
+    settings: Settings, serve_webhooks: bool, db_budget: float, allow_private_network: bool
+) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = ServerState(settings)
+        state = ServerState(settings, db_budget=db_budget)
         state.start()
         app.state.server = state
         app.state.metrics.attach_database(state.factory)
         async with AsyncExitStack() as stack:
             stack.push_async_callback(state.aclose)
-            _start_workers(stack, state, settings, serve_webhooks)
+            _start_workers(stack, state, settings, serve_webhooks, allow_private_network)
             yield
 
     return lifespan
 
 
 def _start_workers(
-    stack: AsyncExitStack, state: ServerState, settings: Settings, serve_webhooks: bool
+    stack: AsyncExitStack,
+    state: ServerState,
+    settings: Settings,
+    serve_webhooks: bool,
+    allow_private_network: bool,
 ) -> None:
     """The background threads this server runs (stopped in reverse order at shutdown)."""
     if serve_webhooks:
-        worker = WebhookWorker(state.factory, settings=settings)
+        send = webhooks.default_sender(allow_private_network=allow_private_network)
+        worker = WebhookWorker(state.factory, settings=settings, send=send)
         worker.start()
         stack.callback(worker.stop)
     if settings.serve_scheduler:

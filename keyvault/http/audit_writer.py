@@ -1,18 +1,21 @@
-"""The audit writer of the HTTP server: one record per key read and per rotation over HTTP.
+"""The audit writer of the HTTP server: one record per request that reads or changes keys.
 
-``AuditWriter`` group-commits the records of many requests: it runs on the server's event
-loop (no thread of its own) with its own DBAPI connection, and every request that reaches
-``record`` in the same loop iteration joins one batch, written by a single scheduled callback;
-a lone request is never delayed. A request waits until its record is committed; if the write
-fails, the request fails too (503, as in Vault): no key leaves the server without its audit
-record. Reading the log back is ``keyvault.services.audit``.
+``AuditWriter`` group-commits the records of many requests in one thread of its own, with
+its own DBAPI connection: the event loop never waits on the database. Requests queue their
+records on the loop; while one batch is written the next gathers. A request waits until its
+record is committed; if the write fails or does not finish within the budget, the request
+fails too (503, as in Vault): no key leaves the server without its audit record, and no
+rotation starts without its intent recorded. Reading the log back is
+``keyvault.services.audit``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,22 +42,31 @@ class AuditEntry:
     outcome: str
 
 
+class AuditUnavailable(DatabaseError):
+    """The audit record could not be written (in time): the request it audits must not proceed."""
+
+
 class AuditWriter:
     """Group-commits audit entries; ``await writer.record(entry)`` returns once it is committed.
 
-    Writes on the server's event loop through its own DBAPI connection: every
-    request that reaches ``record`` in the same loop iteration joins one batch,
-    written by a single scheduled callback (group commit); a lone request is
-    never delayed.
+    The writes run in one thread of their own (never on the event loop, which must keep
+    answering ``/healthz`` and the requests that need no database while the database is
+    locked or slow), through the writer's own DBAPI connection. Entries queue on the loop;
+    while a batch is being written the next one gathers (group commit); a lone request is
+    never delayed. A request waits at most ``timeout`` seconds for its record; the
+    connection's own lock and statement timeouts bound the thread's wait as well.
     """
 
     COLUMNS = ("at", "token_name", "action", "cluster", "scope", "version", "client", "outcome")
 
-    def __init__(self, engine: Engine, *, max_batch: int = 1024) -> None:
+    def __init__(self, engine: Engine, *, timeout: float = 10.0, max_batch: int = 1024) -> None:
         self._engine = engine
+        self.timeout = timeout
         self._max_batch = max_batch
-        self._pending: list[tuple[AuditEntry, asyncio.Future[None]]] = []
+        self._pending: list[tuple[AuditEntry, asyncio.Future[None] | None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyvault-audit")
+        self._writing = False
         self._running = False
         self._conn: PoolProxiedConnection | None = None
         self._broken = False
@@ -63,7 +75,7 @@ class AuditWriter:
         self._since_checkpoint = 0
 
     def start(self) -> None:
-        """Open the writer's connection and start its task on the running loop."""
+        """Open the writer's connection and start writing for the running loop."""
         self._sqlite = self._engine.dialect.name == "sqlite"
         marks = ", ".join("?" if self._sqlite else "%s" for _ in self.COLUMNS)
         self._sql = f"INSERT INTO audit_log ({', '.join(self.COLUMNS)}) VALUES ({marks})"
@@ -73,6 +85,7 @@ class AuditWriter:
 
     def _connect(self) -> PoolProxiedConnection:
         conn = self._engine.raw_connection()
+        wait_ms = max(1, int(self.timeout * 1000))
         if self._sqlite:
             # WAL + NORMAL: a record survives a crash of keyvault; only an OS crash could lose
             # the last commits (a file audit device does not fsync per entry either).
@@ -82,58 +95,140 @@ class AuditWriter:
             # ~4 ms at SQLite's default 1000, ~21 ms at 10,000 and ~60 ms with a background
             # checkpointer whose fsyncs made every write wait on the disk.
             _pragma(conn, "wal_autocheckpoint=300")
+            # A stuck writer elsewhere fails a batch after the budget, not after 30 s.
+            _pragma(conn, f"busy_timeout={wait_ms}")
+        else:
+            cur = conn.cursor()
+            try:  # a table lock (a long transaction, a restore) fails a batch after the budget
+                cur.execute(f"SET lock_timeout = {wait_ms}")
+                cur.execute(f"SET statement_timeout = {wait_ms}")
+            finally:
+                cur.close()
+            conn.commit()
         return conn
 
     async def stop(self) -> None:
         """Write what is queued, then stop."""
         self._running = False
-        if self._pending:
-            self._flush()
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch = self._take_batch()
+            await loop.run_in_executor(self._thread, self._write_batch, batch)
+        await loop.run_in_executor(self._thread, self._close)
+        self._thread.shutdown(wait=False)
+
+    def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
-    async def record(self, entry: AuditEntry, timeout: float = 10.0) -> None:
-        """Queue ``entry`` and wait until it is committed; raise ``DatabaseError`` if it is not."""
+    async def record(self, entry: AuditEntry, timeout: float | None = None) -> None:
+        """Queue ``entry`` and wait until it is committed; ``AuditUnavailable`` if it is not."""
         loop = self._loop
         if not self._running or loop is None:
-            raise DatabaseError(
+            raise AuditUnavailable(
                 "the audit writer is not running", hint="check the server log and restart it"
             )
         future = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush_all)
         self._pending.append((entry, future))
+        self._kick()
         # A timer, not asyncio.wait_for: wait_for costs a task per request on the hot path.
         timer = loop.call_later(
-            timeout,
+            self.timeout if timeout is None else timeout,
             _settle,
             future,
-            DatabaseError("the audit record was not written in time", hint="check the database"),
+            AuditUnavailable("the audit record was not written in time", hint="check the database"),
         )
         try:
             await future
         finally:
             timer.cancel()
 
-    def _flush_all(self) -> None:
-        while self._pending and self._conn is not None:
-            self._flush()
+    def submit(self, entry: AuditEntry) -> None:
+        """Queue ``entry`` without waiting for it (a request that fails anyway is not delayed)."""
+        if self._running:
+            self._pending.append((entry, None))
+            self._kick()
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+    async def writable(self) -> bool:
+        """True if an audit record can be written now (a rolled-back insert, within the budget)."""
+        if not self._running or self._loop is None:
+            return False
+        probe = self._loop.run_in_executor(self._thread, self._probe_write)
+        try:
+            return await asyncio.wait_for(probe, self.timeout)
+        except TimeoutError:
+            return False
+
+    def _kick(self) -> None:
+        """Start writing the queue if no batch is being written (the loop's side, no I/O)."""
+        if self._writing or not self._pending or self._loop is None:
+            return
+        batch = self._take_batch()
+        if not batch:
+            return
+        self._writing = True
+        written = self._loop.run_in_executor(self._thread, self._write_batch, batch)
+        written.add_done_callback(lambda done: self._written(batch, done))
+
+    def _take_batch(self) -> list[tuple[AuditEntry, asyncio.Future[None] | None]]:
+        # A request that already gave up (timed out, answered 503) is not recorded as served.
+        live = [(e, f) for e, f in self._pending if f is None or not f.done()]
+        batch, self._pending = live[: self._max_batch], live[self._max_batch :]
+        return batch
+
+    def _written(
+        self,
+        batch: list[tuple[AuditEntry, asyncio.Future[None] | None]],
+        done: asyncio.Future[Exception | None],
+    ) -> None:
+        self._writing = False
+        failed = done.exception()
+        if failed is not None:  # a bug in the writer: every waiting request learns it failed
+            log.error("audit write failed: %s", failed, exc_info=failed)
+        error = done.result() if failed is None else _write_failed()
+        for _, future in batch:
+            if future is not None:
+                _settle(future, error)
+        self._kick()
+
+    def _write_batch(
+        self, batch: list[tuple[AuditEntry, asyncio.Future[None] | None]]
+    ) -> Exception | None:
+        """In the writer's thread: insert and commit ``batch``; the error to report, if any."""
         conn = self._usable_connection()
-        error = (
-            _write_failed() if conn is None else self._write(conn, [self._row(e) for e, _ in batch])
-        )
+        if conn is None:
+            return _write_failed()
+        error = self._write(conn, [self._row(e) for e, _ in batch])
         if error is None:
             self.batches += 1
             self.written += len(batch)
             self._since_checkpoint += len(batch)
-            if self._sqlite and self._since_checkpoint >= _CHECKPOINT_EVERY and conn is not None:
+            if self._sqlite and self._since_checkpoint >= _CHECKPOINT_EVERY:
                 self._truncate_wal(conn)
-        for _, future in batch:
-            _settle(future, error)
+        return error
+
+    def _probe_write(self) -> bool:
+        """In the writer's thread: insert one row and roll it back."""
+        conn = self._usable_connection()
+        if conn is None:
+            return False
+        probe = AuditEntry(datetime.now(UTC), "(probe)", "probe", None, None, None, None, "probe")
+        cur = conn.cursor()
+        try:
+            if self._sqlite:
+                cur.execute("BEGIN IMMEDIATE")
+            cur.execute(self._sql, self._row(probe))
+            return True
+        except Exception as exc:  # noqa: BLE001 - whatever the reason, records cannot be written
+            log.warning("audit probe failed: %s", exc)
+            self._broken = True
+            return False
+        finally:
+            # Nothing to undo, or the connection is gone: either way the probe is over.
+            with contextlib.suppress(Exception):
+                cur.execute("ROLLBACK") if self._sqlite else conn.rollback()
+            cur.close()
 
     def _usable_connection(self) -> PoolProxiedConnection | None:
         """The connection, reopened if the last batch failed on it; None if that fails."""
@@ -202,7 +297,7 @@ class AuditWriter:
             _text(entry.cluster),
             _text(entry.scope),
             entry.version,
-            _text(entry.client),
+            _text(entry.client[:64] if entry.client else None),  # VARCHAR(64): a forwarded name
             entry.outcome,
         )
 
@@ -219,8 +314,8 @@ def _pragma(conn: PoolProxiedConnection, pragma: str) -> None:
         driver.execute(f"PRAGMA {pragma}")
 
 
-def _write_failed() -> DatabaseError:
-    return DatabaseError("the audit record could not be written", hint="check the database")
+def _write_failed() -> AuditUnavailable:
+    return AuditUnavailable("the audit record could not be written", hint="check the database")
 
 
 def _settle(future: asyncio.Future[None], error: Exception | None) -> None:

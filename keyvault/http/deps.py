@@ -5,17 +5,23 @@ Order matters and is kept from the first version of the API: a request is valida
 solved first and the grant is computed only once it succeeded. That is why the grant is a
 dependency *of the target*, not a sibling (FastAPI would still call a sibling after a
 validation error).
+
+Authentication reads the database, so it runs in a database thread within the budget
+(``ServerState.blocking``); a refused request is audited (``Access.audit`` continues the
+record for the route).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 
 from keyvault.config import Settings
+from keyvault.errors import KeyvaultError
+from keyvault.http.access_audit import AccessAudit, client_of
 from keyvault.http.state import ServerState, require_scope
 from keyvault.scope import Scope, app_scope, root_scope
 from keyvault.services.tokens import Grant
@@ -39,10 +45,25 @@ def server_settings(request: Request) -> Settings:
     return settings
 
 
-def authenticate(request: Request, state: ServerState) -> Grant:
-    """The grant of the request's bearer token (caches refreshed first), or ``Unauthorized``."""
+def authenticate(state: ServerState, authorization: str | None) -> Grant:
+    """The grant of a bearer header (caches refreshed first), or ``Unauthorized``.
+
+    Blocking (the database): call it through ``state.blocking``.
+    """
     state.ensure_fresh()
-    return state.authenticate(request.headers.get("authorization"))
+    return state.authenticate(authorization)
+
+
+async def audited_grant(request: Request, state: ServerState, audit: AccessAudit) -> Grant:
+    """The caller's grant, named in ``audit``; a refusal is audited, then raised."""
+    try:
+        grant = await state.blocking(
+            authenticate, state, request.headers.get("authorization"), deadline=audit.deadline
+        )
+    except KeyvaultError as exc:
+        raise await audit.refused(exc) from None
+    audit.token_name = grant.name
+    return grant
 
 
 @dataclass(frozen=True)
@@ -55,10 +76,11 @@ class Target:
 
 @dataclass(frozen=True)
 class Access:
-    """An authenticated caller allowed to read ``target``."""
+    """An authenticated caller allowed to read ``target``, and the request's audit record."""
 
     grant: Grant
     target: Target
+    audit: AccessAudit
 
 
 def root_target(cluster: ClusterName) -> Target:
@@ -73,22 +95,36 @@ def app_target(
     return Target(cluster, app_scope(appid, settings.appid_pattern))
 
 
-def scoped(target_of: Callable[..., Target]) -> Callable[..., Access]:
-    """A dependency: the grant of the caller, refused unless it covers the target's scope."""
+def scoped(target_of: Callable[..., Target], action: str) -> Callable[..., Any]:
+    """A dependency: the grant of the caller, refused (and audited as ``action``) unless it
+    covers the target's scope."""
 
-    def access(
+    async def access(
         request: Request,
         # Defaults, not Annotated: the string annotations could not name ``target_of``.
         target: Target = Depends(target_of),  # noqa: B008 - FastAPI's dependency syntax
         state: ServerState = Depends(server_state),  # noqa: B008
     ) -> Access:
-        grant = authenticate(request, state)
-        require_scope(grant, target.cluster, str(target.scope))
-        return Access(grant, target)
+        audit = AccessAudit(
+            state.audit,
+            action,
+            target.cluster,
+            str(target.scope),
+            client_of(request.scope),
+            deadline=state.deadline(),
+        )
+        grant = await audited_grant(request, state, audit)
+        try:
+            require_scope(grant, target.cluster, str(target.scope))
+        except KeyvaultError as exc:
+            raise await audit.refused(exc) from None
+        return Access(grant, target, audit)
 
     return access
 
 
 State = Annotated[ServerState, Depends(server_state)]
-RootAccess = Annotated[Access, Depends(scoped(root_target))]
-AppAccess = Annotated[Access, Depends(scoped(app_target))]
+RootRead = Annotated[Access, Depends(scoped(root_target, "versions"))]
+AppRead = Annotated[Access, Depends(scoped(app_target, "versions"))]
+RootRotate = Annotated[Access, Depends(scoped(root_target, "rotate"))]
+AppRotate = Annotated[Access, Depends(scoped(app_target, "rotate"))]

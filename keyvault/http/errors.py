@@ -21,13 +21,21 @@ from keyvault import logs
 from keyvault.errors import KeyvaultError
 
 log = logging.getLogger("keyvault.http")
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    414: "uri_too_long",
+    431: "headers_too_large",
+}
 _DETAIL_LIMIT = 500
 
 
 @dataclass(frozen=True)
 class ErrorResponse:
-    """An error as HTTP: status, JSON body ``{error, detail, request_id}`` and headers."""
+    """An error as HTTP: status, JSON body ``{error, detail, request_id}`` and headers.
+
+    An error about a rotation also names its ``rotation_id``.
+    """
 
     status: int
     body: dict[str, str]
@@ -54,6 +62,9 @@ def error_response(exc: BaseException) -> ErrorResponse:
     if status == 401:
         headers["www-authenticate"] = "Bearer"
     body = {"error": code, "detail": detail}
+    rotation_id = getattr(exc, "rotation_id", None)
+    if isinstance(rotation_id, str):  # the client can ask what became of it (a retry could not)
+        body["rotation_id"] = rotation_id
     rid = logs.request_id.get()
     if rid is not None:
         body["request_id"] = rid

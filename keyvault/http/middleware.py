@@ -18,6 +18,7 @@ import re
 import time
 import uuid
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keyvault import logs
@@ -30,6 +31,10 @@ log = logging.getLogger("keyvault.http")
 ROUTE_KEY = "keyvault.route"  # set in the ASGI scope by handlers that bypass routing
 UNMATCHED = "unmatched"
 _SANE_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+# The server (h11) refuses a head it is still reading past 16 KiB; one that arrived whole in
+# a single read is measured here. Tokens, ids and paths are short.
+MAX_TARGET_BYTES = 4 * 1024
+MAX_HEADER_BYTES = 16 * 1024
 _PREFIX = uuid.uuid4().hex[:12]  # another process (worker, replica): another prefix
 _COUNTER = itertools.count(1)
 
@@ -72,6 +77,7 @@ class RequestContext:
         started = time.perf_counter()
         response = _ResponseWatch(send, rid)
         try:
+            _check_head(scope)
             await self.app(scope, receive, response.send)
         except Exception as exc:
             if response.status is None:
@@ -102,6 +108,15 @@ class RequestContext:
                     "client": client[0] if client else "-",
                 },
             )
+
+
+def _check_head(scope: Scope) -> None:
+    """``HTTPException`` 414/431 if the request target or the headers are over the limits."""
+    target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+    if target > MAX_TARGET_BYTES:
+        raise HTTPException(414, f"the request target is over {MAX_TARGET_BYTES} bytes")
+    if sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
+        raise HTTPException(431, f"the request headers are over {MAX_HEADER_BYTES} bytes")
 
 
 class _ResponseWatch:

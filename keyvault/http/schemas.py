@@ -67,6 +67,11 @@ class ErrorOut(BaseModel):
     request_id: str | None = Field(
         None, description="The request's id, as in the X-Request-ID header and the server log"
     )
+    rotation_id: str | None = Field(
+        None,
+        description="On an error about a rotation: its id (`keyvault rotations show` tells "
+        "what became of it; do not retry blindly, the old key may be dead)",
+    )
 
 
 class StatusOut(BaseModel):

@@ -3,14 +3,22 @@
 Every request first reads the ``revision`` counter (one tiny query); any commit
 that changes keys or tokens bumps it in the same transaction, so the caches are
 dropped before a request could see an old key or a revoked token.
+
+No database call runs on the event loop: requests hand them to ``blocking()`` (a pool of
+database threads) and wait at most ``db_budget`` seconds, then answer 503. A locked table
+or a stuck writer delays the requests that need the database, never ``/healthz``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import select, text
 
@@ -24,6 +32,9 @@ from keyvault.services.store import open_keyring
 from keyvault.services.tokens import Grant, check_token, token_hash
 
 _NEGATIVE_CACHE_LIMIT = 10_000
+DB_BUDGET = 5.0  # seconds a request waits for the database (its audit record included)
+_DB_THREADS = 8  # database calls in flight at once; more wait their turn (within the budget)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -38,32 +49,64 @@ class KeyEntry:
 class ServerState:
     """Database, keyring, caches and the audit writer of one server process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, db_budget: float = DB_BUDGET) -> None:
         self.settings = settings
+        self.db_budget = db_budget
         self.engine = make_engine(settings.database_url)
         require_head(self.engine)
         self.factory = session_factory(self.engine)
         with transaction(self.factory) as session:
             self.keyring = open_keyring(session, settings=settings)
-        self.audit = AuditWriter(self.engine)
+        self.audit = AuditWriter(self.engine, timeout=db_budget)
+        self._db_threads = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="keyvault-db")
         self._lock = threading.Lock()
         self._revision: int | None = None
-        self._keys: dict[tuple[str, str], KeyEntry | None] = {}
-        self._tokens: dict[str, AccessToken | None] = {}
-        self._grants: dict[str, Grant] = {}
+        self._cache_lock = threading.Lock()  # the caches and _revision, between db threads
+        self._seen = threading.local()  # the revision the current request read
+        # Each entry: (the revision it was read at, the value).
+        self._keys: dict[tuple[str, str], tuple[int, KeyEntry | None]] = {}
+        self._tokens: dict[str, tuple[int, AccessToken | None]] = {}
+        self._grants: dict[str, tuple[int, Grant]] = {}
         self._probe = self._open_probe()
 
-    def _open_probe(self):
+    def _open_probe(self) -> Any:
         probe = self.engine.raw_connection()
         if self.engine.dialect.name == "postgresql":
-            probe.driver_connection.autocommit = True
+            driver: Any = probe.driver_connection
+            driver.autocommit = True
+            cur = probe.cursor()
+            try:  # a locked table fails the probe after the budget (the thread is freed)
+                cur.execute(f"SET statement_timeout = {max(1, int(self.db_budget * 1000))}")
+            finally:
+                cur.close()
         return probe
+
+    def deadline(self) -> float:
+        """When a request starting now has used up its budget (event-loop time)."""
+        return asyncio.get_running_loop().time() + self.db_budget
+
+    async def blocking(
+        self, call: Callable[..., T], *args: Any, deadline: float | None = None
+    ) -> T:
+        """``call(*args)`` in a database thread; ``DatabaseError`` if it takes over the budget
+        (or runs past ``deadline``: what is left of the request's budget)."""
+        loop = asyncio.get_running_loop()
+        budget = self.db_budget if deadline is None else max(0.0, deadline - loop.time())
+        pending = loop.run_in_executor(self._db_threads, call, *args)
+        try:
+            return await asyncio.wait_for(pending, budget)
+        except TimeoutError:
+            raise DatabaseError(
+                f"the database did not answer within {self.db_budget:g}s",
+                hint="check the database for a long transaction or a lock",
+            ) from None
 
     def start(self) -> None:
         self.audit.start()
 
     async def aclose(self) -> None:
         await self.audit.stop()
+        self._db_threads.shutdown(wait=False, cancel_futures=True)
         self.close()
 
     def close(self) -> None:
@@ -103,37 +146,46 @@ class ServerState:
             cur.close()
 
     def ensure_fresh(self) -> None:
-        """Drop the caches if anything changed since they were filled."""
+        """Read the revision counter for this request (this database thread); the caches
+        answer it only with what was read at that same revision."""
         revision = self.database_revision()
-        if revision != self._revision:
-            self._keys.clear()
-            self._tokens.clear()
-            self._grants.clear()
-            self._revision = revision
+        self._seen.revision = revision
+        with self._cache_lock:
+            if revision != self._revision:  # only what this revision reads is of use now
+                self._keys.clear()
+                self._tokens.clear()
+                self._grants.clear()
+                self._revision = revision
+
+    def _revision_seen(self) -> int | None:
+        return getattr(self._seen, "revision", None)
 
     def authenticate(self, authorization: str | None, now: datetime | None = None) -> Grant:
         """The grant of a ``Bearer`` token, or ``Unauthorized``."""
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized("missing bearer token", hint="send `Authorization: Bearer <token>`")
         digest = token_hash(authorization[7:].strip())
-        if digest in self._tokens:
-            row = self._tokens[digest]
+        revision = self._revision_seen()
+        cached = self._tokens.get(digest)
+        if cached is not None and cached[0] == revision:
+            row = cached[1]
         else:
             with transaction(self.factory) as session:
                 row = session.scalar(select(AccessToken).where(AccessToken.token_hash == digest))
                 if row is not None:
                     session.expunge(row)
             if row is not None or len(self._tokens) < _NEGATIVE_CACHE_LIMIT:
-                self._tokens[digest] = row
-        grant = self._grants.get(digest)
+                self._cache(self._tokens, digest, revision, row)
+        granted = self._grants.get(digest)
         if (
-            grant is not None
+            granted is not None
+            and granted[0] == revision
             and row is not None
             and (row.expires_at is None or row.expires_at > (now or utcnow()))
         ):
-            return grant
+            return granted[1]
         grant = check_token(row, digest, now or utcnow())
-        self._grants[digest] = grant
+        self._cache(self._grants, digest, revision, grant)
         return grant
 
     def key_entry(self, cluster: str, scope: str) -> KeyEntry:
@@ -143,12 +195,30 @@ class ServerState:
             "\x00" in cluster or "\x00" in scope
         ):  # no name holds NUL, and PostgreSQL refuses to compare one
             raise NotFound(f"no current key for {scope!r} in cluster {cluster!r}")
-        if cache_key not in self._keys:
-            self._keys[cache_key] = self._load(cluster, scope)
-        entry = self._keys[cache_key]
+        revision = self._revision_seen()
+        cached = self._keys.get(cache_key)
+        if cached is not None and cached[0] == revision:
+            entry = cached[1]
+        else:
+            entry = self._load(cluster, scope)
+            self._cache(self._keys, cache_key, revision, entry)
         if entry is None:
             raise NotFound(f"no current key for {scope} in cluster {cluster}")
         return entry
+
+    def _cache(self, cache: dict[Any, Any], key: Any, revision: int | None, value: Any) -> None:
+        """Keep ``value``, read at ``revision``, unless the caches have moved on meanwhile.
+
+        Database threads fill the caches concurrently: a value read before a commit must
+        not land after another thread saw the commit's revision (a dead key or a revoked
+        token served again). Each entry carries the revision it was read at, and a
+        request uses only entries of the revision it read itself.
+        """
+        if revision is None:
+            return
+        with self._cache_lock:
+            if revision == self._revision:
+                cache[key] = (revision, value)
 
     def _load(self, cluster: str, scope: str) -> KeyEntry | None:
         with transaction(self.factory) as session:
@@ -179,14 +249,18 @@ class ServerState:
             ).encode()
             return KeyEntry(version=version.number, etag=f'"v{version.number}"', body=body)
 
-    def ready(self) -> bool:
-        """Database reachable and master key loaded."""
+    async def ready(self) -> bool:
+        """Database reachable, master key loaded, and audit records writable (else no key
+        read could succeed), each within the budget."""
         try:
-            with self.engine.connect() as conn:
-                conn.execute(text("SELECT value FROM revision WHERE id = 1"))
-            return self.keyring is not None
+            await self.blocking(self._database_answers)
         except Exception:  # noqa: BLE001 - not ready, whatever the reason
             return False
+        return self.keyring is not None and await self.audit.writable()
+
+    def _database_answers(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT value FROM revision WHERE id = 1"))
 
 
 def require_scope(grant: Grant, cluster: str, scope: str) -> None:

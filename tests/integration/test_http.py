@@ -52,7 +52,12 @@ def error_problems(world: World, response: httpx.Response) -> list[str]:
         parsed = json.loads(body)
     except ValueError:
         return [*problems, f"not JSON: {scrub(body)[:200]!r}"]
-    if not isinstance(parsed, dict) or set(parsed) != {"error", "detail", "request_id"}:
+    # An error about a rotation also names its rotation_id.
+    if not isinstance(parsed, dict) or set(parsed) - {"rotation_id"} != {
+        "error",
+        "detail",
+        "request_id",
+    }:
         problems.append(f"not {{error, detail, request_id}}: {scrub(body)[:200]!r}")
     elif parsed["request_id"] != response.headers.get("x-request-id"):
         problems.append(f"request_id {parsed['request_id']!r} is not the X-Request-ID header")
@@ -539,8 +544,9 @@ def test_every_error_is_json_with_an_allowed_status_and_no_key(served: World, en
             )
         )
 
-    A = True  # audited: a key read, or a rotation that reached the rotation service
-    cases = [  # (token, method, path, status, error code, audited)
+    A = 1  # audited: a request past validation (key read, versions, events, refused rotate)
+    R = 2  # a rotation that reached the rotation service: its intent, then its outcome
+    cases = [  # (token, method, path, status, error code, audit records)
         ("app-all", "GET", "/v1/clusters/c/apps/bad%20id/versions", 400, "invalid_input", False),
         ("rotator", "POST", "/v1/clusters/c/apps/bad%20id/rotate", 400, "invalid_input", False),
         ("app-all", "GET", "/v1/events?after=-1", 400, "invalid_input", False),
@@ -555,16 +561,16 @@ def test_every_error_is_json_with_an_allowed_status_and_no_key(served: World, en
             False,
         ),  # beyond any event id
         (None, "GET", "/v1/clusters/c/apps/a1", 401, "unauthorized", A),
-        (None, "GET", "/v1/clusters/c/apps/a1/versions", 401, "unauthorized", False),
+        (None, "GET", "/v1/clusters/c/apps/a1/versions", 401, "unauthorized", A),
         ("root-c", "GET", "/v1/clusters/c/apps/a1", 403, "forbidden", A),
-        ("root-c", "POST", "/v1/clusters/c/root/rotate", 403, "forbidden", False),
+        ("root-c", "POST", "/v1/clusters/c/root/rotate", 403, "forbidden", A),
         ("app-all", "GET", "/v1/clusters/c/apps/unknown", 404, "not_found", A),
-        ("app-all", "GET", "/v1/clusters/c/apps/unknown/versions", 404, "not_found", False),
+        ("app-all", "GET", "/v1/clusters/c/apps/unknown/versions", 404, "not_found", A),
         ("app-all", "GET", "/v1/nothing-here", 404, "not_found", False),
         ("app-all", "GET", "/v1/clusters/c/apps/a1/nothing", 404, "not_found", False),
-        ("rotator", "POST", "/v1/clusters/c/root/rotate", 404, "not_found", A),  # no SSH hosts
-        ("rotator", "POST", "/v1/clusters/c/apps/a1/rotate", 409, "rotation_unresolved", A),
-        ("rotator-c2", "POST", "/v1/clusters/c2/root/rotate", 502, "ssh_error", A),  # host down
+        ("rotator", "POST", "/v1/clusters/c/root/rotate", 404, "not_found", R),  # no SSH hosts
+        ("rotator", "POST", "/v1/clusters/c/apps/a1/rotate", 409, "rotation_unresolved", R),
+        ("rotator-c2", "POST", "/v1/clusters/c2/root/rotate", 502, "ssh_error", R),  # host down
         # Names no cluster or APPID can have: refused like any other, never a database error.
         ("app-all", "GET", "/v1/clusters/c/apps/%00", 404, "not_found", A),
         ("app-all", "GET", "/v1/clusters/c/apps/%C3%A9%00x", 404, "not_found", A),
@@ -580,8 +586,8 @@ def test_every_error_is_json_with_an_allowed_status_and_no_key(served: World, en
                 assert "no SSH hosts" in body["detail"]
             seen.add(status)
     assert seen == ALLOWED_ERRORS - {503}  # the 503 follows: the audit log away
-    # Every refused key read was audited, the odd names included (one bad row must fail no batch).
-    assert audit_count(engine) - before == sum(1 for case in cases if case[-1])
+    # Every refused request was audited, the odd names included (one bad row must fail no batch).
+    assert audit_count(engine) - before == sum(case[-1] for case in cases)
 
     # A key read whose audit record cannot be written fails (503) and gives no key away.
     with engine.begin() as conn:

@@ -9,10 +9,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
-from starlette.concurrency import run_in_threadpool
 
 from keyvault.db import transaction
-from keyvault.http.deps import State, authenticate
+from keyvault.errors import KeyvaultError
+from keyvault.http.access_audit import AccessAudit, client_of
+from keyvault.http.deps import State, audited_grant
 from keyvault.http.schemas import ERRORS, EventOut, EventsOut
 from keyvault.http.state import ServerState
 from keyvault.models import Event
@@ -33,12 +34,17 @@ async def events(
     wait: Annotated[float, Query(ge=0, le=60)] = 0,
 ) -> EventsOut:
     """Events of the token's scopes after ``after``; with ``wait``, long-poll up to that many seconds."""
+    audit = AccessAudit(state.audit, "events", None, None, client_of(request.scope))
     # Authenticated here, after FastAPI validated the query (a bad query is a 400 first).
-    grant = await run_in_threadpool(authenticate, request, state)
+    grant = await audited_grant(request, state, audit)
     deadline = time.monotonic() + wait
     while True:
-        found, last = await run_in_threadpool(events_after, state, grant, after)
+        try:
+            found, last = await state.blocking(events_after, state, grant, after)
+        except KeyvaultError as exc:
+            raise await audit.refused(exc) from None
         if found or time.monotonic() >= deadline:
+            await audit.record("ok")
             return EventsOut(events=found, last_id=last)
         after = last
         await asyncio.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 
 from keyvault.errors import DatabaseError
 from keyvault.http.deps import State
@@ -14,16 +13,18 @@ router = APIRouter(tags=["ops"])
 
 @router.get("/healthz", response_model=StatusOut)
 async def healthz() -> StatusOut:
-    """The process is up."""
+    """The process is up (answered on the event loop, without the database)."""
     return StatusOut(status="ok")
 
 
 @router.get("/readyz", response_model=StatusOut, responses=error_responses(503))
 async def readyz(state: State) -> StatusOut:
-    """The database is reachable and the master key is loaded (503 otherwise)."""
-    if not await run_in_threadpool(state.ready):
+    """The database answers, the master key is loaded and audit records can be written
+    (503 otherwise: no key read could succeed)."""
+    if not await state.ready():
         raise DatabaseError(
-            "not ready: the database is unreachable or the master key is not loaded",
+            "not ready: the database is unreachable, the master key is not loaded "
+            "or audit records cannot be written",
             hint="check the database and the server log",
         )
     return StatusOut(status="ready")

@@ -11,8 +11,10 @@ from typing import Annotated, NoReturn
 from fastapi import APIRouter, Header
 
 from keyvault.db import transaction
-from keyvault.http.deps import AppAccess, AppId, ClusterName, RootAccess, State, Target
+from keyvault.errors import KeyvaultError
+from keyvault.http.deps import Access, AppId, AppRead, ClusterName, RootRead, State, Target
 from keyvault.http.schemas import ERRORS, KEY_RESPONSES, KeyOut, VersionOut, VersionsOut
+from keyvault.http.state import ServerState
 from keyvault.models import SecretVersion
 from keyvault.services.secrets import history
 
@@ -47,20 +49,32 @@ async def get_app(
 
 
 @router.get("/v1/clusters/{cluster}/root/versions", response_model=VersionsOut, responses=ERRORS)
-def root_versions(access: RootAccess, state: State) -> VersionsOut:
+async def root_versions(access: RootRead, state: State) -> VersionsOut:
     """The history of the root key, as metadata (never keys)."""
-    return _versions(state, access.target)
+    return await _audited_versions(state, access)
 
 
 @router.get(
     "/v1/clusters/{cluster}/apps/{appid}/versions", response_model=VersionsOut, responses=ERRORS
 )
-def app_versions(access: AppAccess, state: State) -> VersionsOut:
+async def app_versions(access: AppRead, state: State) -> VersionsOut:
     """The history of a project key, as metadata (never keys)."""
-    return _versions(state, access.target)
+    return await _audited_versions(state, access)
 
 
-def _versions(state: State, target: Target) -> VersionsOut:
+async def _audited_versions(state: ServerState, access: Access) -> VersionsOut:
+    """The history, in a database thread; answered only once its audit record is written."""
+    try:
+        versions = await state.blocking(
+            _versions, state, access.target, deadline=access.audit.deadline
+        )
+    except KeyvaultError as exc:
+        raise await access.audit.refused(exc) from None
+    await access.audit.record("ok")
+    return versions
+
+
+def _versions(state: ServerState, target: Target) -> VersionsOut:
     with transaction(state.factory) as session:
         rows = history(session, cluster_name=target.cluster, scope=target.scope)
         versions = [_version_out(v) for v in rows]

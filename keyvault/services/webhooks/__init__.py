@@ -5,6 +5,8 @@ The package, by responsibility:
 - ``signing``    signing secrets (generated, parsed, sealed under the master key, re-wrapped)
                  and the Standard Webhooks signature headers;
 - ``endpoints``  registering, listing and removing webhooks;
+- ``destinations`` public receivers only (loopback, link-local, private refused unless
+                 the operator allows private networks), at add time and at delivery;
 - ``outbox``     fan-out: which events each webhook is owed (pending deliveries), the
                  body of an event, the deliveries listing;
 - ``delivery``   claiming a due delivery, sending it, recording the outcome with retries,
@@ -32,6 +34,7 @@ from keyvault.services.webhooks.delivery import (
     run_deliveries,
     summary,
 )
+from keyvault.services.webhooks.destinations import check_destination, is_public
 from keyvault.services.webhooks.endpoints import (
     MAX_URL_LENGTH,
     REMOVED_REASON,
@@ -92,6 +95,7 @@ __all__ = [
     "SessionFactory",
     "add_webhook",
     "backoff_delay",
+    "check_destination",
     "default_sender",
     "deliver_due",
     "deliveries",
@@ -102,6 +106,7 @@ __all__ = [
     "get_webhook",
     "hook_grant",
     "http_send",
+    "is_public",
     "list_webhooks",
     "message_id",
     "parse_secret",

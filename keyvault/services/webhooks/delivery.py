@@ -32,6 +32,7 @@ from keyvault import crypto, httpclient
 from keyvault.db import transaction
 from keyvault.errors import InvalidInput, KeyvaultError
 from keyvault.models import Event, Webhook, WebhookDelivery, utcnow
+from keyvault.services.webhooks.destinations import is_public
 from keyvault.services.webhooks.outbox import enqueue_deliveries, event_payload
 from keyvault.services.webhooks.signing import message_id, signed_headers, webhook_secret
 
@@ -65,9 +66,18 @@ def backoff_delay(
 
 
 def http_send(
-    url: str, body: bytes, headers: Mapping[str, str], *, timeout: float = DEFAULT_TIMEOUT
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    allow_private_network: bool = True,
 ) -> int:
-    """POST ``body`` and return the status; a redirect is not followed (it counts as a failure)."""
+    """POST ``body`` and return the status; a redirect is not followed (it counts as a failure).
+
+    Unless ``allow_private_network``, a receiver found at a non-public address is refused
+    (``HttpError``) before anything is sent: see ``destinations``.
+    """
     answer = httpclient.request(
         "POST",
         url,
@@ -77,13 +87,20 @@ def http_send(
         max_bytes=MAX_ANSWER_BYTES,
         truncate=True,
         what="the webhook receiver",
+        peer_allowed=None if allow_private_network else is_public,
     )
     return answer.status
 
 
-def default_sender(timeout: float = DEFAULT_TIMEOUT) -> Sender:
-    """``http_send`` with a timeout."""
-    return lambda url, body, headers: http_send(url, body, headers, timeout=timeout)
+# The default is permissive only until `keyvault webhook deliver` passes its own flag
+# (edges-requests.md); `keyvault serve` passes False unless --allow-private-network.
+def default_sender(
+    timeout: float = DEFAULT_TIMEOUT, *, allow_private_network: bool = True
+) -> Sender:
+    """``http_send`` with a timeout, refusing non-public receivers unless allowed."""
+    return lambda url, body, headers: http_send(
+        url, body, headers, timeout=timeout, allow_private_network=allow_private_network
+    )
 
 
 @dataclass

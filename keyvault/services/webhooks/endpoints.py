@@ -20,6 +20,7 @@ from keyvault.errors import InvalidInput, NotFound
 from keyvault.models import Webhook, WebhookDelivery, utcnow
 from keyvault.scope import DEFAULT_APPID_PATTERN, Grant, grant_of_scopes, parse_grant_scopes
 from keyvault.services.clusters import get_cluster
+from keyvault.services.webhooks.destinations import check_destination
 from keyvault.services.webhooks.signing import generate_secret, parse_secret, seal_secret
 
 MAX_URL_LENGTH = 1024
@@ -65,9 +66,16 @@ def add_webhook(
     scopes: list[str],
     secret: str | None = None,
     appid_pattern: str = DEFAULT_APPID_PATTERN,
+    # Permissive only until `webhook add` passes its --allow-private-network (edges-requests.md).
+    allow_private_network: bool = True,
 ) -> tuple[Webhook, str]:
-    """Register a webhook; return it and its signing secret (generated unless given)."""
+    """Register a webhook; return it and its signing secret (generated unless given).
+
+    Unless ``allow_private_network``, a URL whose host resolves to a loopback, link-local,
+    private or reserved address is refused (``destinations.check_destination``).
+    """
     url = validate_webhook_url(url)
+    check_destination(url, allow_private_network=allow_private_network)
     if not scopes:
         raise InvalidInput("a webhook needs at least one --scope", hint="e.g. --scope 'app:prod/*'")
     scopes = parse_grant_scopes(scopes, appid_pattern=appid_pattern)
