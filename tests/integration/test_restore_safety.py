@@ -261,8 +261,8 @@ def test_audit_records_since_the_backup_survive_and_the_restore_is_audited(cli, 
     (record,) = after[5:]
     digest = hashlib.sha256(store["file"].read_bytes()).hexdigest()
     assert record["action"] == "restore" and record["outcome"] == "ok"
-    assert record["token_name"] == os_actor(os.environ)  # the actor
-    assert record["scope"] == f"before.kvbackup sha256:{digest[:32]}"
+    assert record["actor"] == os_actor(os.environ) and record["token_name"] is None
+    assert record["target"] == f"before.kvbackup sha256:{digest[:32]}"
 
 
 def test_backup_audit_records_the_store_lacks_are_merged(cli, home, store):

@@ -1,10 +1,9 @@
 """The audit record of a restore, written in the restore's own transaction.
 
-A local writer on purpose: the general CLI audit helper (keyvault/services/audit.py) is
-being built at the same time; this should switch to it (see
-/work/wt/notes/restore-requests.md). Until then the existing audit_log columns carry it:
-``token_name`` the actor, ``action`` "restore", ``scope`` the target (the backup file's
-name and SHA-256), ``client`` "cli", ``outcome`` "ok".
+It commits (or not) with the restored rows, so it says what the restore did; the CLI's
+intent and outcome records (``cli/audited.py``) say that it was attempted. Columns:
+``actor``, ``action`` "restore", ``target`` (the backup file's name and SHA-256),
+``client`` "cli", ``outcome`` ("ok" or "ok-discarded-newer").
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ from sqlalchemy.orm import Session
 
 from keyvault.models import AuditRecord, utcnow
 
-_TARGET_MAX = 80  # audit_log.scope
-_ACTOR_MAX = 64  # audit_log.token_name
+_TARGET_MAX = 255  # audit_log.target
+_ACTOR_MAX = 128  # audit_log.actor
 
 
 def restore_target(file_name: str, digest: str) -> str:
@@ -27,10 +26,10 @@ def record_restore(session: Session, *, actor: str, target: str, outcome: str) -
     session.add(
         AuditRecord(
             at=utcnow(),
-            token_name=actor[:_ACTOR_MAX],
+            actor=actor[:_ACTOR_MAX],
             action="restore",
             cluster=None,
-            scope=target[:_TARGET_MAX],
+            target=target[:_TARGET_MAX],
             version=None,
             client="cli",
             outcome=outcome,
