@@ -23,15 +23,14 @@ def import_(
     app: AppContext, cluster: str, is_root: bool, appid: str | None, any_format: bool, as_json: bool
 ) -> None:
     """Store a key read from standard input as the new current version."""
-    from keyvault.services.secrets import import_key
+    from keyvault.services.secrets import MAX_INPUT_BYTES, import_key, key_from_input
 
     scope = resolve_scope(is_root, appid, app.settings)
     if sys.stdin.isatty():
         key = click.prompt("key", hide_input=True, prompt_suffix=": ", err=True)
     else:
-        key = sys.stdin.read(65536)
-        key = key[:-1] if key.endswith("\n") else key
-        key = key[:-1] if key.endswith("\r") else key
+        # Bytes, not text: undecodable input is refused, never replaced or escaped.
+        key = key_from_input(sys.stdin.buffer.read(MAX_INPUT_BYTES + 1))
     with app.transaction() as session:
         stored = import_key(
             session,

@@ -28,6 +28,8 @@ from keyvault.services.clusters import get_cluster
 from keyvault.services.store import live_keyring
 
 MAX_KEY_LENGTH = 4096
+# Read at most this much of standard input: enough for any key, bounded for any pipe.
+MAX_INPUT_BYTES = 65536
 
 
 @dataclass(frozen=True)
@@ -227,13 +229,9 @@ def import_key(
     """Store a key obtained outside keyvault as the new current version."""
     cluster = get_cluster(session, name=cluster_name)
     check_key_text(key, pattern=None if any_format else cluster.key_pattern)
+    # Under the scope's lock: a concurrent import of the same key waits here and then sees it.
     secret = _lock_secret(session, cluster, str(scope))
-    old = current_version(session, secret.id)
-    if old is not None and old.fingerprint == crypto.fingerprint(key):
-        raise Conflict(
-            f"this key is already version {old.number}, the current key of {scope} in {cluster_name}",
-            hint="nothing to do",
-        )
+    _refuse_known_key(session, secret.id, key, scope=scope, cluster_name=cluster_name)
     return store_version(
         session,
         keyring=keyring,
@@ -242,6 +240,60 @@ def import_key(
         key=key,
         source="import",
         actor=actor,
+    )
+
+
+def key_from_input(raw: bytes) -> str:
+    """The key piped into `import`: strict UTF-8, one trailing newline (LF or CRLF) dropped.
+
+    Checked before anything is written, whatever ``--any-format`` says: a key TA accepts is
+    text, and bytes that are not UTF-8 are a wrong file or a wrong encoding, never a key.
+    """
+    if len(raw) > MAX_INPUT_BYTES:
+        raise InvalidInput(
+            f"the input is longer than {MAX_INPUT_BYTES} bytes, not a single key",
+            hint="pipe exactly one key, optionally followed by one newline",
+        )
+    raw = raw[:-1] if raw.endswith(b"\n") else raw
+    raw = raw[:-1] if raw.endswith(b"\r") else raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(
+            f"the input is not UTF-8 text (invalid byte at offset {exc.start})",
+            hint="pipe the key as plain UTF-8 text; --any-format does not lift this",
+        ) from None
+
+
+def _refuse_known_key(
+    session: Session, secret_id: int, key: str, *, scope: Scope, cluster_name: str
+) -> None:
+    """Refuse a key already in the scope's history (compared by fingerprint).
+
+    The current key again would be a new version of nothing; an invalidated one is dead at
+    TA, and importing it would make a dead key current.
+    """
+    known = session.scalar(
+        select(SecretVersion)
+        .where(
+            SecretVersion.secret_id == secret_id,
+            SecretVersion.fingerprint == crypto.fingerprint(key),
+        )
+        .order_by(SecretVersion.number.desc())
+        .limit(1)
+    )
+    if known is None:
+        return
+    if known.state == CURRENT:
+        raise Conflict(
+            f"this key is already version {known.number}, the current key of {scope} "
+            f"in {cluster_name}",
+            hint="nothing to do",
+        )
+    raise InvalidInput(
+        f"this key was version {known.number} of {scope} in {cluster_name} and is invalidated "
+        "(dead at TA); refusing to make it current again",
+        hint="import the key TA uses now, or run `keyvault rotate` for a new one",
     )
 
 
