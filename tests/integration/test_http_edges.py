@@ -270,7 +270,11 @@ def test_served_webhooks_reach_private_addresses_only_when_allowed(served: World
     world = served
     receiver = _Receiver()
     try:
-        expect(world.cli("webhook", "add", receiver.url, "--scope", "root:c"))
+        expect(
+            world.cli(
+                "webhook", "add", "--allow-private-network", receiver.url, "--scope", "root:c"
+            )
+        )
         restart_delivering(world)
         world.import_key("c", "root")  # an event: secret.rotated
         error = first_attempt_error(world, engine)
