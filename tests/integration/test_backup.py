@@ -168,6 +168,7 @@ def populate(cli: Cli, home) -> dict[tuple, list[str]]:
         cli(
             "webhook",
             "add",
+            "--allow-private-network",
             "http://127.0.0.1:9/hook",
             "--scope",
             "app:ta2/*",
