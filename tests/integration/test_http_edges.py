@@ -253,11 +253,12 @@ def first_attempt_error(world: World, engine) -> str | None:
     while time.monotonic() < deadline:
         with engine.connect() as conn:
             row = conn.execute(
-                select(WebhookDelivery.attempts, WebhookDelivery.last_error).order_by(
-                    WebhookDelivery.id
-                )
+                select(
+                    WebhookDelivery.attempts, WebhookDelivery.last_error, WebhookDelivery.status
+                ).order_by(WebhookDelivery.id)
             ).first()
-        if row is not None and row.attempts >= 1:
+        # attempts counts at the claim; the outcome (last_error, or delivered) is written after
+        if row is not None and row.attempts >= 1 and (row.last_error or row.status != "pending"):
             return row.last_error
         with contextlib.suppress(subprocess.TimeoutExpired):  # the pause doubles as a check
             assert world.server.proc is not None
