@@ -27,6 +27,17 @@ DELIVERY_COLUMNS = (
 
 HOOK_COLUMNS = ("id", "url", "scopes", "status", "pending", "delivered", "dead", "created_at")
 
+# Per process, not stored with the webhook: `add` checks the URL with this process's choice,
+# and every delivering process (`deliver`, `serve`) checks the connected address with its own.
+allow_private_network_option = click.option(
+    "--allow-private-network",
+    is_flag=True,
+    envvar="KEYVAULT_ALLOW_PRIVATE_NETWORK",
+    show_envvar=True,
+    help="Allow receivers on loopback, link-local and private addresses "
+    "(refused by default: a webhook URL must not reach what only keyvault can).",
+)
+
 
 @click.group()
 def webhook() -> None:
@@ -48,10 +59,13 @@ def webhook() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="A file (mode 0600, yours) holding a whsec_... signing secret; default: generate one.",
 )
+@allow_private_network_option
 @click.pass_obj
 @audited("webhook.add", about=lambda p: {"target": p["url"], "detail": " ".join(p["scopes"])})
-def webhook_add(app, url: str, scopes: tuple[str, ...], secret_file: Path | None) -> None:
-    """Register URL for the events of the given scopes."""
+def webhook_add(
+    app, url: str, scopes: tuple[str, ...], secret_file: Path | None, allow_private_network: bool
+) -> None:
+    """Register URL for the events of the given scopes (a public receiver, unless allowed)."""
     from keyvault.services.webhooks import add_webhook, read_secret_file
 
     given = read_secret_file(secret_file) if secret_file else None
@@ -63,6 +77,7 @@ def webhook_add(app, url: str, scopes: tuple[str, ...], secret_file: Path | None
             scopes=list(scopes),
             secret=given,
             appid_pattern=app.settings.appid_pattern,
+            allow_private_network=allow_private_network,
         )
     echo_safe(f"webhook {hook.id} added: {hook.url} ({', '.join(scopes)})")
     if given is None:
@@ -166,12 +181,21 @@ def webhook_deliveries(
     show_default=True,
     help="Seconds to wait for each receiver.",
 )
+@allow_private_network_option
 @output_option
 @click.pass_obj
 def webhook_deliver(
-    app, once: bool, max_seconds: float, max_attempts: int, timeout: float, as_json: bool
+    app,
+    once: bool,
+    max_seconds: float,
+    max_attempts: int,
+    timeout: float,
+    allow_private_network: bool,
+    as_json: bool,
 ) -> None:
-    """Fan out new events and deliver what is due (for cron)."""
+    """Fan out new events and deliver what is due (for cron).
+
+    A receiver at a non-public address is not sent to (a failed attempt) unless allowed."""
     from keyvault.services.webhooks import default_sender, run_deliveries, summary
 
     with app.transaction() as session:
@@ -182,7 +206,7 @@ def webhook_deliver(
         once=once,
         max_seconds=max_seconds,
         max_attempts=max_attempts,
-        send=default_sender(timeout),
+        send=default_sender(timeout, allow_private_network=allow_private_network),
     )
     if as_json:
         emit_json(summary(report))

@@ -71,7 +71,7 @@ def test_every_key_read_and_change_records_intent_then_outcome_as_the_os_user(st
         (
             "webhook.add",
             "ok",
-            f"webhook add https://hooks.example.com/kv --scope root:{CLUSTER}",
+            f"webhook add --allow-private-network https://hooks.example.com/kv --scope root:{CLUSTER}",
             {},
         ),
         ("webhook.remove", "ok", "webhook remove 1 --yes", {"target": "webhook:1"}),

@@ -75,7 +75,16 @@ def test_each_problem_is_reported_with_what_to_do(cli, store, home):
     ok(cli("policy", "set", "--cluster", CLUSTER, "--appid", "app1", "--max-age", "30d"))
     ok(cli("token", "create", "soon", "--scope", f"root:{CLUSTER}", "--expires", "2d"))
     ok(cli("token", "create", "later", "--scope", f"root:{CLUSTER}", "--expires", "60d"))
-    ok(cli("webhook", "add", "https://hooks.example.com/kv", "--scope", f"root:{CLUSTER}"))
+    ok(
+        cli(
+            "webhook",
+            "add",
+            "--allow-private-network",
+            "https://hooks.example.com/kv",
+            "--scope",
+            f"root:{CLUSTER}",
+        )
+    )
     now = utcnow()
     with transaction(store) as session:
         cluster = session.query(Cluster).one()

@@ -23,7 +23,16 @@ CLUSTER = "c"
 def hook_id(cli: Cli) -> int:
     expect(cli("init"))
     expect(cli("cluster", "add", CLUSTER, "--open-api-url", "http://127.0.0.1:9"))
-    expect(cli("webhook", "add", "http://127.0.0.1:9/hook", "--scope", f"root:{CLUSTER}"))
+    expect(
+        cli(
+            "webhook",
+            "add",
+            "--allow-private-network",
+            "http://127.0.0.1:9/hook",
+            "--scope",
+            f"root:{CLUSTER}",
+        )
+    )
     (hook,) = json.loads(expect(cli("webhook", "list", "--json")).stdout)
     return int(hook["id"])
 

@@ -168,6 +168,7 @@ def populate(cli: Cli, home) -> dict[tuple, list[str]]:
         cli(
             "webhook",
             "add",
+            "--allow-private-network",
             "http://127.0.0.1:9/hook",
             "--scope",
             "app:ta2/*",
@@ -408,7 +409,16 @@ def test_backup_wipe_restore_brings_everything_back(cli, home, database: Databas
     expect(cli("cluster", "add", "ta4", "--open-api-url", "http://ta4:8992"))
     expect(cli("host", "add", "ta4", "10.0.0.4"))
     expect(cli("token", "create", "later", "--scope", "root:ta4"))
-    expect(cli("webhook", "add", "http://127.0.0.1:9/later", "--scope", "root:ta4"))
+    expect(
+        cli(
+            "webhook",
+            "add",
+            "--allow-private-network",
+            "http://127.0.0.1:9/later",
+            "--scope",
+            "root:ta4",
+        )
+    )
     expect(cli("policy", "set", "--cluster", "ta4", "--root", "--max-age", "7d"))
     grown = dump_all(home.database_url)
     for table in (

@@ -780,10 +780,30 @@ def test_audit_holds_one_record_per_key_read_in_a_load_run(served: World, engine
 
 def test_healthz_readyz_and_prometheus_metrics(served: World, engine):
     world = served
-    expect(world.cli("webhook", "add", "http://127.0.0.1:9/hook", "--scope", "root:c"))
+    expect(
+        world.cli(
+            "webhook",
+            "add",
+            "--allow-private-network",
+            "http://127.0.0.1:9/hook",
+            "--scope",
+            "root:c",
+        )
+    )
     world.import_key("c", "root")  # v2: an event for the webhook
     # One cron round fans the event out; nothing listens on port 9, so the delivery stays pending.
-    expect(world.cli("webhook", "deliver", "--once", "--timeout", "5", "--max-seconds", "20"))
+    expect(
+        world.cli(
+            "webhook",
+            "deliver",
+            "--allow-private-network",
+            "--once",
+            "--timeout",
+            "5",
+            "--max-seconds",
+            "20",
+        )
+    )
     with engine.begin() as conn:
         cluster_id = conn.scalar(text("SELECT id FROM clusters WHERE name = 'c'"))
         now = utcnow()

@@ -253,11 +253,12 @@ def first_attempt_error(world: World, engine) -> str | None:
     while time.monotonic() < deadline:
         with engine.connect() as conn:
             row = conn.execute(
-                select(WebhookDelivery.attempts, WebhookDelivery.last_error).order_by(
-                    WebhookDelivery.id
-                )
+                select(
+                    WebhookDelivery.attempts, WebhookDelivery.last_error, WebhookDelivery.status
+                ).order_by(WebhookDelivery.id)
             ).first()
-        if row is not None and row.attempts >= 1:
+        # attempts counts at the claim; the outcome (last_error, or delivered) is written after
+        if row is not None and row.attempts >= 1 and (row.last_error or row.status != "pending"):
             return row.last_error
         with contextlib.suppress(subprocess.TimeoutExpired):  # the pause doubles as a check
             assert world.server.proc is not None
@@ -270,7 +271,11 @@ def test_served_webhooks_reach_private_addresses_only_when_allowed(served: World
     world = served
     receiver = _Receiver()
     try:
-        expect(world.cli("webhook", "add", receiver.url, "--scope", "root:c"))
+        expect(
+            world.cli(
+                "webhook", "add", "--allow-private-network", receiver.url, "--scope", "root:c"
+            )
+        )
         restart_delivering(world)
         world.import_key("c", "root")  # an event: secret.rotated
         error = first_attempt_error(world, engine)

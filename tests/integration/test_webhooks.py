@@ -35,6 +35,8 @@ from tests.support.timeouts import TIMEOUT
 
 CLUSTER = "c"
 WAIT = TIMEOUT  # an upper bound for waiting on a thread, never an assertion about time
+# The receivers listen on 127.0.0.1: delivering to them needs the operator's explicit choice.
+LOCAL_SENDER = webhooks.default_sender(allow_private_network=True)
 
 
 # --- a real receiver -----------------------------------------------------------------------------
@@ -165,6 +167,7 @@ class Store:
                 url=receiver.url,
                 scopes=list(scopes),
                 secret=secret,
+                allow_private_network=True,  # the receivers listen on 127.0.0.1
             )
         receiver.secret = text
         return hook.id
@@ -183,6 +186,7 @@ class Store:
     def deliver(self, clock, **kwargs) -> webhooks.DeliveryReport:
         self.enqueue(clock)
         kwargs.setdefault("rand", lambda: 0.5)
+        kwargs.setdefault("send", LOCAL_SENDER)
         return webhooks.deliver_due(self.factory, keyring=self.keyring(), now=clock, **kwargs)
 
     def deliveries(self, **kwargs) -> list[dict]:
@@ -404,7 +408,9 @@ def test_a_receiver_down_while_keyvault_restarts_gets_every_event(kv, receivers,
     kv.import_key("app:a2")  # not in its scopes
     clock = Clock()
 
-    first = WebhookWorker(kv.factory, settings=kv.settings, clock=clock, rand=lambda: 0.5)
+    first = WebhookWorker(
+        kv.factory, settings=kv.settings, clock=clock, rand=lambda: 0.5, send=LOCAL_SENDER
+    )
     report = first.tick()
     assert (report.attempted, report.retrying) == (2, 2)
     assert {r["last_error"].split(":")[0] for r in kv.deliveries()} == {"HttpError"}
@@ -417,7 +423,11 @@ def test_a_receiver_down_while_keyvault_restarts_gets_every_event(kv, receivers,
     )  # ... and keyvault comes back with new engines and a new worker
     try:
         second = WebhookWorker(
-            restarted.factory, settings=restarted.settings, clock=clock, rand=lambda: 0.5
+            restarted.factory,
+            settings=restarted.settings,
+            clock=clock,
+            rand=lambda: 0.5,
+            send=LOCAL_SENDER,
         )
         assert second.tick().attempted == 1  # the new event; the others wait for their backoff
         receiver.start()  # the receiver comes up on its old port
@@ -437,7 +447,7 @@ def test_a_receiver_down_while_keyvault_restarts_gets_every_event(kv, receivers,
 def test_the_worker_thread_delivers_and_stops(kv, receivers):
     receiver = receivers()
     kv.add_hook(receiver, f"app:{CLUSTER}/a1")
-    worker = WebhookWorker(kv.factory, settings=kv.settings, interval=0.05)
+    worker = WebhookWorker(kv.factory, settings=kv.settings, interval=0.05, send=LOCAL_SENDER)
     worker.start()
     try:
         kv.import_key("app:a1")
@@ -500,7 +510,9 @@ def test_concurrent_deliverers_send_each_message_once(kv, receivers):
     def run():
         try:
             barrier.wait(WAIT)
-            reports.append(webhooks.deliver_due(kv.factory, keyring=keyring, now=clock))
+            reports.append(
+                webhooks.deliver_due(kv.factory, keyring=keyring, now=clock, send=LOCAL_SENDER)
+            )
         except Exception as exc:  # noqa: BLE001
             errors.append(repr(exc))
 
@@ -650,6 +662,7 @@ def test_cli_add_prints_the_secret_once_and_never_again(store: Cli, receivers, d
         store(
             "webhook",
             "add",
+            "--allow-private-network",
             receiver.url,
             "--scope",
             f"app:{CLUSTER}/a1",
@@ -686,15 +699,17 @@ def test_cli_add_prints_the_secret_once_and_never_again(store: Cli, receivers, d
     expect(
         store("import", "--cluster", CLUSTER, "--appid", "a2", input=keys[1] + "\n")
     )  # not in scope
-    done = json.loads(expect(store("webhook", "deliver", "--json")).stdout)
+    done = json.loads(
+        expect(store("webhook", "deliver", "--allow-private-network", "--json")).stdout
+    )
     assert done == {"enqueued": 1, "attempted": 1, "delivered": 1, "retrying": 0, "dead": 0}
     assert receiver.unverified == [] and len(receiver.received) == 1
     assert not any(k.encode() in b for k in keys for b in receiver.bodies)
     (payload,) = next(iter(receiver.received.values()))
     assert payload["data"]["scope"] == "app:a1"
-    assert expect(store("webhook", "deliver", "--loop")).stdout.startswith(
-        "enqueued 0; attempted 0"
-    )
+    assert expect(
+        store("webhook", "deliver", "--allow-private-network", "--loop")
+    ).stdout.startswith("enqueued 0; attempted 0")
     if database.is_sqlite:
         data = database.sqlite_path.read_bytes()
         wal = Path(str(database.sqlite_path) + "-wal")
@@ -709,7 +724,14 @@ def test_cli_secret_file_must_be_private_and_well_formed(store: Cli, receivers, 
     path.write_text(secret + "\n")
     os.chmod(path, 0o644)
     refused = store(
-        "webhook", "add", receiver.url, "--scope", f"root:{CLUSTER}", "--secret-file", str(path)
+        "webhook",
+        "add",
+        "--allow-private-network",
+        receiver.url,
+        "--scope",
+        f"root:{CLUSTER}",
+        "--secret-file",
+        str(path),
     )
     assert refused.exit_code == 2, describe(refused)
     assert (
@@ -720,18 +742,37 @@ def test_cli_secret_file_must_be_private_and_well_formed(store: Cli, receivers, 
     os.chmod(path, 0o600)
     added = expect(
         store(
-            "webhook", "add", receiver.url, "--scope", f"root:{CLUSTER}", "--secret-file", str(path)
+            "webhook",
+            "add",
+            "--allow-private-network",
+            receiver.url,
+            "--scope",
+            f"root:{CLUSTER}",
+            "--secret-file",
+            str(path),
         )
     )
     assert "whsec_" not in added.output  # the operator already has it
     receiver.secret = secret
     expect(store("import", "--cluster", CLUSTER, "--root", input=new_key() + "\n"))
-    assert json.loads(expect(store("webhook", "deliver", "--json")).stdout)["delivered"] == 1
+    assert (
+        json.loads(expect(store("webhook", "deliver", "--allow-private-network", "--json")).stdout)[
+            "delivered"
+        ]
+        == 1
+    )
     assert receiver.unverified == [] and len(receiver.received) == 1
 
     path.write_text("not-a-secret\n")
     bad = store(
-        "webhook", "add", receiver.url, "--scope", f"root:{CLUSTER}", "--secret-file", str(path)
+        "webhook",
+        "add",
+        "--allow-private-network",
+        receiver.url,
+        "--scope",
+        f"root:{CLUSTER}",
+        "--secret-file",
+        str(path),
     )
     assert bad.exit_code == 2 and "whsec_" in bad.stderr, describe(bad)
     missing = store(
@@ -757,7 +798,7 @@ def test_cli_secret_file_must_be_private_and_well_formed(store: Cli, receivers, 
     ids=["scheme", "scope", "appid", "cluster"],
 )
 def test_cli_add_refuses_bad_input_with_one_line(store: Cli, args, code, fragment):
-    result = store("webhook", "add", *args)
+    result = store("webhook", "add", "--allow-private-network", *args)
     assert result.exit_code == code, describe(result)
     assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
     assert fragment in result.stderr
@@ -766,15 +807,23 @@ def test_cli_add_refuses_bad_input_with_one_line(store: Cli, args, code, fragmen
 
 def test_cli_dead_letters_are_listed_by_deliveries_failed_and_remove(store: Cli, receivers):
     receiver = receivers(policy=lambda msg_id, attempt: 500)
-    out = expect(store("webhook", "add", receiver.url, "--scope", f"app:{CLUSTER}/*"))
+    out = expect(
+        store(
+            "webhook", "add", "--allow-private-network", receiver.url, "--scope", f"app:{CLUSTER}/*"
+        )
+    )
     receiver.secret = next(w for w in out.stdout.split() if w.startswith("whsec_"))
     hook_id = json.loads(expect(store("webhook", "list", "--json")).stdout)[0]["id"]
     expect(store("import", "--cluster", CLUSTER, "--appid", "a1", input=new_key() + "\n"))
     expect(store("import", "--cluster", CLUSTER, "--appid", "a2", input=new_key() + "\n"))
     assert (
-        json.loads(expect(store("webhook", "deliver", "--json", "--max-attempts", "1")).stdout)[
-            "dead"
-        ]
+        json.loads(
+            expect(
+                store(
+                    "webhook", "deliver", "--allow-private-network", "--json", "--max-attempts", "1"
+                )
+            ).stdout
+        )["dead"]
         == 2
     )
     assert receiver.unverified == [] and sum(receiver.attempts.values()) == 2
@@ -810,14 +859,33 @@ def test_cli_dead_letters_are_listed_by_deliveries_failed_and_remove(store: Cli,
 
 def test_cli_deliver_is_bounded_in_time(store: Cli, receivers):
     receiver = receivers()
-    out = expect(store("webhook", "add", receiver.url, "--scope", f"root:{CLUSTER}"))
+    out = expect(
+        store(
+            "webhook", "add", "--allow-private-network", receiver.url, "--scope", f"root:{CLUSTER}"
+        )
+    )
     receiver.secret = next(w for w in out.stdout.split() if w.startswith("whsec_"))
     expect(store("import", "--cluster", CLUSTER, "--root", input=new_key() + "\n"))
     # A bound already reached: the command returns without starting a delivery.
     done = json.loads(
-        expect(store("webhook", "deliver", "--loop", "--max-seconds", "0.000001", "--json")).stdout
+        expect(
+            store(
+                "webhook",
+                "deliver",
+                "--allow-private-network",
+                "--loop",
+                "--max-seconds",
+                "0.000001",
+                "--json",
+            )
+        ).stdout
     )
     assert done["attempted"] == 0 and done["enqueued"] == 1
     assert (
-        json.loads(expect(store("webhook", "deliver", "--loop", "--json")).stdout)["delivered"] == 1
+        json.loads(
+            expect(
+                store("webhook", "deliver", "--allow-private-network", "--loop", "--json")
+            ).stdout
+        )["delivered"]
+        == 1
     )

@@ -71,7 +71,7 @@ def http_send(
     headers: Mapping[str, str],
     *,
     timeout: float = DEFAULT_TIMEOUT,
-    allow_private_network: bool = True,
+    allow_private_network: bool = False,
 ) -> int:
     """POST ``body`` and return the status; a redirect is not followed (it counts as a failure).
 
@@ -92,10 +92,10 @@ def http_send(
     return answer.status
 
 
-# The default is permissive only until `keyvault webhook deliver` passes its own flag
-# (edges-requests.md); `keyvault serve` passes False unless --allow-private-network.
+# The choice is the delivering process's (`webhook deliver` / `serve --allow-private-network`),
+# not stored with the webhook: a URL allowed when added is checked again at every delivery.
 def default_sender(
-    timeout: float = DEFAULT_TIMEOUT, *, allow_private_network: bool = True
+    timeout: float = DEFAULT_TIMEOUT, *, allow_private_network: bool = False
 ) -> Sender:
     """``http_send`` with a timeout, refusing non-public receivers unless allowed."""
     return lambda url, body, headers: http_send(

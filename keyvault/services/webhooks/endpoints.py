@@ -66,8 +66,7 @@ def add_webhook(
     scopes: list[str],
     secret: str | None = None,
     appid_pattern: str = DEFAULT_APPID_PATTERN,
-    # Permissive only until `webhook add` passes its --allow-private-network (edges-requests.md).
-    allow_private_network: bool = True,
+    allow_private_network: bool = False,
 ) -> tuple[Webhook, str]:
     """Register a webhook; return it and its signing secret (generated unless given).
 
