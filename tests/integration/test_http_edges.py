@@ -19,10 +19,8 @@ import os
 import re
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from sqlalchemy import select, text
@@ -30,7 +28,7 @@ from sqlalchemy.engine import make_url
 
 from keyvault.models import AuditRecord, WebhookDelivery
 from tests.support.cli import expect, one_error_line
-from tests.support.http import Server, World, key_matches
+from tests.support.http import CountingReceiver, Server, World, key_matches
 from tests.support.timeouts import TIMEOUT
 
 XFF = {"X-Forwarded-For": "203.0.113.9"}
@@ -212,32 +210,6 @@ def test_metrics_can_require_a_token_and_never_show_the_database_url(served: Wor
     assert database not in scraped.text and world.db_url not in scraped.text
 
 
-class _Receiver:
-    """A webhook receiver on 127.0.0.1: a private address, refused unless allowed."""
-
-    def __init__(self) -> None:
-        self.got = threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                self.send_response(204)
-                self.end_headers()
-                receiver.got.set()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def restart_delivering(world: World, **env: str) -> None:
     """Restart the world's server delivering webhooks (the test servers do not, by default)."""
     workdir = world.server.workdir
@@ -269,7 +241,7 @@ def first_attempt_error(world: World, engine) -> str | None:
 
 def test_served_webhooks_reach_private_addresses_only_when_allowed(served: World, engine):
     world = served
-    receiver = _Receiver()
+    receiver = CountingReceiver()
     try:
         expect(
             world.cli(

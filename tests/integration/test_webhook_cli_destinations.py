@@ -8,52 +8,14 @@ flag is still refused by a delivering process that was not given it.
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tests.support.cli import Cli, expect, one_error_line
+from tests.support.http import CountingReceiver
 from tests.support.leak_guard import new_key
 
 CLUSTER = "c"
-
-
-class _Receiver:
-    """A real HTTP receiver on 127.0.0.1 that answers 204 and counts what reached it."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                outer.requests += 1
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[_Receiver]:
-    r = _Receiver()
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 @pytest.fixture
@@ -102,7 +64,7 @@ def _import_root(store: Cli) -> None:
 
 
 def test_delivery_is_refused_unless_the_delivering_process_allows_it(
-    store: Cli, receiver: _Receiver
+    store: Cli, receiver: CountingReceiver
 ):
     # Added by a process that allowed private networks ...
     add = ("webhook", "add", "--allow-private-network", receiver.url, "--scope", f"root:{CLUSTER}")

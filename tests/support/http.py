@@ -29,9 +29,11 @@ import os
 import re
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -266,3 +268,42 @@ __all__ = [
     "scrub",
     "served",
 ]
+
+
+class CountingReceiver:
+    """A webhook receiver on 127.0.0.1 (a private address: refused unless allowed) that
+    answers 204 and counts the POSTs it got; ``got`` is set on the first."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.got = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                receiver.requests += 1
+                self.send_response(204)
+                self.end_headers()
+                receiver.got.set()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[CountingReceiver]:
+    """A ``CountingReceiver`` for the test, closed after it."""
+    r = CountingReceiver()
+    try:
+        yield r
+    finally:
+        r.close()

@@ -4,15 +4,12 @@ unless private networks are allowed, at add time (every resolved address) and at
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from keyvault.errors import InvalidInput
 from keyvault.httpclient import HttpError
 from keyvault.services.webhooks import add_webhook, check_destination, http_send, is_public
+from tests.support.http import CountingReceiver
 
 PRIVATE_URLS = [
     "http://169.254.169.254/latest/meta-data/",  # the cloud metadata service
@@ -67,41 +64,7 @@ def test_add_refuses_a_private_url_before_anything_is_written():
         )
 
 
-class _Receiver:
-    def __init__(self) -> None:
-        self.requests = 0
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.requests += 1
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[_Receiver]:
-    r = _Receiver()
-    try:
-        yield r
-    finally:
-        r.close()
-
-
-def test_delivery_checks_the_address_it_connected_to(receiver: _Receiver):
+def test_delivery_checks_the_address_it_connected_to(receiver: CountingReceiver):
     with pytest.raises(HttpError, match=r"is at 127\.0\.0\.1, a loopback.*refused"):
         http_send(receiver.url, b"{}", {}, allow_private_network=False)
     assert receiver.requests == 0  # refused before anything was sent
