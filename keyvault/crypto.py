@@ -17,6 +17,7 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -175,6 +176,48 @@ def rewrap(keyring: Keyring, sealed: Sealed, aad: bytes, *, to: str, what: str) 
     nonce = secrets.token_bytes(NONCE_BYTES)
     wrapped = nonce + _aesgcm(keyring.key(to)).encrypt(nonce, dek, _wrap_aad(to, aad))
     return Sealed(ciphertext=sealed.ciphertext, wrapped_key=wrapped, master_key_id=to)
+
+
+# Purposes of keys derived from a master key (``subkey``); each is used for one job only.
+PURPOSE_CONFIG_MAC = "config-mac"
+PURPOSE_AUDIT_CHAIN = "audit-chain"
+
+
+def subkey(keyring: Keyring, key_id: str, purpose: str) -> bytes:
+    """A 256-bit key derived from master key ``key_id`` for one ``purpose`` (HKDF-SHA256).
+
+    Why derived, not the master key itself: a MAC key that leaks (it sits in a server's
+    memory while it checks rows) must not open a single sealed value.
+    """
+    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415 - cryptography: ~55 ms, on demand
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: PLC0415 - as above
+
+    info = f"keyvault/v1/subkey|{purpose}|{key_id}".encode()
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info)
+    return hkdf.derive(keyring.key(key_id))
+
+
+def mac(key: bytes, *fields: object) -> str:
+    """HMAC-SHA256 (hex) of ``fields`` in a canonical, unambiguous encoding.
+
+    Fields are encoded as a JSON array (``None``, str, int, bool, lists of those; datetimes
+    as ISO strings), so ("a|b", "c") and ("a", "b|c") never collide.
+    """
+
+    def norm(value: object) -> object:
+        if isinstance(value, datetime):
+            return value.isoformat()
+        if isinstance(value, (list, tuple)):
+            return [norm(v) for v in value]
+        return value
+
+    data = json.dumps([norm(f) for f in fields], separators=(",", ":"), sort_keys=True)
+    return hmac.new(key, data.encode(), hashlib.sha256).hexdigest()
+
+
+def mac_matches(expected: str | None, actual: str) -> bool:
+    """Constant-time comparison of two hex MACs; a missing MAC never matches."""
+    return expected is not None and hmac.compare_digest(expected.encode(), actual.encode())
 
 
 def check_value(keyring: Keyring, key_id: str) -> bytes:

@@ -353,3 +353,24 @@ def test_atomic_write_failure_leaves_the_old_file_and_no_temp_files(tmp_path, ke
         crypto.write_private_file(target, b"new content")
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["adir", "master.key"]
+
+
+def test_subkeys_differ_by_purpose_and_master_key():
+    ring = crypto.Keyring.generate().with_new_active()
+    first, second = sorted(ring.keys)
+    config = crypto.subkey(ring, first, crypto.PURPOSE_CONFIG_MAC)
+    assert len(config) == 32
+    assert config != crypto.subkey(ring, first, crypto.PURPOSE_AUDIT_CHAIN)
+    assert config != crypto.subkey(ring, second, crypto.PURPOSE_CONFIG_MAC)
+    assert config == crypto.subkey(ring, first, crypto.PURPOSE_CONFIG_MAC)
+
+
+def test_mac_encoding_is_unambiguous_and_checked_in_constant_time():
+    key = b"k" * 32
+    tag = crypto.mac(key, "a|b", "c")
+    assert tag != crypto.mac(key, "a", "b|c")
+    assert tag != crypto.mac(key, ["a|b", "c"])
+    assert crypto.mac(key, None) != crypto.mac(key, "None")
+    assert crypto.mac_matches(tag, crypto.mac(key, "a|b", "c"))
+    assert not crypto.mac_matches(None, tag)
+    assert not crypto.mac_matches(tag, crypto.mac(b"j" * 32, "a|b", "c"))
