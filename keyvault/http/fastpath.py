@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keyvault.errors import KeyvaultError
@@ -37,6 +38,7 @@ METHODS = ("GET", "HEAD")
 FAST_ROUTES = frozenset((method, route) for method in METHODS for route in (ROOT_ROUTE, APP_ROUTE))
 HEAD_ACTION = "head"  # the audit action of a HEAD: the version was shown, not the key
 _JSON = (b"content-type", b"application/json")
+_ALLOW = {"Allow": ", ".join(METHODS)}
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -59,15 +61,14 @@ class FastKeyPath:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = (
-            KEY_PATH.match(scope["path"])
-            if scope["type"] == "http" and scope["method"] in METHODS
-            else None
-        )
+        match = KEY_PATH.match(scope["path"]) if scope["type"] == "http" else None
         if match is None:
             await self.app(scope, receive, send)
             return
         scope[ROUTE_KEY] = ROOT_ROUTE if match.group(2) else APP_ROUTE
+        if scope["method"] not in METHODS:  # routing would name only the first route's method
+            await send_error(send, error_response(HTTPException(405, headers=_ALLOW)))
+            return
         await self._serve(scope, send, match)
 
     async def _serve(self, scope: Scope, send: Send, match: re.Match[str]) -> None:
