@@ -138,9 +138,7 @@ def test_if_none_match_per_rfc_9110(served: World, engine):
 # --- HEAD -----------------------------------------------------------------------------------
 
 
-def test_head_answers_the_get_headers_without_the_key_and_is_audited_as_head(
-    served: World, engine
-):
+def test_head_answers_the_get_headers_without_the_key_and_is_audited_as_head(served: World, engine):
     world = served
     get = raw(world, "GET", A1, token="app-a1")
     last = last_audit_id(engine)
@@ -306,20 +304,25 @@ def test_if_match_makes_a_retried_rotate_safe_over_http(served: World, engine, s
 
 # --- /openapi.json --------------------------------------------------------------------------------
 
+KEY = "200 304 400 401 403 404 500 503"
+VERSIONS = "200 400 401 403 404 500 503"
+ROTATE = "200 400 401 403 404 409 412 500 502 503"
+C, APP = "/v1/clusters/{cluster}", "/v1/clusters/{cluster}/apps/{appid}"
+BEARER = "bearerToken"
 OPERATIONS = {  # (method, path): (operationId, the statuses it sends, its security scheme)
-    ("get", "/v1/clusters/{cluster}/root"): ("get_root_key", "200 304 400 401 403 404 500 503", "bearerToken"),
-    ("head", "/v1/clusters/{cluster}/root"): ("head_root_key", "200 304 400 401 403 404 500 503", "bearerToken"),
-    ("get", "/v1/clusters/{cluster}/apps/{appid}"): ("get_app_key", "200 304 400 401 403 404 500 503", "bearerToken"),
-    ("head", "/v1/clusters/{cluster}/apps/{appid}"): ("head_app_key", "200 304 400 401 403 404 500 503", "bearerToken"),
-    ("get", "/v1/clusters/{cluster}/root/versions"): ("list_root_versions", "200 400 401 403 404 500 503", "bearerToken"),
-    ("get", "/v1/clusters/{cluster}/apps/{appid}/versions"): ("list_app_versions", "200 400 401 403 404 500 503", "bearerToken"),
-    ("post", "/v1/clusters/{cluster}/root/rotate"): ("rotate_root_key", "200 400 401 403 404 409 412 500 502 503", "bearerToken"),
-    ("post", "/v1/clusters/{cluster}/apps/{appid}/rotate"): ("rotate_app_key", "200 400 401 403 404 409 412 500 502 503", "bearerToken"),
-    ("get", "/v1/events"): ("list_events", "200 400 401 500 503", "bearerToken"),
+    ("get", f"{C}/root"): ("get_root_key", KEY, BEARER),
+    ("head", f"{C}/root"): ("head_root_key", KEY, BEARER),
+    ("get", APP): ("get_app_key", KEY, BEARER),
+    ("head", APP): ("head_app_key", KEY, BEARER),
+    ("get", f"{C}/root/versions"): ("list_root_versions", VERSIONS, BEARER),
+    ("get", f"{APP}/versions"): ("list_app_versions", VERSIONS, BEARER),
+    ("post", f"{C}/root/rotate"): ("rotate_root_key", ROTATE, BEARER),
+    ("post", f"{APP}/rotate"): ("rotate_app_key", ROTATE, BEARER),
+    ("get", "/v1/events"): ("list_events", "200 400 401 500 503", BEARER),
     ("get", "/healthz"): ("healthz", "200", None),
     ("get", "/readyz"): ("readyz", "200 503", None),
     ("get", "/metrics"): ("metrics", "200 401 500 503", "metricsToken"),
-}  # fmt: skip
+}
 
 
 @SQLITE_ONLY  # the document does not depend on the database
