@@ -29,6 +29,10 @@ _CREDENTIALS = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?: +([A-Za-z0-9._~+/-]
 # One list member: an entity-tag (etagc: %x21 / %x23-7E / obs-text), or "*".
 _ETAG = re.compile(r'(W/)?"([\x21\x23-\x7e\x80-\xff]*)"')
 _OWS = " \t"
+# If-Match as the OpenAPI document declares it (ECMA-262): "*" or a list of entity-tags. The
+# parser accepts a little more (empty list elements, obs-text); never less.
+_TAG = r'(W/)?"[\x21\x23-\x7e]*"'
+IF_MATCH_PATTERN = rf"^[ \t]*(\*|{_TAG}([ \t]*,[ \t]*{_TAG})*)[ \t]*$"
 _VERSION_TAG = re.compile(r"v([1-9][0-9]{0,17})")  # our opaque-tags: "v1", "v2", ...
 
 

@@ -1,7 +1,7 @@
 """/openapi.json as code generators expect it, from FastAPI's document plus what it cannot say.
 
 - the configured APPID grammar on every ``appid`` parameter (declared; app_scope() enforces
-  it with Python's re.fullmatch);
+  it with Python's re.fullmatch), and If-Match's grammar (headers.if_match enforces it);
 - bearer ``securitySchemes``, applied per operation: the API's token on every ``/v1/``
   route, the scrape token (optional: only with ``serve --metrics-token-file``) on
   ``/metrics``, none on ``/healthz`` and ``/readyz``;
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from keyvault.http.headers import IF_MATCH_PATTERN
 from keyvault.http.schemas import ErrorOut, WebhookEventData, WebhookPayload
 from keyvault.scope import schema_pattern
 
@@ -63,6 +64,7 @@ def customise(schema: dict[str, Any], appid_pattern: str) -> dict[str, Any]:
     for path, item in schema.get("paths", {}).items():
         for method, operation in item.items():
             _declare_appid_pattern(operation, anchored)
+            _declare_if_match(operation)
             responses = operation.get("responses", {})
             responses.pop("422", None)
             if method == "head":  # a HEAD response has no body
@@ -84,6 +86,13 @@ def _declare_appid_pattern(operation: dict[str, Any], pattern: str) -> None:
     for parameter in operation.get("parameters", []):
         if parameter.get("name") == "appid" and parameter.get("in") == "path":
             parameter.setdefault("schema", {})["pattern"] = pattern
+
+
+def _declare_if_match(operation: dict[str, Any]) -> None:
+    """If-Match as a string of its grammar (a malformed one is a 400, not a 412)."""
+    for parameter in operation.get("parameters", []):
+        if parameter.get("name") == "If-Match" and parameter.get("in") == "header":
+            parameter["schema"] = {"type": "string", "pattern": IF_MATCH_PATTERN}
 
 
 def _security_of(path: str) -> list[dict[str, list[str]]] | None:

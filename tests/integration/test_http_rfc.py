@@ -6,7 +6,8 @@ SQLite and PostgreSQL, with raw requests (``http.client``: repeated header lines
 - HEAD on the key paths: the GET's headers, no body, audited as ``head``;
 - the Bearer scheme in any case on every route; other schemes are 401;
 - a malformed APPID: one 400 body on the key read (fast path), HEAD, /versions and rotate,
-  before the token is looked at (not audited); a malformed If-Match likewise;
+  before the token is looked at (not audited); a malformed If-Match: 400 once the caller
+  may rotate (RFC 9110: a 401 or 403 comes first);
 - If-Match on rotate over the real sshd: a retry after success is 412 and rotates nothing;
   two requests at once expecting the same version rotate once;
 - /openapi.json: a valid OpenAPI 3.1 document with stable operationIds, the statuses each
@@ -228,17 +229,27 @@ def test_a_malformed_appid_gets_the_same_400_on_every_path(served: World, engine
     assert audit_rows(engine, before) == []  # invalid input: refused before any access
 
 
-def test_a_malformed_if_match_is_400_before_the_token_and_not_audited(served: World, engine):
+def test_a_malformed_if_match_is_400_once_the_caller_may_rotate(served: World, engine):
+    """RFC 9110 §13.2.1: preconditions count only for a request that would otherwise succeed,
+    so a 401 or 403 wins; then a malformed If-Match is a 400 (audited), never ignored."""
     world = served
+    rotate = f"{ROOT}/rotate"
     before = last_audit_id(engine)
-    for value in ("v1", '"v1', '"v1", *', "garbage"):
-        for token in ("", "rotator"):
-            answer = raw(world, "POST", f"{ROOT}/rotate", [("If-Match", value)], token=token)
-            assert (answer.status, answer.json()["error"]) == (400, "invalid_input"), value
-            assert "If-Match" in answer.json()["detail"]
-    assert audit_rows(engine, before) == []
-    # Well-formed: on to the token and the rotation service (cluster c has no SSH host).
-    answer = raw(world, "POST", f"{ROOT}/rotate", [("If-Match", 'W/"v1"')], token="rotator")
+    for value in ("v1", '"v1', '"v1", *', "garbage", ""):
+        answer = raw(world, "POST", rotate, [("If-Match", value)])
+        assert answer.status == 401, value
+        answer = raw(world, "POST", rotate, [("If-Match", value)], token="root-c")
+        assert answer.status == 403, value  # root-c may read but not rotate
+        answer = raw(world, "POST", rotate, [("If-Match", value)], token="rotator")
+        assert (answer.status, answer.json()["error"]) == (400, "invalid_input"), value
+        assert "If-Match" in answer.json()["detail"]
+    outcomes = [(r[0], r[4]) for r in audit_rows(engine, before)]
+    assert (
+        outcomes
+        == [("(none)", "unauthorized"), ("root-c", "forbidden"), ("rotator", "invalid_input")] * 5
+    )
+    # Well-formed: on to the rotation service (cluster c has no SSH host: 404 before any check).
+    answer = raw(world, "POST", rotate, [("If-Match", 'W/"v1"')], token="rotator")
     assert answer.status == 404
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from keyvault.errors import InvalidInput
 from keyvault.http.headers import (
+    IF_MATCH_PATTERN,
     EntityTag,
     TagList,
     VersionCondition,
@@ -139,3 +142,13 @@ def test_a_malformed_if_match_is_refused_not_ignored(header: str):
     with pytest.raises(InvalidInput) as info:
         if_match([header])
     assert info.value.http_status == 400 and "If-Match" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['"v1"', "*", ' W/"v1" , "v2"', '"a,b"', '""', "", "null", "&", '"v1" "v2"', '*,"v1"', "v1"],
+)
+def test_the_declared_if_match_pattern_accepts_nothing_the_parser_refuses(value: str):
+    declared = re.fullmatch(IF_MATCH_PATTERN, value) is not None
+    parsed = parse_tag_list([value]) is not None
+    assert declared <= parsed, value  # schema-valid => accepted (a client is never surprised)

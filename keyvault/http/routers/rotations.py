@@ -15,7 +15,8 @@ intent before it acts and its outcome after:
 makes a retried request safe: the rotation service checks it once the rotation holds the
 scope (its journal row), so of two requests expecting vN exactly one rotates and the other
 gets 412 Precondition Failed (or 409 while the first still runs), with nothing rotated.
-A malformed If-Match is refused (400) before the token is looked at, like a bad APPID.
+As RFC 9110 orders it, the header is looked at only once the caller may rotate (a 401 or
+403 comes first); a malformed one is then refused (400, audited), never ignored.
 """
 
 from __future__ import annotations
@@ -42,20 +43,18 @@ IF_MATCH_DOC = (
 )
 
 
-def rotation_condition(
+def if_match_lines(
     request: Request,
     # Declared for the OpenAPI document; the value read is every If-Match line (one list).
     if_match_header: Annotated[
         str | None, Header(alias="If-Match", description=IF_MATCH_DOC)
     ] = None,
-) -> VersionCondition | None:
-    """The If-Match precondition, or None; ``InvalidInput`` (400) if it is malformed."""
-    return if_match(request.headers.getlist("if-match"))
+) -> list[str]:
+    """Every If-Match line of the request (parsed once the caller may rotate)."""
+    return request.headers.getlist("if-match")
 
 
-# Solved before the access dependency (parameter order): a bad header is a 400 before the
-# token is looked at, and is not audited, as a bad APPID.
-Condition = Annotated[VersionCondition | None, Depends(rotation_condition)]
+IfMatch = Annotated[list[str], Depends(if_match_lines)]
 
 
 @router.post(
@@ -64,9 +63,9 @@ Condition = Annotated[VersionCondition | None, Depends(rotation_condition)]
     responses=ROTATE_ERRORS,
     operation_id="rotate_root_key",
 )
-async def rotate_root(condition: Condition, access: RootRotate, state: State) -> RotationOut:
+async def rotate_root(access: RootRotate, state: State, if_match: IfMatch) -> RotationOut:
     """Rotate the root key with ta-tool (the old key dies at once)."""
-    return await _rotate(access, state, condition)
+    return await _rotate(access, state, if_match)
 
 
 @router.post(
@@ -75,21 +74,22 @@ async def rotate_root(condition: Condition, access: RootRotate, state: State) ->
     responses=ROTATE_ERRORS,
     operation_id="rotate_app_key",
 )
-async def rotate_app(condition: Condition, access: AppRotate, state: State) -> RotationOut:
+async def rotate_app(access: AppRotate, state: State, if_match: IfMatch) -> RotationOut:
     """Rotate a project key with ta-tool (the old key dies at once)."""
-    return await _rotate(access, state, condition)
+    return await _rotate(access, state, if_match)
 
 
-async def _rotate(
-    access: Access, state: ServerState, condition: VersionCondition | None
-) -> RotationOut:
+async def _rotate(access: Access, state: ServerState, if_match_values: list[str]) -> RotationOut:
     grant, target, audit = access.grant, access.target, access.audit
-    if not grant.can_rotate:
-        raise await audit.refused(
-            Forbidden(
+    try:
+        if not grant.can_rotate:
+            raise Forbidden(
                 f"token {grant.name!r} may read but not rotate", hint="create one with --rotate"
             )
-        )
+        # RFC 9110 §13.2.1: preconditions only once the request would otherwise succeed.
+        condition = if_match(if_match_values)
+    except KeyvaultError as exc:
+        raise await audit.refused(exc) from None
     await audit.record(STARTED)  # AuditUnavailable (503): not recorded, so not done
     try:
         outcome = await run_in_threadpool(
