@@ -80,6 +80,8 @@ def parse_tag_list(values: Iterable[str]) -> TagList | None:
 
 def _split_members(value: str) -> list[str]:
     """Split on the commas outside quotes (an opaque-tag may hold a comma)."""
+    if "," not in value:  # the usual If-None-Match: one tag
+        return [value]
     members, start, quoted = [], 0, False
     for i, char in enumerate(value):
         if char == '"':
@@ -94,6 +96,8 @@ def _split_members(value: str) -> list[str]:
 def none_match(values: Iterable[str], etag: str) -> bool:
     """True if If-None-Match (its header lines ``values``) matches the current ``etag``
     by the weak comparison, i.e. the answer is 304; False if absent or malformed."""
+    if len(values) == 1 and values[0] == etag:  # the hot path's revalidation, parsed or not
+        return True
     parsed = parse_tag_list(values)
     if parsed is None:
         return False
