@@ -18,7 +18,7 @@ Plain functions on strings: imported by the fast path without FastAPI.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from keyvault.errors import InvalidInput
@@ -93,7 +93,7 @@ def _split_members(value: str) -> list[str]:
     return members
 
 
-def none_match(values: Iterable[str], etag: str) -> bool:
+def none_match(values: Sequence[str], etag: str) -> bool:
     """True if If-None-Match (its header lines ``values``) matches the current ``etag``
     by the weak comparison, i.e. the answer is 304; False if absent or malformed."""
     if len(values) == 1 and values[0] == etag:  # the hot path's revalidation, parsed or not
