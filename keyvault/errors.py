@@ -21,7 +21,8 @@ cannot serve, 500 (the root's) for the rest; an exception outside this tree is a
     ├── NotFound                               cluster, secret, version, host, rotation
     ├── Conflict                               already exists, concurrent change
     │   ├── RotationUnresolved                 a previous rotation must be recovered
-    │   └── MasterKeyLocked                    the keyring file's lock is held (master-key rotate)
+    │   ├── MasterKeyLocked                    the keyring file's lock is held (master-key rotate)
+    │   └── PreconditionFailed                 HTTP 412: If-Match named another version (nothing rotated)
     ├── DatabaseError                          the database refused or is unreachable
     ├── SshError                               anything on the way to ta-tool
     │   ├── HostUnreachable                    TCP/SSH handshake failed (safe to fail over)
@@ -277,3 +278,10 @@ class IllegalTransition(KeyvaultError):
             f"rotation {rotation_id}: {old} -> {new} is not an allowed transition",
             hint="this is a bug in keyvault; the rotation row was left unchanged",
         )
+
+
+class PreconditionFailed(Conflict):
+    """A rotation's precondition (HTTP ``If-Match``) did not hold: nothing was rotated."""
+
+    code = "precondition_failed"
+    http_status = 412

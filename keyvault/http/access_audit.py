@@ -31,7 +31,7 @@ class AccessAudit:
     """The audit record of one request, filled in as the request is served."""
 
     writer: AuditWriter
-    action: str  # read, rotate, versions, events
+    action: str  # read, head, rotate, versions, events
     cluster: str | None
     scope: str | None
     client: str | None

@@ -30,10 +30,10 @@ from keyvault.http.errors import error_response
 from keyvault.http.fastpath import FastKeyPath
 from keyvault.http.metrics import Metrics
 from keyvault.http.middleware import ACCESS_LOGGER, RequestContext
+from keyvault.http.openapi import customise
 from keyvault.http.routers import events, health, keys, metrics, rotations
 from keyvault.http.routers.metrics import read_metrics_token
 from keyvault.http.state import DB_BUDGET, ServerState
-from keyvault.scope import schema_pattern
 from keyvault.services import webhooks
 from keyvault.services.scheduler import SchedulerThread
 from keyvault.services.webhook_worker import WebhookWorker
@@ -91,7 +91,7 @@ def create_app(
         app.include_router(router)
     for kind in (KeyvaultError, RequestValidationError, HTTPException):
         app.add_exception_handler(kind, _answer_error)
-    app.openapi = _openapi_with_appid_pattern(app, settings.appid_pattern)  # type: ignore[method-assign]
+    app.openapi = _customised_openapi(app, settings.appid_pattern)  # type: ignore[method-assign]
     fast = FastKeyPath(app, state=lambda: app.state.server)
     return RequestContext(fast, metrics=app.state.metrics)
 
@@ -137,26 +137,13 @@ async def _answer_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error.body, status_code=error.status, headers=error.headers)
 
 
-def _openapi_with_appid_pattern(app: FastAPI, pattern: str) -> Callable[[], dict[str, Any]]:
-    """app.openapi, declaring the configured APPID grammar on every ``appid`` parameter.
-
-    Declared, not enforced by FastAPI (the pattern is Python's): app_scope() enforces it.
-    """
+def _customised_openapi(app: FastAPI, appid_pattern: str) -> Callable[[], dict[str, Any]]:
+    """app.openapi, completed by keyvault.http.openapi (security, webhooks, APPID grammar)."""
     original = app.openapi
-    anchored = schema_pattern(pattern)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _declare_appid_pattern(original(), anchored)
+            app.openapi_schema = customise(original(), appid_pattern)
         return app.openapi_schema
 
     return openapi
-
-
-def _declare_appid_pattern(schema: dict[str, Any], pattern: str) -> dict[str, Any]:
-    for item in schema.get("paths", {}).values():
-        for operation in item.values():
-            for parameter in operation.get("parameters", []):
-                if parameter.get("name") == "appid" and parameter.get("in") == "path":
-                    parameter.setdefault("schema", {})["pattern"] = pattern
-    return schema

@@ -1,9 +1,16 @@
-"""The hot path, as plain ASGI: GET the current key of a scope.
+"""The hot path, as plain ASGI: GET (and HEAD) the current key of a scope.
 
 It runs before FastAPI's routing and validation because this one request is what
 consumers make thousands of times a second; the same routes are declared in
-routers/keys.py so that they appear in /openapi.json. Errors are answered by the one
-error surface (errors.error_response), exactly as the routes answer them.
+routers/keys.py so that they appear in /openapi.json (``FAST_ROUTES`` lists them; a test
+keeps both in line). Errors are answered by the one error surface (errors.error_response),
+exactly as the routes answer them, in the same order: the APPID is validated first (400,
+not audited, as on every route), then the token, the scope and the key (each audited).
+
+``If-None-Match`` follows RFC 9110 (keyvault.http.headers): weak comparison, lists, ``*``;
+a malformed value is ignored (the key is sent). ``HEAD`` answers the headers of the GET
+(``ETag``, ``Content-Length``) without the body: it reveals the version, never the key, and
+is audited as its own action ``head`` (not ``read``: no key left the server).
 """
 
 from __future__ import annotations
@@ -11,18 +18,27 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keyvault.errors import KeyvaultError
 from keyvault.http.access_audit import AccessAudit, client_of
 from keyvault.http.errors import error_response, send_error
+from keyvault.http.headers import none_match
 from keyvault.http.middleware import ROUTE_KEY
 from keyvault.http.state import KeyEntry, ServerState, require_scope
+from keyvault.scope import app_scope, root_scope
 
-KEY_PATH = re.compile(r"^/v1/clusters/([^/]{1,64})/(?:(root)|apps/([^/]{1,64}))$")
+# Any APPID after apps/ (up to the next slash): a malformed one is answered 400 here, with
+# the body every other route gives it (scope.app_scope), not passed on to routing.
+KEY_PATH = re.compile(r"^/v1/clusters/([^/]{1,64})/(?:(root)|apps/([^/]+))$")
 ROOT_ROUTE = "/v1/clusters/{cluster}/root"
 APP_ROUTE = "/v1/clusters/{cluster}/apps/{appid}"
+METHODS = ("GET", "HEAD")
+FAST_ROUTES = frozenset((method, route) for method in METHODS for route in (ROOT_ROUTE, APP_ROUTE))
+HEAD_ACTION = "head"  # the audit action of a HEAD: the version was shown, not the key
 _JSON = (b"content-type", b"application/json")
+_ALLOW = {"Allow": ", ".join(METHODS)}
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -30,6 +46,11 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+def _header_lines(scope: Scope, name: bytes) -> list[str]:
+    """Every line of a list header (RFC 9110 §5.3: sent twice, it is one list)."""
+    return [value.decode("latin-1") for key, value in scope["headers"] if key == name]
 
 
 class FastKeyPath:
@@ -40,24 +61,33 @@ class FastKeyPath:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = (
-            KEY_PATH.match(scope["path"])
-            if scope["type"] == "http" and scope["method"] == "GET"
-            else None
-        )
+        match = KEY_PATH.match(scope["path"]) if scope["type"] == "http" else None
         if match is None:
             await self.app(scope, receive, send)
             return
         scope[ROUTE_KEY] = ROOT_ROUTE if match.group(2) else APP_ROUTE
+        if scope["method"] not in METHODS:  # routing would name only the first route's method
+            await send_error(send, error_response(HTTPException(405, headers=_ALLOW)))
+            return
         await self._serve(scope, send, match)
 
     async def _serve(self, scope: Scope, send: Send, match: re.Match[str]) -> None:
         state = self.state()
+        head = scope["method"] == "HEAD"
+        try:
+            key_scope = (
+                root_scope()
+                if match.group(2)
+                else app_scope(match.group(3), state.settings.appid_pattern)
+            )
+        except KeyvaultError as exc:  # as the routes: validated before authenticated, not audited
+            await send_error(send, error_response(exc))
+            return
         read = AccessAudit(
             state.audit,
-            "read",
+            HEAD_ACTION if head else "read",
             match.group(1),
-            "root" if match.group(2) else f"app:{match.group(3)}",
+            str(key_scope),
             client_of(scope),
             deadline=state.deadline(),  # one budget for the lookups and the record together
         )
@@ -67,12 +97,12 @@ class FastKeyPath:
             entry = await state.blocking(
                 self._authorized_entry, state, scope, read, deadline=read.deadline
             )
-            if _header(scope, b"if-none-match") == entry.etag:
+            if none_match(_header_lines(scope, b"if-none-match"), entry.etag):
                 await read.record("not_modified")
                 await _send_not_modified(send, entry)
             else:
                 await read.record("ok")
-                await _send_key(send, entry)
+                await _send_key(send, entry, head=head)
         except KeyvaultError as exc:
             await send_error(send, error_response(await read.refused(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug: answered (500) and logged by error_response
@@ -91,7 +121,8 @@ class FastKeyPath:
         return entry
 
 
-async def _send_key(send: Send, entry: KeyEntry) -> None:
+async def _send_key(send: Send, entry: KeyEntry, *, head: bool = False) -> None:
+    """The key (for HEAD: the same headers, no body; the key is never handed to the server)."""
     headers = [
         _JSON,
         (b"content-length", str(len(entry.body)).encode()),
@@ -99,10 +130,11 @@ async def _send_key(send: Send, entry: KeyEntry) -> None:
         (b"cache-control", b"no-store"),
     ]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": entry.body})
+    await send({"type": "http.response.body", "body": b"" if head else entry.body})
 
 
 async def _send_not_modified(send: Send, entry: KeyEntry) -> None:
-    headers = [(b"etag", entry.etag.encode())]
+    # RFC 9110 §15.4.5: a 304 carries the ETag and Cache-Control a 200 would have.
+    headers = [(b"etag", entry.etag.encode()), (b"cache-control", b"no-store")]
     await send({"type": "http.response.start", "status": 304, "headers": headers})
     await send({"type": "http.response.body", "body": b""})

@@ -84,8 +84,9 @@ _ERROR_DESCRIPTIONS = {
     400: "Invalid input (a path, query or header value)",
     401: "Missing, unknown, expired or revoked token (WWW-Authenticate: Bearer)",
     403: "The token does not cover this scope or action",
-    404: "No such cluster, key or route",
-    409: "A previous rotation of this scope is unresolved, or another conflict",
+    404: "No such cluster or key (or, for a rotation, no SSH host)",
+    409: "A previous rotation of this scope is unresolved (or still running), or another conflict",
+    412: "If-Match named another version than the current one: nothing was rotated",
     500: "A bug in keyvault (internal_error); the log holds the traceback under the request id",
     502: "A host or the TA Open API behind keyvault failed (SSH, ta-tool)",
     503: "keyvault cannot serve: database unreachable, audit not written, master key missing",
@@ -100,15 +101,51 @@ def error_responses(*statuses: int) -> Responses:
     }
 
 
-ERRORS = error_responses(400, 401, 403, 404, 500, 503)
-ROTATE_ERRORS = error_responses(400, 401, 403, 404, 409, 500, 502, 503)
+# Per route, the statuses it really sends (a test checks them against the code paths).
+_KEY_STATUSES = (400, 401, 403, 404, 500, 503)
+KEY_ERRORS = error_responses(*_KEY_STATUSES)
+VERSIONS_ERRORS = KEY_ERRORS
+EVENTS_ERRORS = error_responses(400, 401, 500, 503)  # any token may follow the feed: no 403
+ROTATE_ERRORS = error_responses(400, 401, 403, 404, 409, 412, 500, 502, 503)
 _ETAG = {"ETag": {"description": 'The version, e.g. "v3"', "schema": {"type": "string"}}}
-# The key read answers If-None-Match itself (FastKeyPath): declare its ETag and its 304.
-KEY_RESPONSES: Responses = {
-    **ERRORS,
-    200: {"headers": _ETAG},
-    304: {
-        "description": "Not Modified: If-None-Match named the current version (no body)",
-        "headers": _ETAG,
-    },
+_NOT_MODIFIED = {
+    "description": "Not Modified: If-None-Match named the current version (no body)",
+    "headers": _ETAG,
 }
+# The key read answers If-None-Match itself (FastKeyPath): declare its ETag and its 304.
+KEY_RESPONSES: Responses = {**KEY_ERRORS, 200: {"headers": _ETAG}, 304: _NOT_MODIFIED}
+# HEAD: the same statuses, headers only (a HEAD response has no body).
+HEAD_RESPONSES: Responses = {
+    200: {"description": "The key exists and the token may read it (no body)", "headers": _ETAG},
+    304: _NOT_MODIFIED,
+    **{status: {"description": _ERROR_DESCRIPTIONS[status]} for status in _KEY_STATUSES},
+}
+
+
+# --- webhooks (declared in /openapi.json under `webhooks`) ----------------------------------
+
+
+class WebhookEventData(BaseModel):
+    """Metadata of the event (keyvault.services.webhooks.outbox.PAYLOAD_FIELDS): never a key."""
+
+    event_id: int = Field(description="The event's id, as in /v1/events (webhook-id: msg_<id>)")
+    cluster: str
+    scope: str = Field(description="root or app:<APPID>")
+    at: str = Field(description="When it happened (ISO 8601, UTC)")
+    old_version: int | None = None
+    new_version: int | None = None
+    old_fingerprint: str | None = None
+    new_fingerprint: str | None = None
+    fingerprint: str | None = None
+    rotation_id: str | None = None
+    source: str | None = Field(None, description="How a version came: rotation, import, ...")
+    state: str | None = Field(None, description="A rotation's state (rotation.* events)")
+    return_code: int | None = Field(None, description="TA's return code of a failed check")
+
+
+class WebhookPayload(BaseModel):
+    """The JSON body of every webhook request (Standard Webhooks)."""
+
+    type: str = Field(description="The event type, e.g. secret.rotated")
+    timestamp: str = Field(description="When the event was recorded (ISO 8601, UTC)")
+    data: WebhookEventData

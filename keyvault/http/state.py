@@ -26,6 +26,7 @@ from keyvault.config import Settings
 from keyvault.db import make_engine, require_head, session_factory, transaction
 from keyvault.errors import DatabaseError, Forbidden, NotFound, Unauthorized
 from keyvault.http.audit_writer import AuditWriter
+from keyvault.http.headers import bearer_token
 from keyvault.models import CURRENT, AccessToken, Cluster, Secret, SecretVersion, utcnow
 from keyvault.services.secrets import reveal
 from keyvault.services.store import open_keyring
@@ -162,9 +163,10 @@ class ServerState:
 
     def authenticate(self, authorization: str | None, now: datetime | None = None) -> Grant:
         """The grant of a ``Bearer`` token, or ``Unauthorized``."""
-        if not authorization or not authorization.startswith("Bearer "):
+        token = bearer_token(authorization)  # the scheme in any case (RFC 9110 §11.1)
+        if token is None:
             raise Unauthorized("missing bearer token", hint="send `Authorization: Bearer <token>`")
-        digest = token_hash(authorization[7:].strip())
+        digest = token_hash(token)
         revision = self._revision_seen()
         cached = self._tokens.get(digest)
         if cached is not None and cached[0] == revision:

@@ -14,7 +14,7 @@ from keyvault.db import transaction
 from keyvault.errors import KeyvaultError
 from keyvault.http.access_audit import AccessAudit, client_of
 from keyvault.http.deps import State, audited_grant
-from keyvault.http.schemas import ERRORS, EventOut, EventsOut
+from keyvault.http.schemas import EVENTS_ERRORS, EventOut, EventsOut
 from keyvault.http.state import ServerState
 from keyvault.models import Event
 from keyvault.services.tokens import Grant
@@ -26,7 +26,9 @@ _POLL_SECONDS = 0.25
 
 
 # events.id is a 32-bit INTEGER on PostgreSQL: a larger ``after`` is invalid input, not a 503.
-@router.get("/v1/events", response_model=EventsOut, responses=ERRORS)
+@router.get(
+    "/v1/events", response_model=EventsOut, responses=EVENTS_ERRORS, operation_id="list_events"
+)
 async def events(
     request: Request,
     state: State,

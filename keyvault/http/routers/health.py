@@ -11,13 +11,15 @@ from keyvault.http.schemas import StatusOut, error_responses
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/healthz", response_model=StatusOut)
+@router.get("/healthz", response_model=StatusOut, operation_id="healthz")
 async def healthz() -> StatusOut:
     """The process is up (answered on the event loop, without the database)."""
     return StatusOut(status="ok")
 
 
-@router.get("/readyz", response_model=StatusOut, responses=error_responses(503))
+@router.get(
+    "/readyz", response_model=StatusOut, responses=error_responses(503), operation_id="readyz"
+)
 async def readyz(state: State) -> StatusOut:
     """The database answers, the master key is loaded and audit records can be written
     (503 otherwise: no key read could succeed)."""

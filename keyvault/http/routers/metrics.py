@@ -14,14 +14,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
 from keyvault.errors import ConfigError, Unauthorized
+from keyvault.http.headers import bearer_token
 from keyvault.http.metrics import CONTENT_TYPE, Metrics
+from keyvault.http.schemas import error_responses
 from keyvault.http.state import ServerState
 
 router = APIRouter(tags=["ops"])
 _TOKEN_FILE_LIMIT = 4096
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses=error_responses(401, 500, 503),
+    operation_id="metrics",
+)
 async def metrics(request: Request) -> PlainTextResponse:
     """Prometheus text exposition: this process's requests, and the store's state."""
     _check_scrape_token(request.app.state.metrics_token, request.headers.get("authorization"))
@@ -34,9 +41,7 @@ async def metrics(request: Request) -> PlainTextResponse:
 def _check_scrape_token(expected: str | None, authorization: str | None) -> None:
     if expected is None:
         return
-    given = (
-        authorization[7:].strip() if authorization and authorization.startswith("Bearer ") else ""
-    )
+    given = bearer_token(authorization) or ""
     if not hmac.compare_digest(given.encode(), expected.encode()):
         raise Unauthorized(
             "/metrics needs the scrape token",

@@ -38,7 +38,7 @@ from keyvault.config import Settings
 from keyvault.scope import Scope
 from keyvault.services.rotation.batch import BatchRun, OnDone, new_rotation_id
 from keyvault.services.rotation.cleanup import CleanupPolicy, DeferredCleanups
-from keyvault.services.rotation.journal import Journal, SessionFactory
+from keyvault.services.rotation.journal import Journal, Precondition, SessionFactory
 from keyvault.services.rotation.pool import ConnectionPool
 from keyvault.services.rotation.recovery import SETTLE_AFTER, Recovery
 from keyvault.services.rotation.results import Failure, ResultStatus, RotationResult
@@ -49,6 +49,7 @@ __all__ = [
     "SETTLE_AFTER",
     "CleanupPolicy",
     "Failure",
+    "Precondition",
     "ResultStatus",
     "RotationResult",
     "RotationService",
@@ -97,8 +98,19 @@ class RotationService:
     def _runtime(self) -> Runtime:
         return Runtime(self.settings, self.journal, self.pool, self.ta_client_factory, self.on_step)
 
-    def rotate(self, cluster_name: str, scope: Scope, *, actor: str) -> RotationResult:
-        """Generate, capture and store a new key for one scope; raises its error if it failed."""
+    def rotate(
+        self,
+        cluster_name: str,
+        scope: Scope,
+        *,
+        actor: str,
+        precondition: Precondition | None = None,
+    ) -> RotationResult:
+        """Generate, capture and store a new key for one scope; raises its error if it failed.
+
+        ``precondition(current_version)`` (HTTP If-Match) runs once the rotation holds the
+        scope (its journal row), so two callers expecting the same version rotate once.
+        """
         run = BatchRun(
             self._runtime(),
             cluster_name,
@@ -106,6 +118,7 @@ class RotationService:
             actor=actor,
             cleanup=CleanupPolicy.IMMEDIATE,
             deferred=DeferredCleanups(),
+            precondition=precondition,
         )
         (result,) = run.run()
         if result.failure is not None and result.failure.exception is not None:

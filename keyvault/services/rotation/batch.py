@@ -20,7 +20,7 @@ from keyvault.scope import Scope
 from keyvault.services.clusters import cluster_options, get_cluster
 from keyvault.services.hosts import become_for, list_hosts, su_password_for
 from keyvault.services.rotation.cleanup import CleanupPolicy, DeferredCleanups
-from keyvault.services.rotation.journal import unresolved_error, unresolved_of
+from keyvault.services.rotation.journal import Precondition, unresolved_error, unresolved_of
 from keyvault.services.rotation.results import Failure, RotationResult
 from keyvault.services.rotation.steps import (
     NewKey,
@@ -148,9 +148,11 @@ class BatchRun:
         cleanup: CleanupPolicy,
         deferred: DeferredCleanups,
         on_done: OnDone | None = None,
+        precondition: Precondition | None = None,
     ) -> None:
         self.rt, self.cluster_name, self.scopes, self.actor = rt, cluster_name, scopes, actor
         self.cleanup, self.deferred, self.on_done = cleanup, deferred, on_done
+        self.precondition = precondition  # HTTP If-Match, checked as each row is journaled
         self.results: list[RotationResult | None] = [None] * len(scopes)
         self._to_clean: list[str] = []  # ids whose keys are committed, for INLINE clean-up
         self._sent = 0  # how many of them were written to the batch's stdin
@@ -245,7 +247,11 @@ class BatchRun:
             if isinstance(command, str)
         ]
         refused = self.rt.journal.create_pending(
-            [(job.rid, job.scope) for job in jobs], plan.cluster, host, self.actor
+            [(job.rid, job.scope) for job in jobs],
+            plan.cluster,
+            host,
+            self.actor,
+            self.precondition,
         )
         for job in jobs:
             if job.rid in refused:

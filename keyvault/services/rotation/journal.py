@@ -19,12 +19,22 @@ from keyvault.errors import (
     InvalidInput,
     KeyvaultError,
     NotFound,
+    PreconditionFailed,
     ResolvedMeanwhile,
     RotationError,
     RotationUnresolved,
 )
 from keyvault.events import record_event
-from keyvault.models import UNRESOLVED_ROTATION_STATES, Cluster, Host, Rotation, utcnow
+from keyvault.models import (
+    CURRENT,
+    UNRESOLVED_ROTATION_STATES,
+    Cluster,
+    Host,
+    Rotation,
+    Secret,
+    SecretVersion,
+    utcnow,
+)
 from keyvault.rotation_states import RotationState, check_transition, is_unresolved
 from keyvault.scope import Scope
 from keyvault.services.rotation.results import RotationResult
@@ -34,6 +44,9 @@ from keyvault.services.verify import KeyCheckOutcome
 log = logging.getLogger("keyvault.rotation")
 SessionFactory = Callable[[], Session]
 S = RotationState
+# Called with the scope's current version number (None: no key yet) once the rotation holds
+# its scope (the pending row); raises ``PreconditionFailed`` to refuse it (HTTP If-Match).
+Precondition = Callable[[int | None], None]
 
 
 def unresolved_error(other: Rotation, cluster_name: str, scope: Scope | str) -> RotationUnresolved:
@@ -54,6 +67,19 @@ def unresolved_of(s: Session, cluster_id: int, scopes: Iterable[str]) -> dict[st
         Rotation.state.in_(UNRESOLVED_ROTATION_STATES),
     )
     return {r.scope: r for r in s.scalars(stmt)}
+
+
+def _current_number(s: Session, cluster_id: int, scope: Scope) -> int | None:
+    """The number of the scope's current version, if it has one."""
+    return s.scalar(
+        select(SecretVersion.number)
+        .join(Secret, SecretVersion.secret_id == Secret.id)
+        .where(
+            Secret.cluster_id == cluster_id,
+            Secret.scope == str(scope),
+            SecretVersion.state == CURRENT,
+        )
+    )
 
 
 def _locked(s: Session, rid: str) -> Rotation:
@@ -79,9 +105,20 @@ class Journal:
             return _get(s, rid).state
 
     def create_pending(
-        self, jobs: list[tuple[str, Scope]], cluster: Cluster, host: Host, actor: str
+        self,
+        jobs: list[tuple[str, Scope]],
+        cluster: Cluster,
+        host: Host,
+        actor: str,
+        precondition: Precondition | None = None,
     ) -> dict[str, KeyvaultError]:
-        """Step 2: commit a ``pending`` row per (rotation id, scope); returns the refused, by id."""
+        """Step 2: commit a ``pending`` row per (rotation id, scope); returns the refused, by id.
+
+        ``precondition`` is checked in the row's own transaction, after its insert: the
+        partial unique index serialises rotations of a scope, so a concurrent rotation either
+        makes this insert fail (409) or has committed its new version before this check reads
+        it (PostgreSQL's read committed: the insert waited for it; SQLite: BEGIN IMMEDIATE).
+        """
         now = utcnow()
 
         def add(s: Session, rid: str, scope: Scope) -> None:
@@ -89,6 +126,9 @@ class Journal:
             row.host_id, row.host_label, row.actor = host.id, host.label, actor
             row.created_at = row.updated_at = now
             s.add(row)
+            if precondition is not None:
+                s.flush()  # the scope is ours (or the insert failed) before the version is read
+                precondition(_current_number(s, cluster.id, scope))
 
         if len(jobs) > 1:
             try:
@@ -103,6 +143,8 @@ class Journal:
             try:
                 with transaction(self.factory) as s:
                     add(s, rid, scope)
+            except PreconditionFailed as exc:
+                refused[rid] = exc
             except KeyvaultError as exc:
                 refused[rid] = self._why_refused(exc, cluster, scope)
         return refused

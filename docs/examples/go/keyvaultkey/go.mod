@@ -1,0 +1,3 @@
+module example.com/keyvaultkey
+
+go 1.19
