@@ -49,11 +49,23 @@ from __future__ import annotations
 # distribution (ta-keyvault-client), so consumers get them without the server stack.
 from keyvault_client.errors import (
     Conflict as Conflict,
+)
+from keyvault_client.errors import (
     Forbidden as Forbidden,
+)
+from keyvault_client.errors import (
     InvalidInput as InvalidInput,
+)
+from keyvault_client.errors import (
     KeyvaultError as KeyvaultError,
+)
+from keyvault_client.errors import (
     NotFound as NotFound,
+)
+from keyvault_client.errors import (
     Unauthorized as Unauthorized,
+)
+from keyvault_client.errors import (
     Unavailable as Unavailable,
 )
 

@@ -179,9 +179,7 @@ def addresses_from(url: str | Sequence[str] | None, environ: Mapping[str, str]) 
     return list(dict.fromkeys(urls))
 
 
-def token_from(
-    token: str | None, token_file: str | None, environ: Mapping[str, str]
-) -> str:
+def token_from(token: str | None, token_file: str | None, environ: Mapping[str, str]) -> str:
     """The bearer token: ``token``, ``token_file``'s content, ``KEYVAULT_TOKEN``, or the
     content of ``KEYVAULT_TOKEN_FILE``, in that order."""
     if token is None and token_file is None:
