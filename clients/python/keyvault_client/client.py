@@ -35,7 +35,6 @@ import logging
 import os
 import random
 import re
-import socket
 import threading
 import time
 import urllib.parse
@@ -53,6 +52,7 @@ from keyvault_client.errors import (
     Unauthorized,
     Unavailable,
 )
+from keyvault_client.settings import addresses_from, consumer_name, token_from
 from keyvault_client.transport import HttpTransport, Request, Response, Transport, TransportError
 
 __all__ = ["Client", "KeyInfo", "Rotation"]
@@ -67,7 +67,6 @@ _ERRORS: dict[int, type[KeyvaultError]] = {
     409: Conflict,
 }
 _SEGMENT = re.compile(r"[^/\s]+")
-_CONSUMER = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 _FIELDS = ("cluster", "scope", "version", "fingerprint", "created_at", "key")
 _USER_AGENT = f"keyvault-client/{__version__}"
 EVENTS_PAGE = 100  # the server's page size: a shorter page is the end of the feed
@@ -134,89 +133,6 @@ def key_path(cluster: str, scope: str) -> str:
     return f"{base}/apps/{_segment(scope[4:], 'APPID')}"
 
 
-def normalize_url(url: str) -> str:
-    """``http(s)://host[:port][/prefix]`` without a trailing slash; InvalidInput otherwise."""
-    parts = urllib.parse.urlsplit(str(url).strip())
-    port_ok = _port_ok(parts)
-    port = f":{parts.port}" if port_ok and parts.port else ""
-    shown = f"{parts.scheme}://{parts.hostname or ''}{port}"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInput(
-            f"invalid keyvault URL {shown!r}",
-            hint="use http(s)://host[:port][/prefix], e.g. http://127.0.0.1:8200",
-        )
-    if "@" in parts.netloc or parts.query or parts.fragment or not port_ok:
-        raise InvalidInput(
-            f"invalid keyvault URL {shown!r}: no user@, query, fragment or bad port",
-            hint="the token goes in Client(url, token), not in the URL",
-        )
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
-
-
-def _port_ok(parts: urllib.parse.SplitResult) -> bool:
-    try:
-        _ = parts.port
-    except ValueError:
-        return False
-    return True
-
-
-def addresses_from(url: str | Sequence[str] | None, environ: Mapping[str, str]) -> list[str]:
-    """The base URLs: ``url`` (one, comma-separated, or a list), else ``KEYVAULT_ADDR``."""
-    given: Iterable[str]
-    if url is None:
-        given = environ.get("KEYVAULT_ADDR", "").split(",")
-    elif isinstance(url, str):
-        given = url.split(",")
-    else:
-        given = url
-    urls = [normalize_url(u) for u in given if str(u).strip()]
-    if not urls:
-        raise InvalidInput(
-            "no keyvault address",
-            hint="pass one or more URLs, or set KEYVAULT_ADDR (comma-separated)",
-        )
-    return list(dict.fromkeys(urls))
-
-
-def token_from(token: str | None, token_file: str | None, environ: Mapping[str, str]) -> str:
-    """The bearer token: ``token``, ``token_file``'s content, ``KEYVAULT_TOKEN``, or the
-    content of ``KEYVAULT_TOKEN_FILE``, in that order."""
-    if token is None and token_file is None:
-        token = environ.get("KEYVAULT_TOKEN") or None
-        token_file = None if token else (environ.get("KEYVAULT_TOKEN_FILE") or None)
-    if token is None and token_file is not None:
-        try:
-            with open(token_file, encoding="utf-8") as fh:
-                token = fh.read().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidInput(
-                f"cannot read the token file {token_file!r}: "
-                f"{getattr(exc, 'strerror', None) or type(exc).__name__}",
-                hint="pass --token-file FILE (or KEYVAULT_TOKEN_FILE) naming a readable file",
-            ) from None
-    if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token):
-        raise InvalidInput(
-            "the keyvault token is missing, empty or contains whitespace",
-            hint="pass the kvt_... string printed by `keyvault token create` "
-            "(token, KEYVAULT_TOKEN or KEYVAULT_TOKEN_FILE)",
-        )
-    return token
-
-
-def consumer_name(consumer: str | None) -> str:
-    """The ``X-Keyvault-Consumer`` value: ``consumer`` (checked), else the host name (made fit)."""
-    if consumer is not None:
-        if not _CONSUMER.fullmatch(consumer):
-            raise InvalidInput(
-                f"invalid consumer name {consumer[:80]!r}",
-                hint="use 1-64 characters of A-Z a-z 0-9 . _ : @ -",
-            )
-        return consumer
-    host = re.sub(r"[^A-Za-z0-9._:@-]", "-", socket.gethostname())[:64]
-    return host or "unknown"
-
-
 class _Hidden(str):
     """A str whose repr never shows its value (the bearer token kept for scrubbing)."""
 
@@ -236,7 +152,8 @@ class Client:
     addresses on no answer or 503, ``backoff`` seconds doubling up to ``max_backoff``,
     jittered. ``max_stale``: seconds a confirmed key may be served when keyvault cannot be
     reached (0: never). ``verify``: for https (True, False for tests, a CA file or an
-    SSLContext). ``transport``: a callable ``Request -> Response`` (default HTTP).
+    SSLContext). ``transport``: a callable ``Request -> Response`` (default HTTP);
+    ``sleep``, ``clock`` and ``rng`` make the backoff and the staleness testable.
     """
 
     def __init__(
@@ -255,6 +172,7 @@ class Client:
         transport: Transport | None = None,
         environ: Mapping[str, str] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         environ = os.environ if environ is None else environ
@@ -270,6 +188,7 @@ class Client:
         self.max_stale = float(max_stale)
         self._transport: Transport = transport or HttpTransport(verify)
         self._sleep = sleep
+        self._clock = clock
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._current = 0
@@ -335,7 +254,7 @@ class Client:
                     hint="check proxies in between",
                 )
             with self._lock:
-                self._confirmed[(cluster, scope)] = time.monotonic()
+                self._confirmed[(cluster, scope)] = self._clock()
             return cached
         if response.status != 200:
             if response.status == 404:
@@ -344,7 +263,7 @@ class Client:
         info = self._parse_key(path, response, cluster, scope)
         with self._lock:
             self._cache[(cluster, scope)] = info
-            self._confirmed[(cluster, scope)] = time.monotonic()
+            self._confirmed[(cluster, scope)] = self._clock()
         return info
 
     def _stale(self, cluster: str, scope: str, limit: float) -> KeyInfo | None:
@@ -353,7 +272,7 @@ class Client:
             confirmed = self._confirmed.get((cluster, scope))
         if cached is None or confirmed is None or limit <= 0:
             return None
-        age = time.monotonic() - confirmed
+        age = self._clock() - confirmed
         if age > limit:
             return None
         log.warning(
