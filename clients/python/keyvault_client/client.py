@@ -438,13 +438,13 @@ class Client:
                     response = self._transport(request)
                 except TransportError as exc:
                     problem = Unavailable(self._scrub(str(exc)))
-                    log.info("keyvault at %s did not answer: %s", self.urls[index], problem)
+                    log.debug("keyvault at %s did not answer: %s", self.urls[index], problem)
                     continue
                 if response.status < 500:
                     self._current = index
                     return response
                 problem = self._error(method, path.partition("?")[0], response, Unavailable)
-                log.info("keyvault at %s answered HTTP %d", self.urls[index], response.status)
+                log.debug("keyvault at %s answered HTTP %d", self.urls[index], response.status)
                 retry = retry and response.status == 503
         assert problem is not None
         if len(self.urls) > 1:
