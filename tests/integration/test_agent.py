@@ -66,7 +66,7 @@ def test_agent_writes_the_file_and_rewrites_it_once_per_rotation(served: World, 
             world.import_key("c", "app:a2")  # another scope: not this file's business
             world.import_key("c", "app:a1")
             wait_until(lambda: holds(target, world, "app:a1"), "the rotated key file", proc)
-            wait_until(lambda: lines(counter) == expected, "the on-change run", proc)
+            wait_until(lambda n=expected: lines(counter) == n, "the on-change run", proc)
     finally:
         status = proc.stop()
     assert status == 0, proc.log()
