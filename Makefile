@@ -40,9 +40,9 @@ test-fast: venv
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy keyvault clients/python/keyvault_client tests/support tools
+	$(PY) -m mypy keyvault keyvault_client tests/support tools
 	$(PY) tools/codeshape.py keyvault
-	$(PY) tools/codeshape.py clients/python/keyvault_client
+	$(PY) tools/codeshape.py keyvault_client
 
 bench: venv
 	$(PY) bench/rotation.py

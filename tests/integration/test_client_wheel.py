@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.consumers import CLIENT_SOURCE, read, token_file
+from tests.support.consumers import CLIENT_PROJECT, read, token_file
 from tests.support.http import World
 from tests.support.timeouts import TIMEOUT
 
@@ -48,7 +48,7 @@ def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def client_venv(tmp_path_factory) -> Path:
     where = tmp_path_factory.mktemp("client-wheel")
     built = _run(
-        sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(CLIENT_SOURCE),
+        sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(CLIENT_PROJECT),
         "-w", str(where / "dist"),
     )  # fmt: skip
     assert built.returncode == 0, built.stderr[-2000:]

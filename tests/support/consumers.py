@@ -4,8 +4,8 @@
     wait_until(lambda: path.exists(), "the key file")
     agent.stop()                  # SIGTERM, bounded wait; returns the exit status
 
-Processes get the token through a file (never argv), the repository and the client
-distribution on PYTHONPATH, and no KEYVAULT_* setting of the test run. Their stderr goes to
+Processes get the token through a file (never argv), the repository (keyvault and
+keyvault_client) first on PYTHONPATH, and no KEYVAULT_* setting of the test run. Their stderr goes to
 a file, shown scrubbed of key-shaped strings in failure messages. ``wait_until`` polls a
 condition (a file's content, a process's end) until the shared TIMEOUT: a bound that only a
 hang reaches, never a duration that must pass.
@@ -28,14 +28,14 @@ from tests.support.http import World, scrub
 from tests.support.timeouts import TIMEOUT
 
 REPO = Path(__file__).resolve().parents[2]
-CLIENT_SOURCE = REPO / "clients" / "python"
+CLIENT_PROJECT = REPO / "clients" / "python"  # pyproject.toml of ta-keyvault-client
 POLL = 0.02  # seconds between two looks at a condition
 
 
 def consumer_env(extra: dict | None = None) -> dict:
     """Our environment without KEYVAULT_* settings, the sources first on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYVAULT_")}
-    path = [str(REPO), str(CLIENT_SOURCE), env.get("PYTHONPATH", "")]
+    path = [str(REPO), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
     env.update(extra or {})
     return env

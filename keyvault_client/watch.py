@@ -56,7 +56,9 @@ class Follower:
         revalidate = True
         while not self.stop.is_set():
             try:
-                if self.after is None or revalidate:
+                if revalidate:
+                    # After an outage the feed may have moved on, or been restored from a
+                    # backup with other ids: find the position again, then revalidate.
                     self.after = self._newest() if self.after is None else self.after
                     yield from self._revalidate(self.followed(), None)
                     if failures:
@@ -65,7 +67,7 @@ class Follower:
                 found, last = self.client.events(self.after, self.wait)
             except Unavailable as exc:
                 failures += 1
-                revalidate = True
+                revalidate, self.after = True, None
                 if failures == 1:
                     log.warning("keyvault unreachable, retrying with backoff: %s", exc)
                 self.stop.wait(self.client.delay(failures))
