@@ -56,15 +56,16 @@ class Follower:
         revalidate = True
         while not self.stop.is_set():
             try:
+                # At the start, and after an outage (the feed may have moved on, or been
+                # restored from a backup with other ids): position, then revalidate.
+                after = self._newest() if self.after is None else self.after
+                self.after = after
                 if revalidate:
-                    # After an outage the feed may have moved on, or been restored from a
-                    # backup with other ids: find the position again, then revalidate.
-                    self.after = self._newest() if self.after is None else self.after
                     yield from self._revalidate(self.followed(), None)
                     if failures:
                         log.warning("keyvault reachable again at %s", self.client.url)
                     revalidate, failures = False, 0
-                found, last = self.client.events(self.after, self.wait)
+                found, last = self.client.events(after, self.wait)
             except Unavailable as exc:
                 failures += 1
                 revalidate, self.after = True, None

@@ -85,7 +85,7 @@ def test_the_client_wheel_installs_alone_and_works_against_serve(
     )
     try:
         first = proc.stdout.readline()
-        assert first == "version 1 stale False\n", proc.stderr.read() if not first else first
+        assert first == "version 1 stale False\n", first or proc.stderr.read()
         world.import_key("c", "app:a1")
         proc.stdin.write("go\n")
         proc.stdin.flush()
