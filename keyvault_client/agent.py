@@ -366,11 +366,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "keyvault-agent") -> 
     """The command; returns the exit status."""
     args = build_parser(prog).parse_args(argv)
     setup_logging(args.quiet)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _on_signal)
     try:
         settings, targets = _settings(args)
         client = Client(**settings, max_stale=0)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _on_signal)
         return follow(client, targets, once=args.once, wait=args.wait)
     except KeyvaultError as exc:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
