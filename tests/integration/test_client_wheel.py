@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,11 @@ def client_venv(tmp_path_factory) -> Path:
     assert built.returncode == 0, built.stderr[-2000:]
     wheels = list((where / "dist").glob("ta_keyvault_client-*.whl"))
     assert len(wheels) == 1, wheels
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        names = wheel.namelist()
+        metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        assert "Requires-Dist" not in wheel.read(metadata).decode()  # standard library only
+    assert all(n.startswith(("keyvault_client/", "ta_keyvault_client-")) for n in names), names
     venv.EnvBuilder(with_pip=True, clear=True).create(where / "venv")
     python = where / "venv" / "bin" / "python"
     installed = _run(

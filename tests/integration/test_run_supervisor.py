@@ -91,7 +91,7 @@ def test_run_kills_a_child_that_ignores_sigterm_after_the_grace_period(served: W
         first = wait_until(started(tmp_path, 1), "the first child", proc)
         world.import_key("c", "app:a1")
         second = wait_until(started(tmp_path, 2), "the restarted child", proc)
-        assert second != first and f"SIGTERM {first}" in read(tmp_path / "log")
+        assert second != first
         ok = key_of(tmp_path, second) == world.keys[("c", "app:a1")]
         assert ok
         proc.signal(signal.SIGKILL)  # the child ignores TERM: end both for the teardown
