@@ -35,7 +35,7 @@ import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from keyvault_client.client import Client, KeyInfo, Scope, scope_of
 from keyvault_client.errors import InvalidInput, KeyvaultError
@@ -270,8 +270,25 @@ def load_config(path: str) -> dict[str, Any]:
     return document
 
 
+class _Formatter(argparse.HelpFormatter):
+    def add_usage(self, usage: Any, actions: Any, groups: Any, prefix: str | None = None) -> None:
+        super().add_usage(usage, actions, groups, prefix or "Usage: ")  # as keyvault's click
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with keyvault's conventions: ``Usage:``, and a bad argument is one
+    ``error:`` line naming where to read more (exit 2)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(formatter_class=_Formatter, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         description="Keep TA key files current: follow keyvault's events, rewrite on rotation.",
     )

@@ -33,7 +33,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from keyvault_client.agent import child_environment, setup_logging
+from keyvault_client.agent import Parser, child_environment, setup_logging
 from keyvault_client.client import Client, KeyInfo, Rotation, scope_of
 from keyvault_client.errors import InvalidInput, KeyvaultError
 
@@ -163,7 +163,7 @@ def _watch(client: Client, supervisor: Supervisor, scope: tuple[str, str], wait:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         description="Run COMMAND with a TA key in its environment; restart or signal it on rotation.",
     )
