@@ -69,6 +69,7 @@ class Fleet:
         self.procs: list[subprocess.Popen] = []
         self.files: list[Path] = []
         self.watch_times: list[dict[int, float]] = []
+        self.clients: list = []
 
     def cli(self, *args: str, stdin: str | None = None) -> str:
         done = subprocess.run(
@@ -140,6 +141,7 @@ class Fleet:
             seen: dict[int, float] = {}
             kv = Client(self.url, token_file=str(self.token_file), consumer="fleet-client")
             kv.get_app(CLUSTER, APPID)
+            self.clients.append(kv)
             kv.on_rotate(lambda r, seen=seen: seen.setdefault(r.version, time.time()), wait=25)
             self.watch_times.append(seen)
 
@@ -188,6 +190,8 @@ class Fleet:
             time.sleep(0.01)
 
     def stop(self) -> None:
+        for kv in self.clients:
+            kv.close()
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
