@@ -11,11 +11,12 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast lint venv clean bench
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	@[ -x $(PY) ] || $(BASE_PY) -m venv $(VENV)
 	@# The distribution was called `keyvault` before it became `ta-keyvault`.
 	@$(PY) -m pip uninstall -y -q keyvault 2>/dev/null || true
-	$(PY) -m pip install --progress-bar off -q -e '.[postgres,test,lint]'
+	@# The light client distribution (clients/python) first: ta-keyvault depends on it.
+	$(PY) -m pip install --progress-bar off -q -e clients/python -e '.[postgres,test,lint]'
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -39,8 +40,9 @@ test-fast: venv
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy keyvault tests/support tools
+	$(PY) -m mypy keyvault keyvault_client tests/support tools
 	$(PY) tools/codeshape.py keyvault
+	$(PY) tools/codeshape.py keyvault_client
 
 bench: venv
 	$(PY) bench/rotation.py

@@ -8,6 +8,9 @@ HTTP. Messages name the problem and what to do; they never contain a secret.
 mistakes, 502 when a host or TA behind keyvault failed, 503 only when keyvault itself
 cannot serve, 500 (the root's) for the rest; an exception outside this tree is a bug (500).
 
+The root, InvalidInput, Unauthorized, Forbidden, NotFound, Conflict and Unavailable are
+defined in ``keyvault_client.errors`` (the client distribution) and re-exported here.
+
     KeyvaultError                      exit 1
     ├── InvalidInput                   exit 2   bad APPID, scope, URL, pattern, ...
     ├── ConfigError                            unreadable or invalid configuration
@@ -23,6 +26,7 @@ cannot serve, 500 (the root's) for the rest; an exception outside this tree is a
     │   ├── RotationUnresolved                 a previous rotation must be recovered
     │   ├── MasterKeyLocked                    the keyring file's lock is held (master-key rotate)
     │   └── PreconditionFailed                 HTTP 412: If-Match named another version (nothing rotated)
+    ├── Unavailable                            client: keyvault unreachable, no fresh cached key
     ├── DatabaseError                          the database refused or is unreachable
     ├── SshError                               anything on the way to ta-tool
     │   ├── HostUnreachable                    TCP/SSH handshake failed (safe to fail over)
@@ -42,33 +46,29 @@ cannot serve, 500 (the root's) for the rest; an exception outside this tree is a
 
 from __future__ import annotations
 
-
-class KeyvaultError(Exception):
-    """Root of all keyvault errors; ``str()`` is one line for the user."""
-
-    exit_code = 1
-    http_status = 500
-    code = "error"
-    # Structured detail an HTTP error body carried (set by keyvault.client).
-    detail: object = None
-
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
-        self.message = message
-        self.hint = hint
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        if self.hint:
-            return f"{self.message}; {self.hint}"
-        return self.message
-
-
-class InvalidInput(KeyvaultError):
-    """The user gave a value keyvault cannot accept."""
-
-    exit_code = 2
-    http_status = 400
-    code = "invalid_input"
+# The root and the classes an HTTP answer maps to are defined once, in the client
+# distribution (ta-keyvault-client), so consumers get them without the server stack.
+from keyvault_client.errors import (
+    Conflict as Conflict,
+)
+from keyvault_client.errors import (
+    Forbidden as Forbidden,
+)
+from keyvault_client.errors import (
+    InvalidInput as InvalidInput,
+)
+from keyvault_client.errors import (
+    KeyvaultError as KeyvaultError,
+)
+from keyvault_client.errors import (
+    NotFound as NotFound,
+)
+from keyvault_client.errors import (
+    Unauthorized as Unauthorized,
+)
+from keyvault_client.errors import (
+    Unavailable as Unavailable,
+)
 
 
 class ConfigError(KeyvaultError):
@@ -112,36 +112,6 @@ class IntegrityError(KeyvaultError):
     def __init__(self, message: str, *, what: str, hint: str | None = None) -> None:
         self.what = what
         super().__init__(message, hint=hint)
-
-
-class Unauthorized(KeyvaultError):
-    """No valid bearer token (missing, unknown, expired or revoked)."""
-
-    code = "unauthorized"
-    http_status = 401
-    # The name of the token that was refused (expired or revoked), for the audit log.
-    token_name: str | None = None
-
-
-class Forbidden(KeyvaultError):
-    """The token is valid but does not cover this scope or action."""
-
-    code = "forbidden"
-    http_status = 403
-
-
-class NotFound(KeyvaultError):
-    """A named object does not exist."""
-
-    code = "not_found"
-    http_status = 404
-
-
-class Conflict(KeyvaultError):
-    """The request conflicts with the current state."""
-
-    code = "conflict"
-    http_status = 409
 
 
 class RotationUnresolved(Conflict):

@@ -157,6 +157,8 @@ COMMAND_MODULES = (
     "sandbox",
     "status",
     "completion",
+    "agent",
+    "run",
 )
 
 

@@ -2,20 +2,24 @@
 # Check the systemd units in this directory with `systemd-analyze verify`, and print
 # their exposure score from `systemd-analyze security --offline=yes` (informational).
 #
-#   bash ops/systemd/verify.sh [KEYVAULT_BIN]
+#   bash ops/systemd/verify.sh [KEYVAULT_BIN [KEYVAULT_AGENT_BIN]]
 #
 # `verify` needs ExecStart's binary to exist. The units run
-# /opt/keyvault/venv/bin/keyvault; they are copied into a temp dir with that path
-# rewritten to KEYVAULT_BIN (default: /opt/keyvault/venv/bin/keyvault when it exists,
-# else a stub script in the temp dir). Nothing is installed, enabled or started, and
-# no user is created (verify does not resolve User=). Exits non-zero when verify fails
-# or prints any line about these units (unknown keys, bad values, missing binaries...).
+# /opt/keyvault/venv/bin/keyvault (keyvault-agent.service:
+# /opt/keyvault-agent/venv/bin/keyvault-agent, from the light client distribution); they are
+# copied into a temp dir with those paths rewritten to KEYVAULT_BIN (default:
+# /opt/keyvault/venv/bin/keyvault when it exists, else a stub script in the temp dir) and
+# KEYVAULT_AGENT_BIN (default: keyvault-agent next to KEYVAULT_BIN, else a stub).
+# Nothing is installed, enabled or started, and no user is created (verify does not
+# resolve User=). Exits non-zero when verify fails or prints any line about these units
+# (unknown keys, bad values, missing binaries...).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 INSTALLED=/opt/keyvault/venv/bin/keyvault
-UNITS=(keyvault.service keyvault-rotate.service keyvault-rotate.timer)
-SERVICES=(keyvault.service keyvault-rotate.service)
+INSTALLED_AGENT=/opt/keyvault-agent/venv/bin/keyvault-agent
+UNITS=(keyvault.service keyvault-rotate.service keyvault-rotate.timer keyvault-agent.service)
+SERVICES=(keyvault.service keyvault-rotate.service keyvault-agent.service)
 
 die() { printf 'verify.sh: %s\n' "$*" >&2; exit 1; }
 
@@ -40,28 +44,41 @@ if [[ -z $bin ]]; then
 fi
 [[ -f $bin && -x $bin ]] || die "$bin is not an executable file"
 bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
+agent_bin=${2:-$(dirname "$bin")/keyvault-agent}
+if [[ ! -x $agent_bin ]]; then
+    agent_bin=$tmp/stub/keyvault-agent
+    mkdir -p "$tmp/stub"
+    printf '#!/bin/sh\necho "stub keyvault-agent for systemd-analyze verify" >&2\nexit 1\n' >"$agent_bin"
+    chmod 0755 "$agent_bin"
+    echo "no keyvault-agent next to $bin: using a stub"
+fi
+agent_bin=$(cd "$(dirname "$agent_bin")" && pwd)/$(basename "$agent_bin")
 # Point ExecStart at a symlink under the temp dir, so the rewritten path never needs
 # quoting or sed escaping, whatever the real path holds.
 mkdir -p "$tmp/bin"
 ln -s "$bin" "$tmp/bin/keyvault"
+ln -s "$agent_bin" "$tmp/bin/keyvault-agent"
 
 for unit in "${UNITS[@]}"; do
     [[ -f $HERE/$unit ]] || die "$HERE/$unit is missing"
-    sed "s|$INSTALLED|$tmp/bin/keyvault|g" "$HERE/$unit" >"$tmp/$unit"
-    if grep -q "$INSTALLED" "$tmp/$unit"; then die "could not rewrite the ExecStart path of $unit"; fi
+    sed -e "s|$INSTALLED_AGENT|$tmp/bin/keyvault-agent|g" -e "s|$INSTALLED|$tmp/bin/keyvault|g" \
+        "$HERE/$unit" >"$tmp/$unit"
+    if grep -Eq "$INSTALLED|$INSTALLED_AGENT" "$tmp/$unit"; then
+        die "could not rewrite the ExecStart path of $unit"
+    fi
 done
 for unit in "${SERVICES[@]}"; do
-    grep -Eq "^ExecStart=$tmp/bin/keyvault " "$tmp/$unit" \
-        || die "$unit: ExecStart does not run $INSTALLED"
+    grep -Eq "^ExecStart=$tmp/bin/keyvault(-agent)? " "$tmp/$unit" \
+        || die "$unit: ExecStart does not run $INSTALLED or $INSTALLED_AGENT"
 done
-echo "checking ${UNITS[*]} with ExecStart -> $bin"
+echo "checking ${UNITS[*]} with ExecStart -> $bin, $agent_bin"
 
 rc=0
 out=$(cd "$tmp" && systemd-analyze verify --man=no "${UNITS[@]/#/$tmp/}" 2>&1) || rc=$?
 if [[ -n $out ]]; then printf '%s\n' "$out"; fi
 # Lines about other units on this machine are not ours to fix; lines naming our
 # units, the temp dir or the binary are.
-pattern="$tmp|keyvault(-rotate)?\.(service|timer)|$(printf '%s' "$bin" | sed 's/[][\.*^$|+?(){}]/\\&/g')"
+pattern="$tmp|keyvault(-rotate|-agent)?\.(service|timer)|$(printf '%s' "$bin" | sed 's/[][\.*^$|+?(){}]/\\&/g')"
 ours=$(printf '%s\n' "$out" | grep -E "$pattern" || true)
 if [[ $rc -ne 0 || -n $ours ]]; then
     die "systemd-analyze verify found problems in the units (exit $rc)"
