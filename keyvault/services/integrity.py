@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from keyvault import crypto
@@ -143,8 +143,8 @@ def _hint(row: RowMac) -> str:
     fix = _FIX[type(row)]  # type: ignore[index]
     return (
         f"it was changed outside keyvault; restore it from a backup, or {fix} "
-        "(an operator holding the master key file re-MACs it); `keyvault integrity check` "
-        "lists every such row"
+        "(an operator holding the master key file re-MACs it); `keyvault db check "
+        "--integrity` lists every such row"
     )
 
 
@@ -178,7 +178,7 @@ def seal_row(session: Session, row: RowMac, *, keyring: crypto.Keyring) -> None:
 def failure(row: RowMac, *, keyring: crypto.Keyring) -> str | None:
     """Why ``row`` fails its MAC check, or None when it verifies."""
     if row.mac is None or row.mac_key_id is None:
-        return "it has no MAC (not adopted since the upgrade to schema 0008)"
+        return "it has no MAC (not adopted since the upgrade to schema 0008: `keyvault db adopt`)"
     if row.mac_key_id not in keyring.keys and keyring.source is not None:
         keyring = crypto.load_keyring(keyring.source)  # a `master-key rotate` meanwhile
     if row.mac_key_id not in keyring.keys:
@@ -205,8 +205,8 @@ def check_rows(*rows: RowMac | None, keyring: crypto.Keyring) -> None:
             check_row(row, keyring=keyring)
 
 
-def _rows(session: Session) -> Iterator[RowMac]:
-    for model in MAC_MODELS:
+def _rows(session: Session, models: tuple[type[RowMac], ...] = MAC_MODELS) -> Iterator[RowMac]:
+    for model in models:
         yield from session.scalars(select(model).order_by(model.id))  # type: ignore[attr-defined]
 
 
@@ -223,10 +223,15 @@ class RowProblem:
         return {"table": self.table, "id": self.row_id, "row": self.what, "reason": self.reason}
 
 
-def problems(session: Session, *, keyring: crypto.Keyring) -> list[RowProblem]:
-    """Every row that fails its MAC check (`keyvault integrity check`)."""
+def problems(
+    session: Session,
+    *,
+    keyring: crypto.Keyring,
+    models: tuple[type[RowMac], ...] = MAC_MODELS,
+) -> list[RowProblem]:
+    """Every row (of ``models``) that fails its MAC check (`keyvault db check --integrity`)."""
     out = []
-    for row in _rows(session):
+    for row in _rows(session, models):
         why = failure(row, keyring=keyring)
         if why is not None:
             table = mac_fields(row)[0]
@@ -249,6 +254,37 @@ def remac_all(session: Session, *, keyring: crypto.Keyring, to: str) -> tuple[in
             failing += 1
     session.flush()
     return moved, failing
+
+
+def check_restored(
+    session: Session, *, keyring: crypto.Keyring, tokens: bool, token_ids: list[int]
+) -> None:
+    """A restore: every row MAC the backup brought must verify (``IntegrityError`` naming the
+    first that fails; the caller rolls back). ``tokens`` false: the store kept its own tokens
+    (not checked here); those in ``token_ids`` verified before the backup revoked them and are
+    re-MACed with their revocation."""
+    models = MAC_MODELS if tokens else tuple(m for m in MAC_MODELS if m is not AccessToken)
+    found = problems(session, keyring=keyring, models=models)
+    if found:
+        raise IntegrityError(
+            f"the backup holds {len(found)} row(s) that fail their integrity check, the first "
+            f"{found[0].what}: {found[0].reason}; nothing was restored",
+            what="backup file",
+            hint="use another copy of the backup; a store that fails `keyvault db check "
+            "--integrity` makes backups that do not restore",
+        )
+    for token_id in token_ids:
+        row = session.get(AccessToken, token_id)
+        if row is not None:
+            seal_row(session, row, keyring=keyring)
+
+
+def unadopted(session: Session) -> int:
+    """How many rows have no MAC yet."""
+    return sum(
+        session.scalar(select(func.count()).select_from(model).where(model.mac.is_(None))) or 0
+        for model in MAC_MODELS
+    )
 
 
 def adopt(session: Session, *, keyring: crypto.Keyring) -> list[str]:

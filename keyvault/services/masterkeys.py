@@ -140,7 +140,7 @@ def _remac(session: Session, grown: crypto.Keyring, new_id: str) -> None:
     _, failing = integrity.remac_all(session, keyring=grown, to=new_id)
     if failing:
         log.warning(
-            "%d row(s) fail their MAC check and were not re-MACed: see `keyvault integrity check`",
+            "%d row(s) fail their MAC check and were not re-MACed: see `keyvault db check --integrity`",
             failing,
         )
 
