@@ -252,7 +252,7 @@ class Scheduler:
         on_done: Callable[[ScopeResult], None] | None,
     ) -> None:
         planned = self.plan(cluster_name)
-        report.results += [r for r in planned if r.status == "skipped"]
+        report.results += [r for r in planned if r.status != "due"]  # skipped, or refused
         due: dict[str, list] = {}
         for r in planned:
             if r.status == "due":
