@@ -218,6 +218,7 @@ class RowProblem:
     row_id: int
     what: str
     reason: str
+    missing: bool = False  # no MAC at all (not adopted), rather than a wrong one
 
     def as_dict(self) -> dict[str, object]:
         return {"table": self.table, "id": self.row_id, "row": self.what, "reason": self.reason}
@@ -235,7 +236,8 @@ def problems(
         why = failure(row, keyring=keyring)
         if why is not None:
             table = mac_fields(row)[0]
-            out.append(RowProblem(table, row.id, describe(row), why))  # type: ignore[attr-defined]
+            missing = row.mac is None or row.mac_key_id is None
+            out.append(RowProblem(table, row.id, describe(row), why, missing))  # type: ignore[attr-defined]
     return out
 
 
@@ -260,11 +262,12 @@ def check_restored(
     session: Session, *, keyring: crypto.Keyring, tokens: bool, token_ids: list[int]
 ) -> None:
     """A restore: every row MAC the backup brought must verify (``IntegrityError`` naming the
-    first that fails; the caller rolls back). ``tokens`` false: the store kept its own tokens
-    (not checked here); those in ``token_ids`` verified before the backup revoked them and are
-    re-MACed with their revocation."""
+    first that fails; the caller rolls back). A row without a MAC (not adopted in the backed-up
+    store) is restored as it is and stays refused until adopted (`keyvault db adopt`).
+    ``tokens`` false: the store kept its own tokens (not checked here); those in ``token_ids``
+    verified before the backup revoked them and are re-MACed with their revocation."""
     models = MAC_MODELS if tokens else tuple(m for m in MAC_MODELS if m is not AccessToken)
-    found = problems(session, keyring=keyring, models=models)
+    found = [p for p in problems(session, keyring=keyring, models=models) if not p.missing]
     if found:
         raise IntegrityError(
             f"the backup holds {len(found)} row(s) that fail their integrity check, the first "
