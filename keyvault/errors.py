@@ -16,6 +16,7 @@ cannot serve, 500 (the root's) for the rest; an exception outside this tree is a
     │   ├── MasterKeyFileError                 missing file, bad mode or owner
     │   └── WrongMasterKey                     the key does not open this store
     ├── IntegrityError                         a ciphertext failed authentication
+    │   └── RowIntegrityError                  a configuration row failed its MAC (refused)
     ├── Unauthorized                           HTTP: missing, unknown, expired or revoked token
     ├── Forbidden                              HTTP: the token does not cover this scope/action
     ├── NotFound                               cluster, secret, version, host, rotation
@@ -277,3 +278,10 @@ class IllegalTransition(KeyvaultError):
             f"rotation {rotation_id}: {old} -> {new} is not an allowed transition",
             hint="this is a bug in keyvault; the rotation row was left unchanged",
         )
+
+
+class RowIntegrityError(IntegrityError):
+    """A configuration row (token, cluster, host, webhook, policy, schedule) failed its MAC:
+    changed outside keyvault, so it is not used. Over HTTP keyvault cannot serve (503)."""
+
+    http_status = 503

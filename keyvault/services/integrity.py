@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from keyvault import crypto
-from keyvault.errors import IntegrityError
+from keyvault.errors import IntegrityError, RowIntegrityError
 from keyvault.models import (
     AccessToken,
     Cluster,
@@ -193,7 +193,7 @@ def check_row(row: RowMac, *, keyring: crypto.Keyring) -> None:
     why = failure(row, keyring=keyring)
     if why is not None:
         what = describe(row)
-        raise IntegrityError(
+        raise RowIntegrityError(
             f"integrity check failed for {what}: {why}; it is not used", what=what, hint=_hint(row)
         )
 

@@ -141,3 +141,15 @@ def test_master_key_rotate_re_macs_every_row_and_tokens_keep_working(served: Wor
         path = "/v1/clusters/c/root" if name != "app-a1" else "/v1/clusters/c/apps/a1"
         assert status_of(world, world.tokens[name], path)[0] == 200, name
     expect(world.cli("db", "check", "--integrity"))
+
+
+def test_a_rotate_request_on_a_moved_cluster_is_refused_naming_it(served: World, engine):
+    world = served
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE clusters SET open_api_url = 'http://attacker.example:8992'"))
+    with world.http("rotator") as http:
+        response = http.post("/v1/clusters/c/root/rotate")
+    assert response.status_code == 503, response.status_code
+    body = response.json()
+    assert body["error"] == "integrity_error"
+    assert "clusters row" in body["detail"] and "'c'" in body["detail"]
