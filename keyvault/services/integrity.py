@@ -41,6 +41,7 @@ from keyvault.models import (
     Webhook,
 )
 from keyvault.services.store import live_keyring
+from keyvault.textsafe import printable
 
 # Every model carrying a row MAC, in the order they are checked and adopted.
 MAC_MODELS: tuple[type[RowMac], ...] = (
@@ -117,7 +118,8 @@ def describe(row: RowMac) -> str:
     if isinstance(row, Cluster):
         return f"clusters row {row.id} (cluster {row.name!r})"
     if isinstance(row, Host):
-        return f"hosts row {row.id} ({row.username}@{row.address}:{row.port})"
+        # A row that fails may hold anything: never a raw control character in a log line.
+        return f"hosts row {row.id} ({printable(f'{row.username}@{row.address}:{row.port}')})"
     if isinstance(row, Webhook):
         return f"webhooks row {row.id} (webhook {row.id})"
     if isinstance(row, RotationPolicy):
