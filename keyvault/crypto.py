@@ -123,31 +123,38 @@ def _wrap_aad(master_key_id: str, aad: bytes) -> bytes:
     return b"keyvault/v1/dek|" + master_key_id.encode() + b"|" + aad
 
 
+def _wrap_dek(keyring: Keyring, key_id: str, dek: bytes, aad: bytes) -> bytes:
+    """``dek`` wrapped (nonce + AES-GCM) under master key ``key_id``, bound to ``aad``."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return nonce + _aesgcm(keyring.key(key_id)).encrypt(nonce, dek, _wrap_aad(key_id, aad))
+
+
 def seal(keyring: Keyring, plaintext: bytes, aad: bytes) -> Sealed:
     """Encrypt ``plaintext`` under a fresh data key wrapped by the active master key."""
     dek = secrets.token_bytes(KEY_BYTES)
     nonce = secrets.token_bytes(NONCE_BYTES)
     ciphertext = nonce + _aesgcm(dek).encrypt(nonce, plaintext, aad)
-    wrap_nonce = secrets.token_bytes(NONCE_BYTES)
-    master = keyring.key(keyring.active)
-    wrapped = wrap_nonce + _aesgcm(master).encrypt(wrap_nonce, dek, _wrap_aad(keyring.active, aad))
+    wrapped = _wrap_dek(keyring, keyring.active, dek, aad)
     return Sealed(ciphertext=ciphertext, wrapped_key=wrapped, master_key_id=keyring.active)
 
 
 def _unwrap(keyring: Keyring, sealed: Sealed, aad: bytes, what: str) -> bytes:
+    return _unwrap_dek(keyring, sealed.master_key_id, sealed.wrapped_key, aad, what)
+
+
+def _unwrap_dek(keyring: Keyring, key_id: str, blob: bytes, aad: bytes, what: str) -> bytes:
     from cryptography.exceptions import InvalidTag  # noqa: PLC0415 - cryptography: ~55 ms, on demand
 
-    master = keyring.key(sealed.master_key_id)
-    blob = sealed.wrapped_key
+    master = keyring.key(key_id)
     try:
         dek: bytes = _aesgcm(master).decrypt(
-            blob[:NONCE_BYTES], blob[NONCE_BYTES:], _wrap_aad(sealed.master_key_id, aad)
+            blob[:NONCE_BYTES], blob[NONCE_BYTES:], _wrap_aad(key_id, aad)
         )
         return dek
     except (InvalidTag, ValueError):
         raise IntegrityError(
             f"integrity check failed for {what}: its data key does not authenticate "
-            f"under master key {sealed.master_key_id}",
+            f"under master key {key_id}",
             what=what,
             hint="the row was altered or moved, or the master key file is wrong; restore from backup",
         ) from None
@@ -173,9 +180,70 @@ def unseal(keyring: Keyring, sealed: Sealed, aad: bytes, *, what: str) -> bytes:
 def rewrap(keyring: Keyring, sealed: Sealed, aad: bytes, *, to: str, what: str) -> Sealed:
     """Re-wrap the data key of ``sealed`` under master key ``to``; the ciphertext is unchanged."""
     dek = _unwrap(keyring, sealed, aad, what)
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    wrapped = nonce + _aesgcm(keyring.key(to)).encrypt(nonce, dek, _wrap_aad(to, aad))
+    wrapped = _wrap_dek(keyring, to, dek, aad)
     return Sealed(ciphertext=sealed.ciphertext, wrapped_key=wrapped, master_key_id=to)
+
+
+# Streaming seal: the same bytes as ``seal`` (wrapped data key, nonce, ciphertext, tag),
+# written and read in pieces, for bodies too large to hold (backups).
+WRAPPED_KEY_BYTES = NONCE_BYTES + KEY_BYTES + 16
+STREAM_HEADER_BYTES = WRAPPED_KEY_BYTES + NONCE_BYTES
+TAG_BYTES = 16
+
+
+class StreamSealer:
+    """Encrypts a stream under a fresh data key wrapped by the active master key.
+
+    Write ``header`` first, then what ``update`` returns, then ``finalize()`` (the tag last).
+    """
+
+    def __init__(self, keyring: Keyring, aad: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # noqa: PLC0415 - cryptography: ~55 ms, on demand
+
+        dek = secrets.token_bytes(KEY_BYTES)
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        self.header = _wrap_dek(keyring, keyring.active, dek, aad) + nonce
+        self._enc = Cipher(algorithms.AES(dek), modes.GCM(nonce)).encryptor()
+        self._enc.authenticate_additional_data(aad)
+
+    def update(self, data: bytes) -> bytes:
+        return self._enc.update(data)
+
+    def finalize(self) -> bytes:
+        return self._enc.finalize() + self._enc.tag
+
+
+class StreamUnsealer:
+    """Decrypts what ``StreamSealer`` wrote: its header (``STREAM_HEADER_BYTES``), then the
+    ciphertext through ``update`` and the tag through ``finalize``. Nothing it returns may
+    be trusted before ``finalize`` succeeded; a failure raises ``IntegrityError`` naming ``what``.
+    """
+
+    def __init__(
+        self, keyring: Keyring, key_id: str, header: bytes, aad: bytes, *, what: str
+    ) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # noqa: PLC0415 - cryptography: ~55 ms, on demand
+
+        self._what = what
+        dek = _unwrap_dek(keyring, key_id, header[:WRAPPED_KEY_BYTES], aad, what)
+        nonce = header[WRAPPED_KEY_BYTES:STREAM_HEADER_BYTES]
+        self._dec = Cipher(algorithms.AES(dek), modes.GCM(nonce)).decryptor()
+        self._dec.authenticate_additional_data(aad)
+
+    def update(self, data: bytes) -> bytes:
+        return self._dec.update(data)
+
+    def finalize(self, tag: bytes) -> bytes:
+        from cryptography.exceptions import InvalidTag  # noqa: PLC0415 - cryptography: ~55 ms, on demand
+
+        try:
+            return self._dec.finalize_with_tag(tag)
+        except (InvalidTag, ValueError):
+            raise IntegrityError(
+                f"integrity check failed for {self._what}",
+                what=self._what,
+                hint="it was altered or truncated; do not trust it",
+            ) from None
 
 
 # Purposes of keys derived from a master key (``subkey``); each is used for one job only.

@@ -19,6 +19,7 @@ defined in ``keyvault_client.errors`` (the client distribution) and re-exported 
     │   ├── MasterKeyFileError                 missing file, bad mode or owner
     │   └── WrongMasterKey                     the key does not open this store
     ├── IntegrityError                         a ciphertext failed authentication
+    │   └── RowIntegrityError                  a configuration row failed its MAC (refused)
     ├── Unauthorized                           HTTP: missing, unknown, expired or revoked token
     ├── Forbidden                              HTTP: the token does not cover this scope/action
     ├── NotFound                               cluster, secret, version, host, rotation
@@ -255,3 +256,10 @@ class PreconditionFailed(Conflict):
 
     code = "precondition_failed"
     http_status = 412
+
+
+class RowIntegrityError(IntegrityError):
+    """A configuration row (token, cluster, host, webhook, policy, schedule) failed its MAC:
+    changed outside keyvault, so it is not used. Over HTTP keyvault cannot serve (503)."""
+
+    http_status = 503

@@ -58,6 +58,17 @@ class Base(DeclarativeBase):
     pass
 
 
+class RowMac:
+    """A row whose security-relevant columns carry a MAC (``services.integrity``).
+
+    ``mac`` is HMAC-SHA256 under a key derived from master key ``mac_key_id``; both are
+    NULL on rows a store upgraded to 0008 has not adopted yet (refused until it has).
+    """
+
+    mac: Mapped[str | None] = mapped_column(String(64))
+    mac_key_id: Mapped[str | None] = mapped_column(String(64))
+
+
 class MasterKey(Base):
     """A master key id known to this store, with a check value to detect a wrong key."""
 
@@ -69,7 +80,7 @@ class MasterKey(Base):
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class Cluster(Base):
+class Cluster(RowMac, Base):
     """A TA cluster and how to reach its Open API."""
 
     __tablename__ = "clusters"
@@ -164,7 +175,7 @@ class Event(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
-class Host(Base):
+class Host(RowMac, Base):
     """An SSH host of a cluster where ta-tool can be run."""
 
     __tablename__ = "hosts"
@@ -248,8 +259,8 @@ class Revision(Base):
     value: Mapped[int] = mapped_column(Integer, nullable=False)
 
 
-class AccessToken(Base):
-    """A bearer token for the HTTP API; only its SHA-256 is stored."""
+class AccessToken(RowMac, Base):
+    """A bearer token for the HTTP API; only its SHA-256 is stored, under a row MAC."""
 
     __tablename__ = "access_tokens"
 
@@ -301,7 +312,7 @@ class AuditRecord(Base):
     detail: Mapped[str | None] = mapped_column(Text)
 
 
-class Webhook(Base):
+class Webhook(RowMac, Base):
     """A consumer endpoint notified of events in its scopes; its signing secret is sealed."""
 
     __tablename__ = "webhooks"
@@ -340,7 +351,7 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class RotationPolicy(Base):
+class RotationPolicy(RowMac, Base):
     """How old a key may get before `rotate due` rotates it, and when it may."""
 
     __tablename__ = "rotation_policies"
@@ -356,7 +367,7 @@ class RotationPolicy(Base):
     cluster: Mapped[Cluster] = relationship(lazy="joined", innerjoin=True)
 
 
-class ScopeSchedule(Base):
+class ScopeSchedule(RowMac, Base):
     """Scheduler bookkeeping per scope: consecutive failures, backoff, pause."""
 
     __tablename__ = "scope_schedules"

@@ -39,6 +39,7 @@ def cluster_add(
         info = cluster_info(
             add_cluster(
                 session,
+                keyring=app.keyring(session),
                 name=name,
                 open_api_url=open_api_url,
                 key_pattern=key_pattern,
@@ -87,8 +88,10 @@ def cluster_set(
 
     pattern = app.settings.appid_pattern
     with app.transaction() as session:
+        keyring = app.keyring(session)
         changed = set_options(
             session,
+            keyring=keyring,
             name=name,
             appid_pattern=pattern,
             open_api_url=open_api_url,
@@ -97,7 +100,12 @@ def cluster_set(
         )
         if project_ids or removed:
             changed = update_project_ids(
-                session, name=name, mapped=dict(project_ids), removed=removed, appid_pattern=pattern
+                session,
+                keyring=keyring,
+                name=name,
+                mapped=dict(project_ids),
+                removed=removed,
+                appid_pattern=pattern,
             )
         info = cluster_info(changed)
     emit_json(info) if as_json else click.echo(f"cluster {name} updated")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
+from keyvault.cli.audited import audited
 from keyvault.cli.context import AppContext
-from keyvault.cli.output import emit_json, output_option
+from keyvault.cli.output import echo_safe, emit_json, output_option
 
 
 @click.group()
@@ -23,10 +24,58 @@ def db_upgrade(app: AppContext, revision: str, as_json: bool) -> None:
 
     upgrade(app.engine, revision)
     current = current_revision(app.engine)
+    adopted = _adopt_after_upgrade(app) if current == head_revision() else None
     if as_json:
-        emit_json({"current": current, "head": head_revision()})
+        emit_json({"current": current, "head": head_revision(), "adopted": adopted})
         return
     click.echo(f"database at {current}")
+    if adopted:
+        click.echo(f"adopted {len(adopted)} row(s) without a MAC (see `keyvault audit list`)")
+
+
+def _adopt_after_upgrade(app: AppContext) -> list[str] | None:
+    """Rows the upgrade to row MACs (0008) left without one, MACed now if the keyring opens
+    the store; None (and a note) when it does not: those rows are refused until adopted."""
+    from keyvault.errors import KeyvaultError
+    from keyvault.services.integrity import unadopted
+
+    with app.transaction() as session:
+        missing = unadopted(session)
+    if not missing:
+        return []
+    try:
+        app.keyring_check()
+    except KeyvaultError as exc:
+        click.echo(
+            f"note: {missing} row(s) have no MAC and are refused until adopted; the keyring "
+            f"does not open the store here ({exc.message}): run `keyvault db adopt` with it",
+            err=True,
+        )
+        return None
+    return adopt_rows(app)
+
+
+@audited("db.adopt", about=lambda p: {"target": "row-macs"})
+def adopt_rows(app: AppContext) -> list[str]:
+    """MAC every row that has none (trust on first use), audited; return what was adopted."""
+    from keyvault.services.integrity import adopt
+
+    with app.transaction() as session:
+        return adopt(session, keyring=app.keyring(session))
+
+
+@db.command("adopt")
+@output_option
+@click.pass_obj
+def db_adopt(app: AppContext, as_json: bool) -> None:
+    """MAC the rows an upgrade to row MACs left without one (takes them as they stand)."""
+    adopted = adopt_rows(app)
+    if as_json:
+        emit_json({"adopted": adopted})
+        return
+    for what in adopted:
+        echo_safe(f"adopted {what}")
+    click.echo(f"adopted {len(adopted)} row(s)")
 
 
 @db.command("current")
@@ -41,13 +90,22 @@ def db_current(app: AppContext, as_json: bool) -> None:
 
 
 @db.command("check")
+@click.option(
+    "--integrity",
+    "check_macs",
+    is_flag=True,
+    help="Also check every row MAC (needs the keyring); list each row that fails.",
+)
+@output_option
 @click.pass_obj
-def db_check(app: AppContext) -> None:
+def db_check(app: AppContext, check_macs: bool, as_json: bool) -> None:
     """Check that the database is at head and that the models and the migrations agree."""
     from keyvault.db import require_head, schema_drift
     from keyvault.errors import DatabaseError
 
     require_head(app.engine)
+    if check_macs:
+        _check_integrity(app, as_json)
     drift = schema_drift(app.engine)
     if drift:
         for diff in drift:
@@ -55,7 +113,30 @@ def db_check(app: AppContext) -> None:
         raise DatabaseError(
             f"models and migrations disagree ({len(drift)} differences)", hint="write a migration"
         )
-    click.echo("models and migrations agree")
+    if not as_json:
+        click.echo("models and migrations agree")
+
+
+def _check_integrity(app: AppContext, as_json: bool) -> None:
+    from keyvault.errors import IntegrityError
+    from keyvault.services.integrity import problems
+
+    with app.transaction() as session:
+        found = problems(session, keyring=app.keyring(session))
+    if as_json:
+        emit_json({"failing": [p.as_dict() for p in found]})
+    else:
+        for p in found:
+            echo_safe(f"{p.what}: {p.reason}")
+    if found:
+        raise IntegrityError(
+            f"{len(found)} row(s) fail their integrity check and are refused",
+            what="database",
+            hint="restore them from a backup, or re-create each (an operator holding the master "
+            "key file re-MACs it); `keyvault db adopt` only takes rows that have no MAC",
+        )
+    if not as_json:
+        click.echo("every row MAC verifies")
 
 
 COMMANDS = [db]

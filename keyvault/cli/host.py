@@ -62,6 +62,7 @@ def host_add(
     with app.transaction() as session:
         h = add_host(
             session,
+            keyring=app.keyring(session),
             cluster_name=cluster,
             address=address,
             port=port,
@@ -157,7 +158,7 @@ def host_trust(
             warning="Compare it with the host's own `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub`.",
             question="Pin it?",
         )
-        pin_host_key(session, host=h, fingerprint=offered)
+        pin_host_key(session, keyring=app.keyring(session), host=h, fingerprint=offered)
         info = host_info(h)
     emit_json(info) if as_json else click.echo(f"pinned {offered} for {address}")
 
@@ -171,8 +172,17 @@ def host_check(app: AppContext, cluster: str, address: str | None) -> None:
     from keyvault.services.hosts import check_host, hosts_to_check
 
     with app.transaction() as session:
+        keyring = app.keyring(session)
         for h in hosts_to_check(session, cluster_name=cluster, address=address):
-            echo_safe(check_host(session, host=h, settings=app.settings, connector=app.connector))
+            echo_safe(
+                check_host(
+                    session,
+                    host=h,
+                    settings=app.settings,
+                    connector=app.connector,
+                    keyring=keyring,
+                )
+            )
 
 
 COMMANDS = [host]

@@ -72,7 +72,14 @@ def policy_set(
     target = _target(app, is_root, appid, all_apps)
     with app.transaction() as session:
         info = policy_info(
-            set_policy(session, cluster_name=cluster, target=target, max_age=max_age, window=window)
+            set_policy(
+                session,
+                keyring=app.keyring(session),
+                cluster_name=cluster,
+                target=target,
+                max_age=max_age,
+                window=window,
+            )
         )
     if as_json:
         emit_json(info)
@@ -138,7 +145,9 @@ def policy_resume(
         else None
     )
     with app.transaction() as session:
-        count = resume(session, cluster_name=cluster, scope=scope, now=utcnow())
+        count = resume(
+            session, keyring=app.keyring(session), cluster_name=cluster, scope=scope, now=utcnow()
+        )
     if as_json:
         emit_json({"cluster": cluster, "scope": scope, "resumed": count})
         return

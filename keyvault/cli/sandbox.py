@@ -82,7 +82,7 @@ def sandbox_up(app, ssh_port: int, api_port: int, apps) -> None:
     paths = _paths(app)
     info = start_background(paths, ssh_port=ssh_port, api_port=api_port, apps=wanted)
     with app.transaction() as session:
-        _, host = register(session, info=info, paths=paths)
+        _, host = register(session, keyring=app.keyring(session), info=info, paths=paths)
         label = host.label
     from keyvault.sandbox import state as st
 
@@ -172,7 +172,7 @@ def sandbox_add_apps(app, apps) -> None:
     synced = False
     if app.settings.home.exists():
         with app.transaction() as session:
-            synced = sync_project_ids(session, paths=paths)
+            synced = sync_project_ids(session, keyring=app.keyring(session), paths=paths)
     for appid in wanted:
         click.echo(f"app {appid}: project {mapping[appid]}")
     if synced:

@@ -52,6 +52,7 @@ def token_create(
     with app.transaction() as session:
         secret, row = create_token(
             session,
+            keyring=app.keyring(session),
             name=name,
             scopes=list(scopes),
             can_rotate=can_rotate,
@@ -107,7 +108,7 @@ def token_revoke(app: AppContext, name: str, yes: bool, as_json: bool) -> None:
         question=f"Revoke token {name}?",
     )
     with app.transaction() as session:
-        info = token_info(revoke_token(session, name=name))
+        info = token_info(revoke_token(session, keyring=app.keyring(session), name=name))
     emit_json(info) if as_json else click.echo(f"token {name} revoked")
 
 

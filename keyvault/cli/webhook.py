@@ -126,7 +126,7 @@ def webhook_remove(app, webhook_id: int, yes: bool) -> None:
         question="Remove it now?",
     )
     with app.transaction() as session:
-        hook = remove_webhook(session, webhook_id=webhook_id)
+        hook = remove_webhook(session, keyring=app.keyring(session), webhook_id=webhook_id)
     echo_safe(f"webhook {hook.id} removed: {hook.url}")
 
 

@@ -21,13 +21,22 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 
 from keyvault.config import Settings
 from keyvault.db import make_engine, require_head, session_factory, transaction
 from keyvault.errors import DatabaseError, Forbidden, NotFound, Unauthorized
 from keyvault.http.audit_writer import AuditWriter
 from keyvault.http.headers import bearer_token
-from keyvault.models import CURRENT, AccessToken, Cluster, Secret, SecretVersion, utcnow
+from keyvault.models import (
+    CURRENT,
+    AccessToken,
+    Cluster,
+    MasterKey,
+    Secret,
+    SecretVersion,
+    utcnow,
+)
 from keyvault.services.secrets import reveal
 from keyvault.services.store import open_keyring
 from keyvault.services.tokens import Grant, check_token, token_hash
@@ -176,6 +185,8 @@ class ServerState:
                 row = session.scalar(select(AccessToken).where(AccessToken.token_hash == digest))
                 if row is not None:
                     session.expunge(row)
+                    if row.mac_key_id is not None and row.mac_key_id not in self.keyring.keys:
+                        self._reopen_keyring(session, row.mac_key_id)
             if row is not None or len(self._tokens) < _NEGATIVE_CACHE_LIMIT:
                 self._cache(self._tokens, digest, revision, row)
         granted = self._grants.get(digest)
@@ -186,7 +197,7 @@ class ServerState:
             and (row.expires_at is None or row.expires_at > (now or utcnow()))
         ):
             return granted[1]
-        grant = check_token(row, digest, now or utcnow())
+        grant = check_token(row, digest, now or utcnow(), keyring=self.keyring)
         self._cache(self._grants, digest, revision, grant)
         return grant
 
@@ -207,6 +218,13 @@ class ServerState:
         if entry is None:
             raise NotFound(f"no current key for {scope} in cluster {cluster}")
         return entry
+
+    def _reopen_keyring(self, session: Session, key_id: str) -> None:
+        """Sealed or MACed after a `master-key rotate` by another process: read the keyring
+        file again (checked against the store), instead of refusing until a restart. A key
+        id the store does not know (a forged row) leaves the keyring as it is."""
+        if session.get(MasterKey, key_id) is not None:
+            self.keyring = open_keyring(session, settings=self.settings)
 
     def _cache(self, cache: dict[Any, Any], key: Any, revision: int | None, value: Any) -> None:
         """Keep ``value``, read at ``revision``, unless the caches have moved on meanwhile.
@@ -235,9 +253,7 @@ class ServerState:
             if version is None:
                 return None
             if version.master_key_id not in self.keyring.keys:
-                # Sealed after a `master-key rotate` by another process: read the keyring file
-                # again (checked against the store), instead of refusing until a restart.
-                self.keyring = open_keyring(session, settings=self.settings)
+                self._reopen_keyring(session, version.master_key_id)
             key = reveal(self.keyring, version)
             body = json.dumps(
                 {

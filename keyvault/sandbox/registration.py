@@ -12,11 +12,12 @@ from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session
 
+from keyvault.crypto import Keyring
 from keyvault.errors import Conflict, NotFound
 from keyvault.models import Cluster, Host
 from keyvault.sandbox import state as st
 from keyvault.sandbox.run import LOGIN_NAME, LOOPBACK, SSH_USER, TA_USER, SandboxPaths
-from keyvault.services import clusters, hosts
+from keyvault.services import clusters, hosts, integrity
 
 
 def _project_ids(paths: SandboxPaths) -> dict[str, int]:
@@ -24,12 +25,15 @@ def _project_ids(paths: SandboxPaths) -> dict[str, int]:
     return {appid: a["project_id"] for appid, a in state["apps"].items()}
 
 
-def _upsert_cluster(session: Session, name: str, url: str, project_ids: dict[str, int]) -> Cluster:
+def _upsert_cluster(
+    session: Session, keyring: Keyring, name: str, url: str, project_ids: dict[str, int]
+) -> Cluster:
     try:
         cluster = clusters.get_cluster(session, name=name)
     except NotFound:
         return clusters.add_cluster(
             session,
+            keyring=keyring,
             name=name,
             open_api_url=url,
             options={"login_name": LOGIN_NAME, "project_ids": project_ids},
@@ -40,18 +44,30 @@ def _upsert_cluster(session: Session, name: str, url: str, project_ids: dict[str
             hint="rename that cluster; the sandbox registers itself as 'sandbox'",
         )
     clusters.set_options(
-        session, name=name, open_api_url=url, login_name=LOGIN_NAME, project_ids=project_ids
+        session,
+        keyring=keyring,
+        name=name,
+        open_api_url=url,
+        login_name=LOGIN_NAME,
+        project_ids=project_ids,
     )
     return cluster
 
 
-def _upsert_host(session: Session, cluster_name: str, port: int, fields: dict[str, Any]) -> Host:
+def _upsert_host(
+    session: Session, keyring: Keyring, cluster_name: str, port: int, fields: dict[str, Any]
+) -> Host:
     existing = [
         h for h in hosts.list_hosts(session, cluster_name=cluster_name) if h.address == LOOPBACK
     ]
     if not existing:
         return hosts.add_host(
-            session, cluster_name=cluster_name, address=LOOPBACK, port=port, **fields
+            session,
+            keyring=keyring,
+            cluster_name=cluster_name,
+            address=LOOPBACK,
+            port=port,
+            **fields,
         )
     host = next((h for h in existing if h.port == port), existing[0])
     hosts.validate_host_fields(
@@ -68,19 +84,21 @@ def _upsert_host(session: Session, cluster_name: str, port: int, fields: dict[st
     host.become = fields["become"]
     host.ta_user = fields["ta_user"]
     host.host_key_fingerprint = fields["fingerprint"]
+    integrity.seal_row(session, host, keyring=keyring)
     return host
 
 
 def register(
     session: Session,
     *,
+    keyring: Keyring,
     info: dict[str, Any],
     paths: SandboxPaths,
     cluster_name: str = "sandbox",
 ) -> tuple[Cluster, Host]:
     """Add or update cluster ``cluster_name`` and its host 127.0.0.1 for the running sandbox."""
     url = f"http://{LOOPBACK}:{int(info['api_port'])}"
-    cluster = _upsert_cluster(session, cluster_name, url, _project_ids(paths))
+    cluster = _upsert_cluster(session, keyring, cluster_name, url, _project_ids(paths))
     fields = {
         "username": SSH_USER,
         "identity_file": str(paths.client_key),
@@ -88,18 +106,20 @@ def register(
         "ta_user": TA_USER,
         "fingerprint": info["host_key_fingerprint"],
     }
-    host = _upsert_host(session, cluster_name, int(info["ssh_port"]), fields)
+    host = _upsert_host(session, keyring, cluster_name, int(info["ssh_port"]), fields)
     session.flush()
     return cluster, host
 
 
 def sync_project_ids(
-    session: Session, *, paths: SandboxPaths, cluster_name: str = "sandbox"
+    session: Session, *, keyring: Keyring, paths: SandboxPaths, cluster_name: str = "sandbox"
 ) -> bool:
     """Copy the emulator's APPID -> projectId map into the cluster; False if no such cluster."""
     try:
         clusters.get_cluster(session, name=cluster_name)
     except NotFound:
         return False
-    clusters.set_options(session, name=cluster_name, project_ids=_project_ids(paths))
+    clusters.set_options(
+        session, keyring=keyring, name=cluster_name, project_ids=_project_ids(paths)
+    )
     return True

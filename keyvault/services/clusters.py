@@ -1,4 +1,9 @@
-"""Clusters: add, list, look up, and their per-cluster options."""
+"""Clusters: add, list, look up, and their per-cluster options.
+
+Every column that steers where keys go or how they are parsed (Open API URL, key pattern,
+options) is under the row's MAC (``services.integrity``): writers here seal it, and
+``checked_cluster`` is how a rotation, a verify or a recovery gets a cluster it may use.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
 
+from keyvault import crypto
 from keyvault.config import DEFAULT_APPID_PATTERN, DEFAULT_KEY_PATTERN
 from keyvault.errors import Conflict, InvalidInput, NotFound
 from keyvault.models import Cluster, utcnow
 from keyvault.scope import validate_appid
+from keyvault.services import integrity
 
 CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Options an operator may set per cluster; unknown TA facts live here.
@@ -95,6 +102,7 @@ def cluster_options(cluster: Cluster) -> dict:
 def add_cluster(
     session: Session,
     *,
+    keyring: crypto.Keyring,
     name: str,
     open_api_url: str,
     key_pattern: str | None = None,
@@ -119,15 +127,23 @@ def add_cluster(
             session.add(cluster)
     except SAIntegrityError:
         raise Conflict(f"cluster {name!r} already exists", hint="choose another name") from None
+    integrity.seal_row(session, cluster, keyring=keyring)
     return cluster
 
 
 def set_options(
-    session: Session, *, name: str, appid_pattern: str = DEFAULT_APPID_PATTERN, **changes: Any
+    session: Session,
+    *,
+    keyring: crypto.Keyring,
+    name: str,
+    appid_pattern: str = DEFAULT_APPID_PATTERN,
+    **changes: Any,
 ) -> Cluster:
     """Change the Open API URL, the key pattern or options of a cluster.
 
     ``project_ids`` replaces the whole map; `update_project_ids` changes single entries.
+    The row is re-MACed as it then stands (an operator's `cluster set` is also how a row
+    that failed its check is taken back into use, after review).
     """
     cluster = get_cluster(session, name=name)
     if changes.get("open_api_url"):
@@ -143,13 +159,14 @@ def set_options(
         appid_pattern,
     )
     cluster.options = json.dumps({**json.loads(cluster.options or "{}"), **checked}, sort_keys=True)
-    session.flush()
+    integrity.seal_row(session, cluster, keyring=keyring)
     return cluster
 
 
 def update_project_ids(
     session: Session,
     *,
+    keyring: crypto.Keyring,
     name: str,
     mapped: Mapping[str, int] | None = None,
     removed: Iterable[str] = (),
@@ -174,7 +191,7 @@ def update_project_ids(
     # Entries kept as they were are not re-validated: the rule may have changed since.
     stored["project_ids"] = current
     cluster.options = json.dumps(stored, sort_keys=True)
-    session.flush()
+    integrity.seal_row(session, cluster, keyring=keyring)
     return cluster
 
 
@@ -186,6 +203,14 @@ def get_cluster(session: Session, *, name: str) -> Cluster:
             f"no cluster named {name!r}",
             hint="see `keyvault cluster list` or add it with `keyvault cluster add`",
         )
+    return cluster
+
+
+def checked_cluster(session: Session, *, name: str, keyring: crypto.Keyring) -> Cluster:
+    """``get_cluster``, refused (``IntegrityError``) unless its row MAC verifies: for every
+    use that sends a key somewhere or parses one (rotation, verify, recovery)."""
+    cluster = get_cluster(session, name=name)
+    integrity.check_row(cluster, keyring=keyring)
     return cluster
 
 

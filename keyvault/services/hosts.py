@@ -1,4 +1,9 @@
-"""SSH hosts of a cluster: add, list, remove, trust (pin the host key), check."""
+"""SSH hosts of a cluster: add, list, remove, trust (pin the host key), check.
+
+Address, port, users, become method, identity file and pinned host key are under the
+row's MAC (``services.integrity``): ``checked_hosts`` is how a rotation gets hosts it may
+connect to.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
 
+from keyvault import crypto
 from keyvault.config import Settings
 from keyvault.errors import Conflict, InvalidInput, NotFound
 from keyvault.models import UNRESOLVED_ROTATION_STATES, Host, Rotation, utcnow
+from keyvault.services import integrity
 from keyvault.services.clusters import cluster_options, get_cluster
 from keyvault.ssh import Connection, Connector, SshTarget
 from keyvault.tahost import Become, check_script, raise_for_become
@@ -45,6 +52,7 @@ def validate_host_fields(
 def add_host(
     session: Session,
     *,
+    keyring: crypto.Keyring,
     cluster_name: str,
     address: str,
     port: int = 22,
@@ -84,6 +92,7 @@ def add_host(
             session.add(host)
     except SAIntegrityError:
         raise Conflict(f"host {address}:{port} is already in cluster {cluster_name}") from None
+    integrity.seal_row(session, host, keyring=keyring)
     return host
 
 
@@ -107,6 +116,15 @@ def host_info(host: Host) -> dict[str, object]:
         "identity": host.identity_file,
         "fingerprint": host.host_key_fingerprint or "(untrusted)",
     }
+
+
+def checked_hosts(session: Session, *, cluster_name: str, keyring: crypto.Keyring) -> list[Host]:
+    """``list_hosts`` of a cluster, refused (``IntegrityError`` naming the first failing
+    host) unless every host's row MAC verifies: nothing connects to a moved host."""
+    hosts = list_hosts(session, cluster_name=cluster_name)
+    for host in hosts:
+        integrity.check_row(host, keyring=keyring)
+    return hosts
 
 
 def hosts_to_check(session: Session, *, cluster_name: str, address: str | None) -> list[Host]:
@@ -159,12 +177,15 @@ def remove_host(
     session.flush()
 
 
-def pin_host_key(session: Session, *, host: Host, fingerprint: str) -> None:
-    """Pin the host key fingerprint that the operator confirmed."""
+def pin_host_key(
+    session: Session, *, keyring: crypto.Keyring, host: Host, fingerprint: str
+) -> None:
+    """Pin the host key fingerprint that the operator confirmed (re-MACs the row as it
+    then stands)."""
     if not FINGERPRINT.match(fingerprint):
         raise InvalidInput(f"invalid fingerprint {fingerprint!r}")
     host.host_key_fingerprint = fingerprint
-    session.flush()
+    integrity.seal_row(session, host, keyring=keyring)
 
 
 def ssh_target(host: Host, settings: Settings) -> SshTarget:
@@ -196,8 +217,18 @@ def su_password_for(become: Become, settings: Settings) -> str | None:
     return settings.su_password
 
 
-def check_host(session: Session, *, host: Host, settings: Settings, connector: Connector) -> str:
-    """Connect, become ta and confirm ta-tool is on its PATH; generate nothing."""
+def check_host(
+    session: Session,
+    *,
+    host: Host,
+    settings: Settings,
+    connector: Connector,
+    keyring: crypto.Keyring,
+) -> str:
+    """Connect, become ta and confirm ta-tool is on its PATH; generate nothing. The host
+    and its cluster must pass their MAC check first (a su password goes there)."""
+    integrity.check_row(host.cluster, keyring=keyring)
+    integrity.check_row(host, keyring=keyring)
     become = become_for(host)
     password = su_password_for(become, settings)
     command = cluster_options(host.cluster)["generate_root_command"]

@@ -39,6 +39,7 @@ from keyvault.db import transaction
 from keyvault.errors import Conflict, KeyvaultError
 from keyvault.fsutil import atomic_write
 from keyvault.models import MasterKey, SecretVersion, Webhook, utcnow
+from keyvault.services import integrity
 from keyvault.services.spool import spooled_master_keys, spooled_rotations
 from keyvault.services.store import open_keyring
 from keyvault.services.webhooks import rewrap_webhook_secrets
@@ -126,10 +127,22 @@ def _rewrap_all(factory: SessionFactory, grown: crypto.Keyring, old_id: str, hoo
             count += 1
         # Webhook signing secrets are sealed under the master key too.
         count += rewrap_webhook_secrets(session, keyring=grown, to=new_id)
+        _remac(session, grown, new_id)
         now = utcnow()
         for row in live:
             row.retired_at = now
     return count
+
+
+def _remac(session: Session, grown: crypto.Keyring, new_id: str) -> None:
+    """Every verifying row MAC moves to the new key (``integrity.remac_all``); a failing row
+    keeps its MAC and stays refused, and is reported."""
+    _, failing = integrity.remac_all(session, keyring=grown, to=new_id)
+    if failing:
+        log.warning(
+            "%d row(s) fail their MAC check and were not re-MACed: see `keyvault db check --integrity`",
+            failing,
+        )
 
 
 def _undo_step_one(factory: SessionFactory, path: Path, previous: bytes, new_id: str) -> None:
@@ -153,7 +166,11 @@ def _keep_needed(
 ) -> dict[str, str]:
     """Keys of ``grown`` other than the new one that a stored row or a spool file still names.
 
-    After step 2 none should be: this is the last guard before a key leaves the file."""
+    After step 2 none should be: this is the last guard before a key leaves the file.
+    Row MACs (``mac_key_id``) are not counted: step 2 moved every verifying row's MAC to
+    the new key, and a writer MACs under the live key held against retirement
+    (``store.live_keyring``), so a row still naming an old key is one that failed its
+    check, which keeping that key would not make usable."""
     try:
         with transaction(factory) as session:
             named = set(session.scalars(select(SecretVersion.master_key_id).distinct()))

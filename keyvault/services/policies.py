@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from keyvault import crypto
 from keyvault.errors import InvalidInput, NotFound
 from keyvault.models import (
     CURRENT,
     Cluster,
     RotationPolicy,
+    RowMac,
     ScopeSchedule,
     Secret,
     SecretVersion,
     utcnow,
 )
+from keyvault.services import integrity
 from keyvault.services.clusters import cluster_options, get_cluster
 from keyvault.timespec import parse_duration
 
@@ -96,7 +99,13 @@ def parse_window(text: str) -> Window:
 
 
 def set_policy(
-    session: Session, *, cluster_name: str, target: str, max_age: str, window: str | None
+    session: Session,
+    *,
+    keyring: crypto.Keyring,
+    cluster_name: str,
+    target: str,
+    max_age: str,
+    window: str | None,
 ) -> RotationPolicy:
     """Create or replace the policy of a target (``root``, ``app:<APPID>`` or ``all-apps``)."""
     cluster = get_cluster(session, name=cluster_name)
@@ -118,7 +127,7 @@ def set_policy(
         )
         session.add(policy)
     policy.max_age_seconds, policy.window = seconds, window
-    session.flush()
+    integrity.seal_row(session, policy, keyring=keyring)
     return policy
 
 
@@ -148,8 +157,16 @@ def remove_policy(session: Session, *, cluster_name: str, target: str) -> dict:
     return removed
 
 
-def resume(session: Session, *, cluster_name: str, scope: str | None, now: datetime) -> int:
-    """Clear the pause and failure count of one scope (or every scope) of a cluster."""
+def resume(
+    session: Session,
+    *,
+    keyring: crypto.Keyring,
+    cluster_name: str,
+    scope: str | None,
+    now: datetime,
+) -> int:
+    """Clear the pause and failure count of one scope (or every scope) of a cluster (each
+    row re-MACed: this is also how an operator takes a failing schedule back)."""
     cluster = get_cluster(session, name=cluster_name)
     stmt = select(ScopeSchedule).where(ScopeSchedule.cluster_id == cluster.id)
     if scope is not None:
@@ -164,6 +181,7 @@ def resume(session: Session, *, cluster_name: str, scope: str | None, now: datet
             None,
             now,
         )
+        integrity.seal_row(session, row, keyring=keyring)
     session.flush()
     return count
 
@@ -178,6 +196,8 @@ class Candidate:
     reason: str
     age_seconds: float | None
     max_age_seconds: int | None = None  # the policy's
+    # The rows the decision rests on (policy, and schedule if any), for their MAC check.
+    rows: tuple[RowMac, ...] = field(default=(), compare=False, repr=False)
 
 
 def app_scopes_of(session: Session, cluster: Cluster) -> list[str]:
@@ -227,8 +247,9 @@ def _decide(session, cluster, scope, policy, schedule, now) -> Candidate:
         )
     )
     age = (now - created).total_seconds() if created is not None else None
+    rows = (policy,) if schedule is None else (policy, schedule)
     make = lambda due, reason: Candidate(  # noqa: E731
-        cluster.name, scope, due, reason, age, policy.max_age_seconds
+        cluster.name, scope, due, reason, age, policy.max_age_seconds, rows
     )
     if schedule is not None and schedule.paused_at is not None:
         return make(

@@ -25,13 +25,16 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
+from keyvault import crypto
 from keyvault.config import Settings
 from keyvault.db import transaction
+from keyvault.errors import IntegrityError
 from keyvault.events import record_event
 from keyvault.models import ROTATE_DUE_LEASE, Lease, ScopeSchedule, utcnow
 from keyvault.scope import parse_scope
+from keyvault.services import integrity
 from keyvault.services.clusters import get_cluster
-from keyvault.services.policies import candidates
+from keyvault.services.policies import Candidate, candidates
 from keyvault.services.rotation import (
     SETTLE_AFTER,
     ResultStatus,
@@ -39,6 +42,7 @@ from keyvault.services.rotation import (
     RotationService,
 )
 from keyvault.services.rotation.journal import SessionFactory
+from keyvault.services.store import open_keyring
 from keyvault.ssh import Connector
 
 LEASE = ROTATE_DUE_LEASE
@@ -198,13 +202,23 @@ class Scheduler:
         )
 
     def plan(self, cluster_name: str | None = None) -> list[ScopeResult]:
-        """What would be rotated now, and why the rest would not."""
+        """What would be rotated now, and why the rest would not; a scope whose policy or
+        schedule row fails its MAC check is refused ("failed", the error says which row)."""
         now = self.clock()
         with transaction(self.factory) as s:
+            keyring = open_keyring(s, settings=self.settings)
             found = candidates(s, now=now, cluster_name=cluster_name)
-        return [
-            ScopeResult(c.cluster, c.scope, "due" if c.due else "skipped", c.reason) for c in found
-        ]
+            return [self._planned(c, keyring) for c in found]
+
+    @staticmethod
+    def _planned(c: Candidate, keyring: crypto.Keyring) -> ScopeResult:
+        try:
+            for row in c.rows:
+                integrity.check_row(row, keyring=keyring)
+        except IntegrityError as exc:
+            _log.error("%s of %s not scheduled: %s", c.scope, c.cluster, exc.message)
+            return ScopeResult(c.cluster, c.scope, "failed", f"{exc.message} ({exc.hint})")
+        return ScopeResult(c.cluster, c.scope, "due" if c.due else "skipped", c.reason)
 
     def run(
         self,
@@ -238,7 +252,7 @@ class Scheduler:
         on_done: Callable[[ScopeResult], None] | None,
     ) -> None:
         planned = self.plan(cluster_name)
-        report.results += [r for r in planned if r.status == "skipped"]
+        report.results += [r for r in planned if r.status != "due"]  # skipped, or refused
         due: dict[str, list] = {}
         for r in planned:
             if r.status == "due":
@@ -309,6 +323,7 @@ class Scheduler:
     def _record(self, cluster_name: str, scope: str, result: RotationResult) -> ScopeResult:
         now = self.clock()
         with transaction(self.factory) as s:
+            keyring = open_keyring(s, settings=self.settings)
             cluster = get_cluster(s, name=cluster_name)
             row = s.scalar(
                 select(ScopeSchedule)
@@ -320,9 +335,17 @@ class Scheduler:
                     cluster_id=cluster.id, scope=scope, consecutive_failures=0, updated_at=now
                 )
                 s.add(row)
+            elif integrity.failure(row, keyring=keyring) is not None:
+                # Never re-MAC a row changed outside keyvault: it stays refused (see plan).
+                _log.error(
+                    "the schedule of %s of %s fails its MAC check; not updated", scope, cluster_name
+                )
+                row = ScopeSchedule(cluster_id=cluster.id, scope=scope, consecutive_failures=0)
             row.updated_at = now
             if result.failure is None:
                 row.consecutive_failures, row.next_attempt_at, row.last_error = 0, None, None
+                if row in s:
+                    integrity.seal_row(s, row, keyring=keyring)
                 return ScopeResult(
                     cluster_name,
                     scope,
@@ -334,10 +357,15 @@ class Scheduler:
                 )
             if result.status is ResultStatus.REFUSED:
                 # Not this run's failure: the scope waits for an operator's recover.
+                if row in s:
+                    integrity.seal_row(s, row, keyring=keyring)
                 return ScopeResult(
                     cluster_name, scope, "skipped", str(result.failure), result.rotation_id
                 )
-            return self._record_failure(s, row, cluster_name, result, now)
+            item = self._record_failure(s, row, cluster_name, result, now)
+            if row in s:
+                integrity.seal_row(s, row, keyring=keyring)
+            return item
 
     def _record_failure(
         self,

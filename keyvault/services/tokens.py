@@ -1,7 +1,10 @@
 """Access tokens for the HTTP API: create (shown once), list, revoke, authenticate.
 
 Tokens are 256-bit random strings; only their SHA-256 is stored, so a database
-reader learns nothing usable. A token carries scopes: ``root:CLUSTER``,
+reader learns nothing usable. Each row carries a MAC under the master keyring
+(``services.integrity``) over its hash, scopes, rights, expiry and revocation, so a
+database writer can neither insert a token nor widen, extend or un-revoke one: a row
+whose MAC fails is refused like an unknown token, and logged. A token carries scopes: ``root:CLUSTER``,
 ``app:CLUSTER/APPID`` or ``app:CLUSTER/*`` (grammar and ``Grant`` in ``keyvault.scope``),
 and optionally the right to rotate.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 from datetime import datetime, timedelta
@@ -19,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session
 
+from keyvault import crypto
 from keyvault.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from keyvault.models import AccessToken, utcnow
 from keyvault.scope import (
@@ -28,11 +33,13 @@ from keyvault.scope import (
     parse_grant_scope,
     parse_grant_scopes,
 )
+from keyvault.services import integrity
 from keyvault.services.clusters import get_cluster
 from keyvault.services.secrets import bump_revision
 
 TOKEN_PREFIX = "kvt_"
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+log = logging.getLogger("keyvault.integrity")
 
 
 def token_hash(token: str) -> str:
@@ -48,6 +55,7 @@ def grant_of(row: AccessToken) -> Grant:
 def create_token(
     session: Session,
     *,
+    keyring: crypto.Keyring,
     name: str,
     scopes: list[str],
     can_rotate: bool = False,
@@ -81,6 +89,7 @@ def create_token(
         raise Conflict(
             f"a token named {name!r} already exists", hint="revoke it or choose another name"
         ) from None
+    integrity.seal_row(session, row, keyring=keyring)
     bump_revision(session)
     return token, row
 
@@ -90,13 +99,16 @@ def list_tokens(session: Session) -> list[AccessToken]:
     return list(session.scalars(select(AccessToken).order_by(AccessToken.name)))
 
 
-def revoke_token(session: Session, *, name: str) -> AccessToken:
-    """Revoke a token at once (every server sees it on its next request)."""
+def revoke_token(session: Session, *, keyring: crypto.Keyring, name: str) -> AccessToken:
+    """Revoke a token at once (every server sees it on its next request).
+
+    A row failing its MAC is revoked and re-MACed too: revoking only takes rights away."""
     row = session.scalar(select(AccessToken).where(AccessToken.name == name))
     if row is None:
         raise NotFound(f"no token named {name!r}", hint="see `keyvault token list`")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
+        integrity.seal_row(session, row, keyring=keyring)
         bump_revision(session)
     session.flush()
     return row
@@ -123,15 +135,25 @@ def token_info(row: AccessToken, now: datetime | None = None) -> dict:
     }
 
 
-def check_token(row: AccessToken | None, presented_hash: str, now: datetime) -> Grant:
-    """The grant of a looked-up token, or ``Unauthorized``; compares hashes in constant time."""
+def check_token(
+    row: AccessToken | None, presented_hash: str, now: datetime, *, keyring: crypto.Keyring
+) -> Grant:
+    """The grant of a looked-up token, or ``Unauthorized``; compares hashes in constant time.
+
+    A row whose MAC fails (inserted, widened, extended or un-revoked by a database writer)
+    is refused and logged as an integrity error naming the row; the caller audits the 401.
+    """
     if row is None or not hmac.compare_digest(row.token_hash, presented_hash):
         raise Unauthorized(
             "unknown token",
             hint="send `Authorization: Bearer <token>` with a token from `keyvault token create`",
         )
     error = None
-    if row.revoked_at is not None:
+    why = integrity.failure(row, keyring=keyring)
+    if why is not None:
+        log.error("integrity check failed for %s: %s; refused", integrity.describe(row), why)
+        error = Unauthorized(f"token {row.name!r} failed its integrity check")
+    elif row.revoked_at is not None:
         error = Unauthorized(f"token {row.name!r} was revoked")
     elif row.expires_at is not None and row.expires_at <= now:
         error = Unauthorized(f"token {row.name!r} expired at {row.expires_at.isoformat()}")

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from keyvault.config import Settings
 from keyvault.models import Cluster
 from keyvault.scope import Scope
-from keyvault.services.clusters import cluster_options, get_cluster
+from keyvault.services.clusters import checked_cluster, cluster_options
 from keyvault.services.secrets import get_version, reveal
 from keyvault.ta import TaClient, verify_key
 
@@ -85,11 +85,13 @@ def verify_current(
     settings: Settings,
     client_factory: Callable | None = None,
 ) -> tuple[int, KeyCheckOutcome]:
-    """Verify the current stored key of a scope; returns (version, outcome)."""
+    """Verify the current stored key of a scope; returns (version, outcome). The cluster's
+    row MAC is checked before the key is sent to its Open API URL."""
+    cluster = checked_cluster(session, name=cluster_name, keyring=keyring)
     version = get_version(session, cluster_name=cluster_name, scope=scope)
     key = reveal(keyring, version)
     return version.number, verify_scope_key(
-        get_cluster(session, name=cluster_name),
+        cluster,
         scope,
         key,
         settings=settings,

@@ -98,15 +98,20 @@ def test_the_service_refuses_bad_mappings_from_every_entrypoint(store, home):
         factory = session_factory(engine)
         for bad in ({"": 3}, {"app1": "3"}, {"app1": -1}, {"app1": True}, ["app1"]):
             with pytest.raises(InvalidInput), transaction(factory) as session:
-                set_options(session, name=CLUSTER, project_ids=bad)
+                # Refused before anything is sealed: no keyring needed.
+                set_options(session, keyring=None, name=CLUSTER, project_ids=bad)
             with pytest.raises(InvalidInput), transaction(factory) as session:
                 add_cluster(
-                    session, name="other", open_api_url="http://x:1", options={"project_ids": bad}
+                    session,
+                    keyring=None,
+                    name="other",
+                    open_api_url="http://x:1",
+                    options={"project_ids": bad},
                 )
         with pytest.raises(InvalidInput), transaction(factory) as session:
-            update_project_ids(session, name=CLUSTER, mapped={"=": 3})
+            update_project_ids(session, keyring=None, name=CLUSTER, mapped={"=": 3})
         with pytest.raises(NotFound), transaction(factory) as session:
-            update_project_ids(session, name=CLUSTER, removed=["nope"])
+            update_project_ids(session, keyring=None, name=CLUSTER, removed=["nope"])
     finally:
         engine.dispose()
     assert project_ids(store) == {}

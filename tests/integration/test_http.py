@@ -28,6 +28,7 @@ from sqlalchemy import func, select, text, update
 from keyvault.models import AccessToken, AuditRecord, Revision, Rotation, utcnow
 from tests.support.cli import expect, proc_describe, run_keyvault
 from tests.support.http import SCOPES, Server, World, free_port, key_matches, scrub
+from tests.support.rowmac import reseal_all
 from tests.support.timeouts import TIMEOUT
 
 # 502: a host behind keyvault failed; 503: keyvault cannot serve. A 500 is a bug: never allowed.
@@ -412,6 +413,7 @@ def test_expired_revoked_and_garbage_tokens_get_401(served: World, engine):
         conn.execute(
             update(AccessToken).where(AccessToken.name == "expires-fresh").values(expires_at=past)
         )
+    reseal_all(engine)  # as if created so: an expired token, not a tampered one
     with world.http("expires-fresh") as http:
         for path in ("/v1/clusters/c/root", "/v1/clusters/c/root/versions", "/v1/events"):
             body = assert_error(world, http.get(path), 401, "unauthorized")
@@ -422,6 +424,8 @@ def test_expired_revoked_and_garbage_tokens_get_401(served: World, engine):
         conn.execute(
             update(AccessToken).where(AccessToken.name == "expires-cached").values(expires_at=past)
         )
+    reseal_all(engine)
+    with engine.begin() as conn:
         conn.execute(update(Revision).where(Revision.id == 1).values(value=Revision.value + 1))
     with world.http("expires-cached") as http:
         body = assert_error(world, http.get("/v1/clusters/c/root"), 401, "unauthorized")

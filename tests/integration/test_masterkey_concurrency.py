@@ -31,7 +31,7 @@ from keyvault.errors import Conflict, MasterKeyLocked, StoreFailed, WrongMasterK
 from keyvault.models import MasterKey, SecretVersion
 from keyvault.sandbox import state
 from keyvault.scope import app_scope
-from keyvault.services import masterkeys, secrets, spool
+from keyvault.services import clusters, integrity, masterkeys, secrets, spool
 from keyvault.services.rotation import RotationService
 from keyvault.services.store import open_keyring
 from tests.support.cli import KEYVAULT, describe, expect, proc_describe, run_keyvault, spawn_process
@@ -115,6 +115,10 @@ def assert_sound(world, keys: dict[str, str]) -> None:
     with transaction(world["factory"]) as s:
         assert set(s.scalars(select(SecretVersion.master_key_id))) == {live}
         assert all(r.retired_at is not None for r in s.scalars(select(MasterKey)) if r.id != live)
+        # Row MACs (cluster c, its host, what a test added) moved with it and verify.
+        for model in integrity.MAC_MODELS:
+            assert set(s.scalars(select(model.mac_key_id))) <= {live}, model.__tablename__
+        assert integrity.problems(s, keyring=open_keyring(s, settings=world["settings"])) == []
     for appid, key in keys.items():
         shown = world["cli"]("secrets", "show", "--cluster", "c", "--appid", appid, "--reveal")
         assert shown.exit_code == 0, describe(shown)
@@ -249,6 +253,33 @@ def test_import_sealed_and_not_committed_while_master_key_rotate_starts(world):
         session.close()
     worker.outcome()
     assert_sound(world, {"app1": racing, "app2": before})
+
+
+def test_a_cluster_change_macd_and_not_committed_while_master_key_rotate_starts(world):
+    """A writer that MACed a row under the live key and has not committed when `master-key
+    rotate` starts: the rotate waits for it (the live key is share-locked) and re-MACs it."""
+    key = new_key()
+    expect(world["cli"]("import", "--cluster", "c", "--appid", "app1", input=key))
+    grown = threading.Event()
+    worker = Worker(
+        lambda: rotate_master_key(
+            world, on_step=lambda step: grown.set() if step == "grown" else None
+        )
+    )
+    session = world["factory"]()
+    try:
+        keyring = open_keyring(session, settings=world["settings"])
+        clusters.set_options(session, keyring=keyring, name="c", login_name="racing")
+        worker.start()
+        if world["postgres"]:
+            wait(grown, "master-key rotate to write the grown keyring")
+        session.commit()
+    finally:
+        session.close()
+    worker.outcome()
+    assert_sound(world, {"app1": key})
+    with transaction(world["factory"]) as s:
+        assert clusters.cluster_options(clusters.get_cluster(s, name="c"))["login_name"] == "racing"
 
 
 # -- (3) two `master-key rotate` at once ------------------------------------------------------

@@ -7,10 +7,9 @@ from sqlalchemy import select
 
 from keyvault.db import session_factory, transaction
 from keyvault.errors import InvalidInput, RotationUnresolved
-from keyvault.models import Event, Rotation
+from keyvault.models import Cluster, Event, Host, Rotation, utcnow
 from keyvault.rotation_states import IllegalTransition, RotationState
 from keyvault.scope import app_scope
-from keyvault.services import clusters, hosts
 from keyvault.services.rotation.journal import Journal
 from keyvault.services.verify import KeyCheckOutcome
 
@@ -21,11 +20,30 @@ S = RotationState
 def journal(engine):
     factory = session_factory(engine)
     with transaction(factory) as s:
-        clusters.add_cluster(s, name="c", open_api_url="http://127.0.0.1:9")
-        host = hosts.add_host(
-            s, cluster_name="c", address="ta-a", username="ta", become="none", fingerprint=None
+        # Rows only (no keyring in this store): the journal does not check row MACs.
+        now = utcnow()
+        cluster = Cluster(
+            name="c",
+            open_api_url="http://127.0.0.1:9",
+            key_pattern="x+",
+            options="{}",
+            created_at=now,
         )
-        cluster = clusters.get_cluster(s, name="c")
+        s.add(cluster)
+        s.flush()
+        host = Host(
+            cluster_id=cluster.id,
+            address="ta-a",
+            port=22,
+            username="ta",
+            become="none",
+            ta_user="ta",
+            position=1,
+            created_at=now,
+        )
+        s.add(host)
+        s.flush()
+        s.refresh(host)
     return Journal(factory), cluster, host
 
 

@@ -20,6 +20,7 @@ from keyvault.services.rotation import ResultStatus, RotationService
 from keyvault.services.store import open_keyring
 from keyvault.ssh.local import LocalConnector
 from tests.support.cluster import add_emulated_cluster, install_ta_tool, local_connector
+from tests.support.rowmac import reseal_all
 
 
 @pytest.fixture
@@ -113,7 +114,12 @@ def test_two_candidate_keys_need_recovery_and_hide_both(world):
     assert state.current_key(world["state"], "app:app3") not in str(info.value)
     # The operator tightens the pattern, then recovery stores the key without re-running ta-tool.
     with transaction(world["factory"]) as s:
-        clusters.set_options(s, name="c", key_pattern=r"(?<=secret: )[A-Za-z0-9]{64}")
+        clusters.set_options(
+            s,
+            keyring=open_keyring(s, settings=world["settings"]),
+            name="c",
+            key_pattern=r"(?<=secret: )[A-Za-z0-9]{64}",
+        )
     outcome = service(world).recover(info.value.rotation_id, actor="t")
     assert outcome.state == "completed"
     assert stored_key(world, app_scope("app3")) == state.current_key(world["state"], "app:app3")
@@ -220,7 +226,15 @@ def test_journal_row_deleted_after_generate_still_spools_the_key(world):
 def test_failover_to_the_next_host_before_anything_ran(world):
     with transaction(world["factory"]) as s:
         s.execute(text("UPDATE hosts SET address = 'dead-host'"))
-        hosts.add_host(s, cluster_name="c", address="ta-b", username="ta", become="none")
+        hosts.add_host(
+            s,
+            keyring=open_keyring(s, settings=world["settings"]),
+            cluster_name="c",
+            address="ta-b",
+            username="ta",
+            become="none",
+        )
+    reseal_all(world["engine"], world["settings"])  # the dead host, as if added so
     world["connector"].unreachable = frozenset({"dead-host"})
     outcome = service(world).rotate("c", root_scope(), actor="t")
     assert outcome.host.startswith("ta@ta-b")

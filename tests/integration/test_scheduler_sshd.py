@@ -157,6 +157,7 @@ class Harness:
         with transaction(self.factory) as s:
             clusters.set_options(
                 s,
+                keyring=open_keyring(s, settings=load_settings()),
                 name=name,
                 generate_root_command=f"{self.tool} generate_root_secret",
                 generate_app_command=f"{self.tool} generate_api_secret -appid {{appid}}",

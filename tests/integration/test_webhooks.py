@@ -553,8 +553,9 @@ def test_remove_dead_letters_pending_deliveries_and_stops_fan_out(kv, receivers)
     kv.import_key("app:a1")
     clock = Clock()
     kv.deliver(clock)
+    keyring = kv.keyring()
     with transaction(kv.factory) as s:
-        webhooks.remove_webhook(s, webhook_id=hook_id)
+        webhooks.remove_webhook(s, keyring=keyring, webhook_id=hook_id)
     kv.import_key("app:a1")
     clock.advance(webhooks.BACKOFF_CAP)
     assert kv.deliver(clock).attempted == 0
@@ -564,7 +565,7 @@ def test_remove_dead_letters_pending_deliveries_and_stops_fan_out(kv, receivers)
         assert webhooks.list_webhooks(s) == []
         assert [h.id for h in webhooks.list_webhooks(s, include_removed=True)] == [hook_id]
         with pytest.raises(NotFound):
-            webhooks.remove_webhook(s, webhook_id=hook_id + 100)
+            webhooks.remove_webhook(s, keyring=keyring, webhook_id=hook_id + 100)
 
 
 def test_real_rotations_notify_with_rotation_ids_and_failures(kv, receivers, tmp_path):

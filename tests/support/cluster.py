@@ -66,15 +66,30 @@ def add_emulated_cluster(
     session: Session, name: str, ta: TaTool, *, host: str, exists: bool = False
 ) -> None:
     """Cluster ``name`` (added, or an existing one) generating keys with ``ta``, and one host
-    ``host`` (user ta, no become) for the local transport."""
+    ``host`` (user ta, no become) for the local transport; rows MACed with the keyring of the
+    environment's settings (the test's home)."""
+    from keyvault.config import load_settings
+    from keyvault.services.store import open_keyring
+
+    keyring = open_keyring(session, settings=load_settings())
     if exists:
-        clusters.set_options(session, name=name, **ta.generate_options())
+        clusters.set_options(session, keyring=keyring, name=name, **ta.generate_options())
     else:
         clusters.add_cluster(
-            session, name=name, open_api_url=NO_OPEN_API, options=ta.generate_options()
+            session,
+            keyring=keyring,
+            name=name,
+            open_api_url=NO_OPEN_API,
+            options=ta.generate_options(),
         )
     hosts.add_host(
-        session, cluster_name=name, address=host, username="ta", become="none", fingerprint=PINNED
+        session,
+        keyring=keyring,
+        cluster_name=name,
+        address=host,
+        username="ta",
+        become="none",
+        fingerprint=PINNED,
     )
 
 

@@ -17,12 +17,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.orm import Session
 
 from keyvault.models import AccessToken, AuditRecord, Cluster, Rotation, Secret, SecretVersion
@@ -155,22 +155,36 @@ def plan_restore(
     )
 
 
-def merge_tokens(session: Session, backup_rows: list[dict[str, Any]], store_had_data: bool) -> None:
+def merge_tokens(
+    session: Session,
+    backup_rows: list[dict[str, Any]],
+    store_had_data: bool,
+    verifies: Callable[[AccessToken], bool],
+) -> list[int]:
     """Keep the store's tokens; take revocations from the backup; restore the backup's
-    tokens only into a store that had no data."""
+    tokens only into a store that had no data. Returns the ids of the store's tokens the
+    backup revoked whose row MAC verified (``verifies``) before: re-MAC them once every
+    row is in (``integrity.check_restored``)."""
     table = cast(Table, AccessToken.__table__)
     if not store_had_data:
         if backup_rows:
             session.execute(insert(table), backup_rows)
-        return
+        return []
+    revoked = []
     for row in backup_rows:
         if row["revoked_at"] is None:
             continue
-        session.execute(
-            update(table)
-            .where(table.c.token_hash == row["token_hash"], table.c.revoked_at.is_(None))
-            .values(revoked_at=row["revoked_at"])
+        held = session.scalar(
+            select(AccessToken).where(
+                AccessToken.token_hash == row["token_hash"], AccessToken.revoked_at.is_(None)
+            )
         )
+        if held is not None:
+            if verifies(held):
+                revoked.append(held.id)
+            held.revoked_at = row["revoked_at"]
+    session.flush()
+    return revoked
 
 
 def merge_audit(session: Session, backup_rows: list[dict[str, Any]]) -> int:

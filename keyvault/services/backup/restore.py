@@ -38,6 +38,7 @@ from keyvault.errors import (
     WrongMasterKey,
 )
 from keyvault.models import AccessToken, AuditRecord, MasterKey, SecretVersion, Webhook
+from keyvault.services import integrity
 from keyvault.services.backup.auditing import record_restore, restore_target
 from keyvault.services.backup.fileformat import (
     BackupContents,
@@ -255,18 +256,25 @@ def _replace_rows(
     rows_by_table: dict[str, list[dict[str, Any]]],
     *,
     store_had_data: bool,
-) -> tuple[dict[str, int], int]:
+    keyring: crypto.Keyring,
+) -> tuple[dict[str, int], int, list[int]]:
     """Delete everything but what is kept (see ``merge``), insert the backup's rows, merge
     tokens and audit records, move the revision on; return what was deleted and the
     number of audit records added."""
     revision_value = session.execute(text("SELECT value FROM revision WHERE id = 1")).scalar() or 0
     audit_added = 0
+    revoked: list[int] = []
     try:
         deleted = _delete_all(session, tables)
         for table in tables:
             rows = rows_by_table[table.name]
             if table.name == AccessToken.__tablename__:
-                merge_tokens(session, rows, store_had_data)
+                revoked = merge_tokens(
+                    session,
+                    rows,
+                    store_had_data,
+                    lambda t: integrity.failure(t, keyring=keyring) is None,
+                )
             elif table.name == AuditRecord.__tablename__:
                 audit_added = merge_audit(session, rows)
             elif table.name != _REVISION_TABLE and rows:
@@ -281,7 +289,7 @@ def _replace_rows(
             f"the backup's rows do not fit the database ({reason}); nothing was restored",
             hint="use an unmodified backup made by this keyvault version",
         ) from None
-    return deleted, audit_added
+    return deleted, audit_added, revoked
 
 
 def check_losses(plan: RestorePlan, discard: frozenset[object] | None) -> None:
@@ -349,11 +357,12 @@ def import_store(
         )
     plan = plan_restore(session, rows_by_table, spooled)
     check_losses(plan, discard)
-    deleted, audit_added = _replace_rows(
-        session, tables, rows_by_table, store_had_data=bool(existing)
+    deleted, audit_added, revoked = _replace_rows(
+        session, tables, rows_by_table, store_had_data=bool(existing), keyring=keyring
     )
     session.expire_all()
     versions, hooks = _verify(session, keyring)
+    integrity.check_restored(session, keyring=keyring, tokens=not existing, token_ids=revoked)
     record_restore(
         session,
         actor=actor,

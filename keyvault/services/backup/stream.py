@@ -6,27 +6,20 @@ body's nonce, ciphertext and tag. Written and read in chunks, so neither a backu
 restore holds the compressed or encrypted file in memory, and a restore stops as soon
 as the decompressed body passes its limit.
 
-Why not ``crypto.seal``/``unseal``: they take and return whole byte strings. The data
-key wrapping below is the same construction as ``crypto``'s (see the request in
-/work/wt/notes/restore-requests.md to make it public there).
+The encryption is ``crypto.StreamSealer``/``StreamUnsealer`` (``crypto.seal``'s
+construction, in pieces); this module adds gzip, chunking and the size limit.
 """
 
 from __future__ import annotations
 
-import secrets
 import zlib
 from collections.abc import Callable
 from typing import BinaryIO
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from keyvault import crypto
 from keyvault.errors import IntegrityError, InvalidInput
 
-WRAPPED_KEY_BYTES = crypto.NONCE_BYTES + crypto.KEY_BYTES + 16
-TAG_BYTES = 16
+TAG_BYTES = crypto.TAG_BYTES
 CHUNK = 1 << 20
 DEFAULT_MAX_BODY = 1 << 30  # 1 GiB of decompressed body
 _SEAL_SLACK = 64 * 1024  # gzip and GCM overhead over the body
@@ -49,27 +42,16 @@ def too_large(limit: int) -> InvalidInput:
     )
 
 
-def _wrap_aad(key_id: str, aad: bytes) -> bytes:
-    return b"keyvault/v1/dek|" + key_id.encode() + b"|" + aad
-
-
 class BodyWriter:
     """gzip, then AES-256-GCM under a fresh data key, into ``out``; ``close()`` writes the tag."""
 
     def __init__(self, out: BinaryIO, keyring: crypto.Keyring, aad: bytes) -> None:
-        dek = secrets.token_bytes(crypto.KEY_BYTES)
-        wrap_nonce = secrets.token_bytes(crypto.NONCE_BYTES)
-        wrapped = wrap_nonce + AESGCM(keyring.key(keyring.active)).encrypt(
-            wrap_nonce, dek, _wrap_aad(keyring.active, aad)
-        )
-        nonce = secrets.token_bytes(crypto.NONCE_BYTES)
-        self._enc = Cipher(algorithms.AES(dek), modes.GCM(nonce)).encryptor()
-        self._enc.authenticate_additional_data(aad)
+        self._enc = crypto.StreamSealer(keyring, aad)
         self._zip = zlib.compressobj(6, zlib.DEFLATED, _GZIP_WBITS)
         self._out = out
         self._pending: list[bytes] = []
         self._pending_size = 0
-        out.write(wrapped + nonce)
+        out.write(self._enc.header)
 
     def write(self, data: bytes) -> None:
         self._pending.append(data)
@@ -85,7 +67,6 @@ class BodyWriter:
     def close(self) -> None:
         self._flush_pending()
         self._out.write(self._enc.update(self._zip.flush()) + self._enc.finalize())
-        self._out.write(self._enc.tag)
 
 
 def _pump(stream: BinaryIO, limit: int, sink: Callable[[bytes], None]) -> bytes:
@@ -113,20 +94,15 @@ def read_body(
     At most ``max_body`` decompressed bytes are kept (``InvalidInput`` beyond); a body that
     does not authenticate or decompress raises ``IntegrityError``.
     """
-    head = stream.read(WRAPPED_KEY_BYTES + crypto.NONCE_BYTES)
-    if len(head) < WRAPPED_KEY_BYTES + crypto.NONCE_BYTES:
+    head = stream.read(crypto.STREAM_HEADER_BYTES)
+    if len(head) < crypto.STREAM_HEADER_BYTES:
         raise damaged("the backup is truncated: its encrypted body is missing or incomplete")
-    wrapped, nonce = head[:WRAPPED_KEY_BYTES], head[WRAPPED_KEY_BYTES:]
     try:
-        dek = AESGCM(keyring.key(key_id)).decrypt(
-            wrapped[: crypto.NONCE_BYTES], wrapped[crypto.NONCE_BYTES :], _wrap_aad(key_id, aad)
-        )
-    except (InvalidTag, ValueError):
+        dec = crypto.StreamUnsealer(keyring, key_id, head, aad, what="backup file")
+    except IntegrityError:
         raise damaged(
             "the backup failed its integrity check: its data key does not authenticate"
         ) from None
-    dec = Cipher(algorithms.AES(dek), modes.GCM(nonce)).decryptor()
-    dec.authenticate_additional_data(aad)
     unzip = zlib.decompressobj(_GZIP_WBITS)
     body = bytearray()
     try:
@@ -134,9 +110,11 @@ def read_body(
         tag = _pump(
             stream, max_body + _SEAL_SLACK, lambda p: _inflate(unzip, dec.update(p), body, max_body)
         )
-        _inflate(unzip, dec.finalize_with_tag(tag), body, max_body)
-    except (InvalidTag, ValueError):
-        raise damaged("the backup failed its integrity check") from None
+        try:
+            tail = dec.finalize(tag)
+        except IntegrityError:
+            raise damaged("the backup failed its integrity check") from None
+        _inflate(unzip, tail, body, max_body)
     except zlib.error:
         raise damaged(
             "the backup failed its integrity check: its body does not decompress"

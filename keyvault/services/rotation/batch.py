@@ -17,8 +17,8 @@ from keyvault.db import transaction
 from keyvault.errors import KeyvaultError, NotFound
 from keyvault.models import Cluster, Host, Rotation
 from keyvault.scope import Scope
-from keyvault.services.clusters import cluster_options, get_cluster
-from keyvault.services.hosts import become_for, list_hosts, su_password_for
+from keyvault.services.clusters import checked_cluster, cluster_options
+from keyvault.services.hosts import become_for, checked_hosts, su_password_for
 from keyvault.services.rotation.cleanup import CleanupPolicy, DeferredCleanups
 from keyvault.services.rotation.journal import Precondition, unresolved_error, unresolved_of
 from keyvault.services.rotation.results import Failure, RotationResult
@@ -209,12 +209,12 @@ class BatchRun:
         command, a problem of all of them is raised."""
         with transaction(self.rt.journal.factory) as s:
             keyring = open_keyring(s, settings=self.rt.settings)
-            cluster = get_cluster(s, name=self.cluster_name)
+            cluster = checked_cluster(s, name=self.cluster_name, keyring=keyring)
             unresolved = unresolved_of(s, cluster.id, [str(scope) for scope in self.scopes])
             commands = [self._command(cluster, scope, unresolved) for scope in self.scopes]
             if not any(isinstance(command, str) for command in commands):
                 return _Plan(keyring, cluster, [], commands)  # no host needed
-            hosts = list_hosts(s, cluster_name=self.cluster_name)
+            hosts = checked_hosts(s, cluster_name=self.cluster_name, keyring=keyring)
             if not hosts:
                 raise NotFound(
                     f"cluster {self.cluster_name} has no SSH hosts",

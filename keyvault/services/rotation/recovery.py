@@ -17,7 +17,7 @@ from keyvault.errors import InvalidInput, NotFound, RotationError
 from keyvault.models import UNRESOLVED_ROTATION_STATES, Cluster, Host, Rotation
 from keyvault.rotation_states import RotationState, is_unresolved
 from keyvault.scope import Scope, parse_scope
-from keyvault.services import spool
+from keyvault.services import integrity, spool
 from keyvault.services.clusters import get_cluster
 from keyvault.services.hosts import ssh_target
 from keyvault.services.rotation.pool import run_as_ta
@@ -66,6 +66,7 @@ class Recovery:
             if rotation is None:
                 raise NotFound(f"no rotation {rid!r}", hint="see `keyvault rotations list`")
             keyring = open_keyring(s, settings=self.rt.settings)
+            integrity.check_rows(rotation.cluster, rotation.host, keyring=keyring)
             scope = parse_scope(rotation.scope, r".+")
             result = RotationResult.of_row(rotation)
             return _Loaded(keyring, rotation.cluster, scope, rotation.host, result)
@@ -191,6 +192,7 @@ class Recovery:
                 raise InvalidInput(f"rotation {rid} is not unresolved")
             host, pattern = rotation.host, rotation.cluster.key_pattern
             keyring = open_keyring(s, settings=self.rt.settings)
+            integrity.check_rows(rotation.cluster, host, keyring=keyring)
         if spool.read_spool(self.rt.settings, keyring, rid) is not None:
             raise RotationError(
                 f"rotation {rid} has a key in the local spool",

@@ -32,6 +32,7 @@ from keyvault import crypto, httpclient
 from keyvault.db import transaction
 from keyvault.errors import InvalidInput, KeyvaultError
 from keyvault.models import Event, Webhook, WebhookDelivery, utcnow
+from keyvault.services import integrity
 from keyvault.services.webhooks.destinations import is_public
 from keyvault.services.webhooks.outbox import enqueue_deliveries, event_payload
 from keyvault.services.webhooks.signing import message_id, signed_headers, webhook_secret
@@ -153,6 +154,8 @@ class _Secrets:
     def get(self, hook: Webhook) -> bytes | str:
         if hook.id not in self._known:
             try:
+                # The URL and scopes must be the operator's: nothing is sent to a moved webhook.
+                integrity.check_row(hook, keyring=self.keyring)
                 self._known[hook.id] = webhook_secret(self.keyring, hook)
             except KeyvaultError as exc:
                 log.error("webhook %s cannot sign: %s", hook.id, exc)

@@ -19,6 +19,7 @@ from keyvault import crypto
 from keyvault.errors import InvalidInput, NotFound
 from keyvault.models import Webhook, WebhookDelivery, utcnow
 from keyvault.scope import DEFAULT_APPID_PATTERN, Grant, grant_of_scopes, parse_grant_scopes
+from keyvault.services import integrity
 from keyvault.services.clusters import get_cluster
 from keyvault.services.webhooks.destinations import check_destination
 from keyvault.services.webhooks.signing import generate_secret, parse_secret, seal_secret
@@ -93,7 +94,7 @@ def add_webhook(
     session.add(hook)
     session.flush()  # the id is part of the secret's associated data
     seal_secret(keyring, hook, raw)
-    session.flush()
+    integrity.seal_row(session, hook, keyring=keyring)
     return hook, secret
 
 
@@ -141,11 +142,12 @@ def webhook_info(hook: Webhook, counts: dict[str, int] | None = None) -> dict[st
     }
 
 
-def remove_webhook(session: Session, *, webhook_id: int) -> Webhook:
+def remove_webhook(session: Session, *, keyring: crypto.Keyring, webhook_id: int) -> Webhook:
     """Stop a webhook: no new deliveries; its pending ones are dead-lettered as "webhook removed"."""
     hook = get_webhook(session, webhook_id=webhook_id)
     if hook.removed_at is None:
         hook.removed_at = utcnow()
+        integrity.seal_row(session, hook, keyring=keyring)
     session.execute(
         update(WebhookDelivery)
         .where(WebhookDelivery.webhook_id == hook.id, WebhookDelivery.status == "pending")
