@@ -171,7 +171,6 @@ def _scope_file(scope):
 
 def _read_entry(state_dir, scope):
     """(generations, key or None) of a scope; UnknownApp when its file is missing."""
-    name = _scope_file(scope)
     count, key, _ = _read_entry3(state_dir, scope)
     return count, key
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -193,7 +194,11 @@ def verify_old_key(
                 scope,
                 cluster.name,
             )
-            payload = {"rotation_id": rotation_id, "cluster": cluster.name, "scope": str(scope)}
+            payload: dict[str, Any] = {
+                "rotation_id": rotation_id,
+                "cluster": cluster.name,
+                "scope": str(scope),
+            }
             payload |= {"old_version": old_version, "message": outcome.message if outcome else ""}
             record_event(
                 session, kind=OLD_KEY_EVENT, cluster=cluster.name, scope=str(scope), payload=payload
