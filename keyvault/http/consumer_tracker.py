@@ -56,7 +56,10 @@ Key = tuple[str, str, str, str]  # token, consumer, cluster, scope
 _UPSERT = text(
     "INSERT INTO consumer_reads"
     " (token_name, consumer, cluster, scope, version, version_seen_at, last_read_at)"
-    " SELECT :token, :consumer, :cluster, :scope, :version, :seen, :last"
+    # Typed: PostgreSQL cannot deduce one type for a parameter used in SELECT and WHERE.
+    " SELECT CAST(:token AS VARCHAR(64)), CAST(:consumer AS VARCHAR(64)),"
+    " CAST(:cluster AS VARCHAR(64)), CAST(:scope AS VARCHAR(80)), CAST(:version AS INTEGER),"
+    " :seen, :last"
     " WHERE (SELECT count(*) FROM consumer_reads WHERE token_name = :token) < :cap"
     " OR EXISTS (SELECT 1 FROM consumer_reads WHERE token_name = :token"
     " AND consumer = :consumer AND cluster = :cluster AND scope = :scope)"
@@ -194,20 +197,22 @@ class ConsumerTracker:
         return rows
 
     def flush(self) -> int:
-        """Write the changed entries (in this thread); check the scopes whose readers moved."""
+        """Write the changed entries (in this thread) and, in the same transaction, check the
+        scopes they read: a rotation whose consumers now all hold its key is recorded."""
         rows = self._take()
         if rows:
+            scopes = sorted({(r["cluster"], r["scope"]) for r in rows})
             try:
                 with transaction(self.factory) as session:
+                    _lock_scopes(session, scopes)
                     session.execute(_UPSERT, rows)
+                    recorded = check_scopes(session, scopes)
             except Exception:
                 self._redo(rows)
                 raise
             self.writes += len(rows)
-            scopes = {(r["cluster"], r["scope"]) for r in rows}
-            with transaction(self.factory) as session:
-                for rid in check_scopes(session, scopes):
-                    log.info("rotation %s propagated: every known consumer holds its key", rid)
+            for rid in recorded:
+                log.info("rotation %s propagated: every known consumer holds its key", rid)
         self._prune()
         return len(rows)
 
@@ -227,6 +232,19 @@ class ConsumerTracker:
             session.execute(
                 delete(ConsumerRead).where(ConsumerRead.last_read_at < utcnow() - RETENTION)
             )
+
+
+def _lock_scopes(session: Session, scopes: list[tuple[str, str]]) -> None:
+    """PostgreSQL: one server at a time writes and checks a scope (a transaction-scoped
+    advisory lock, taken in sorted order), so that two servers writing the last two stale
+    consumers at once cannot each miss the other's write. SQLite serialises writers anyway."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for cluster, scope in scopes:
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:name))"),
+            {"name": f"keyvault/consumers/{cluster}/{scope}"},
+        )
 
 
 def _row(key: Key, entry: _Entry, cap: int) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from keyvault.models import (
     utcnow,
 )
 from keyvault.services.policies import ALL_APPS
-from keyvault.services.propagation import RETENTION, current_versions
+from keyvault.services.propagation import RETENTION, current_versions, last_old_key_checks
 
 FINISHED = ("completed", "failed", "abandoned")
 _DurationRows = list[tuple[str, str, int, float | None]]
@@ -242,21 +242,6 @@ def _old_key_accepted(session: Session) -> Metric:
         "1 when TA still accepted the previous key after the scope's last rotation",
         labels=["cluster", "scope"],
     )
-    last = (
-        select(Rotation.cluster_id, Rotation.scope, func.max(Rotation.created_at).label("at"))
-        .where(Rotation.old_key.is_not(None))
-        .group_by(Rotation.cluster_id, Rotation.scope)
-        .subquery()
-    )
-    for cluster, scope, old_key in session.execute(
-        select(Cluster.name, Rotation.scope, Rotation.old_key)
-        .join(Cluster, Rotation.cluster_id == Cluster.id)
-        .join(
-            last,
-            (last.c.cluster_id == Rotation.cluster_id)
-            & (last.c.scope == Rotation.scope)
-            & (last.c.at == Rotation.created_at),
-        )
-    ):
+    for cluster, scope, _, old_key in last_old_key_checks(session):
         family.add_metric([cluster, scope], 1.0 if old_key == "still_accepted" else 0.0)
     return family

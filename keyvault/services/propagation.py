@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
 from keyvault.events import record_event
@@ -236,3 +236,34 @@ def plan(session: Session, cluster: str, scopes: Iterable[str]) -> list[dict[str
             }
         )
     return out
+
+
+def last_old_key_checks(session: Session) -> list[tuple[str, str, str, str]]:
+    """(cluster, scope, rotation id, old_key) of the last rotation of each scope whose
+    previous key was checked at TA."""
+    last = (
+        select(Rotation.cluster_id, Rotation.scope, func.max(Rotation.created_at).label("at"))
+        .where(Rotation.old_key.is_not(None))
+        .group_by(Rotation.cluster_id, Rotation.scope)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Cluster.name, Rotation.scope, Rotation.id, Rotation.old_key)
+        .join(Cluster, Rotation.cluster_id == Cluster.id)
+        .join(
+            last,
+            (last.c.cluster_id == Rotation.cluster_id)
+            & (last.c.scope == Rotation.scope)
+            & (last.c.at == Rotation.created_at),
+        )
+        .order_by(Cluster.name, Rotation.scope)
+    )
+    return [(c, s, rid, old or "") for c, s, rid, old in rows]
+
+
+def old_keys_accepted(session: Session) -> list[tuple[str, str, str]]:
+    """(cluster, scope, rotation id) of each scope whose last checked rotation found TA still
+    accepting the previous key."""
+    return [
+        (c, s, rid) for c, s, rid, old in last_old_key_checks(session) if old == "still_accepted"
+    ]
