@@ -2,7 +2,8 @@
 
 Checks, in order: the schema (at head?), the spool (keys waiting to be stored), the
 keyring (does the master key open the store?), project id mappings that are invalid
-(stored before they were validated), rotations left unresolved, scopes the
+(stored before they were validated), rotations left unresolved, previous keys TA still
+accepted after a scope's last rotation (docs/propagation.md), scopes the
 scheduler paused, the scheduler's last completed run (when policies exist), keys older
 than their policy allows, tokens about to expire (or
 expired and not revoked) and webhook deliveries dead-lettered recently. When the schema
