@@ -6,7 +6,7 @@ its own temporary store, measured alternately for --rounds rounds so that the ma
 drift hits both alike. wrk sends `X-Keyvault-Consumer` (one steady consumer per run, as a
 fleet member would). Needs wrk only.
 
-    python bench/tracking.py [--seconds 10] [--rounds 3] [--warmup 2] [--database-url URL]
+    python bench/tracking.py [--seconds 5] [--rounds 4] [--warmup 2] [--database-url URL]
 
 A PostgreSQL --database-url must name an empty scratch database per side: give two, comma
 separated (tracking on, then off); SQLite (the default) needs nothing.
@@ -58,12 +58,34 @@ def _run(wrk_bin: str, side: _Side, connections: int, threads: int, seconds: int
     return parse_wrk(res.stdout, label, connections, threads)
 
 
+def _seen_cost() -> float:
+    """Microseconds per ``seen`` of a steady consumer (the whole per-read cost), best of 7."""
+    import timeit
+
+    from sqlalchemy import create_engine
+
+    from keyvault.http.consumer_tracker import ConsumerTracker
+
+    tracker = ConsumerTracker(create_engine("sqlite://"))  # never started: nothing is written
+    headers = [(b"host", b"127.0.0.1"), (b"authorization", b"Bearer kvt_" + b"x" * 43)]
+    scope = {"headers": [*headers, (b"x-keyvault-consumer", b"bench-consumer-1")]}
+
+    def seen() -> None:
+        tracker.seen(scope, "bench", "127.0.0.1", "C", "app:A", 1)
+
+    seen()
+    for entry in tracker._entries.values():
+        entry.refresh_due = float("inf")  # as between two refreshes
+    number = 100_000
+    return min(timeit.repeat(seen, number=number, repeat=7)) / number * 1e6
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--database-url", help="two URLs, comma separated (on, off)")
     args = parser.parse_args()
@@ -86,9 +108,10 @@ def main() -> int:
                 side.setup()
                 if args.warmup:
                     _run(wrk_bin, side, 8, 1, args.warmup)
-            for _ in range(args.rounds):
+            for round_ in range(args.rounds):
                 for connections, threads in LOADS:
-                    for side in sides:
+                    # The order flips each round: neither side always runs right after the other.
+                    for side in sides if round_ % 2 == 0 else sides[::-1]:
                         r = _run(wrk_bin, side, connections, threads, args.seconds)
                         results.setdefault((side.track, connections), []).append(r)
             rows = sides[0].consumer_rows()
@@ -118,7 +141,11 @@ def main() -> int:
                 + " ".join(f"{r.rps:.0f}" for r in rs)
             )
         print(f"          {connections:5d} on/off: {medians[True] / medians[False]:.3f}")
-    print(f"consumer_reads rows written by the tracking server: {rows} (one steady consumer)")
+    print(
+        f"consumer_reads rows written by the tracking server: {rows} "
+        "(the setup's check read, then one steady consumer)"
+    )
+    print(f"ConsumerTracker.seen, steady consumer, in process: {_seen_cost():.2f} us per read")
     bad = [r for rs in results.values() for r in rs if r.bad_status or r.socket_errors]
     return 1 if bad else 0
 

@@ -81,13 +81,21 @@ class _Entry:
         self.refresh_due = 0.0
 
 
+_names: dict[bytes, str | None] = {}  # raw header value -> the valid name (or None)
+
+
 def consumer_name(scope: MutableMapping[str, Any], client: str | None) -> str:
     """The consumer a request names (``X-Keyvault-Consumer``), else its client address."""
     for key, value in scope["headers"]:
         if key == CONSUMER_HEADER:
-            name = value.decode("latin-1")
-            if CONSUMER_NAME.fullmatch(name):
-                return str(name)
+            name = _names.get(value, "")
+            if name == "":  # not seen yet: checked once, remembered while the cache is small
+                text = value.decode("latin-1")
+                name = text if CONSUMER_NAME.fullmatch(text) else None
+                if len(_names) < _NAME_CACHE_LIMIT:
+                    _names[value] = name
+            if name is not None:
+                return name
             break
     return (client or "unknown")[:64]
 

@@ -22,7 +22,7 @@ from sqlalchemy import text
 from keyvault.sandbox import state as st
 from keyvault.sandbox.run import SandboxPaths, stop
 from tests.support.cli import KEYVAULT, Cli, Home, describe, expect, spawn_process
-from tests.support.http import REQUEST_TIMEOUT, Server
+from tests.support.http import REQUEST_TIMEOUT, CountingReceiver, Server
 from tests.support.timeouts import TIMEOUT
 
 APP = "app1"
@@ -182,7 +182,16 @@ def test_consumers_are_recorded_and_a_rotation_waits_until_all_hold_the_new_key(
     assert samples[("keyvault_old_key_accepted", SCOPE)] == 0
 
 
-def test_a_previous_key_ta_still_accepts_is_an_alert(fleet: Fleet):
+def test_a_previous_key_ta_still_accepts_is_an_alert(fleet: Fleet, receiver: CountingReceiver):
+    hook = (
+        "webhook",
+        "add",
+        "--allow-private-network",
+        receiver.url,
+        "--scope",
+        f"app:{CLUSTER}/*",
+    )
+    expect(fleet.cli(*hook))
     paths = SandboxPaths(fleet.home.path)
     st.set_noise(paths.state_dir, accept_old_keys=True)
     rotated = fleet.cli("rotate", "app", "--cluster", CLUSTER, APP, "--yes", "--json")
@@ -192,6 +201,11 @@ def test_a_previous_key_ta_still_accepts_is_an_alert(fleet: Fleet):
     assert (result["old_key"], result["verify_state"]) == ("still_accepted", "verified")
     [event] = fleet.events("rotation.old_key_accepted")
     assert (event["rotation_id"], event["old_version"]) == (result["rotation_id"], 1)
+    delivered = fleet.cli("webhook", "deliver", "--allow-private-network", "--json")
+    assert json.loads(expect(delivered).stdout)["delivered"] >= 1
+    sent = json.loads(expect(fleet.cli("webhook", "deliveries", "--json")).stdout)
+    assert {"rotation.old_key_accepted", "secret.rotated"} <= {d["type"] for d in sent}
+    assert receiver.requests >= 2
     shown = expect(fleet.cli("rotations", "show", result["rotation_id"])).stdout
     assert "old_key          still_accepted" in shown
     status = fleet.cli("status", "--json")
