@@ -221,6 +221,10 @@ class Rotation(Base):
             sqlite_where=text("state IN ('pending', 'needs_recovery')"),
             postgresql_where=text("state IN ('pending', 'needs_recovery')"),
         ),
+        CheckConstraint(
+            "old_key IS NULL OR old_key IN ('rejected', 'still_accepted', 'unchecked')",
+            name="ck_rotations_old_key",
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -241,6 +245,10 @@ class Rotation(Base):
     verify_code: Mapped[int | None] = mapped_column(Integer)
     verify_message: Mapped[str | None] = mapped_column(Text)
     verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Propagation (services/propagation.py): what TA said of the previous key after the
+    # rotation, and when every known consumer held the new one.
+    old_key: Mapped[str | None] = mapped_column(String(16))
+    propagated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     cluster: Mapped[Cluster] = relationship(lazy="joined")
     host: Mapped[Host | None] = relationship(lazy="joined")
@@ -416,3 +424,28 @@ class Lease(Base):
     last_error: Mapped[str | None] = mapped_column(Text)  # why the last failed run failed
     last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ConsumerRead(Base):
+    """The last version a consumer (token + the name it sends) read of a scope.
+
+    Written by the HTTP servers' consumer tracker (http/consumer_tracker.py) as upserts,
+    only when the version changes or the last write is a minute old, never per read.
+    """
+
+    __tablename__ = "consumer_reads"
+    __table_args__ = (
+        UniqueConstraint(
+            "token_name", "consumer", "cluster", "scope", name="uq_consumer_reads_consumer"
+        ),
+        Index("ix_consumer_reads_scope", "cluster", "scope"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_name: Mapped[str] = mapped_column(String(64), nullable=False)
+    consumer: Mapped[str] = mapped_column(String(64), nullable=False)
+    cluster: Mapped[str] = mapped_column(String(64), nullable=False)
+    scope: Mapped[str] = mapped_column(String(80), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    version_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    last_read_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)

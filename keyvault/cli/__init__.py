@@ -147,6 +147,7 @@ COMMAND_MODULES = (
     "secrets",
     "rotate",
     "rotations",
+    "consumers",
     "verify",
     "policy",
     "serve",

@@ -17,6 +17,7 @@ import click
 
 from keyvault.cli.audited import audited
 from keyvault.cli.confirm import confirm, yes_option
+from keyvault.cli.consumers import after_rotation, propagation_options, show_plan
 from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 from keyvault.cli.params import complete_appids, complete_clusters
 
@@ -48,6 +49,7 @@ def print_rotated(o: RotationResult) -> None:
     click.echo(f"  old: {old}")
     click.echo(f"  new: v{o.new_version} {o.new_fingerprint}")
     echo_safe(f"  verify: {o.verify_state} - {o.verify_message}")
+    click.echo(f"  old key at TA: {o.old_key or 'unchecked'}")  # propagation (cli/consumers.py)
     for warning in o.warnings:
         echo_safe(f"  warning: {warning}", err=True)
 
@@ -63,15 +65,15 @@ def summary(results: list[RotationResult]) -> dict[str, int]:
 
 def _run(
     app: AppContext, cluster: str, scopes: list[Scope], as_json: bool, concurrency: int = 4
-) -> None:
+) -> list[RotationResult]:
     if len(scopes) == 1:
-        _run_one(app, cluster, scopes[0], as_json)
-        return
+        return [_run_one(app, cluster, scopes[0], as_json)]
     results = _rotate_many(app, cluster, scopes, as_json, concurrency)
     _summarise(results, as_json)
+    return results
 
 
-def _run_one(app: AppContext, cluster: str, scope: Scope, as_json: bool) -> None:
+def _run_one(app: AppContext, cluster: str, scope: Scope, as_json: bool) -> RotationResult:
     """One scope: its failure is the command's error (one line, its exit code); with --json,
     stdout still holds the same shape as for several scopes."""
     from keyvault.errors import KeyvaultError
@@ -89,6 +91,7 @@ def _run_one(app: AppContext, cluster: str, scope: Scope, as_json: bool) -> None
         emit_json({"results": [result.as_dict()], "summary": summary([result])})
     else:
         print_rotated(result)
+    return result
 
 
 @contextmanager
@@ -165,16 +168,30 @@ def rotate() -> None:
 
 @rotate.command("root")
 @click.option("--cluster", required=True, shell_complete=complete_clusters)
+@propagation_options
 @yes_option
 @output_option
 @click.pass_obj
-@audited("rotate.root", about=lambda p: {"cluster": p["cluster"], "scope": "root"})
-def rotate_root(app: AppContext, cluster: str, yes: bool, as_json: bool) -> None:
+@audited(
+    "rotate.root",
+    about=lambda p: {"cluster": p["cluster"], "scope": "root"},
+    when=lambda p: not p["plan"],
+)
+def rotate_root(
+    app: AppContext,
+    cluster: str,
+    plan: bool,
+    wait_propagation: float | None,
+    yes: bool,
+    as_json: bool,
+) -> None:
     """Rotate the root key of a cluster."""
     from keyvault.scope import root_scope
 
+    if plan:
+        return show_plan(app, cluster, [root_scope()], as_json)
     confirm_rotation(yes, "root key (valid for every project)", cluster)
-    _run(app, cluster, [root_scope()], as_json)
+    after_rotation(app, _run(app, cluster, [root_scope()], as_json), wait_propagation)
 
 
 def _all_appids(app: AppContext, cluster: str) -> list[str]:
@@ -202,16 +219,19 @@ def _all_appids(app: AppContext, cluster: str) -> list[str]:
     type=click.IntRange(1, 32),
     help="Parallel channels over one SSH connection per host (keep within sshd's MaxSessions).",
 )
+@propagation_options
 @yes_option
 @output_option
 @click.pass_obj
-@audited("rotate.app", about=_apps_target)
+@audited("rotate.app", about=_apps_target, when=lambda p: not p["plan"])
 def rotate_app(
     app: AppContext,
     cluster: str,
     appids: tuple[str, ...],
     all_apps: bool,
     concurrency: int,
+    plan: bool,
+    wait_propagation: float | None,
     yes: bool,
     as_json: bool,
 ) -> None:
@@ -222,9 +242,11 @@ def rotate_app(
         raise click.UsageError("give APPIDs or --all")
     names = _all_appids(app, cluster) if all_apps else list(appids)
     scopes = [app_scope(a, app.settings.appid_pattern) for a in dict.fromkeys(names)]
+    if plan:
+        return show_plan(app, cluster, scopes, as_json)
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     confirm_rotation(yes, f"key of {shown}", cluster)
-    _run(app, cluster, scopes, as_json, concurrency)
+    after_rotation(app, _run(app, cluster, scopes, as_json, concurrency), wait_propagation)
 
 
 @rotate.command("due")

@@ -13,6 +13,7 @@ import click
 
 from keyvault.cli.audited import audited
 from keyvault.cli.confirm import yes_option
+from keyvault.cli.consumers import rotation_propagation, show_propagation
 from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 from keyvault.cli.params import complete_clusters, complete_rotation_ids
 from keyvault.cli.rotate import confirm_rotation, print_rotated
@@ -55,12 +56,15 @@ def rotations_show(app: AppContext, rotation_id: str, as_json: bool) -> None:
     from keyvault.services.rotation.journal import get_rotation, rotation_info
 
     with app.transaction() as session:
-        row = rotation_info(get_rotation(session, rotation_id))
+        rotation = get_rotation(session, rotation_id)
+        row = rotation_info(rotation) | rotation_propagation(session, rotation)
     if as_json:
         emit_json(row)
     else:
+        propagation = row.pop("propagation")
         for name, value in row.items():
             echo_safe(f"{name:16} {'' if value is None else value}")
+        show_propagation(propagation)
 
 
 @rotations.command("recover")

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp
 from keyvault import logs
 from keyvault.config import Settings, load_settings
 from keyvault.errors import KeyvaultError
+from keyvault.http.consumer_tracker import ConsumerTracker
 from keyvault.http.errors import error_response
 from keyvault.http.fastpath import FastKeyPath
 from keyvault.http.metrics import Metrics
@@ -43,6 +44,7 @@ ACCESS_LOG_ENV = "KEYVAULT_ACCESS_LOG"  # "0": no access lines (they cost the ho
 DB_BUDGET_ENV = "KEYVAULT_HTTP_DB_BUDGET"  # seconds a request may wait for the database
 METRICS_TOKEN_FILE_ENV = "KEYVAULT_METRICS_TOKEN_FILE"  # /metrics needs this bearer token
 ALLOW_PRIVATE_NETWORK_ENV = "KEYVAULT_ALLOW_PRIVATE_NETWORK"  # "1": webhooks to private addresses
+TRACK_CONSUMERS_ENV = "KEYVAULT_TRACK_CONSUMERS"  # "0": no record of who read which version
 DESCRIPTION = (
     "Current TA API keys for services, with scoped tokens, audit and an event feed. "
     "Every error is JSON `{error, detail, request_id}`; every response carries `X-Request-ID`."
@@ -92,7 +94,8 @@ def create_app(
     for kind in (KeyvaultError, RequestValidationError, HTTPException):
         app.add_exception_handler(kind, _answer_error)
     app.openapi = _customised_openapi(app, settings.appid_pattern)  # type: ignore[method-assign]
-    fast = FastKeyPath(app, state=lambda: app.state.server)
+    app.state.consumers = None  # the lifespan starts it (KEYVAULT_TRACK_CONSUMERS=0: none)
+    fast = FastKeyPath(app, state=lambda: app.state.server, consumers=lambda: app.state.consumers)
     return RequestContext(fast, metrics=app.state.metrics)
 
 
@@ -108,6 +111,9 @@ def _lifespan(
         async with AsyncExitStack() as stack:
             stack.push_async_callback(state.aclose)
             _start_workers(stack, state, settings, serve_webhooks, allow_private_network)
+            if os.environ.get(TRACK_CONSUMERS_ENV, "1") not in ("0", "false", "no"):
+                app.state.consumers = ConsumerTracker(state.engine).start()
+                stack.callback(app.state.consumers.stop)
             yield
 
     return lifespan

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from keyvault.errors import KeyvaultError
 from keyvault.http.access_audit import AccessAudit, client_of
+from keyvault.http.consumer_tracker import ConsumerTracker
 from keyvault.http.errors import error_response, send_error
 from keyvault.http.headers import none_match
 from keyvault.http.middleware import ROUTE_KEY
@@ -56,9 +57,16 @@ def _header_lines(scope: Scope, name: bytes) -> list[str]:
 class FastKeyPath:
     """ASGI middleware answering ``GET /v1/clusters/{c}/root|apps/{a}`` itself."""
 
-    def __init__(self, app: ASGIApp, *, state: Callable[[], ServerState]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        state: Callable[[], ServerState],
+        consumers: Callable[[], ConsumerTracker | None] = lambda: None,
+    ) -> None:
         self.app = app
         self.state = state
+        self.consumers = consumers  # who read which version (http/consumer_tracker.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = KEY_PATH.match(scope["path"]) if scope["type"] == "http" else None
@@ -103,6 +111,11 @@ class FastKeyPath:
             else:
                 await read.record("ok")
                 await _send_key(send, entry, head=head)
+            # memory only: no I/O on the hot path; a HEAD shows the version, not the key
+            if not head and (tracker := self.consumers()) is not None:
+                tracker.seen(
+                    scope, read.token_name, read.client, read.cluster, read.scope, entry.version
+                )
         except KeyvaultError as exc:
             await send_error(send, error_response(await read.refused(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug: answered (500) and logged by error_response

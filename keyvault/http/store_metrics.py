@@ -11,6 +11,10 @@
     keyvault_key_age_seconds{cluster,scope}                  age of each current key
     keyvault_key_max_age_seconds{cluster,scope}              its policy's max age (scopes with a policy)
     keyvault_webhook_deliveries{status}                      deliveries by status
+    keyvault_consumers{cluster,scope}                        consumers seen reading it in 30 days
+    keyvault_stale_consumers{cluster,scope}                  of those, the ones on an older version
+    keyvault_old_key_accepted{cluster,scope}                 1: TA accepted the previous key after
+                                                             the scope's last rotation (not invalidated)
 
 The scheduler records the end of each run on its lease row (services/scheduler.record_run),
 including runs that found nothing due; "completed" counts a run whose scopes failed (those
@@ -34,6 +38,7 @@ from keyvault.models import (
     ROTATE_DUE_LEASE,
     UNRESOLVED_ROTATION_STATES,
     Cluster,
+    ConsumerRead,
     Lease,
     Rotation,
     RotationPolicy,
@@ -43,6 +48,7 @@ from keyvault.models import (
     utcnow,
 )
 from keyvault.services.policies import ALL_APPS
+from keyvault.services.propagation import RETENTION, current_versions, last_old_key_checks
 
 FINISHED = ("completed", "failed", "abandoned")
 _DurationRows = list[tuple[str, str, int, float | None]]
@@ -61,6 +67,7 @@ class StoreCollector(Collector):
             yield from scheduler_metrics(session)
             yield from key_metrics(session, now)
             yield webhook_metric(session)
+            yield from propagation_metrics(session, now)
 
 
 def _seconds_between(start: Any, end: Any, dialect: str) -> ColumnElement[Any]:
@@ -194,4 +201,47 @@ def webhook_metric(session: Session) -> Metric:
         select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
     ):
         family.add_metric([status], count)
+    return family
+
+
+def propagation_metrics(session: Session, now: datetime) -> Iterator[Metric]:
+    """Known and stale consumers per scope; scopes whose last rotation left the old key alive."""
+    known = GaugeMetricFamily(
+        "keyvault_consumers",
+        "Consumers (token and consumer name) seen reading the scope's key in the last 30 days",
+        labels=["cluster", "scope"],
+    )
+    stale = GaugeMetricFamily(
+        "keyvault_stale_consumers",
+        "Consumers seen in the last 30 days whose last read was an older version than the current",
+        labels=["cluster", "scope"],
+    )
+    current = current_versions(session)
+    counts: dict[tuple[str, str], list[int]] = {}
+    for cluster, scope, version, count in session.execute(
+        select(ConsumerRead.cluster, ConsumerRead.scope, ConsumerRead.version, func.count())
+        .where(ConsumerRead.last_read_at >= now - RETENTION)
+        .group_by(ConsumerRead.cluster, ConsumerRead.scope, ConsumerRead.version)
+    ):
+        figures = counts.setdefault((cluster, scope), [0, 0])
+        figures[0] += count
+        now_at = current.get((cluster, scope))
+        if now_at is None or version < now_at:
+            figures[1] += count
+    for (cluster, scope), (total, old) in sorted(counts.items()):
+        known.add_metric([cluster, scope], total)
+        stale.add_metric([cluster, scope], old)
+    yield known
+    yield stale
+    yield _old_key_accepted(session)
+
+
+def _old_key_accepted(session: Session) -> Metric:
+    family = GaugeMetricFamily(
+        "keyvault_old_key_accepted",
+        "1 when TA still accepted the previous key after the scope's last rotation",
+        labels=["cluster", "scope"],
+    )
+    for cluster, scope, _, old_key in last_old_key_checks(session):
+        family.add_metric([cluster, scope], 1.0 if old_key == "still_accepted" else 0.0)
     return family

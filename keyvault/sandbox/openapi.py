@@ -12,7 +12,8 @@ Return codes. Only 0 (success) and -1999 ("Invalid item") are confirmed TA numbe
 every other number here is this emulator's own choice (the real ones are unknown):
 
     -1     Operation not supported (unknown api path); also an internal error
-    -1008  Invalid access (token missing, wrong or superseded by a newer key)
+    -1008  Invalid access (token missing, wrong or superseded by a newer key; the noise
+           option ``accept_old_keys`` makes the previous key of each scope still work)
     -1009  You do not have permission to operate (app key used for another project
            or for the root-only project list)
     -1010  Parameter error (projectId or loginName missing or malformed)
@@ -35,7 +36,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from keyvault.sandbox.state import read_state
+from keyvault.sandbox.state import previous_keys, read_noise, read_state
 
 DEFAULT_PORT = 8992
 RC_OK, RC_NOT_SUPPORTED, RC_INVALID_ACCESS = 0, -1, -1008
@@ -57,8 +58,14 @@ class _Reject(Exception):
         self.code = code
 
 
-def _authenticate(state, token):
-    """Return None for the root key, the projectId for an app key; else reject."""
+def _authenticate(state, token, previous=None):
+    """Return None for the root key, the projectId for an app key; else reject.
+
+    A key that was replaced is rejected like any unknown one (TA invalidates it at once),
+    unless ``previous`` (scope -> the key its last generation replaced) is given, as it is
+    with the noise option ``accept_old_keys``: then those keys still work, as on a TA that
+    failed to invalidate them.
+    """
     if not token:
         raise _Reject(RC_INVALID_ACCESS)
     given = str(token).encode("utf-8")
@@ -68,6 +75,9 @@ def _authenticate(state, token):
     for app in state["apps"].values():
         if app["key"] and hmac.compare_digest(given, app["key"].encode()):
             return app["project_id"]
+    for scope, old in (previous or {}).items():
+        if old and hmac.compare_digest(given, old.encode()):
+            return None if scope == "root" else state["apps"][scope[4:]]["project_id"]
     raise _Reject(RC_INVALID_ACCESS)
 
 
@@ -156,7 +166,11 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 params = self._params(split.query, body)
                 state = read_state(self.server.state_dir)  # fresh: others rotate keys
-                data = endpoint(state, _authenticate(state, params.get("token")), params)
+                previous = None
+                if read_noise(self.server.state_dir).get("accept_old_keys"):
+                    previous = previous_keys(self.server.state_dir)
+                role = _authenticate(state, params.get("token"), previous)
+                data = endpoint(state, role, params)
                 code = RC_OK
             except _Reject as rej:
                 code = rej.code

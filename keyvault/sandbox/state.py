@@ -4,8 +4,10 @@ Layout of ``state_dir`` (mode 0700, files 0600):
 
 - ``state.json``       the registry: ``{"format": 2, "apps": {APPID: project id}}``,
                        changed only when APPIDs are registered
-- ``keys/root``, ``keys/app-APPID``  one file per scope: ``GENERATIONS KEY`` (``-`` for
-                       no key yet); a generation rewrites only its own scope's file
+- ``keys/root``, ``keys/app-APPID``  one file per scope: ``GENERATIONS KEY [PREVIOUS]``
+                       (``-`` for no key yet); a generation rewrites only its own scope's
+                       file, and keeps the key it replaced (dead, unless the noise option
+                       ``accept_old_keys`` makes the Open API emulator accept it)
 - ``generated.sha256`` SHA-256 of every key ever generated, one line per generation
                        (so also the total count)
 - ``state.lock``       flock target: exclusive for read-modify-write, shared for reads
@@ -41,6 +43,7 @@ NOISE_OPTIONS = frozenset(
         "output_mode",
         "hold_file",
         "hold_before_print",
+        "accept_old_keys",  # the Open API emulator: TA forgot to invalidate the previous key
     }
 )
 OUTPUT_MODES = ("normal", "no_key", "two_keys")
@@ -168,19 +171,27 @@ def _scope_file(scope):
 
 def _read_entry(state_dir, scope):
     """(generations, key or None) of a scope; UnknownApp when its file is missing."""
+    count, key, _ = _read_entry3(state_dir, scope)
+    return count, key
+
+
+def _read_entry3(state_dir, scope):
+    """(generations, key or None, the previous key or None) of a scope."""
     name = _scope_file(scope)
     try:
         with open(_path(state_dir, name), encoding="ascii") as f:
-            count, key = f.read().split()
+            count, key, *previous = f.read().split()
     except FileNotFoundError:
         if scope == "root":
             raise FileNotFoundError(_NOT_INITIALISED.format(state_dir)) from None
         raise UnknownApp(f"appid {scope[4:]} does not exist") from None
-    return int(count), (None if key == "-" else key)
+    old = previous[0] if previous and previous[0] != "-" else None
+    return int(count), (None if key == "-" else key), old
 
 
-def _write_entry(state_dir, scope, count, key):
-    _write_file(state_dir, _scope_file(scope), f"{count} {key or '-'}\n".encode("ascii"))
+def _write_entry(state_dir, scope, count, key, previous=None):
+    line = f"{count} {key or '-'}" + (f" {previous}" if previous else "")
+    _write_file(state_dir, _scope_file(scope), f"{line}\n".encode("ascii"))
 
 
 def _load_registry(state_dir):
@@ -281,6 +292,14 @@ def read_state(state_dir):
         }
 
 
+def previous_keys(state_dir):
+    """The key each scope's last generation replaced (None if none), by scope: ``root`` and
+    ``app:<APPID>`` (keys: handle with care). Only the noise option ``accept_old_keys`` uses it."""
+    with _locked(state_dir, exclusive=False):
+        scopes = ["root", *(f"app:{appid}" for appid in _load_registry(state_dir)["apps"])]
+        return {scope: _read_entry3(state_dir, scope)[2] for scope in scopes}
+
+
 def _count_generations(state_dir):
     try:
         with open(_path(state_dir, FINGERPRINT_LOG), "rb") as f:
@@ -317,9 +336,9 @@ def generate(state_dir, scope, *, record=False):
     ``record`` also writes last_run.json (pid and scope, never the key) under the same lock.
     """
     with _locked(state_dir, exclusive=True):
-        count, _ = _read_entry(state_dir, scope)
+        count, old = _read_entry(state_dir, scope)
         key = new_key()
-        _write_entry(state_dir, scope, count + 1, key)
+        _write_entry(state_dir, scope, count + 1, key, old)
         _log_fingerprint(state_dir, key)
         if record:
             _write_last_run(state_dir, scope)
@@ -391,6 +410,8 @@ def set_noise(state_dir, **options):
             isinstance(value, str) or not all(isinstance(v, str) for v in value)
         ):
             raise ValueError(f"{name} must be a list of strings")
+    if options.get("accept_old_keys") not in (None, True, False):
+        raise ValueError("accept_old_keys must be true or false")
     if options.get("hold_file") is not None:
         options["hold_file"] = os.fspath(options["hold_file"])
     with _locked(state_dir, exclusive=True):

@@ -2,7 +2,8 @@
 
 Checks, in order: the schema (at head?), the spool (keys waiting to be stored), the
 keyring (does the master key open the store?), project id mappings that are invalid
-(stored before they were validated), rotations left unresolved, scopes the
+(stored before they were validated), rotations left unresolved, previous keys TA still
+accepted after a scope's last rotation (docs/propagation.md), scopes the
 scheduler paused, the scheduler's last completed run (when policies exist), keys older
 than their policy allows, tokens about to expire (or
 expired and not revoked) and webhook deliveries dead-lettered recently. When the schema
@@ -39,6 +40,7 @@ from keyvault.models import (
 )
 from keyvault.services.clusters import cluster_options, list_clusters, validate_project_id
 from keyvault.services.policies import candidates
+from keyvault.services.propagation import old_keys_accepted
 from keyvault.services.rotation import SETTLE_AFTER
 from keyvault.services.spool import spooled_rotations
 from keyvault.services.store import open_keyring
@@ -102,6 +104,7 @@ def collect_status(
         if keyring.status == OK:
             findings += check_project_ids(session, appid_pattern=settings.appid_pattern)
             findings += check_rotations(session, now=now)
+            findings += check_old_keys(session)  # propagation (services/propagation.py)
             findings += check_paused(session)
             findings.append(check_scheduler(session, now=now, hours=scheduler_hours))
             findings += check_key_ages(session, now=now)
@@ -203,6 +206,21 @@ def check_rotations(session: Session, *, now: datetime) -> list[Finding]:
         for r in rows
     ]
     return _ok_or("rotations", problems, "none unresolved or unsettled")
+
+
+def check_old_keys(session: Session) -> list[Finding]:
+    """TA refused the previous key after each scope's last rotation (or it was not checked)."""
+    problems = [
+        Finding(
+            "old_keys",
+            ATTENTION,
+            f"TA still accepted the previous key of {scope} in {cluster} after rotation {rid}",
+            f"it was not invalidated: check ta-tool on the TA hosts, then `keyvault rotate` "
+            f"{'root' if scope == 'root' else 'app'} --cluster {shlex.quote(cluster)} again",
+        )
+        for cluster, scope, rid in old_keys_accepted(session)
+    ]
+    return _ok_or("old_keys", problems, "no previous key still accepted by TA")
 
 
 def _scope_options(scope: str) -> str:

@@ -1,18 +1,32 @@
-"""Check a key against the cluster's TA Open API with a cheap, configurable call."""
+"""Check a key against the cluster's TA Open API with a cheap, configurable call.
+
+After a rotation the same call is made with the previous key (``verify_old_key``): TA must
+refuse it. The outcome is recorded on the rotation (``old_key``: rejected, still_accepted or
+unchecked); a previous key TA still accepts is an alert (``rotation.old_key_accepted``).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from keyvault.config import Settings
-from keyvault.models import Cluster
+from keyvault.db import transaction
+from keyvault.errors import KeyvaultError
+from keyvault.events import record_event
+from keyvault.models import Cluster, Rotation
 from keyvault.scope import Scope
 from keyvault.services.clusters import checked_cluster, cluster_options
 from keyvault.services.secrets import get_version, reveal
+from keyvault.services.store import open_keyring
 from keyvault.ta import TaClient, verify_key
+
+log = logging.getLogger("keyvault.rotation")
 
 
 @dataclass(frozen=True)
@@ -97,3 +111,98 @@ def verify_current(
         settings=settings,
         client_factory=client_factory,
     )
+
+
+# -- evidence that the previous key is dead ----------------------------------------------------
+OLD_KEY_REJECTED, OLD_KEY_ACCEPTED, OLD_KEY_UNCHECKED = "rejected", "still_accepted", "unchecked"
+OLD_KEY_EVENT = "rotation.old_key_accepted"
+
+
+def check_old_key(
+    cluster: Cluster,
+    scope: Scope,
+    old_key: str | None,
+    new_check: KeyCheckOutcome,
+    *,
+    settings: Settings,
+    client_factory: Callable | None = None,
+) -> tuple[str, KeyCheckOutcome | None]:
+    """Call the same check endpoint with the previous key: TA must refuse it.
+
+    ``rejected`` when TA answered the call with an error code (the same call succeeded with
+    the new key), ``still_accepted`` when it answered 0, ``unchecked`` when there is nothing
+    to compare (no previous key, the new key was not verified) or TA could not be reached.
+    """
+    if old_key is None or new_check.state != "verified":
+        return OLD_KEY_UNCHECKED, None
+    outcome = verify_scope_key(
+        cluster, scope, old_key, settings=settings, client_factory=client_factory
+    )
+    if outcome.state == "verified":
+        return OLD_KEY_ACCEPTED, outcome
+    if outcome.state == "failed" and outcome.return_code is not None:
+        return OLD_KEY_REJECTED, outcome
+    return OLD_KEY_UNCHECKED, outcome
+
+
+def previous_key(
+    factory: Callable[[], Session],
+    *,
+    cluster_name: str,
+    scope: Scope,
+    number: int | None,
+    settings: Settings,
+) -> str | None:
+    """The key of version ``number`` of a scope (the one a rotation replaced), or None."""
+    if number is None:
+        return None
+    with transaction(factory) as session:
+        version = get_version(session, cluster_name=cluster_name, scope=scope, number=number)
+        return reveal(open_keyring(session, settings=settings), version)
+
+
+def verify_old_key(
+    factory: Callable[[], Session],
+    rotation_id: str,
+    cluster: Cluster,
+    scope: Scope,
+    old_version: int | None,
+    new_check: KeyCheckOutcome,
+    *,
+    settings: Settings,
+    client_factory: Callable | None = None,
+) -> str:
+    """After a rotation's new key was checked: check the previous one and record the outcome on
+    the rotation (``old_key``); ``still_accepted`` also records ``rotation.old_key_accepted``."""
+    try:
+        old = previous_key(
+            factory, cluster_name=cluster.name, scope=scope, number=old_version, settings=settings
+        )
+    except KeyvaultError as exc:
+        log.warning("rotation %s: cannot read the previous key to check it: %s", rotation_id, exc)
+        old = None
+    state, outcome = check_old_key(
+        cluster, scope, old, new_check, settings=settings, client_factory=client_factory
+    )
+    with transaction(factory) as session:
+        session.execute(
+            update(Rotation).where(Rotation.id == rotation_id).values(old_key=state)
+            .execution_options(synchronize_session=False)
+        )  # fmt: skip
+        if state == OLD_KEY_ACCEPTED:
+            log.error(
+                "rotation %s: TA STILL ACCEPTS THE PREVIOUS KEY of %s in %s",
+                rotation_id,
+                scope,
+                cluster.name,
+            )
+            payload: dict[str, Any] = {
+                "rotation_id": rotation_id,
+                "cluster": cluster.name,
+                "scope": str(scope),
+            }
+            payload |= {"old_version": old_version, "message": outcome.message if outcome else ""}
+            record_event(
+                session, kind=OLD_KEY_EVENT, cluster=cluster.name, scope=str(scope), payload=payload
+            )
+    return state

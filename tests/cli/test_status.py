@@ -59,6 +59,7 @@ def test_a_fresh_store_is_all_ok(cli, store):
         "keyring",
         "project_ids",
         "rotations",
+        "old_keys",
         "paused",
         "scheduler",
         "key_age",

@@ -74,6 +74,7 @@ class RotationResult:
     cleaned_up: bool = False
     verify_state: str | None = None
     verify_message: str | None = None
+    old_key: str | None = None  # rejected | still_accepted | unchecked (services/verify.py)
     warnings: tuple[str, ...] = ()
     failure: Failure | None = None
 
@@ -92,6 +93,7 @@ class RotationResult:
             cleaned_up=bool(rotation.cleaned_up),
             verify_state=rotation.verify_state,
             verify_message=rotation.verify_message,
+            old_key=rotation.old_key,
         )
 
     @classmethod
