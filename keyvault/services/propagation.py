@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from keyvault.events import record_event
@@ -32,6 +32,7 @@ from keyvault.models import (
     SecretVersion,
     utcnow,
 )
+from keyvault.services.rotation import journal
 
 RETENTION = timedelta(days=30)  # a consumer not seen for this long is no longer "known"
 PROPAGATED_EVENT = "rotation.propagated"
@@ -182,13 +183,7 @@ def claim_propagated(session: Session, figures: Propagation, now: datetime | Non
     """Record that a rotation propagated (``propagated_at`` and the event), once; True if this
     call recorded it, False if it was recorded before (by any process)."""
     at = now or utcnow()
-    claimed = session.execute(
-        update(Rotation)
-        .where(Rotation.id == figures.rotation_id, Rotation.propagated_at.is_(None))
-        .values(propagated_at=at)
-        .execution_options(synchronize_session=False)
-    )
-    if getattr(claimed, "rowcount", 0) != 1:
+    if not journal.claim_propagated(session, figures.rotation_id, at):
         return False
     payload = {
         "rotation_id": figures.rotation_id,

@@ -1,7 +1,7 @@
 """Check a key against the cluster's TA Open API with a cheap, configurable call.
 
-After a rotation the same call is made with the previous key (``verify_old_key``): TA must
-refuse it. The outcome is recorded on the rotation (``old_key``: rejected, still_accepted or
+After a rotation the same call is made with the previous key (``check_previous_key``): TA must
+refuse it. The journal records the outcome on the rotation (``old_key``: rejected, still_accepted or
 unchecked); a previous key TA still accepts is an alert (``rotation.old_key_accepted``).
 """
 
@@ -10,16 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from keyvault.config import Settings
 from keyvault.db import transaction
 from keyvault.errors import KeyvaultError
-from keyvault.events import record_event
-from keyvault.models import Cluster, Rotation
+from keyvault.models import Cluster
 from keyvault.scope import Scope
 from keyvault.services.clusters import checked_cluster, cluster_options
 from keyvault.services.secrets import get_version, reveal
@@ -161,7 +158,7 @@ def previous_key(
         return reveal(open_keyring(session, settings=settings), version)
 
 
-def verify_old_key(
+def check_previous_key(
     factory: Callable[[], Session],
     rotation_id: str,
     cluster: Cluster,
@@ -171,9 +168,9 @@ def verify_old_key(
     *,
     settings: Settings,
     client_factory: Callable | None = None,
-) -> str:
-    """After a rotation's new key was checked: check the previous one and record the outcome on
-    the rotation (``old_key``); ``still_accepted`` also records ``rotation.old_key_accepted``."""
+) -> tuple[str, KeyCheckOutcome | None]:
+    """After a rotation's new key was checked: check the previous one (``check_old_key``).
+    The journal records the outcome on the rotation (``Journal.record_old_key``)."""
     try:
         old = previous_key(
             factory, cluster_name=cluster.name, scope=scope, number=old_version, settings=settings
@@ -181,28 +178,6 @@ def verify_old_key(
     except KeyvaultError as exc:
         log.warning("rotation %s: cannot read the previous key to check it: %s", rotation_id, exc)
         old = None
-    state, outcome = check_old_key(
+    return check_old_key(
         cluster, scope, old, new_check, settings=settings, client_factory=client_factory
     )
-    with transaction(factory) as session:
-        session.execute(
-            update(Rotation).where(Rotation.id == rotation_id).values(old_key=state)
-            .execution_options(synchronize_session=False)
-        )  # fmt: skip
-        if state == OLD_KEY_ACCEPTED:
-            log.error(
-                "rotation %s: TA STILL ACCEPTS THE PREVIOUS KEY of %s in %s",
-                rotation_id,
-                scope,
-                cluster.name,
-            )
-            payload: dict[str, Any] = {
-                "rotation_id": rotation_id,
-                "cluster": cluster.name,
-                "scope": str(scope),
-            }
-            payload |= {"old_version": old_version, "message": outcome.message if outcome else ""}
-            record_event(
-                session, kind=OLD_KEY_EVENT, cluster=cluster.name, scope=str(scope), payload=payload
-            )
-    return state

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from keyvault import crypto
@@ -39,7 +40,7 @@ from keyvault.rotation_states import RotationState, check_transition, is_unresol
 from keyvault.scope import Scope
 from keyvault.services.rotation.results import RotationResult
 from keyvault.services.secrets import store_version
-from keyvault.services.verify import KeyCheckOutcome
+from keyvault.services.verify import OLD_KEY_ACCEPTED, OLD_KEY_EVENT, KeyCheckOutcome
 
 log = logging.getLogger("keyvault.rotation")
 SessionFactory = Callable[[], Session]
@@ -258,6 +259,24 @@ class Journal:
                 )
             return rotation.state
 
+    def record_old_key(
+        self, rid: str, state: str, outcome: KeyCheckOutcome | None, old_version: int | None
+    ) -> None:
+        """Step 7, after the new key: whether TA refused the previous key (``old_key``). A key
+        TA still accepts is an alert: logged and recorded as ``rotation.old_key_accepted``."""
+        with transaction(self.factory) as s:
+            rotation = _get(s, rid)
+            rotation.old_key = state
+            if state != OLD_KEY_ACCEPTED:
+                return
+            cluster, scope = rotation.cluster.name, rotation.scope
+            log.error(
+                "rotation %s: TA STILL ACCEPTS THE PREVIOUS KEY of %s in %s", rid, scope, cluster
+            )
+            payload: dict[str, Any] = {"rotation_id": rid, "cluster": cluster, "scope": scope}
+            payload |= {"old_version": old_version, "message": outcome.message if outcome else ""}
+            record_event(s, kind=OLD_KEY_EVENT, cluster=cluster, scope=scope, payload=payload)
+
     def abandon(self, rid: str, reason: str) -> None:
         """Give up an unresolved rotation (refused for any other)."""
         with transaction(self.factory) as s:
@@ -266,6 +285,18 @@ class Journal:
                 raise InvalidInput(f"rotation {rid} is not unresolved")
             _set_state(rotation, S.ABANDONED)
             rotation.error = reason
+
+
+def claim_propagated(s: Session, rid: str, at: datetime) -> bool:
+    """Set ``propagated_at`` of a rotation unless some process did before; True if this did.
+    A conditional update, so concurrent claimers (several servers, a CLI wait) record it once."""
+    claimed = s.execute(
+        update(Rotation)
+        .where(Rotation.id == rid, Rotation.propagated_at.is_(None))
+        .values(propagated_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(claimed, "rowcount", 0) == 1
 
 
 def _get(s: Session, rid: str) -> Rotation:

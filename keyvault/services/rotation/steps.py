@@ -27,7 +27,7 @@ from keyvault.services.rotation.journal import Journal
 from keyvault.services.rotation.pool import ConnectionPool, run_as_ta
 from keyvault.services.rotation.results import RotationResult
 from keyvault.services.rotation.verdict import Verdict, VerdictKind
-from keyvault.services.verify import KeyCheckOutcome, verify_old_key, verify_scope_key
+from keyvault.services.verify import KeyCheckOutcome, check_previous_key, verify_scope_key
 from keyvault.ssh import Connection
 from keyvault.tahost import cleanup_script, parse_remote, raise_for_become
 
@@ -233,10 +233,11 @@ def verify_and_record(
     assert result.rotation_id is not None
     state = rt.journal.record_verification(result.rotation_id, checked, crypto.fingerprint(key))
     # Propagation: then the previous key, which TA must refuse (recorded as ``old_key``).
-    old_key = verify_old_key(
+    old_key, outcome = check_previous_key(
         rt.journal.factory, result.rotation_id, cluster, scope, result.old_version, checked,
         settings=rt.settings, client_factory=rt.ta_client_factory,
     )  # fmt: skip
+    rt.journal.record_old_key(result.rotation_id, old_key, outcome, result.old_version)
     return result.with_(
         state=state, verify_state=checked.state, verify_message=checked.message, old_key=old_key
     )
