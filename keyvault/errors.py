@@ -16,6 +16,7 @@ cannot serve, 500 (the root's) for the rest; an exception outside this tree is a
     │   ├── MasterKeyFileError                 missing file, bad mode or owner
     │   └── WrongMasterKey                     the key does not open this store
     ├── IntegrityError                         a ciphertext failed authentication
+    │   └── AuditChainBroken                   an audit record deleted, altered or moved
     ├── Unauthorized                           HTTP: missing, unknown, expired or revoked token
     ├── Forbidden                              HTTP: the token does not cover this scope/action
     ├── NotFound                               cluster, secret, version, host, rotation
@@ -277,3 +278,14 @@ class IllegalTransition(KeyvaultError):
             f"rotation {rotation_id}: {old} -> {new} is not an allowed transition",
             hint="this is a bug in keyvault; the rotation row was left unchanged",
         )
+
+
+class AuditChainBroken(IntegrityError):
+    """The audit log's hash chain does not verify: a record was deleted, altered, inserted
+    or moved (``record_id`` names the first bad one; None: the chain's head or tail)."""
+
+    code = "audit_chain_broken"
+
+    def __init__(self, message: str, *, record_id: int | None, hint: str | None = None) -> None:
+        self.record_id = record_id
+        super().__init__(message, what="audit log", hint=hint)

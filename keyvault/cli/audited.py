@@ -75,11 +75,14 @@ def audited(
 
 def _write_intent(app: AppContext, action: str, about: dict[str, str | None]) -> AuditRecord:
     from keyvault.services.audit import record_intent
+    from keyvault.services.audit_chain import chain_for
 
     try:
+        chain = chain_for(app.settings)  # a sink that cannot be written: ConfigError, no act
         with app.transaction() as session:
             return record_intent(
                 session,
+                chain=chain,
                 actor=app.settings.actor,
                 action=action,
                 cluster=about.get("cluster"),
@@ -96,10 +99,13 @@ def _write_intent(app: AppContext, action: str, about: dict[str, str | None]) ->
 
 def _write_outcome(app: AppContext, intent: AuditRecord, outcome: str, detail: str | None) -> None:
     from keyvault.services.audit import record_outcome
+    from keyvault.services.audit_chain import chain_for
 
     try:
         with app.transaction() as session:
-            record_outcome(session, intent, outcome=outcome, detail=detail)
+            record_outcome(
+                session, intent, chain=chain_for(app.settings), outcome=outcome, detail=detail
+            )
     except KeyvaultError as exc:  # the command's own result stands; say what the log lacks
         reason = exc.message
         click.echo(

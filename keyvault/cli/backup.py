@@ -150,6 +150,7 @@ def restore(
     from keyvault import crypto
     from keyvault.db import transaction
     from keyvault.services import backup as service
+    from keyvault.services.audit_chain import chain_for
     from keyvault.services.spool import spooled_rotations
 
     keyring = crypto.load_keyring(app.settings.master_key_file)
@@ -183,6 +184,7 @@ def restore(
                 spooled=spooled,
                 actor=app.settings.actor,
                 file_name=file.name,
+                audit_chain=chain_for(app.settings),
             )
     if as_json:
         emit_json(_restore_info(file, report))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from keyvault.db import make_engine, require_head, session_factory, transaction
 from keyvault.errors import DatabaseError, Forbidden, NotFound, Unauthorized
 from keyvault.http.audit_writer import AuditWriter
 from keyvault.models import CURRENT, AccessToken, Cluster, Secret, SecretVersion, utcnow
+from keyvault.services.audit_chain import chain_for
 from keyvault.services.secrets import reveal
 from keyvault.services.store import open_keyring
 from keyvault.services.tokens import Grant, check_token, token_hash
@@ -57,7 +59,10 @@ class ServerState:
         self.factory = session_factory(self.engine)
         with transaction(self.factory) as session:
             self.keyring = open_keyring(session, settings=settings)
-        self.audit = AuditWriter(self.engine, timeout=db_budget)
+        # The sink "-" is the server's stdout (journald); opened now: a bad sink fails the start.
+        self.audit = AuditWriter(
+            self.engine, chain=chain_for(settings, dash=sys.stdout), timeout=db_budget
+        )
         self._db_threads = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="keyvault-db")
         self._lock = threading.Lock()
         self._revision: int | None = None

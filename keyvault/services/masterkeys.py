@@ -39,6 +39,11 @@ from keyvault.db import transaction
 from keyvault.errors import Conflict, KeyvaultError
 from keyvault.fsutil import atomic_write
 from keyvault.models import MasterKey, SecretVersion, Webhook, utcnow
+from keyvault.services.audit_chain import (
+    chain_key_master_ids,
+    rewrap_audit_chain_keys,
+    start_chain_key,
+)
 from keyvault.services.spool import spooled_master_keys, spooled_rotations
 from keyvault.services.store import open_keyring
 from keyvault.services.webhooks import rewrap_webhook_secrets
@@ -126,6 +131,8 @@ def _rewrap_all(factory: SessionFactory, grown: crypto.Keyring, old_id: str, hoo
             count += 1
         # Webhook signing secrets are sealed under the master key too.
         count += rewrap_webhook_secrets(session, keyring=grown, to=new_id)
+        count += rewrap_audit_chain_keys(session, keyring=grown, to=new_id)
+        start_chain_key(session, keyring=grown)  # an old master key cannot forge what follows
         now = utcnow()
         for row in live:
             row.retired_at = now
@@ -158,6 +165,7 @@ def _keep_needed(
         with transaction(factory) as session:
             named = set(session.scalars(select(SecretVersion.master_key_id).distinct()))
             named |= set(session.scalars(select(Webhook.master_key_id).distinct()))
+            named |= chain_key_master_ids(session)
         kept = dict.fromkeys(named, "a stored row is sealed under it")
     except KeyvaultError as exc:  # committed already: when in doubt, keep every key
         why = f"the database could not be asked whether a row needs it ({exc})"
