@@ -65,8 +65,8 @@ HEAD_ID = 1
 def canonical_at(at: datetime | str) -> str:
     """The record time as the MAC covers it: naive UTC ISO with microseconds (what both
     databases store and return), whether given aware, naive-UTC or already as this string."""
-    if isinstance(at, str):
-        return at
+    if isinstance(at, str):  # SQLite's text form ("2026-12-03 10:00:00.000000"), a sink line's
+        at = datetime.fromisoformat(at)
     if at.tzinfo is not None:
         at = at.astimezone(UTC).replace(tzinfo=None)
     return at.isoformat(sep="T", timespec="microseconds")
@@ -267,10 +267,19 @@ def append(
     """Append ``records`` in the session's transaction; the sink gets them after it commits."""
     session.flush()
     ensure_chain_key(session, keys=chain.keys)
-    sqlite = session.get_bind().dialect.name == "sqlite"
-    linked = append_records(
-        session.connection().connection, sqlite=sqlite, keys=chain.keys, records=records
-    )
+    dialect = session.get_bind().dialect
+    try:
+        linked = append_records(
+            session.connection().connection,
+            sqlite=dialect.name == "sqlite",
+            keys=chain.keys,
+            records=records,
+        )
+    except dialect.loaded_dbapi.Error as exc:  # the driver's own errors, on its connection
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise DatabaseError(
+            f"cannot append to the audit log: {reason}", hint="check the database"
+        ) from None
     if chain.sink is not None:
         chain.sink.after_commit(session, linked)
     return linked
