@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keyvault.cli.audited import audited
+from keyvault.cli.audited import app_chain, audited
 from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.context import AppContext
 from keyvault.cli.output import emit_json, emit_table, output_option
@@ -113,7 +113,6 @@ def audit_prune(app: AppContext, before: str, yes: bool, as_json: bool) -> None:
     record's MAC), named by an audit.pruned record. Refused if the chain does not verify."""
     from keyvault.errors import InvalidInput
     from keyvault.models import utcnow
-    from keyvault.services.audit_chain import chain_for
     from keyvault.services.audit_verify import plan_prune, prune
     from keyvault.timespec import parse_since
 
@@ -134,9 +133,7 @@ def audit_prune(app: AppContext, before: str, yes: bool, as_json: bool) -> None:
             question=f"Delete {plan.count} audit records?",
         )
         with app.transaction() as session:
-            plan = prune(
-                session, chain=chain_for(app.settings), before=when, actor=app.settings.actor
-            )
+            plan = prune(session, chain=app_chain(app), before=when, actor=app.settings.actor)
     result = {
         "deleted": plan.count,
         "through_id": plan.through_id or None,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keyvault.cli.audited import audited
+from keyvault.cli.audited import app_chain, audited
 from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.output import emit_json, output_option
 
@@ -150,7 +150,6 @@ def restore(
     from keyvault import crypto
     from keyvault.db import transaction
     from keyvault.services import backup as service
-    from keyvault.services.audit_chain import chain_for
     from keyvault.services.spool import spooled_rotations
 
     keyring = crypto.load_keyring(app.settings.master_key_file)
@@ -184,7 +183,7 @@ def restore(
                 spooled=spooled,
                 actor=app.settings.actor,
                 file_name=file.name,
-                audit_chain=chain_for(app.settings),
+                audit_chain=app_chain(app),
             )
     if as_json:
         emit_json(_restore_info(file, report))

@@ -172,23 +172,13 @@ class AuditChain:
     sink: AuditSink | None = None
 
 
-_chains: dict[tuple[str, str | None], AuditChain] = {}
-_chains_lock = threading.Lock()
-
-
 def chain_for(settings: Settings, *, dash: Any = None) -> AuditChain:
-    """This process's audit chain for ``settings`` (made once; the sink is opened now, so a
-    sink that cannot be written is a ``ConfigError`` at start). ``dash``: the stream the
-    sink "-" means here (the server's stdout; by default stderr, so a command's own output
-    stays parseable)."""
-    cache_key = (str(settings.master_key_file), settings.audit_sink)
-    with _chains_lock:
-        chain = _chains.get(cache_key)
-        if chain is None:
-            sink = open_sink(settings.audit_sink, dash=dash) if settings.audit_sink else None
-            chain = AuditChain(ChainKeys(keyring_file=settings.master_key_file), sink)
-            _chains[cache_key] = chain
-        return chain
+    """An audit chain for ``settings``, made once per entrypoint and kept by it (the server's
+    state, the CLI's context). The sink is opened now, so a sink that cannot be written is a
+    ``ConfigError`` at start. ``dash``: the stream the sink "-" means here (the server's
+    stdout; by default stderr, so a command's own output stays parseable)."""
+    sink = open_sink(settings.audit_sink, dash=dash) if settings.audit_sink else None
+    return AuditChain(ChainKeys(keyring_file=settings.master_key_file), sink)
 
 
 # --- the DB step: one statement set for both databases, on a DBAPI connection ----------
