@@ -210,6 +210,15 @@ _HEAD = (
 )
 
 
+# SQLite's next rowid follows the largest; PostgreSQL's sequence is moved past the ids given
+# here, so a row inserted without an id (by anything else) cannot take one the chain needs.
+_HEAD_UPDATE = "UPDATE audit_chain SET last_id = ?, last_mac = ? WHERE id = 1"
+_HEAD_UPDATE_PG = (
+    "WITH moved AS (SELECT setval(pg_get_serial_sequence('audit_log', 'id'), ?)) "
+    "UPDATE audit_chain SET last_id = ?, last_mac = ? FROM moved WHERE audit_chain.id = 1"
+)
+
+
 def append_records(
     conn: Any, *, sqlite: bool, keys: ChainKeys, records: Sequence[Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -232,10 +241,11 @@ def append_records(
         first_id = max(last_id, max_id or 0) + 1
         linked = link(key, key_id, last_mac, first_id, records)
         cur.executemany(_sql(_INSERT, sqlite), [_values(row, sqlite) for row in linked])
-        cur.execute(
-            _sql("UPDATE audit_chain SET last_id = ?, last_mac = ? WHERE id = 1", sqlite),
-            (linked[-1]["id"], linked[-1]["chain_mac"]),
-        )
+        last_id, last_mac = linked[-1]["id"], linked[-1]["chain_mac"]
+        if sqlite:
+            cur.execute(_HEAD_UPDATE, (last_id, last_mac))
+        else:
+            cur.execute(_sql(_HEAD_UPDATE_PG, sqlite), (last_id, last_id, last_mac))
         return linked
     finally:
         cur.close()

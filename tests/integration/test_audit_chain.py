@@ -329,3 +329,60 @@ def test_records_from_before_the_chain_are_counted_not_failed(cli, home):
     assert report["ok"] and report["before_chain"] == 3 and report["verified"] == 2, report
     summary = expect(cli("audit", "verify")).stdout
     assert "3 records before the chain began (unverifiable)" in summary
+
+
+def test_several_cli_processes_and_a_server_append_one_chain(served):
+    """Real processes through the real writers: four CLI processes, each writing its intent
+    and outcome records, while the server writes read records in batches."""
+    from tests.support.cli import KEYVAULT, spawn_process
+    from tests.support.timeouts import TIMEOUT
+
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def reader() -> None:
+        with served.http("app-all") as http:
+            while not stop.is_set():
+                statuses.append(http.get("/v1/clusters/c/apps/a1").status_code)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        children = [
+            spawn_process([*KEYVAULT, "cluster", "set", "c2", "--login-name", f"user{i}"])
+            for i in range(4)
+        ]
+        for child in children:
+            _, err = child.communicate(timeout=TIMEOUT)
+            assert child.returncode == 0, err
+    finally:
+        stop.set()
+        thread.join()
+    assert statuses and set(statuses) == {200}
+    report = verify(served.cli)
+    assert report["ok"], report
+    rows = json.loads(expect(served.cli("audit", "list", "--json", "--limit", "100000")).stdout)
+    assert sum(r["action"] == "cluster.set" for r in rows) == 8  # 4 intents, 4 outcomes
+    assert sum(r["action"] == "read" for r in rows) >= len(statuses)
+
+
+def test_a_restore_into_a_fresh_store_keeps_the_chain_verifiable(cli, home, monkeypatch, tmp_path):
+    expect(cli("init"))
+    expect(cli("cluster", "add", "c", "--open-api-url", "http://127.0.0.1:9"))
+    expect(cli("cluster", "set", "c", "--login-name", "admin"))
+    backup = tmp_path / "store.kvbak"
+    expect(cli("backup", str(backup)))
+    originals = json.loads(expect(cli("audit", "list", "--json")).stdout)
+    # Another database, initialised with the same keyring file.
+    monkeypatch.setenv("KEYVAULT_DATABASE_URL", f"sqlite:///{tmp_path / 'fresh.db'}")
+    expect(cli("init"))
+    expect(cli("restore", str(backup)))
+    report = verify(cli)
+    assert report["ok"], report
+    rows = json.loads(expect(cli("audit", "list", "--json")).stdout)
+    (marker,) = [r for r in rows if r["action"] == "audit.restored"]
+    assert "the backup's own chain verified" in marker["detail"]
+    copied = {(r["action"], r["at"], r["phase"]) for r in rows}
+    # Every record the backup held (the backup's outcome was written after it) was copied.
+    held = {(r["action"], r["at"], r["phase"]) for r in originals if r["action"] != "backup"}
+    assert held <= copied
