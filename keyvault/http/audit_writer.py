@@ -91,6 +91,7 @@ class AuditWriter:
         self.batches = 0
         self.written = 0
         self._since_checkpoint = 0
+        self._busy_ms = 0  # the SQLite connection's busy_timeout now
 
     def start(self) -> None:
         """Open the writer's connection and start writing for the running loop."""
@@ -116,6 +117,7 @@ class AuditWriter:
             _pragma(conn, "wal_autocheckpoint=300")
             # A stuck writer elsewhere fails a batch after the budget, not after 30 s.
             _pragma(conn, f"busy_timeout={wait_ms}")
+            self._busy_ms = wait_ms
         else:
             cur = conn.cursor()
             try:  # a table lock (a long transaction, a restore) fails a batch after the budget
@@ -295,7 +297,7 @@ class AuditWriter:
         wait_ms = max(1, int((self.timeout if left is None else left) * 1000))
         try:
             if self._sqlite:
-                _pragma(conn, f"busy_timeout={wait_ms}")
+                self._sqlite_wait(conn, wait_ms)
                 cur.execute("BEGIN IMMEDIATE")
                 linked = append_records(conn, sqlite=True, keys=self._chain.keys, records=records)
                 cur.execute("COMMIT")
@@ -319,6 +321,16 @@ class AuditWriter:
         if self._chain.sink is not None:
             self._chain.sink.write(linked)
         return None
+
+    def _sqlite_wait(self, conn: PoolProxiedConnection, wait_ms: int) -> None:
+        """Cut SQLite's lock wait to what is left of the batch's budget; a PRAGMA only when
+        that is well below the budget, or when the previous batch's was cut (a lone request,
+        the common case, costs none)."""
+        full = max(1, int(self.timeout * 1000))
+        wanted = wait_ms if wait_ms < full * 0.9 else full
+        if wanted != self._busy_ms:
+            _pragma(conn, f"busy_timeout={wanted}")
+            self._busy_ms = wanted
 
     def _truncate_wal(self, conn: PoolProxiedConnection) -> None:
         # Under constant reads SQLite's automatic (passive) checkpoints never get to reset the

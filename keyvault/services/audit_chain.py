@@ -65,6 +65,8 @@ HEAD_ID = 1
 def canonical_at(at: datetime | str) -> str:
     """The record time as the MAC covers it: naive UTC ISO with microseconds (what both
     databases store and return), whether given aware, naive-UTC or already as this string."""
+    if isinstance(at, str) and len(at) == 26 and at[10] == "T":
+        return at  # already canonical (the common case: link() made it)
     if isinstance(at, str):  # SQLite's text form ("2026-12-03 10:00:00.000000"), a sink line's
         at = datetime.fromisoformat(at)
     if at.tzinfo is not None:
@@ -240,7 +242,11 @@ def append_records(
         # After the head and after any row written outside the chain (verify reports those).
         first_id = max(last_id, max_id or 0) + 1
         linked = link(key, key_id, last_mac, first_id, records)
-        cur.executemany(_sql(_INSERT, sqlite), [_values(row, sqlite) for row in linked])
+        values = [_values(row, sqlite) for row in linked]
+        if len(values) == 1:  # executemany costs more for one row
+            cur.execute(_sql(_INSERT, sqlite), values[0])
+        else:
+            cur.executemany(_sql(_INSERT, sqlite), values)
         last_id, last_mac = linked[-1]["id"], linked[-1]["chain_mac"]
         if sqlite:
             cur.execute(_HEAD_UPDATE, (last_id, last_mac))
@@ -252,7 +258,7 @@ def append_records(
 
 
 def _values(row: Mapping[str, Any], sqlite: bool) -> tuple[Any, ...]:
-    at = canonical_at(row["at"])
+    at = row["at"]  # canonical (link)
     # Stored as the UTCDateTime column stores it: naive UTC (SQLite: its text form).
     at_value = at.replace("T", " ") if sqlite else datetime.fromisoformat(at)
     return tuple(at_value if c == "at" else row[c] for c in COLUMNS)
