@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -357,20 +358,13 @@ def import_store(
     check_losses(plan, discard)
     chain = audit_chain or AuditChain(ChainKeys(keyring))
     target = restore_target(file_name, contents.digest)
+    merge = partial(merge_audit_chain, session, rows_by_table, keyring=keyring, chain=chain)
     deleted, audit_added = _replace_rows(
         session,
         tables,
         rows_by_table,
         store_had_data=bool(existing),
-        merge_audit=lambda: merge_audit_chain(
-            session,
-            rows_by_table,
-            keyring=keyring,
-            live_id=header.master_key_id,
-            chain=chain,
-            actor=actor,
-            source=target,
-        ),
+        merge_audit=partial(merge, live_id=header.master_key_id, actor=actor, source=target),
     )
     session.expire_all()
     versions, hooks = _verify(session, keyring)
