@@ -131,7 +131,7 @@ def _rewrap_all(factory: SessionFactory, grown: crypto.Keyring, old_id: str, hoo
             count += 1
         # Webhook signing secrets are sealed under the master key too.
         count += rewrap_webhook_secrets(session, keyring=grown, to=new_id)
-        count += rewrap_audit_chain_keys(session, keyring=grown, to=new_id)
+        rewrap_audit_chain_keys(session, keyring=grown, to=new_id)  # not counted: internal
         start_chain_key(session, keyring=grown)  # an old master key cannot forge what follows
         now = utcnow()
         for row in live:
