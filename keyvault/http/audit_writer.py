@@ -98,6 +98,7 @@ class AuditWriter:
         self._sqlite = self._engine.dialect.name == "sqlite"
         # A store without a chain key yet (new, or migrated) gets one now, not per batch.
         with transaction(session_factory(self._engine)) as session:
+            self._chain.keys.prove(session)
             ensure_chain_key(session, keys=self._chain.keys)
         self._conn = self._connect()
         self._loop = asyncio.get_running_loop()

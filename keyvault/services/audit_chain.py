@@ -39,7 +39,7 @@ from keyvault.config import Settings
 from keyvault.errors import DatabaseError, IntegrityError, WrongMasterKey
 from keyvault.models import AuditChainHead, AuditChainKey, utcnow
 from keyvault.services.audit_sink import AuditSink, open_sink
-from keyvault.services.store import live_keyring
+from keyvault.services.store import live_keyring, open_keyring
 
 # The record's content, in the order the MAC covers it (after prev_mac and id).
 FIELDS = (
@@ -124,12 +124,26 @@ class ChainKeys:
     """
 
     def __init__(
-        self, keyring: crypto.Keyring | None = None, *, keyring_file: Path | None = None
+        self,
+        keyring: crypto.Keyring | None = None,
+        *,
+        keyring_file: Path | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self._keyring = keyring
+        self._settings = settings
+        if settings is not None:
+            keyring_file = settings.master_key_file
         self._file = keyring_file if keyring is None else keyring.source
         self._keys: dict[str, bytes] = {}
         self._lock = threading.Lock()
+
+    def prove(self, session: Session) -> None:
+        """Check the keyring file against the store once (``store.open_keyring``), so a wrong
+        or foreign keyring gets the store's own error before any chain key is opened."""
+        if self._settings is not None:
+            self._keyring = open_keyring(session, settings=self._settings)
+            self._settings = None
 
     @property
     def keyring(self) -> crypto.Keyring:
@@ -180,7 +194,7 @@ def chain_for(settings: Settings, *, dash: Any = None) -> AuditChain:
     ``ConfigError`` at start. ``dash``: the stream the sink "-" means here (the server's
     stdout; by default stderr, so a command's own output stays parseable)."""
     sink = open_sink(settings.audit_sink, dash=dash) if settings.audit_sink else None
-    return AuditChain(ChainKeys(keyring_file=settings.master_key_file), sink)
+    return AuditChain(ChainKeys(settings=settings), sink)
 
 
 # --- the DB step: one statement set for both databases, on a DBAPI connection ----------
@@ -272,6 +286,7 @@ def append(
 ) -> list[dict]:
     """Append ``records`` in the session's transaction; the sink gets them after it commits."""
     session.flush()
+    chain.keys.prove(session)
     ensure_chain_key(session, keys=chain.keys)
     dialect = session.get_bind().dialect
     try:
