@@ -50,6 +50,8 @@ class Settings:
     actor: str = "cli"
     serve_webhooks: bool = True
     serve_scheduler: bool = False
+    # The JSON-lines audit sink: a file path, or "-" (stdout); None: the database only.
+    audit_sink: str | None = None
 
     @property
     def config_file(self) -> Path:
@@ -96,6 +98,7 @@ CONFIG_KEYS: Final[dict[str, dict[str, object]]] = {
     "validation": {"appid_pattern": None},
     "ta": {"timeout": None, "error_codes": FREE_FORM},
     "rotation": {"batch_size": None},
+    "audit": {"sink": None},
 }
 
 
@@ -261,6 +264,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = N
             actor=actor or os_actor(env),
             serve_webhooks=env.get("KEYVAULT_SERVE_WEBHOOKS", "1") not in ("0", "false", "no"),
             serve_scheduler=env.get("KEYVAULT_SERVE_SCHEDULER", "0") in ("1", "true", "yes"),
+            audit_sink=env.get("KEYVAULT_AUDIT_SINK") or data.get("audit", {}).get("sink") or None,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid value in {config_file}: {exc}") from None

@@ -19,7 +19,8 @@ defined in ``keyvault_client.errors`` (the client distribution) and re-exported 
     │   ├── MasterKeyFileError                 missing file, bad mode or owner
     │   └── WrongMasterKey                     the key does not open this store
     ├── IntegrityError                         a ciphertext failed authentication
-    │   └── RowIntegrityError                  a configuration row failed its MAC (refused)
+    │   ├── RowIntegrityError                  a configuration row failed its MAC (refused)
+    │   └── AuditChainBroken                   an audit record deleted, altered or moved
     ├── Unauthorized                           HTTP: missing, unknown, expired or revoked token
     ├── Forbidden                              HTTP: the token does not cover this scope/action
     ├── NotFound                               cluster, secret, version, host, rotation
@@ -263,3 +264,14 @@ class RowIntegrityError(IntegrityError):
     changed outside keyvault, so it is not used. Over HTTP keyvault cannot serve (503)."""
 
     http_status = 503
+
+
+class AuditChainBroken(IntegrityError):
+    """The audit log's hash chain does not verify: a record was deleted, altered, inserted
+    or moved (``record_id`` names the first bad one; None: the chain's head or tail)."""
+
+    code = "audit_chain_broken"
+
+    def __init__(self, message: str, *, record_id: int | None, hint: str | None = None) -> None:
+        self.record_id = record_id
+        super().__init__(message, what="audit log", hint=hint)

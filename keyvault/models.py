@@ -318,6 +318,48 @@ class AuditRecord(Base):
     phase: Mapped[str | None] = mapped_column(String(8))
     intent_id: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str | None] = mapped_column(Text)
+    # The hash chain (``services.audit_chain``): the chain key that MACed this record and
+    # the MAC over its content and the previous record's MAC. NULL: written before the chain.
+    chain_key_id: Mapped[str | None] = mapped_column(String(32))
+    chain_mac: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditChainKey(Base):
+    """A random key that MACs audit records, sealed under a master key like a key version.
+
+    Sealed, not derived from the master key: records stay verifiable after the master key
+    that was live when they were written is retired and gone from the keyring file (it is
+    re-wrapped by `master-key rotate`, which also starts a new one). No foreign key to
+    ``master_keys``: a restore replaces those rows and re-wraps these (see backup.merge).
+    """
+
+    __tablename__ = "audit_chain_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    master_key_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class AuditChainHead(Base):
+    """The one row (id 1) every audit append locks: the chain's last record and MAC, the
+    chain key new records use, and the anchor verification starts from.
+
+    Records with ids up to ``anchor_id`` are not verified: written before the chain began
+    (migration 0007) or pruned; the first record after it links to ``anchor_mac`` ("" for
+    the start of the chain).
+    """
+
+    __tablename__ = "audit_chain"
+    __table_args__ = (CheckConstraint("id = 1", name="ck_audit_chain_one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    last_mac: Mapped[str] = mapped_column(String(64), nullable=False)
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    anchor_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    anchor_mac: Mapped[str] = mapped_column(String(64), nullable=False)
 
 
 class Webhook(RowMac, Base):

@@ -32,6 +32,7 @@ from keyvault.errors import DatabaseError, KeyvaultError
 if TYPE_CHECKING:
     from keyvault.cli.context import AppContext
     from keyvault.models import AuditRecord
+    from keyvault.services.audit_chain import AuditChain
 
 Params = dict[str, Any]
 About = Callable[[Params], dict[str, str | None]]
@@ -77,9 +78,11 @@ def _write_intent(app: AppContext, action: str, about: dict[str, str | None]) ->
     from keyvault.services.audit import record_intent
 
     try:
+        chain = app_chain(app)  # a sink that cannot be written: ConfigError, no act
         with app.transaction() as session:
             return record_intent(
                 session,
+                chain=chain,
                 actor=app.settings.actor,
                 action=action,
                 cluster=about.get("cluster"),
@@ -99,7 +102,7 @@ def _write_outcome(app: AppContext, intent: AuditRecord, outcome: str, detail: s
 
     try:
         with app.transaction() as session:
-            record_outcome(session, intent, outcome=outcome, detail=detail)
+            record_outcome(session, intent, chain=app_chain(app), outcome=outcome, detail=detail)
     except KeyvaultError as exc:  # the command's own result stands; say what the log lacks
         reason = exc.message
         click.echo(
@@ -107,6 +110,17 @@ def _write_outcome(app: AppContext, intent: AuditRecord, outcome: str, detail: s
             f"to the audit log (intent record {intent.id}): {reason}",
             err=True,
         )
+
+
+def app_chain(app: AppContext) -> AuditChain:
+    """The command's audit chain (its chain keys and sink), made once per invocation."""
+    from keyvault.services.audit_chain import chain_for
+
+    chain: AuditChain | None = getattr(app, "_audit_chain", None)
+    if chain is None:
+        chain = chain_for(app.settings)
+        app._audit_chain = chain  # type: ignore[attr-defined]
+    return chain
 
 
 def outcome_of(exc: BaseException) -> tuple[str, str | None]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keyvault.cli.audited import audited
+from keyvault.cli.audited import app_chain, audited
 from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.output import emit_json, output_option
 
@@ -183,6 +183,7 @@ def restore(
                 spooled=spooled,
                 actor=app.settings.actor,
                 file_name=file.name,
+                audit_chain=app_chain(app),
             )
     if as_json:
         emit_json(_restore_info(file, report))

@@ -65,6 +65,9 @@ class AccessAudit:
         # A revoked or expired token is named in the record.
         self.token_name = getattr(exc, "token_name", None) or self.token_name
         if isinstance(exc, AuditUnavailable):
+            # Its record was not written (the writer drops a record whose request gave up
+            # before its batch began): record the 503 the client gets instead, unwaited.
+            self.writer.submit(self.entry(exc.code))
             return exc
         if exc.http_status >= 500:
             self.writer.submit(self.entry(exc.code))

@@ -2,11 +2,18 @@
 
 ``AuditWriter`` group-commits the records of many requests in one thread of its own, with
 its own DBAPI connection: the event loop never waits on the database. Requests queue their
-records on the loop; while one batch is written the next gathers. A request waits until its
-record is committed; if the write fails or does not finish within the budget, the request
-fails too (503, as in Vault): no key leaves the server without its audit record, and no
-rotation starts without its intent recorded. Reading the log back is
-``keyvault.services.audit``.
+records on the loop; while one batch is written the next gathers. Each batch is appended
+to the hash chain by ``keyvault.services.audit_chain.append_records`` (one lock and read of
+the chain's head, the inserts, one head update), then copied to the JSON-lines sink if one
+is configured. A request waits until its record is committed; if the write fails or does
+not finish within the budget, the request fails too (503, as in Vault): no key leaves the
+server without its audit record, and no rotation starts without its intent recorded.
+
+The answer always matches the record: a record still queued when its request's budget runs
+out is dropped (the request answers 503, and a record of that 503 is queued instead); once
+a batch is being written, its requests wait for its commit, and the batch's own database
+timeouts are cut to what is left of the earliest budget in it. So a read answered 503 is
+never audited ``ok``. Reading the log back is ``keyvault.services.audit``.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.pool import PoolProxiedConnection
 
+from keyvault.db import session_factory, transaction
 from keyvault.errors import DatabaseError
+from keyvault.services.audit_chain import AuditChain, append_records, ensure_chain_key
 
 log = logging.getLogger("keyvault.audit")
 _CHECKPOINT_EVERY = 20_000  # audit records between WAL size checks
@@ -57,13 +66,22 @@ class AuditWriter:
     connection's own lock and statement timeouts bound the thread's wait as well.
     """
 
-    COLUMNS = ("at", "token_name", "action", "cluster", "scope", "version", "client", "outcome")
-
-    def __init__(self, engine: Engine, *, timeout: float = 10.0, max_batch: int = 1024) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        chain: AuditChain,
+        timeout: float = 10.0,
+        max_batch: int = 1024,
+    ) -> None:
         self._engine = engine
+        self._chain = chain
         self.timeout = timeout
         self._max_batch = max_batch
         self._pending: list[tuple[AuditEntry, asyncio.Future[None] | None]] = []
+        # Futures of the batch being written: their requests wait for its commit.
+        self._inflight: set[asyncio.Future[None]] = set()
+        self._deadlines: dict[asyncio.Future[None], float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyvault-audit")
         self._writing = False
@@ -73,12 +91,15 @@ class AuditWriter:
         self.batches = 0
         self.written = 0
         self._since_checkpoint = 0
+        self._busy_ms = 0  # the SQLite connection's busy_timeout now
 
     def start(self) -> None:
         """Open the writer's connection and start writing for the running loop."""
         self._sqlite = self._engine.dialect.name == "sqlite"
-        marks = ", ".join("?" if self._sqlite else "%s" for _ in self.COLUMNS)
-        self._sql = f"INSERT INTO audit_log ({', '.join(self.COLUMNS)}) VALUES ({marks})"
+        # A store without a chain key yet (new, or migrated) gets one now, not per batch.
+        with transaction(session_factory(self._engine)) as session:
+            self._chain.keys.prove(session)
+            ensure_chain_key(session, keys=self._chain.keys)
         self._conn = self._connect()
         self._loop = asyncio.get_running_loop()
         self._running = True
@@ -97,6 +118,7 @@ class AuditWriter:
             _pragma(conn, "wal_autocheckpoint=300")
             # A stuck writer elsewhere fails a batch after the budget, not after 30 s.
             _pragma(conn, f"busy_timeout={wait_ms}")
+            self._busy_ms = wait_ms
         else:
             cur = conn.cursor()
             try:  # a table lock (a long transaction, a restore) fails a batch after the budget
@@ -130,19 +152,28 @@ class AuditWriter:
                 "the audit writer is not running", hint="check the server log and restart it"
             )
         future = loop.create_future()
+        budget = self.timeout if timeout is None else timeout
+        self._deadlines[future] = loop.time() + budget
         self._pending.append((entry, future))
         self._kick()
         # A timer, not asyncio.wait_for: wait_for costs a task per request on the hot path.
-        timer = loop.call_later(
-            self.timeout if timeout is None else timeout,
-            _settle,
-            future,
-            AuditUnavailable("the audit record was not written in time", hint="check the database"),
-        )
+        timer = loop.call_later(budget, self._expire, future)
         try:
             await future
         finally:
             timer.cancel()
+            self._deadlines.pop(future, None)
+
+    def _expire(self, future: asyncio.Future[None]) -> None:
+        """The budget ran out: fail the request unless its record is being written (then
+        the commit decides, within the batch's cut timeouts, so answer and record agree)."""
+        if future not in self._inflight:
+            _settle(
+                future,
+                AuditUnavailable(
+                    "the audit record was not written in time", hint="check the database"
+                ),
+            )
 
     def submit(self, entry: AuditEntry) -> None:
         """Queue ``entry`` without waiting for it (a request that fails anyway is not delayed)."""
@@ -168,7 +199,13 @@ class AuditWriter:
         if not batch:
             return
         self._writing = True
-        written = self._loop.run_in_executor(self._thread, self._write_batch, batch)
+        now = self._loop.time()
+        waiting = [f for _, f in batch if f is not None]
+        self._inflight.update(waiting)
+        left = min(
+            (self._deadlines.get(f, now + self.timeout) - now for f in waiting), default=None
+        )
+        written = self._loop.run_in_executor(self._thread, self._write_batch, batch, left)
         written.add_done_callback(lambda done: self._written(batch, done))
 
     def _take_batch(self) -> list[tuple[AuditEntry, asyncio.Future[None] | None]]:
@@ -183,6 +220,7 @@ class AuditWriter:
         done: asyncio.Future[Exception | None],
     ) -> None:
         self._writing = False
+        self._inflight.difference_update(f for _, f in batch if f is not None)
         failed = done.exception()
         if failed is not None:  # a bug in the writer: every waiting request learns it failed
             log.error("audit write failed: %s", failed, exc_info=failed)
@@ -193,13 +231,14 @@ class AuditWriter:
         self._kick()
 
     def _write_batch(
-        self, batch: list[tuple[AuditEntry, asyncio.Future[None] | None]]
+        self, batch: list[tuple[AuditEntry, asyncio.Future[None] | None]], left: float | None = None
     ) -> Exception | None:
-        """In the writer's thread: insert and commit ``batch``; the error to report, if any."""
+        """In the writer's thread: insert and commit ``batch`` within ``left`` seconds (what is
+        left of its earliest waiting request's budget); the error to report, if any."""
         conn = self._usable_connection()
         if conn is None:
             return _write_failed()
-        error = self._write(conn, [self._row(e) for e, _ in batch])
+        error = self._write(conn, [_record(e) for e, _ in batch], left)
         if error is None:
             self.batches += 1
             self.written += len(batch)
@@ -218,7 +257,9 @@ class AuditWriter:
         try:
             if self._sqlite:
                 cur.execute("BEGIN IMMEDIATE")
-            cur.execute(self._sql, self._row(probe))
+            append_records(
+                conn, sqlite=self._sqlite, keys=self._chain.keys, records=[_record(probe)]
+            )
             return True
         except Exception as exc:  # noqa: BLE001 - whatever the reason, records cannot be written
             log.warning("audit probe failed: %s", exc)
@@ -248,21 +289,26 @@ class AuditWriter:
             return None
         return self._conn
 
-    def _write(self, conn: PoolProxiedConnection, rows: list[tuple[Any, ...]]) -> Exception | None:
-        """Insert and commit ``rows`` in one transaction; the error to report, if any."""
+    def _write(
+        self, conn: PoolProxiedConnection, records: list[dict[str, Any]], left: float | None
+    ) -> Exception | None:
+        """Append ``records`` to the chain and commit, in one transaction; the error to
+        report, if any. Then copy them to the sink."""
         cur = conn.cursor()
+        wait_ms = max(1, int((self.timeout if left is None else left) * 1000))
         try:
-            if self._sqlite and len(rows) == 1:
-                cur.execute(self._sql, rows[0])  # autocommit: one implicit transaction
-            elif self._sqlite:
+            if self._sqlite:
+                self._sqlite_wait(conn, wait_ms)
                 cur.execute("BEGIN IMMEDIATE")
-                cur.executemany(self._sql, rows)
+                linked = append_records(conn, sqlite=True, keys=self._chain.keys, records=records)
                 cur.execute("COMMIT")
             else:
-                cur.execute("SET LOCAL synchronous_commit TO OFF")
-                cur.executemany(self._sql, rows)
+                cur.execute(
+                    "SET LOCAL synchronous_commit TO OFF; "
+                    f"SET LOCAL lock_timeout = {wait_ms}; SET LOCAL statement_timeout = {wait_ms}"
+                )
+                linked = append_records(conn, sqlite=False, keys=self._chain.keys, records=records)
                 conn.commit()
-            return None
         except Exception as exc:  # noqa: BLE001 - every waiting request must learn it failed
             log.error("audit write failed: %s", exc)
             self._broken = True
@@ -273,6 +319,19 @@ class AuditWriter:
             return _write_failed()
         finally:
             cur.close()
+        if self._chain.sink is not None:
+            self._chain.sink.write(linked)
+        return None
+
+    def _sqlite_wait(self, conn: PoolProxiedConnection, wait_ms: int) -> None:
+        """Cut SQLite's lock wait to what is left of the batch's budget; a PRAGMA only when
+        that is well below the budget, or when the previous batch's was cut (a lone request,
+        the common case, costs none)."""
+        full = max(1, int(self.timeout * 1000))
+        wanted = wait_ms if wait_ms < full * 0.9 else full
+        if wanted != self._busy_ms:
+            _pragma(conn, f"busy_timeout={wanted}")
+            self._busy_ms = wanted
 
     def _truncate_wal(self, conn: PoolProxiedConnection) -> None:
         # Under constant reads SQLite's automatic (passive) checkpoints never get to reset the
@@ -286,20 +345,19 @@ class AuditWriter:
         except Exception as exc:  # noqa: BLE001 - busy or gone: the next round tries again
             log.info("WAL checkpoint skipped: %s", exc)
 
-    def _row(self, entry: AuditEntry) -> tuple[Any, ...]:
-        # Stored as naive UTC, the same form the UTCDateTime column type uses.
-        at = entry.at.astimezone(UTC).replace(tzinfo=None)
-        at_value = at.strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else at
-        return (
-            at_value,
-            _text(entry.token_name) or "(none)",  # NOT NULL: one bad row must not fail a batch
-            entry.action,
-            _text(entry.cluster),
-            _text(entry.scope),
-            entry.version,
-            _text(entry.client[:64] if entry.client else None),  # VARCHAR(64): a forwarded name
-            entry.outcome,
-        )
+
+def _record(entry: AuditEntry) -> dict[str, Any]:
+    """The chain record of ``entry``."""
+    return {
+        "at": entry.at,
+        "token_name": _text(entry.token_name) or "(none)",  # one bad row must not fail a batch
+        "action": entry.action,
+        "cluster": _text(entry.cluster),
+        "scope": _text(entry.scope),
+        "version": entry.version,
+        "client": _text(entry.client[:64] if entry.client else None),  # VARCHAR(64)
+        "outcome": entry.outcome,
+    }
 
 
 def _text(value: str | None) -> str | None:

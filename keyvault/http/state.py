@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from keyvault.models import (
     SecretVersion,
     utcnow,
 )
+from keyvault.services.audit_chain import chain_for
 from keyvault.services.secrets import reveal
 from keyvault.services.store import open_keyring
 from keyvault.services.tokens import Grant, check_token, token_hash
@@ -67,7 +69,10 @@ class ServerState:
         self.factory = session_factory(self.engine)
         with transaction(self.factory) as session:
             self.keyring = open_keyring(session, settings=settings)
-        self.audit = AuditWriter(self.engine, timeout=db_budget)
+        # The sink "-" is the server's stdout (journald); opened now: a bad sink fails the start.
+        self.audit = AuditWriter(
+            self.engine, chain=chain_for(settings, dash=sys.stdout), timeout=db_budget
+        )
         self._db_threads = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="keyvault-db")
         self._lock = threading.Lock()
         self._revision: int | None = None

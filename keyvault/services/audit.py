@@ -3,18 +3,19 @@
 The HTTP server writes its records (``keyvault.http.audit_writer.AuditWriter``, which
 group-commits them). A CLI action writes two: ``record_intent`` before it acts and
 ``record_outcome`` after (``keyvault.cli.audited`` commits each in its own transaction).
-Like every service these only flush; this module also reads the log back for
-`keyvault audit list`.
+Every record is appended to the hash chain (``audit_chain.append``). Like every service
+these only flush; this module also reads the log back for `keyvault audit list`.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from keyvault.models import AuditRecord, utcnow
+from keyvault.services.audit_chain import AuditChain, append
 
 PENDING = "pending"  # the outcome an intent carries until its outcome record says otherwise
 _DETAIL_LIMIT = 1000
@@ -29,6 +30,7 @@ def _clip(text: str | None, limit: int) -> str | None:
 def record_intent(
     session: Session,
     *,
+    chain: AuditChain,
     actor: str,
     action: str,
     cluster: str | None = None,
@@ -37,8 +39,11 @@ def record_intent(
     detail: str | None = None,
     now: datetime | None = None,
 ) -> AuditRecord:
-    """Record that ``actor`` is about to do ``action`` on ``target`` (flushed: it has an id)."""
-    row = AuditRecord(
+    """Record that ``actor`` is about to do ``action`` on ``target`` (appended to the chain:
+    it has an id)."""
+    return _append(
+        session,
+        chain,
         at=now or utcnow(),
         actor=_clip(actor, 128),
         action=action,
@@ -49,22 +54,22 @@ def record_intent(
         outcome=PENDING,
         detail=_clip(detail, _DETAIL_LIMIT),
     )
-    session.add(row)
-    session.flush()
-    return row
 
 
 def record_outcome(
     session: Session,
     intent: AuditRecord,
     *,
+    chain: AuditChain,
     outcome: str,
     detail: str | None = None,
     now: datetime | None = None,
 ) -> AuditRecord:
     """Record how the action of ``intent`` ended: "ok" or an error code, with ``detail``
     (an error message: never a secret, as no error message holds one)."""
-    row = AuditRecord(
+    return _append(
+        session,
+        chain,
         at=now or utcnow(),
         actor=intent.actor,
         action=intent.action,
@@ -76,9 +81,25 @@ def record_outcome(
         outcome=_clip(outcome, 32) or PENDING,
         detail=_clip(detail, _DETAIL_LIMIT),
     )
-    session.add(row)
-    session.flush()
-    return row
+
+
+def record_event(session: Session, *, chain: AuditChain, **fields: object) -> AuditRecord:
+    """Append one record of its own (not an intent/outcome pair): ``fields`` are its columns."""
+    return _append(session, chain, **{"at": utcnow(), **fields})
+
+
+def _append(session: Session, chain: AuditChain, **fields: object) -> AuditRecord:
+    # PostgreSQL text cannot hold NUL: a name holding one must not lose the record.
+    clean = {k: v.replace("\x00", "\\x00") if isinstance(v, str) else v for k, v in fields.items()}
+    (row,) = append(session, chain=chain, records=[clean])
+    return as_record(row)
+
+
+def as_record(row: dict) -> AuditRecord:
+    """A chain row (``audit_chain.append``) as a detached ``AuditRecord``."""
+    values = {k: v for k, v in row.items() if k != "prev_mac"}
+    values["at"] = datetime.fromisoformat(values["at"]).replace(tzinfo=UTC)
+    return AuditRecord(**values)
 
 
 def list_audit(
@@ -117,4 +138,6 @@ def audit_info(row: AuditRecord) -> dict:
         "intent_id": row.intent_id,
         "outcome": row.outcome,
         "detail": row.detail,
+        "chain_key_id": row.chain_key_id,
+        "chain_mac": row.chain_mac,
     }

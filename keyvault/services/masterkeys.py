@@ -40,6 +40,11 @@ from keyvault.errors import Conflict, KeyvaultError
 from keyvault.fsutil import atomic_write
 from keyvault.models import MasterKey, SecretVersion, Webhook, utcnow
 from keyvault.services import integrity
+from keyvault.services.audit_chain import (
+    chain_key_master_ids,
+    rewrap_audit_chain_keys,
+    start_chain_key,
+)
 from keyvault.services.spool import spooled_master_keys, spooled_rotations
 from keyvault.services.store import open_keyring
 from keyvault.services.webhooks import rewrap_webhook_secrets
@@ -128,6 +133,8 @@ def _rewrap_all(factory: SessionFactory, grown: crypto.Keyring, old_id: str, hoo
         # Webhook signing secrets are sealed under the master key too.
         count += rewrap_webhook_secrets(session, keyring=grown, to=new_id)
         _remac(session, grown, new_id)
+        rewrap_audit_chain_keys(session, keyring=grown, to=new_id)  # not counted: internal
+        start_chain_key(session, keyring=grown)  # an old master key cannot forge what follows
         now = utcnow()
         for row in live:
             row.retired_at = now
@@ -175,6 +182,7 @@ def _keep_needed(
         with transaction(factory) as session:
             named = set(session.scalars(select(SecretVersion.master_key_id).distinct()))
             named |= set(session.scalars(select(Webhook.master_key_id).distinct()))
+            named |= chain_key_master_ids(session)
         kept = dict.fromkeys(named, "a stored row is sealed under it")
     except KeyvaultError as exc:  # committed already: when in doubt, keep every key
         why = f"the database could not be asked whether a row needs it ({exc})"

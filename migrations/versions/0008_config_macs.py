@@ -1,7 +1,7 @@
 """Row MACs: every security-relevant configuration row carries ``mac`` and ``mac_key_id``.
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-03
 
 A migration holds no keyring, so it cannot compute MACs: the columns are added empty,
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

@@ -262,3 +262,51 @@ def test_a_rotated_key_reaches_the_client_even_when_its_outcome_cannot_be_audite
         ("rotator-t", "read", "t", "root", "ok"),
     ]
     assert "was not recorded" in world.server.log_tail(chars=20_000)
+
+
+def test_a_read_answered_503_is_never_audited_ok(served: World, engine):
+    """The audit writer is held up past the request's budget: the client gets 503, and the
+    audit never says that read was served (its record is dropped or fails with its batch;
+    a record of the 503 is queued instead)."""
+    import os
+
+    from tests.support.http import Server, key_matches
+
+    workdir = served.server.workdir
+    served.server.stop()
+    served.server = Server(workdir, env={**os.environ, "KEYVAULT_HTTP_DB_BUDGET": "1"}).start()
+
+    def reads(outcome: str) -> int:
+        with engine.connect() as conn:
+            return conn.scalar(
+                select(func.count()).where(
+                    AuditRecord.action == "read",
+                    AuditRecord.scope == "app:a1",
+                    AuditRecord.token_name == "app-all",
+                    AuditRecord.outcome == outcome,
+                )
+            )
+
+    with served.http("app-all") as http:
+        assert key_matches(served, http.get("/v1/clusters/c/apps/a1").json(), "c", "app:a1")
+        # Only audit appends are held (reads, tokens and keys still answer): SQLite's write
+        # lock, or a lock on the chain's head that FOR UPDATE waits for.
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
+            else:
+                conn.begin()
+                conn.execute(text("LOCK TABLE audit_chain IN EXCLUSIVE MODE"))
+            try:
+                held = http.get("/v1/clusters/c/apps/a1")
+            finally:
+                if engine.dialect.name == "sqlite":
+                    conn.connection.driver_connection.execute("ROLLBACK")
+                else:
+                    conn.rollback()
+        assert held.status_code == 503 and "key" not in held.json(), held.text
+        # A read after the lock: committed after anything queued before it.
+        assert key_matches(served, http.get("/v1/clusters/c/apps/a1").json(), "c", "app:a1")
+    assert reads("ok") == 2  # the two reads that got the key, not the one that got 503
+    result = expect(served.cli("audit", "verify"))
+    assert "audit chain verified" in result.stdout

@@ -276,7 +276,8 @@ def test_backup_audit_records_the_store_lacks_are_merged(cli, home, store):
     write_rows(home.database_url, AuditRecord, [{**audit("denied", 1)[0], "id": 1}])
     expect(cli("restore", str(store["file"]), "--replace", "--yes"))
     after = access_records(home.database_url)
-    assert [r["action"] for r in after] == ["denied", "read", "read", "restore"]
+    # The backup's records the store lacks are appended to its chain after a marker.
+    assert [r["action"] for r in after] == ["denied", "audit.restored", "read", "read", "restore"]
     assert len({r["id"] for r in rows(home.database_url, AuditRecord)}) == len(
         rows(home.database_url, AuditRecord)
     )

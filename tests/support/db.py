@@ -219,7 +219,11 @@ def engine(db_url: str):
 # ------------------------------------------------------------------------- store dumps
 
 # Every backup and restore command is audited (intent, then outcome), whatever it did.
-AUDITED_ATTEMPTS = frozenset({"backup", "restore"})
+AUDITED_ATTEMPTS = frozenset({"backup", "restore", "audit.restored"})
+# The audit chain's bookkeeping: a restore keeps the store's chain and appends copies of the
+# backup's records to it (new ids, MACs and a new chain key), so these never compare equal.
+CHAIN_TABLES = ("audit_chain", "audit_chain_keys")
+CHAIN_COLUMNS = ("id", "intent_id", "chain_key_id", "chain_mac")
 
 
 def dump_store(url: str) -> dict[str, list[dict]]:
@@ -246,11 +250,16 @@ def dump_store(url: str) -> dict[str, list[dict]]:
 def comparable(dump: dict[str, list[dict]], *, revision: bool = True) -> dict[str, list]:
     """``dump`` as it compares across backup and restore attempts: without the audit records
     of those attempts, audit records without their ids (a restore renumbers the records it
-    merges), and without the revision counter when ``revision`` is false."""
-    rest = {name: rows for name, rows in dump.items() if revision or name != "revision"}
+    merges), without the audit chain's MACs and tables, and without the revision counter
+    when ``revision`` is false."""
+    rest = {
+        name: rows
+        for name, rows in dump.items()
+        if (revision or name != "revision") and name not in CHAIN_TABLES
+    }
     rest["audit_log"] = sorted(
         (
-            {k: v for k, v in r.items() if k not in ("id", "intent_id")}
+            {k: v for k, v in r.items() if k not in CHAIN_COLUMNS}
             for r in dump["audit_log"]
             if r["action"] not in AUDITED_ATTEMPTS
         ),

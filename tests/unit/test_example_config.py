@@ -41,10 +41,12 @@ FIELDS = {
     ("ta", "timeout"): "ta_timeout",
     ("ta", "error_codes"): "ta_error_codes",
     ("rotation", "batch_size"): "rotation_batch_size",
+    ("audit", "sink"): "audit_sink",
 }
 # Environment variable -> the (section, key) it overrides.
 OVERRIDES = {
     "KEYVAULT_DATABASE_URL": ("database", "url"),
+    "KEYVAULT_AUDIT_SINK": ("audit", "sink"),
     "KEYVAULT_MASTER_KEY_FILE": ("master_key", "file"),
     "KEYVAULT_KNOWN_HOSTS": ("ssh", "known_hosts_file"),
     "KEYVAULT_SSH_IDENTITY": ("ssh", "identity_file"),
@@ -136,6 +138,7 @@ def test_example_as_shipped_parses_and_changes_nothing(tmp_path):
         "validation",
         "ta",
         "rotation",
+        "audit",
     }
     assert load_settings(env) == without
 
@@ -143,7 +146,15 @@ def test_example_as_shipped_parses_and_changes_nothing(tmp_path):
 def test_example_documents_exactly_the_options_config_reads():
     read = keys_read_by_config()
     # Sanity of the derivation itself: it must find the sections and some keys.
-    assert {s for s, _ in read} == {"database", "master_key", "ssh", "validation", "ta", "rotation"}
+    assert {s for s, _ in read} == {
+        "database",
+        "master_key",
+        "ssh",
+        "validation",
+        "ta",
+        "rotation",
+        "audit",
+    }
     assert read == set(FIELDS), "update FIELDS (and the example) for the options config.py reads"
     blocks, text = parse_example()
     documented = {(s, k) for s, table in tomllib.loads(text).items() for k in table}
@@ -219,6 +230,7 @@ def test_every_environment_variable_is_named_and_overrides_what_the_example_says
         "KEYVAULT_SSH_IDENTITY": ("/srv/kv/id_ed25519", Path("/srv/kv/id_ed25519")),
         "KEYVAULT_SSH_PASSPHRASE_FILE": (str(other), "from-env-file"),
         "KEYVAULT_SU_PASSWORD_FILE": (str(other), "from-env-file"),
+        "KEYVAULT_AUDIT_SINK": ("/srv/kv/audit.jsonl", "/srv/kv/audit.jsonl"),
     }
     assert set(values) == set(OVERRIDES)
     base = {"KEYVAULT_HOME": str(home), "HOME": str(tmp_path)}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from keyvault.models import AuditRecord, utcnow
+from keyvault.services.audit import record_event
+from keyvault.services.audit_chain import AuditChain
 
 _TARGET_MAX = 255  # audit_log.target
 _ACTOR_MAX = 128  # audit_log.actor
@@ -22,17 +23,16 @@ def restore_target(file_name: str, digest: str) -> str:
     return file_name[: _TARGET_MAX - len(tail)] + tail
 
 
-def record_restore(session: Session, *, actor: str, target: str, outcome: str) -> None:
-    session.add(
-        AuditRecord(
-            at=utcnow(),
-            actor=actor[:_ACTOR_MAX],
-            action="restore",
-            cluster=None,
-            target=target[:_TARGET_MAX],
-            version=None,
-            client="cli",
-            outcome=outcome,
-        )
+def record_restore(
+    session: Session, *, chain: AuditChain, actor: str, target: str, outcome: str
+) -> None:
+    """Append the restore's record to the store's audit chain."""
+    record_event(
+        session,
+        chain=chain,
+        actor=actor[:_ACTOR_MAX],
+        action="restore",
+        target=target[:_TARGET_MAX],
+        client="cli",
+        outcome=outcome,
     )
-    session.flush()

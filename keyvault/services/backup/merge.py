@@ -9,9 +9,8 @@
 - Access tokens: a restore into a store that has data keeps the store's tokens as they
   are (ids, scopes, revocations) and never brings back a token the store no longer has.
   A revocation in the backup is kept as well: restore can revoke, never un-revoke.
-- The audit log is never deleted. The backup's records are merged in: a record the store
-  already holds (same id, same content) is skipped, one whose id is free keeps it, one
-  whose id the store uses for another record is appended with a new id.
+- The audit log is never deleted, and its hash chain is kept: the backup's records the
+  store lacks are appended to it (``audit_merge``).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, func, insert, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session
 
 from keyvault.models import AccessToken, AuditRecord, Cluster, Rotation, Secret, SecretVersion
@@ -185,30 +184,3 @@ def merge_tokens(
             held.revoked_at = row["revoked_at"]
     session.flush()
     return revoked
-
-
-def merge_audit(session: Session, backup_rows: list[dict[str, Any]]) -> int:
-    """Add the backup's audit records the store lacks; return how many were added."""
-    table = cast(Table, AuditRecord.__table__)
-    columns = [c.name for c in table.columns if c.name != "id"]
-    store_max = session.execute(select(func.max(table.c.id))).scalar() or 0
-    next_id = max(store_max, *(r["id"] for r in backup_rows), 0) + 1
-    added = 0
-    for start in range(0, len(backup_rows), _BATCH):
-        batch = backup_rows[start : start + _BATCH]
-        held = {
-            r.id: r._mapping
-            for r in session.execute(select(table).where(table.c.id.in_([b["id"] for b in batch])))
-        }
-        new = []
-        for row in batch:
-            same = held.get(row["id"])
-            if same is None:
-                new.append(row)
-            elif any(same[c] != row[c] for c in columns):
-                new.append({**row, "id": next_id})
-                next_id += 1
-        if new:
-            session.execute(insert(table), new)
-            added += len(new)
-    return added

@@ -8,9 +8,10 @@ webhook secret. Any failure raises; the caller's rollback keeps the old data.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -39,6 +40,8 @@ from keyvault.errors import (
 )
 from keyvault.models import AccessToken, AuditRecord, MasterKey, SecretVersion, Webhook
 from keyvault.services import integrity
+from keyvault.services.audit_chain import AuditChain, ChainKeys
+from keyvault.services.backup.audit_merge import CHAIN_TABLES, merge_audit_chain
 from keyvault.services.backup.auditing import record_restore, restore_target
 from keyvault.services.backup.fileformat import (
     BackupContents,
@@ -53,7 +56,6 @@ from keyvault.services.backup.merge import (
     KEPT_TABLES,
     PLAN_TABLES,
     RestorePlan,
-    merge_audit,
     merge_tokens,
     plan_restore,
 )
@@ -162,7 +164,9 @@ def _check_backup_keys(
 
 def _existing_data(session: Session) -> dict[str, int]:
     counts = table_counts(session)
-    skip = (*_INIT_TABLES, AuditRecord.__tablename__)  # audit records are kept, never replaced
+    # Audit records and their chain are kept, never replaced (an init or the restore's own
+    # intent record may have started the chain already).
+    skip = (*_INIT_TABLES, AuditRecord.__tablename__, *CHAIN_TABLES)
     return {name: n for name, n in counts.items() if n and name not in skip}
 
 
@@ -213,7 +217,7 @@ def _delete_all(session: Session, tables: list[Table]) -> dict[str, int]:
     return the keyvault data deleted per table."""
     deleted = {}
     for table in reversed(tables):
-        if table.name == _REVISION_TABLE or table.name in KEPT_TABLES:
+        if table.name == _REVISION_TABLE or table.name in (*KEPT_TABLES, *CHAIN_TABLES):
             continue
         n = _rowcount(session.execute(delete(table)))
         if n and table.name not in _INIT_TABLES:
@@ -257,12 +261,13 @@ def _replace_rows(
     *,
     store_had_data: bool,
     keyring: crypto.Keyring,
+    merge_audit: Callable[[], int],
 ) -> tuple[dict[str, int], int, list[int]]:
     """Delete everything but what is kept (see ``merge``), insert the backup's rows, merge
-    tokens and audit records, move the revision on; return what was deleted and the
-    number of audit records added."""
+    tokens, then the audit chain and its records (``merge_audit``, once the backup's master
+    keys are in), move the revision on; return what was deleted and the number of audit
+    records added."""
     revision_value = session.execute(text("SELECT value FROM revision WHERE id = 1")).scalar() or 0
-    audit_added = 0
     revoked: list[int] = []
     try:
         deleted = _delete_all(session, tables)
@@ -275,10 +280,11 @@ def _replace_rows(
                     store_had_data,
                     lambda t: integrity.failure(t, keyring=keyring) is None,
                 )
-            elif table.name == AuditRecord.__tablename__:
-                audit_added = merge_audit(session, rows)
-            elif table.name != _REVISION_TABLE and rows:
+            elif table.name in (AuditRecord.__tablename__, *CHAIN_TABLES, _REVISION_TABLE):
+                continue
+            elif rows:
                 _insert_rows(session, table, rows)
+        audit_added = merge_audit()
         _advance_revision(session, revision_value, rows_by_table.get(_REVISION_TABLE, []))
         _fix_sequences(session)
         session.flush()
@@ -323,6 +329,7 @@ def import_store(
     spooled: Iterable[str] = (),
     actor: str = "cli",
     file_name: str = "backup",
+    audit_chain: AuditChain | None = None,
 ) -> RestoreReport:
     """Restore a backup (``contents``, or the file ``data``) into this database, in the
     caller's transaction.
@@ -357,16 +364,25 @@ def import_store(
         )
     plan = plan_restore(session, rows_by_table, spooled)
     check_losses(plan, discard)
+    chain = audit_chain or AuditChain(ChainKeys(keyring))
+    target = restore_target(file_name, contents.digest)
+    merge = partial(merge_audit_chain, session, rows_by_table, keyring=keyring, chain=chain)
     deleted, audit_added, revoked = _replace_rows(
-        session, tables, rows_by_table, store_had_data=bool(existing), keyring=keyring
+        session,
+        tables,
+        rows_by_table,
+        store_had_data=bool(existing),
+        keyring=keyring,
+        merge_audit=partial(merge, live_id=header.master_key_id, actor=actor, source=target),
     )
     session.expire_all()
     versions, hooks = _verify(session, keyring)
     integrity.check_restored(session, keyring=keyring, tokens=not existing, token_ids=revoked)
     record_restore(
         session,
+        chain=chain,
         actor=actor,
-        target=restore_target(file_name, contents.digest),
+        target=target,
         outcome="ok-discarded-newer" if plan.losses else "ok",
     )
     return RestoreReport(
