@@ -8,8 +8,9 @@ HTTP. Messages name the problem and what to do; they never contain a secret.
 mistakes, 502 when a host or TA behind keyvault failed, 503 only when keyvault itself
 cannot serve, 500 (the root's) for the rest; an exception outside this tree is a bug (500).
 
-The root, InvalidInput, Unauthorized, Forbidden, NotFound, Conflict and Unavailable are
-defined in ``keyvault_client.errors`` (the client distribution) and re-exported here.
+The root, InvalidInput, Unauthorized, Forbidden, NotFound, Conflict, PreconditionFailed and
+Unavailable are defined in ``keyvault_client.errors`` (the client distribution) and
+re-exported here.
 
     KeyvaultError                      exit 1
     ├── InvalidInput                   exit 2   bad APPID, scope, URL, pattern, ...
@@ -64,6 +65,9 @@ from keyvault_client.errors import (
 )
 from keyvault_client.errors import (
     NotFound as NotFound,
+)
+from keyvault_client.errors import (
+    PreconditionFailed as PreconditionFailed,
 )
 from keyvault_client.errors import (
     Unauthorized as Unauthorized,
@@ -250,13 +254,6 @@ class IllegalTransition(KeyvaultError):
             f"rotation {rotation_id}: {old} -> {new} is not an allowed transition",
             hint="this is a bug in keyvault; the rotation row was left unchanged",
         )
-
-
-class PreconditionFailed(Conflict):
-    """A rotation's precondition (HTTP ``If-Match``) did not hold: nothing was rotated."""
-
-    code = "precondition_failed"
-    http_status = 412
 
 
 class RowIntegrityError(IntegrityError):

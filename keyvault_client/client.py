@@ -49,6 +49,7 @@ from keyvault_client.errors import (
     InvalidInput,
     KeyvaultError,
     NotFound,
+    PreconditionFailed,
     Unauthorized,
     Unavailable,
 )
@@ -65,6 +66,7 @@ _ERRORS: dict[int, type[KeyvaultError]] = {
     403: Forbidden,
     404: NotFound,
     409: Conflict,
+    412: PreconditionFailed,
 }
 _SEGMENT = re.compile(r"[^/\s]+")
 _FIELDS = ("cluster", "scope", "version", "fingerprint", "created_at", "key")

@@ -68,6 +68,13 @@ class Conflict(KeyvaultError):
     http_status = 409
 
 
+class PreconditionFailed(Conflict):
+    """A precondition (HTTP ``If-Match``) did not hold: nothing was changed (412)."""
+
+    code = "precondition_failed"
+    http_status = 412
+
+
 class Unavailable(KeyvaultError):
     """keyvault could not be reached (no answer, or 5xx from every address) and no cached
     key was fresh enough to serve instead (``max_stale``)."""

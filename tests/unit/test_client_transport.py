@@ -22,6 +22,7 @@ from keyvault_client.errors import (
     Forbidden,
     InvalidInput,
     KeyvaultError,
+    PreconditionFailed,
     Unavailable,
 )
 from keyvault_client.transport import TransportError
@@ -145,6 +146,18 @@ def test_connection_errors_and_503_are_retried_with_capped_jittered_backoff():
     vault = Vault(status={A: [503, 503]})
     kv, sleeps = make(vault, urls=(A,), retries=2)
     assert kv.get_app("c", "a1").version == 1 and len(sleeps) == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "error"), [(400, InvalidInput), (403, Forbidden), (412, PreconditionFailed)]
+)
+def test_client_errors_map_to_their_classes_and_do_not_fail_over(status, error):
+    vault = Vault(status={A: [status]})
+    kv, sleeps = make(vault)
+    with pytest.raises(error) as info:
+        kv.get_app("c", "a1")
+    assert info.value.http_status == status and sleeps == []
+    assert [seen[0] for seen in vault.seen] == [A]  # a 4xx is an answer: B is not asked
 
 
 def test_etag_revalidation_answers_from_memory():
