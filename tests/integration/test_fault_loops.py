@@ -5,7 +5,7 @@ history and the current key is the emulator's (see tests/support/faultloop.py).
 CI runs a few rounds per database and fault class; the long runs (hundreds of rounds)
 use the same loop: ``make faultloop`` or ``python -m tests.support.faultloop``.
 
-    KEYVAULT_FAULTLOOP_ROUNDS  rounds per test (default 10)
+    KEYVAULT_FAULTLOOP_ROUNDS  rounds per test (default 8)
     KEYVAULT_FAULTLOOP_SEED    the seed (default fixed; "random" draws one, printed)
     KEYVAULT_FAULTLOOP_FIRST   the first round (a failure names the one to replay)
 """
@@ -19,7 +19,7 @@ import pytest
 
 from tests.support.faultloop import DB_FAULTS, KILL_FAULTS, FaultLoop, LoopFailure, Store
 
-DEFAULT_ROUNDS = 10
+DEFAULT_ROUNDS = 8
 DEFAULT_SEED = 20261203
 
 pytestmark = pytest.mark.slow
