@@ -54,7 +54,7 @@ def test_fault_loop(fault_class, blank_database, sshd_env, ta_sim, openapi_url, 
         api_url=openapi_url,
         seed=seed,
         faults=faults,
-        tag=f"{db.backend}-{fault_class}",
+        tag=f"ci-{db.backend}-{fault_class}",  # APPIDs of their own: no other loop moves their keys
     )
     try:
         loop.setup()

@@ -366,6 +366,8 @@ class FaultLoop:
                 steps.gone.set()
                 injector.join()
                 steps.join()
+                if proc.stdout is not None:
+                    proc.stdout.close()
         return landed.is_set()
 
     def _inject(
@@ -609,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
             with serving(sshd.tatool_state_dir) as server:
                 loop = FaultLoop(
                     store, sshd, api_url=f"http://127.0.0.1:{server.server_address[1]}",
-                    seed=seed, faults=faults, tag=f"{args.backend}-{args.faults}",
+                    seed=seed, faults=faults, tag=f"long-{args.backend}-{args.faults}",
                     log=(lambda line: None) if args.quiet else (lambda line: print(line, flush=True)),
                 )  # fmt: skip
                 with _flocked(args.lock):
