@@ -152,6 +152,11 @@ class Tally:
             "faults": dict(count(o.plan.fault for o in self.outcomes)),
             "landed": sum(o.landed for o in self.outcomes),
             "moments": dict(count(o.plan.step for o in self.outcomes if o.landed)),
+            "paused_at_hook": sum(o.plan.paused for o in self.outcomes if o.landed),
+            "by_fault": {
+                fault: dict(count(o.before_recover for o in self.outcomes if o.plan.fault == fault))
+                for fault in sorted({o.plan.fault for o in self.outcomes})
+            },
             "before_recover": dict(count(o.before_recover for o in self.outcomes)),
             "after_recover": dict(count(o.after_recover for o in self.outcomes)),
             "recover_runs": sum(o.recover_runs for o in self.outcomes),
