@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint venv clean bench
+.PHONY: demo test test-fast lint venv clean bench faultloop
 
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	@[ -x $(PY) ] || $(BASE_PY) -m venv $(VENV)
@@ -46,6 +46,12 @@ lint: venv
 
 bench: venv
 	$(PY) bench/rotation.py
+
+# Long fault loops over the real sshd (docs/rotation.md, "Fault loops"); as root, after `make test`
+# set the sshd up. E.g. FAULTLOOP_ARGS='--backend postgres --faults db --rounds 200 --seed 7'.
+FAULTLOOP_ARGS ?= --backend sqlite --faults kill9 --rounds 200
+faultloop: venv
+	PYTHONPATH=$$PWD $(PY) -m tests.support.faultloop $(FAULTLOOP_ARGS)
 
 clean:
 	rm -rf $(VENV) .kv-demo

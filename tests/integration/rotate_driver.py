@@ -9,7 +9,8 @@ SCOPE is ``root`` or ``app:<APPID>``. The service is built exactly as the CLI bu
 it (``AppContext().rotation_service()``, configured from the environment); the only
 difference is its ``on_step(step, rotation_id)`` hook, which prints
 ``step <STEP> <ROTATION_ID>`` (never a key) and, at the step named by ``--kill-at``
-("journaled", "generated" or "stored"), kills this process with SIGKILL: no cleanup,
+("journaled", "generated", "sealed" - inside the store transaction, before its
+commit - or "stored"), kills this process with SIGKILL: no cleanup,
 no finally blocks, no atexit, as with ``kill -9`` or a power cut. At the step named by
 ``--pause-at`` it writes the rotation id to ``<pause-file>.paused`` and waits (at most
 120 s) until ``--pause-file`` exists: a slow process, for races with other processes.
@@ -25,7 +26,7 @@ import signal
 import sys
 import time
 
-STEPS = ("journaled", "generated", "stored")
+STEPS = ("journaled", "generated", "sealed", "stored")
 
 
 def _pause(pause_file: str, rotation_id: str) -> None:

@@ -230,6 +230,14 @@ class Journal:
                 _record_check(rotation, verified)
             return RotationResult.of_row(rotation).with_(old_fingerprint=stored.old_fingerprint)
 
+    def stored_with(self, rid: str, fingerprint: str) -> RotationResult | None:
+        """The rotation's result if its row records ``fingerprint`` as stored, else None."""
+        with transaction(self.factory) as s:
+            rotation = _get(s, rid)
+            if is_unresolved(rotation.state) or rotation.new_fingerprint != fingerprint:
+                return None
+            return RotationResult.of_row(rotation)
+
     def record_cleaned(self, rids: list[str]) -> None:
         """Step 6 done for ``rids``: completed if also checked, else still ``stored``."""
         if not rids:

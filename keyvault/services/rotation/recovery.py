@@ -6,10 +6,11 @@ pending file on the host the rotation ran on (see docs/rotation.md, "Recovery").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from keyvault import crypto
 from keyvault.db import transaction
@@ -75,10 +76,12 @@ class Recovery:
         """Complete an interrupted rotation from the local spool or the remote pending file."""
         loaded = self._load(rid)
         result, state = loaded.result, loaded.result.state or ""
+        spooled = spool.read_spool(self.rt.settings, loaded.keyring, rid)
+        if spooled is not None and not is_unresolved(state):
+            result = self._drop_stored_spool(rid, spooled.key, result)
         if state in FINISHED:
             return result.warn(f"rotation {rid} is already {state}; nothing to do")
         key: str | None = None
-        spooled = spool.read_spool(self.rt.settings, loaded.keyring, rid)
         if spooled is not None and is_unresolved(state):
             new = NewKey(rid, loaded.cluster, loaded.scope, spooled.key, actor, result.host or "")
             result, key = store_or_spool(self.rt, loaded.keyring, new), spooled.key
@@ -100,6 +103,26 @@ class Recovery:
         finally:
             conn.close()
         return verify_and_record(self.rt, loaded.cluster, loaded.scope, key, result)
+
+    def _drop_stored_spool(self, rid: str, key: str, result: RotationResult) -> RotationResult:
+        """Delete a spool file whose key the rotation row says is stored.
+
+        A commit can succeed while its caller sees an error (the connection cut between the
+        commit and its reply): the key was spooled, and the row says ``stored`` with that
+        very key. Any other spool file of a resolved rotation is kept and reported."""
+        fingerprint = crypto.fingerprint(key)
+        if result.state not in (S.STORED, S.COMPLETED) or result.new_fingerprint != fingerprint:
+            raise RotationError(
+                f"rotation {rid} is {result.state} but the local spool holds a key "
+                f"({fingerprint}) that is not its stored one",
+                rotation_id=rid,
+                hint=f"keep {spool.spool_path(self.rt.settings, rid)}; compare it with "
+                "`keyvault secrets history` and TA before removing it",
+            )
+        spool.remove_spool(self.rt.settings, rid)
+        return result.warn(
+            f"removed the spool file of {rid}: its key is stored (version {result.new_version})"
+        )
 
     def _from_host(
         self, conn: Connection, host: Host, loaded: _Loaded, actor: str
@@ -143,7 +166,8 @@ class Recovery:
         Oldest first; one rotation's trouble never stops the others.
         """
         states = (*UNRESOLVED_ROTATION_STATES, S.STORED.value)
-        return self._recover_each(self._todo(states, cluster_name, None), actor)
+        todo = self._todo(states, cluster_name, None, spool.spooled_rotations(self.rt.settings))
+        return self._recover_each(todo, actor)
 
     def settle_stored(
         self, *, actor: str, stored_before: datetime, cluster_name: str | None = None
@@ -160,10 +184,16 @@ class Recovery:
         return self._recover_each(todo, actor)
 
     def _todo(
-        self, states: tuple[str, ...], cluster_name: str | None, updated_before: datetime | None
+        self,
+        states: tuple[str, ...],
+        cluster_name: str | None,
+        updated_before: datetime | None,
+        spooled: Sequence[str] = (),
     ) -> list[tuple[str, str, str]]:
+        """The rotations in ``states`` (or with a spool file, whatever their state)."""
         with transaction(self.rt.journal.factory) as s:
-            stmt = select(Rotation).where(Rotation.state.in_(states))
+            wanted = Rotation.state.in_(states)
+            stmt = select(Rotation).where(or_(wanted, Rotation.id.in_(list(spooled))))
             if cluster_name is not None:
                 stmt = stmt.where(Rotation.cluster_id == get_cluster(s, name=cluster_name).id)
             if updated_before is not None:

@@ -168,12 +168,27 @@ def store_or_spool(
     except ResolvedMeanwhile:
         raise  # the row holds another key, stored by a concurrent recovery
     except Exception as exc:  # noqa: BLE001 - any other failure (even the row gone): the key must go somewhere durable first
-        raise _spool(rt, keyring, new, exc) from None
+        failed = _spool(rt, keyring, new, exc)
+        applied = _applied_anyway(rt, new)
+        if applied is None:
+            raise failed from None
+        result = applied.warn(
+            f"the database reported an error on commit ({exc}), but the key is stored"
+        )
     try:
         spool.remove_spool(rt.settings, new.rid)
     except OSError as exc:  # committed already: a stale spool file is harmless, recover skips it
         result = result.warn(f"could not delete the spool file of {new.rid}: {exc.strerror}")
     return result
+
+
+def _applied_anyway(rt: Runtime, new: NewKey) -> RotationResult | None:
+    """After a failed commit, the row if that commit was applied all the same: a COMMIT can
+    succeed while its reply is lost (connection cut), and the key is then stored, not lost."""
+    try:
+        return rt.journal.stored_with(new.rid, crypto.fingerprint(new.key))
+    except Exception:  # noqa: BLE001 - the database is still away: the spool holds the key
+        return None
 
 
 def _spool(rt: Runtime, keyring: crypto.Keyring, new: NewKey, exc: Exception) -> StoreFailed:
