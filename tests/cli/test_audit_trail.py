@@ -263,11 +263,14 @@ def test_an_error_carrying_ansi_from_ta_tool_is_shown_stripped(cli, home):
 
 @pytest.mark.slow
 def test_an_unauthenticated_hostile_path_cannot_reach_the_terminal(served):
-    """The issue's case: a request path with %1b[2J and %0a, no token, a real server."""
+    """The issue's case: a request path with %1b[2J and %0a, no token, a real server. A bad
+    APPID is refused (400) before it is audited, so the hostile bytes ride in the cluster."""
     with served.http() as http:
-        answer = http.get("/v1/clusters/c/apps/%1b[2J%0aforged%20line")
+        refused = http.get("/v1/clusters/c/apps/%1b[2J%0aforged%20line")
+        answer = http.get("/v1/clusters/%1b[2J%0aforged%20line/root")
+    assert refused.status_code == 400
     assert answer.status_code == 401
     table = expect(served.cli("audit", "list", "--token", "(none)")).stdout
     lines = table.splitlines()
     assert len(lines) == 2 and "\x1b" not in table, lines  # header + one record, nothing raw
-    assert "app:\\x1b[2J\\x0aforged line" in lines[1]
+    assert "\\x1b[2J\\x0aforged line" in lines[1]
