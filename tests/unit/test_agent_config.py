@@ -63,9 +63,15 @@ def test_mode_owner_and_on_change_parse():
     assert t.on_change == ["systemctl", "reload", "my app"]
 
 
-def test_child_environment_drops_the_token():
-    env = agent.child_environment({"KEYVAULT_TOKEN": "kvt_x", "PATH": "/bin"})
-    assert env == {"PATH": "/bin"}
+def test_child_environment_drops_every_keyvault_variable():
+    environ = {
+        "KEYVAULT_TOKEN": "kvt_x",
+        "KEYVAULT_TOKEN_FILE": "/etc/kv/token",
+        "KEYVAULT_ADDR": "http://kv1:8200",
+        "PATH": "/bin",
+        "MY_KEYVAULT_NOTE": "kept",
+    }
+    assert agent.child_environment(environ) == {"PATH": "/bin", "MY_KEYVAULT_NOTE": "kept"}
 
 
 def test_run_exit_status_and_signal_names():
