@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from keyvault_client.client import EVENTS_PAGE, Rotation, Scope
-from keyvault_client.errors import Forbidden, KeyvaultError, NotFound, Unauthorized
+from keyvault_client.errors import Forbidden, KeyvaultError, NotFound, Unauthorized, Unavailable
 
 if TYPE_CHECKING:
     from keyvault_client.client import Client
@@ -68,7 +68,7 @@ class Follower:
                 if revalidate:
                     yield from self._revalidate(self.followed(), None)
                     if failures:
-                        log.warning("keyvault answering again at %s", self.client.url)
+                        log.warning("keyvault reachable again at %s", self.client.url)
                     revalidate, failures = False, 0
                 found, last = self.client.events(self.after, self.wait)
             except FATAL:
@@ -79,7 +79,8 @@ class Follower:
                 failures += 1
                 revalidate = True
                 if failures == 1:
-                    log.warning("keyvault not answering usefully, retrying with backoff: %s", exc)
+                    what = "unreachable" if isinstance(exc, Unavailable) else "answer unusable"
+                    log.warning("keyvault %s, retrying with backoff: %s", what, exc)
                 self.stop.wait(self.client.delay(failures))
                 continue
             self.after = last
