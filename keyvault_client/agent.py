@@ -10,27 +10,39 @@ It follows ``/v1/events`` by long-poll (``keyvault_client.watch``), fetches a ke
 event names its scope, and after every outage revalidates each key by its ETag (a rotation
 committed while keyvault was unreachable is found too). A file is replaced atomically
 (``keyvault_client.fsutil``: temp file in the same directory, fsync, rename; mode 0600
-unless told) and only when its content changes; then ``--on-change`` runs (split with
-shlex, no shell, a timeout, its exit status logged, without the keyvault token in its
-environment). While keyvault cannot be reached the last good file stays untouched.
+unless told) when its content, its mode or (with ``--owner``) its owner differs from what it
+should be. Directories the agent creates are mode 0700 and, with ``--owner``, given to that
+owner. ``--on-change`` (split with shlex, no shell, a timeout, its exit status logged,
+without any ``KEYVAULT_*`` variable in its environment) runs until it succeeds once for the
+file's content: its success is recorded in ``.FILE.applied`` beside the file (0600; a salted
+SHA-256 digest of the content, never the key), and whenever that does not match the file
+(at start, after every write) it runs again; a failure or timeout is retried with capped
+jittered backoff. So an agent killed between the write and the command runs it when it
+starts again. While keyvault cannot be reached the last good file stays untouched.
 
 The key is never printed, logged, put in argv or in a child's environment. Exit status:
 0 after ``--once``, 2 for bad arguments, 1 for anything else (an unwritable target: the
-old file is kept; a refused token; keyvault unreachable with ``--once``).
+old file is kept; a refused token; keyvault unreachable or a failed ``--on-change`` with
+``--once``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
 import logging
 import os
 import pwd
+import random
 import shlex
 import signal
+import stat
 import string
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -45,6 +57,8 @@ log = logging.getLogger("keyvault_client.agent")
 FORMATS = ("raw", "env", "json")
 DEFAULT_ENV_NAME = "TA_API_KEY"
 ON_CHANGE_TIMEOUT = 60.0
+# Backoff between retries of a failed --on-change: doubling from the first, capped, jittered.
+ON_CHANGE_RETRY = (1.0, 300.0)
 _PLACEHOLDERS = {"key", "version", "cluster", "scope", "appid", "fingerprint"}
 
 
@@ -68,6 +82,10 @@ class Target:
     owner: tuple[int, int] | None = None
     on_change: list[str] | None = None
     on_change_timeout: float = ON_CHANGE_TIMEOUT
+    retry: bool = True  # retry a failed on_change in the background (not with --once)
+    failures: int = field(default=0, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _timer: threading.Timer | None = field(default=None, repr=False)
 
     @property
     def where(self) -> Scope:
@@ -106,32 +124,106 @@ class Target:
         if not os.access(probe, os.W_OK | os.X_OK):
             raise _unwritable(self.file, parent, "permission denied")
 
+    @property
+    def marker(self) -> str:
+        """Where the success of ``on_change`` for the file's content is recorded."""
+        head, tail = os.path.split(self.file)
+        return os.path.join(head, f".{tail}.applied")
+
     def apply(self, info: KeyInfo) -> bool:
-        """Write the file if its content changes; run ``on_change`` then. True if written."""
+        """Make the file hold ``info`` (content, mode, owner); then run ``on_change`` unless
+        it already succeeded for this content. True if the file was written."""
         data = self.render(info)
-        try:
-            with open(self.file, "rb") as fh:
-                if fh.read(len(data) + 1) == data:
-                    return False
-        except OSError:
-            pass  # missing or unreadable: (re)write it
-        try:
-            atomic_write(self.file, data, mode=self.mode, owner=self.owner)
-        except OSError as exc:
-            raise _unwritable(
-                self.file, os.path.dirname(os.path.abspath(self.file)), exc.strerror or str(exc)
-            ) from None
-        log.info(
-            "wrote %s (%s %s version %d, mode %04o)",
-            self.file,
-            info.cluster,
-            info.scope,
-            info.version,
-            self.mode,
-        )
+        written = not self._current(data)
+        if written:
+            try:
+                atomic_write(self.file, data, mode=self.mode, owner=self.owner)
+            except OSError as exc:
+                raise _unwritable(
+                    self.file, os.path.dirname(os.path.abspath(self.file)), exc.strerror or str(exc)
+                ) from None
+            log.info(
+                "wrote %s (%s %s version %d, mode %04o)",
+                self.file,
+                info.cluster,
+                info.scope,
+                info.version,
+                self.mode,
+            )
         if self.on_change:
-            run_on_change(self.on_change, self.on_change_timeout, self.file)
-        return True
+            self.settle(data)
+        return written
+
+    def _current(self, data: bytes) -> bool:
+        """Whether the file is a regular file with this content, mode and owner."""
+        try:
+            st = os.lstat(self.file)
+            if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != self.mode:
+                return False
+            if self.owner is not None and (st.st_uid, st.st_gid) != self.owner:
+                return False
+            fd = os.open(self.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as fh:
+                return fh.read(len(data) + 1) == data
+        except OSError:
+            return False  # missing or unreadable: (re)write it
+
+    def settle(self, data: bytes) -> bool:
+        """Run ``on_change`` unless the marker says it succeeded for ``data``; record a
+        success, schedule a retry after a failure. True when applied."""
+        with self._lock:
+            if _marker_matches(self.marker, data):
+                self.failures = 0
+                return True
+            assert self.on_change is not None
+            if run_on_change(self.on_change, self.on_change_timeout, self.file) == 0:
+                _write_marker(self.marker, data)
+                self.failures = 0
+                return True
+            self.failures += 1
+            if self.retry and (self._timer is None or not self._timer.is_alive()):
+                base, cap = ON_CHANGE_RETRY
+                delay = min(cap, base * 2 ** min(self.failures - 1, 30)) * random.uniform(0.5, 1)
+                log.warning("on-change for %s: retrying in %.1fs", self.file, delay)
+                self._timer = threading.Timer(delay, self._retry)
+                self._timer.daemon = True
+                self._timer.start()
+            return False
+
+    def _retry(self) -> None:
+        """A retry of ``on_change`` for what the file holds now (the timer thread)."""
+        try:
+            fd = os.open(self.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            log.error("on-change retry for %s: cannot read it: %s", self.file, exc.strerror)
+            return  # the next rotation or revalidation writes it again
+        self.settle(data)
+
+
+def _digest(salt: bytes, data: bytes) -> str:
+    return hashlib.sha256(salt + data).hexdigest()
+
+
+def _marker_matches(path: str, data: bytes) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            marker = json.load(fh)
+        salt, digest = bytes.fromhex(marker["salt"]), str(marker["digest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # none yet, or damaged: run on-change (again)
+    return hmac.compare_digest(digest, _digest(salt, data))
+
+
+def _write_marker(path: str, data: bytes) -> None:
+    """Record that on-change succeeded for ``data``: a salted digest, never the content."""
+    salt = os.urandom(16)
+    body = json.dumps({"salt": salt.hex(), "digest": _digest(salt, data)}) + "\n"
+    try:
+        atomic_write(path, body.encode(), mode=0o600)
+    except OSError as exc:  # on-change then runs once more at the next start: harmless
+        log.error("cannot record on-change success in %s: %s", path, exc.strerror)
 
 
 def _unwritable(path: str, parent: str, reason: str) -> AgentError:
@@ -143,9 +235,10 @@ def _unwritable(path: str, parent: str, reason: str) -> AgentError:
 
 
 def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for a child: ours without the keyvault token (the child does not own it)."""
+    """The environment for a child: ours without any ``KEYVAULT_*`` variable (the token, the
+    token file, the address: the child owns none of them)."""
     environ = os.environ if environ is None else environ
-    return {k: v for k, v in environ.items() if k != "KEYVAULT_TOKEN"}
+    return {k: v for k, v in environ.items() if not k.startswith("KEYVAULT_")}
 
 
 def run_on_change(argv: list[str], timeout: float, file: str) -> int | None:
@@ -348,8 +441,17 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[Target]]:
 def follow(client: Client, targets: Sequence[Target], *, once: bool, wait: float) -> int:
     """Render every target now (``once``) or for ever, following rotations."""
     if once:
+        failed = []
         for target in targets:
+            target.retry = False
             target.apply(client.get(target.cluster, target.scope))
+            if target.failures:
+                failed.append(target.file)
+        if failed:
+            raise AgentError(
+                f"the on-change command failed for {', '.join(failed)}",
+                hint="it runs again at the next start (see the log line above)",
+            )
         return 0
     for target in targets:
         target.check_writable()

@@ -35,11 +35,12 @@ def atomic_writer(
     For content written piece by piece (a backup need not fit in memory). ``durable``
     fsyncs file and directory (off where surviving a killed process is enough).
     ``owner`` (uid, gid) is given to the new file before it appears, for a root process
-    writing into another user's directory. On an exception nothing is replaced.
+    writing into another user's directory; directories this call creates (mode 0700) are
+    given to it too, so that user can reach its file. On an exception nothing is replaced.
     """
     path = os.fspath(path)
     parent = os.path.dirname(path) or "."
-    os.makedirs(parent, mode=0o700, exist_ok=True)
+    make_dirs(parent, owner=owner)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
@@ -62,6 +63,22 @@ def atomic_writer(
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def make_dirs(path: str, *, owner: tuple[int, int] | None = None) -> None:
+    """Create ``path`` and missing parents (mode 0700); each one created is given to
+    ``owner`` (uid, gid) if set. Directories that exist are left as they are."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path.rstrip(os.sep))
+    if parent and parent != path:
+        make_dirs(parent, owner=owner)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return  # made meanwhile by someone else: theirs, not ours to chown
+    if owner is not None:
+        os.chown(path, *owner)
 
 
 def atomic_write(

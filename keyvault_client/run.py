@@ -15,9 +15,20 @@ SIGKILL if it is still there, and starts the command again with the new key;
 ``--restart signal`` sends ``--signal`` (default HUP) and leaves the child running: for a
 program that reloads the key itself (from a file the agent keeps, or keyvault's API).
 
-Only the child's environment holds the key (never argv, never a log line); the keyvault
-token is removed from it. If keyvault cannot be reached at start, keyvault-run fails (exit
-1) rather than start the command without its key.
+SIGTERM, SIGINT and SIGQUIT mean "stop": one that arrives while a rotation restarts the
+child is passed on as well, and the child is not started again; keyvault-run exits with the
+status of the child it stopped. (SIGHUP is only passed on: many programs reload on it.)
+
+While keyvault cannot be reached, or answers 429, a redirect or a malformed body, the watch
+retries with capped jittered backoff and the child keeps running with the key it has. When
+keyvault refuses for good (401, 403, 404: the token or the scope is gone) or the watch fails
+in any other unexpected way, keyvault-run stops the child (SIGTERM, ``--grace``, SIGKILL)
+and exits 1 with one ``error:`` line: a child left on a key nobody follows any more would
+fail silently at the next rotation.
+
+Only the child's environment holds the key (never argv, never a log line); every
+``KEYVAULT_*`` variable (token, token file, address) is removed from it. If keyvault cannot
+be reached at start, keyvault-run fails (exit 1) rather than start the command without its key.
 """
 
 from __future__ import annotations
@@ -47,6 +58,16 @@ FORWARDED = (
     signal.SIGUSR2,
     signal.SIGWINCH,
 )
+# Signals that mean "stop": after one, a child stopped for a restart is not started again.
+TERMINATING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
+
+
+class WatchFailed:
+    """From the watch thread: it ended (a refused token, a bug); ``run`` must end too."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        self.message = message
+        self.exit_code = exit_code
 
 
 def exit_status(returncode: int) -> int:
@@ -73,9 +94,13 @@ class Supervisor:
         self.grace = grace
         self.child: subprocess.Popen[bytes] | None = None
         self.version: int | None = None
-        # (child, returncode) from the reaper thread, a Rotation from the watch thread:
-        # the main thread handles both, one at a time.
-        self.inbox: queue.Queue[tuple[subprocess.Popen[bytes], int] | Rotation] = queue.Queue()
+        # The first terminating signal received (set by the handler, in the main thread).
+        self.terminating: int | None = None
+        # (child, returncode) from the reaper thread, a Rotation or WatchFailed from the
+        # watch thread: the main thread handles them, one at a time.
+        self.inbox: queue.Queue[tuple[subprocess.Popen[bytes], int] | Rotation | WatchFailed] = (
+            queue.Queue()
+        )
 
     def start(self, info: KeyInfo) -> None:
         env = child_environment()
@@ -88,6 +113,8 @@ class Supervisor:
                 hint="give the command's path, or make sure it is on PATH",
             ) from None
         self.child, self.version = child, info.version
+        if self.terminating is not None:  # arrived while it was starting: it was not passed on
+            self.forward(self.terminating)
         log.info(
             "started %s (pid %d) with %s version %d",
             self.command[0],
@@ -100,7 +127,13 @@ class Supervisor:
     def _reap(self, child: subprocess.Popen[bytes]) -> None:
         self.inbox.put((child, child.wait()))
 
-    def forward(self, signum: int, _frame: object = None) -> None:
+    def on_signal(self, signum: int, _frame: object = None) -> None:
+        """The handler of every forwarded signal: remember a terminating one, pass it on."""
+        if signum in TERMINATING and self.terminating is None:
+            self.terminating = signum
+        self.forward(signum)
+
+    def forward(self, signum: int) -> None:
         child = self.child
         if child is not None and child.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -110,6 +143,8 @@ class Supervisor:
         """Handle exits and rotations until the child exits on its own; its exit status."""
         while True:
             item = self.inbox.get()
+            if isinstance(item, WatchFailed):
+                return self._watch_failed(item)
             if isinstance(item, Rotation):
                 status = self._rotated(item)
                 if status is not None:
@@ -130,19 +165,30 @@ class Supervisor:
             self.version = rotation.version
             return None
         log.info("key rotated to version %d: restarting %s", rotation.version, self.command[0])
-        returncode = self._stop_child()
-        if returncode is not None:
+        returncode, on_its_own = self._stop_child()
+        if on_its_own or self.terminating is not None:
+            # Exited by itself, or we were told to stop meanwhile: no new child.
             return exit_status(returncode)
         self.start(rotation.key)
         return None
 
-    def _stop_child(self) -> int | None:
-        """SIGTERM, ``grace`` seconds, SIGKILL. Returns the child's status if it had
-        already exited on its own before we asked (then it is not restarted)."""
+    def _watch_failed(self, failure: WatchFailed) -> int:
+        child = self.child
+        if child is not None and child.poll() is None:
+            log.warning(
+                "stopping %s (pid %d): its key is no longer followed", self.command[0], child.pid
+            )
+            self._stop_child()
+        print(f"error: {failure.message}", file=sys.stderr)
+        return failure.exit_code
+
+    def _stop_child(self) -> tuple[int, bool]:
+        """SIGTERM, ``grace`` seconds, SIGKILL. Returns the child's return code, and whether
+        it had already exited on its own before we asked (then it is not restarted)."""
         child = self.child
         assert child is not None
         if child.poll() is not None:
-            return child.returncode
+            return child.returncode, True
         self.forward(signal.SIGTERM)
         try:
             child.wait(timeout=self.grace)
@@ -151,15 +197,27 @@ class Supervisor:
             self.forward(signal.SIGKILL)
             child.wait()
         self.child = None  # its exit message is now ignored
-        return None
+        return child.returncode, False
 
 
 def _watch(client: Client, supervisor: Supervisor, scope: tuple[str, str], wait: float) -> None:
+    """The watch thread. It retries transient failures itself (``Follower``); whatever ends
+    it is fatal for ``run``, and reported, never silent."""
     try:
         for rotation in client.watch([scope], wait=wait):
             supervisor.inbox.put(rotation)
+        failure = WatchFailed("the rotation watch ended unexpectedly; keyvault-run stops")
     except KeyvaultError as exc:
-        log.error("no longer following rotations: %s", exc)
+        failure = WatchFailed(
+            f"no longer following rotations of {scope[1]} in {scope[0]}: "
+            f"{' '.join(str(exc).split())}; the child was stopped",
+            exc.exit_code,
+        )
+    except Exception as exc:  # noqa: BLE001 - a bug here must end run loudly, not silently
+        failure = WatchFailed(
+            f"the rotation watch failed ({type(exc).__name__}); the child was stopped"
+        )
+    supervisor.inbox.put(failure)
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -227,7 +285,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "keyvault-run") -> in
         scope = (args.cluster, scope_of(args.appid))
         info = client.get(*scope)
         for signum in FORWARDED:
-            signal.signal(signum, supervisor.forward)
+            signal.signal(signum, supervisor.on_signal)
         supervisor.start(info)
     except KeyvaultError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -1,10 +1,15 @@
 """Following rotations: the loop behind ``Client.watch``, ``on_rotate`` and the agent.
 
-Position first, then revalidation: the follower finds the newest event id, then revalidates
-every followed key (If-None-Match), then long-polls for events after that id. A rotation
-committed before the position is found by revalidation, one after it by its event; so none
-is missed, also across an outage (every reconnect repeats position-then-revalidate, since
-events may have been skipped or the feed's ids may be a restored database's).
+Position first, then revalidation: the follower finds the newest event id once, at its
+start, then revalidates every followed key (If-None-Match), then long-polls for events after
+that id. A rotation committed before the position is found by revalidation, one after it by
+its event; so none is missed. Across an outage the position is kept (the feed is not paged
+again from id 0 on every reconnect) and every followed key is revalidated when keyvault
+answers again, which finds whatever rotated meanwhile.
+
+Errors: Unauthorized, Forbidden and NotFound end the follower (raised: the token or the
+scope is gone, an operator must act). Every other failure (no answer, 5xx, 429, a redirect,
+a malformed body) is retried with capped jittered backoff, for ever.
 """
 
 from __future__ import annotations
@@ -15,14 +20,16 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from keyvault_client.client import EVENTS_PAGE, Rotation, Scope
-from keyvault_client.errors import Unavailable
+from keyvault_client.errors import Forbidden, KeyvaultError, NotFound, Unauthorized, Unavailable
 
 if TYPE_CHECKING:
     from keyvault_client.client import Client
 
 log = logging.getLogger("keyvault_client")
-# Pages read to find the newest event (100 events each); past that, start from there.
+# Pages read to find the newest event at the start (each skips up to 500 rows of the feed);
+# past that, follow from there (later events are still read, none is missed).
 _MAX_TAIL_PAGES = 10_000
+FATAL = (Unauthorized, Forbidden, NotFound)
 
 
 class Follower:
@@ -56,21 +63,24 @@ class Follower:
         revalidate = True
         while not self.stop.is_set():
             try:
-                # At the start, and after an outage (the feed may have moved on, or been
-                # restored from a backup with other ids): position, then revalidate.
-                after = self._newest() if self.after is None else self.after
-                self.after = after
+                if self.after is None:  # once: where the feed ends now
+                    self.after = self._newest()
                 if revalidate:
                     yield from self._revalidate(self.followed(), None)
                     if failures:
                         log.warning("keyvault reachable again at %s", self.client.url)
                     revalidate, failures = False, 0
-                found, last = self.client.events(after, self.wait)
-            except Unavailable as exc:
+                found, last = self.client.events(self.after, self.wait)
+            except FATAL:
+                raise
+            except KeyvaultError as exc:
+                # Transient (no answer, 5xx, 429, 3xx, a malformed body): keep the position,
+                # revalidate every key once keyvault answers again.
                 failures += 1
-                revalidate, self.after = True, None
+                revalidate = True
                 if failures == 1:
-                    log.warning("keyvault unreachable, retrying with backoff: %s", exc)
+                    what = "unreachable" if isinstance(exc, Unavailable) else "answer unusable"
+                    log.warning("keyvault %s, retrying with backoff: %s", what, exc)
                 self.stop.wait(self.client.delay(failures))
                 continue
             self.after = last

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shlex
 import stat
 import sys
@@ -196,3 +197,70 @@ def test_agent_refuses_an_unwritable_directory_and_keeps_the_old_file(
             import shutil
 
             shutil.rmtree(base)
+
+
+# The on-change command of the tests below: appends a line per run ("env" if any KEYVAULT_*
+# variable reached it) and fails its first run.
+FLAKY = """
+import os, sys
+with open(sys.argv[1], "a") as f:
+    f.write("env\\n" if any(n.startswith("KEYVAULT_") for n in os.environ) else "ran\\n")
+with open(sys.argv[1]) as f:
+    sys.exit(1 if len(f.read().splitlines()) == 1 else 0)
+"""
+
+
+def test_agent_once_runs_a_missed_on_change_and_fixes_mode_owner_and_directories(
+    served: World, tmp_path
+):
+    world = served
+    target, counter = tmp_path / "ta.key", tmp_path / "changes"
+    proc = agent(world, tmp_path, target, "--appid", "a1", "--mode", "0644", "--once")
+    assert proc.wait() == 0, proc.log()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    # As if the agent had been killed between the write and --on-change: no marker yet.
+    once = ["--appid", "a1", "--mode", "0600", "--on-change", on_change(counter), "--once"]
+    proc = agent(world, tmp_path, target, *once)
+    assert proc.wait() == 0, proc.log()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600, "a changed --mode was not applied"
+    assert lines(counter) == 1, "the missed on-change did not run"
+    marker = tmp_path / ".ta.key.applied"
+    assert stat.S_IMODE(marker.stat().st_mode) == 0o600
+    assert not world.holds_key(read(marker)), "a key in the marker"
+    proc = agent(world, tmp_path, target, *once)
+    assert proc.wait() == 0, proc.log()
+    assert lines(counter) == 1, "on-change ran again for an unchanged, applied file"
+
+    nobody = pwd.getpwnam("nobody")
+    owned = tmp_path / "new" / "dir" / "ta.key"
+    proc = agent(world, tmp_path, owned, "--appid", "a1", "--owner", "nobody", "--once")
+    assert proc.wait() == 0, proc.log()
+    for path in (owned, owned.parent, owned.parent.parent):
+        assert (path.stat().st_uid, path.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert stat.S_IMODE(owned.parent.stat().st_mode) == 0o700
+
+    failing = shlex.join([sys.executable, "-c", "raise SystemExit(3)"])
+    other = tmp_path / "other.key"
+    proc = agent(world, tmp_path, other, "--appid", "a1", "--on-change", failing, "--once")
+    assert proc.wait() == 1, proc.log()
+    errors = [x for x in read(proc.stderr).splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "on-change command failed" in errors[0], proc.log()
+    assert not (tmp_path / ".other.key.applied").exists()
+
+
+def test_agent_retries_a_failed_on_change_without_keyvault_variables(served: World, tmp_path):
+    world = served
+    target, counter = tmp_path / "ta.key", tmp_path / "changes"
+    command = shlex.join([sys.executable, "-c", FLAKY, str(counter)])
+    options = ["--addr", world.url, "--token-file", str(token_file(world, tmp_path))]
+    options += ["--cluster", "c", "--appid", "a1", "--file", str(target), "--wait", "5"]
+    env = consumer_env({"KEYVAULT_ADDR": world.url, "KEYVAULT_TOKEN_FILE": "/nonexistent"})
+    proc = Consumer.start(tmp_path, "agent", *options, "--on-change", command, env=env)
+    try:
+        wait_until(lambda: lines(counter) >= 2, "the retried on-change", proc)
+        wait_until((tmp_path / ".ta.key.applied").exists, "the applied marker", proc)
+    finally:
+        status = proc.stop()
+    assert status == 0, proc.log()
+    assert read(counter) == "ran\nran\n", "a KEYVAULT_* variable reached on-change"
+    assert "retrying in" in read(proc.stderr)

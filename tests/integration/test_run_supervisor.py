@@ -5,7 +5,12 @@ signals sent to `keyvault run` reach the child, and its exit status is passed on
 when signal N killed it).
 
 The child is a small Python program that records what happens to it in a log file of its
-directory: ``start PID`` once its key file ``key-PID`` is written, ``SIGNAME PID`` per signal.
+directory: ``start PID`` once its key file ``key-PID`` is written, ``SIGNAME PID`` per signal,
+``token-in-env PID`` if any KEYVAULT_* variable reached it.
+
+Also: a SIGTERM that arrives while a rotation restarts the child is not lost (no new child,
+the stopped child's status is the exit status), and a token revoked under a running
+`keyvault run` stops the child and ends `run` with one error line, never silently.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
+from tests.support.cli import expect
 from tests.support.consumers import Consumer, consumer_env, read, token_file, wait_until
 from tests.support.http import World
 
@@ -28,12 +34,18 @@ def log(line):
 fd = os.open(os.path.join(here, f"key-{pid}"), os.O_WRONLY | os.O_CREAT, 0o600)
 os.write(fd, os.environ.get("TA_API_KEY", "").encode())
 os.close(fd)
-if "KEYVAULT_TOKEN" in os.environ:
+if any(name.startswith("KEYVAULT_") for name in os.environ):
     log("token-in-env")
+terms = []
 def on(signum, frame):
     log(signal.Signals(signum).name)
-    if signum == signal.SIGTERM and on_term != "ignore":
-        sys.exit(int(on_term))
+    if signum == signal.SIGTERM:
+        terms.append(signum)
+        if on_term.startswith("second:"):  # ignore the first SIGTERM, exit on the second
+            if len(terms) == 2:
+                sys.exit(int(on_term[7:]))
+        elif on_term != "ignore":
+            sys.exit(int(on_term))
 for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
     signal.signal(s, on)
 log("start")
@@ -66,6 +78,7 @@ def test_run_passes_the_key_and_restarts_the_child_on_rotation(served: World, tm
     world = served
     token = world.create_token("run-env", "app:c/a1")
     env = consumer_env({"KEYVAULT_ADDR": f"{world.url}", "KEYVAULT_TOKEN": token})
+    env["KEYVAULT_TOKEN_FILE"] = str(token_file(world, tmp_path))  # KEYVAULT_TOKEN wins
     proc = supervise(world, tmp_path, "--restart", "restart", "--grace", "120", env=env)
     try:
         first = wait_until(started(tmp_path, 1), "the first child", proc)
@@ -144,3 +157,33 @@ def test_run_refuses_to_start_without_its_key(served: World, tmp_path):
     assert proc.wait() == 1
     assert read(proc.stderr).startswith("error: cannot reach keyvault"), proc.log()
     assert starts(tmp_path) == []
+
+
+def test_run_does_not_restart_when_told_to_stop_during_a_restart(served: World, tmp_path):
+    world = served
+    # The child ignores the restart's SIGTERM; ours reaches it during the grace period.
+    proc = supervise(world, tmp_path, "--grace", "600", on_term="second:5")
+    first = wait_until(started(tmp_path, 1), "the child", proc)
+    world.import_key("c", "app:a1")
+    wait_until(lambda: f"SIGTERM {first}" in read(tmp_path / "log"), "the restart's TERM", proc)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 5, proc.log()
+    assert starts(tmp_path) == [first], "a new child was started after SIGTERM"
+    assert read(tmp_path / "log").count(f"SIGTERM {first}") == 2
+
+
+def test_run_stops_the_child_and_fails_when_its_token_is_revoked(served: World, tmp_path):
+    world = served
+    world.create_token("run-revoked", "app:c/a1")
+    tokens = token_file(world, tmp_path, "run-revoked")
+    args = ["--addr", world.url, "--token-file", str(tokens), "--cluster", "c", "--appid", "a1"]
+    args += ["--env", "TA_API_KEY", "--wait", "1", "--grace", "600"]
+    command = ["--", sys.executable, "-c", CHILD, str(tmp_path), "0"]
+    proc = Consumer.start(tmp_path, "run", *args, *command)
+    child = wait_until(started(tmp_path, 1), "the child", proc)
+    expect(world.cli("token", "revoke", "run-revoked", "--yes"))
+    assert proc.wait() == 1, proc.log()
+    assert f"SIGTERM {child}" in read(tmp_path / "log")
+    errors = [line for line in read(proc.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no longer following rotations" in errors[0], proc.log()
+    assert "401" in errors[0], proc.log()

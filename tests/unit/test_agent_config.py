@@ -63,9 +63,15 @@ def test_mode_owner_and_on_change_parse():
     assert t.on_change == ["systemctl", "reload", "my app"]
 
 
-def test_child_environment_drops_the_token():
-    env = agent.child_environment({"KEYVAULT_TOKEN": "kvt_x", "PATH": "/bin"})
-    assert env == {"PATH": "/bin"}
+def test_child_environment_drops_every_keyvault_variable():
+    environ = {
+        "KEYVAULT_TOKEN": "kvt_x",
+        "KEYVAULT_TOKEN_FILE": "/etc/kv/token",
+        "KEYVAULT_ADDR": "http://kv1:8200",
+        "PATH": "/bin",
+        "MY_KEYVAULT_NOTE": "kept",
+    }
+    assert agent.child_environment(environ) == {"PATH": "/bin", "MY_KEYVAULT_NOTE": "kept"}
 
 
 def test_run_exit_status_and_signal_names():
@@ -82,3 +88,25 @@ def test_agent_and_run_usage_errors_exit_2(capsys, tmp_path):
     assert capsys.readouterr().err.startswith("error: the command line: a key needs")
     assert run.main(["--cluster", "c", "--root", "--env", "K"]) == 2
     assert capsys.readouterr().err.startswith("error: no command to run")
+
+
+class _BrokenWatch:
+    """A client whose watch fails with a bug (not a KeyvaultError) after one rotation."""
+
+    def watch(self, scopes, *, wait):
+        yield "rotation"
+        raise RuntimeError("a bug")
+
+
+def test_an_unexpected_watch_failure_is_fatal_for_run_never_silent(capsys):
+    supervisor = run.Supervisor(["true"], "K", mode="restart", reload_signal=1, grace=0)
+    run._watch(_BrokenWatch(), supervisor, ("c", "app:a1"), 0.0)  # type: ignore[arg-type]
+    assert supervisor.inbox.get_nowait() == "rotation"
+    failure = supervisor.inbox.get_nowait()
+    assert isinstance(failure, run.WatchFailed) and failure.exit_code == 1
+    assert "RuntimeError" in failure.message
+    # With no child running, run ends at once: one error line, exit 1.
+    supervisor.inbox.put(failure)
+    assert supervisor.supervise() == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the rotation watch failed (RuntimeError)")
