@@ -365,7 +365,8 @@ class AuditWriter:
             else:
                 self._pg_begin(cur, max(1, int(self.timeout * 1000)))
                 cur.execute("SHOW synchronous_commit")
-            return str(cur.fetchone()[0])
+            row = cur.fetchone()
+            return str(row[0]) if row else ""
         finally:
             with contextlib.suppress(Exception):
                 cur.execute("ROLLBACK") if self._sqlite else conn.rollback()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from keyvault.config import load_settings
 from keyvault.db import make_engine
@@ -80,7 +81,9 @@ def test_request_counters_add_up_across_workers_and_outlive_a_killed_worker(
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     server = Server(
-        served.server.workdir, env={**os.environ, "TMPDIR": str(tmpdir)}, args=("--workers", "2")
+        served.server.workdir,
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+        args=("--workers", "2", "--audit-durability", "durable"),
     )
     served.server = server
     server.start()
@@ -117,10 +120,13 @@ def test_the_durability_setting_reaches_the_audit_writers_connection(
     try:
         postgres = engine.dialect.name == "postgresql"
         if postgres:  # a database default of off must not weaken durable nor key writes
-            with engine.connect() as conn:
+            with engine.begin() as conn:
                 name = conn.execute(text("SELECT current_database()")).scalar_one()
-                conn.execute(text("COMMIT"))
                 conn.execute(text(f'ALTER DATABASE "{name}" SET synchronous_commit = off'))
+            plain = create_engine(db_url, poolclass=NullPool)  # without keyvault's policy
+            with plain.connect() as conn:
+                assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "off"
+            plain.dispose()
         settings = load_settings({**env, "KEYVAULT_AUDIT_DURABILITY": durability}, actor="test")
         assert settings.audit_durability == durability
 
