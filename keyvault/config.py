@@ -27,6 +27,10 @@ CONFIG_FILE_NAME = "keyvault.toml"
 # Rotations whose ta-tool calls share one `su` session in bulk runs (see docs/rotation.md).
 DEFAULT_ROTATION_BATCH_SIZE = 50
 MAX_ROTATION_BATCH_SIZE = 50
+# How the HTTP server commits audit records (docs/deployment.md, "Audit durability"):
+# fast: survives a crash of keyvault; durable: also of the database's host (flushed to disk).
+AUDIT_DURABILITY = ("fast", "durable")
+AUDIT_DURABILITY_ENV = "KEYVAULT_AUDIT_DURABILITY"
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Settings:
     serve_scheduler: bool = False
     # The JSON-lines audit sink: a file path, or "-" (stdout); None: the database only.
     audit_sink: str | None = None
+    audit_durability: str = "fast"
 
     @property
     def config_file(self) -> Path:
@@ -98,7 +103,7 @@ CONFIG_KEYS: Final[dict[str, dict[str, object]]] = {
     "validation": {"appid_pattern": None},
     "ta": {"timeout": None, "error_codes": FREE_FORM},
     "rotation": {"batch_size": None},
-    "audit": {"sink": None},
+    "audit": {"sink": None, "durability": None},
 }
 
 
@@ -177,6 +182,20 @@ def _checked_batch_size(value: object, config_file: Path) -> int:
             f"{MAX_ROTATION_BATCH_SIZE}, not {value!r}"
         )
     return value
+
+
+def _checked_durability(env: Mapping[str, str], audit: Mapping[str, Any], config_file: Path) -> str:
+    if env.get(AUDIT_DURABILITY_ENV):
+        value: object = env[AUDIT_DURABILITY_ENV]
+        where = AUDIT_DURABILITY_ENV
+    else:
+        value, where = audit.get("durability", "fast"), f"audit.durability in {config_file}"
+    if value not in AUDIT_DURABILITY:
+        raise ConfigError(
+            f"{where} must be {' or '.join(map(repr, AUDIT_DURABILITY))}, not {value!r}",
+            hint="see docs/deployment.md, section Audit durability",
+        )
+    return str(value)
 
 
 def _optional_path(value: str | None) -> Path | None:
@@ -265,6 +284,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = N
             serve_webhooks=env.get("KEYVAULT_SERVE_WEBHOOKS", "1") not in ("0", "false", "no"),
             serve_scheduler=env.get("KEYVAULT_SERVE_SCHEDULER", "0") in ("1", "true", "yes"),
             audit_sink=env.get("KEYVAULT_AUDIT_SINK") or data.get("audit", {}).get("sink") or None,
+            audit_durability=_checked_durability(env, data.get("audit", {}), config_file),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid value in {config_file}: {exc}") from None

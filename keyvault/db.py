@@ -75,7 +75,23 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+
+    @event.listens_for(engine, "connect")
+    def _synchronous_commit(dbapi_conn: Any, _record: Any) -> None:
+        # A committed key must survive a crash of the database server: a role, database or
+        # server default of synchronous_commit = off is overridden for keyvault's sessions
+        # (stronger values, remote_write/remote_apply for synchronous standbys, are kept).
+        # The audit writer chooses its own, per transaction ([audit] durability).
+        cur = dbapi_conn.cursor()
+        cur.execute(
+            "SELECT set_config('synchronous_commit', 'on', false)"
+            " WHERE current_setting('synchronous_commit') = 'off'"
+        )
+        cur.close()
+        dbapi_conn.commit()  # a rolled-back set_config would be undone
+
+    return engine
 
 
 def _refuse_missing_sqlite_file(engine: Engine, database: str) -> None:

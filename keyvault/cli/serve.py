@@ -82,6 +82,15 @@ STARTUP_FAILURE = 3  # uvicorn's exit status when the application did not start
     help="Deliver webhooks to loopback, link-local and private addresses too "
     "(refused by default: a webhook URL must not reach what only keyvault can).",
 )
+@click.option(
+    "--audit-durability",
+    type=click.Choice(["fast", "durable"]),
+    envvar="KEYVAULT_AUDIT_DURABILITY",  # keyvault.config reads it in each worker
+    show_envvar=True,
+    help="fast: an audit record survives a crash of keyvault, not of the database's host; "
+    "durable: flushed to disk before the key is sent (docs/deployment.md) "
+    "[default: [audit] durability, else fast].",
+)
 @click.pass_obj
 def serve(
     app: AppContext,
@@ -98,11 +107,14 @@ def serve(
     db_budget: float,
     metrics_token_file: str | None,
     allow_private_network: bool,
+    audit_durability: str | None,
 ) -> None:
     """Serve current keys over HTTP to services holding scoped tokens."""
     import logging
     import os
 
+    if workers == 1:  # one process, one plain registry (read before prometheus_client loads)
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     from keyvault import logs
     from keyvault.db import require_head
     from keyvault.http.app import (
@@ -116,6 +128,9 @@ def serve(
 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("give both --tls-cert and --tls-key, or neither")
+    if audit_durability:
+        os.environ["KEYVAULT_AUDIT_DURABILITY"] = audit_durability
+    app.settings.audit_durability  # noqa: B018 - a bad [audit] durability fails here, once
     require_head(app.engine)  # fail here, with a clear error, not in every worker
     app.keyring_check()
     if host not in LOOPBACK and not tls_cert:
@@ -184,7 +199,10 @@ def _run(
         err=True,
     )
     if workers > 1:
-        Multiprocess(config, sockets=[sock]).run()
+        from keyvault.http.metrics import multiprocess_dir
+
+        with multiprocess_dir():  # the workers' metric files: one scrape counts them all
+            Multiprocess(config, sockets=[sock]).run()
         return
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down already

@@ -14,6 +14,14 @@ out is dropped (the request answers 503, and a record of that 503 is queued inst
 a batch is being written, its requests wait for its commit, and the batch's own database
 timeouts are cut to what is left of the earliest budget in it. So a read answered 503 is
 never audited ``ok``. Reading the log back is ``keyvault.services.audit``.
+
+Durability (``[audit] durability``; what each promises: docs/deployment.md, "Audit
+durability"): ``fast`` commits with SQLite ``synchronous=NORMAL`` (WAL) or PostgreSQL
+``synchronous_commit = off``: a committed record survives a crash of keyvault, but a crash of
+the database's host (SQLite: the OS; PostgreSQL: the server) may roll back the last commits.
+``durable`` commits with ``synchronous=FULL`` / ``synchronous_commit = on``: the record is on
+disk (and on PostgreSQL's synchronous standbys, if configured) before the key is sent.
+Either way a lost tail leaves the hash chain whole (the head moves in the same transaction).
 """
 
 from __future__ import annotations
@@ -73,9 +81,13 @@ class AuditWriter:
         chain: AuditChain,
         timeout: float = 10.0,
         max_batch: int = 1024,
+        durability: str = "fast",
     ) -> None:
+        if durability not in ("fast", "durable"):
+            raise ValueError(f"unknown audit durability {durability!r}")
         self._engine = engine
         self._chain = chain
+        self.durability = durability
         self.timeout = timeout
         self._max_batch = max_batch
         self._pending: list[tuple[AuditEntry, asyncio.Future[None] | None]] = []
@@ -108,9 +120,10 @@ class AuditWriter:
         conn = self._engine.raw_connection()
         wait_ms = max(1, int(self.timeout * 1000))
         if self._sqlite:
-            # WAL + NORMAL: a record survives a crash of keyvault; only an OS crash could lose
-            # the last commits (a file audit device does not fsync per entry either).
-            _pragma(conn, "synchronous=NORMAL")
+            # fast, WAL + NORMAL: a record survives a crash of keyvault; only an OS crash could
+            # lose the last commits (a file audit device does not fsync per entry either).
+            # durable, FULL: the WAL is fsynced at each commit, before the key is sent.
+            _pragma(conn, f"synchronous={'FULL' if self.durability == 'durable' else 'NORMAL'}")
             # Checkpoints stay automatic, in the committing connection, and small (every 300
             # WAL pages): measured with wrk at 1 connection, p99 was ~2 ms at 300 pages,
             # ~4 ms at SQLite's default 1000, ~21 ms at 10,000 and ~60 ms with a background
@@ -141,7 +154,9 @@ class AuditWriter:
 
     def _close(self) -> None:
         if self._conn is not None:
-            self._conn.close()
+            # Not back to the pool: on SQLite it may be synchronous=NORMAL, and key writes
+            # must get the engine's FULL connections only.
+            self._conn.invalidate()
             self._conn = None
 
     async def record(self, entry: AuditEntry, timeout: float | None = None) -> None:
@@ -303,10 +318,7 @@ class AuditWriter:
                 linked = append_records(conn, sqlite=True, keys=self._chain.keys, records=records)
                 cur.execute("COMMIT")
             else:
-                cur.execute(
-                    "SET LOCAL synchronous_commit TO OFF; "
-                    f"SET LOCAL lock_timeout = {wait_ms}; SET LOCAL statement_timeout = {wait_ms}"
-                )
+                self._pg_begin(cur, wait_ms)
                 linked = append_records(conn, sqlite=False, keys=self._chain.keys, records=records)
                 conn.commit()
         except Exception as exc:  # noqa: BLE001 - every waiting request must learn it failed
@@ -322,6 +334,43 @@ class AuditWriter:
         if self._chain.sink is not None:
             self._chain.sink.write(linked)
         return None
+
+    def _pg_begin(self, cur: Any, wait_ms: int) -> None:
+        """The transaction's settings on PostgreSQL, in one round trip: the durability
+        chosen (``on`` is set explicitly: a role or database default of ``off`` must not
+        weaken ``durable``), and the lock and statement timeouts cut to the budget."""
+        commit = "ON" if self.durability == "durable" else "OFF"
+        cur.execute(
+            f"SET LOCAL synchronous_commit TO {commit}; "
+            f"SET LOCAL lock_timeout = {wait_ms}; SET LOCAL statement_timeout = {wait_ms}"
+        )
+
+    async def effective_synchronous(self) -> str:
+        """What a batch's transaction commits with, read inside one on the writer's own
+        connection (``PRAGMA synchronous``: 1 NORMAL, 2 FULL; ``SHOW synchronous_commit``);
+        for tests and diagnosis, the same path as a batch, rolled back."""
+        if not self._running or self._loop is None:
+            raise AuditUnavailable("the audit writer is not running")
+        return await self._loop.run_in_executor(self._thread, self._read_synchronous)
+
+    def _read_synchronous(self) -> str:
+        conn = self._usable_connection()
+        if conn is None:
+            raise AuditUnavailable("the audit writer has no connection")
+        cur = conn.cursor()
+        try:
+            if self._sqlite:
+                cur.execute("BEGIN IMMEDIATE")
+                cur.execute("PRAGMA synchronous")
+            else:
+                self._pg_begin(cur, max(1, int(self.timeout * 1000)))
+                cur.execute("SHOW synchronous_commit")
+            row = cur.fetchone()
+            return str(row[0]) if row else ""
+        finally:
+            with contextlib.suppress(Exception):
+                cur.execute("ROLLBACK") if self._sqlite else conn.rollback()
+            cur.close()
 
     def _sqlite_wait(self, conn: PoolProxiedConnection, wait_ms: int) -> None:
         """Cut SQLite's lock wait to what is left of the batch's budget; a PRAGMA only when

@@ -71,7 +71,10 @@ class ServerState:
             self.keyring = open_keyring(session, settings=settings)
         # The sink "-" is the server's stdout (journald); opened now: a bad sink fails the start.
         self.audit = AuditWriter(
-            self.engine, chain=chain_for(settings, dash=sys.stdout), timeout=db_budget
+            self.engine,
+            chain=chain_for(settings, dash=sys.stdout),
+            timeout=db_budget,
+            durability=settings.audit_durability,
         )
         self._db_threads = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="keyvault-db")
         self._lock = threading.Lock()

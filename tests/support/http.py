@@ -72,8 +72,9 @@ def scrub(text: str) -> str:
 class Server:
     """``keyvault serve`` as a subprocess on 127.0.0.1."""
 
-    def __init__(self, workdir: Path, env: dict | None = None) -> None:
+    def __init__(self, workdir: Path, env: dict | None = None, args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
+        self.args = args  # more `keyvault serve` options (--workers 2)
         self.env = {
             **(env or os.environ),
             "KEYVAULT_SERVE_WEBHOOKS": "0",
@@ -100,7 +101,7 @@ class Server:
             open(self.workdir / f"serve-{self._starts}.err", "wb") as err,
         ):
             self.proc = subprocess.Popen(
-                [*KEYVAULT, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                [*KEYVAULT, "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,

@@ -42,11 +42,13 @@ FIELDS = {
     ("ta", "error_codes"): "ta_error_codes",
     ("rotation", "batch_size"): "rotation_batch_size",
     ("audit", "sink"): "audit_sink",
+    ("audit", "durability"): "audit_durability",
 }
 # Environment variable -> the (section, key) it overrides.
 OVERRIDES = {
     "KEYVAULT_DATABASE_URL": ("database", "url"),
     "KEYVAULT_AUDIT_SINK": ("audit", "sink"),
+    "KEYVAULT_AUDIT_DURABILITY": ("audit", "durability"),
     "KEYVAULT_MASTER_KEY_FILE": ("master_key", "file"),
     "KEYVAULT_KNOWN_HOSTS": ("ssh", "known_hosts_file"),
     "KEYVAULT_SSH_IDENTITY": ("ssh", "identity_file"),
@@ -231,6 +233,7 @@ def test_every_environment_variable_is_named_and_overrides_what_the_example_says
         "KEYVAULT_SSH_PASSPHRASE_FILE": (str(other), "from-env-file"),
         "KEYVAULT_SU_PASSWORD_FILE": (str(other), "from-env-file"),
         "KEYVAULT_AUDIT_SINK": ("/srv/kv/audit.jsonl", "/srv/kv/audit.jsonl"),
+        "KEYVAULT_AUDIT_DURABILITY": ("durable", "durable"),
     }
     assert set(values) == set(OVERRIDES)
     base = {"KEYVAULT_HOME": str(home), "HOME": str(tmp_path)}
