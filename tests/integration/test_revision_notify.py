@@ -33,7 +33,7 @@ def _world(cli: Cli, database: Database, tmp_path: Path, **env: str) -> Iterator
     workdir.mkdir()
     with pytest.MonkeyPatch.context() as mp:  # read by the server process at its start
         mp.setenv("KEYVAULT_REVISION_RECHECK_MS", "60000")
-        for name, value in env.items():
+        for name, value in env.items():  # (overrides the above)
             mp.setenv(name, value)
         world = build_world(cli, database.url, workdir)
     try:
@@ -55,6 +55,13 @@ def pg_world_slow_retry(cli: Cli, database: Database, tmp_path: Path) -> Iterato
     if not database.is_postgres:
         pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
     yield from _world(cli, database, tmp_path, KEYVAULT_REVISION_LISTENER_RETRY="3600")
+
+
+@pytest.fixture
+def pg_world_short_recheck(cli: Cli, database: Database, tmp_path: Path) -> Iterator[World]:
+    if not database.is_postgres:
+        pytest.skip("LISTEN/NOTIFY: PostgreSQL only")
+    yield from _world(cli, database, tmp_path, KEYVAULT_REVISION_RECHECK_MS="200")
 
 
 def _metrics(world: World) -> dict[str, float]:
@@ -112,6 +119,25 @@ def test_a_revocation_by_another_process_is_refused_once_notified(pg_world: Worl
         > before["keyvault_revision_notifications_total"]
     )
     assert _read_status(pg_world) == 401
+
+
+def test_a_lost_notification_is_caught_by_the_periodic_recheck(pg_world_short_recheck: World):
+    world = pg_world_short_recheck
+    assert _read_status(world) == 200
+    _until(world, "connected", _connected)
+    engine = create_engine(normalize_url(world.db_url))
+    try:  # every notification of the revision is lost from now on
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER keyvault_revision_notify ON revision"))
+    finally:
+        engine.dispose()
+    _revoke_elsewhere("app-a1")
+    # Refused within the re-check interval (200 ms here): retried up to a generous deadline,
+    # so a busy machine does not fail it; the point is that it ends while still connected.
+    deadline = time.monotonic() + TIMEOUT
+    while _read_status(world) != 401:
+        assert time.monotonic() < deadline, "the revoked token was still accepted"
+    assert _connected(_metrics(world))  # not the fallback: the listener never dropped
 
 
 def _terminate_listener(world: World, database: Database) -> None:
