@@ -9,7 +9,6 @@ nothing changed: every request reads the counter.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -23,9 +22,8 @@ from keyvault.http.revision_listener import APPLICATION_NAME
 from tests.support.cli import Cli, proc_describe, run_keyvault
 from tests.support.db import Database
 from tests.support.http import World, build_world
+from tests.support.revision import database_revision, revision_metrics
 from tests.support.timeouts import TIMEOUT
-
-_METRIC = re.compile(r"^(keyvault_revision_[a-z_]+) (\S+)$", re.MULTILINE)
 
 
 def _world(cli: Cli, database: Database, tmp_path: Path, **env: str) -> Iterator[World]:
@@ -65,9 +63,7 @@ def pg_world_short_recheck(cli: Cli, database: Database, tmp_path: Path) -> Iter
 
 
 def _metrics(world: World) -> dict[str, float]:
-    with world.http() as http:
-        body = http.get("/metrics").text
-    return {name: float(value) for name, value in _METRIC.findall(body)}
+    return revision_metrics(world.url)
 
 
 def _until(world: World, what: str, ok) -> dict[str, float]:
@@ -82,12 +78,7 @@ def _until(world: World, what: str, ok) -> dict[str, float]:
 
 
 def _database_revision(world: World) -> int:
-    engine = create_engine(normalize_url(world.db_url))
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(text("SELECT value FROM revision WHERE id = 1")).scalar_one())
-    finally:
-        engine.dispose()
+    return database_revision(world.db_url)
 
 
 def _revoke_elsewhere(name: str) -> None:
