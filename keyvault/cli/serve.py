@@ -68,6 +68,17 @@ STARTUP_FAILURE = 3  # uvicorn's exit status when the application did not start
     help="Seconds a request may wait for the database (its audit record included); then 503.",
 )
 @click.option(
+    "--revision-recheck-ms",
+    type=click.IntRange(0, 60_000),
+    default=1000,
+    show_default=True,
+    envvar="KEYVAULT_REVISION_RECHECK_MS",  # keyvault.http.state.RECHECK_ENV (read by each worker)
+    show_envvar=True,
+    help="PostgreSQL: while change notifications are heard, read the revision counter at most "
+    "this often anyway; bounds how long a lost notification can serve a revoked token or an "
+    "old key (0: on every request).",
+)
+@click.option(
     "--metrics-token-file",
     type=click.Path(exists=True, dir_okay=False),
     envvar="KEYVAULT_METRICS_TOKEN_FILE",  # keyvault.http.app.METRICS_TOKEN_FILE_ENV
@@ -105,6 +116,7 @@ def serve(
     access_log: bool,
     forwarded_allow_ips: str | None,
     db_budget: float,
+    revision_recheck_ms: int,
     metrics_token_file: str | None,
     allow_private_network: bool,
     audit_durability: str | None,
@@ -125,6 +137,7 @@ def serve(
         METRICS_TOKEN_FILE_ENV,
     )
     from keyvault.http.routers.metrics import read_metrics_token
+    from keyvault.http.state import RECHECK_ENV
 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("give both --tls-cert and --tls-key, or neither")
@@ -146,6 +159,7 @@ def serve(
     if scheduler:
         os.environ["KEYVAULT_SERVE_SCHEDULER"] = "1"
     os.environ[DB_BUDGET_ENV] = str(db_budget)
+    os.environ[RECHECK_ENV] = str(revision_recheck_ms)
     os.environ[ALLOW_PRIVATE_NETWORK_ENV] = "1" if allow_private_network else "0"
     if metrics_token_file:
         read_metrics_token(metrics_token_file)  # a bad file fails here, once, clearly

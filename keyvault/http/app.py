@@ -32,6 +32,7 @@ from keyvault.http.fastpath import FastKeyPath
 from keyvault.http.metrics import Metrics
 from keyvault.http.middleware import ACCESS_LOGGER, RequestContext
 from keyvault.http.openapi import customise
+from keyvault.http.revision_listener import ListenerCollector
 from keyvault.http.routers import events, health, keys, metrics, rotations
 from keyvault.http.routers.metrics import read_metrics_token
 from keyvault.http.state import DB_BUDGET, ServerState
@@ -108,6 +109,7 @@ def _lifespan(
         state.start()
         app.state.server = state
         app.state.metrics.attach_database(state.factory)
+        app.state.metrics.registry.register(ListenerCollector(lambda: state.listener))
         async with AsyncExitStack() as stack:
             stack.push_async_callback(state.aclose)
             _start_workers(stack, state, settings, serve_webhooks, allow_private_network)

@@ -1,8 +1,17 @@
 """Per-process server state: database, keyring, and caches that are never stale.
 
-Every request first reads the ``revision`` counter (one tiny query); any commit
-that changes keys or tokens bumps it in the same transaction, so the caches are
-dropped before a request could see an old key or a revoked token.
+Any commit that changes keys or tokens bumps the ``revision`` counter in the same
+transaction; the caches hold only what was read at the revision a request knows, so they
+are dropped before a request could see an old key or a revoked token. How a request knows
+the revision (``ensure_fresh``):
+
+- SQLite, or PostgreSQL while the change listener is not connected: it reads the counter
+  (one tiny query).
+- PostgreSQL with the listener connected (keyvault/http/revision_listener.py): the revision
+  the listener heard of by NOTIFY, no query; and at most every ``recheck`` seconds (default
+  1 s, ``KEYVAULT_REVISION_RECHECK_MS``) one request reads the counter anyway. That bounds
+  what a lost notification can cost: a revoked token or an old key served for at most
+  ``recheck`` plus one query's round trip after the commit.
 
 No database call runs on the event loop: requests hand them to ``blocking()`` (a pool of
 database threads) and wait at most ``db_budget`` seconds, then answer 503. A locked table
@@ -13,8 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +41,7 @@ from keyvault.db import make_engine, require_head, session_factory, transaction
 from keyvault.errors import DatabaseError, Forbidden, NotFound, Unauthorized
 from keyvault.http.audit_writer import AuditWriter
 from keyvault.http.headers import bearer_token
+from keyvault.http.revision_listener import ChangeSignal, RevisionListener
 from keyvault.models import (
     CURRENT,
     AccessToken,
@@ -46,7 +59,15 @@ from keyvault.services.tokens import Grant, check_token, token_hash
 _NEGATIVE_CACHE_LIMIT = 10_000
 DB_BUDGET = 5.0  # seconds a request waits for the database (its audit record included)
 _DB_THREADS = 8  # database calls in flight at once; more wait their turn (within the budget)
+RECHECK_ENV = "KEYVAULT_REVISION_RECHECK_MS"  # set by `keyvault serve --revision-recheck-ms`
+RECHECK_MS = 1000
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def recheck_seconds() -> float:
+    """How often a listening server reads the revision counter anyway (0: every request)."""
+    return max(0, int(os.environ.get(RECHECK_ENV) or RECHECK_MS)) / 1000
 
 
 @dataclass(frozen=True)
@@ -61,9 +82,18 @@ class KeyEntry:
 class ServerState:
     """Database, keyring, caches and the audit writer of one server process."""
 
-    def __init__(self, settings: Settings, *, db_budget: float = DB_BUDGET) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        db_budget: float = DB_BUDGET,
+        recheck: float | None = None,
+    ) -> None:
         self.settings = settings
         self.db_budget = db_budget
+        self.recheck = recheck_seconds() if recheck is None else recheck
+        self._recheck_due = 0.0  # monotonic time of the next read of the counter (listening)
+        self._recheck_lock = threading.Lock()
         self.engine = make_engine(settings.database_url)
         require_head(self.engine)
         self.factory = session_factory(self.engine)
@@ -86,6 +116,13 @@ class ServerState:
         self._tokens: dict[str, tuple[int, AccessToken | None]] = {}
         self._grants: dict[str, tuple[int, Grant]] = {}
         self._probe = self._open_probe()
+        # PostgreSQL: told of changes (started by start()); SQLite: no NOTIFY, the counter is
+        # read by every request, and a change seen there wakes this process's long-polls.
+        self.listener: RevisionListener | None = None
+        self.changes = ChangeSignal()
+        if self.engine.dialect.name == "postgresql":
+            self.listener = RevisionListener.for_engine(self.engine)
+            self.changes = self.listener.changes
 
     def _open_probe(self) -> Any:
         probe = self.engine.raw_connection()
@@ -121,9 +158,14 @@ class ServerState:
 
     def start(self) -> None:
         self.audit.start()
+        if self.listener is not None:
+            self.listener.start()
 
     async def aclose(self) -> None:
         await self.audit.stop()
+        if self.listener is not None:
+            # Joins a thread that wakes every 0.5 s: not on the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, self.listener.stop)
         self._db_threads.shutdown(wait=False, cancel_futures=True)
         self.close()
 
@@ -164,16 +206,43 @@ class ServerState:
             cur.close()
 
     def ensure_fresh(self) -> None:
-        """Read the revision counter for this request (this database thread); the caches
-        answer it only with what was read at that same revision."""
-        revision = self.database_revision()
+        """Learn the revision for this request (this database thread); the caches answer it
+        only with what was read at that same revision."""
+        revision = self._current_revision()
         self._seen.revision = revision
         with self._cache_lock:
             if revision != self._revision:  # only what this revision reads is of use now
+                advanced = self._revision is not None and revision > self._revision
                 self._keys.clear()
                 self._tokens.clear()
                 self._grants.clear()
                 self._revision = revision
+            else:
+                advanced = False
+        if advanced and self.listener is None:
+            self.changes.fire()  # SQLite: a change this process saw wakes its long-polls
+
+    def _current_revision(self) -> int:
+        """The listener's revision while it is connected and the periodic check is not due;
+        else the counter, read from the database."""
+        heard = self.listener.revision() if self.listener is not None else None
+        if heard is None:
+            return self.database_revision()
+        now = time.monotonic()
+        if now < self._recheck_due:  # the common case: no lock, no query
+            return heard
+        with self._recheck_lock:
+            if now < self._recheck_due:
+                return heard
+            # Due now: this request reads the counter, the others meanwhile use what was heard.
+            self._recheck_due = now + self.recheck
+        revision = self.database_revision()
+        if revision > heard:
+            assert self.listener is not None
+            # Usually a notification still on its way; a lost one is caught here.
+            log.debug("revision %d read before it was heard (heard %d)", revision, heard)
+            self.listener.advance(revision)
+        return max(revision, heard)
 
     def _revision_seen(self) -> int | None:
         return getattr(self._seen, "revision", None)

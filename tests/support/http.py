@@ -75,10 +75,15 @@ class Server:
     def __init__(self, workdir: Path, env: dict | None = None, args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.args = args  # more `keyvault serve` options (--workers 2)
+        base = env or os.environ
         self.env = {
-            **(env or os.environ),
+            **base,
             "KEYVAULT_SERVE_WEBHOOKS": "0",
             "KEYVAULT_SERVE_SCHEDULER": "0",
+            # PostgreSQL: the revision read on every request, so a change committed by the test
+            # is seen by the very next request; tests/integration/test_revision_notify.py sets
+            # it to exercise the notifications.
+            "KEYVAULT_REVISION_RECHECK_MS": base.get("KEYVAULT_REVISION_RECHECK_MS", "0"),
         }
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None

@@ -1,4 +1,10 @@
-"""The event feed: what happened to the keys a token may read, with long polling."""
+"""The event feed: what happened to the keys a token may read, with long polling.
+
+A long-poll sleeps until ``state.changes`` fires: on PostgreSQL the listener's notification
+of an event or a revision from any process (keyvault/http/revision_listener.py), then it
+looks again at least every 5 s in case one was lost; while the listener is not connected,
+and on SQLite (no NOTIFY; only a change this process saw wakes it), every 0.25 s.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ from keyvault.services.tokens import Grant
 router = APIRouter(tags=["events"])
 PAGE = 100  # events per answer
 _SCAN = 500  # rows read per query (most may belong to other tokens' scopes)
-_POLL_SECONDS = 0.25
+_POLL_SECONDS = 0.25  # SQLite, or the listener not connected
+_SLOW_POLL_SECONDS = 5.0  # the listener connected: only a lost notification needs it
 
 
 # events.id is a 32-bit INTEGER on PostgreSQL: a larger ``after`` is invalid input, not a 503.
@@ -41,15 +48,22 @@ async def events(
     grant = await audited_grant(request, state, audit)
     deadline = time.monotonic() + wait
     while True:
+        # Armed before the query: an event recorded while it runs still wakes the wait.
+        changed = state.changes.arm()
         try:
-            found, last = await state.blocking(events_after, state, grant, after)
-        except KeyvaultError as exc:
-            raise await audit.refused(exc) from None
-        if found or time.monotonic() >= deadline:
-            await audit.record("ok")
-            return EventsOut(events=found, last_id=last)
-        after = last
-        await asyncio.sleep(min(_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            try:
+                found, last = await state.blocking(events_after, state, grant, after)
+            except KeyvaultError as exc:
+                raise await audit.refused(exc) from None
+            if found or time.monotonic() >= deadline:
+                await audit.record("ok")
+                return EventsOut(events=found, last_id=last)
+            after = last
+            listening = state.listener is not None and state.listener.connected
+            poll = _SLOW_POLL_SECONDS if listening else _POLL_SECONDS
+            await asyncio.wait({changed}, timeout=min(poll, max(0.0, deadline - time.monotonic())))
+        finally:
+            state.changes.disarm(changed)
 
 
 def events_after(state: ServerState, grant: Grant, after: int) -> tuple[list[EventOut], int]:
