@@ -57,6 +57,11 @@ from keyvault.services.store import open_keyring
 from keyvault.services.tokens import Grant, check_token, token_hash
 
 _NEGATIVE_CACHE_LIMIT = 10_000
+# Seconds a cached token, grant or key is used before it is read again, whatever the revision
+# counter says: the bound on a revoked token or an old key served when that counter was
+# rewound or frozen by a database writer (docs/security.md).
+CACHE_LIFETIME = 1.0
+Stamp = tuple[int, int]  # (revision counter, CACHE_LIFETIME period) a cache entry was read at
 DB_BUDGET = 5.0  # seconds a request waits for the database (its audit record included)
 _DB_THREADS = 8  # database calls in flight at once; more wait their turn (within the budget)
 RECHECK_ENV = "KEYVAULT_REVISION_RECHECK_MS"  # set by `keyvault serve --revision-recheck-ms`
@@ -88,8 +93,10 @@ class ServerState:
         *,
         db_budget: float = DB_BUDGET,
         recheck: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self.clock = clock  # injected by tests: the caches' lifetime (CACHE_LIFETIME)
         self.db_budget = db_budget
         self.recheck = recheck_seconds() if recheck is None else recheck
         self._recheck_due = 0.0  # monotonic time of the next read of the counter (listening)
@@ -108,13 +115,13 @@ class ServerState:
         )
         self._db_threads = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="keyvault-db")
         self._lock = threading.Lock()
-        self._revision: int | None = None
+        self._revision: Stamp | None = None
         self._cache_lock = threading.Lock()  # the caches and _revision, between db threads
-        self._seen = threading.local()  # the revision the current request read
-        # Each entry: (the revision it was read at, the value).
-        self._keys: dict[tuple[str, str], tuple[int, KeyEntry | None]] = {}
-        self._tokens: dict[str, tuple[int, AccessToken | None]] = {}
-        self._grants: dict[str, tuple[int, Grant]] = {}
+        self._seen = threading.local()  # the stamp (revision, period) the current request read
+        # Each entry: (the stamp it was read at, the value).
+        self._keys: dict[tuple[str, str], tuple[Stamp, KeyEntry | None]] = {}
+        self._tokens: dict[str, tuple[Stamp, AccessToken | None]] = {}
+        self._grants: dict[str, tuple[Stamp, Grant]] = {}
         self._probe = self._open_probe()
         # PostgreSQL: told of changes (started by start()); SQLite: no NOTIFY, the counter is
         # read by every request, and a change seen there wakes this process's long-polls.
@@ -209,14 +216,18 @@ class ServerState:
         """Learn the revision for this request (this database thread); the caches answer it
         only with what was read at that same revision."""
         revision = self._current_revision()
-        self._seen.revision = revision
+        # The stamp also changes every CACHE_LIFETIME seconds: a cached token or key is read
+        # again then even if the counter never moves (a database writer can rewind or freeze
+        # it; rows it changed meanwhile are checked again, their MACs included).
+        stamp = (revision, int(self.clock() // CACHE_LIFETIME))
+        self._seen.revision = stamp
         with self._cache_lock:
-            if revision != self._revision:  # only what this revision reads is of use now
-                advanced = self._revision is not None and revision > self._revision
+            if stamp != self._revision:  # only what this stamp reads is of use now
+                advanced = self._revision is not None and revision > self._revision[0]
                 self._keys.clear()
                 self._tokens.clear()
                 self._grants.clear()
-                self._revision = revision
+                self._revision = stamp
             else:
                 advanced = False
         if advanced and self.listener is None:
@@ -244,7 +255,7 @@ class ServerState:
             self.listener.advance(revision)
         return max(revision, heard)
 
-    def _revision_seen(self) -> int | None:
+    def _revision_seen(self) -> Stamp | None:
         return getattr(self._seen, "revision", None)
 
     def authenticate(self, authorization: str | None, now: datetime | None = None) -> Grant:
@@ -303,7 +314,7 @@ class ServerState:
         if session.get(MasterKey, key_id) is not None:
             self.keyring = open_keyring(session, settings=self.settings)
 
-    def _cache(self, cache: dict[Any, Any], key: Any, revision: int | None, value: Any) -> None:
+    def _cache(self, cache: dict[Any, Any], key: Any, revision: Stamp | None, value: Any) -> None:
         """Keep ``value``, read at ``revision``, unless the caches have moved on meanwhile.
 
         Database threads fill the caches concurrently: a value read before a commit must
