@@ -211,7 +211,9 @@ def failure(row: RowMac, *, keyring: crypto.Keyring) -> str | None:
         return None
     if row.mac is None or row.mac_key_id is None:
         since = "0011" if isinstance(row, Rotation) else "0008"
-        return f"it has no MAC (not adopted since the upgrade to schema {since}: `keyvault db adopt`)"
+        return (
+            f"it has no MAC (not adopted since the upgrade to schema {since}: `keyvault db adopt`)"
+        )
     if row.mac_key_id not in keyring.keys and keyring.source is not None:
         keyring = crypto.load_keyring(keyring.source)  # a `master-key rotate` meanwhile
     if row.mac_key_id not in keyring.keys:
