@@ -41,6 +41,7 @@ from keyvault.scope import Scope
 from keyvault.services import integrity
 from keyvault.services.rotation.results import RotationResult
 from keyvault.services.secrets import store_version
+from keyvault.services.store import live_keyring
 from keyvault.services.verify import OLD_KEY_ACCEPTED, OLD_KEY_EVENT, KeyCheckOutcome
 
 log = logging.getLogger("keyvault.rotation")
@@ -213,6 +214,9 @@ class Journal:
         not necessarily ``keyring``'s; ``on_sealed`` runs before the commit (tests).
         """
         with transaction(self.factory) as s:
+            # The live master key first, then the row: `master-key rotate` locks that key,
+            # then re-MACs rotation rows; the other order would deadlock with it.
+            keyring = live_keyring(s, keyring)
             rotation = _locked(s, rid)
             if not is_unresolved(rotation.state):
                 if rotation.new_fingerprint != crypto.fingerprint(key):
