@@ -204,8 +204,11 @@ class Host(RowMac, Base):
         return f"{self.username}@{self.address}:{self.port}"
 
 
-class Rotation(Base):
-    """The journal of one rotation, committed before ta-tool runs (see docs/rotation.md)."""
+class Rotation(RowMac, Base):
+    """The journal of one rotation, committed before ta-tool runs (see docs/rotation.md).
+
+    Its MAC covers what it is created with and recovery steers the key by (id, cluster,
+    scope, host, created_at); its state and outcome columns are not covered."""
 
     __tablename__ = "rotations"
     __table_args__ = (

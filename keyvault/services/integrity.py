@@ -1,7 +1,8 @@
 """Row MACs: a database writer cannot forge, widen or redirect configuration.
 
 Every row that steers where keys go, who may read them, or what gets rotated when (tokens,
-clusters, hosts, webhooks, rotation policies, scope schedules) carries ``mac``: HMAC-SHA256
+clusters, hosts, webhooks, rotation policies, scope schedules, and the identity of rotation
+journal rows, by which recovery routes a key) carries ``mac``: HMAC-SHA256
 (``crypto.mac``) under a key derived from a master key (``crypto.subkey``, purpose
 ``config-mac``), over the table name, the row's id and natural key, and every column that
 matters (``mac_fields``); ``mac_key_id`` names that master key. Without the keyring nobody
@@ -35,11 +36,13 @@ from keyvault.models import (
     AccessToken,
     Cluster,
     Host,
+    Rotation,
     RotationPolicy,
     RowMac,
     ScopeSchedule,
     Webhook,
 )
+from keyvault.rotation_states import is_unresolved
 from keyvault.services.store import live_keyring
 from keyvault.textsafe import printable
 
@@ -51,6 +54,7 @@ MAC_MODELS: tuple[type[RowMac], ...] = (
     Webhook,
     RotationPolicy,
     ScopeSchedule,
+    Rotation,
 )
 
 
@@ -108,6 +112,17 @@ def mac_fields(row: RowMac) -> list[Any]:
             _t(row.next_attempt_at),
             _t(row.paused_at),
         ]
+    if isinstance(row, Rotation):
+        # Only what the row is created with: recovery routes the key by these (which cluster,
+        # which scope, which host holds the pending file); state and outcome change later.
+        return [
+            "rotations",
+            row.id,
+            row.cluster_id,
+            row.scope,
+            row.host_id,
+            _t(row.created_at),
+        ]
     raise TypeError(f"{type(row).__name__} carries no row MAC")
 
 
@@ -126,6 +141,8 @@ def describe(row: RowMac) -> str:
         return f"rotation_policies row {row.id} (policy {row.target!r})"
     if isinstance(row, ScopeSchedule):
         return f"scope_schedules row {row.id} (schedule of {row.scope!r})"
+    if isinstance(row, Rotation):
+        return f"rotations row {printable(row.id)} (rotation {printable(row.id)})"
     raise TypeError(f"{type(row).__name__} carries no row MAC")
 
 
@@ -142,6 +159,14 @@ _FIX = {
 
 
 def _hint(row: RowMac) -> str:
+    if isinstance(row, Rotation):
+        return (
+            "its cluster, scope or host was changed outside keyvault, so it cannot say where "
+            "the key goes; the key ta-tool generated is not lost: it stays untouched in the "
+            f"pending file ~/.keyvault/pending/{printable(row.id)}.out on the rotation's TA "
+            "host (and in the local spool if it was spooled); restore the rotations row from "
+            "a backup, then recover again; `keyvault db check --integrity` lists every such row"
+        )
     fix = _FIX[type(row)]  # type: ignore[index]
     return (
         f"it was changed outside keyvault; restore it from a backup, or {fix} "
@@ -179,8 +204,16 @@ def seal_row(session: Session, row: RowMac, *, keyring: crypto.Keyring) -> None:
 
 def failure(row: RowMac, *, keyring: crypto.Keyring) -> str | None:
     """Why ``row`` fails its MAC check, or None when it verifies."""
+    if isinstance(row, Rotation) and row.host_id is None and not is_unresolved(row.state):
+        # `host remove` clears the host of resolved rotations only (unresolved ones keep it
+        # from being removed). Such a row routes no key: a recovery stops at "host removed"
+        # and never reads the spool into its cluster (that needs an unresolved state).
+        return None
     if row.mac is None or row.mac_key_id is None:
-        return "it has no MAC (not adopted since the upgrade to schema 0008: `keyvault db adopt`)"
+        since = "0011" if isinstance(row, Rotation) else "0008"
+        return (
+            f"it has no MAC (not adopted since the upgrade to schema {since}: `keyvault db adopt`)"
+        )
     if row.mac_key_id not in keyring.keys and keyring.source is not None:
         keyring = crypto.load_keyring(keyring.source)  # a `master-key rotate` meanwhile
     if row.mac_key_id not in keyring.keys:

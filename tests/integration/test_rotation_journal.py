@@ -5,22 +5,34 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
+from keyvault.config import load_settings
 from keyvault.db import session_factory, transaction
 from keyvault.errors import InvalidInput, RotationUnresolved
 from keyvault.models import Cluster, Event, Host, Rotation, utcnow
 from keyvault.rotation_states import IllegalTransition, RotationState
 from keyvault.scope import app_scope
 from keyvault.services.rotation.journal import Journal
+from keyvault.services.store import open_keyring
 from keyvault.services.verify import KeyCheckOutcome
 
 S = RotationState
 
 
+class _KeyedJournal(Journal):
+    """The journal with the store's keyring (pending rows are MACed when created)."""
+
+    def create_pending(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with transaction(self.factory) as s:
+            keyring = open_keyring(s, settings=load_settings())
+        return super().create_pending(*args, keyring=keyring, **kwargs)
+
+
 @pytest.fixture
-def journal(engine):
+def journal(engine, cli):
+    assert cli("init").exit_code == 0  # a keyring: pending rows are MACed
     factory = session_factory(engine)
     with transaction(factory) as s:
-        # Rows only (no keyring in this store): the journal does not check row MACs.
+        # Cluster and host rows only: the journal does not check their MACs.
         now = utcnow()
         cluster = Cluster(
             name="c",
@@ -44,7 +56,7 @@ def journal(engine):
         s.add(host)
         s.flush()
         s.refresh(host)
-    return Journal(factory), cluster, host
+    return _KeyedJournal(factory), cluster, host
 
 
 def state(journal: Journal, rid: str) -> str:

@@ -252,6 +252,7 @@ class BatchRun:
             host,
             self.actor,
             self.precondition,
+            keyring=plan.keyring,
         )
         for job in jobs:
             if job.rid in refused:

@@ -38,8 +38,10 @@ from keyvault.models import (
 )
 from keyvault.rotation_states import RotationState, check_transition, is_unresolved
 from keyvault.scope import Scope
+from keyvault.services import integrity
 from keyvault.services.rotation.results import RotationResult
 from keyvault.services.secrets import store_version
+from keyvault.services.store import live_keyring
 from keyvault.services.verify import OLD_KEY_ACCEPTED, OLD_KEY_EVENT, KeyCheckOutcome
 
 log = logging.getLogger("keyvault.rotation")
@@ -112,8 +114,14 @@ class Journal:
         host: Host,
         actor: str,
         precondition: Precondition | None = None,
+        *,
+        keyring: crypto.Keyring,
     ) -> dict[str, KeyvaultError]:
         """Step 2: commit a ``pending`` row per (rotation id, scope); returns the refused, by id.
+
+        Each row is MACed (``integrity.seal_row``, under the live master key of its own
+        transaction) over its id, cluster, scope, host and creation time: recovery routes
+        the key by these and refuses a row whose MAC fails.
 
         ``precondition`` is checked in the row's own transaction, after its insert: the
         partial unique index serialises rotations of a scope, so a concurrent rotation either
@@ -127,6 +135,7 @@ class Journal:
             row.host_id, row.host_label, row.actor = host.id, host.label, actor
             row.created_at = row.updated_at = now
             s.add(row)
+            integrity.seal_row(s, row, keyring=keyring)  # flushes it
             if precondition is not None:
                 s.flush()  # the scope is ours (or the insert failed) before the version is read
                 precondition(_current_number(s, cluster.id, scope))
@@ -205,6 +214,9 @@ class Journal:
         not necessarily ``keyring``'s; ``on_sealed`` runs before the commit (tests).
         """
         with transaction(self.factory) as s:
+            # The live master key first, then the row: `master-key rotate` locks that key,
+            # then re-MACs rotation rows; the other order would deadlock with it.
+            keyring = live_keyring(s, keyring)
             rotation = _locked(s, rid)
             if not is_unresolved(rotation.state):
                 if rotation.new_fingerprint != crypto.fingerprint(key):

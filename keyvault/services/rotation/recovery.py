@@ -14,7 +14,7 @@ from sqlalchemy import or_, select
 
 from keyvault import crypto
 from keyvault.db import transaction
-from keyvault.errors import InvalidInput, NotFound, RotationError
+from keyvault.errors import InvalidInput, NotFound, RotationError, RowIntegrityError
 from keyvault.models import UNRESOLVED_ROTATION_STATES, Cluster, Host, Rotation
 from keyvault.rotation_states import RotationState, is_unresolved
 from keyvault.scope import Scope, parse_scope
@@ -44,6 +44,27 @@ FINISHED = (S.COMPLETED, S.FAILED, S.ABANDONED)
 SETTLE_AFTER = timedelta(minutes=15)
 
 
+def check_routing(rotation: Rotation, *, keyring: crypto.Keyring) -> None:
+    """Refuse a rotation whose row cannot be trusted to say where its key goes.
+
+    Before any host is asked for a key or any key is stored or sent to an Open API URL:
+    the rotation row's MAC (its id, cluster, scope, host and creation time), its cluster's
+    and host's MACs, and the host belonging to the rotation's cluster (the host's MAC covers
+    its cluster). A refusal leaves the pending file on the TA host and the spool untouched.
+    """
+    integrity.check_rows(rotation, rotation.cluster, rotation.host, keyring=keyring)
+    host = rotation.host
+    if host is not None and host.cluster_id != rotation.cluster_id:
+        what = integrity.describe(rotation)
+        raise RowIntegrityError(
+            f"integrity check failed for {what}: its host {host.label} belongs to another "
+            "cluster than the rotation; it is not used",
+            what=what,
+            hint="the key is untouched on the rotation's TA host; restore the rotations row "
+            "from a backup, then recover again",
+        )
+
+
 @dataclass(frozen=True)
 class _Loaded:
     """A rotation as read from the journal before recovering it."""
@@ -67,7 +88,7 @@ class Recovery:
             if rotation is None:
                 raise NotFound(f"no rotation {rid!r}", hint="see `keyvault rotations list`")
             keyring = open_keyring(s, settings=self.rt.settings)
-            integrity.check_rows(rotation.cluster, rotation.host, keyring=keyring)
+            check_routing(rotation, keyring=keyring)
             scope = parse_scope(rotation.scope, r".+")
             result = RotationResult.of_row(rotation)
             return _Loaded(keyring, rotation.cluster, scope, rotation.host, result)
@@ -222,7 +243,7 @@ class Recovery:
                 raise InvalidInput(f"rotation {rid} is not unresolved")
             host, pattern = rotation.host, rotation.cluster.key_pattern
             keyring = open_keyring(s, settings=self.rt.settings)
-            integrity.check_rows(rotation.cluster, host, keyring=keyring)
+            check_routing(rotation, keyring=keyring)
         if spool.read_spool(self.rt.settings, keyring, rid) is not None:
             raise RotationError(
                 f"rotation {rid} has a key in the local spool",
