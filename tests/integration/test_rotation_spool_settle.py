@@ -15,8 +15,10 @@ factory.
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
+from keyvault import crypto
 from keyvault.db import transaction
 from keyvault.errors import RotationError, StoreFailed
 from keyvault.sandbox import state
@@ -120,3 +122,21 @@ def test_a_spool_file_that_is_not_the_stored_key_is_kept_and_reported(world):
     assert spool.spooled_rotations(settings) == [done.rotation_id]
     with pytest.raises(RotationError, match="not its stored one"):
         service(world).recover(done.rotation_id, actor="t")
+
+
+def test_a_row_that_names_the_spooled_key_without_storing_it_keeps_the_spool(world):
+    """The row alone is never trusted with a key's only copy: a database writer who set the
+    row's fingerprint to the spooled key's does not get the spool file deleted."""
+    settings, scope = world["settings"], app_scope("app2")
+    done = service(world).rotate("c", scope, actor="t")
+    only_copy = "C" * 64  # a key that is in no version of the scope
+    _spool_key(world, done.rotation_id, only_copy)
+    with transaction(world["factory"]) as s:
+        s.execute(
+            text("UPDATE rotations SET new_fingerprint = :f WHERE id = :id"),
+            {"f": crypto.fingerprint(only_copy), "id": done.rotation_id},
+        )
+
+    [outcome] = service(world).recover_all(actor="t")
+    assert outcome.failure is not None and "not its stored one" in outcome.failure.message
+    assert spool.spooled_rotations(settings) == [done.rotation_id]

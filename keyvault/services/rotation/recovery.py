@@ -14,7 +14,13 @@ from sqlalchemy import or_, select
 
 from keyvault import crypto
 from keyvault.db import transaction
-from keyvault.errors import InvalidInput, NotFound, RotationError, RowIntegrityError
+from keyvault.errors import (
+    InvalidInput,
+    KeyvaultError,
+    NotFound,
+    RotationError,
+    RowIntegrityError,
+)
 from keyvault.models import UNRESOLVED_ROTATION_STATES, Cluster, Host, Rotation
 from keyvault.rotation_states import RotationState, is_unresolved
 from keyvault.scope import Scope, parse_scope
@@ -99,7 +105,7 @@ class Recovery:
         result, state = loaded.result, loaded.result.state or ""
         spooled = spool.read_spool(self.rt.settings, loaded.keyring, rid)
         if spooled is not None and not is_unresolved(state):
-            result = self._drop_stored_spool(rid, spooled.key, result)
+            result = self._drop_stored_spool(loaded, spooled.key, result)
         if state in FINISHED:
             return result.warn(f"rotation {rid} is already {state}; nothing to do")
         key: str | None = None
@@ -125,14 +131,23 @@ class Recovery:
             conn.close()
         return verify_and_record(self.rt, loaded.cluster, loaded.scope, key, result)
 
-    def _drop_stored_spool(self, rid: str, key: str, result: RotationResult) -> RotationResult:
-        """Delete a spool file whose key the rotation row says is stored.
+    def _drop_stored_spool(
+        self, loaded: _Loaded, key: str, result: RotationResult
+    ) -> RotationResult:
+        """Delete a spool file whose key is stored: the version the rotation row names,
+        decrypted, is that very key (the row alone is not trusted with a key's only copy).
 
         A commit can succeed while its caller sees an error (the connection cut between the
         commit and its reply): the key was spooled, and the row says ``stored`` with that
         very key. Any other spool file of a resolved rotation is kept and reported."""
+        rid = result.rotation_id or ""
         fingerprint = crypto.fingerprint(key)
-        if result.state not in (S.STORED, S.COMPLETED) or result.new_fingerprint != fingerprint:
+        stored = (
+            result.state in (S.STORED, S.COMPLETED)
+            and result.new_fingerprint == fingerprint
+            and self._holds(loaded, result.new_version, key)
+        )
+        if not stored:
             raise RotationError(
                 f"rotation {rid} is {result.state} but the local spool holds a key "
                 f"({fingerprint}) that is not its stored one",
@@ -171,6 +186,13 @@ class Recovery:
         return result.with_(state=S.FAILED.value).warn(
             message + "; nothing was generated, rotate again"
         )
+
+    def _holds(self, loaded: _Loaded, number: int | None, key: str) -> bool:
+        """Whether version ``number`` of the scope decrypts to ``key`` (missing: it does not)."""
+        try:
+            return self._stored_key(loaded, number) == key
+        except KeyvaultError:  # deleted, altered or unreadable: keep the spooled copy
+            return False
 
     def _stored_key(self, loaded: _Loaded, number: int | None) -> str:
         with transaction(self.rt.journal.factory) as s:
