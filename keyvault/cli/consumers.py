@@ -92,8 +92,12 @@ def show_plan(app: AppContext, cluster: str, scopes: list[Scope], as_json: bool)
             emit_table(item["consumers"], ("token", "consumer", "version", "last_read_at", "stale"))
 
 
-def after_rotation(app: AppContext, results: list[RotationResult], wait: float | None) -> None:
-    """Wait for propagation if asked, then exit non-zero if TA still accepts an old key."""
+def after_rotation(
+    app: AppContext, results: list[RotationResult], wait: float | None, *, failed: bool = False
+) -> None:
+    """Wait for propagation of the rotated scopes if asked, then exit with the code that
+    matters most: 5 (TA still accepts an old key), then 1 (``failed``: some scope of a bulk
+    run failed), then 4 (consumers still on an old key when the wait ran out)."""
     rotated = [r for r in results if r.ok and r.rotation_id and r.new_version]
     code = 0
     if wait is not None and rotated:
@@ -107,6 +111,8 @@ def after_rotation(app: AppContext, results: list[RotationResult], wait: float |
         )
     if accepted:
         sys.exit(EXIT_OLD_KEY_ACCEPTED)
+    if failed:
+        sys.exit(1)
     if code:
         sys.exit(code)
 

@@ -244,3 +244,22 @@ def test_two_servers_record_a_propagation_exactly_once(fleet: Fleet, tmp_path: P
     assert [e["rotation_id"] for e in fleet.events("rotation.propagated") if e["version"] == 2] == [
         rid
     ]
+
+
+def test_a_failed_scope_of_a_bulk_run_still_alerts_and_waits(fleet: Fleet):
+    """One failed scope (exit 1) must not hide the old-key alert (5 wins) nor skip the wait."""
+    paths = SandboxPaths(fleet.home.path)
+    st.set_noise(paths.state_dir, accept_old_keys=True)
+    bulk = ("rotate", "app", "--cluster", CLUSTER, APP, "ghost", "--yes", "--json")
+    rotated = fleet.cli(*bulk)
+    assert rotated.exit_code == EXIT_OLD_KEY_ACCEPTED, describe(rotated)
+    assert "TA still accepts the previous key (v1)" in rotated.stderr
+    summary = json.loads(rotated.stdout)["summary"]
+    assert (summary["rotated"], summary["failed"]) == (1, 1)
+
+    st.set_noise(paths.state_dir, accept_old_keys=None)
+    assert fleet.read("laggard") == fleet.current_version()  # then never reads again
+    fleet.wait_consumers(lambda rows: ("fleet", "laggard") in rows)
+    waited = fleet.cli(*bulk, "--wait-propagation", "0")
+    assert waited.exit_code == 1, describe(waited)  # the failure wins over the stragglers (4)
+    assert "fleet/laggard" in waited.stderr  # the wait ran and named who is behind
