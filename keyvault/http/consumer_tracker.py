@@ -9,8 +9,9 @@ entry) by a thread of its own, only when an entry changed: a new consumer, a new
 or a refresh of ``last_read_at`` once the last write is ``REFRESH_SECONDS`` old.
 
 Staleness is bounded: an entry that changes is written within ``FLUSH_DELAY`` seconds (0.2 s,
-plus the time of the write), so ``keyvault consumers`` and a waiting ``rotate
---wait-propagation`` see a consumer on its new key within about a second.
+plus the time of the write; a failed write, e.g. a locked database, is retried after
+``RETRY_FIRST`` seconds, doubling up to ``RETRY_MAX``, while entries wait), so
+``keyvault consumers`` and a waiting ``rotate --wait-propagation`` see a consumer on its new key within about a second.
 
 Memory and the table are bounded: at most ``MAX_ENTRIES_PER_TOKEN`` (consumer, cluster,
 scope) entries per token in each server process, and a write inserts a new row only while
@@ -49,6 +50,7 @@ CONSUMER_NAME = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 MAX_ENTRIES_PER_TOKEN = 1000
 FLUSH_DELAY = 0.2  # seconds an entry may wait, so that a burst of reads is one write
 REFRESH_SECONDS = 60.0  # last_read_at is rewritten at most this often per consumer
+RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # seconds between tries of a failed write (doubling)
 _PRUNE_EVERY = 3600.0  # seconds between deletions of rows older than RETENTION
 _NAME_CACHE_LIMIT = 4096
 Key = tuple[str, str, str, str]  # token, consumer, cluster, scope
@@ -181,15 +183,23 @@ class ConsumerTracker:
         return True
 
     def _run(self) -> None:
+        backoff: float | None = None  # after a failed write: seconds until the next try
         while True:
-            self._wake.wait()
+            # A failed write's entries stay dirty but a steady consumer marks nothing new
+            # (``seen`` returns early), so nothing would wake us: retry on our own.
+            self._wake.wait(backoff)
             if not self._stopping:
                 time.sleep(self.flush_delay)  # gather a burst (after a rotation) into one write
             self._wake.clear()
             try:
                 self.flush()
-            except Exception as exc:  # noqa: BLE001 - the next change tries again; reads go on
-                log.warning("could not record consumer reads: %s", exc)
+                backoff = None
+            except Exception as exc:  # noqa: BLE001 - retried with a capped backoff; reads go on
+                backoff = min(RETRY_MAX, 2 * backoff) if backoff else RETRY_FIRST
+                log.warning("could not record consumer reads (retry in %gs): %s", backoff, exc)
+                with self._lock:
+                    if not self._dirty:
+                        backoff = None  # only the pruning failed: it runs again next write
             if self._stopping:
                 return
 
