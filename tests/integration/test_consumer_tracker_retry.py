@@ -10,6 +10,7 @@ import time
 from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 
+from keyvault.db import session_factory
 from keyvault.http.consumer_tracker import ConsumerTracker
 from tests.support.timeouts import TIMEOUT
 
@@ -46,3 +47,20 @@ def test_a_failed_write_is_retried_without_a_new_read(engine):
     finally:
         tracker.stop()
         event.remove(engine, "before_cursor_execute", locked_once)
+
+
+def test_idle_entries_leave_memory_and_free_their_tokens_cap(engine):
+    from keyvault.db import transaction
+    from keyvault.services.propagation import RETENTION, forget_consumers
+
+    tracker = ConsumerTracker(engine, max_per_token=1)
+    tracker.seen(_request(b"one-off"), "tok", "127.0.0.1", "c", "app:a1", 1)
+    assert tracker.flush() == 1
+    tracker.seen(_request(b"new"), "tok", "127.0.0.1", "c", "app:a1", 1)
+    assert tracker.flush() == 0  # the cap: not tracked
+    with transaction(session_factory(engine)) as session:  # `keyvault consumers forget`
+        forget_consumers(session, token="tok", consumer="one-off")
+    assert tracker.evict_idle(time.time()) == 0  # read just now: stays
+    assert tracker.evict_idle(time.time() + RETENTION.total_seconds() + 1) == 1
+    tracker.seen(_request(b"new"), "tok", "127.0.0.1", "c", "app:a1", 1)
+    assert tracker.flush() == 1 and _versions(engine) == [1]
