@@ -108,6 +108,7 @@ class VerifyResult:
     return_code: int | None
     return_message: str
     detail: str
+    key_rejected: bool = False  # TA refused the key itself (``is_key_rejected``), not busy
 
 
 def redact_url(url: str) -> str:
@@ -369,7 +370,9 @@ def verify_key(
     code = envelope["return_code"]
     if code != 0:
         error = client._api_error(api_path, envelope, token)
-        return VerifyResult(False, code, error.return_message, str(error))
+        return VerifyResult(
+            False, code, error.return_message, str(error), client.is_key_rejected(error)
+        )
     message = _scrub(str(envelope.get("return_message") or ""), token)
     detail = f"{str(method).upper()} {_normalize_api_path(api_path)} answered return_code 0"
     return VerifyResult(True, 0, message, detail)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from keyvault.cli.audited import audited, key_scope
+from keyvault.cli.confirm import confirm, yes_option
 from keyvault.cli.output import echo_safe, emit_json, emit_table, output_option
 from keyvault.cli.params import complete_appids, complete_clusters
 
@@ -28,30 +30,93 @@ POLL_SECONDS = 0.5  # how often --wait-propagation reads the store
 COLUMNS = ("token", "consumer", "cluster", "scope", "version", "last_read_at", "stale")
 
 
-@click.command()
-@click.option("--cluster", shell_complete=complete_clusters, help="Only this cluster.")
-@click.option("--appid", shell_complete=complete_appids, help="Only this project's key.")
-@click.option("--root", "is_root", is_flag=True, help="Only the root key.")
-@output_option
-@click.pass_obj
-def consumers(
-    app: AppContext, cluster: str | None, appid: str | None, is_root: bool, as_json: bool
-) -> None:
-    """One row per consumer and key: the version it read last, and whether it is stale."""
+def _key_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in (
+        click.option("--root", "is_root", is_flag=True, help="Only the root key."),
+        click.option("--appid", shell_complete=complete_appids, help="Only this project's key."),
+        click.option("--cluster", shell_complete=complete_clusters, help="Only this cluster."),
+    ):
+        func = option(func)
+    return func
+
+
+def _scope(app: AppContext, appid: str | None, is_root: bool) -> str | None:
     from keyvault.scope import app_scope
-    from keyvault.services.propagation import list_consumers
 
     if appid is not None and is_root:
         raise click.UsageError("give at most one of --root or --appid APPID")
-    scope = (
+    return (
         "root" if is_root else str(app_scope(appid, app.settings.appid_pattern)) if appid else None
     )
+
+
+@click.group(invoke_without_command=True)
+@_key_options
+@output_option
+@click.pass_context
+def consumers(
+    ctx: click.Context, cluster: str | None, appid: str | None, is_root: bool, as_json: bool
+) -> None:
+    """One row per consumer and key: the version it read last, and whether it is stale."""
+    from keyvault.services.propagation import list_consumers
+
+    if ctx.invoked_subcommand is not None:
+        return
+    app: AppContext = ctx.obj
+    scope = _scope(app, appid, is_root)
     with app.transaction() as session:
         rows = list_consumers(session, cluster=cluster, scope=scope)
     if as_json:
         emit_json(rows)
     else:  # table cells escape control characters (a consumer name is the client's text)
         emit_table(rows, COLUMNS, empty="no consumer has read a key through `keyvault serve`")
+
+
+@consumers.command("forget")
+@click.option("--token", "token", required=True, help="The token whose consumer is gone.")
+@click.option("--consumer", help="Only this consumer name (default: every one of the token).")
+@_key_options
+@yes_option
+@click.pass_obj
+@audited(
+    "consumers.forget",
+    about=lambda p: {
+        **key_scope(p),
+        "target": f"token:{p['token']}",
+        "detail": f"consumer:{p['consumer']}" if p["consumer"] else None,
+    },
+)
+def forget(
+    app: AppContext,
+    token: str,
+    consumer: str | None,
+    cluster: str | None,
+    appid: str | None,
+    is_root: bool,
+    yes: bool,
+) -> None:
+    """Forget a one-off or decommissioned consumer: it stops holding rotations back."""
+    from keyvault.services.propagation import forget_consumers
+
+    scope = _scope(app, appid, is_root)
+    what = (
+        f"consumer {consumer!r} of token {token!r}"
+        if consumer
+        else f"every consumer of token {token!r}"
+    )
+    confirm(
+        yes,
+        command="consumers forget",
+        warning=f"{what} will no longer count as a consumer (until it reads a key again).",
+        question="Forget?",
+    )
+    with app.transaction() as session:
+        count, recorded = forget_consumers(
+            session, token=token, consumer=consumer, cluster=cluster, scope=scope
+        )
+    echo_safe(f"forgot {count} consumer record(s) of token {token}")
+    for rid in recorded:
+        click.echo(f"rotation {rid} propagated: every known consumer holds its key")
 
 
 # -- `rotate`: --plan and --wait-propagation -------------------------------------------------------
@@ -92,8 +157,12 @@ def show_plan(app: AppContext, cluster: str, scopes: list[Scope], as_json: bool)
             emit_table(item["consumers"], ("token", "consumer", "version", "last_read_at", "stale"))
 
 
-def after_rotation(app: AppContext, results: list[RotationResult], wait: float | None) -> None:
-    """Wait for propagation if asked, then exit non-zero if TA still accepts an old key."""
+def after_rotation(
+    app: AppContext, results: list[RotationResult], wait: float | None, *, failed: bool = False
+) -> None:
+    """Wait for propagation of the rotated scopes if asked, then exit with the code that
+    matters most: 5 (TA still accepts an old key), then 1 (``failed``: some scope of a bulk
+    run failed), then 4 (consumers still on an old key when the wait ran out)."""
     rotated = [r for r in results if r.ok and r.rotation_id and r.new_version]
     code = 0
     if wait is not None and rotated:
@@ -107,6 +176,8 @@ def after_rotation(app: AppContext, results: list[RotationResult], wait: float |
         )
     if accepted:
         sys.exit(EXIT_OLD_KEY_ACCEPTED)
+    if failed:
+        sys.exit(1)
     if code:
         sys.exit(code)
 

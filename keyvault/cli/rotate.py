@@ -150,8 +150,13 @@ def _summarise(results: list[RotationResult], as_json: bool) -> None:
             if r.failure is not None:
                 what = "skipped" if r.status is ResultStatus.REFUSED else "failed "
                 echo_safe(f"  {what} {r.scope}: {r.failure}", err=True)
-    if counts["failed"]:
-        sys.exit(1)
+    # No exit here: the rotated scopes still get their old-key alert and their wait
+    # (after_rotation), which then exits with the highest-priority code.
+
+
+def _finish(app: AppContext, results: list[RotationResult], wait: float | None) -> None:
+    """The alert, the wait and the exit code of a rotation run (one scope or many)."""
+    after_rotation(app, results, wait, failed=summary(results)["failed"] > 0)
 
 
 def _apps_target(params: dict) -> dict[str, str | None]:
@@ -191,7 +196,7 @@ def rotate_root(
     if plan:
         return show_plan(app, cluster, [root_scope()], as_json)
     confirm_rotation(yes, "root key (valid for every project)", cluster)
-    after_rotation(app, _run(app, cluster, [root_scope()], as_json), wait_propagation)
+    _finish(app, _run(app, cluster, [root_scope()], as_json), wait_propagation)
 
 
 def _all_appids(app: AppContext, cluster: str) -> list[str]:
@@ -246,7 +251,7 @@ def rotate_app(
         return show_plan(app, cluster, scopes, as_json)
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     confirm_rotation(yes, f"key of {shown}", cluster)
-    after_rotation(app, _run(app, cluster, scopes, as_json, concurrency), wait_propagation)
+    _finish(app, _run(app, cluster, scopes, as_json, concurrency), wait_propagation)
 
 
 @rotate.command("due")

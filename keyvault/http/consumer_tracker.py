@@ -9,14 +9,16 @@ entry) by a thread of its own, only when an entry changed: a new consumer, a new
 or a refresh of ``last_read_at`` once the last write is ``REFRESH_SECONDS`` old.
 
 Staleness is bounded: an entry that changes is written within ``FLUSH_DELAY`` seconds (0.2 s,
-plus the time of the write), so ``keyvault consumers`` and a waiting ``rotate
---wait-propagation`` see a consumer on its new key within about a second.
+plus the time of the write; a failed write, e.g. a locked database, is retried after
+``RETRY_FIRST`` seconds, doubling up to ``RETRY_MAX``, while entries wait), so
+``keyvault consumers`` and a waiting ``rotate --wait-propagation`` see a consumer on its new key within about a second.
 
 Memory and the table are bounded: at most ``MAX_ENTRIES_PER_TOKEN`` (consumer, cluster,
 scope) entries per token in each server process, and a write inserts a new row only while
 the token has fewer rows than that (one more per concurrent writer at worst); a client
 sending ever new names past the cap is still served, its new names are not recorded, and
-the server logs it once per token. Rows not read for ``RETENTION`` (30 days) are deleted.
+the server logs it once per token. Rows not read for ``RETENTION`` (30 days) are deleted, and
+so are such entries from memory (``evict_idle``, hourly): they stop counting against the cap.
 
 After a write that moved consumers to a new version, the same thread checks whether the
 scope's latest rotation has propagated (every consumer seen in 30 days holds its version)
@@ -49,6 +51,7 @@ CONSUMER_NAME = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 MAX_ENTRIES_PER_TOKEN = 1000
 FLUSH_DELAY = 0.2  # seconds an entry may wait, so that a burst of reads is one write
 REFRESH_SECONDS = 60.0  # last_read_at is rewritten at most this often per consumer
+RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # seconds between tries of a failed write (doubling)
 _PRUNE_EVERY = 3600.0  # seconds between deletions of rows older than RETENTION
 _NAME_CACHE_LIMIT = 4096
 Key = tuple[str, str, str, str]  # token, consumer, cluster, scope
@@ -167,29 +170,54 @@ class ConsumerTracker:
         self._wake.set()
 
     def _admit(self, token: str) -> bool:
-        count = self._per_token.get(token, 0)
-        if count >= self.max_per_token:
-            if token not in self._full:
-                self._full.add(token)
-                log.warning(
-                    "token %r read keys as more than %d consumers and scopes: the new ones are "
-                    "not tracked (see docs/propagation.md)",
-                    token, self.max_per_token,
-                )  # fmt: skip
-            return False
-        self._per_token[token] = count + 1
-        return True
+        with self._lock:  # evict_idle decrements from the writer thread
+            count = self._per_token.get(token, 0)
+            if count < self.max_per_token:
+                self._per_token[token] = count + 1
+                return True
+            first = token not in self._full
+            self._full.add(token)
+        if first:
+            log.warning(
+                "token %r read keys as more than %d consumers and scopes: the new ones are "
+                "not tracked (see docs/propagation.md)",
+                token, self.max_per_token,
+            )  # fmt: skip
+        return False
+
+    def evict_idle(self, now: float) -> int:
+        """Drop the entries not read for ``RETENTION`` (gone, or forgotten with `keyvault
+        consumers forget`) from memory, so that they no longer count against their token's
+        cap; an entry still waiting to be written stays. Returns how many went."""
+        horizon = now - RETENTION.total_seconds()
+        gone = 0
+        with self._lock:
+            for key, entry in list(self._entries.items()):
+                if entry.last_read < horizon and key not in self._dirty:
+                    del self._entries[key]
+                    self._per_token[key[0]] -= 1
+                    self._full.discard(key[0])  # below the cap again: log if reached anew
+                    gone += 1
+        return gone
 
     def _run(self) -> None:
+        backoff: float | None = None  # after a failed write: seconds until the next try
         while True:
-            self._wake.wait()
+            # A failed write's entries stay dirty but a steady consumer marks nothing new
+            # (``seen`` returns early), so nothing would wake us: retry on our own.
+            self._wake.wait(backoff)
             if not self._stopping:
                 time.sleep(self.flush_delay)  # gather a burst (after a rotation) into one write
             self._wake.clear()
             try:
                 self.flush()
-            except Exception as exc:  # noqa: BLE001 - the next change tries again; reads go on
-                log.warning("could not record consumer reads: %s", exc)
+                backoff = None
+            except Exception as exc:  # noqa: BLE001 - retried with a capped backoff; reads go on
+                backoff = min(RETRY_MAX, 2 * backoff) if backoff else RETRY_FIRST
+                log.warning("could not record consumer reads (retry in %gs): %s", backoff, exc)
+                with self._lock:
+                    if not self._dirty:
+                        backoff = None  # only the pruning failed: it runs again next write
             if self._stopping:
                 return
 
@@ -199,7 +227,9 @@ class ConsumerTracker:
             keys, self._dirty = self._dirty, set()
             rows = []
             for key in keys:
-                entry = self._entries[key]
+                entry = self._entries.get(key)
+                if entry is None:  # evicted while a read marked it: its next read re-adds it
+                    continue
                 entry.refresh_due = now + self.refresh_seconds
                 rows.append(_row(key, entry, self.max_per_token))
         return rows
@@ -228,8 +258,9 @@ class ConsumerTracker:
         with self._lock:
             for r in rows:
                 key = (r["token"], r["consumer"], r["cluster"], r["scope"])
-                self._entries[key].refresh_due = float("inf")
-                self._dirty.add(key)
+                if (entry := self._entries.get(key)) is not None:
+                    entry.refresh_due = float("inf")
+                    self._dirty.add(key)
 
     def _prune(self) -> None:
         now = time.monotonic()
@@ -240,6 +271,7 @@ class ConsumerTracker:
             session.execute(
                 delete(ConsumerRead).where(ConsumerRead.last_read_at < utcnow() - RETENTION)
             )
+        self.evict_idle(time.time())
 
 
 def _lock_scopes(session: Session, scopes: list[tuple[str, str]]) -> None:

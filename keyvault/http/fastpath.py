@@ -25,7 +25,7 @@ from keyvault.errors import KeyvaultError
 from keyvault.http.access_audit import AccessAudit, client_of
 from keyvault.http.consumer_tracker import ConsumerTracker
 from keyvault.http.errors import error_response, send_error
-from keyvault.http.headers import none_match
+from keyvault.http.headers import lists_tag, none_match
 from keyvault.http.middleware import ROUTE_KEY
 from keyvault.http.state import KeyEntry, ServerState, require_scope
 from keyvault.scope import app_scope, root_scope
@@ -105,14 +105,17 @@ class FastKeyPath:
             entry = await state.blocking(
                 self._authorized_entry, state, scope, read, deadline=read.deadline
             )
-            if none_match(_header_lines(scope, b"if-none-match"), entry.etag):
+            conditions = _header_lines(scope, b"if-none-match")
+            holds = True  # a 200 hands over this version
+            if none_match(conditions, entry.etag):
                 await read.record("not_modified")
                 await _send_not_modified(send, entry)
+                holds = lists_tag(conditions, entry.etag)  # not for `*`: it names no version
             else:
                 await read.record("ok")
                 await _send_key(send, entry, head=head)
             # memory only: no I/O on the hot path; a HEAD shows the version, not the key
-            if not head and (tracker := self.consumers()) is not None:
+            if holds and not head and (tracker := self.consumers()) is not None:
                 tracker.seen(
                     scope, read.token_name, read.client, read.cluster, read.scope, entry.version
                 )

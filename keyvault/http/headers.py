@@ -104,6 +104,15 @@ def none_match(values: Sequence[str], etag: str) -> bool:
     return parsed.any or any(tag.opaque == etag for tag in parsed.tags)
 
 
+def lists_tag(values: Sequence[str], etag: str) -> bool:
+    """True if If-None-Match lists ``etag`` itself: the client shows it holds that version.
+    ``*`` matches any current representation but says nothing about which one it holds."""
+    if len(values) == 1 and values[0] == etag:
+        return True
+    parsed = parse_tag_list(values)
+    return parsed is not None and any(tag.opaque == etag for tag in parsed.tags)
+
+
 @dataclass(frozen=True)
 class VersionCondition:
     """What If-Match asks of a rotation: a current version (``any``) or one of ``versions``."""

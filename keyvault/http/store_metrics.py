@@ -48,7 +48,8 @@ from keyvault.models import (
     utcnow,
 )
 from keyvault.services.policies import ALL_APPS
-from keyvault.services.propagation import RETENTION, current_versions, last_old_key_checks
+from keyvault.services.propagation import current_versions, last_old_key_checks
+from keyvault.services.propagation import known as known_reads
 
 FINISHED = ("completed", "failed", "abandoned")
 _DurationRows = list[tuple[str, str, int, float | None]]
@@ -220,7 +221,7 @@ def propagation_metrics(session: Session, now: datetime) -> Iterator[Metric]:
     counts: dict[tuple[str, str], list[int]] = {}
     for cluster, scope, version, count in session.execute(
         select(ConsumerRead.cluster, ConsumerRead.scope, ConsumerRead.version, func.count())
-        .where(ConsumerRead.last_read_at >= now - RETENTION)
+        .where(known_reads(now))
         .group_by(ConsumerRead.cluster, ConsumerRead.scope, ConsumerRead.version)
     ):
         figures = counts.setdefault((cluster, scope), [0, 0])

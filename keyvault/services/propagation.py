@@ -3,7 +3,10 @@
 The HTTP servers record reads in ``consumer_reads`` (keyvault/http/consumer_tracker.py);
 this module reads them back for people (`keyvault consumers`, `rotations show`, `rotate
 --plan` and `--wait-propagation`) and decides when a rotation has propagated: every consumer
-seen reading the scope in the last ``RETENTION`` (30 days) holds its new version.
+seen reading the scope in the last ``RETENTION`` (30 days) holds its new version. A consumer
+of a token that can no longer read (revoked, expired or deleted) is not "known": it will never
+fetch the new key, so it must not hold a rotation back. ``forget_consumers`` drops the rows of
+a one-off or decommissioned consumer whose token lives on (`keyvault consumers forget`).
 
 ``claim_propagated`` records that once per rotation (``rotations.propagated_at`` set by a
 conditional UPDATE, and the ``rotation.propagated`` event in the same transaction), so two
@@ -19,12 +22,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from keyvault.events import record_event
 from keyvault.models import (
     CURRENT,
+    AccessToken,
     Cluster,
     ConsumerRead,
     Rotation,
@@ -86,20 +90,52 @@ def list_consumers(
     return rows
 
 
+def known(now: datetime) -> ColumnElement[bool]:
+    """The condition on ``consumer_reads`` rows that are known consumers at ``now``: read
+    within ``RETENTION``, with a token that still exists and is neither revoked nor expired."""
+    live = select(AccessToken.name).where(
+        AccessToken.revoked_at.is_(None),
+        or_(AccessToken.expires_at.is_(None), AccessToken.expires_at > now),
+    )
+    return and_(ConsumerRead.last_read_at >= now - RETENTION, ConsumerRead.token_name.in_(live))
+
+
 def known_consumers(
     session: Session, cluster: str, scope: str, now: datetime | None = None
 ) -> list[ConsumerRead]:
-    """The consumers seen reading a scope within ``RETENTION``."""
-    since = (now or utcnow()) - RETENTION
+    """The known consumers of a scope (``known``)."""
     return list(
         session.scalars(
             select(ConsumerRead).where(
                 ConsumerRead.cluster == cluster,
                 ConsumerRead.scope == scope,
-                ConsumerRead.last_read_at >= since,
+                known(now or utcnow()),
             )
         )
     )
+
+
+def forget_consumers(
+    session: Session,
+    *,
+    token: str,
+    consumer: str | None = None,
+    cluster: str | None = None,
+    scope: str | None = None,
+) -> tuple[int, list[str]]:
+    """Delete the recorded reads of ``token`` (one consumer, cluster, scope if given): a
+    consumer that is gone must not hold rotations back for 30 days. Returns how many rows
+    went, and the rotations that propagated now that they are gone (recorded here)."""
+    where = [ConsumerRead.token_name == token]
+    if consumer is not None:
+        where.append(ConsumerRead.consumer == consumer)
+    if cluster is not None:
+        where.append(ConsumerRead.cluster == cluster)
+    if scope is not None:
+        where.append(ConsumerRead.scope == scope)
+    scopes = set(session.execute(select(ConsumerRead.cluster, ConsumerRead.scope).where(*where)))
+    count = session.execute(delete(ConsumerRead).where(*where)).rowcount or 0  # type: ignore[attr-defined]
+    return count, check_scopes(session, [(c, s) for c, s in scopes])
 
 
 @dataclass(frozen=True)

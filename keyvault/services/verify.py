@@ -33,6 +33,7 @@ class KeyCheckOutcome:
     state: str
     return_code: int | None
     message: str
+    key_rejected: bool = False  # failed because TA refused the key (not busy, not a bad call)
 
 
 def make_client(cluster: Cluster, settings: Settings, client_factory: Callable | None = None):
@@ -84,7 +85,7 @@ def verify_scope_key(
     )
     if result.ok:
         return KeyCheckOutcome("verified", 0, result.detail)
-    return KeyCheckOutcome("failed", result.return_code, result.detail)
+    return KeyCheckOutcome("failed", result.return_code, result.detail, result.key_rejected)
 
 
 def verify_current(
@@ -126,9 +127,11 @@ def check_old_key(
 ) -> tuple[str, KeyCheckOutcome | None]:
     """Call the same check endpoint with the previous key: TA must refuse it.
 
-    ``rejected`` when TA answered the call with an error code (the same call succeeded with
-    the new key), ``still_accepted`` when it answered 0, ``unchecked`` when there is nothing
-    to compare (no previous key, the new key was not verified) or TA could not be reached.
+    ``rejected`` when TA refused the key itself (``ta.is_key_rejected``: a configured
+    invalid-key code or a key-refusal message; the same call succeeded with the new key),
+    ``still_accepted`` when it answered 0, ``unchecked`` when there is nothing to compare (no
+    previous key, the new key was not verified), TA could not be reached, or it failed for
+    another reason (e.g. 1500 "system busy": that proves nothing about the old key).
     """
     if old_key is None or new_check.state != "verified":
         return OLD_KEY_UNCHECKED, None
@@ -137,7 +140,7 @@ def check_old_key(
     )
     if outcome.state == "verified":
         return OLD_KEY_ACCEPTED, outcome
-    if outcome.state == "failed" and outcome.return_code is not None:
+    if outcome.state == "failed" and outcome.key_rejected:
         return OLD_KEY_REJECTED, outcome
     return OLD_KEY_UNCHECKED, outcome
 

@@ -14,7 +14,7 @@ from sqlalchemy import func, select, text
 
 from keyvault.db import session_factory, transaction
 from keyvault.http.consumer_tracker import ConsumerTracker, consumer_name
-from keyvault.models import Cluster, ConsumerRead, Event, Rotation, utcnow
+from keyvault.models import AccessToken, Cluster, ConsumerRead, Event, Rotation, utcnow
 from keyvault.services.propagation import (
     PROPAGATED_EVENT,
     claim_propagated,
@@ -102,6 +102,8 @@ def _rotation(engine, *, new_version: int) -> str:
         cluster = Cluster(name="c", open_api_url="http://127.0.0.1:9", key_pattern=".+")
         cluster.created_at = now
         s.add(cluster)
+        # The readers' token: a consumer of a token that no longer exists is not known.
+        s.add(AccessToken(name="tok", token_hash="0" * 64, scopes="[]", created_at=now))
         s.flush()
         s.add(
             Rotation(

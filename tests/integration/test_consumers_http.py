@@ -72,6 +72,22 @@ def test_reads_name_their_consumer_or_count_as_the_client_address(served: World)
     )
 
 
+def test_if_none_match_star_is_no_proof_of_holding_the_current_version(served: World):
+    world = served
+    with world.http("app-all") as http:
+        for consumer, condition in (("star", "*"), ("listed", '"v0", "v1"')):
+            answer = http.get(
+                "/v1/clusters/c/apps/a1",
+                headers={"X-Keyvault-Consumer": consumer, "If-None-Match": condition},
+            )
+            assert answer.status_code == 304, consumer
+        # Read last: a recorded `*` would be written in the same flush or an earlier one.
+        marker = http.get("/v1/clusters/c/apps/a1", headers={"X-Keyvault-Consumer": "marker"})
+        assert marker.status_code == 200
+    rows = _wait_rows(world, 2)
+    assert {consumer for _, consumer, _, _ in rows} == {"listed", "marker"}
+
+
 def test_control_characters_in_stored_names_are_escaped_on_output(served: World, engine):
     now = utcnow()
     with engine.begin() as conn:  # a row no server would write (the grammar refuses it)

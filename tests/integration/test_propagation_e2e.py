@@ -244,3 +244,57 @@ def test_two_servers_record_a_propagation_exactly_once(fleet: Fleet, tmp_path: P
     assert [e["rotation_id"] for e in fleet.events("rotation.propagated") if e["version"] == 2] == [
         rid
     ]
+
+
+def test_a_failed_scope_of_a_bulk_run_still_alerts_and_waits(fleet: Fleet):
+    """One failed scope (exit 1) must not hide the old-key alert (5 wins) nor skip the wait."""
+    paths = SandboxPaths(fleet.home.path)
+    st.set_noise(paths.state_dir, accept_old_keys=True)
+    bulk = ("rotate", "app", "--cluster", CLUSTER, APP, "ghost", "--yes", "--json")
+    rotated = fleet.cli(*bulk)
+    assert rotated.exit_code == EXIT_OLD_KEY_ACCEPTED, describe(rotated)
+    assert "TA still accepts the previous key (v1)" in rotated.stderr
+    summary = json.loads(rotated.stdout)["summary"]
+    assert (summary["rotated"], summary["failed"]) == (1, 1)
+
+    st.set_noise(paths.state_dir, accept_old_keys=None)
+    assert fleet.read("laggard") == fleet.current_version()  # then never reads again
+    fleet.wait_consumers(lambda rows: ("fleet", "laggard") in rows)
+    waited = fleet.cli(*bulk, "--wait-propagation", "0")
+    assert waited.exit_code == 1, describe(waited)  # the failure wins over the stragglers (4)
+    assert "fleet/laggard" in waited.stderr  # the wait ran and named who is behind
+
+
+def test_gone_consumers_stop_holding_a_rotation_back(fleet: Fleet):
+    """A revoked token's consumer, and one forgotten with `consumers forget`, are not known."""
+    fleet.read("main")
+    fleet.read("one-off")
+    fleet.read("retired", token="fleet2")
+    fleet.wait_consumers(lambda rows: len(rows) == 3)
+    rotated = json.loads(
+        expect(fleet.cli("rotate", "app", "--cluster", CLUSTER, APP, "--yes", "--json")).stdout
+    )
+    rid = rotated["results"][0]["rotation_id"]
+    assert fleet.read("main") == 2
+    fleet.wait_consumers(_stale({"one-off", "retired"}))
+
+    def propagation() -> dict:
+        shown = expect(fleet.cli("rotations", "show", rid, "--json")).stdout
+        return json.loads(shown)["propagation"]
+
+    assert (propagation()["consumers"], propagation()["complete"]) == (3, False)
+    expect(fleet.cli("token", "revoke", "fleet2", "--yes"))
+    assert propagation()["consumers"] == 2  # was 3 for 30 days: the token can never read again
+
+    forget = ("consumers", "forget", "--token", "fleet", "--consumer", "one-off")
+    refused = fleet.cli(*forget)  # no terminal, no --yes: nothing is forgotten
+    assert refused.exit_code != 0 and "--yes" in refused.stderr
+    forgot = expect(fleet.cli(*forget, "--cluster", CLUSTER, "--appid", APP, "--yes"))
+    assert "forgot 1 consumer record(s)" in forgot.stdout
+    assert f"rotation {rid} propagated" in forgot.stdout
+    p = propagation()
+    assert (p["consumers"], p["updated"], p["complete"]) == (1, 1, True) and p["propagated_at"]
+    audit = json.loads(expect(fleet.cli("audit", "list", "--json")).stdout)
+    outcomes = [r["outcome"] for r in audit if r["action"] == "consumers.forget"]
+    assert outcomes == ["ok", "pending", "usage_error", "pending"]  # newest first
+    assert {c["consumer"] for c in fleet.consumers()} == {"main", "retired"}  # one-off is gone

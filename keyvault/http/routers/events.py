@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from keyvault.db import transaction
 from keyvault.errors import KeyvaultError
+from keyvault.events import settled_feed
 from keyvault.http.access_audit import AccessAudit, client_of
 from keyvault.http.deps import State, audited_grant
 from keyvault.http.schemas import EVENTS_ERRORS, EventOut, EventsOut
@@ -67,8 +68,13 @@ async def events(
 
 
 def events_after(state: ServerState, grant: Grant, after: int) -> tuple[list[EventOut], int]:
-    """Up to ``PAGE`` events the grant may see after ``after``, and the id to continue from."""
+    """Up to ``PAGE`` events the grant may see after ``after``, and the id to continue from.
+
+    Nothing is returned (and the cursor stays) while an event may still be in flight: an
+    uncommitted lower id would otherwise be skipped for good (``events.settled_feed``)."""
     with transaction(state.factory) as session:
+        if not settled_feed(session):
+            return [], after
         rows = list(
             session.scalars(select(Event).where(Event.id > after).order_by(Event.id).limit(_SCAN))
         )
