@@ -351,10 +351,15 @@ class Client:
         )
 
     # -- events ----------------------------------------------------------------------------
-    def events(self, after: int, wait: float = 0.0) -> tuple[list[dict[str, Any]], int]:
+    def events(
+        self, after: int, wait: float = 0.0, *, tail: bool = False
+    ) -> tuple[list[dict[str, Any]], int]:
         """One page of ``GET /v1/events`` after ``after`` (long-polled up to ``wait`` s):
-        the events the token may see and the id to continue from."""
-        path = f"/v1/events?after={int(after)}&wait={float(wait):g}"
+        the events the token may see and the id to continue from. ``tail``: no events, the
+        newest event's id (where a new follower starts)."""
+        path = f"/v1/events?after={int(after)}&wait={float(wait):g}" + (
+            "&tail=true" if tail else ""
+        )
         response = self._request("GET", path, timeout=self.timeout + wait)
         if response.status != 200:
             raise self._error("GET", "/v1/events", response)

@@ -98,7 +98,11 @@ class Follower:
             yield from self._revalidate([scope], event_id)
 
     def _newest(self) -> int:
-        """The id of the newest event the token may see (0 for none)."""
+        """The id of the newest event (0 for none): one request to a server that knows
+        ``tail``; an older one (which ignores it and answers a page) is paged through."""
+        found, last = self.client.events(0, 0.0, tail=True)
+        if not found:
+            return last
         after = 0
         for _page in range(_MAX_TAIL_PAGES):
             found, last = self.client.events(after, 0.0)

@@ -44,7 +44,10 @@ class FakeClient:
         self.gets += 1
         return KeyInfo(cluster, scope, version, "fp", "2026-01-01", key="k", etag=f'"v{version}"')
 
-    def events(self, after: int, wait: float = 0.0) -> tuple[list[dict[str, object]], int]:
+    def events(
+        self, after: int, wait: float = 0.0, *, tail: bool = False
+    ) -> tuple[list[dict[str, object]], int]:
+        # ``tail`` is answered from the script like a page (an empty one is the tail's id).
         self.calls.append(after)
         if not self.script:
             self.stop.set()

@@ -14,7 +14,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from keyvault.db import transaction
 from keyvault.errors import KeyvaultError
@@ -42,11 +42,21 @@ async def events(
     state: State,
     after: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     wait: Annotated[float, Query(ge=0, le=60)] = 0,
+    tail: Annotated[bool, Query()] = False,
 ) -> EventsOut:
-    """Events of the token's scopes after ``after``; with ``wait``, long-poll up to that many seconds."""
+    """Events of the token's scopes after ``after``; with ``wait``, long-poll up to that many
+    seconds. ``tail=true``: no events, only ``last_id``, the newest event's id (where a new
+    follower starts, after reading its keys, instead of paging through the history)."""
     audit = AccessAudit(state.audit, "events", None, None, client_of(request.scope))
     # Authenticated here, after FastAPI validated the query (a bad query is a 400 first).
     grant = await audited_grant(request, state, audit)
+    if tail:
+        try:
+            newest = await state.blocking(newest_event_id, state)
+        except KeyvaultError as exc:
+            raise await audit.refused(exc) from None
+        await audit.record("ok")
+        return EventsOut(events=[], last_id=newest)
     deadline = time.monotonic() + wait
     while True:
         # Armed before the query: an event recorded while it runs still wakes the wait.
@@ -59,7 +69,9 @@ async def events(
             if found or time.monotonic() >= deadline:
                 await audit.record("ok")
                 return EventsOut(events=found, last_id=last)
-            after = last
+            if last > after:  # rows of other scopes only: scan on at once, do not wait
+                after = last
+                continue
             listening = state.listener is not None and state.listener.connected
             poll = _SLOW_POLL_SECONDS if listening else _POLL_SECONDS
             await asyncio.wait({changed}, timeout=min(poll, max(0.0, deadline - time.monotonic())))
@@ -83,6 +95,12 @@ def events_after(state: ServerState, grant: Grant, after: int) -> tuple[list[Eve
     if len(found) == PAGE:
         last = found[-1].id
     return found, last
+
+
+def newest_event_id(state: ServerState) -> int:
+    """The id of the newest event (0 for none)."""
+    with transaction(state.factory) as session:
+        return int(session.scalar(select(func.max(Event.id))) or 0)
 
 
 def _event_out(e: Event) -> EventOut:
