@@ -30,9 +30,7 @@ def db_upgrade(app: AppContext, revision: str, as_json: bool) -> None:
     transition = not inspect(app.engine).has_table("row_mac_adoption")
     upgrade(app.engine, revision)
     current = current_revision(app.engine)
-    adopted = (
-        _adopt_after_upgrade(app) if transition and current == head_revision() else None
-    )
+    adopted = _adopt_after_upgrade(app) if transition and current == head_revision() else None
     if as_json:
         emit_json({"current": current, "head": head_revision(), "adopted": adopted})
         return

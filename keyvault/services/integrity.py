@@ -334,16 +334,16 @@ def _eligible_ids(session: Session) -> dict[type[RowMac], list[int]] | None:
     records = {r.table_name: r for r in session.scalars(select(RowMacAdoption))}
     eligible: dict[type[RowMac], list[int]] = {}
     for model in MAC_MODELS:
-        record = records.get(model.__tablename__)  # type: ignore[attr-defined]
+        table: Any = model  # the mixin declares no id or __tablename__; every model has both
+        record = records.get(table.__tablename__)
         if record is None or record.closed_at is not None:
             return None
         ids = [i for i in json.loads(record.row_ids) if isinstance(i, int)]
         eligible[model] = ids
-        if ids and session.scalar(
-            select(func.count())
-            .select_from(model)
-            .where(model.id.in_(ids), model.mac.is_not(None))  # type: ignore[attr-defined]
-        ):
+        macs = (
+            select(func.count()).select_from(table).where(table.id.in_(ids), table.mac.is_not(None))
+        )
+        if ids and session.scalar(macs):
             return None
     return eligible
 
@@ -356,19 +356,13 @@ def adoptable(session: Session) -> list[RowMac] | None:
     rows: list[RowMac] = []
     for model, ids in eligible.items():
         if ids:
-            rows.extend(
-                session.scalars(
-                    select(model)
-                    .where(model.id.in_(ids), model.mac.is_(None))  # type: ignore[attr-defined]
-                    .order_by(model.id)  # type: ignore[attr-defined]
-                )
-            )
+            table: Any = model
+            query = select(table).where(table.id.in_(ids), table.mac.is_(None))
+            rows.extend(session.scalars(query.order_by(table.id)))
     return rows
 
 
-def adopt(
-    session: Session, *, keyring: crypto.Keyring, only: set[str] | None = None
-) -> list[str]:
+def adopt(session: Session, *, keyring: crypto.Keyring, only: set[str] | None = None) -> list[str]:
     """MAC the rows the upgrade to row MACs found without one, then close adoption for good.
 
     Trust on first use, once: the rows are taken as they stand now. ``only`` (``describe``

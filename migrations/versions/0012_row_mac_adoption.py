@@ -45,13 +45,13 @@ def upgrade() -> None:
         table: [
             row[0]
             for row in conn.execute(
-                sa.text(f"SELECT id FROM {table} WHERE mac IS NULL ORDER BY id")  # noqa: S608 - fixed names
+                sa.text(f"SELECT id FROM {table} WHERE mac IS NULL ORDER BY id")
             )
         ]
         for table in TABLES
     }
     macs = sum(
-        conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE mac IS NOT NULL")).scalar_one()  # noqa: S608
+        conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE mac IS NOT NULL")).scalar_one()
         for table in TABLES
     )
     # Rows MACed already: the store's chain of MACs began before this migration (an earlier

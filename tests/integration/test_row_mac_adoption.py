@@ -108,8 +108,13 @@ def test_a_mac_under_a_retired_master_key_is_refused_though_the_file_holds_it(wo
     ring = crypto.load_keyring(path)
     crypto.save_keyring(path, crypto.Keyring(ring.active, {**old_ring.keys, **ring.keys}))
     # ... and a writer puts back the cluster's genuine earlier state, MACed under it.
-    sql(world, "UPDATE clusters SET open_api_url = :u, mac = :m, mac_key_id = :k", u=old[0],
-        m=old[1], k=old[2])
+    sql(
+        world,
+        "UPDATE clusters SET open_api_url = :u, mac = :m, mac_key_id = :k",
+        u=old[0],
+        m=old[1],
+        k=old[2],
+    )
     assert failing_rows(world) == ["clusters row 1 (cluster 'c')"]
     with world["factory"]() as s:
         keyring = open_keyring(s, settings=world["settings"])
