@@ -22,12 +22,17 @@ def db() -> None:
 def db_upgrade(app: AppContext, revision: str, as_json: bool) -> None:
     """Apply the migrations."""
     from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
 
     from keyvault.db import current_revision, head_revision, upgrade
+    from keyvault.errors import KeyvaultError
 
     # Only the run that brings in the adoption record (the transition to row MACs) adopts:
     # a routine upgrade never MACs a row, whatever a database writer left without one.
-    transition = not inspect(app.engine).has_table("row_mac_adoption")
+    try:
+        transition = not inspect(app.engine).has_table("row_mac_adoption")
+    except (SQLAlchemyError, KeyvaultError):
+        transition = True  # no database yet, or unreachable (the upgrade says so)
     upgrade(app.engine, revision)
     current = current_revision(app.engine)
     adopted = _adopt_after_upgrade(app) if transition and current == head_revision() else None
