@@ -75,6 +75,9 @@ class Keyring:
     active: str
     keys: dict[str, bytes] = field(repr=False)
     source: Path | None = field(default=None, compare=False)
+    # Ids the store had retired when this keyring was opened (``store.open_keyring``): a MAC
+    # under one of them is refused even while the file still holds the key (a spool file).
+    retired: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __repr__(self) -> str:
         return f"Keyring(active={self.active!r}, ids={sorted(self.keys)!r})"

@@ -494,3 +494,18 @@ class ConsumerRead(Base):
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     version_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     last_read_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class RowMacAdoption(Base):
+    """Which rows of a MAC table may be adopted (trust on first use), written by migration 0012.
+
+    ``row_ids`` (JSON list) are the rows that had no MAC when the store was upgraded; no other
+    row is ever adoptable. ``closed_at`` is set once adoption has run (or when the migration
+    found nothing to adopt): from then on no row of the store is adopted again.
+    """
+
+    __tablename__ = "row_mac_adoption"
+
+    table_name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    row_ids: Mapped[str] = mapped_column(Text, nullable=False)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -12,8 +12,10 @@ copied from another row fails ``check_row`` and is refused with ``IntegrityError
 Writers call ``seal_row`` after every change (under the live master key, held against a
 concurrent `master-key rotate` like every sealing step: ``store.live_keyring``); readers
 call ``check_row`` before the row is used. `master-key rotate` moves every verifying row to
-its new key (``remac_all``) in the transaction that retires the old one. Rows of a store
-upgraded to 0008 have no MAC until adopted (``adopt``), and are refused until then.
+its new key (``remac_all``) in the transaction that retires the old one, and a MAC under a
+retired key is refused. Rows of a store upgraded to row MACs have no MAC until adopted
+(``adopt``), and are refused until then; adoption takes only the rows migration 0012
+recorded, once (``row_mac_adoption``), so a row a writer inserts or strips later never is.
 
 What this does not stop: putting back an earlier, genuine state of a row (with its MAC)
 made under a master key that is still live. See docs/security.md.
@@ -22,8 +24,9 @@ made under a master key that is still live. See docs/security.md.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,8 +42,10 @@ from keyvault.models import (
     Rotation,
     RotationPolicy,
     RowMac,
+    RowMacAdoption,
     ScopeSchedule,
     Webhook,
+    utcnow,
 )
 from keyvault.rotation_states import is_unresolved
 from keyvault.services.store import live_keyring
@@ -210,12 +215,16 @@ def failure(row: RowMac, *, keyring: crypto.Keyring) -> str | None:
         # and never reads the spool into its cluster (that needs an unresolved state).
         return None
     if row.mac is None or row.mac_key_id is None:
-        since = "0011" if isinstance(row, Rotation) else "0008"
         return (
-            f"it has no MAC (not adopted since the upgrade to schema {since}: `keyvault db adopt`)"
+            "it has no MAC (only rows an upgrade to row MACs found are adopted, once: "
+            "`keyvault db adopt`)"
         )
+    if row.mac_key_id in keyring.retired:
+        # Every genuine row moved off it when it was retired (`remac_all`): an older state.
+        return f"its MAC is under master key {row.mac_key_id[:64]!r}, which is retired"
     if row.mac_key_id not in keyring.keys and keyring.source is not None:
-        keyring = crypto.load_keyring(keyring.source)  # a `master-key rotate` meanwhile
+        # A `master-key rotate` meanwhile; what this keyring knew retired stays retired.
+        keyring = replace(crypto.load_keyring(keyring.source), retired=keyring.retired)
     if row.mac_key_id not in keyring.keys:
         return f"its MAC names master key {row.mac_key_id[:64]!r}, which is not in the keyring"
     if not crypto.mac_matches(row.mac, compute(row, keyring=keyring, key_id=row.mac_key_id)):
@@ -317,25 +326,95 @@ def check_restored(
             seal_row(session, row, keyring=keyring)
 
 
-def unadopted(session: Session) -> int:
-    """How many rows have no MAC yet."""
-    return sum(
-        session.scalar(select(func.count()).select_from(model).where(model.mac.is_(None))) or 0
-        for model in MAC_MODELS
+# The columns ``mac_fields`` covers after table and id, by name (what `db adopt` shows).
+_COLUMNS: dict[type[RowMac], tuple[str, ...]] = {
+    AccessToken: ("name", "token_hash", "scopes", "can_rotate", "expires_at", "revoked_at"),
+    Cluster: ("name", "open_api_url", "key_pattern", "options"),
+    Host: (
+        "cluster_id",
+        "address",
+        "port",
+        "username",
+        "identity_file",
+        "become",
+        "ta_user",
+        "host_key_fingerprint",
+    ),
+    Webhook: ("url", "scopes", "created_at", "removed_at"),
+    RotationPolicy: ("cluster_id", "target", "max_age_seconds", "window"),
+    ScopeSchedule: ("cluster_id", "scope", "consecutive_failures", "next_attempt_at", "paused_at"),
+}
+
+
+def shown(row: RowMac) -> str:
+    """The row and every column its MAC would cover, control characters escaped."""
+    values = mac_fields(row)[2:]
+    columns = ", ".join(
+        f"{name}={value!r}" for name, value in zip(_COLUMNS[type(row)], values, strict=True)
     )
+    return printable(f"{describe(row)}: {columns}")
 
 
-def adopt(session: Session, *, keyring: crypto.Keyring) -> list[str]:
-    """MAC every row that has no MAC yet (after the upgrade to 0008); return what was adopted.
+def _eligible_ids(session: Session) -> dict[type[RowMac], list[int | str]] | None:
+    """The ids each table may still adopt, or None once adoption is over for the store.
 
-    Trust on first use: the rows are taken as they stand now. A row with a MAC is never
-    touched here, even a failing one.
+    Over: a table without its record (a writer deleted it), a record closed, or a row the
+    upgrade found without a MAC carries one now (adoption ran; a writer reset the record).
     """
+    records = {r.table_name: r for r in session.scalars(select(RowMacAdoption))}
+    eligible: dict[type[RowMac], list[int | str]] = {}
+    for model in MAC_MODELS:
+        table: Any = model  # the mixin declares no id or __tablename__; every model has both
+        record = records.get(table.__tablename__)
+        if record is None or record.closed_at is not None:
+            return None
+        ids = [i for i in json.loads(record.row_ids) if isinstance(i, int | str)]  # rotations: str
+        eligible[model] = ids
+        macs = (
+            select(func.count()).select_from(table).where(table.id.in_(ids), table.mac.is_not(None))
+        )
+        if ids and session.scalar(macs):
+            return None
+    return eligible
+
+
+def adoptable(session: Session) -> list[RowMac] | None:
+    """The rows adoption would MAC now, or None when the store has been adopted already."""
+    eligible = _eligible_ids(session)
+    if eligible is None:
+        return None
+    rows: list[RowMac] = []
+    for model, ids in eligible.items():
+        if ids:
+            table: Any = model
+            query = select(table).where(table.id.in_(ids), table.mac.is_(None))
+            rows.extend(session.scalars(query.order_by(table.id)))
+    return rows
+
+
+def adopt(session: Session, *, keyring: crypto.Keyring, only: set[str] | None = None) -> list[str]:
+    """MAC the rows the upgrade to row MACs found without one, then close adoption for good.
+
+    Trust on first use, once: the rows are taken as they stand now. ``only`` (``describe``
+    of each row an operator confirmed) limits it to those. No other row is ever adopted: a
+    row inserted, or stripped of its MAC, later stays refused.
+    """
+    rows = adoptable(session)
+    if rows is None:
+        raise IntegrityError(
+            "this store's rows were adopted already; rows without a MAC are never adopted again",
+            what="database",
+            hint="`keyvault db check --integrity` names them: restore each from a backup, or "
+            "re-create it (an operator holding the master key file MACs it)",
+        )
     live = live_keyring(session, keyring)
     adopted = []
-    for row in _rows(session):
-        if row.mac is None or row.mac_key_id is None:
+    for row in rows:
+        if only is None or describe(row) in only:
             _set(row, live, live.active)
             adopted.append(describe(row))
+    now = utcnow()
+    for record in session.scalars(select(RowMacAdoption)):
+        record.closed_at = now
     session.flush()
     return adopted

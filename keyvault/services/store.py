@@ -111,7 +111,8 @@ def open_keyring(session: Session, *, settings: Settings) -> crypto.Keyring:
     crypto.verify_check_value(keyring, active, rows[active].check_value)
     # After a crash between commit and the final keyring write, the file's
     # "active" may name the retired key: the database decides which is live.
-    return replace(keyring, active=active)
+    retired = frozenset(k for k, row in rows.items() if row.retired_at is not None)
+    return replace(keyring, active=active, retired=retired)
 
 
 # How often to look again when a `master-key rotate` commits while we wait for its lock;

@@ -223,7 +223,7 @@ def test_an_upgraded_store_refuses_rows_until_they_are_adopted(world):
     assert len(rows) == 4  # cluster, host, policy, token
     with pytest.raises(IntegrityError, match="no MAC"):
         rotate(world)
-    adopted = cli("db", "adopt", "--json")
+    adopted = cli("db", "adopt", "--json", "--yes")
     expect(adopted)
     assert len(json.loads(adopted.stdout)["adopted"]) == 4
     assert failing_rows(world) == []

@@ -64,9 +64,10 @@ from keyvault.services.secrets import reveal
 from keyvault.services.webhooks import webhook_secret
 
 # Bookkeeping tables a freshly initialised store already has rows in (init's master key,
-# the revision counter, the migrations' seeded leases); every other table must be empty
-# for a restore without ``replace``. All of them are replaced by the backup's rows.
-_INIT_TABLES = ("master_keys", "revision", "leases")
+# the revision counter, the migrations' seeded leases and row MAC adoption record); every
+# other table must be empty for a restore without ``replace``. All of them are replaced by
+# the backup's rows.
+_INIT_TABLES = ("master_keys", "revision", "leases", "row_mac_adoption")
 _REVISION_TABLE = "revision"
 
 
