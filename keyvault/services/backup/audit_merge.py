@@ -115,7 +115,9 @@ def merge_audit_chain(
     master keys are in place); return how many records were copied."""
     rows = rows_by_table[AuditRecord.__tablename__]
     same_chain = _merge_keys(session, rows_by_table[AuditChainKey.__tablename__], keyring, live_id)
-    start_chain_key(session, keyring=replace(keyring, active=live_id), keys=chain.keys)
+    start_chain_key(
+        session, keyring=replace(keyring, active=live_id), keys=chain.keys, sink=chain.sink
+    )
     missing = _missing(session, rows, same_chain)
     if not missing:
         return 0
