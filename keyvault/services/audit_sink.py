@@ -7,7 +7,9 @@ server's stdout (journald). Each line carries the record with its chain MAC and 
 it links to, so `keyvault audit verify --file` checks the copy on its own, and a database
 writer who rewinds the chain's tail cannot rewind this file too.
 
-Lines are written after the records commit (a rolled-back record is never in the file).
+Lines are written after the outer transaction commits (a record rolled back, with its
+transaction or its savepoint, is never in the file); records the sink missed are marked
+as a gap (``GAP``) at the next write that succeeds.
 ``json.dumps`` escapes every control character: a hostile request path stays one line.
 """
 

@@ -5,9 +5,11 @@ from the one before (``audit_chain.record_mac``), and names the first record tha
 wrong and how: deleted before it (its id follows a gap and the next record links to it),
 altered (its MAC no longer matches its content, but the next record links to it),
 inserted (the next record links to the one before it), altered or moved (neither), no MAC
-(written outside keyvault), an unknown chain key; then the tail against the head row.
-Records at or before the anchor were written before the chain began (migration 0007) or
-are what a prune left out: counted, not verifiable.
+(written outside keyvault), an unknown chain key, a chain key the chain had left (keys
+move on only by an ``audit.chain_key_started`` record under the key before); then the tail
+and the head's key against the head row. Records at or before the anchor were written
+before the chain began (migration 0007): counted, not verifiable, but no more of them and
+no higher ids than the chain's start record counted. After a prune nothing may be there.
 
 A database writer can still delete the newest records and rewind the head to match:
 nothing in the database can tell. The JSON-lines sink is the witness (``check_lines``

@@ -326,9 +326,8 @@ def test_records_from_before_the_chain_are_counted_not_failed(cli, home):
         engine.dispose()
     expect(cli("cluster", "add", "c", "--open-api-url", "http://127.0.0.1:9"))
     report = verify(cli)
-    assert report["ok"] and report["before_chain"] == 3 and report["verified"] == 3, (
-        report
-    )  # key start, intent, outcome
+    # Verified: the chain's start (which counts the 3 before it), the intent and the outcome.
+    assert report["ok"] and report["before_chain"] == 3 and report["verified"] == 3, report
     summary = expect(cli("audit", "verify")).stdout
     assert "3 records before the chain began (unverifiable)" in summary
 
