@@ -209,3 +209,67 @@ def test_a_sink_that_missed_records_marks_a_gap_and_verifies_around_it(cli, home
     sink_path.write_text("\n".join(kept) + "\n")
     report = verify(cli, "--file", str(sink_path))
     assert not report["ok"] and "deleted" in report["problem"], report
+
+
+class _LostCommitReply:
+    """A real DBAPI connection whose COMMIT is applied and then reported lost (injected)."""
+
+    def __init__(self, conn) -> None:
+        self._conn = conn
+
+    def __getattr__(self, name: str):
+        return getattr(self._conn, name)
+
+    def commit(self) -> None:
+        self._conn.commit()
+        raise OSError("server closed the connection unexpectedly")
+
+    def cursor(self):
+        return _LostCommitCursor(self._conn.cursor())
+
+
+class _LostCommitCursor:
+    def __init__(self, cur) -> None:
+        self._cur = cur
+
+    def __getattr__(self, name: str):
+        return getattr(self._cur, name)
+
+    def execute(self, statement: str, *args):
+        result = self._cur.execute(statement, *args)
+        if statement == "COMMIT":
+            raise OSError("disk I/O error")
+        return result
+
+
+def test_the_http_writer_marks_a_batch_whose_commit_reply_was_lost(cli, home, tmp_path):
+    from keyvault.http.audit_writer import AuditWriter
+
+    expect(cli("init"))
+    expect(cli("cluster", "add", "c", "--open-api-url", "http://127.0.0.1:9"))  # a chain key
+    sink_path = tmp_path / "audit.jsonl"
+    chain = _chain(home, sink_path)
+    engine = make_engine(home.database_url)
+    writer = AuditWriter(engine, chain=chain)
+    writer._sqlite = engine.dialect.name == "sqlite"
+    conn = engine.raw_connection()
+    try:
+        record = {"at": datetime.now(UTC), "action": "read", "outcome": "ok"}
+        assert writer._write(conn, [record], None) is None
+        assert writer._write(_LostCommitReply(conn), [record, record], None) is not None
+        assert writer._write(conn, [record], None) is None
+    finally:
+        conn.close()
+        chain.sink.close()
+        engine.dispose()
+        writer._thread.shutdown()
+    lines = [json.loads(line) for line in sink_path.read_text().splitlines()]
+    gaps = [line["sink_gap"] for line in lines if "sink_gap" in line]
+    assert len(gaps) == 1 and gaps[0]["to"] == gaps[0]["from"] + 1, lines
+    assert verify(cli)["ok"]  # the batch was committed: the database's chain has it
+    report = verify(cli, "--file", str(sink_path))
+    assert (
+        report["ok"]
+        and report["verified"] == 2
+        and report["gaps"] == [[gaps[0]["from"], gaps[0]["to"]]]
+    ), report
