@@ -22,6 +22,7 @@ def master_key() -> None:
 @audited("master-key.rotate", about=lambda p: {"target": "master-keyring"})
 def master_key_rotate(app: AppContext, yes: bool, as_json: bool) -> None:
     """Make a new master key and re-wrap every data key under it in one transaction."""
+    from keyvault.cli.audited import app_chain
     from keyvault.services.masterkeys import rotate_master_key
 
     keyring_file = app.settings.master_key_file
@@ -34,7 +35,7 @@ def master_key_rotate(app: AppContext, yes: bool, as_json: bool) -> None:
         ),
         question="Rotate the master key now?",
     )
-    result = rotate_master_key(app.factory, settings=app.settings)
+    result = rotate_master_key(app.factory, settings=app.settings, sink=app_chain(app).sink)
     if as_json:
         emit_json(
             {

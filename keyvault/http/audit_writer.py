@@ -111,7 +111,7 @@ class AuditWriter:
         # A store without a chain key yet (new, or migrated) gets one now, not per batch.
         with transaction(session_factory(self._engine)) as session:
             self._chain.keys.prove(session)
-            ensure_chain_key(session, keys=self._chain.keys)
+            ensure_chain_key(session, keys=self._chain.keys, sink=self._chain.sink)
         self._conn = self._connect()
         self._loop = asyncio.get_running_loop()
         self._running = True
@@ -311,6 +311,7 @@ class AuditWriter:
         report, if any. Then copy them to the sink."""
         cur = conn.cursor()
         wait_ms = max(1, int((self.timeout if left is None else left) * 1000))
+        linked: list[dict[str, Any]] | None = None
         try:
             if self._sqlite:
                 self._sqlite_wait(conn, wait_ms)
@@ -324,6 +325,8 @@ class AuditWriter:
         except Exception as exc:  # noqa: BLE001 - every waiting request must learn it failed
             log.error("audit write failed: %s", exc)
             self._broken = True
+            if linked is not None and self._chain.sink is not None:
+                self._chain.sink.missed(linked)  # the COMMIT's reply lost: maybe committed
             try:  # noqa: SIM105
                 conn.rollback() if not self._sqlite else cur.execute("ROLLBACK")
             except Exception:  # noqa: BLE001 - the connection may be gone; the error stands

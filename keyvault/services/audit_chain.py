@@ -23,6 +23,7 @@ one lock and read of the head, the inserts, one head update per batch.
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -31,13 +32,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from keyvault import crypto
 from keyvault.config import Settings
 from keyvault.errors import DatabaseError, IntegrityError, WrongMasterKey
-from keyvault.models import AuditChainHead, AuditChainKey, utcnow
+from keyvault.models import AuditChainHead, AuditChainKey, AuditRecord, utcnow
 from keyvault.services.audit_sink import AuditSink, open_sink
 from keyvault.services.store import live_keyring, open_keyring
 
@@ -221,9 +222,26 @@ def _sealed_loader(cur: Any, sqlite: bool) -> SealedLoader:
 
 _INSERT = f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 _HEAD = (
-    "SELECT last_id, last_mac, key_id, (SELECT MAX(id) FROM audit_log) "
+    "SELECT last_id, last_mac, key_id, (SELECT MAX(id) FROM audit_log), "
+    "(SELECT chain_key_id FROM audit_log WHERE id = audit_chain.last_id), "
+    "(SELECT action FROM audit_log WHERE id = audit_chain.last_id), "
+    "(SELECT target FROM audit_log WHERE id = audit_chain.last_id) "
     "FROM audit_chain WHERE id = 1"
 )
+
+# The chained record that starts a chain key: its target names the key. The first one (the
+# chain's start) is MACed under the key it names and counts the records from before the
+# chain; every later one under the key before it, so only a holder of the current key can
+# move the chain on, and the order of keys is in the chain itself, not in a column.
+KEY_STARTED = "audit.chain_key_started"
+KEY_TARGET = "audit-chain-key:"
+
+
+def next_key_id(key_id: str | None, action: str | None, target: str | None) -> str | None:
+    """The chain key the record after this one must use (None: no record to go by)."""
+    if action == KEY_STARTED and target and target.startswith(KEY_TARGET):
+        return target[len(KEY_TARGET) :]
+    return key_id
 
 
 # SQLite's next rowid follows the largest; PostgreSQL's sequence is moved past the ids given
@@ -251,7 +269,15 @@ def append_records(
                 "the audit chain has no head row or no chain key, so no record can be written",
                 hint="run `keyvault db upgrade`; if it is at head, the audit_chain table was altered",
             )
-        last_id, last_mac, key_id, max_id = head
+        last_id, last_mac, key_id, max_id, *last = head
+        expected = next_key_id(*last)
+        if expected is not None and expected != key_id:
+            raise IntegrityError(
+                f"the audit chain's head names chain key {key_id}, but the chain moved to "
+                f"chain key {expected}: the head was altered",
+                what="audit chain head",
+                hint="run `keyvault audit verify`; restore the head's key_id from a backup",
+            )
         key = keys.get(key_id, _sealed_loader(cur, sqlite))
         # After the head and after any row written outside the chain (verify reports those).
         first_id = max(last_id, max_id or 0) + 1
@@ -287,7 +313,7 @@ def append(
     """Append ``records`` in the session's transaction; the sink gets them after it commits."""
     session.flush()
     chain.keys.prove(session)
-    ensure_chain_key(session, keys=chain.keys)
+    ensure_chain_key(session, keys=chain.keys, sink=chain.sink)
     dialect = session.get_bind().dialect
     try:
         linked = append_records(
@@ -306,19 +332,28 @@ def append(
     return linked
 
 
-def ensure_chain_key(session: Session, *, keys: ChainKeys) -> None:
+def ensure_chain_key(session: Session, *, keys: ChainKeys, sink: AuditSink | None = None) -> None:
     """Start a chain key if the chain has none yet (a new store, or one migrated from 0006)."""
     key_id = session.scalar(select(AuditChainHead.key_id).where(AuditChainHead.id == HEAD_ID))
     if key_id is None:
         keyring = live_keyring(session, keys.keyring)  # share-locks the live master key
-        start_chain_key(session, keyring=keyring, keys=keys)
+        start_chain_key(session, keyring=keyring, keys=keys, sink=sink)
 
 
 def start_chain_key(
-    session: Session, *, keyring: crypto.Keyring, keys: ChainKeys | None = None
+    session: Session,
+    *,
+    keyring: crypto.Keyring,
+    keys: ChainKeys | None = None,
+    sink: AuditSink | None = None,
 ) -> str:
-    """A new chain key sealed under ``keyring``'s active key; records from now on use it."""
-    head_of(session, lock=True)
+    """A new chain key sealed under ``keyring``'s active key; records from now on use it.
+
+    Chained in a ``KEY_STARTED`` record naming it: MACed under the key before it (so an old
+    key cannot be put back in the head, nor a tail re-MACed under it, unseen), or, for the
+    chain's first key, under itself, counting the records written before the chain began."""
+    head = head_of(session, lock=True)
+    previous = head.key_id
     key_id, raw = new_chain_key_id(), secrets.token_bytes(crypto.KEY_BYTES)
     sealed = crypto.seal(keyring, raw, chain_key_aad(key_id))
     session.add(
@@ -331,12 +366,55 @@ def start_chain_key(
         )
     )
     session.flush()
+    keys = keys or ChainKeys(keyring)
+    keys.remember(key_id, raw)
+    record: dict[str, Any] = {
+        "at": utcnow(),
+        "action": KEY_STARTED,
+        "actor": "keyvault",
+        "target": KEY_TARGET + key_id,
+        "outcome": "ok",
+    }
+    if previous is None:  # the chain begins: count what came before, inside the chain
+        count, max_id = session.execute(
+            select(func.count(), func.coalesce(func.max(AuditRecord.id), 0)).where(
+                AuditRecord.id <= head.anchor_id
+            )
+        ).one()
+        record["detail"] = f"chain started after {count} records (ids up to {max_id})"
+        _set_head_key(session, key_id)
+    else:
+        record["detail"] = f"chain key {previous} is followed by {key_id}"
+    dialect = session.get_bind().dialect
+    linked = append_records(
+        session.connection().connection,
+        sqlite=dialect.name == "sqlite",
+        keys=keys,
+        records=[record],
+    )
+    if previous is not None:
+        _set_head_key(session, key_id)
+    if sink is not None:
+        sink.after_commit(session, linked)
+    return key_id
+
+
+def _set_head_key(session: Session, key_id: str) -> None:
     session.execute(
         update(AuditChainHead).where(AuditChainHead.id == HEAD_ID).values(key_id=key_id)
     )
-    if keys is not None:
-        keys.remember(key_id, raw)
-    return key_id
+
+
+_PRE_CHAIN = re.compile(r"chain started after (\d+) records \(ids up to (\d+)\)")
+
+
+def pre_chain_counts(record: Mapping[str, Any]) -> tuple[int, int] | None:
+    """What the chain's first ``KEY_STARTED`` record says came before the chain: the count
+    and the largest id (None: not such a record)."""
+    if record.get("action") != KEY_STARTED:
+        return None
+    found = _PRE_CHAIN.fullmatch(record.get("detail") or "")
+    return None if found is None else (int(found[1]), int(found[2]))
 
 
 def rewrap_audit_chain_keys(session: Session, *, keyring: crypto.Keyring, to: str) -> int:

@@ -5,9 +5,11 @@ from the one before (``audit_chain.record_mac``), and names the first record tha
 wrong and how: deleted before it (its id follows a gap and the next record links to it),
 altered (its MAC no longer matches its content, but the next record links to it),
 inserted (the next record links to the one before it), altered or moved (neither), no MAC
-(written outside keyvault), an unknown chain key; then the tail against the head row.
-Records at or before the anchor were written before the chain began (migration 0007) or
-are what a prune left out: counted, not verifiable.
+(written outside keyvault), an unknown chain key, a chain key the chain had left (keys
+move on only by an ``audit.chain_key_started`` record under the key before); then the tail
+and the head's key against the head row. Records at or before the anchor were written
+before the chain began (migration 0007): counted, not verifiable, but no more of them and
+no higher ids than the chain's start record counted. After a prune nothing may be there.
 
 A database writer can still delete the newest records and rewind the head to match:
 nothing in the database can tell. The JSON-lines sink is the witness (``check_lines``
@@ -16,8 +18,9 @@ compares the file with the database). See docs/security.md.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -38,8 +41,11 @@ from keyvault.services.audit_chain import (
     _sql,
     canonical_at,
     head_of,
+    next_key_id,
+    pre_chain_counts,
     record_mac,
 )
+from keyvault.services.audit_sink import GAP
 
 PRUNED = "audit.pruned"  # the chained record a prune leaves: it names the new anchor
 KeyFor = Callable[[str], bytes]
@@ -57,6 +63,7 @@ class ChainReport:
     pruned: bool = False  # the anchor is a prune's, not the start of the chain
     problem: str | None = None
     problem_id: int | None = None
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # a sink file's marked gaps
 
     @property
     def ok(self) -> bool:
@@ -73,6 +80,9 @@ class ChainReport:
             )
         if self.before_chain:
             text += f"; {self.before_chain} records before the chain began (unverifiable)"
+        if self.gaps:
+            marked = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in self.gaps)
+            text += f"; sink gaps marked (records the sink missed, not checked here): {marked}"
         return text
 
     def as_dict(self) -> dict[str, Any]:
@@ -86,6 +96,7 @@ class ChainReport:
             "pruned": self.pruned,
             "problem": self.problem,
             "problem_id": self.problem_id,
+            "gaps": [list(g) for g in self.gaps],
         }
 
     def raise_if_broken(self) -> None:
@@ -109,6 +120,53 @@ class _Walk:
         self.prev_mac, self.prev_id = anchor_mac, anchor_id
         self.anchor_named = named or anchor_mac == GENESIS
         self.suspect: tuple[Mapping[str, Any], str, int] | None = None
+        self.key_id: str | None = None  # the chain key the next record must use
+        self.left: dict[str, int] = {}  # chain keys the chain moved on from: the record that did
+        self.pre_max = 0  # the largest id at or before the anchor
+
+    def before_anchor(self, rec: Mapping[str, Any]) -> bool:
+        """Take a record at or before the anchor; False once one is found forged: after a
+        prune nothing may be there, before a chain start only what its start record counts."""
+        if not self.report.pruned:
+            self.report.before_chain += 1
+            self.pre_max = max(self.pre_max, rec["id"])
+            return True
+        self.fail(
+            f"record {rec['id']} was inserted: it is at or before the prune anchor "
+            f"(record {self.report.anchor_id}), where every record was deleted",
+            rec["id"],
+        )
+        return False
+
+    def key_order(self, rec: Mapping[str, Any]) -> str | None:
+        """A verified record's chain key against the order the chain's key records set."""
+        key_id = rec["chain_key_id"]
+        if key_id != self.key_id and key_id in self.left:
+            return (
+                f"record {rec['id']} is MACed under chain key {key_id}, which the chain left at "
+                f"record {self.left[key_id]}: an old chain key was used again"
+            )
+        if self.key_id is not None and key_id != self.key_id:
+            self.left[self.key_id] = rec["id"]  # moved without a key record: a chain from before
+        counts = pre_chain_counts(rec)
+        if counts is not None and self.report.verified == 0:
+            extra = self.pre_chain_extra(*counts)
+            if extra is not None:
+                return extra
+        self.key_id = next_key_id(key_id, rec["action"], rec["target"])
+        if self.key_id != key_id:
+            self.left[key_id] = rec["id"]
+        return None
+
+    def pre_chain_extra(self, count: int, max_id: int) -> str | None:
+        found = self.report.before_chain
+        if found <= count and self.pre_max <= max_id:
+            return None
+        self.report.problem_id = self.pre_max if self.pre_max > max_id else None
+        return (
+            f"{found} records are before the chain, but it started after {count} (ids up to "
+            f"{max_id}): records were inserted before the chain (largest id {self.pre_max})"
+        )
 
     def links(self, rec: Mapping[str, Any], prev_mac: str) -> bool:
         try:
@@ -137,8 +195,10 @@ class _Walk:
         if problem == _MISMATCH:
             self.suspect = (rec, self.prev_mac, self.prev_id)
             return True
+        if problem is None:
+            problem = self.key_order(rec)
         if problem is not None:
-            self.fail(problem, rec["id"])
+            self.fail(problem, self.report.problem_id or rec["id"])
             return False
         report = self.report
         report.verified += 1
@@ -171,9 +231,16 @@ class _Walk:
     def fail(self, problem: str, record_id: int | None) -> None:
         self.report.problem, self.report.problem_id = problem, record_id
 
-    def finish(self, last_id: int, last_mac: str) -> ChainReport:
+    def finish(self, last_id: int, last_mac: str, key_id: str | None = None) -> ChainReport:
         report = self.report
         if report.problem is not None:
+            return report
+        if key_id is not None and self.suspect is None and self.key_id not in (None, key_id):
+            self.fail(
+                f"the chain's head names chain key {key_id}, but the chain moved to chain key "
+                f"{self.key_id}: the head was altered",
+                last_id,
+            )
             return report
         if self.suspect is not None:
             self.fail(self.classify(None, (last_id, last_mac)), self.suspect[0]["id"])
@@ -208,6 +275,7 @@ def check_records(
     last_id: int,
     last_mac: str,
     anchor_named: bool = False,
+    key_id: str | None = None,
 ) -> ChainReport:
     """Check ``records`` (in id order) against the anchor and head given (pure).
 
@@ -216,10 +284,11 @@ def check_records(
     walk = _Walk(key_for, anchor_id, anchor_mac, anchor_named)
     for rec in records:
         if rec["id"] <= anchor_id:
-            walk.report.before_chain += 1
+            if not walk.before_anchor(rec):
+                return walk.report
         elif not walk.feed(rec):
             return walk.report
-    return walk.finish(last_id, last_mac)
+    return walk.finish(last_id, last_mac, key_id)
 
 
 def _rows(cur: Any, sql: str, params: tuple[Any, ...] = (), size: int = 2000) -> Iterator[dict]:
@@ -235,12 +304,12 @@ def check_connection(conn: Any, *, sqlite: bool, keys: ChainKeys) -> ChainReport
     head_cur, key_cur, cur = conn.cursor(), conn.cursor(), conn.cursor()
     try:
         head_cur.execute(
-            "SELECT last_id, last_mac, anchor_id, anchor_mac FROM audit_chain WHERE id = 1"
+            "SELECT last_id, last_mac, anchor_id, anchor_mac, key_id FROM audit_chain WHERE id = 1"
         )
         head = head_cur.fetchone()
         if head is None:
             return ChainReport(problem="the audit chain has no head row", problem_id=None)
-        last_id, last_mac, anchor_id, anchor_mac = head
+        last_id, last_mac, anchor_id, anchor_mac, key_id = head
         load = _sealed_loader(key_cur, sqlite)
         records = _rows(cur, f"SELECT {', '.join(COLUMNS)} FROM audit_log ORDER BY id")
         return check_records(
@@ -250,6 +319,7 @@ def check_connection(conn: Any, *, sqlite: bool, keys: ChainKeys) -> ChainReport
             anchor_mac=anchor_mac,
             last_id=last_id,
             last_mac=last_mac,
+            key_id=key_id,
         )
     finally:
         for c in (head_cur, key_cur, cur):
@@ -331,17 +401,20 @@ def prune(session: Session, *, chain: AuditChain, before: datetime, actor: str) 
 
 def check_lines(lines: Iterable[str], *, key_for: KeyFor) -> tuple[ChainReport, list[dict]]:
     """Check a JSON-lines sink file on its own: each line's MAC over its content and the
-    MAC it names as previous, and that each line links to the line before (by id).
+    MAC it names as previous, and that each line links to the line before (by id); records
+    missing in a gap the sink marked (``audit_sink.GAP``) start the check afresh after it.
     Returns the report and the records (for comparing with the database)."""
-    import json  # noqa: PLC0415 - only the file check needs it
-
     records: dict[int, dict] = {}
+    gaps: list[tuple[int, int]] = []
     report = ChainReport()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
+            if GAP in rec:
+                gaps.append((int(rec[GAP]["from"]), int(rec[GAP]["to"])))
+                continue
             rec_id = int(rec["id"])
             _ = [rec[c] for c in COLUMNS], rec["prev_mac"]
         except (ValueError, KeyError, TypeError):
@@ -353,20 +426,48 @@ def check_lines(lines: Iterable[str], *, key_for: KeyFor) -> tuple[ChainReport, 
             return report, []
         records[rec_id] = rec
     ordered = [records[i] for i in sorted(records)]
-    if not ordered:
-        return report, []
-    first = ordered[0]
-    found = check_records(
-        ordered,
-        key_for=key_for,
-        anchor_id=first["id"] - 1,
-        anchor_mac=first["prev_mac"],
-        last_id=ordered[-1]["id"],
-        last_mac=ordered[-1]["chain_mac"],
-        anchor_named=True,
-    )
-    found.pruned = False  # a file may start anywhere in the chain
-    return found, ordered
+    report.gaps = sorted(gaps)
+    for segment in _segments(ordered, gaps):
+        found = check_records(
+            segment,
+            key_for=key_for,
+            anchor_id=segment[0]["id"] - 1,
+            anchor_mac=segment[0]["prev_mac"],
+            last_id=segment[-1]["id"],
+            last_mac=segment[-1]["chain_mac"],
+            anchor_named=True,
+        )
+        report.verified += found.verified
+        report.first_id = report.first_id or found.first_id
+        report.last_id = found.last_id or report.last_id
+        if not found.ok:
+            report.problem, report.problem_id = found.problem, found.problem_id
+            break
+    return report, ordered
+
+
+def _segments(ordered: list[dict], gaps: list[tuple[int, int]]) -> Iterator[list[dict]]:
+    """``ordered`` cut where the ids missing between two records are all in marked gaps
+    (a file may start anywhere in the chain; any other missing id is the chain's to name)."""
+    start = 0
+    for i in range(1, len(ordered)):
+        missing = range(ordered[i - 1]["id"] + 1, ordered[i]["id"])
+        if missing and _covered(missing, gaps):
+            yield ordered[start:i]
+            start = i
+    if ordered:
+        yield ordered[start:]
+
+
+def _covered(missing: range, gaps: list[tuple[int, int]]) -> bool:
+    """Whether every id in ``missing`` is in one of ``gaps`` (walked range by range)."""
+    at = missing[0]
+    for first, last in sorted(gaps):
+        if first <= at <= last:
+            at = last + 1
+            if at > missing[-1]:
+                return True
+    return False
 
 
 def compare_with_store(conn: Any, *, sqlite: bool, records: list[dict]) -> str | None:

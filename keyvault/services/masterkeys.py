@@ -45,6 +45,7 @@ from keyvault.services.audit_chain import (
     rewrap_audit_chain_keys,
     start_chain_key,
 )
+from keyvault.services.audit_sink import AuditSink
 from keyvault.services.spool import spooled_master_keys, spooled_rotations
 from keyvault.services.store import open_keyring
 from keyvault.services.webhooks import rewrap_webhook_secrets
@@ -66,7 +67,11 @@ class MasterKeyRotation:
 
 
 def rotate_master_key(
-    factory: SessionFactory, *, settings: Settings, on_step: StepHook | None = None
+    factory: SessionFactory,
+    *,
+    settings: Settings,
+    on_step: StepHook | None = None,
+    sink: AuditSink | None = None,
 ) -> MasterKeyRotation:
     """Replace the master key; every version stays readable, the old key opens nothing."""
     hook: StepHook = on_step or (lambda step: None)
@@ -89,7 +94,7 @@ def rotate_master_key(
         crypto.save_keyring(path, crypto.Keyring(active=old_id, keys=grown.keys))  # step 1
         try:
             hook("grown")
-            count = _rewrap_all(factory, grown, old_id, hook)  # step 2
+            count = _rewrap_all(factory, grown, old_id, hook, sink)  # step 2
         except BaseException:
             _undo_step_one(factory, path, previous, new_id)
             raise
@@ -99,7 +104,13 @@ def rotate_master_key(
     return MasterKeyRotation(old_id=old_id, new_id=new_id, rewrapped=count, kept=kept)
 
 
-def _rewrap_all(factory: SessionFactory, grown: crypto.Keyring, old_id: str, hook: StepHook) -> int:
+def _rewrap_all(
+    factory: SessionFactory,
+    grown: crypto.Keyring,
+    old_id: str,
+    hook: StepHook,
+    sink: AuditSink | None = None,
+) -> int:
     """Step 2, one transaction: the new key registered, every data key re-wrapped, the old retired."""
     new_id = grown.active
     with transaction(factory) as session:
@@ -134,7 +145,9 @@ def _rewrap_all(factory: SessionFactory, grown: crypto.Keyring, old_id: str, hoo
         count += rewrap_webhook_secrets(session, keyring=grown, to=new_id)
         _remac(session, grown, new_id)
         rewrap_audit_chain_keys(session, keyring=grown, to=new_id)  # not counted: internal
-        start_chain_key(session, keyring=grown)  # an old master key cannot forge what follows
+        start_chain_key(
+            session, keyring=grown, sink=sink
+        )  # an old master key cannot forge what follows
         now = utcnow()
         for row in live:
             row.retired_at = now

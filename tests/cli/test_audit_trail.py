@@ -30,10 +30,9 @@ def store(cli, monkeypatch):
 
 
 def audit_rows(cli) -> list[dict]:
-    """The whole audit log, oldest first."""
-    return list(
-        reversed(json.loads(expect(cli("audit", "list", "--json", "--limit", "5000")).stdout))
-    )
+    """The whole audit log, oldest first, without the chain's own chain-key records."""
+    listed = json.loads(expect(cli("audit", "list", "--json", "--limit", "5000")).stdout)
+    return [r for r in reversed(listed) if not r["action"].startswith("audit.chain_key_started")]
 
 
 def closed_port() -> int:

@@ -247,8 +247,13 @@ def test_a_revoked_token_stays_revoked_and_new_tokens_stay(cli, home, store):
 
 
 def access_records(url: str) -> list[dict]:
-    """The audit records of accesses and of restores (not the CLI's intent/outcome trail)."""
-    return [r for r in rows(url, AuditRecord) if r["phase"] is None]
+    """The audit records of accesses and of restores (not the CLI's intent/outcome trail, nor
+    the chain's own chain-key records)."""
+    return [
+        r
+        for r in rows(url, AuditRecord)
+        if r["phase"] is None and not r["action"].startswith("audit.chain_key_started")
+    ]
 
 
 def test_audit_records_since_the_backup_survive_and_the_restore_is_audited(cli, home, store):

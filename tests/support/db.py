@@ -219,7 +219,17 @@ def engine(db_url: str):
 # ------------------------------------------------------------------------- store dumps
 
 # Every backup and restore command is audited (intent, then outcome), whatever it did.
-AUDITED_ATTEMPTS = frozenset({"backup", "restore", "audit.restored"})
+# And the chain's own key records: a restore starts a chain key (a chained record naming it),
+# and its copies of the backup's key records are renamed (``audit_merge._copy``).
+AUDITED_ATTEMPTS = frozenset(
+    {
+        "backup",
+        "restore",
+        "audit.restored",
+        "audit.chain_key_started",
+        "audit.chain_key_started.copy",
+    }
+)
 # The audit chain's bookkeeping: a restore keeps the store's chain and appends copies of the
 # backup's records to it (new ids, MACs and a new chain key), so these never compare equal.
 CHAIN_TABLES = ("audit_chain", "audit_chain_keys")

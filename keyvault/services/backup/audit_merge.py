@@ -27,6 +27,7 @@ from keyvault.models import AuditChainHead, AuditChainKey, AuditRecord
 from keyvault.services.audit import record_event
 from keyvault.services.audit_chain import (
     FIELDS,
+    KEY_STARTED,
     AuditChain,
     ChainKeys,
     append,
@@ -115,7 +116,9 @@ def merge_audit_chain(
     master keys are in place); return how many records were copied."""
     rows = rows_by_table[AuditRecord.__tablename__]
     same_chain = _merge_keys(session, rows_by_table[AuditChainKey.__tablename__], keyring, live_id)
-    start_chain_key(session, keyring=replace(keyring, active=live_id), keys=chain.keys)
+    start_chain_key(
+        session, keyring=replace(keyring, active=live_id), keys=chain.keys, sink=chain.sink
+    )
     missing = _missing(session, rows, same_chain)
     if not missing:
         return 0
@@ -138,6 +141,16 @@ def merge_audit_chain(
         append(
             session,
             chain=chain,
-            records=[{f: r[f] for f in FIELDS} for r in missing[start : start + _BATCH]],
+            records=[_copy(r) for r in missing[start : start + _BATCH]],
         )
     return len(missing)
+
+
+def _copy(row: dict[str, Any]) -> dict[str, Any]:
+    """A backup's record as a copy. A copied chain-key record names the backup's key, not a
+    key this chain moves to, so it is renamed (``.copy``): only a chain key record of this
+    chain steers which key comes next (``audit_chain.KEY_STARTED``)."""
+    copy = {f: row[f] for f in FIELDS}
+    if copy["action"] == KEY_STARTED:
+        copy["action"] = f"{KEY_STARTED}.copy"
+    return copy
