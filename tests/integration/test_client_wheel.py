@@ -63,8 +63,8 @@ def client_venv(tmp_path_factory) -> Path:
     venv.EnvBuilder(with_pip=True, clear=True).create(where / "venv")
     python = where / "venv" / "bin" / "python"
     installed = _run(
-        str(python), "-m", "pip", "install", "-q", "--no-index", str(wheels[0])
-    )  # --no-index: nothing but this wheel can be installed
+        str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheels[0])
+    )  # --no-deps: nothing but this wheel is installed
     assert installed.returncode == 0, installed.stderr[-2000:]
     return where / "venv"
 
