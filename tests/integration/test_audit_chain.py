@@ -13,27 +13,12 @@ from datetime import UTC, datetime
 from sqlalchemy import text
 
 from keyvault.db import make_engine
+from tests.support.cli import audit_report as verify
 from tests.support.cli import expect, one_error_line
+from tests.support.db import run_sql as sql
 from tests.support.http import Server
 
 CHAINED = "SELECT id, chain_mac FROM audit_log ORDER BY id"
-
-
-def verify(cli, *args: str) -> dict:
-    """`audit verify --json`: the report (exit 0 or 1)."""
-    result = cli("audit", "verify", "--json", *args)
-    assert result.exit_code in (0, 1), result.stderr
-    return json.loads(result.stdout)
-
-
-def sql(db_url: str, statement: str, **params) -> list:
-    engine = make_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            result = conn.execute(text(statement), params)
-            return list(result) if result.returns_rows else []
-    finally:
-        engine.dispose()
 
 
 def some_traffic(world, reads: int = 5) -> None:

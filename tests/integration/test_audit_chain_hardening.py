@@ -13,28 +13,14 @@ from datetime import UTC, datetime
 from sqlalchemy import text
 
 from keyvault.db import make_engine, session_factory, transaction
+from tests.support.cli import audit_report as verify
 from tests.support.cli import expect, one_error_line
+from tests.support.db import run_sql as sql
 
 FORGED = (
     "INSERT INTO audit_log (id, at, action, actor, target, outcome) "
     "VALUES (:i, :at, 'secrets.reveal', 'alice', 'cluster:c', 'ok')"
 )
-
-
-def verify(cli, *args: str) -> dict:
-    result = cli("audit", "verify", "--json", *args)
-    assert result.exit_code in (0, 1), result.stderr
-    return json.loads(result.stdout)
-
-
-def sql(db_url: str, statement: str, **params) -> list:
-    engine = make_engine(db_url)
-    try:
-        with engine.begin() as conn:
-            result = conn.execute(text(statement), params)
-            return list(result) if result.returns_rows else []
-    finally:
-        engine.dispose()
 
 
 def test_a_record_forged_at_or_below_a_prune_anchor_is_inserted(cli, home):

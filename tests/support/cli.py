@@ -204,3 +204,12 @@ def process_gone(pid: int) -> bool:
 def proc_describe(result: subprocess.CompletedProcess) -> str:
     """A failure message for a subprocess that shows only its stderr (stdout may hold a secret)."""
     return f"exit {result.returncode}; stderr: {result.stderr.strip()[-800:]!r}"
+
+
+def audit_report(cli, *args: str) -> dict:
+    """`keyvault audit verify --json`: the report, whether the chain verified (exit 0) or not (1)."""
+    import json
+
+    result = cli("audit", "verify", "--json", *args)
+    assert result.exit_code in (0, 1), result.stderr
+    return json.loads(result.stdout)

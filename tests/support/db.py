@@ -276,3 +276,19 @@ def comparable(dump: dict[str, list[dict]], *, revision: bool = True) -> dict[st
         key=lambda r: (r["at"], r["action"], r.get("phase") or ""),
     )
     return rest
+
+
+def run_sql(url: str, statement: str, **params) -> list:
+    """Run one SQL statement on ``url`` in its own transaction (a hostile writer, or a
+    check behind keyvault's back); the rows it returned, if any."""
+    from sqlalchemy import text
+
+    from keyvault.db import make_engine
+
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(text(statement), params)
+            return list(result) if result.returns_rows else []
+    finally:
+        engine.dispose()
