@@ -106,36 +106,26 @@ def test_if_match_rotates_only_the_version_named_and_a_retry_rotates_nothing(wor
     assert rotate(world, "*").new_version == 4
 
 
-def test_a_second_request_while_the_first_runs_is_refused_and_rotates_nothing(world):
+@pytest.mark.parametrize(
+    ("step", "refusal"),
+    [
+        ("generated", RotationUnresolved),  # the first holds the scope: ta-tool has run
+        ("stored", PreconditionFailed),  # committed: the scope is free again, v1 is gone
+    ],
+)
+def test_a_second_request_during_or_right_after_the_first_rotates_nothing(world, step, refusal):
     rotate(world)  # v1
     second: list[BaseException] = []
 
-    def meanwhile(step: str, rid: str) -> None:
-        if step == "generated" and not second:  # the first holds the scope: ta-tool has run
+    def meanwhile(at: str, rid: str) -> None:
+        if at == step and not second:
             try:
                 rotate(world, '"v1"')
             except KeyvaultError as exc:
                 second.append(exc)
 
     assert rotate(world, '"v1"', on_step=meanwhile).new_version == 2
-    assert len(second) == 1 and isinstance(second[0], RotationUnresolved)
-    assert current(world) == (2, True)
-    assert state.generations(world["state"]) == 2
-
-
-def test_a_second_request_right_after_the_first_stored_gets_412(world):
-    rotate(world)  # v1
-    second: list[BaseException] = []
-
-    def right_after(step: str, rid: str) -> None:
-        if step == "stored" and not second:  # committed: the scope is free again
-            try:
-                rotate(world, '"v1"')
-            except KeyvaultError as exc:
-                second.append(exc)
-
-    assert rotate(world, '"v1"', on_step=right_after).new_version == 2
-    assert len(second) == 1 and isinstance(second[0], PreconditionFailed)
+    assert len(second) == 1 and isinstance(second[0], refusal)
     assert current(world) == (2, True)
     assert state.generations(world["state"]) == 2
 
