@@ -724,16 +724,9 @@ def test_cli_secret_file_must_be_private_and_well_formed(store: Cli, receivers, 
     path = tmp_path / "hook.secret"
     path.write_text(secret + "\n")
     os.chmod(path, 0o644)
-    refused = store(
-        "webhook",
-        "add",
-        "--allow-private-network",
-        receiver.url,
-        "--scope",
-        f"root:{CLUSTER}",
-        "--secret-file",
-        str(path),
-    )
+    add = ("webhook", "add", "--allow-private-network", receiver.url)
+    add += ("--scope", f"root:{CLUSTER}", "--secret-file", str(path))
+    refused = store(*add)
     assert refused.exit_code == 2, describe(refused)
     assert (
         "0644" in refused.stderr
@@ -741,18 +734,7 @@ def test_cli_secret_file_must_be_private_and_well_formed(store: Cli, receivers, 
         and secret not in refused.output
     )
     os.chmod(path, 0o600)
-    added = expect(
-        store(
-            "webhook",
-            "add",
-            "--allow-private-network",
-            receiver.url,
-            "--scope",
-            f"root:{CLUSTER}",
-            "--secret-file",
-            str(path),
-        )
-    )
+    added = expect(store(*add))
     assert "whsec_" not in added.output  # the operator already has it
     receiver.secret = secret
     expect(store("import", "--cluster", CLUSTER, "--root", input=new_key() + "\n"))
