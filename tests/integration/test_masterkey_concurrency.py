@@ -97,6 +97,18 @@ class Worker(threading.Thread):
         return self.result
 
 
+def rotate_master_key_worker(world) -> tuple[Worker, threading.Event]:
+    """A `master-key rotate` to start in a thread, and the event set once it wrote the grown
+    keyring file (step 1)."""
+    grown = threading.Event()
+    worker = Worker(
+        lambda: rotate_master_key(
+            world, on_step=lambda step: grown.set() if step == "grown" else None
+        )
+    )
+    return worker, grown
+
+
 def wait(event: threading.Event, what: str) -> None:
     assert event.wait(TIMEOUT), f"timed out waiting for {what}"
 
@@ -232,12 +244,7 @@ def test_import_with_a_keyring_loaded_before_a_master_key_rotate(world):
 def test_import_sealed_and_not_committed_while_master_key_rotate_starts(world):
     before, racing = new_key(), new_key()
     expect(world["cli"]("import", "--cluster", "c", "--appid", "app2", input=before))
-    grown = threading.Event()
-    worker = Worker(
-        lambda: rotate_master_key(
-            world, on_step=lambda step: grown.set() if step == "grown" else None
-        )
-    )
+    worker, grown = rotate_master_key_worker(world)
     session = world["factory"]()
     try:
         keyring = open_keyring(session, settings=world["settings"])
@@ -260,12 +267,7 @@ def test_a_cluster_change_macd_and_not_committed_while_master_key_rotate_starts(
     rotate` starts: the rotate waits for it (the live key is share-locked) and re-MACs it."""
     key = new_key()
     expect(world["cli"]("import", "--cluster", "c", "--appid", "app1", input=key))
-    grown = threading.Event()
-    worker = Worker(
-        lambda: rotate_master_key(
-            world, on_step=lambda step: grown.set() if step == "grown" else None
-        )
-    )
+    worker, grown = rotate_master_key_worker(world)
     session = world["factory"]()
     try:
         keyring = open_keyring(session, settings=world["settings"])
