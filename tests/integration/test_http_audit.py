@@ -21,7 +21,7 @@ from sqlalchemy import func, select, text
 
 from keyvault.models import AuditRecord
 from tests.support.cli import expect
-from tests.support.http import World
+from tests.support.http import World, add_sshd_cluster
 from tests.support.timeouts import TIMEOUT
 
 REFUSE_ROTATE = "NEW.action = 'rotate'"
@@ -232,15 +232,7 @@ def test_a_rotated_key_reaches_the_client_even_when_its_outcome_cannot_be_audite
     world = served
     with serving(ta_sim) as api:
         api_url = f"http://127.0.0.1:{api.server_address[1]}"
-        expect(world.cli("cluster", "add", "t", "--open-api-url", api_url, "--login-name", "root"))
-        expect(
-            world.cli(
-                "host", "add", "t", sshd_env.host, "--port", str(sshd_env.port),
-                "--user", "root", "--identity", str(sshd_env.identity("root")),
-                "--become", "su", "--fingerprint", sshd_env.host_key_fingerprint,
-            )
-        )  # fmt: skip
-        world.create_token("rotator-t", "root:t", rotate=True)
+        add_sshd_cluster(world, sshd_env, api_url)
         last = last_audit_id(engine)
         refuse_audit(engine, REFUSE_ROTATE_OUTCOME)
         try:

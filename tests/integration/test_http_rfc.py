@@ -31,8 +31,7 @@ from keyvault.http.openapi import WEBHOOK_EVENTS
 from keyvault.http.schemas import WebhookPayload
 from keyvault.models import AuditRecord, Event
 from keyvault.services.webhooks import event_payload
-from tests.support.cli import expect
-from tests.support.http import REQUEST_TIMEOUT, World, key_matches, scrub
+from tests.support.http import REQUEST_TIMEOUT, World, add_sshd_cluster, key_matches, scrub
 from tests.support.timeouts import TIMEOUT
 
 ROOT = "/v1/clusters/c/root"
@@ -263,15 +262,7 @@ def test_if_match_makes_a_retried_rotate_safe_over_http(served: World, engine, s
     world = served
     with serving(ta_sim) as api:
         api_url = f"http://127.0.0.1:{api.server_address[1]}"
-        expect(world.cli("cluster", "add", "t", "--open-api-url", api_url, "--login-name", "root"))
-        expect(
-            world.cli(
-                "host", "add", "t", sshd_env.host, "--port", str(sshd_env.port),
-                "--user", "root", "--identity", str(sshd_env.identity("root")),
-                "--become", "su", "--fingerprint", sshd_env.host_key_fingerprint,
-            )
-        )  # fmt: skip
-        world.create_token("rotator-t", "root:t", rotate=True)
+        add_sshd_cluster(world, sshd_env, api_url)
         path = "/v1/clusters/t/root/rotate"
 
         def post(if_match: str | None) -> Answer:

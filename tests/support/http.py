@@ -313,3 +313,17 @@ def receiver() -> Iterator[CountingReceiver]:
         yield r
     finally:
         r.close()
+
+
+def add_sshd_cluster(world: World, sshd_env, api_url: str, name: str = "t") -> None:
+    """Cluster ``name`` on the real test sshd's TA host (root, `su` to ta, pinned host key),
+    its Open API at ``api_url``, and a token ``rotator-<name>`` that may rotate its root."""
+    expect(world.cli("cluster", "add", name, "--open-api-url", api_url, "--login-name", "root"))
+    expect(
+        world.cli(
+            "host", "add", name, sshd_env.host, "--port", str(sshd_env.port),
+            "--user", "root", "--identity", str(sshd_env.identity("root")),
+            "--become", "su", "--fingerprint", sshd_env.host_key_fingerprint,
+        )
+    )  # fmt: skip
+    world.create_token(f"rotator-{name}", f"root:{name}", rotate=True)
