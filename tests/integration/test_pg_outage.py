@@ -151,7 +151,10 @@ def test_terminated_connections_alone_cost_no_failed_read(world: World, database
     assert _is_current(world, _read(world))
     _until("the listener connected", lambda: _listener(world, 1))
     assert terminate_backends(database.server_url, database.name) >= 1
-    assert _is_current(world, _read(world))
+    assert _is_current(world, _read(world))  # the audit record: written on a new connection
     _until("the listener reconnected", lambda: _listener(world, 2))
     world.import_key("c", "app:a1")
     assert _is_current(world, _read(world))
+    assert terminate_backends(database.server_url, database.name) >= 1
+    with world.http() as http:  # the audit probe of /readyz reconnects the same way
+        assert http.get("/readyz").status_code == 200
