@@ -114,9 +114,7 @@ def _next(rotations: queue.Queue[Rotation]) -> Rotation:
         pytest.fail(f"no rotation within {TIMEOUT:g}s", pytrace=False)
 
 
-def test_agent_keeps_its_file_current_across_replica_kills(
-    served: World, replicas, tmp_path: Path
-):
+def test_agent_keeps_its_file_current_across_replica_kills(served: World, replicas, tmp_path: Path):
     world = served
     target = tmp_path / "ta.key"
     options = [a for s in replicas for a in ("--addr", s.url)]

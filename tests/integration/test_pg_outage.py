@@ -22,7 +22,7 @@ import pytest
 from tests.support.cli import Cli
 from tests.support.db import Database
 from tests.support.dbfaults import refusing_connections, terminate_backends
-from tests.support.http import World, build_world, key_matches
+from tests.support.http import Server, World, build_world, free_port, key_matches
 from tests.support.revision import database_revision, revision_metrics
 from tests.support.timeouts import TIMEOUT
 
@@ -158,3 +158,42 @@ def test_terminated_connections_alone_cost_no_failed_read(world: World, database
     assert terminate_backends(database.server_url, database.name) >= 1
     with world.http() as http:  # the audit probe of /readyz reconnects the same way
         assert http.get("/readyz").status_code == 200
+
+
+def test_a_multi_host_url_connects_to_the_host_that_answers(world: World, database: Database):
+    # libpq's failover list, as docs/deployment.md shows it: the first host refuses, the
+    # second takes writes (target_session_attrs=read-write). Serve, its listener and the CLI.
+    url = _multi_host(database.url)
+    workdir = world.server.workdir / "multi-host"
+    workdir.mkdir()
+    server = Server(workdir, env={**world.server.env, "KEYVAULT_DATABASE_URL": url}).start()
+    try:
+        _until("the listener connected", lambda: _listener_at(server.url))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KEYVAULT_DATABASE_URL", url)
+            world.import_key("c", "app:a1", other_process=True)
+        with httpx.Client(base_url=server.url, timeout=15.0, trust_env=False) as http:
+            response = http.get(KEY_PATH, headers=_bearer(world))
+        assert _is_current(world, response)
+    finally:
+        server.stop()
+
+
+def _multi_host(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    assert parsed.password is None  # the test server trusts loopback; no secret to quote
+    hosts = f"host=127.0.0.1:{free_port()}&host={parsed.host}:{parsed.port or 5432}"
+    return (
+        f"postgresql+psycopg://{parsed.username}@/{parsed.database}"
+        f"?{hosts}&target_session_attrs=read-write"
+    )
+
+
+def _listener_at(url: str) -> bool:
+    return revision_metrics(url).get("keyvault_revision_listener_connected") == 1
+
+
+def _bearer(world: World) -> dict[str, str]:
+    return {"Authorization": f"Bearer {world.tokens['app-a1']}"}
