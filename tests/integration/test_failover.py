@@ -4,13 +4,15 @@
 A replica is killed with SIGKILL (no graceful shutdown, its port refuses at once); the
 consumer given both addresses must read the current key through the other one, including
 a key imported after the kill. ``Client``, ``on_rotate`` and ``keyvault agent`` are each
-taken through a kill of the replica they use and, after it is back, of the other one.
+taken through a kill of the replica they use and, after it is back, of the other one; the
+``Client`` also through a replica that hangs (SIGSTOP).
 Every wait is a bounded poll of observable state (a file, a queue, an answer).
 """
 
 from __future__ import annotations
 
 import queue
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +141,21 @@ def test_agent_keeps_its_file_current_across_replica_kills(served: World, replic
         status = proc.stop()
     assert status == 0, proc.log()
     assert not world.holds_key(read(proc.stderr)), "a key in the agent's output"
+
+
+def test_client_moves_on_from_a_replica_that_hangs(served: World, replicas):
+    # SIGSTOP: the port still accepts connections (the kernel's backlog) but nothing
+    # answers, as with a machine that vanished without a reset. One timeout, then the other.
+    world = served
+    kv = Client([s.url for s in replicas], world.tokens["app-all"], timeout=1, retries=0)
+    kv.get_app("c", "a1")
+    proc = replicas[0].proc
+    assert proc is not None and kv.url == replicas[0].url
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        world.import_key("c", "app:a1")
+        info = kv.get_app("c", "a1")
+        ok = current(world, info, "app:a1")
+        assert ok and kv.url == replicas[1].url
+    finally:
+        proc.send_signal(signal.SIGCONT)
