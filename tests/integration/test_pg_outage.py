@@ -3,8 +3,8 @@ database looks from keyvault: every connection to its database terminated
 (``pg_terminate_backend``, only this test's database: the server is shared), and new ones
 refused meanwhile (``ALTER DATABASE ... ALLOW_CONNECTIONS false``).
 
-While the database is away, key reads answer 503 with keyvault's JSON error (never an old
-key, never a 500 or a stack trace), ``/readyz`` answers 503 and ``/healthz`` 200 (the
+While the database is away, key reads and long-polls answer 503 with keyvault's JSON error
+(never an old key, never a 500 or a stack trace), ``/readyz`` answers 503 and ``/healthz`` 200 (the
 process lives). Once it is back, reads recover by themselves (bounded poll, no restart of
 keyvault), every 200 on the way is the current key, and the revision listener reconnects:
 a key imported afterwards is heard through NOTIFY (the periodic re-check is 60 s here).
@@ -110,6 +110,8 @@ def _outage(world: World, database: Database) -> None:
         with world.http() as http:
             assert http.get("/readyz").status_code == 503
             assert http.get("/healthz").status_code == 200
+        with world.http("app-a1") as http:  # a long-poll too: 503, not a wait or a 500
+            assert _refused_cleanly(http.get("/v1/events?after=0&wait=5"))
         _until("the listener noticed", lambda: not _listener(world, 1))
 
 
