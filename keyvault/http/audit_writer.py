@@ -250,20 +250,36 @@ class AuditWriter:
     ) -> Exception | None:
         """In the writer's thread: insert and commit ``batch`` within ``left`` seconds (what is
         left of its earliest waiting request's budget); the error to report, if any."""
-        conn = self._usable_connection()
-        if conn is None:
-            return _write_failed()
-        error = self._write(conn, [_record(e) for e, _ in batch], left)
+        records = [_record(e) for e, _ in batch]
+        error = self._write_on_usable(records, left)
+        if isinstance(error, _NotBegun):
+            # The database dropped the idle connection (a restart, a failover, an admin's
+            # pg_terminate_backend): nothing of the batch reached it. Once more, on a new one.
+            error = self._write_on_usable(records, left)
         if error is None:
             self.batches += 1
             self.written += len(batch)
             self._since_checkpoint += len(batch)
-            if self._sqlite and self._since_checkpoint >= _CHECKPOINT_EVERY:
-                self._truncate_wal(conn)
+            if self._sqlite and self._since_checkpoint >= _CHECKPOINT_EVERY and self._conn:
+                self._truncate_wal(self._conn)
         return error
 
+    def _write_on_usable(
+        self, records: list[dict[str, Any]], left: float | None
+    ) -> Exception | None:
+        conn = self._usable_connection()
+        if conn is None:
+            return _write_failed()
+        return self._write(conn, records, left)
+
     def _probe_write(self) -> bool:
-        """In the writer's thread: insert one row and roll it back."""
+        """In the writer's thread: insert one row and roll it back (on a new connection
+        if the database dropped the one held)."""
+        ok = self._probe_once()
+        return self._probe_once() is True if ok is None else ok
+
+    def _probe_once(self) -> bool | None:
+        """True: writable; False: not; None: the connection was found closed."""
         conn = self._usable_connection()
         if conn is None:
             return False
@@ -277,8 +293,10 @@ class AuditWriter:
             )
             return True
         except Exception as exc:  # noqa: BLE001 - whatever the reason, records cannot be written
-            log.warning("audit probe failed: %s", exc)
             self._broken = True
+            if _closed(conn):
+                return None
+            log.warning("audit probe failed: %s", exc)
             return False
         finally:
             # Nothing to undo, or the connection is gone: either way the probe is over.
@@ -312,6 +330,7 @@ class AuditWriter:
         cur = conn.cursor()
         wait_ms = max(1, int((self.timeout if left is None else left) * 1000))
         linked: list[dict[str, Any]] | None = None
+        began = False
         try:
             if self._sqlite:
                 self._sqlite_wait(conn, wait_ms)
@@ -320,11 +339,15 @@ class AuditWriter:
                 cur.execute("COMMIT")
             else:
                 self._pg_begin(cur, wait_ms)
+                began = True
                 linked = append_records(conn, sqlite=False, keys=self._chain.keys, records=records)
                 conn.commit()
         except Exception as exc:  # noqa: BLE001 - every waiting request must learn it failed
-            log.error("audit write failed: %s", exc)
             self._broken = True
+            if not self._sqlite and not began and _closed(conn):
+                log.warning("audit connection lost before the write (%s); reconnecting", exc)
+                return _NotBegun("the audit connection was lost")
+            log.error("audit write failed: %s", exc)
             if linked is not None and self._chain.sink is not None:
                 self._chain.sink.missed(linked)  # the COMMIT's reply lost: maybe committed
             try:  # noqa: SIM105
@@ -422,6 +445,16 @@ def _pragma(conn: PoolProxiedConnection, pragma: str) -> None:
     driver = conn.driver_connection
     if driver is not None:
         driver.execute(f"PRAGMA {pragma}")
+
+
+class _NotBegun(AuditUnavailable):
+    """The connection was found closed by the transaction's first statement: nothing was
+    written, so the batch may be written again on a new connection."""
+
+
+def _closed(conn: PoolProxiedConnection) -> bool:
+    """The DBAPI connection is closed (psycopg: the server ended the session)."""
+    return bool(getattr(conn.driver_connection, "closed", False))
 
 
 def _write_failed() -> AuditUnavailable:

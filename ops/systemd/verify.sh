@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Check the systemd units in this directory with `systemd-analyze verify`, and print
 # their exposure score from `systemd-analyze security --offline=yes` (informational).
+# The replica template keyvault@.service is verified as itself and as keyvault@8201 and
+# keyvault@8202 (the example of docs/deployment.md).
 #
 #   bash ops/systemd/verify.sh [KEYVAULT_BIN [KEYVAULT_AGENT_BIN]]
 #
@@ -18,8 +20,12 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 INSTALLED=/opt/keyvault/venv/bin/keyvault
 INSTALLED_AGENT=/opt/keyvault-agent/venv/bin/keyvault-agent
-UNITS=(keyvault.service keyvault-rotate.service keyvault-rotate.timer keyvault-agent.service)
-SERVICES=(keyvault.service keyvault-rotate.service keyvault-agent.service)
+UNITS=(keyvault.service keyvault@.service keyvault-rotate.service keyvault-rotate.timer
+    keyvault-agent.service)
+SERVICES=(keyvault.service keyvault@.service keyvault-rotate.service keyvault-agent.service)
+# The replica template is checked as itself and as the two instances of the example
+# (docs/deployment.md): each a copy named keyvault@PORT.service, so %i is that port.
+INSTANCES=(keyvault@8201.service keyvault@8202.service)
 
 die() { printf 'verify.sh: %s\n' "$*" >&2; exit 1; }
 
@@ -71,6 +77,11 @@ for unit in "${SERVICES[@]}"; do
     grep -Eq "^ExecStart=$tmp/bin/keyvault(-agent)? " "$tmp/$unit" \
         || die "$unit: ExecStart does not run $INSTALLED or $INSTALLED_AGENT"
 done
+for instance in "${INSTANCES[@]}"; do
+    cp "$tmp/keyvault@.service" "$tmp/$instance"
+done
+UNITS+=("${INSTANCES[@]}")
+SERVICES+=("${INSTANCES[0]}")
 echo "checking ${UNITS[*]} with ExecStart -> $bin, $agent_bin"
 
 rc=0
@@ -78,7 +89,7 @@ out=$(cd "$tmp" && systemd-analyze verify --man=no "${UNITS[@]/#/$tmp/}" 2>&1) |
 if [[ -n $out ]]; then printf '%s\n' "$out"; fi
 # Lines about other units on this machine are not ours to fix; lines naming our
 # units, the temp dir or the binary are.
-pattern="$tmp|keyvault(-rotate|-agent)?\.(service|timer)|$(printf '%s' "$bin" | sed 's/[][\.*^$|+?(){}]/\\&/g')"
+pattern="$tmp|keyvault(-rotate|-agent|@[0-9]*)?\.(service|timer)|$(printf '%s' "$bin" | sed 's/[][\.*^$|+?(){}]/\\&/g')"
 ours=$(printf '%s\n' "$out" | grep -E "$pattern" || true)
 if [[ $rc -ne 0 || -n $ours ]]; then
     die "systemd-analyze verify found problems in the units (exit $rc)"
@@ -87,6 +98,7 @@ echo "systemd-analyze verify: ${UNITS[*]}: no warnings"
 
 # Exposure score: informational (offline analysis of the unit files, systemd >= 250).
 for unit in "${SERVICES[@]}"; do
+    [[ $unit == *@.service ]] && continue  # scored as its instance
     if sec=$(cd "$tmp" && systemd-analyze security --offline=yes --no-pager "$tmp/$unit" 2>/dev/null); then
         printf '%s\n' "$sec" | grep -E '^✗' | sed "s/^/  $unit: /" || true
         printf '%s\n' "$sec" | grep -E 'Overall exposure level' || true
@@ -95,3 +107,11 @@ for unit in "${SERVICES[@]}"; do
         break
     fi
 done
+
+# The load balancer example of the two-replica setup: checked when HAProxy is installed.
+if command -v haproxy >/dev/null 2>&1; then
+    haproxy -c -q -f "$HERE/../haproxy/keyvault.cfg" || die "ops/haproxy/keyvault.cfg is not valid"
+    echo "haproxy -c: ops/haproxy/keyvault.cfg is valid"
+else
+    echo "haproxy not installed: ops/haproxy/keyvault.cfg not checked"
+fi
