@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Send
 
 from keyvault import logs
-from keyvault.errors import KeyvaultError
+from keyvault.errors import DatabaseError, KeyvaultError
 
 log = logging.getLogger("keyvault.http")
 _HTTP_CODES = {
@@ -28,6 +28,7 @@ _HTTP_CODES = {
     431: "headers_too_large",
 }
 _DETAIL_LIMIT = 500
+_DATABASE_DETAIL = "the database is unavailable; retry later"
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def error_response(exc: BaseException) -> ErrorResponse:
     """The answer to ``exc``; an unexpected exception is logged (with its traceback) as a bug."""
     headers: dict[str, str] = {}
     if isinstance(exc, KeyvaultError):
-        status, code, detail = _keyvault_status(exc), exc.code, str(exc)
+        status, code, detail = _keyvault_status(exc), exc.code, _public_detail(exc)
     elif isinstance(exc, RequestValidationError):
         status, code, detail = 400, "invalid_input", _validation_detail(exc)
     elif isinstance(exc, HTTPException):  # routing: unknown path, method not allowed
@@ -69,6 +70,15 @@ def error_response(exc: BaseException) -> ErrorResponse:
     if rid is not None:
         body["request_id"] = rid
     return ErrorResponse(status, body, headers)
+
+
+def _public_detail(exc: KeyvaultError) -> str:
+    # A driver's message names the database's host, port and name: for the log, not for
+    # whoever sent the request.
+    if exc.code == DatabaseError.code:
+        log.warning("database error while serving a request: %s", exc)
+        return _DATABASE_DETAIL
+    return str(exc)
 
 
 def _keyvault_status(exc: KeyvaultError) -> int:
