@@ -88,6 +88,17 @@ def read(session: Session, name: str) -> LeaseInfo | None:
     return LeaseInfo(row.name, row.holder, row.acquired_at, row.expires_at, row.epoch or 0)
 
 
+def read_all(session: Session) -> list[LeaseInfo]:
+    """Every lease, by name (for `keyvault status` and /metrics)."""
+    names = session.scalars(select(Lease.name).order_by(Lease.name)).all()
+    return [info for name in names if (info := read(session, name)) is not None]
+
+
+def live(info: LeaseInfo, now: datetime) -> bool:
+    """Someone holds it now (a holder that died keeps it until ``expires_at``)."""
+    return info.holder is not None and info.expires_at is not None and info.expires_at > now
+
+
 def _updated(session: Session, stmt: Any) -> bool:
     return cast("CursorResult[Any]", session.execute(stmt)).rowcount == 1
 
