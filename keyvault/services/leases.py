@@ -203,10 +203,13 @@ class LeaseKeeper:
         """``held()``, and the row agrees (one short transaction); False on any error."""
         try:
             with transaction(self.factory) as s:
-                return self.fence(s)
+                confirmed = self.fence(s)
         except Exception as exc:  # noqa: BLE001 - cannot confirm: act as if lost
             self._lose(f"could not confirm: {type(exc).__name__}: {exc}")
             return False
+        if not confirmed:
+            self._lose("the lease row names another holder, or none")
+        return confirmed
 
     def step(self) -> bool:
         """Renew or take the lease once; True if held afterwards. A failure un-holds it."""
