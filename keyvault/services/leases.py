@@ -245,8 +245,12 @@ class LeaseKeeper:
         self.acquisitions += 1
         before = previous.holder if previous is not None else None
         log.info("lease %s taken (epoch %d, previous holder %s)", self.name, mine.epoch, before)
-        if self.on_taken is not None:
+        if self.on_taken is None:
+            return
+        try:
             self.on_taken(mine, before if before != self.holder else None)
+        except Exception:  # the lease stands; what the hook did not do waits for its own bound
+            log.exception("after taking lease %s", self.name)
 
     def _lose(self, why: str) -> None:
         if self.held():
