@@ -1,7 +1,10 @@
 """Scheduled rotation: rotate every scope whose key is older than its policy allows.
 
 Safe to start on several machines at once: a lease row in the database lets one
-runner act; the others report who holds it and do nothing. Time comes from an
+runner act; the others report who holds it and do nothing. The lease (``services/leases``)
+is short (15 s by default) and renewed by a heartbeat while the run lasts; a runner that
+loses it journals no further rotation (``rotate_many(should_start=...)``) and writes no
+bookkeeping, and one that dies is replaced by the next run after the lease expired. Time comes from an
 injected clock. A failing scope backs off exponentially (capped) and is paused
 after ``max_failures`` consecutive failures until an operator resumes it.
 Like rotation, this commits in steps (lease, then each scope's bookkeeping).
