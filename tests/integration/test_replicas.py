@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import Engine, select, text
 
 from keyvault.models import ROTATE_DUE_LEASE, WEBHOOK_LEASE, Lease
 from keyvault.sandbox import state as st
@@ -58,7 +58,7 @@ class Readers:
     committed before it started (read from the database first), with that version's
     fingerprint."""
 
-    engine: object
+    engine: Engine
     token: str
     servers: list[Server]
     stop: threading.Event = field(default_factory=threading.Event)
@@ -66,13 +66,13 @@ class Readers:
     stale: list[str] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
 
-    def committed(self) -> tuple[int, str]:
-        with self.engine.connect() as conn:  # type: ignore[attr-defined]
-            number, fingerprint = conn.execute(CURRENT, {"c": CLUSTER, "s": SCOPE}).one()
-        return number, fingerprint
+    def committed(self) -> int:
+        """The current version's number, as committed now."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(CURRENT, {"c": CLUSTER, "s": SCOPE}).one()[0])
 
     def fingerprint_of(self, version: int) -> str | None:
-        with self.engine.connect() as conn:  # type: ignore[attr-defined]
+        with self.engine.connect() as conn:
             return conn.execute(
                 text(
                     "SELECT v.fingerprint FROM secret_versions v"
@@ -88,7 +88,7 @@ class Readers:
         headers = {"Authorization": f"Bearer {self.token}"}
         with httpx.Client(base_url=server.url, timeout=REQUEST_TIMEOUT, trust_env=False) as http:
             while not self.stop.is_set():
-                before, _ = self.committed()
+                before = self.committed()
                 try:
                     answer = http.get(f"/v1/clusters/{CLUSTER}/apps/{APP}", headers=headers)
                 except httpx.TransportError:
@@ -117,13 +117,13 @@ class Readers:
 class Fleet:
     cli: Cli
     home: Home
-    engine: object
+    engine: Engine
     receiver: HoldingReceiver
     replicas: list[Server]
     token: str = field(repr=False, default="")
 
     def rows(self, sql: str) -> list:
-        with self.engine.connect() as conn:  # type: ignore[attr-defined]
+        with self.engine.connect() as conn:
             return list(conn.execute(text(sql)))
 
     def by_pid(self, pid: int) -> Server:
@@ -133,7 +133,7 @@ class Fleet:
 
     def ran_since(self, pid: int, since: datetime) -> bool:
         """The scheduler's last recorded run is this pid's and ended after ``since``."""
-        with self.engine.connect() as conn:  # type: ignore[attr-defined]
+        with self.engine.connect() as conn:
             holder, finished = conn.execute(
                 select(Lease.last_holder, Lease.last_finished_at).where(
                     Lease.name == ROTATE_DUE_LEASE
@@ -171,17 +171,17 @@ def fleet(home: Home, cli: Cli, engine, tmp_path: Path, monkeypatch) -> Iterator
 
 def test_lease_takeover_after_kill_9_of_the_holder_under_load(fleet: Fleet):
     expect(fleet.cli("policy", "set", "--cluster", CLUSTER, "--appid", APP, "--max-age", "1s"))
-    holder = wait_for(
-        "a replica holds the webhook lease", lambda: live_holder(fleet.engine, WEBHOOK_LEASE)
-    )
-    doomed = fleet.by_pid(holder_pid(holder))
-    survivor = next(s for s in fleet.replicas if s is not doomed)
+    wait_for("a replica holds the webhook lease", lambda: live_holder(fleet.engine, WEBHOOK_LEASE))
     readers = Readers(fleet.engine, fleet.token, fleet.replicas).start()
     try:
         wait_for("the scheduler rotates", lambda: fleet.rotations() >= 3)
-        fleet.receiver.holding.set()  # the next delivery stays in flight at the doomed holder
+        fleet.receiver.holding.set()  # the next delivery stays in flight at the holder
         wait_for("a delivery in flight", lambda: fleet.receiver.held >= 1)
         in_flight = fleet.receiver.received[-1]
+        holder = live_holder(fleet.engine, WEBHOOK_LEASE)  # the one that sent it
+        assert holder is not None
+        doomed = fleet.by_pid(holder_pid(holder))
+        survivor = next(s for s in fleet.replicas if s is not doomed)
         assert doomed.proc is not None
         killed_db = datetime.now(UTC)  # the runs' ends are written by this machine's clock
         os.kill(doomed.proc.pid, signal.SIGKILL)
