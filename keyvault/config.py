@@ -54,6 +54,9 @@ class Settings:
     actor: str = "cli"
     serve_webhooks: bool = True
     serve_scheduler: bool = False
+    # Leases of the scheduler and the webhook worker (services/leases.py), in seconds.
+    lease_ttl: float = 15.0
+    scheduler_interval: float = 60.0  # `serve --scheduler`: seconds between runs
     # The JSON-lines audit sink: a file path, or "-" (stdout); None: the database only.
     audit_sink: str | None = None
     audit_durability: str = "fast"
@@ -249,6 +252,13 @@ def os_actor(env: Mapping[str, str]) -> str:
     return actor
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = float(env.get(name) or default)
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds")
+    return value
+
+
 def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = None) -> Settings:
     """Build the settings from ``env`` (default ``os.environ``) and the config file."""
     env = os.environ if env is None else env
@@ -283,6 +293,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, actor: str | None = N
             actor=actor or os_actor(env),
             serve_webhooks=env.get("KEYVAULT_SERVE_WEBHOOKS", "1") not in ("0", "false", "no"),
             serve_scheduler=env.get("KEYVAULT_SERVE_SCHEDULER", "0") in ("1", "true", "yes"),
+            lease_ttl=_positive(env, "KEYVAULT_LEASE_TTL", 15.0),
+            scheduler_interval=_positive(env, "KEYVAULT_SCHEDULER_INTERVAL", 60.0),
             audit_sink=env.get("KEYVAULT_AUDIT_SINK") or data.get("audit", {}).get("sink") or None,
             audit_durability=_checked_durability(env, data.get("audit", {}), config_file),
         )

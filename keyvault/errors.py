@@ -28,6 +28,7 @@ re-exported here.
     ├── Conflict                               already exists, concurrent change
     │   ├── RotationUnresolved                 a previous rotation must be recovered
     │   ├── MasterKeyLocked                    the keyring file's lock is held (master-key rotate)
+    │   ├── LeaseLost                          a runner lost its lease: it starts nothing more
     │   └── PreconditionFailed                 HTTP 412: If-Match named another version (nothing rotated)
     ├── Unavailable                            client: keyvault unreachable, no fresh cached key
     ├── DatabaseError                          the database refused or is unreachable
@@ -134,6 +135,13 @@ class MasterKeyLocked(Conflict):
     """The keyring file's lock is held (another `master-key rotate`, a spool write)."""
 
     code = "master_key_locked"
+
+
+class LeaseLost(Conflict):
+    """This runner no longer holds its lease (not renewed in time, or taken over): the
+    scheduler starts no more rotations, the webhook worker claims no more deliveries."""
+
+    code = "lease_lost"
 
 
 class DatabaseError(KeyvaultError):

@@ -402,6 +402,9 @@ class WebhookDelivery(Base):
     last_status: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The webhook lease holder that claimed it for an attempt not yet recorded (NULL: none,
+    # or `webhook deliver`); a holder that takes the lease over makes such rows due again.
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
 
 
 class RotationPolicy(RowMac, Base):
@@ -438,6 +441,7 @@ class ScopeSchedule(RowMac, Base):
 
 # The scheduler's lease (`rotate due`, timers, `serve --scheduler`); migration 0004 seeds it.
 ROTATE_DUE_LEASE = "rotate-due"
+WEBHOOK_LEASE = "webhook-deliveries"
 
 
 class Lease(Base):
@@ -459,6 +463,9 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str | None] = mapped_column(String(200))
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    acquired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # by this holder
+    # +1 at every acquisition by a new holder (or after expiry): a fencing token.
+    epoch: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     last_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_holder: Mapped[str | None] = mapped_column(String(200))

@@ -267,6 +267,8 @@ def rotate_due(
     app: AppContext, cluster: str | None, dry_run: bool, concurrency: int, as_json: bool
 ) -> None:
     """Rotate every scope whose key is older than its policy allows (for cron/timers)."""
+    from datetime import timedelta
+
     from keyvault.models import utcnow
     from keyvault.services.scheduler import Scheduler
 
@@ -276,6 +278,8 @@ def rotate_due(
         connector=app.connector,
         clock=utcnow,
         concurrency=concurrency,
+        lease_ttl=timedelta(seconds=app.settings.lease_ttl),
+        database_time=True,
     )
     report = scheduler.run(dry_run=dry_run, cluster_name=cluster)
     rows = [vars(r) for r in report.results]

@@ -47,6 +47,7 @@ from keyvault.models import (
     WebhookDelivery,
     utcnow,
 )
+from keyvault.services import leases
 from keyvault.services.policies import ALL_APPS
 from keyvault.services.propagation import current_versions, last_old_key_checks
 from keyvault.services.propagation import known as known_reads
@@ -69,6 +70,7 @@ class StoreCollector(Collector):
             yield from key_metrics(session, now)
             yield webhook_metric(session)
             yield from propagation_metrics(session, now)
+            yield from lease_metrics(session)
 
 
 def _seconds_between(start: Any, end: Any, dialect: str) -> ColumnElement[Any]:
@@ -246,3 +248,36 @@ def _old_key_accepted(session: Session) -> Metric:
     for cluster, scope, _, old_key in last_old_key_checks(session):
         family.add_metric([cluster, scope], 1.0 if old_key == "still_accepted" else 0.0)
     return family
+
+
+def lease_metrics(session: Session) -> Iterator[Metric]:
+    """Each lease (services/leases.py): held or not, by whom, until when, how many takeovers."""
+    now = leases.database_now(session)
+    held = GaugeMetricFamily(
+        "keyvault_lease_held",
+        "1 while some runner holds the lease (by the database's clock), 0 while it is free or expired",
+        labels=["name"],
+    )
+    holder = GaugeMetricFamily(
+        "keyvault_lease_holder",
+        "1 for the lease's live holder (host:pid:instance)",
+        labels=["name", "holder"],
+    )
+    expires = GaugeMetricFamily(
+        "keyvault_lease_expires_timestamp_seconds",
+        "When the lease expires unless renewed (Unix time; 0: free)",
+        labels=["name"],
+    )
+    epoch = GaugeMetricFamily(
+        "keyvault_lease_epoch",
+        "Acquisitions of the lease so far (a change: a new holder)",
+        labels=["name"],
+    )
+    for info in leases.read_all(session):
+        alive = leases.live(info, now)
+        held.add_metric([info.name], 1.0 if alive else 0.0)
+        if alive and info.holder is not None:
+            holder.add_metric([info.name, info.holder], 1.0)
+        expires.add_metric([info.name], info.expires_at.timestamp() if info.expires_at else 0.0)
+        epoch.add_metric([info.name], float(info.epoch))
+    yield from (held, holder, expires, epoch)

@@ -1,7 +1,10 @@
 """Scheduled rotation: rotate every scope whose key is older than its policy allows.
 
 Safe to start on several machines at once: a lease row in the database lets one
-runner act; the others report who holds it and do nothing. Time comes from an
+runner act; the others report who holds it and do nothing. The lease (``services/leases``)
+is short (15 s by default) and renewed by a heartbeat while the run lasts; a runner that
+loses it journals no further rotation (``rotate_many(should_start=...)``) and writes no
+bookkeeping, and one that dies is replaced by the next run after the lease expired. Time comes from an
 injected clock. A failing scope backs off exponentially (capped) and is paused
 after ``max_failures`` consecutive failures until an operator resumes it.
 Like rotation, this commits in steps (lease, then each scope's bookkeeping).
@@ -13,15 +16,13 @@ last run, and did it work" is answered even when nothing was due.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -32,7 +33,7 @@ from keyvault.errors import IntegrityError
 from keyvault.events import record_event
 from keyvault.models import ROTATE_DUE_LEASE, Lease, ScopeSchedule, utcnow
 from keyvault.scope import parse_scope
-from keyvault.services import integrity
+from keyvault.services import integrity, leases
 from keyvault.services.clusters import get_cluster
 from keyvault.services.policies import Candidate, candidates
 from keyvault.services.rotation import (
@@ -77,8 +78,8 @@ class DueReport:
 
 
 def runner_id() -> str:
-    """Who holds the lease: host and pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """Who holds the lease: host, pid and a random instance id (``leases.holder_id``)."""
+    return leases.holder_id()
 
 
 def acquire_lease(
@@ -86,28 +87,10 @@ def acquire_lease(
 ) -> str | None:
     """Take (or extend) the lease; return None on success, else the current holder."""
     with transaction(factory) as s:
-        taken = cast(
-            "CursorResult[Any]",
-            s.execute(
-                update(Lease)
-                .where(
-                    Lease.name == LEASE,
-                    or_(
-                        Lease.holder.is_(None),
-                        Lease.expires_at.is_(None),
-                        Lease.expires_at <= now,
-                        Lease.holder == holder,
-                    ),
-                )
-                .values(holder=holder, expires_at=now + ttl)
-            ),
-        ).rowcount
-        if taken == 1:
+        if leases.take(s, name=LEASE, holder=holder, now=now, ttl=ttl) is not None:
             return None
-        row = s.get(Lease, LEASE)
-        if row is None or row.expires_at is None:
-            return "unknown"
-        return f"{row.holder} until {row.expires_at.isoformat()}"
+        info = leases.read(s, LEASE)
+        return "unknown" if info is None or info.expires_at is None else info.describe()
 
 
 def record_run(
@@ -185,9 +168,10 @@ class Scheduler:
         max_failures: int = 5,
         backoff_base: timedelta = timedelta(minutes=5),
         backoff_cap: timedelta = timedelta(hours=6),
-        lease_ttl: timedelta = timedelta(minutes=30),
+        lease_ttl: timedelta = leases.DEFAULT_TTL,
         holder: str | None = None,
         service_factory: Callable[[], RotationService] | None = None,
+        database_time: bool = False,
     ) -> None:
         self.factory = factory
         self.settings = settings
@@ -197,6 +181,8 @@ class Scheduler:
         self.max_failures = max_failures
         self.backoff_base, self.backoff_cap, self.lease_ttl = backoff_base, backoff_cap, lease_ttl
         self.holder = holder or runner_id()
+        # The lease's clock: the database's (replicas, `rotate due`) or the injected one (tests).
+        self.lease_clock: Clock | None = None if database_time else clock
         self.service_factory = service_factory or (
             lambda: RotationService(factory, settings=settings, connector=connector)
         )
@@ -233,15 +219,21 @@ class Scheduler:
                 lease_acquired=False, lease_holder=None, results=self.plan(cluster_name)
             )
         started = self.clock()
-        other = acquire_lease(self.factory, holder=self.holder, now=started, ttl=self.lease_ttl)
-        if other is not None:
-            return DueReport(lease_acquired=False, lease_holder=other)
+        keeper = leases.LeaseKeeper(
+            self.factory, name=LEASE, holder=self.holder, ttl=self.lease_ttl, clock=self.lease_clock
+        )
+        if not keeper.acquire():
+            held = keeper.info.describe() if keeper.info is not None else "unknown"
+            return DueReport(lease_acquired=False, lease_holder=held)
         report = DueReport(lease_acquired=True, lease_holder=self.holder)
+        keeper.start(first=False)  # the heartbeat: renewed every ttl/3 while the run lasts
         try:
-            self._rotate_due(report, cluster_name, on_done)
+            self._rotate_due(report, cluster_name, on_done, keeper)
         except BaseException as exc:
+            keeper.stop(release=False)
             self._record_run(started, report, exc)
             raise
+        keeper.stop(release=False)  # record_run gives it back with the run's end
         self._record_run(started, report, None)
         return report
 
@@ -250,7 +242,9 @@ class Scheduler:
         report: DueReport,
         cluster_name: str | None,
         on_done: Callable[[ScopeResult], None] | None,
+        keeper: leases.LeaseKeeper,
     ) -> None:
+        """Settle, then rotate the due scopes; nothing starts once the lease is lost."""
         planned = self.plan(cluster_name)
         report.results += [r for r in planned if r.status != "due"]  # skipped, or refused
         due: dict[str, list] = {}
@@ -258,16 +252,13 @@ class Scheduler:
             if r.status == "due":
                 due.setdefault(r.cluster, []).append(parse_scope(r.scope, r".+"))
         with self.service_factory() as service:
-            self._settle_stored(service, report, cluster_name)
+            if keeper.held():
+                self._settle_stored(service, report, cluster_name)
             for cluster, scopes in due.items():
 
                 def done(result: RotationResult, cluster: str = cluster) -> None:
-                    item = self._record(cluster, result.scope, result)
+                    item = self._done(cluster, result, keeper)
                     report.results.append(item)
-                    # Long runs keep the lease alive.
-                    acquire_lease(
-                        self.factory, holder=self.holder, now=self.clock(), ttl=self.lease_ttl
-                    )
                     if on_done is not None:
                         on_done(item)
 
@@ -277,7 +268,25 @@ class Scheduler:
                     actor="scheduler",
                     concurrency=self.concurrency,
                     on_done=done,
+                    should_start=keeper.confirm,
                 )
+
+    def _done(
+        self, cluster: str, result: RotationResult, keeper: leases.LeaseKeeper
+    ) -> ScopeResult:
+        """A scope's bookkeeping, by the lease holder only (a runner that lost it writes none)."""
+        if keeper.held():
+            return self._record(cluster, result.scope, result)
+        done = result.failure is None
+        return ScopeResult(
+            cluster,
+            result.scope,
+            "rotated" if done else "skipped",
+            "lease lost: not recorded" if done else f"lease lost: {result.failure}",
+            result.rotation_id,
+            result.new_version,
+            result.new_fingerprint,
+        )
 
     def _settle_stored(
         self, service: RotationService, report: DueReport, cluster_name: str | None
@@ -419,8 +428,9 @@ class Scheduler:
 class SchedulerThread:
     """`rotate due` every ``interval`` seconds inside `keyvault serve --scheduler`.
 
-    Every replica may run one: the lease lets one act at a time. ``connector``, ``clock``
-    and ``on_run`` (called with each run's report, or the exception it raised) are for
+    Every replica (and every worker of one) may run one: the lease lets one act at a time,
+    compared with the database's clock. ``connector``, ``clock`` (also the lease's clock when
+    given) and ``on_run`` (called with each run's report, or the exception it raised) are for
     injection; ``poke()`` runs it now instead of at the next interval.
     """
 
@@ -429,7 +439,7 @@ class SchedulerThread:
         factory: SessionFactory,
         *,
         settings: Settings,
-        interval: float = 60.0,
+        interval: float | None = None,
         clock: Clock | None = None,
         connector: Connector | None = None,
         on_run: Callable[[object], None] | None = None,
@@ -439,9 +449,14 @@ class SchedulerThread:
 
             connector = connector_from_settings(settings)
         self.scheduler = Scheduler(
-            factory, settings=settings, connector=connector, clock=clock or utcnow
+            factory,
+            settings=settings,
+            connector=connector,
+            clock=clock or utcnow,
+            lease_ttl=timedelta(seconds=settings.lease_ttl),
+            database_time=clock is None,
         )
-        self.interval = interval
+        self.interval = settings.scheduler_interval if interval is None else interval
         self.on_run = on_run or (lambda outcome: None)
         self._stop = threading.Event()
         self._wake = threading.Event()

@@ -38,6 +38,7 @@ from keyvault.models import (
     Webhook,
     WebhookDelivery,
 )
+from keyvault.services import leases
 from keyvault.services.clusters import cluster_options, list_clusters, validate_project_id
 from keyvault.services.policies import candidates
 from keyvault.services.propagation import old_keys_accepted
@@ -110,6 +111,7 @@ def collect_status(
             findings += check_key_ages(session, now=now)
             findings += check_tokens(session, now=now, days=token_days)
             findings += check_webhooks(session, now=now)
+            findings.append(check_leases(session))
         else:
             findings.append(_skipped("rotations, keys, tokens, webhooks"))
     return StatusReport(findings)
@@ -341,3 +343,19 @@ def check_webhooks(session: Session, *, now: datetime) -> list[Finding]:
         for hook_id, url, count in rows
     ]
     return _ok_or("webhooks", problems, "no dead deliveries")
+
+
+def check_leases(session: Session) -> Finding:
+    """Who runs the scheduler and the webhook deliveries now (information: always ok)."""
+    now = leases.database_now(session)
+    parts = []
+    for info in leases.read_all(session):
+        if info.holder is None or info.expires_at is None:
+            state = "free"
+        elif leases.live(info, now):
+            since = info.acquired_at.isoformat() if info.acquired_at else "?"
+            state = f"held by {info.holder} since {since}, until {info.expires_at.isoformat()}"
+        else:
+            state = f"expired (last holder {info.holder}): the next runner takes it"
+        parts.append(f"{info.name}: {state} (epoch {info.epoch})")
+    return Finding("leases", OK, "; ".join(parts) or "no lease")

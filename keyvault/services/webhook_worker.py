@@ -1,8 +1,13 @@
 """The background webhook deliverer run inside ``keyvault serve``: fan out, then deliver, in a loop.
 
 Each tick opens the keyring against the store, runs ``enqueue_deliveries`` in one
-transaction and ``deliver_due`` (which commits per delivery). Several servers may
-run one each: claims use ``FOR UPDATE SKIP LOCKED`` on PostgreSQL.
+transaction and ``deliver_due`` (which commits per delivery). Several servers (and the
+workers of one) each run one, but only the holder of the ``webhook-deliveries`` lease
+(``services/leases.py``) delivers: its thread ticks only while the lease is held, and each
+claim's transaction checks it (the fence). A holder that takes the lease over makes the
+deliveries its predecessor claimed and never recorded due at once (``release_claims``):
+at least once, never lost; a repeat carries the same ``webhook-id``. ``tick()`` called
+directly (tests, embedding) takes no lease.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ import random
 import threading
 from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 
 from keyvault.config import Settings
 from keyvault.db import transaction
-from keyvault.models import utcnow
-from keyvault.services import webhooks
+from keyvault.models import WEBHOOK_LEASE, utcnow
+from keyvault.services import leases, webhooks
 from keyvault.services.store import open_keyring
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,8 @@ class WebhookWorker:
         rand: Callable[[], float] = random.random,
         max_attempts: int = webhooks.DEFAULT_MAX_ATTEMPTS,
         limit: int = 100,
+        lease_ttl: float | None = None,
+        lease_clock: leases.Clock | None = None,
     ) -> None:
         self.factory = factory
         self.settings = settings
@@ -50,9 +58,31 @@ class WebhookWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        ttl = settings.lease_ttl if lease_ttl is None else lease_ttl
+        self.lease = leases.LeaseKeeper(
+            factory,
+            name=WEBHOOK_LEASE,
+            ttl=timedelta(seconds=ttl),
+            clock=lease_clock,
+            on_taken=self._taken,
+        )
 
-    def tick(self) -> webhooks.DeliveryReport:
-        """One round: fan out new events, then deliver what is due (at most ``limit``)."""
+    def _taken(self, info: leases.LeaseInfo, previous: str | None) -> None:
+        """A takeover: what the previous holder had claimed is due now (it may have died)."""
+        with transaction(self.factory) as session:
+            released = webhooks.release_claims(
+                session, holder=self.lease.holder, now=self.lease.now(session)
+            )
+        if released:
+            log.warning(
+                "webhook lease taken over from %s: %d delivery(ies) in flight there retried",
+                previous,
+                released,
+            )
+
+    def tick(self, *, fenced: bool = False) -> webhooks.DeliveryReport:
+        """One round: fan out new events, then deliver what is due (at most ``limit``);
+        ``fenced``: only while this worker holds the lease (each claim checks it)."""
         with self._lock:
             with transaction(self.factory) as session:
                 keyring = open_keyring(session, settings=self.settings)
@@ -66,6 +96,8 @@ class WebhookWorker:
                 max_attempts=self.max_attempts,
                 rand=self.rand,
                 should_stop=self._stop.is_set,
+                fence=self.lease.fence if fenced else None,
+                claimed_by=self.lease.holder,
             )
         self.outcomes.update(delivered=report.delivered, retrying=report.retrying, dead=report.dead)
         return report
@@ -73,8 +105,11 @@ class WebhookWorker:
     def _run(self) -> None:
         while not self._stop.is_set():
             busy = False
+            if not self.lease.held():  # another replica delivers; the heartbeat retries
+                self._stop.wait(min(self.interval, self.lease.every))
+                continue
             try:
-                busy = self.tick().attempted >= self.limit
+                busy = self.tick(fenced=True).attempted >= self.limit
             except Exception as exc:  # noqa: BLE001 - keep delivering after a database or keyring hiccup
                 self.outcomes["errors"] += 1
                 log.error("webhook delivery round failed: %s: %s", type(exc).__name__, exc)
@@ -86,6 +121,7 @@ class WebhookWorker:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
+        self.lease.start()
         self._thread = threading.Thread(target=self._run, name="keyvault-webhooks", daemon=True)
         self._thread.start()
 
@@ -96,6 +132,8 @@ class WebhookWorker:
         if thread is None:
             return True
         thread.join(timeout)
+        # Given back only once no claim can follow; else it expires on its own.
+        self.lease.stop(release=not thread.is_alive())
         if thread.is_alive():
             log.warning(
                 "webhook worker still busy after %.1f s; it is a daemon thread and will not block exit",

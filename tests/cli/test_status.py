@@ -65,6 +65,7 @@ def test_a_fresh_store_is_all_ok(cli, store):
         "key_age",
         "tokens",
         "webhooks",
+        "leases",
     ]
     assert {f["status"] for f in report["findings"]} == {"ok"}
     table = ok(cli("status")).stdout

@@ -18,12 +18,13 @@ from datetime import timedelta
 
 import pytest
 from prometheus_client import CollectorRegistry
+from sqlalchemy import func, select
 
 from keyvault.config import Settings, load_settings
 from keyvault.db import make_engine, session_factory, transaction
 from keyvault.errors import NotFound
 from keyvault.http.store_metrics import StoreCollector
-from keyvault.models import Lease
+from keyvault.models import Lease, Rotation, ScopeSchedule
 from keyvault.services.rotation import RotationService
 from keyvault.services.rotation.journal import SessionFactory
 from keyvault.services.scheduler import LEASE, Scheduler, acquire_lease
@@ -224,3 +225,28 @@ def test_status_reports_the_age_of_the_last_completed_run(world, cli):
     finding = status_of_scheduler(cli)
     assert finding["status"] == "ok" and "the run after it failed" in finding["detail"]
     assert "gone" in finding["detail"]
+
+
+def test_a_run_that_lost_its_lease_starts_no_rotation(world, cli):
+    """The fence: a due scope is not journaled, nor generated, once another runner holds the
+    lease; nor is its schedule touched (a lost lease is no failure of the scope)."""
+    expect(cli("policy", "set", "--cluster", "c", "--appid", "app1", "--max-age", "7d"))
+    clock = Clock()
+
+    def lease_taken_meanwhile() -> RotationService:
+        later = clock.now + TTL + timedelta(minutes=1)
+        assert acquire_lease(world.factory, holder="runner-b", now=later, ttl=TTL) is None
+        return RotationService(world.factory, settings=world.settings, connector=world.connector)
+
+    runner = world.scheduler(
+        clock, "runner-a", lease_ttl=TTL, service_factory=lease_taken_meanwhile
+    )
+    report = runner.run()
+    assert report.lease_acquired and not report.recorded
+    (result,) = report.results
+    assert (result.scope, result.status) == ("app:app1", "skipped")
+    assert result.reason.startswith("lease lost") and result.rotation_id is None
+    with transaction(world.factory) as s:
+        assert s.scalar(select(func.count()).select_from(Rotation)) == 0
+        assert s.scalar(select(func.count()).select_from(ScopeSchedule)) == 0
+    assert world.lease().holder == "runner-b"

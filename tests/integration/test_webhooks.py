@@ -872,3 +872,48 @@ def test_cli_deliver_is_bounded_in_time(store: Cli, receivers):
         )["delivered"]
         == 1
     )
+
+
+class _Died(BaseException):
+    """A deliverer killed between sending and recording (nothing catches it)."""
+
+
+def test_a_new_lease_holder_resends_what_the_dead_one_had_in_flight(kv, receivers):
+    """The webhook lease (services/leases.py), with injected clocks: A claims a delivery and
+    dies before recording it; B takes the expired lease, which makes A's claim due at once
+    (not after the 2-minute claim), and sends it again with the same webhook-id. A, back,
+    claims nothing: its fence fails."""
+    receiver = receivers()
+    kv.add_hook(receiver, f"app:{CLUSTER}/a1")
+    kv.import_key("app:a1")
+    clock = Clock()
+
+    def worker() -> WebhookWorker:
+        return WebhookWorker(
+            kv.factory, settings=kv.settings, clock=clock, send=LOCAL_SENDER, lease_clock=clock
+        )
+
+    a, b = worker(), worker()
+    assert a.lease.step()
+    kv.enqueue(clock)
+    sent: list[str] = []
+
+    def dies_after_sending(url, body, headers):
+        sent.append(headers["webhook-id"])
+        raise _Died
+
+    with pytest.raises(_Died):
+        webhooks.deliver_due(
+            kv.factory, keyring=kv.keyring(), now=clock, send=dies_after_sending,
+            fence=a.lease.fence, claimed_by=a.lease.holder,
+        )  # fmt: skip
+    (row,) = kv.deliveries()
+    assert row["status"] == "pending" and row["attempts"] == 1
+    assert not b.lease.step()  # A's lease still runs
+    clock.advance(a.lease.ttl)
+    assert b.lease.step()  # expired: B takes it over, and A's claim with it
+    report = b.tick(fenced=True)
+    assert (report.attempted, report.delivered) == (1, 1)
+    assert list(receiver.received) == sent  # the same webhook-id, once more
+    assert not a.lease.step() and a.tick(fenced=True).attempted == 0
+    assert [r["status"] for r in kv.deliveries()] == ["delivered"]

@@ -134,6 +134,7 @@ class RotationService:
         concurrency: int = 4,
         on_done: OnDone | None = None,
         cleanup: CleanupPolicy = CleanupPolicy.INLINE,
+        should_start: Callable[[], bool] | None = None,
     ) -> list[RotationResult]:
         """Rotate several scopes, ``concurrency`` batches at a time over one connection per host.
 
@@ -142,7 +143,9 @@ class RotationService:
         ta-tool calls one after the other (``rotation.batch_size`` of them), and each key
         is stored as soon as its output arrives. One scope's failure never stops or
         corrupts the others. ``on_done(result)`` is called as each one ends. Returns a
-        result per scope, in the order given.
+        result per scope, in the order given. ``should_start`` (the scheduler's lease) is
+        asked before each batch journals its rotations: False fails the batch with
+        ``LeaseLost`` before anything is started.
         """
         if not scopes:
             return []
@@ -161,6 +164,7 @@ class RotationService:
                 cleanup=cleanup,
                 deferred=deferred,
                 on_done=on_done,
+                should_start=should_start,
             )
             try:
                 return run.run()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from keyvault import crypto
 from keyvault.db import transaction
-from keyvault.errors import KeyvaultError, NotFound
+from keyvault.errors import KeyvaultError, LeaseLost, NotFound
 from keyvault.models import Cluster, Host, Rotation
 from keyvault.scope import Scope
 from keyvault.services.clusters import checked_cluster, cluster_options
@@ -149,7 +149,9 @@ class BatchRun:
         deferred: DeferredCleanups,
         on_done: OnDone | None = None,
         precondition: Precondition | None = None,
+        should_start: Callable[[], bool] | None = None,
     ) -> None:
+        self.should_start = should_start  # a lease: asked just before step 2
         self.rt, self.cluster_name, self.scopes, self.actor = rt, cluster_name, scopes, actor
         self.cleanup, self.deferred, self.on_done = cleanup, deferred, on_done
         self.precondition = precondition  # HTTP If-Match, checked as each row is journaled
@@ -197,6 +199,8 @@ class BatchRun:
         conn, host = self.rt.pool.connect_any(plan.hosts)
         healthy = False
         try:
+            if self.should_start is not None and not self.should_start():
+                raise LeaseLost("this runner lost its lease: no rotation started")
             jobs = self._journal(plan, host)  # step 2
             if jobs:
                 healthy = self._generate(_Target(plan, host, conn), jobs)  # steps 3-7

@@ -31,6 +31,7 @@ from keyvault.services.webhooks.delivery import (
     default_sender,
     deliver_due,
     http_send,
+    release_claims,
     run_deliveries,
     summary,
 )
@@ -111,6 +112,7 @@ __all__ = [
     "message_id",
     "parse_secret",
     "read_secret_file",
+    "release_claims",
     "remove_webhook",
     "rewrap_webhook_secrets",
     "run_deliveries",

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from keyvault import crypto, httpclient
@@ -181,15 +181,17 @@ def _due_row(session: Session, now: datetime, skip: set[int]) -> WebhookDelivery
     return session.scalar(stmt)
 
 
-def _claim(session: Session, *, now: datetime, skip: set[int], secrets: _Secrets) -> _Claim | None:
-    """Lease the next due delivery (None: nothing is due)."""
+def _claim(
+    session: Session, *, now: datetime, skip: set[int], secrets: _Secrets, by: str | None = None
+) -> _Claim | None:
+    """Lease the next due delivery (None: nothing is due); ``by``: the claiming lease holder."""
     row = _due_row(session, now, skip)
     if row is None:
         return None
     hook = session.get_one(Webhook, row.webhook_id)
     event = session.get_one(Event, row.event_id)
     secret = secrets.get(hook)
-    row.next_attempt_at = now + LEASE
+    row.next_attempt_at, row.claimed_by = now + LEASE, by
     skip.add(row.id)
     if isinstance(secret, str):
         # Not the receiver's fault: no attempt is counted; the row waits for a usable keyring.
@@ -200,6 +202,21 @@ def _claim(session: Session, *, now: datetime, skip: set[int], secrets: _Secrets
     session.flush()
     body = json.dumps(event_payload(event), sort_keys=True, separators=(",", ":")).encode()
     return _Claim(row.id, row.attempts, hook.url, message_id(event.id), body, secret)
+
+
+def release_claims(session: Session, *, holder: str, now: datetime) -> int:
+    """After a takeover of the webhook lease: deliveries another holder claimed and never
+    recorded (it died mid-attempt) are due now, not when their claim runs out."""
+    found = session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.claimed_by.is_not(None),
+            WebhookDelivery.claimed_by != holder,
+        )
+        .values(next_attempt_at=now, claimed_by=None)
+    )
+    return int(getattr(found, "rowcount", 0) or 0)
 
 
 def _record(
@@ -219,10 +236,11 @@ def _record(
     if error is None:
         if row.status != "delivered":
             row.status, row.delivered_at, row.last_status = "delivered", now, status
+            row.claimed_by = None
         return "delivered"
     if row.status != "pending" or row.attempts != claim.attempts:
         return row.status  # removed meanwhile, or the lease ran out and another sender took over
-    row.last_status, row.last_error = status, error[:MAX_ERROR_LENGTH]
+    row.last_status, row.last_error, row.claimed_by = status, error[:MAX_ERROR_LENGTH], None
     if row.attempts >= max_attempts:
         row.status = "dead"
         return "dead"
@@ -271,13 +289,16 @@ def deliver_due(
     timestamp: Callable[[], float] = time.time,
     should_stop: Callable[[], bool] | None = None,
     skip: set[int] | None = None,
+    fence: Callable[[Session], bool] | None = None,
+    claimed_by: str | None = None,
 ) -> DeliveryReport:
     """Send up to ``limit`` due deliveries, each claimed and recorded in its own transaction.
 
     ``now`` (a datetime or a clock) decides what is due and when a retry is; ``timestamp``
     is the wall clock signed into webhook-timestamp (receivers compare it with theirs).
     Ids in ``skip`` are not attempted and every claimed id joins it, so a caller looping
-    over runs tries each delivery at most once.
+    over runs tries each delivery at most once. ``fence`` (the webhook lease) is asked in
+    each claim's transaction: False claims nothing more. ``claimed_by`` marks the claims.
     """
     if max_attempts < 1:
         raise InvalidInput("max attempts must be at least 1")
@@ -288,7 +309,9 @@ def deliver_due(
     report = DeliveryReport()
     while report.attempted < limit and not (should_stop and should_stop()):
         with transaction(session_factory) as session:
-            claim = _claim(session, now=clock(), skip=skip, secrets=secrets)
+            if fence is not None and not fence(session):
+                break
+            claim = _claim(session, now=clock(), skip=skip, secrets=secrets, by=claimed_by)
         if claim is None:
             break
         if claim.secret is None:
