@@ -199,6 +199,13 @@ class LeaseKeeper:
             session, name=self.name, holder=self.holder, now=self.now(session)
         )
 
+    def guard(self, session: Session) -> bool:
+        """``fence(session)``; False also un-holds the lease (a runner acting on it stops)."""
+        held = self.fence(session)
+        if not held:
+            self._lose("the lease row names another holder, or none")
+        return held
+
     def confirm(self) -> bool:
         """``held()``, and the row agrees (one short transaction); False on any error."""
         try:

@@ -269,6 +269,7 @@ class Scheduler:
                     concurrency=self.concurrency,
                     on_done=done,
                     should_start=keeper.confirm,
+                    fence=keeper.guard,
                 )
 
     def _done(

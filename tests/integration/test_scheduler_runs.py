@@ -25,6 +25,7 @@ from keyvault.db import make_engine, session_factory, transaction
 from keyvault.errors import NotFound
 from keyvault.http.store_metrics import StoreCollector
 from keyvault.models import Lease, Rotation, ScopeSchedule
+from keyvault.services import leases
 from keyvault.services.rotation import RotationService
 from keyvault.services.rotation.journal import SessionFactory
 from keyvault.services.scheduler import LEASE, Scheduler, acquire_lease
@@ -250,3 +251,33 @@ def test_a_run_that_lost_its_lease_starts_no_rotation(world, cli):
         assert s.scalar(select(func.count()).select_from(Rotation)) == 0
         assert s.scalar(select(func.count()).select_from(ScopeSchedule)) == 0
     assert world.lease().holder == "runner-b"
+
+
+def test_a_runner_paused_after_its_fence_check_does_not_rotate_a_scope_again(
+    world, cli, monkeypatch
+):
+    """Runner A checks its lease, then stalls (GC, SIGSTOP, a slow disk) before it journals:
+    its lease runs out, runner B takes it and rotates the scope. A, resuming, must not rotate
+    that scope a second time from its stale plan: the lease is checked in the journal's own
+    transaction, not only in one before it."""
+    expect(cli("policy", "set", "--cluster", "c", "--appid", "app1", "--max-age", "7d"))
+    clock = Clock()
+    confirm = leases.LeaseKeeper.confirm
+    b_reports = []
+
+    def confirm_then_stall(keeper: leases.LeaseKeeper) -> bool:
+        confirmed = confirm(keeper)
+        if keeper.holder == "runner-a" and not b_reports:  # A stalls here, its lease expires
+            clock.advance(TTL + timedelta(minutes=1))
+            b_reports.append(world.scheduler(clock, "runner-b", lease_ttl=TTL).run())
+        return confirmed
+
+    monkeypatch.setattr(leases.LeaseKeeper, "confirm", confirm_then_stall)
+    report = world.scheduler(clock, "runner-a", lease_ttl=TTL).run()
+    (b,) = b_reports
+    assert b.lease_acquired and [r.status for r in b.results] == ["rotated"]
+    assert report.lease_acquired and not report.recorded
+    (result,) = report.results
+    assert result.status == "skipped" and result.reason.startswith("lease lost")
+    with transaction(world.factory) as s:
+        assert s.scalar(select(func.count()).select_from(Rotation)) == 1  # B's only
