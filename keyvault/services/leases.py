@@ -104,9 +104,16 @@ def _updated(session: Session, stmt: Any) -> bool:
 
 
 def take(
-    session: Session, *, name: str, holder: str, now: datetime, ttl: timedelta
+    session: Session,
+    *,
+    name: str,
+    holder: str,
+    now: datetime,
+    ttl: timedelta,
+    renew_only: bool = False,
 ) -> LeaseInfo | None:
     """Renew the lease, or take it if free or expired; None if another holds it.
+    ``renew_only``: never take it, only renew it (None unless ``holder`` holds it now).
 
     Only flushes; the caller commits. The row is created if a store lacks it."""
     if session.get(Lease, name) is None:
@@ -118,14 +125,17 @@ def take(
         .where(Lease.name == name, Lease.holder == holder, Lease.expires_at > now)
         .values(expires_at=now + ttl),
     )
-    taken = renewed or _updated(
-        session,
-        update(Lease)
-        .where(
-            Lease.name == name,
-            or_(Lease.holder.is_(None), Lease.expires_at.is_(None), Lease.expires_at <= now),
+    taken = renewed or (
+        not renew_only
+        and _updated(
+            session,
+            update(Lease)
+            .where(
+                Lease.name == name,
+                or_(Lease.holder.is_(None), Lease.expires_at.is_(None), Lease.expires_at <= now),
+            )
+            .values(holder=holder, acquired_at=now, expires_at=now + ttl, epoch=Lease.epoch + 1),
         )
-        .values(holder=holder, acquired_at=now, expires_at=now + ttl, epoch=Lease.epoch + 1),
     )
     session.expire_all()
     info = read(session, name)
@@ -159,7 +169,9 @@ class LeaseKeeper:
 
     ``on_taken(info, previous)`` is called after each acquisition (not renewal) with the
     holder it replaced (None: the lease was free or given back), from the caller of ``step``.
-    ``clock`` None: the database's clock.
+    ``clock`` None: the database's clock. ``retake`` False: once acquired, only renewed; lost
+    (taken over, or expired), it is never taken again by this keeper, even when free: a run
+    that lost it (the scheduler's, whose plan is stale by then) must end, not carry on.
     """
 
     def __init__(
@@ -172,12 +184,14 @@ class LeaseKeeper:
         clock: Clock | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         on_taken: Callable[[LeaseInfo, str | None], None] | None = None,
+        retake: bool = True,
     ) -> None:
         self.factory, self.name, self.ttl = factory, name, ttl
         self.holder = holder or holder_id()
         self.clock, self.monotonic, self.on_taken = clock, monotonic, on_taken
         self.info: LeaseInfo | None = None  # the row after the last step (ours or another's)
         self.acquisitions = 0
+        self.retake = retake
         self._valid_until = float("-inf")  # monotonic; held() is False after it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -233,7 +247,14 @@ class LeaseKeeper:
         try:
             with transaction(self.factory) as s:
                 previous = read(s, self.name)
-                mine = take(s, name=self.name, holder=self.holder, now=self.now(s), ttl=self.ttl)
+                mine = take(
+                    s,
+                    name=self.name,
+                    holder=self.holder,
+                    now=self.now(s),
+                    ttl=self.ttl,
+                    renew_only=not self.retake and self.acquisitions > 0,
+                )
                 self.info = mine or read(s, self.name)
         except BaseException:
             self._valid_until = float("-inf")

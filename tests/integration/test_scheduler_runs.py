@@ -281,3 +281,33 @@ def test_a_runner_paused_after_its_fence_check_does_not_rotate_a_scope_again(
     assert result.status == "skipped" and result.reason.startswith("lease lost")
     with transaction(world.factory) as s:
         assert s.scalar(select(func.count()).select_from(Rotation)) == 1  # B's only
+
+
+def test_a_run_that_lost_its_lease_does_not_take_it_back_when_it_is_free_again(
+    world, cli, monkeypatch
+):
+    """Runner A stalls mid-run; B takes the expired lease, rotates the scope, and gives the
+    lease back at its end. A's heartbeat, resuming, must not take the free lease again for
+    the run it lost: that run's plan is stale, and it would rotate the scope once more."""
+    expect(cli("policy", "set", "--cluster", "c", "--appid", "app1", "--max-age", "7d"))
+    clock = Clock()
+    confirm = leases.LeaseKeeper.confirm
+    b_reports = []
+
+    def stall_then_beat(keeper: leases.LeaseKeeper) -> bool:
+        if keeper.holder == "runner-a" and not b_reports:  # A stalls, its lease expires
+            clock.advance(TTL + timedelta(minutes=1))
+            b_reports.append(world.scheduler(clock, "runner-b", lease_ttl=TTL).run())
+            assert world.lease().holder is None  # B's run ended: the lease is free
+            keeper.step()  # A's heartbeat, as A resumes
+        return confirm(keeper)
+
+    monkeypatch.setattr(leases.LeaseKeeper, "confirm", stall_then_beat)
+    report = world.scheduler(clock, "runner-a", lease_ttl=TTL).run()
+    (b,) = b_reports
+    assert b.lease_acquired and [r.status for r in b.results] == ["rotated"]
+    (result,) = report.results
+    assert result.status == "skipped" and result.reason.startswith("lease lost")
+    with transaction(world.factory) as s:
+        assert s.scalar(select(func.count()).select_from(Rotation)) == 1  # B's only
+    assert world.lease().holder is None and world.lease().last_holder == "runner-b"
