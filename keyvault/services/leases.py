@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -152,6 +152,16 @@ def release(session: Session, *, name: str, holder: str) -> bool:
     )
 
 
+def bound_idle(session: Session, ttl: timedelta) -> None:
+    """PostgreSQL: end this session if its client leaves the transaction idle for a fifth of
+    ``ttl``. A transaction that locks the lease row (a renewal, a fence) would otherwise
+    hold the lock for as long as a holder that stopped inside it (power loss, a partition,
+    SIGSTOP) stays unnoticed, hours until TCP keepalive: every takeover would wait on it."""
+    if session.get_bind().dialect.name == "postgresql":
+        ms = max(1, int(ttl.total_seconds() * 200))
+        session.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {ms}"))
+
+
 def holds(session: Session, *, name: str, holder: str, now: datetime) -> bool:
     """The fence inside a transaction that acts: ``holder`` has the lease now. On PostgreSQL
     the row is share-locked until commit, so no takeover commits before this transaction."""
@@ -209,9 +219,10 @@ class LeaseKeeper:
 
     def fence(self, session: Session) -> bool:
         """``held()`` and, in ``session``'s transaction, the row says so (see ``holds``)."""
-        return self.held() and holds(
-            session, name=self.name, holder=self.holder, now=self.now(session)
-        )
+        if not self.held():
+            return False
+        bound_idle(session, self.ttl)
+        return holds(session, name=self.name, holder=self.holder, now=self.now(session))
 
     def guard(self, session: Session) -> bool:
         """``fence(session)``; False also un-holds the lease (a runner acting on it stops)."""
@@ -246,6 +257,7 @@ class LeaseKeeper:
         was = self.info.holder if self.info is not None else None
         try:
             with transaction(self.factory) as s:
+                bound_idle(s, self.ttl)
                 previous = read(s, self.name)
                 mine = take(
                     s,
