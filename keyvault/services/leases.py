@@ -154,11 +154,12 @@ def release(session: Session, *, name: str, holder: str) -> bool:
 
 def bound_idle(session: Session, ttl: timedelta) -> None:
     """PostgreSQL: end this session if its client leaves the transaction idle for a fifth of
-    ``ttl``. A transaction that locks the lease row (a renewal, a fence) would otherwise
+    ``ttl`` (one second at least). A transaction that locks the lease row (a renewal, a fence) would otherwise
     hold the lock for as long as a holder that stopped inside it (power loss, a partition,
     SIGSTOP) stays unnoticed, hours until TCP keepalive: every takeover would wait on it."""
     if session.get_bind().dialect.name == "postgresql":
-        ms = max(1, int(ttl.total_seconds() * 200))
+        # At least a second: a short ttl must not end sessions of a busy, live holder.
+        ms = max(1000, int(ttl.total_seconds() * 200))
         session.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {ms}"))
 
 
