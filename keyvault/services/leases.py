@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -104,9 +104,16 @@ def _updated(session: Session, stmt: Any) -> bool:
 
 
 def take(
-    session: Session, *, name: str, holder: str, now: datetime, ttl: timedelta
+    session: Session,
+    *,
+    name: str,
+    holder: str,
+    now: datetime,
+    ttl: timedelta,
+    renew_only: bool = False,
 ) -> LeaseInfo | None:
     """Renew the lease, or take it if free or expired; None if another holds it.
+    ``renew_only``: never take it, only renew it (None unless ``holder`` holds it now).
 
     Only flushes; the caller commits. The row is created if a store lacks it."""
     if session.get(Lease, name) is None:
@@ -118,14 +125,17 @@ def take(
         .where(Lease.name == name, Lease.holder == holder, Lease.expires_at > now)
         .values(expires_at=now + ttl),
     )
-    taken = renewed or _updated(
-        session,
-        update(Lease)
-        .where(
-            Lease.name == name,
-            or_(Lease.holder.is_(None), Lease.expires_at.is_(None), Lease.expires_at <= now),
+    taken = renewed or (
+        not renew_only
+        and _updated(
+            session,
+            update(Lease)
+            .where(
+                Lease.name == name,
+                or_(Lease.holder.is_(None), Lease.expires_at.is_(None), Lease.expires_at <= now),
+            )
+            .values(holder=holder, acquired_at=now, expires_at=now + ttl, epoch=Lease.epoch + 1),
         )
-        .values(holder=holder, acquired_at=now, expires_at=now + ttl, epoch=Lease.epoch + 1),
     )
     session.expire_all()
     info = read(session, name)
@@ -140,6 +150,17 @@ def release(session: Session, *, name: str, holder: str) -> bool:
         .where(Lease.name == name, Lease.holder == holder)
         .values(holder=None, expires_at=None),
     )
+
+
+def bound_idle(session: Session, ttl: timedelta) -> None:
+    """PostgreSQL: end this session if its client leaves the transaction idle for a fifth of
+    ``ttl`` (one second at least). A transaction that locks the lease row (a renewal, a fence) would otherwise
+    hold the lock for as long as a holder that stopped inside it (power loss, a partition,
+    SIGSTOP) stays unnoticed, hours until TCP keepalive: every takeover would wait on it."""
+    if session.get_bind().dialect.name == "postgresql":
+        # At least a second: a short ttl must not end sessions of a busy, live holder.
+        ms = max(1000, int(ttl.total_seconds() * 200))
+        session.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {ms}"))
 
 
 def holds(session: Session, *, name: str, holder: str, now: datetime) -> bool:
@@ -159,7 +180,9 @@ class LeaseKeeper:
 
     ``on_taken(info, previous)`` is called after each acquisition (not renewal) with the
     holder it replaced (None: the lease was free or given back), from the caller of ``step``.
-    ``clock`` None: the database's clock.
+    ``clock`` None: the database's clock. ``retake`` False: once acquired, only renewed; lost
+    (taken over, or expired), it is never taken again by this keeper, even when free: a run
+    that lost it (the scheduler's, whose plan is stale by then) must end, not carry on.
     """
 
     def __init__(
@@ -172,12 +195,14 @@ class LeaseKeeper:
         clock: Clock | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         on_taken: Callable[[LeaseInfo, str | None], None] | None = None,
+        retake: bool = True,
     ) -> None:
         self.factory, self.name, self.ttl = factory, name, ttl
         self.holder = holder or holder_id()
         self.clock, self.monotonic, self.on_taken = clock, monotonic, on_taken
         self.info: LeaseInfo | None = None  # the row after the last step (ours or another's)
         self.acquisitions = 0
+        self.retake = retake
         self._valid_until = float("-inf")  # monotonic; held() is False after it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -195,9 +220,17 @@ class LeaseKeeper:
 
     def fence(self, session: Session) -> bool:
         """``held()`` and, in ``session``'s transaction, the row says so (see ``holds``)."""
-        return self.held() and holds(
-            session, name=self.name, holder=self.holder, now=self.now(session)
-        )
+        if not self.held():
+            return False
+        bound_idle(session, self.ttl)
+        return holds(session, name=self.name, holder=self.holder, now=self.now(session))
+
+    def guard(self, session: Session) -> bool:
+        """``fence(session)``; False also un-holds the lease (a runner acting on it stops)."""
+        held = self.fence(session)
+        if not held:
+            self._lose("the lease row names another holder, or none")
+        return held
 
     def confirm(self) -> bool:
         """``held()``, and the row agrees (one short transaction); False on any error."""
@@ -225,8 +258,16 @@ class LeaseKeeper:
         was = self.info.holder if self.info is not None else None
         try:
             with transaction(self.factory) as s:
+                bound_idle(s, self.ttl)
                 previous = read(s, self.name)
-                mine = take(s, name=self.name, holder=self.holder, now=self.now(s), ttl=self.ttl)
+                mine = take(
+                    s,
+                    name=self.name,
+                    holder=self.holder,
+                    now=self.now(s),
+                    ttl=self.ttl,
+                    renew_only=not self.retake and self.acquisitions > 0,
+                )
                 self.info = mine or read(s, self.name)
         except BaseException:
             self._valid_until = float("-inf")

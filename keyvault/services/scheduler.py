@@ -219,8 +219,13 @@ class Scheduler:
                 lease_acquired=False, lease_holder=None, results=self.plan(cluster_name)
             )
         started = self.clock()
-        keeper = leases.LeaseKeeper(
-            self.factory, name=LEASE, holder=self.holder, ttl=self.lease_ttl, clock=self.lease_clock
+        keeper = leases.LeaseKeeper(  # retake=False: a run that lost its lease ends
+            self.factory,
+            name=LEASE,
+            holder=self.holder,
+            ttl=self.lease_ttl,
+            clock=self.lease_clock,
+            retake=False,
         )
         if not keeper.acquire():
             held = keeper.info.describe() if keeper.info is not None else "unknown"
@@ -269,6 +274,7 @@ class Scheduler:
                     concurrency=self.concurrency,
                     on_done=done,
                     should_start=keeper.confirm,
+                    fence=keeper.guard,
                 )
 
     def _done(

@@ -68,11 +68,11 @@ class WebhookWorker:
         )
 
     def _taken(self, info: leases.LeaseInfo, previous: str | None) -> None:
-        """A takeover: what the previous holder had claimed is due now (it may have died)."""
+        """A takeover: what the previous holder had claimed is due now (it may have died).
+        "Now" by the deliveries' clock (this replica's), not the lease's (the database's):
+        the due check reads that one, and a database clock ahead would delay the resend."""
         with transaction(self.factory) as session:
-            released = webhooks.release_claims(
-                session, holder=self.lease.holder, now=self.lease.now(session)
-            )
+            released = webhooks.release_claims(session, holder=self.lease.holder, now=self.clock())
         if released:
             log.warning(
                 "webhook lease taken over from %s: %d delivery(ies) in flight there retried",

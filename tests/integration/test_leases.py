@@ -7,6 +7,7 @@ Nothing sleeps: time moves only when a test moves it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from datetime import timedelta
 
@@ -137,3 +138,30 @@ def test_racing_keepers_never_hold_it_together(factory):
     assert all(sum(r) <= 1 for r in rounds), rounds
     assert sum(r[0] or r[1] or r[2] or r[3] for r in rounds) == len(rounds)  # someone holds it
     assert len({h for h, got in results.items() if any(got)}) == 1  # never expired: one holder
+
+
+def test_a_holder_stalled_inside_a_fenced_transaction_does_not_block_the_takeover(factory, engine):
+    """PostgreSQL: the fence share-locks the lease row until its transaction ends. A holder
+    that stops inside that transaction (power loss, a partition, SIGSTOP) leaves its session
+    idle in transaction, for hours until TCP keepalive notices; the next holder's takeover
+    must not wait on that lock: the server ends such a session once it has been idle for a
+    fifth of the TTL (the fence's own margin). A hang guard only: nothing here is timed."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has no row locks, and no server to end a session")
+    clock = Clock()
+    a, b = keeper(factory, clock, "a"), keeper(factory, clock, "b")
+    assert a.step()
+    stalled = factory()
+    assert a.fence(stalled)  # ... and A stops here, its transaction open
+    clock.advance(TTL)
+    took: list[bool] = []
+    taker = threading.Thread(target=lambda: took.append(b.step()), daemon=True)
+    taker.start()
+    taker.join(timeout=120)  # a hang guard, far above the expected few seconds
+    try:
+        assert took == [True], "the takeover waited on the stalled holder's lock"
+    finally:
+        with contextlib.suppress(Exception):
+            stalled.rollback()
+        stalled.close()
+        taker.join(timeout=30)

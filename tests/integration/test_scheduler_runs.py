@@ -25,6 +25,7 @@ from keyvault.db import make_engine, session_factory, transaction
 from keyvault.errors import NotFound
 from keyvault.http.store_metrics import StoreCollector
 from keyvault.models import Lease, Rotation, ScopeSchedule
+from keyvault.services import leases
 from keyvault.services.rotation import RotationService
 from keyvault.services.rotation.journal import SessionFactory
 from keyvault.services.scheduler import LEASE, Scheduler, acquire_lease
@@ -250,3 +251,63 @@ def test_a_run_that_lost_its_lease_starts_no_rotation(world, cli):
         assert s.scalar(select(func.count()).select_from(Rotation)) == 0
         assert s.scalar(select(func.count()).select_from(ScopeSchedule)) == 0
     assert world.lease().holder == "runner-b"
+
+
+def test_a_runner_paused_after_its_fence_check_does_not_rotate_a_scope_again(
+    world, cli, monkeypatch
+):
+    """Runner A checks its lease, then stalls (GC, SIGSTOP, a slow disk) before it journals:
+    its lease runs out, runner B takes it and rotates the scope. A, resuming, must not rotate
+    that scope a second time from its stale plan: the lease is checked in the journal's own
+    transaction, not only in one before it."""
+    expect(cli("policy", "set", "--cluster", "c", "--appid", "app1", "--max-age", "7d"))
+    clock = Clock()
+    confirm = leases.LeaseKeeper.confirm
+    b_reports = []
+
+    def confirm_then_stall(keeper: leases.LeaseKeeper) -> bool:
+        confirmed = confirm(keeper)
+        if keeper.holder == "runner-a" and not b_reports:  # A stalls here, its lease expires
+            clock.advance(TTL + timedelta(minutes=1))
+            b_reports.append(world.scheduler(clock, "runner-b", lease_ttl=TTL).run())
+        return confirmed
+
+    monkeypatch.setattr(leases.LeaseKeeper, "confirm", confirm_then_stall)
+    report = world.scheduler(clock, "runner-a", lease_ttl=TTL).run()
+    (b,) = b_reports
+    assert b.lease_acquired and [r.status for r in b.results] == ["rotated"]
+    assert report.lease_acquired and not report.recorded
+    (result,) = report.results
+    assert result.status == "skipped" and result.reason.startswith("lease lost")
+    with transaction(world.factory) as s:
+        assert s.scalar(select(func.count()).select_from(Rotation)) == 1  # B's only
+
+
+def test_a_run_that_lost_its_lease_does_not_take_it_back_when_it_is_free_again(
+    world, cli, monkeypatch
+):
+    """Runner A stalls mid-run; B takes the expired lease, rotates the scope, and gives the
+    lease back at its end. A's heartbeat, resuming, must not take the free lease again for
+    the run it lost: that run's plan is stale, and it would rotate the scope once more."""
+    expect(cli("policy", "set", "--cluster", "c", "--appid", "app1", "--max-age", "7d"))
+    clock = Clock()
+    confirm = leases.LeaseKeeper.confirm
+    b_reports = []
+
+    def stall_then_beat(keeper: leases.LeaseKeeper) -> bool:
+        if keeper.holder == "runner-a" and not b_reports:  # A stalls, its lease expires
+            clock.advance(TTL + timedelta(minutes=1))
+            b_reports.append(world.scheduler(clock, "runner-b", lease_ttl=TTL).run())
+            assert world.lease().holder is None  # B's run ended: the lease is free
+            keeper.step()  # A's heartbeat, as A resumes
+        return confirm(keeper)
+
+    monkeypatch.setattr(leases.LeaseKeeper, "confirm", stall_then_beat)
+    report = world.scheduler(clock, "runner-a", lease_ttl=TTL).run()
+    (b,) = b_reports
+    assert b.lease_acquired and [r.status for r in b.results] == ["rotated"]
+    (result,) = report.results
+    assert result.status == "skipped" and result.reason.startswith("lease lost")
+    with transaction(world.factory) as s:
+        assert s.scalar(select(func.count()).select_from(Rotation)) == 1  # B's only
+    assert world.lease().holder is None and world.lease().last_holder == "runner-b"

@@ -917,3 +917,38 @@ def test_a_new_lease_holder_resends_what_the_dead_one_had_in_flight(kv, receiver
     assert list(receiver.received) == sent  # the same webhook-id, once more
     assert not a.lease.step() and a.tick(fenced=True).attempted == 0
     assert [r["status"] for r in kv.deliveries()] == ["delivered"]
+
+
+def test_a_takeover_makes_the_dead_holders_claim_due_by_the_deliverers_clock(kv, receivers):
+    """The lease compares the database's clock (PostgreSQL's now()), the deliveries this
+    replica's own. With the database's clock 10 minutes ahead, a delivery the dead holder had
+    in flight must still be due at once after a takeover, not 10 minutes later (nor after the
+    2-minute claim): the release writes the deliverer's time, the one its due check reads."""
+    receiver = receivers()
+    kv.add_hook(receiver, f"app:{CLUSTER}/a1")
+    kv.import_key("app:a1")
+    local = Clock()
+    database = Clock(local.now + timedelta(minutes=10))
+
+    def worker() -> WebhookWorker:
+        return WebhookWorker(
+            kv.factory, settings=kv.settings, clock=local, send=LOCAL_SENDER, lease_clock=database
+        )
+
+    a, b = worker(), worker()
+    assert a.lease.step()
+    kv.enqueue(local)
+
+    def dies_after_sending(url, body, headers):
+        raise _Died
+
+    with pytest.raises(_Died):
+        webhooks.deliver_due(
+            kv.factory, keyring=kv.keyring(), now=local, send=dies_after_sending,
+            fence=a.lease.fence, claimed_by=a.lease.holder,
+        )  # fmt: skip
+    local.advance(a.lease.ttl)
+    database.advance(a.lease.ttl)
+    assert b.lease.step()
+    report = b.tick(fenced=True)
+    assert (report.attempted, report.delivered) == (1, 1)

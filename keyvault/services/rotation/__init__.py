@@ -38,7 +38,7 @@ from keyvault.config import Settings
 from keyvault.scope import Scope
 from keyvault.services.rotation.batch import BatchRun, OnDone, new_rotation_id
 from keyvault.services.rotation.cleanup import CleanupPolicy, DeferredCleanups
-from keyvault.services.rotation.journal import Journal, Precondition, SessionFactory
+from keyvault.services.rotation.journal import Fence, Journal, Precondition, SessionFactory
 from keyvault.services.rotation.pool import ConnectionPool
 from keyvault.services.rotation.recovery import SETTLE_AFTER, Recovery
 from keyvault.services.rotation.results import Failure, ResultStatus, RotationResult
@@ -135,6 +135,7 @@ class RotationService:
         on_done: OnDone | None = None,
         cleanup: CleanupPolicy = CleanupPolicy.INLINE,
         should_start: Callable[[], bool] | None = None,
+        fence: Fence | None = None,
     ) -> list[RotationResult]:
         """Rotate several scopes, ``concurrency`` batches at a time over one connection per host.
 
@@ -145,7 +146,8 @@ class RotationService:
         corrupts the others. ``on_done(result)`` is called as each one ends. Returns a
         result per scope, in the order given. ``should_start`` (the scheduler's lease) is
         asked before each batch journals its rotations: False fails the batch with
-        ``LeaseLost`` before anything is started.
+        ``LeaseLost`` before anything is started; ``fence(session)`` (the same lease) is
+        asked again in each journal row's own transaction (``Journal.create_pending``).
         """
         if not scopes:
             return []
@@ -165,6 +167,7 @@ class RotationService:
                 deferred=deferred,
                 on_done=on_done,
                 should_start=should_start,
+                fence=fence,
             )
             try:
                 return run.run()

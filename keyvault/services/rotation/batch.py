@@ -20,7 +20,12 @@ from keyvault.scope import Scope
 from keyvault.services.clusters import checked_cluster, cluster_options
 from keyvault.services.hosts import become_for, checked_hosts, su_password_for
 from keyvault.services.rotation.cleanup import CleanupPolicy, DeferredCleanups
-from keyvault.services.rotation.journal import Precondition, unresolved_error, unresolved_of
+from keyvault.services.rotation.journal import (
+    Fence,
+    Precondition,
+    unresolved_error,
+    unresolved_of,
+)
 from keyvault.services.rotation.results import Failure, RotationResult
 from keyvault.services.rotation.steps import (
     NewKey,
@@ -150,8 +155,10 @@ class BatchRun:
         on_done: OnDone | None = None,
         precondition: Precondition | None = None,
         should_start: Callable[[], bool] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.should_start = should_start  # a lease: asked just before step 2
+        self.fence = fence  # the same lease, asked again in each journal transaction
         self.rt, self.cluster_name, self.scopes, self.actor = rt, cluster_name, scopes, actor
         self.cleanup, self.deferred, self.on_done = cleanup, deferred, on_done
         self.precondition = precondition  # HTTP If-Match, checked as each row is journaled
@@ -257,6 +264,7 @@ class BatchRun:
             self.actor,
             self.precondition,
             keyring=plan.keyring,
+            fence=self.fence,
         )
         for job in jobs:
             if job.rid in refused:

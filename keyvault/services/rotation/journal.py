@@ -19,6 +19,7 @@ from keyvault.db import transaction
 from keyvault.errors import (
     InvalidInput,
     KeyvaultError,
+    LeaseLost,
     NotFound,
     PreconditionFailed,
     ResolvedMeanwhile,
@@ -50,6 +51,8 @@ S = RotationState
 # Called with the scope's current version number (None: no key yet) once the rotation holds
 # its scope (the pending row); raises ``PreconditionFailed`` to refuse it (HTTP If-Match).
 Precondition = Callable[[int | None], None]
+# A lease's check in the journal's own transaction (``LeaseKeeper.guard``).
+Fence = Callable[[Session], bool]
 
 
 def unresolved_error(other: Rotation, cluster_name: str, scope: Scope | str) -> RotationUnresolved:
@@ -116,6 +119,7 @@ class Journal:
         precondition: Precondition | None = None,
         *,
         keyring: crypto.Keyring,
+        fence: Fence | None = None,
     ) -> dict[str, KeyvaultError]:
         """Step 2: commit a ``pending`` row per (rotation id, scope); returns the refused, by id.
 
@@ -127,10 +131,17 @@ class Journal:
         partial unique index serialises rotations of a scope, so a concurrent rotation either
         makes this insert fail (409) or has committed its new version before this check reads
         it (PostgreSQL's read committed: the insert waited for it; SQLite: BEGIN IMMEDIATE).
+
+        ``fence(session)`` (the scheduler's lease) is asked in each row's own transaction,
+        before its insert: False raises ``LeaseLost`` and journals nothing more. A check in an
+        earlier transaction is not enough: a runner that stalls after it (GC, SIGSTOP) would
+        journal, from a stale plan, a scope the lease's next holder has rotated meanwhile.
         """
         now = utcnow()
 
         def add(s: Session, rid: str, scope: Scope) -> None:
+            if fence is not None and not fence(s):
+                raise LeaseLost("this runner lost its lease: no rotation started")
             row = Rotation(id=rid, cluster_id=cluster.id, scope=str(scope), state=S.PENDING.value)
             row.host_id, row.host_label, row.actor = host.id, host.label, actor
             row.created_at = row.updated_at = now
@@ -146,6 +157,8 @@ class Journal:
                     for rid, scope in jobs:
                         add(s, rid, scope)
                 return {}
+            except LeaseLost:
+                raise
             except KeyvaultError:
                 pass  # another process took one of the scopes meanwhile: one by one tells which
         refused: dict[str, KeyvaultError] = {}
@@ -155,6 +168,8 @@ class Journal:
                     add(s, rid, scope)
             except PreconditionFailed as exc:
                 refused[rid] = exc
+            except LeaseLost:
+                raise
             except KeyvaultError as exc:
                 refused[rid] = self._why_refused(exc, cluster, scope)
         return refused
