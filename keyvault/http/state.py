@@ -65,6 +65,12 @@ Stamp = tuple[int, int]  # (revision counter, CACHE_LIFETIME period) a cache ent
 DB_BUDGET = 5.0  # seconds a request waits for the database (its audit record included)
 _DB_THREADS = 8  # database calls in flight at once; more wait their turn (within the budget)
 _LOAD_STRIPES = 16  # locks the cache loads are spread over (by what they load)
+# PostgreSQL connections of one server process (one --workers worker), opened as needed and
+# kept: one per database thread; one each held by the audit writer and the revision probe;
+# one each for the consumer tracker, the webhook worker and the scheduler; a few more for
+# rotations (their own threads) before a caller waits. Plus the listener's own connection.
+# docs/deployment.md, "Read performance".
+_POOL = {"pool_size": _DB_THREADS + 5, "max_overflow": 4}
 RECHECK_ENV = "KEYVAULT_REVISION_RECHECK_MS"  # set by `keyvault serve --revision-recheck-ms`
 RECHECK_MS = 1000
 T = TypeVar("T")
@@ -102,7 +108,7 @@ class ServerState:
         self.recheck = recheck_seconds() if recheck is None else recheck
         self._recheck_due = 0.0  # monotonic time of the next read of the counter (listening)
         self._recheck_lock = threading.Lock()
-        self.engine = make_engine(settings.database_url)
+        self.engine = make_engine(settings.database_url, pool=_POOL)
         require_head(self.engine)
         self.factory = session_factory(self.engine)
         with transaction(self.factory) as session:
