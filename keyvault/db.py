@@ -44,8 +44,10 @@ def migrations_dir() -> Path:
 _MAY_CREATE: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with keyvault's connection policy for SQLite (WAL, FKs, immediate writes)."""
+def make_engine(url: str, *, pool: dict[str, Any] | None = None) -> Engine:
+    """An engine with keyvault's connection policy for SQLite (WAL, FKs, immediate writes);
+    ``pool``: the PostgreSQL pool's sizes (``pool_size``, ``max_overflow``)
+    instead of SQLAlchemy's defaults (the HTTP server's, keyvault/http/state.py)."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
@@ -75,7 +77,7 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    engine = create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True, **(pool or {}))
 
     @event.listens_for(engine, "connect")
     def _synchronous_commit(dbapi_conn: Any, _record: Any) -> None:

@@ -3,11 +3,14 @@
 ``AuditWriter`` group-commits the records of many requests in one thread of its own, with
 its own DBAPI connection: the event loop never waits on the database. Requests queue their
 records on the loop; while one batch is written the next gathers. Each batch is appended
-to the hash chain by ``keyvault.services.audit_chain.append_records`` (one lock and read of
-the chain's head, the inserts, one head update), then copied to the JSON-lines sink if one
-is configured. A request waits until its record is committed; if the write fails or does
-not finish within the budget, the request fails too (503, as in Vault): no key leaves the
-server without its audit record, and no rotation starts without its intent recorded.
+to the hash chain in one transaction: on SQLite by ``keyvault.services.audit_chain.
+append_records`` (one lock and read of the chain's head, the inserts, one head update); on
+PostgreSQL by ``keyvault.services.audit_chain_pg.PgAppender``, in one statement and one
+round trip while no other process moved the head since this writer's last batch, else the
+same way as SQLite's under the head's lock. Then the batch is copied to the JSON-lines sink
+if one is configured. A request waits until its record is committed; if the write fails or
+does not finish within the budget, the request fails too (503, as in Vault): no key leaves
+the server without its audit record, and no rotation starts without its intent recorded.
 
 The answer always matches the record: a record still queued when its request's budget runs
 out is dropped (the request answers 503, and a record of that 503 is queued instead); once
@@ -20,7 +23,8 @@ durability"): ``fast`` commits with SQLite ``synchronous=NORMAL`` (WAL) or Postg
 ``synchronous_commit = off``: a committed record survives a crash of keyvault, but a crash of
 the database's host (SQLite: the OS; PostgreSQL: the server) may roll back the last commits.
 ``durable`` commits with ``synchronous=FULL`` / ``synchronous_commit = on``: the record is on
-disk (and on PostgreSQL's synchronous standbys, if configured) before the key is sent.
+disk (and on PostgreSQL's synchronous standbys, if configured) before the key is sent. (On
+PostgreSQL the setting is the writer's session's: its connection is autocommit and its own.)
 Either way a lost tail leaves the hash chain whole (the head moves in the same transaction).
 """
 
@@ -41,6 +45,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from keyvault.db import session_factory, transaction
 from keyvault.errors import DatabaseError
 from keyvault.services.audit_chain import AuditChain, append_records, ensure_chain_key
+from keyvault.services.audit_chain_pg import PgAppender
 
 log = logging.getLogger("keyvault.audit")
 _CHECKPOINT_EVERY = 20_000  # audit records between WAL size checks
@@ -103,7 +108,9 @@ class AuditWriter:
         self.batches = 0
         self.written = 0
         self._since_checkpoint = 0
-        self._busy_ms = 0  # the SQLite connection's busy_timeout now
+        self._busy_ms = 0  # the connection's lock wait now (SQLite busy_timeout; PostgreSQL
+        # lock_timeout and statement_timeout)
+        self._appender = PgAppender(chain.keys)
 
     def start(self) -> None:
         """Open the writer's connection and start writing for the running loop."""
@@ -133,13 +140,22 @@ class AuditWriter:
             _pragma(conn, f"busy_timeout={wait_ms}")
             self._busy_ms = wait_ms
         else:
+            # Autocommit, the durability and the timeouts for the session: a batch is then one
+            # statement, one round trip (PgAppender). The connection never goes back to the
+            # pool (_close). `on` is set explicitly: a role or database default of `off` must
+            # not weaken `durable`.
+            driver: Any = conn.driver_connection
+            driver.autocommit = True
+            commit = "on" if self.durability == "durable" else "off"
             cur = conn.cursor()
             try:  # a table lock (a long transaction, a restore) fails a batch after the budget
+                cur.execute(f"SET synchronous_commit TO {commit}")
                 cur.execute(f"SET lock_timeout = {wait_ms}")
                 cur.execute(f"SET statement_timeout = {wait_ms}")
             finally:
                 cur.close()
-            conn.commit()
+            self._busy_ms = wait_ms
+            self._appender.end = None  # a new connection starts with a locked append
         return conn
 
     async def stop(self) -> None:
@@ -252,10 +268,8 @@ class AuditWriter:
         left of its earliest waiting request's budget); the error to report, if any."""
         records = [_record(e) for e, _ in batch]
         error = self._write_on_usable(records, left)
-        if isinstance(error, _NotBegun):
-            # The database dropped the idle connection (a restart, a failover, an admin's
-            # pg_terminate_backend): nothing of the batch reached it. Once more, on a new one.
-            error = self._write_on_usable(records, left)
+        if isinstance(error, _Lost):
+            error = self._finish_lost(error.sent, records, left)
         if error is None:
             self.batches += 1
             self.written += len(batch)
@@ -272,6 +286,36 @@ class AuditWriter:
             return _write_failed()
         return self._write(conn, records, left)
 
+    def _finish_lost(
+        self, sent: list[dict[str, Any]] | None, records: list[dict[str, Any]], left: float | None
+    ) -> Exception | None:
+        """The database ended the connection under a batch: on a new one, a batch whose
+        statement committed before that is done; one that did not is written again. So its
+        records are neither lost nor doubled (unless the old session commits after the check,
+        possible only if it outlived its client's socket: then the records are doubled, never
+        lost)."""
+        conn = self._usable_connection()
+        if conn is None:
+            return _write_failed()
+        try:
+            done = sent is not None and self._appender.committed(conn.driver_connection, sent)
+        except Exception as exc:  # noqa: BLE001 - every waiting request must learn it failed
+            self._broken = True
+            log.error("audit write failed: %s", exc)
+            if sent is not None and self._chain.sink is not None:
+                self._chain.sink.missed(sent)
+            return _write_failed()
+        if done and sent is not None:
+            if self._chain.sink is not None:
+                self._chain.sink.write(sent)
+            return None
+        error = self._write(conn, records, left)
+        if isinstance(error, _Lost):  # lost twice in a row: the database is going away
+            if error.sent is not None and self._chain.sink is not None:
+                self._chain.sink.missed(error.sent)
+            return _write_failed()
+        return error
+
     def _probe_write(self) -> bool:
         """In the writer's thread: insert one row and roll it back (on a new connection
         if the database dropped the one held)."""
@@ -284,24 +328,32 @@ class AuditWriter:
         if conn is None:
             return False
         probe = AuditEntry(datetime.now(UTC), "(probe)", "probe", None, None, None, None, "probe")
+        records = [_record(probe)]
+        if not self._sqlite:
+            try:
+                driver: Any = conn.driver_connection
+                with driver.transaction(force_rollback=True):
+                    append_records(driver, sqlite=False, keys=self._chain.keys, records=records)
+                return True
+            except Exception as exc:  # noqa: BLE001 - whatever the reason, records cannot be written
+                self._broken = True
+                if _closed(conn):
+                    return None
+                log.warning("audit probe failed: %s", exc)
+                return False
         cur = conn.cursor()
         try:
-            if self._sqlite:
-                cur.execute("BEGIN IMMEDIATE")
-            append_records(
-                conn, sqlite=self._sqlite, keys=self._chain.keys, records=[_record(probe)]
-            )
+            cur.execute("BEGIN IMMEDIATE")
+            append_records(conn, sqlite=True, keys=self._chain.keys, records=records)
             return True
         except Exception as exc:  # noqa: BLE001 - whatever the reason, records cannot be written
-            self._broken = True
-            if _closed(conn):
-                return None
             log.warning("audit probe failed: %s", exc)
+            self._broken = True
             return False
         finally:
             # Nothing to undo, or the connection is gone: either way the probe is over.
             with contextlib.suppress(Exception):
-                cur.execute("ROLLBACK") if self._sqlite else conn.rollback()
+                cur.execute("ROLLBACK")
             cur.close()
 
     def _usable_connection(self) -> PoolProxiedConnection | None:
@@ -327,54 +379,49 @@ class AuditWriter:
     ) -> Exception | None:
         """Append ``records`` to the chain and commit, in one transaction; the error to
         report, if any. Then copy them to the sink."""
-        cur = conn.cursor()
         wait_ms = max(1, int((self.timeout if left is None else left) * 1000))
         linked: list[dict[str, Any]] | None = None
-        began = False
-        try:
-            if self._sqlite:
-                self._sqlite_wait(conn, wait_ms)
+        if not self._sqlite:
+            try:
+                self._wait(conn, wait_ms)
+                linked = self._appender.append(conn.driver_connection, records)
+            except Exception as exc:  # noqa: BLE001 - every waiting request must learn it failed
+                self._broken = True
+                if _closed(conn):  # a restart, a failover, pg_terminate_backend
+                    log.warning("audit connection lost during a write (%s); reconnecting", exc)
+                    return _Lost(self._appender.sent)
+                log.error("audit write failed: %s", exc)
+                if self._appender.sent is not None and self._chain.sink is not None:
+                    self._chain.sink.missed(self._appender.sent)  # its reply lost: maybe committed
+                return _write_failed()
+        else:
+            cur = conn.cursor()
+            try:
+                self._wait(conn, wait_ms)
                 cur.execute("BEGIN IMMEDIATE")
                 linked = append_records(conn, sqlite=True, keys=self._chain.keys, records=records)
                 cur.execute("COMMIT")
-            else:
-                self._pg_begin(cur, wait_ms)
-                began = True
-                linked = append_records(conn, sqlite=False, keys=self._chain.keys, records=records)
-                conn.commit()
-        except Exception as exc:  # noqa: BLE001 - every waiting request must learn it failed
-            self._broken = True
-            if not self._sqlite and not began and _closed(conn):
-                log.warning("audit connection lost before the write (%s); reconnecting", exc)
-                return _NotBegun("the audit connection was lost")
-            log.error("audit write failed: %s", exc)
-            if linked is not None and self._chain.sink is not None:
-                self._chain.sink.missed(linked)  # the COMMIT's reply lost: maybe committed
-            try:  # noqa: SIM105
-                conn.rollback() if not self._sqlite else cur.execute("ROLLBACK")
-            except Exception:  # noqa: BLE001 - the connection may be gone; the error stands
-                pass
-            return _write_failed()
-        finally:
-            cur.close()
+            except Exception as exc:  # noqa: BLE001 - every waiting request must learn it failed
+                log.error("audit write failed: %s", exc)
+                self._broken = True
+                if linked is not None and self._chain.sink is not None:
+                    self._chain.sink.missed(linked)  # the COMMIT's reply lost: maybe committed
+                try:  # noqa: SIM105
+                    cur.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001 - the connection may be gone; the error stands
+                    pass
+                return _write_failed()
+            finally:
+                cur.close()
         if self._chain.sink is not None:
             self._chain.sink.write(linked)
         return None
 
-    def _pg_begin(self, cur: Any, wait_ms: int) -> None:
-        """The transaction's settings on PostgreSQL, in one round trip: the durability
-        chosen (``on`` is set explicitly: a role or database default of ``off`` must not
-        weaken ``durable``), and the lock and statement timeouts cut to the budget."""
-        commit = "ON" if self.durability == "durable" else "OFF"
-        cur.execute(
-            f"SET LOCAL synchronous_commit TO {commit}; "
-            f"SET LOCAL lock_timeout = {wait_ms}; SET LOCAL statement_timeout = {wait_ms}"
-        )
-
     async def effective_synchronous(self) -> str:
-        """What a batch's transaction commits with, read inside one on the writer's own
-        connection (``PRAGMA synchronous``: 1 NORMAL, 2 FULL; ``SHOW synchronous_commit``);
-        for tests and diagnosis, the same path as a batch, rolled back."""
+        """What a batch commits with, read on the writer's own connection (``PRAGMA
+        synchronous``: 1 NORMAL, 2 FULL, inside a write transaction as a batch's; ``SHOW
+        synchronous_commit``, the session's, which a batch's autocommit statement uses); for
+        tests and diagnosis."""
         if not self._running or self._loop is None:
             raise AuditUnavailable("the audit writer is not running")
         return await self._loop.run_in_executor(self._thread, self._read_synchronous)
@@ -389,24 +436,34 @@ class AuditWriter:
                 cur.execute("BEGIN IMMEDIATE")
                 cur.execute("PRAGMA synchronous")
             else:
-                self._pg_begin(cur, max(1, int(self.timeout * 1000)))
                 cur.execute("SHOW synchronous_commit")
             row = cur.fetchone()
             return str(row[0]) if row else ""
         finally:
-            with contextlib.suppress(Exception):
-                cur.execute("ROLLBACK") if self._sqlite else conn.rollback()
+            if self._sqlite:
+                with contextlib.suppress(Exception):
+                    cur.execute("ROLLBACK")
             cur.close()
 
-    def _sqlite_wait(self, conn: PoolProxiedConnection, wait_ms: int) -> None:
-        """Cut SQLite's lock wait to what is left of the batch's budget; a PRAGMA only when
-        that is well below the budget, or when the previous batch's was cut (a lone request,
-        the common case, costs none)."""
+    def _wait(self, conn: PoolProxiedConnection, wait_ms: int) -> None:
+        """Cut the connection's lock wait (SQLite ``busy_timeout``; PostgreSQL
+        ``lock_timeout`` and ``statement_timeout``) to what is left of the batch's budget; a
+        statement only when that is well below the budget, or when the previous batch's was
+        cut (a lone request, the common case, costs none)."""
         full = max(1, int(self.timeout * 1000))
         wanted = wait_ms if wait_ms < full * 0.9 else full
-        if wanted != self._busy_ms:
+        if wanted == self._busy_ms:
+            return
+        if self._sqlite:
             _pragma(conn, f"busy_timeout={wanted}")
-            self._busy_ms = wanted
+        else:
+            cur = conn.cursor()
+            try:
+                cur.execute(f"SET lock_timeout = {wanted}")
+                cur.execute(f"SET statement_timeout = {wanted}")
+            finally:
+                cur.close()
+        self._busy_ms = wanted
 
     def _truncate_wal(self, conn: PoolProxiedConnection) -> None:
         # Under constant reads SQLite's automatic (passive) checkpoints never get to reset the
@@ -447,9 +504,13 @@ def _pragma(conn: PoolProxiedConnection, pragma: str) -> None:
         driver.execute(f"PRAGMA {pragma}")
 
 
-class _NotBegun(AuditUnavailable):
-    """The connection was found closed by the transaction's first statement: nothing was
-    written, so the batch may be written again on a new connection."""
+class _Lost(AuditUnavailable):
+    """The database ended the connection under a batch; ``sent``: the linked records of the
+    statement then sent (None if none was), which may or may not have been committed."""
+
+    def __init__(self, sent: list[dict[str, Any]] | None) -> None:
+        super().__init__("the audit connection was lost", hint="check the database")
+        self.sent = sent
 
 
 def _closed(conn: PoolProxiedConnection) -> bool:

@@ -100,11 +100,14 @@ class FastKeyPath:
             deadline=state.deadline(),  # one budget for the lookups and the record together
         )
         try:
-            # The revision probe, the token and the key come from the database: in a thread,
-            # within the budget (a locked table delays this request, not the event loop).
-            entry = await state.blocking(
-                self._authorized_entry, state, scope, read, deadline=read.deadline
-            )
+            # From memory when all of it is there (PostgreSQL, listening; ServerState.cached_read);
+            # else the revision probe, the token and the key come from the database: in a
+            # thread, within the budget (a locked table delays this request, not the event loop).
+            entry = self._cached_entry(state, scope, read)
+            if entry is None:
+                entry = await state.blocking(
+                    self._authorized_entry, state, scope, read, deadline=read.deadline
+                )
             conditions = _header_lines(scope, b"if-none-match")
             holds = True  # a 200 hands over this version
             if none_match(conditions, entry.etag):
@@ -123,6 +126,17 @@ class FastKeyPath:
             await send_error(send, error_response(await read.refused(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug: answered (500) and logged by error_response
             await send_error(send, error_response(exc))
+
+    @staticmethod
+    def _cached_entry(state: ServerState, scope: Scope, read: AccessAudit) -> KeyEntry | None:
+        """On the event loop, no I/O: the key if the token and the key are in memory."""
+        assert read.cluster is not None and read.scope is not None  # set from the path
+        found = state.cached_read(_header(scope, b"authorization"), read.cluster, read.scope)
+        if found is None:
+            return None
+        grant, entry = found
+        read.token_name, read.version = grant.name, entry.version
+        return entry
 
     @staticmethod
     def _authorized_entry(state: ServerState, scope: Scope, read: AccessAudit) -> KeyEntry:

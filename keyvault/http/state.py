@@ -31,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
@@ -64,6 +64,13 @@ CACHE_LIFETIME = 1.0
 Stamp = tuple[int, int]  # (revision counter, CACHE_LIFETIME period) a cache entry was read at
 DB_BUDGET = 5.0  # seconds a request waits for the database (its audit record included)
 _DB_THREADS = 8  # database calls in flight at once; more wait their turn (within the budget)
+_LOAD_STRIPES = 16  # locks the cache loads are spread over (by what they load)
+# PostgreSQL connections of one server process (one --workers worker), opened as needed and
+# kept: one per database thread; one each held by the audit writer and the revision probe;
+# one each for the consumer tracker, the webhook worker and the scheduler; a few more for
+# rotations (their own threads) before a caller waits. Plus the listener's own connection.
+# docs/deployment.md, "Read performance".
+_POOL = {"pool_size": _DB_THREADS + 5, "max_overflow": 4}
 RECHECK_ENV = "KEYVAULT_REVISION_RECHECK_MS"  # set by `keyvault serve --revision-recheck-ms`
 RECHECK_MS = 1000
 T = TypeVar("T")
@@ -101,7 +108,7 @@ class ServerState:
         self.recheck = recheck_seconds() if recheck is None else recheck
         self._recheck_due = 0.0  # monotonic time of the next read of the counter (listening)
         self._recheck_lock = threading.Lock()
-        self.engine = make_engine(settings.database_url)
+        self.engine = make_engine(settings.database_url, pool=_POOL)
         require_head(self.engine)
         self.factory = session_factory(self.engine)
         with transaction(self.factory) as session:
@@ -118,6 +125,9 @@ class ServerState:
         self._revision: Stamp | None = None
         self._cache_lock = threading.Lock()  # the caches and _revision, between db threads
         self._seen = threading.local()  # the stamp (revision, period) the current request read
+        # One loader per token or key at a time: the requests that miss the same entry at
+        # once (every CACHE_LIFETIME, under load) wait for the first one's read, not all query.
+        self._loading = tuple(threading.Lock() for _ in range(_LOAD_STRIPES))
         # Each entry: (the stamp it was read at, the value).
         self._keys: dict[tuple[str, str], tuple[Stamp, KeyEntry | None]] = {}
         self._tokens: dict[str, tuple[Stamp, AccessToken | None]] = {}
@@ -255,6 +265,45 @@ class ServerState:
             self.listener.advance(revision)
         return max(revision, heard)
 
+    def cached_read(
+        self, authorization: str | None, cluster: str, scope: str
+    ) -> tuple[Grant, KeyEntry] | None:
+        """The grant and the key of a read, from memory alone (no I/O: for the event loop).
+
+        Only what the database thread's way (``ensure_fresh``, ``authenticate``,
+        ``key_entry``) would answer from its caches without a query: the listener connected
+        and no re-check of the counter due, the stamp the caches hold the current one, and
+        the token, its grant and the key cached at that stamp, the token unexpired, the
+        scope granted. Anything else is None, and the request takes that way (which also
+        answers every refusal), so this never serves what it would not."""
+        if self.listener is None:  # SQLite: the counter is read by every request
+            return None
+        heard = self.listener.revision()
+        if heard is None or time.monotonic() >= self._recheck_due:
+            return None
+        stamp = (heard, int(self.clock() // CACHE_LIFETIME))
+        if stamp != self._revision:
+            return None
+        token = bearer_token(authorization)
+        if token is None:
+            return None
+        digest = token_hash(token)
+        row, granted, key = (
+            self._tokens.get(digest),
+            self._grants.get(digest),
+            self._keys.get((cluster, scope)),
+        )
+        if row is None or granted is None or key is None:
+            return None
+        if row[0] != stamp or granted[0] != stamp or key[0] != stamp:
+            return None
+        token_row, grant, entry = row[1], granted[1], key[1]
+        if token_row is None or entry is None or not grant.allows(cluster, scope):
+            return None
+        if token_row.expires_at is not None and token_row.expires_at <= utcnow():
+            return None
+        return grant, entry
+
     def _revision_seen(self) -> Stamp | None:
         return getattr(self._seen, "revision", None)
 
@@ -265,6 +314,25 @@ class ServerState:
             raise Unauthorized("missing bearer token", hint="send `Authorization: Bearer <token>`")
         digest = token_hash(token)
         revision = self._revision_seen()
+        found = self._cached_grant(digest, revision, now)
+        if found is not None:
+            return found
+        with self._load_lock(digest):  # another request may have read it meanwhile
+            return self._cached_grant(digest, revision, now) or self._grant(digest, revision, now)
+
+    def _cached_grant(
+        self, digest: str, revision: Stamp | None, now: datetime | None
+    ) -> Grant | None:
+        """The grant cached for this token at ``revision``, if it is still unexpired."""
+        cached, granted = self._tokens.get(digest), self._grants.get(digest)
+        if cached is None or granted is None or cached[0] != revision or granted[0] != revision:
+            return None
+        row = cached[1]
+        if row is not None and (row.expires_at is None or row.expires_at > (now or utcnow())):
+            return granted[1]
+        return None
+
+    def _grant(self, digest: str, revision: Stamp | None, now: datetime | None) -> Grant:
         cached = self._tokens.get(digest)
         if cached is not None and cached[0] == revision:
             row = cached[1]
@@ -277,17 +345,12 @@ class ServerState:
                         self._reopen_keyring(session, row.mac_key_id)
             if row is not None or len(self._tokens) < _NEGATIVE_CACHE_LIMIT:
                 self._cache(self._tokens, digest, revision, row)
-        granted = self._grants.get(digest)
-        if (
-            granted is not None
-            and granted[0] == revision
-            and row is not None
-            and (row.expires_at is None or row.expires_at > (now or utcnow()))
-        ):
-            return granted[1]
         grant = check_token(row, digest, now or utcnow(), keyring=self.keyring)
         self._cache(self._grants, digest, revision, grant)
         return grant
+
+    def _load_lock(self, what: Any) -> threading.Lock:
+        return self._loading[hash(what) % _LOAD_STRIPES]
 
     def key_entry(self, cluster: str, scope: str) -> KeyEntry:
         """The current key of a scope (decrypted once per revision)."""
@@ -297,15 +360,23 @@ class ServerState:
         ):  # no name holds NUL, and PostgreSQL refuses to compare one
             raise NotFound(f"no current key for {scope!r} in cluster {cluster!r}")
         revision = self._revision_seen()
-        cached = self._keys.get(cache_key)
-        if cached is not None and cached[0] == revision:
-            entry = cached[1]
-        else:
-            entry = self._load(cluster, scope)
-            self._cache(self._keys, cache_key, revision, entry)
+        entry = self._cached_key(cache_key, revision)
+        if entry is False:
+            with self._load_lock(cache_key):  # another request may have read it meanwhile
+                entry = self._cached_key(cache_key, revision)
+                if entry is False:
+                    entry = self._load(cluster, scope)
+                    self._cache(self._keys, cache_key, revision, entry)
         if entry is None:
             raise NotFound(f"no current key for {scope} in cluster {cluster}")
         return entry
+
+    def _cached_key(
+        self, cache_key: tuple[str, str], revision: Stamp | None
+    ) -> KeyEntry | Literal[False] | None:
+        """The key cached at ``revision`` (None: cached as absent); False if none is."""
+        cached = self._keys.get(cache_key)
+        return cached[1] if cached is not None and cached[0] == revision else False
 
     def _reopen_keyring(self, session: Session, key_id: str) -> None:
         """Sealed or MACed after a `master-key rotate` by another process: read the keyring

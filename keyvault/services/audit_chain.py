@@ -262,25 +262,7 @@ def append_records(
     Returns the records as inserted (ids, chain key, MACs, and ``prev_mac``)."""
     cur = conn.cursor()
     try:
-        cur.execute(_HEAD if sqlite else _HEAD + " FOR UPDATE")
-        head = cur.fetchone()
-        if head is None or head[2] is None:
-            raise DatabaseError(
-                "the audit chain has no head row or no chain key, so no record can be written",
-                hint="run `keyvault db upgrade`; if it is at head, the audit_chain table was altered",
-            )
-        last_id, last_mac, key_id, max_id, *last = head
-        expected = next_key_id(*last)
-        if expected is not None and expected != key_id:
-            raise IntegrityError(
-                f"the audit chain's head names chain key {key_id}, but the chain moved to "
-                f"chain key {expected}: the head was altered",
-                what="audit chain head",
-                hint="run `keyvault audit verify`; restore the head's key_id from a backup",
-            )
-        key = keys.get(key_id, _sealed_loader(cur, sqlite))
-        # After the head and after any row written outside the chain (verify reports those).
-        first_id = max(last_id, max_id or 0) + 1
+        first_id, _, key_id, last_mac, key = _locked_head(cur, sqlite, keys)
         linked = link(key, key_id, last_mac, first_id, records)
         values = [_values(row, sqlite) for row in linked]
         if len(values) == 1:  # executemany costs more for one row
@@ -295,6 +277,30 @@ def append_records(
         return linked
     finally:
         cur.close()
+
+
+def _locked_head(cur: Any, sqlite: bool, keys: ChainKeys) -> tuple[int, int, str, str, bytes]:
+    """Lock and read the chain's head (in the open transaction): the id of the next record,
+    the head's id, the chain key's id, the MAC to link to, and the key."""
+    cur.execute(_HEAD if sqlite else _HEAD + " FOR UPDATE")
+    head = cur.fetchone()
+    if head is None or head[2] is None:
+        raise DatabaseError(
+            "the audit chain has no head row or no chain key, so no record can be written",
+            hint="run `keyvault db upgrade`; if it is at head, the audit_chain table was altered",
+        )
+    last_id, last_mac, key_id, max_id, *last = head
+    expected = next_key_id(*last)
+    if expected is not None and expected != key_id:
+        raise IntegrityError(
+            f"the audit chain's head names chain key {key_id}, but the chain moved to "
+            f"chain key {expected}: the head was altered",
+            what="audit chain head",
+            hint="run `keyvault audit verify`; restore the head's key_id from a backup",
+        )
+    key = keys.get(key_id, _sealed_loader(cur, sqlite))
+    # After the head and after any row written outside the chain (verify reports those).
+    return max(last_id, max_id or 0) + 1, last_id, key_id, last_mac, key
 
 
 def _values(row: Mapping[str, Any], sqlite: bool) -> tuple[Any, ...]:

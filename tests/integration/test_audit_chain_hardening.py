@@ -198,13 +198,19 @@ def test_a_sink_that_missed_records_marks_a_gap_and_verifies_around_it(cli, home
 
 
 class _LostCommitReply:
-    """A real DBAPI connection whose COMMIT is applied and then reported lost (injected)."""
+    """A real DBAPI connection whose COMMIT is applied and then reported lost (injected);
+    on PostgreSQL, where the writer appends with one autocommit statement, that statement's
+    reply is lost instead."""
 
     def __init__(self, conn) -> None:
         self._conn = conn
 
     def __getattr__(self, name: str):
         return getattr(self._conn, name)
+
+    @property
+    def driver_connection(self):
+        return _LostCommitReply(self._conn.driver_connection)
 
     def commit(self) -> None:
         self._conn.commit()
@@ -223,7 +229,7 @@ class _LostCommitCursor:
 
     def execute(self, statement: str, *args):
         result = self._cur.execute(statement, *args)
-        if statement == "COMMIT":
+        if statement == "COMMIT" or statement.startswith("WITH moved AS"):
             raise OSError("disk I/O error")
         return result
 
@@ -238,7 +244,7 @@ def test_the_http_writer_marks_a_batch_whose_commit_reply_was_lost(cli, home, tm
     engine = make_engine(home.database_url)
     writer = AuditWriter(engine, chain=chain)
     writer._sqlite = engine.dialect.name == "sqlite"
-    conn = engine.raw_connection()
+    conn = writer._connect()  # as the writer's own (PostgreSQL: autocommit)
     try:
         record = {"at": datetime.now(UTC), "action": "read", "outcome": "ok"}
         assert writer._write(conn, [record], None) is None

@@ -1,0 +1,94 @@
+"""The HTTP audit writer's one-round-trip append on PostgreSQL (keyvault/services/
+audit_chain_pg.py): a batch is written after the head this writer left only if the head is
+still there; when another writer (a second `serve` process, the CLI) moved it, nothing is
+written and the batch goes the locked way. Two writers in turn, the CLI in between, a row
+written outside the chain: one chain, verified, every record once."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from keyvault.db import make_engine
+from tests.support.cli import audit_report as verify
+from tests.support.cli import expect
+from tests.support.db import run_sql as sql
+
+PG_ONLY = pytest.mark.parametrize("blank_database", ["postgres"], indirect=True)
+
+
+def _writer(engine):
+    from keyvault.config import load_settings
+    from keyvault.http.audit_writer import AuditWriter
+    from keyvault.services.audit_chain import chain_for
+
+    writer = AuditWriter(engine, chain=chain_for(load_settings()))
+    writer._sqlite = False
+    return writer, writer._connect()  # the writer's own connection (autocommit)
+
+
+def _record(n: int, cluster: str = "c") -> dict:
+    return {"at": datetime.now(UTC), "action": "read", "outcome": "ok", "cluster": cluster,
+            "token_name": f"t{n}", "version": n}  # fmt: skip
+
+
+@PG_ONLY
+def test_two_writers_in_turn_and_the_cli_keep_one_chain(cli, home, database):
+    expect(cli("init"))
+    expect(cli("cluster", "add", "c", "--open-api-url", "http://127.0.0.1:9"))  # a chain key
+    engine = make_engine(home.database_url)
+    (a, conn_a), (b, conn_b) = _writer(engine), _writer(engine)
+    try:
+        before = verify(cli)["verified"]
+        assert a._write(conn_a, [_record(1)], None) is None  # locked: the first batch
+        assert a._write(conn_a, [_record(2)], None) is None  # alone: one statement
+        assert a._write(conn_a, [_record(3), _record(4), _record(5)], None) is None
+        assert (a._appender.locked, a._appender.fast) == (1, 2)
+        assert b._write(conn_b, [_record(6)], None) is None  # b's first: locked
+        assert a._write(conn_a, [_record(7)], None) is None  # b moved the head: a misses
+        assert (a._appender.locked, a._appender.fast) == (2, 2)
+        expect(cli("cluster", "set", "c", "--login-name", "b"))  # the CLI moves it too
+        assert b._write(conn_b, [_record(8), _record(9)], None) is None
+        assert a._write(conn_a, [_record(10)], None) is None  # just missed: locked, no try
+        assert (a._appender.locked, a._appender.fast) == (3, 2)
+        assert a._write(conn_a, [_record(11)], None) is None  # its own end again: fast
+        assert a._write(conn_a, [_record(12)], None) is None
+        assert (a._appender.locked, a._appender.fast) == (3, 4)
+    finally:
+        for writer, conn in ((a, conn_a), (b, conn_b)):
+            conn.invalidate()
+            writer._thread.shutdown()
+        engine.dispose()
+    report = verify(cli)
+    assert report["ok"], report
+    rows = sql(home.database_url, "SELECT version FROM audit_log WHERE action = 'read'")
+    assert sorted(r[0] for r in rows) == list(range(1, 13))  # each record once
+    assert report["verified"] >= before + 12 + 1, report  # and the CLI's own
+
+
+@PG_ONLY
+def test_a_row_written_above_the_head_sends_the_batch_the_locked_way(cli, home, database):
+    expect(cli("init"))
+    expect(cli("cluster", "add", "c", "--open-api-url", "http://127.0.0.1:9"))
+    engine = make_engine(home.database_url)
+    writer, conn = _writer(engine)
+    try:
+        assert writer._write(conn, [_record(1)], None) is None
+        (last,) = sql(home.database_url, "SELECT last_id FROM audit_chain")
+        sql(  # outside the chain, at the id the writer would take next
+            home.database_url,
+            "INSERT INTO audit_log (id, at, action, outcome) VALUES (:i, :at, 'x', 'ok')",
+            i=last[0] + 1,
+            at=datetime(2026, 1, 1),
+        )
+        assert writer._write(conn, [_record(2, cluster='it\'s "quoted" \\ ü')], None) is None
+        assert (writer._appender.locked, writer._appender.fast) == (2, 0)
+    finally:
+        conn.invalidate()
+        writer._thread.shutdown()
+        engine.dispose()
+    (row,) = sql(home.database_url, "SELECT id, cluster FROM audit_log WHERE version = 2")
+    assert row[0] == last[0] + 2 and row[1] == 'it\'s "quoted" \\ ü'
+    report = verify(cli)  # the row outside the chain is what verify reports, nothing else
+    assert not report["ok"] and report["problem_id"] == last[0] + 1, report
