@@ -73,9 +73,10 @@ def error_response(exc: BaseException) -> ErrorResponse:
 
 
 def _public_detail(exc: KeyvaultError) -> str:
-    # A driver's message names the database's host, port and name: for the log, not for
-    # whoever sent the request.
-    if exc.code == DatabaseError.code:
+    # A driver's message (keyvault.db.transaction puts it in a plain DatabaseError) names the
+    # database's host, port and name: for the log, not for whoever sent the request. The
+    # subclasses (the audit writer's, a failed store) carry keyvault's own words.
+    if type(exc) is DatabaseError:
         log.warning("database error while serving a request: %s", exc)
         return _DATABASE_DETAIL
     return str(exc)
