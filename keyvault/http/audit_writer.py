@@ -382,6 +382,9 @@ class AuditWriter:
         wait_ms = max(1, int((self.timeout if left is None else left) * 1000))
         linked: list[dict[str, Any]] | None = None
         if not self._sqlite:
+            # What this batch sent, if anything: not the batch before's (committed), which a
+            # connection found ended before this one's statement would leave for _finish_lost.
+            self._appender.sent = None
             try:
                 self._wait(conn, wait_ms)
                 linked = self._appender.append(conn.driver_connection, records)

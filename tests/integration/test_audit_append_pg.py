@@ -92,3 +92,81 @@ def test_a_row_written_above_the_head_sends_the_batch_the_locked_way(cli, home, 
     assert row[0] == last[0] + 2 and row[1] == 'it\'s "quoted" \\ ü'
     report = verify(cli)  # the row outside the chain is what verify reports, nothing else
     assert not report["ok"] and report["problem_id"] == last[0] + 1, report
+
+
+@PG_ONLY
+def test_a_one_statement_append_waiting_on_a_locked_append_does_not_fork(cli, home, database):
+    """READ COMMITTED: the writer's statement waits for the head's lock held by another
+    append (the CLI's, a second server's), then re-checks its condition on the moved head:
+    nothing written, the batch goes the locked way after that append; one chain."""
+    import threading
+
+    from keyvault.config import load_settings
+    from keyvault.services.audit_chain import append_records, chain_for
+
+    expect(cli("init"))
+    expect(cli("cluster", "add", "c", "--open-api-url", "http://127.0.0.1:9"))
+    engine = make_engine(home.database_url)
+    writer, conn = _writer(engine)
+    other = engine.raw_connection()  # another process's append, holding the head's lock
+    try:
+        assert writer._write(conn, [_record(1)], None) is None  # locked: the first batch
+        pid = conn.driver_connection.info.backend_pid
+        append_records(other, sqlite=False, keys=chain_for(load_settings()).keys,
+                       records=[_record(2)])  # fmt: skip
+        result: list = []
+        fast = threading.Thread(
+            target=lambda: result.append(writer._write(conn, [_record(3)], None))
+        )
+        fast.start()
+        for _ in range(10_000):  # until the writer's statement waits on the head's lock
+            (row,) = sql(home.database_url, "SELECT wait_event_type FROM pg_stat_activity"
+                         " WHERE pid = :p", p=pid)  # fmt: skip
+            if row[0] == "Lock":
+                break
+        else:
+            pytest.fail("the writer never waited on the head's lock")
+        other.commit()
+        fast.join()
+        assert result == [None]
+        assert (writer._appender.locked, writer._appender.fast) == (2, 0)
+    finally:
+        other.close()
+        conn.invalidate()
+        writer._thread.shutdown()
+        engine.dispose()
+    report = verify(cli)
+    assert report["ok"], report
+    rows = sql(home.database_url, "SELECT version FROM audit_log WHERE action = 'read' ORDER BY id")
+    assert [r[0] for r in rows] == [1, 2, 3]
+
+
+@PG_ONLY
+def test_a_batch_whose_connection_was_found_ended_is_written_not_taken_for_the_last(
+    cli, home, database
+):
+    """The database ended the writer's idle connection (restart, pg_terminate_backend), and
+    the next batch, its budget cut, fails on the first statement (the timeouts): nothing of
+    it was sent, so it is written on a new connection. It was taken for the batch before
+    (committed), so its requests were answered as audited and no record was written."""
+    from keyvault.http.audit_writer import AuditEntry
+
+    expect(cli("init"))
+    expect(cli("cluster", "add", "c", "--open-api-url", "http://127.0.0.1:9"))
+    engine = make_engine(home.database_url)
+    writer, conn = _writer(engine)
+    writer._conn = conn
+    try:
+        assert writer._write(conn, [_record(1)], None) is None
+        pid = conn.driver_connection.info.backend_pid
+        sql(home.database_url, "SELECT pg_terminate_backend(:p)", p=pid)
+        entry = AuditEntry(datetime.now(UTC), "t2", "read", "c", None, 2, None, "ok")
+        assert writer._write_batch([(entry, None)], writer.timeout / 2) is None
+    finally:
+        if writer._conn is not None:
+            writer._conn.invalidate()
+        writer._thread.shutdown()
+        engine.dispose()
+    rows = sql(home.database_url, "SELECT version FROM audit_log WHERE action = 'read' ORDER BY id")
+    assert [r[0] for r in rows] == [1, 2]
+    assert verify(cli)["ok"]
