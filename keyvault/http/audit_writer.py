@@ -295,7 +295,9 @@ class AuditWriter:
         possible only if it outlived its client's socket: then the records are doubled, never
         lost)."""
         conn = self._usable_connection()
-        if conn is None:
+        if conn is None:  # whether the sent batch committed cannot be known: a sink gap
+            if sent is not None and self._chain.sink is not None:
+                self._chain.sink.missed(sent)
             return _write_failed()
         try:
             done = sent is not None and self._appender.committed(conn.driver_connection, sent)
