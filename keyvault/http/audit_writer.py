@@ -295,7 +295,9 @@ class AuditWriter:
         possible only if it outlived its client's socket: then the records are doubled, never
         lost)."""
         conn = self._usable_connection()
-        if conn is None:
+        if conn is None:  # whether the sent batch committed cannot be known: a sink gap
+            if sent is not None and self._chain.sink is not None:
+                self._chain.sink.missed(sent)
             return _write_failed()
         try:
             done = sent is not None and self._appender.committed(conn.driver_connection, sent)
@@ -382,6 +384,9 @@ class AuditWriter:
         wait_ms = max(1, int((self.timeout if left is None else left) * 1000))
         linked: list[dict[str, Any]] | None = None
         if not self._sqlite:
+            # What this batch sent, if anything: not the batch before's (committed), which a
+            # connection found ended before this one's statement would leave for _finish_lost.
+            self._appender.sent = None
             try:
                 self._wait(conn, wait_ms)
                 linked = self._appender.append(conn.driver_connection, records)

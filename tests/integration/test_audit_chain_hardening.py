@@ -10,6 +10,7 @@ import json
 import os
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import text
 
 from keyvault.db import make_engine, session_factory, transaction
@@ -265,3 +266,72 @@ def test_the_http_writer_marks_a_batch_whose_commit_reply_was_lost(cli, home, tm
         and report["verified"] == 2
         and report["gaps"] == [[gaps[0]["from"], gaps[0]["to"]]]
     ), report
+
+
+class _CommittedThenEnded(_LostCommitReply):
+    """The writer's one statement is committed, then the database ends the connection
+    before its reply (a restart, a failover): the connection is closed, the reply lost."""
+
+    @property
+    def driver_connection(self):
+        return _CommittedThenEnded(self._conn.driver_connection)
+
+    def cursor(self):
+        return _EndedCursor(self._conn)
+
+
+class _EndedCursor(_LostCommitCursor):
+    def __init__(self, conn) -> None:
+        super().__init__(conn.cursor())
+        self._driver = conn
+
+    def execute(self, statement: str, *args):
+        result = self._cur.execute(statement, *args)
+        if statement.startswith("WITH moved AS"):
+            self._driver.close()
+            raise OSError("server closed the connection unexpectedly")
+        return result
+
+
+@pytest.mark.parametrize("blank_database", ["postgres"], indirect=True)
+def test_a_lost_batch_the_writer_cannot_reconnect_to_check_is_marked_a_sink_gap(
+    cli, home, tmp_path, database
+):
+    """The database ended the connection under a batch and the writer cannot reconnect to
+    learn whether it committed: the batch fails and its records are a gap in the sink (they
+    are committed here), not a hole the sink's verify takes for deleted lines."""
+    from keyvault.http.audit_writer import AuditEntry, AuditWriter
+
+    expect(cli("init"))
+    expect(cli("cluster", "add", "c", "--open-api-url", "http://127.0.0.1:9"))
+    sink_path = tmp_path / "audit.jsonl"
+    chain = _chain(home, sink_path)
+    engine = make_engine(home.database_url)
+    writer = AuditWriter(engine, chain=chain)
+    writer._sqlite = False
+    connect = writer._connect
+    writer._conn = connect()
+    record = {"at": datetime.now(UTC), "action": "read", "outcome": "ok"}
+    try:
+        assert writer._write(writer._conn, [record], None) is None  # locked: the first
+        writer._conn = _CommittedThenEnded(writer._conn)
+
+        def unreachable():
+            raise OSError("connection refused")
+
+        writer._connect = unreachable
+        entry = AuditEntry(datetime.now(UTC), "t", "read", "c", None, 1, None, "ok")
+        assert writer._write_batch([(entry, None), (entry, None)]) is not None  # unchecked
+        writer._connect = connect
+        assert writer._write_batch([(entry, None)]) is None  # the database is back
+    finally:
+        if writer._conn is not None:
+            writer._conn.invalidate()
+        chain.sink.close()
+        engine.dispose()
+        writer._thread.shutdown()
+    lines = [json.loads(line) for line in sink_path.read_text().splitlines()]
+    gaps = [line["sink_gap"] for line in lines if "sink_gap" in line]
+    assert verify(cli)["ok"]
+    report = verify(cli, "--file", str(sink_path))
+    assert report["ok"] and len(gaps) == 1, (report, lines)
