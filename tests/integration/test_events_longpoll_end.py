@@ -9,17 +9,16 @@ shared TIMEOUT as the only bound on the wait.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
-import threading
 import time
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.consumers import wait_until
-from tests.support.http import REQUEST_TIMEOUT, World
+from tests.support.http import World
 from tests.support.timeouts import TIMEOUT
 
 WAIT = 60  # the longest wait /v1/events accepts
@@ -53,17 +52,24 @@ def settle(world: World) -> None:
         assert http.get("/healthz").status_code == 200
 
 
+def open_poll(world: World, token: str, after: int) -> socket.socket:
+    """A long-poll sent (whole) on a new connection, and read by the server; the caller
+    reads the answer or closes the socket."""
+    s = socket.create_connection(("127.0.0.1", world.server.port), timeout=TIMEOUT)
+    s.sendall(
+        f"GET {EVENTS}?after={after}&wait={WAIT} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n".encode()
+    )
+    settle(world)
+    return s
+
+
 def test_a_long_poll_whose_client_went_away_ends(served: World):
     world = served
     token, after = world.tokens["app-a1"], newest(world)
     answered = polls_answered(world)  # the tail request above counts too
     started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", world.server.port), timeout=REQUEST_TIMEOUT) as s:
-        s.sendall(
-            f"GET {EVENTS}?after={after}&wait={WAIT} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n".encode()
-        )
-        settle(world)
+    open_poll(world, token, after).close()
     # The client is gone: the server ends the poll (and counts it) without waiting it out.
     wait_until(lambda: polls_answered(world) > answered, "the abandoned poll ended")
     assert time.monotonic() - started < WAIT, "the poll ran to its deadline"
@@ -73,31 +79,19 @@ def test_serve_stops_at_once_with_a_long_poll_open(served: World):
     world = served
     proc = world.server.proc
     assert proc is not None
-    answers: list[httpx.Response | BaseException] = []
-    after = newest(world)
-
-    def poll() -> None:
-        try:
-            headers = {"Authorization": f"Bearer {world.tokens['app-a1']}"}
-            with httpx.Client(timeout=TIMEOUT, headers=headers, trust_env=False) as http:
-                answers.append(
-                    http.get(f"{world.url}{EVENTS}", params={"after": after, "wait": WAIT})
-                )
-        except BaseException as exc:  # noqa: BLE001 - shown by the assertion below
-            answers.append(exc)
-
     started = time.monotonic()
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    settle(world)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        status = proc.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        status = None
-    poller.join(TIMEOUT)
+    with open_poll(world, world.tokens["app-a1"], newest(world)) as poll:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            status = proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            status = None
+        answer = b""
+        while chunk := poll.recv(65536):  # the server closes the connection after it
+            answer += chunk
     # uvicorn ends by re-raising the signal it caught, once it has shut down gracefully.
     assert status == -signal.SIGTERM, world.server.log_tail()
     assert time.monotonic() - started < WAIT, "serve waited for the poll's deadline"
-    assert len(answers) == 1 and isinstance(answers[0], httpx.Response), answers
-    assert answers[0].status_code == 200 and answers[0].json()["events"] == [], answers[0].text
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert json.loads(body)["events"] == [], body
