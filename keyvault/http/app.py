@@ -28,6 +28,7 @@ from keyvault.config import Settings, load_settings
 from keyvault.errors import KeyvaultError
 from keyvault.http.consumer_tracker import ConsumerTracker
 from keyvault.http.errors import error_response
+from keyvault.http.exit_signals import on_stop_signals
 from keyvault.http.fastpath import FastKeyPath
 from keyvault.http.metrics import Metrics
 from keyvault.http.middleware import ACCESS_LOGGER, RequestContext
@@ -112,6 +113,7 @@ def _lifespan(
         app.state.metrics.registry.register(ListenerCollector(lambda: state.listener))
         async with AsyncExitStack() as stack:
             stack.push_async_callback(state.aclose)
+            stack.enter_context(on_stop_signals(state.stop_waiting))
             _start_workers(stack, state, settings, serve_webhooks, allow_private_network)
             if os.environ.get(TRACK_CONSUMERS_ENV, "1") not in ("0", "false", "no"):
                 app.state.consumers = ConsumerTracker(state.engine).start()

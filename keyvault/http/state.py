@@ -140,6 +140,13 @@ class ServerState:
         if self.engine.dialect.name == "postgresql":
             self.listener = RevisionListener.for_engine(self.engine)
             self.changes = self.listener.changes
+        self.stopping = False  # set by stop_waiting(): long-polls answer at once
+
+    def stop_waiting(self) -> None:
+        """The server is stopping: wake every long-poll, and let none wait from now on (on the
+        event loop's thread)."""
+        self.stopping = True
+        self.changes.fire()
 
     def _open_probe(self) -> Any:
         probe = self.engine.raw_connection()

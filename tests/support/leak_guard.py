@@ -7,7 +7,9 @@ and failure reports — and at the end hashes every 64-character token in it. A
 match is a leaked key: the run fails, naming only how many were found.
 
 Keys a test makes itself come from ``new_key``, which logs them the same way (a
-``generated.sha256`` under pytest's basetemp), so they are looked for too.
+``generated.sha256`` under pytest's basetemp), so they are looked for too. Under
+pytest-xdist the controller scans: it receives every worker's reports, and the workers'
+basetemps are under its own.
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ def _fingerprints() -> set[str]:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from keyvault.sandbox.state import find_leaks
 
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller gets every report and scans them all
+    if session.config.pluginmanager.has_plugin("dsession"):
+        # The xdist controller: the workers' basetemps (their new-keys) are under its own.
+        _state_dirs.add(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
     fingerprints = _fingerprints()
     leaks = find_leaks("\n".join(_captured), fingerprints)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

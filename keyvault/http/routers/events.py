@@ -58,25 +58,45 @@ async def events(
         await audit.record("ok")
         return EventsOut(events=[], last_id=newest)
     deadline = time.monotonic() + wait
-    while True:
-        # Armed before the query: an event recorded while it runs still wakes the wait.
-        changed = state.changes.arm()
-        try:
+    # A client that went away, or the server stopping, ends the wait at once: a long-poll
+    # nobody reads would otherwise run to its deadline and hold up the server's shutdown.
+    gone = asyncio.ensure_future(_disconnected(request)) if wait > 0 else None
+    try:
+        while True:
+            # Armed before the query: an event recorded while it runs still wakes the wait.
+            changed = state.changes.arm()
             try:
-                found, last = await state.blocking(events_after, state, grant, after)
-            except KeyvaultError as exc:
-                raise await audit.refused(exc) from None
-            if found or time.monotonic() >= deadline:
-                await audit.record("ok")
-                return EventsOut(events=found, last_id=last)
-            if last > after:  # rows of other scopes only: scan on at once, do not wait
-                after = last
-                continue
-            listening = state.listener is not None and state.listener.connected
-            poll = _SLOW_POLL_SECONDS if listening else _POLL_SECONDS
-            await asyncio.wait({changed}, timeout=min(poll, max(0.0, deadline - time.monotonic())))
-        finally:
-            state.changes.disarm(changed)
+                try:
+                    found, last = await state.blocking(events_after, state, grant, after)
+                except KeyvaultError as exc:
+                    raise await audit.refused(exc) from None
+                if found or time.monotonic() >= deadline or _ended(state, gone):
+                    await audit.record("ok")
+                    return EventsOut(events=found, last_id=last)
+                if last > after:  # rows of other scopes only: scan on at once, do not wait
+                    after = last
+                    continue
+                listening = state.listener is not None and state.listener.connected
+                poll = _SLOW_POLL_SECONDS if listening else _POLL_SECONDS
+                timeout = min(poll, max(0.0, deadline - time.monotonic()))
+                wake = {changed, *([gone] if gone else [])}
+                await asyncio.wait(wake, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                state.changes.disarm(changed)
+    finally:
+        if gone is not None:
+            gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (the request has no body left to read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _ended(state: ServerState, gone: asyncio.Future[None] | None) -> bool:
+    """The client went away, or the server is stopping (``ServerState.stopping``)."""
+    return state.stopping or (gone is not None and gone.done())
 
 
 def events_after(state: ServerState, grant: Grant, after: int) -> tuple[list[EventOut], int]:
