@@ -28,6 +28,15 @@ def _writer(engine):
     return writer, writer._connect()  # the writer's own connection (autocommit)
 
 
+def _close(engine, *writers) -> None:
+    """Close each (writer, its connection) pair, then the engine."""
+    for writer, conn in writers:
+        if conn is not None:
+            conn.invalidate()
+        writer._thread.shutdown()
+    engine.dispose()
+
+
 def _record(n: int, cluster: str = "c") -> dict:
     return {"at": datetime.now(UTC), "action": "read", "outcome": "ok", "cluster": cluster,
             "token_name": f"t{n}", "version": n}  # fmt: skip
@@ -56,10 +65,7 @@ def test_two_writers_in_turn_and_the_cli_keep_one_chain(cli, home, database):
         assert a._write(conn_a, [_record(12)], None) is None
         assert (a._appender.locked, a._appender.fast) == (3, 4)
     finally:
-        for writer, conn in ((a, conn_a), (b, conn_b)):
-            conn.invalidate()
-            writer._thread.shutdown()
-        engine.dispose()
+        _close(engine, (a, conn_a), (b, conn_b))
     report = verify(cli)
     assert report["ok"], report
     rows = sql(home.database_url, "SELECT version FROM audit_log WHERE action = 'read'")
@@ -85,9 +91,7 @@ def test_a_row_written_above_the_head_sends_the_batch_the_locked_way(cli, home, 
         assert writer._write(conn, [_record(2, cluster='it\'s "quoted" \\ ü')], None) is None
         assert (writer._appender.locked, writer._appender.fast) == (2, 0)
     finally:
-        conn.invalidate()
-        writer._thread.shutdown()
-        engine.dispose()
+        _close(engine, (writer, conn))
     (row,) = sql(home.database_url, "SELECT id, cluster FROM audit_log WHERE version = 2")
     assert row[0] == last[0] + 2 and row[1] == 'it\'s "quoted" \\ ü'
     report = verify(cli)  # the row outside the chain is what verify reports, nothing else
@@ -132,9 +136,7 @@ def test_a_one_statement_append_waiting_on_a_locked_append_does_not_fork(cli, ho
         assert (writer._appender.locked, writer._appender.fast) == (2, 0)
     finally:
         other.close()
-        conn.invalidate()
-        writer._thread.shutdown()
-        engine.dispose()
+        _close(engine, (writer, conn))
     report = verify(cli)
     assert report["ok"], report
     rows = sql(home.database_url, "SELECT version FROM audit_log WHERE action = 'read' ORDER BY id")
@@ -163,10 +165,7 @@ def test_a_batch_whose_connection_was_found_ended_is_written_not_taken_for_the_l
         entry = AuditEntry(datetime.now(UTC), "t2", "read", "c", None, 2, None, "ok")
         assert writer._write_batch([(entry, None)], writer.timeout / 2) is None
     finally:
-        if writer._conn is not None:
-            writer._conn.invalidate()
-        writer._thread.shutdown()
-        engine.dispose()
+        _close(engine, (writer, writer._conn))
     rows = sql(home.database_url, "SELECT version FROM audit_log WHERE action = 'read' ORDER BY id")
     assert [r[0] for r in rows] == [1, 2]
     assert verify(cli)["ok"]
@@ -192,9 +191,7 @@ def test_a_master_key_rotation_between_batches_sends_the_next_the_locked_way(cli
         assert writer._write(conn, [_record(5)], None) is None  # its own end: fast
         assert (writer._appender.locked, writer._appender.fast) == (3, 2)
     finally:
-        conn.invalidate()
-        writer._thread.shutdown()
-        engine.dispose()
+        _close(engine, (writer, conn))
     report = verify(cli)
     assert report["ok"], report
     rows = sql(home.database_url,
@@ -243,10 +240,7 @@ def test_two_writers_and_locked_appends_at_once_keep_one_chain(cli, home, databa
         for t in threads:
             t.join()
     finally:
-        for writer, conn in writers:
-            conn.invalidate()
-            writer._thread.shutdown()
-        engine.dispose()
+        _close(engine, *writers)
     assert errors == []
     report = verify(cli)
     assert report["ok"], report

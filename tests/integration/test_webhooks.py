@@ -874,6 +874,20 @@ def test_cli_deliver_is_bounded_in_time(store: Cli, receivers):
     )
 
 
+def _two_deliverers(kv, clock, *, lease_clock) -> tuple[WebhookWorker, WebhookWorker]:
+    """Two webhook workers (replicas) on one store, competing for the delivery lease."""
+    return tuple(  # type: ignore[return-value]
+        WebhookWorker(
+            kv.factory,
+            settings=kv.settings,
+            clock=clock,
+            send=LOCAL_SENDER,
+            lease_clock=lease_clock,
+        )
+        for _ in range(2)
+    )
+
+
 class _Died(BaseException):
     """A deliverer killed between sending and recording (nothing catches it)."""
 
@@ -888,12 +902,7 @@ def test_a_new_lease_holder_resends_what_the_dead_one_had_in_flight(kv, receiver
     kv.import_key("app:a1")
     clock = Clock()
 
-    def worker() -> WebhookWorker:
-        return WebhookWorker(
-            kv.factory, settings=kv.settings, clock=clock, send=LOCAL_SENDER, lease_clock=clock
-        )
-
-    a, b = worker(), worker()
+    a, b = _two_deliverers(kv, clock, lease_clock=clock)
     assert a.lease.step()
     kv.enqueue(clock)
     sent: list[str] = []
@@ -930,12 +939,7 @@ def test_a_takeover_makes_the_dead_holders_claim_due_by_the_deliverers_clock(kv,
     local = Clock()
     database = Clock(local.now + timedelta(minutes=10))
 
-    def worker() -> WebhookWorker:
-        return WebhookWorker(
-            kv.factory, settings=kv.settings, clock=local, send=LOCAL_SENDER, lease_clock=database
-        )
-
-    a, b = worker(), worker()
+    a, b = _two_deliverers(kv, local, lease_clock=database)
     assert a.lease.step()
     kv.enqueue(local)
 
