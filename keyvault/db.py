@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from keyvault.errors import DatabaseError, NotInitialized
+from keyvault.errors import DatabaseDriverError, DatabaseError, NotInitialized
 from keyvault.models import Base
 
 if TYPE_CHECKING:
@@ -120,12 +120,12 @@ def transaction(factory: Callable[[], Session]) -> Iterator[Session]:
         session.commit()
     except OperationalError as exc:
         session.rollback()
-        raise DatabaseError(
+        raise DatabaseDriverError(
             f"database error: {_one_line(exc)}", hint="check the database and retry"
         ) from None
     except SQLAlchemyError as exc:
         session.rollback()
-        raise DatabaseError(f"database refused the change: {_one_line(exc)}") from None
+        raise DatabaseDriverError(f"database refused the change: {_one_line(exc)}") from None
     except BaseException:
         session.rollback()
         raise

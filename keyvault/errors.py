@@ -32,6 +32,7 @@ re-exported here.
     │   └── PreconditionFailed                 HTTP 412: If-Match named another version (nothing rotated)
     ├── Unavailable                            client: keyvault unreachable, no fresh cached key
     ├── DatabaseError                          the database refused or is unreachable
+    │   └── DatabaseDriverError                the driver's own words (HTTP shows none of them)
     ├── SshError                               anything on the way to ta-tool
     │   ├── HostUnreachable                    TCP/SSH handshake failed (safe to fail over)
     │   ├── HostKeyError                       unknown or changed host key
@@ -149,6 +150,11 @@ class DatabaseError(KeyvaultError):
 
     code = "database_error"
     http_status = 503
+
+
+class DatabaseDriverError(DatabaseError):
+    """A DatabaseError carrying the driver's message, which may name the database's host,
+    port and name: the CLI shows it to the operator; an HTTP answer gives none of it."""
 
 
 class SshError(KeyvaultError):

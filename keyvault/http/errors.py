@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Send
 
 from keyvault import logs
-from keyvault.errors import DatabaseError, KeyvaultError
+from keyvault.errors import DatabaseDriverError, KeyvaultError
 
 log = logging.getLogger("keyvault.http")
 _HTTP_CODES = {
@@ -73,10 +73,9 @@ def error_response(exc: BaseException) -> ErrorResponse:
 
 
 def _public_detail(exc: KeyvaultError) -> str:
-    # A driver's message (keyvault.db.transaction puts it in a plain DatabaseError) names the
-    # database's host, port and name: for the log, not for whoever sent the request. The
-    # subclasses (the audit writer's, a failed store) carry keyvault's own words.
-    if type(exc) is DatabaseError:
+    # A driver's message names the database's host, port and name: for the log, not for
+    # whoever sent the request.
+    if isinstance(exc, DatabaseDriverError):
         log.warning("database error while serving a request: %s", exc)
         return _DATABASE_DETAIL
     return str(exc)

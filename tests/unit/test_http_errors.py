@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from keyvault import logs
 from keyvault.errors import (
     ConfigError,
+    DatabaseDriverError,
     DatabaseError,
     Forbidden,
     HostUnreachable,
@@ -53,6 +54,7 @@ MADE_UP_ID = "[0-9a-f]{12}-[0-9a-f]+"  # made by the server: per-process prefix,
         (HostUnreachable("ta1 is down", host="ta1"), 502, "ssh_error"),
         (NeedsRecovery("ta-tool may have run", rotation_id="r1"), 502, "needs_recovery"),
         (TaApiError("TA refused"), 502, "ta_api_error"),
+        (DatabaseError("database away"), 503, "database_error"),
         (StoreFailed("commit failed", rotation_id="r1"), 503, "store_failed"),
         (ConfigError("bad config"), 503, "config_error"),
     ],
@@ -69,7 +71,7 @@ def test_keyvault_errors_answer_with_the_status_of_the_error_tree(exc, status, c
 
 def test_a_database_error_tells_the_client_nothing_of_the_database(caplog):
     driver_text = 'connection to server at "db.internal" (10.1.2.3), port 5432 failed: FATAL'
-    answer = error_response(DatabaseError(f"database error: {driver_text}"))
+    answer = error_response(DatabaseDriverError(f"database error: {driver_text}"))
     assert answer.status == 503
     assert answer.body == {
         "error": "database_error",
