@@ -28,7 +28,7 @@ dependency of keyvault) and pass --bao /that/venv/bin/bao, or put it on PATH.
     python bench/serve.py [--rounds 3] [--seconds 10] [--warmup 2]
                           [--kv sqlite:1 --kv sqlite:2 --kv postgres:2 ...]
                           [--postgres-url postgresql+psycopg://user@host/postgres]
-                          [--audit-durability fast|durable] [--bao PATH]
+                          [--audit-durability fast|durable|journal] [--bao PATH]
                           [--bao-token both|policy|root] [--only keyvault|openbao] [--keep-logs]
     (without --kv: one server, --workers N and --database-url URL as before)
 """
@@ -254,19 +254,32 @@ class KvTarget:
 
     database: str  # "sqlite", "postgres" (a new database on --postgres-url) or a URL
     workers: int
+    durability: str | None = None  # None: --audit-durability
 
     @property
     def label(self) -> str:
         kind = self.database if self.database in ("sqlite", "postgres") else "url"
-        return f"kv/{'pg' if kind == 'postgres' else kind}/{self.workers}w"
+        label = f"kv/{'pg' if kind == 'postgres' else kind}/{self.workers}w"
+        return f"{label}/{self.durability}" if self.durability else label
+
+
+DURABILITIES = ("fast", "durable", "journal")
 
 
 def parse_target(text: str) -> KvTarget:
-    """``sqlite:1``, ``postgres:2`` (``pg:2``), or ``URL`` with ``--workers``."""
-    name, _, workers = text.rpartition(":")
-    if name in ("sqlite", "postgres", "pg") and workers.isdigit() and 1 <= int(workers) <= 64:
-        return KvTarget("postgres" if name == "pg" else name, int(workers))
-    raise argparse.ArgumentTypeError(f"{text!r}: expected sqlite:N or postgres:N (N workers)")
+    """``sqlite:1``, ``postgres:2`` (``pg:2``), optionally ``:fast``, ``:durable`` or
+    ``:journal`` (its audit durability), or ``URL`` with ``--workers``."""
+    durability = None
+    name, _, last = text.rpartition(":")
+    if last in DURABILITIES:
+        durability = last
+        name, _, last = name.rpartition(":")
+    if name in ("sqlite", "postgres", "pg") and last.isdigit() and 1 <= int(last) <= 64:
+        return KvTarget("postgres" if name == "pg" else name, int(last), durability)
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: expected sqlite:N or postgres:N (N workers), optionally :fast, "
+        ":durable or :journal"
+    )
 
 
 class Keyvault:
@@ -668,9 +681,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--audit-durability",
-        choices=("fast", "durable"),
+        choices=DURABILITIES,
         default="fast",
-        help="keyvault serve --audit-durability (docs/deployment.md)",
+        help="keyvault serve --audit-durability of the --kv targets that name none "
+        "(docs/deployment.md)",
     )
     parser.add_argument(
         "--bao-token",
@@ -798,7 +812,8 @@ def main() -> int:
                 if target.database not in ("sqlite", "postgres"):
                     url = target.database
                 kv = Keyvault(
-                    tmp, target, sys.executable, durability=args.audit_durability,
+                    tmp, target, sys.executable,
+                    durability=target.durability or args.audit_durability,
                     database_url=url,
                 )  # fmt: skip
                 kvs.append(kv)

@@ -28,8 +28,9 @@ CONFIG_FILE_NAME = "keyvault.toml"
 DEFAULT_ROTATION_BATCH_SIZE = 50
 MAX_ROTATION_BATCH_SIZE = 50
 # How the HTTP server commits audit records (docs/deployment.md, "Audit durability"):
-# fast: survives a crash of keyvault; durable: also of the database's host (flushed to disk).
-AUDIT_DURABILITY = ("fast", "durable")
+# fast: survives a crash of keyvault; durable: also of the database's host (flushed to disk);
+# journal: on a local file before the key is sent, in the database right after.
+AUDIT_DURABILITY = ("fast", "durable", "journal")
 AUDIT_DURABILITY_ENV = "KEYVAULT_AUDIT_DURABILITY"
 
 
@@ -68,6 +69,10 @@ class Settings:
     @property
     def spool_dir(self) -> Path:
         return self.home / "spool"
+
+    @property
+    def audit_journal_dir(self) -> Path:  # [audit] durability = "journal"
+        return self.home / "audit-journal"
 
     def __repr__(self) -> str:  # never show passwords
         return f"Settings(home={str(self.home)!r}, database_url={_mask_url(self.database_url)!r})"
@@ -195,7 +200,7 @@ def _checked_durability(env: Mapping[str, str], audit: Mapping[str, Any], config
         value, where = audit.get("durability", "fast"), f"audit.durability in {config_file}"
     if value not in AUDIT_DURABILITY:
         raise ConfigError(
-            f"{where} must be {' or '.join(map(repr, AUDIT_DURABILITY))}, not {value!r}",
+            f"{where} must be one of {', '.join(map(repr, AUDIT_DURABILITY))}, not {value!r}",
             hint="see docs/deployment.md, section Audit durability",
         )
     return str(value)

@@ -95,11 +95,12 @@ STARTUP_FAILURE = 3  # uvicorn's exit status when the application did not start
 )
 @click.option(
     "--audit-durability",
-    type=click.Choice(["fast", "durable"]),
+    type=click.Choice(["fast", "durable", "journal"]),
     envvar="KEYVAULT_AUDIT_DURABILITY",  # keyvault.config reads it in each worker
     show_envvar=True,
     help="fast: an audit record survives a crash of keyvault, not of the database's host; "
-    "durable: flushed to disk before the key is sent (docs/deployment.md) "
+    "durable: flushed to disk before the key is sent; journal: written to a local file "
+    "before the key is sent, shipped to the database right after (docs/deployment.md) "
     "[default: [audit] durability, else fast].",
 )
 @click.pass_obj

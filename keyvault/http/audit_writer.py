@@ -88,7 +88,7 @@ class AuditWriter:
         max_batch: int = 1024,
         durability: str = "fast",
     ) -> None:
-        if durability not in ("fast", "durable"):
+        if durability not in ("fast", "durable", "journal"):  # journal: commits as fast
             raise ValueError(f"unknown audit durability {durability!r}")
         self._engine = engine
         self._chain = chain
@@ -266,7 +266,7 @@ class AuditWriter:
     ) -> Exception | None:
         """In the writer's thread: insert and commit ``batch`` within ``left`` seconds (what is
         left of its earliest waiting request's budget); the error to report, if any."""
-        records = [_record(e) for e, _ in batch]
+        records = [record_of(e) for e, _ in batch]
         error = self._write_on_usable(records, left)
         if isinstance(error, _Lost):
             error = self._finish_lost(error.sent, records, left)
@@ -330,7 +330,7 @@ class AuditWriter:
         if conn is None:
             return False
         probe = AuditEntry(datetime.now(UTC), "(probe)", "probe", None, None, None, None, "probe")
-        records = [_record(probe)]
+        records = [record_of(probe)]
         if not self._sqlite:
             try:
                 driver: Any = conn.driver_connection
@@ -483,7 +483,7 @@ class AuditWriter:
             log.info("WAL checkpoint skipped: %s", exc)
 
 
-def _record(entry: AuditEntry) -> dict[str, Any]:
+def record_of(entry: AuditEntry) -> dict[str, Any]:
     """The chain record of ``entry``."""
     return {
         "at": entry.at,

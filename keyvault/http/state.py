@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import select, text
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from keyvault.config import Settings
 from keyvault.db import make_engine, require_head, session_factory, transaction
 from keyvault.errors import DatabaseError, Forbidden, NotFound, Unauthorized
+from keyvault.http.audit_journal import JournalAuditWriter
 from keyvault.http.audit_writer import AuditWriter
 from keyvault.http.headers import bearer_token
 from keyvault.http.revision_listener import ChangeSignal, RevisionListener
@@ -114,12 +115,7 @@ class ServerState:
         with transaction(self.factory) as session:
             self.keyring = open_keyring(session, settings=settings)
         # The sink "-" is the server's stdout (journald); opened now: a bad sink fails the start.
-        self.audit = AuditWriter(
-            self.engine,
-            chain=chain_for(settings, dash=sys.stdout),
-            timeout=db_budget,
-            durability=settings.audit_durability,
-        )
+        self.audit = _audit_writer(self.engine, settings, db_budget)
         self._db_threads = ThreadPoolExecutor(_DB_THREADS, thread_name_prefix="keyvault-db")
         self._lock = threading.Lock()
         self._revision: Stamp | None = None
@@ -451,3 +447,12 @@ def require_scope(grant: Grant, cluster: str, scope: str) -> None:
     """``Forbidden`` unless the grant covers the scope."""
     if not grant.allows(cluster, scope):
         raise Forbidden(f"token {grant.name!r} may not read {scope} of cluster {cluster}")
+
+
+def _audit_writer(engine: Engine, settings: Settings, budget: float) -> AuditWriter:
+    """The writer of the ``[audit] durability`` chosen (docs/deployment.md)."""
+    chain = chain_for(settings, dash=sys.stdout)
+    if settings.audit_durability == "journal":
+        directory = settings.audit_journal_dir
+        return JournalAuditWriter(engine, chain=chain, timeout=budget, directory=directory)
+    return AuditWriter(engine, chain=chain, timeout=budget, durability=settings.audit_durability)

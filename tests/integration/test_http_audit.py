@@ -21,6 +21,7 @@ from sqlalchemy import func, select, text
 
 from keyvault.models import AuditRecord
 from tests.support.cli import expect
+from tests.support.db import audit_appends_held
 from tests.support.http import World, add_sshd_cluster
 from tests.support.timeouts import TIMEOUT
 
@@ -283,19 +284,8 @@ def test_a_read_answered_503_is_never_audited_ok(served: World, engine):
         assert key_matches(served, http.get("/v1/clusters/c/apps/a1").json(), "c", "app:a1")
         # Only audit appends are held (reads, tokens and keys still answer): SQLite's write
         # lock, or a lock on the chain's head that FOR UPDATE waits for.
-        with engine.connect() as conn:
-            if engine.dialect.name == "sqlite":
-                conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
-            else:
-                conn.begin()
-                conn.execute(text("LOCK TABLE audit_chain IN EXCLUSIVE MODE"))
-            try:
-                held = http.get("/v1/clusters/c/apps/a1")
-            finally:
-                if engine.dialect.name == "sqlite":
-                    conn.connection.driver_connection.execute("ROLLBACK")
-                else:
-                    conn.rollback()
+        with audit_appends_held(engine):
+            held = http.get("/v1/clusters/c/apps/a1")
         assert held.status_code == 503 and "key" not in held.json(), held.text
         # A read after the lock: committed after anything queued before it.
         assert key_matches(served, http.get("/v1/clusters/c/apps/a1").json(), "c", "app:a1")

@@ -160,7 +160,9 @@ def test_a_bad_durability_is_one_error_line(cli: Cli, env: dict, monkeypatch):
     bad_env = cli("secrets", "list")
     assert bad_env.exit_code != 0
     [line] = bad_env.stderr.strip().splitlines()
-    assert line.startswith("error: KEYVAULT_AUDIT_DURABILITY must be 'fast' or 'durable'")
+    assert line.startswith(
+        "error: KEYVAULT_AUDIT_DURABILITY must be one of 'fast', 'durable', 'journal'"
+    )
 
     monkeypatch.delenv("KEYVAULT_AUDIT_DURABILITY")
     home = Path(env["KEYVAULT_HOME"])

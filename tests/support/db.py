@@ -18,6 +18,7 @@ fail, so CI cannot pass with the database tests silently skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -337,3 +338,25 @@ def run_sql(url: str, statement: str, **params) -> list:
             return list(result) if result.returns_rows else []
     finally:
         engine.dispose()
+
+
+@contextlib.contextmanager
+def audit_appends_held(engine) -> Iterator[None]:
+    """Another connection holds what an audit append needs until the block ends, while key,
+    token and revision reads still answer: SQLite's write lock (BEGIN IMMEDIATE; WAL readers
+    go on), or on PostgreSQL an EXCLUSIVE lock on the chain's head (SELECT goes on)."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
+        else:
+            conn.begin()
+            conn.execute(text("LOCK TABLE audit_chain IN EXCLUSIVE MODE"))
+        try:
+            yield
+        finally:
+            if engine.dialect.name == "sqlite":
+                conn.connection.driver_connection.execute("ROLLBACK")
+            else:
+                conn.rollback()

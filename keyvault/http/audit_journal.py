@@ -1,0 +1,458 @@
+"""Audit durability ``journal``: the record is on a local file before the key is sent, and in
+the database's hash chain a few milliseconds later.
+
+``AuditWriter`` (``fast``, ``durable``) makes each key read wait for a database round trip.
+``JournalAuditWriter`` makes it wait for one ``write(2)`` to a local append-only file instead,
+as OpenBao's file audit device does, and ships the records to the same hash chain, through
+the same group-committing connection, right behind. What it promises (docs/deployment.md,
+"Audit durability"):
+
+- a key is sent only after its record's line is in the journal (the page cache): a crash or
+  kill -9 of keyvault loses no record; an OS crash or power cut may lose the lines not yet
+  shipped (as the file device, which does not fsync per entry either);
+- the records reach the database in order, each exactly once; while they cannot (database
+  down, locked), reads go on for at most the budget (``--db-budget``) or ``MAX_BACKLOG``
+  records, then fail with 503 until the backlog drains: never an unbounded blind spot;
+- the journal of a process that died (kill -9, crash) is shipped by the next server process
+  to start on this home (uvicorn's replacement worker, the next ``serve``) from its mark; a
+  batch committed whose mark was not yet written is found in the database, not written twice;
+- a clean stop ships everything and removes its files.
+
+Files: ``<home>/audit-journal/`` (0700); per server process ``<host>-<pid>-<random>.jsonl``
+(0600, under an exclusive ``flock`` for the process's life: an unlocked journal is an orphan),
+one JSON line per record, and beside it ``.shipped``, how many of its lines are committed
+(rewritten after each batch, not fsynced: a lag only makes the replay check the database).
+Past ``ROLL_BYTES`` a process starts a new journal; the old one goes once all its lines are in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from keyvault.http.audit_writer import AuditEntry, AuditUnavailable, AuditWriter, record_of
+from keyvault.models import AuditRecord
+from keyvault.services.audit_chain import canonical_at
+
+log = logging.getLogger("keyvault.audit")
+MAX_BACKLOG = 100_000  # records written to the journal, not yet to the database
+ROLL_BYTES = 16 * 1024 * 1024  # a process's journal past this size: start a new one
+_RETRY_FIRST, _RETRY_MAX = 0.05, 1.0  # seconds between attempts while the database refuses
+_FIELDS = ("token_name", "action", "cluster", "scope", "version", "client", "outcome")
+
+
+class JournalFile:
+    """One journal: lines appended by this process, and how many of them are in the database."""
+
+    def __init__(self, path: Path, fd: int, mark_fd: int, *, lines: int = 0, shipped: int = 0):
+        self.path = path
+        self._fd = fd
+        self._mark_fd = mark_fd
+        self.lines = lines  # lines written
+        self.shipped = shipped  # lines committed to the database
+        self.size = 0
+
+    @classmethod
+    def create(cls, directory: Path, writer_id: str, number: int = 1) -> JournalFile:
+        """A new journal, locked before it is visible under its name (never taken for an orphan)."""
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        name = f"{socket.gethostname()}-{os.getpid()}-{writer_id}-{number}"
+        path = directory / f"{name}.jsonl"
+        making = directory / f"{name}.new"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        fd = os.open(making, flags, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(making, path)
+        mark_fd = os.open(_mark_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return cls(path, fd, mark_fd)
+
+    @property
+    def writer_id(self) -> str:
+        """The id of the writer that wrote it (its database session's application_name)."""
+        return self.path.stem.rsplit("-", 2)[-2]
+
+    def append(self, entry: AuditEntry) -> None:
+        """One ``write(2)`` of one whole line (O_APPEND); OSError if it is not all written."""
+        line = _line(entry)
+        written = os.write(self._fd, line)
+        self.size += written
+        if written != len(line):  # a full disk: the tail is torn, the replay skips it
+            raise OSError(f"short write to the audit journal {self.path}")
+        self.lines += 1
+
+    def mark(self, shipped: int) -> None:
+        self.shipped = shipped
+        os.pwrite(self._mark_fd, f"{shipped:020d}\n".encode(), 0)
+
+    def remove(self) -> None:
+        """All its lines are in the database: the files go (journal first, then its mark)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_mark_path(self.path))
+        self.close()
+
+    def close(self) -> None:
+        for fd in (self._fd, self._mark_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@dataclass
+class Orphan:
+    """The journal of a process that is gone, claimed (locked) by this one."""
+
+    file: JournalFile
+    entries: list[AuditEntry]  # its lines after the mark, in order
+    unreadable: int  # lines that are not records (a tail torn by an OS crash or a full disk)
+
+
+def claim_orphans(directory: Path) -> Iterator[Orphan]:
+    """The journals in ``directory`` that no live process holds, each locked as it is read."""
+    if not directory.is_dir():
+        return
+    for mark in directory.glob("*.shipped"):  # left by a removal cut short
+        if not mark.with_suffix(".jsonl").exists():
+            with contextlib.suppress(FileNotFoundError):
+                mark.unlink()
+    for path in sorted(directory.glob("*.jsonl")):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:  # shipped by another process meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live process's journal
+            os.close(fd)
+            continue
+        if not path.exists():  # claimed, shipped and removed by another process meanwhile
+            os.close(fd)
+            continue
+        yield _read_orphan(path, fd)
+
+
+def _read_orphan(path: Path, fd: int) -> Orphan:
+    mark_fd = os.open(_mark_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    raw = os.pread(mark_fd, 32, 0).strip()
+    shipped = int(raw) if raw.isdigit() else 0
+    with open(path, "rb") as journal:
+        lines = journal.read().split(b"\n")
+    entries, unreadable = [], 0
+    for line in lines[shipped:]:
+        entry = _entry(line)
+        if entry is not None:
+            entries.append(entry)
+        elif line:
+            unreadable += 1
+    file = JournalFile(path, fd, mark_fd, lines=shipped + len(entries), shipped=shipped)
+    return Orphan(file, entries, unreadable)
+
+
+@dataclass
+class _Queued:
+    entry: AuditEntry
+    file: JournalFile
+    since: float  # event-loop time it was written to the journal
+
+
+class JournalAuditWriter(AuditWriter):
+    """``[audit] durability = "journal"``: ``record`` returns once the line is in the journal.
+
+    The records then go to the database in the writer's thread, on its connection, as
+    ``AuditWriter``'s batches do (``fast`` commits), by one shipping task on the event loop.
+    """
+
+    def __init__(self, *args: Any, directory: Path, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs, durability="journal")
+        self.directory = directory
+        self._queue: deque[_Queued] = deque()
+        self._file: JournalFile | None = None
+        self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._shipper: asyncio.Task[None] | None = None
+        self._retry = _RETRY_FIRST
+        self._failing = False  # the last batch failed: shipping is behind
+        self.replayed = 0  # records shipped from orphaned journals
+        self.writer_id = secrets.token_hex(6)
+        self._files = 0
+
+    def start(self) -> None:
+        super().start()
+        self._file = self._new_file()
+        self._shipper = asyncio.get_running_loop().create_task(self._ship())
+
+    async def record(self, entry: AuditEntry, timeout: float | None = None) -> None:
+        """Write ``entry`` to the journal; ``AuditUnavailable`` if it cannot be, or if the
+        database has not taken the journal's records for the budget (fail closed)."""
+        self._refuse_if_behind()
+        self._append(entry)
+
+    def submit(self, entry: AuditEntry) -> None:
+        """Journal the record of a request that failed anyway, unless the backlog is full
+        (a flood of refused requests while the database is away must not fill the memory)."""
+        if self._running and self._file is not None and len(self._queue) < MAX_BACKLOG:
+            with contextlib.suppress(AuditUnavailable):
+                self._append(entry)
+
+    def _new_file(self) -> JournalFile:
+        self._files += 1
+        return JournalFile.create(self.directory, self.writer_id, self._files)
+
+    def _connect(self) -> Any:
+        """The writer's connection, named after this writer on PostgreSQL: should this
+        process die with a batch waiting on a lock there, the process that ships its journal
+        ends that session first (``_end_sessions_of``), so the batch cannot commit after the
+        check for what is already in."""
+        conn = super()._connect()
+        if not self._sqlite:
+            cur = conn.cursor()
+            try:
+                cur.execute(
+                    "SELECT set_config('application_name', %s, false)",
+                    (_session_name(self.writer_id),),
+                )
+            finally:
+                cur.close()
+        return conn
+
+    @property
+    def backlog(self) -> int:
+        """Records in the journal, not yet in the database."""
+        return len(self._queue)
+
+    def _refuse_if_behind(self) -> None:
+        if not self._running or self._file is None or self._loop is None:
+            raise AuditUnavailable("the audit writer is not running", hint="restart the server")
+        if self._queue and (
+            len(self._queue) >= MAX_BACKLOG
+            or self._loop.time() - self._queue[0].since > self.timeout
+        ):
+            raise AuditUnavailable(
+                f"the database has not taken audit records for {self.timeout:g}s "
+                f"({len(self._queue)} waiting in the journal)",
+                hint="check the database; reads resume once the journal is shipped",
+            )
+
+    def _append(self, entry: AuditEntry) -> None:
+        file, loop = self._file, self._loop
+        assert file is not None and loop is not None
+        try:
+            if file.size >= ROLL_BYTES:
+                file = self._roll(file)
+            file.append(entry)
+        except OSError as exc:
+            log.error("audit journal write failed: %s", exc)
+            raise AuditUnavailable(
+                "the audit journal could not be written", hint=f"check {self.directory}"
+            ) from None
+        self._queue.append(_Queued(entry, file, loop.time()))
+        self._wake.set()
+
+    def _roll(self, old: JournalFile) -> JournalFile:
+        """A new journal for new lines; the old one goes once its last line is shipped."""
+        self._file = self._new_file()
+        if old.shipped == old.lines:
+            old.remove()
+        return self._file
+
+    async def _ship(self) -> None:
+        """The shipping task; should it fail (a bug), reads are refused, not left unshipped."""
+        try:
+            await self._ship_all()
+        except Exception:
+            log.exception("audit journal: shipping stopped; key reads are refused")
+            self._running = False
+            raise
+
+    async def _ship_all(self) -> None:
+        """Orphaned journals first, then this process's, until stopped."""
+        for orphan in claim_orphans(self.directory):
+            await self._ship_orphan(orphan)
+        while self._running or (self._queue and not self._stopped.is_set()):
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._ship_batch()
+        while self._queue:  # stopping: one more try each, then the journal keeps the rest
+            if not await self._ship_batch():
+                return
+
+    async def _ship_batch(self) -> bool:
+        batch = [self._queue[i] for i in range(min(len(self._queue), self._max_batch))]
+        if not await self._commit([q.entry for q in batch]):
+            return False
+        for _ in batch:
+            self._queue.popleft()
+        for file in {id(q.file): q.file for q in batch}.values():
+            file.mark(file.shipped + sum(1 for q in batch if q.file is file))
+            if file is not self._file and file.shipped == file.lines:
+                file.remove()
+        return True
+
+    async def _commit(self, entries: list[AuditEntry]) -> bool:
+        """Append ``entries`` to the chain (one batch); False, after a pause, if it failed."""
+        assert self._loop is not None
+        pairs: list[tuple[AuditEntry, asyncio.Future[None] | None]] = [(e, None) for e in entries]
+        error = await self._loop.run_in_executor(self._thread, self._write_batch, pairs, None)
+        if error is None:
+            if self._failing:
+                log.warning("audit journal: the database takes records again")
+            self._retry, self._failing = _RETRY_FIRST, False
+            return True
+        await self._failed(error)
+        return False
+
+    async def _failed(self, error: Exception) -> bool:
+        """Log a failed attempt and pause before the next; False if stopping."""
+        if not self._failing:
+            log.error("audit journal: records wait in %s: %s", self.directory, error)
+        self._failing = True
+        pause, self._retry = self._retry, min(self._retry * 2, _RETRY_MAX)
+        with contextlib.suppress(TimeoutError):  # a pause between attempts, cut by stop()
+            await asyncio.wait_for(self._stopped.wait(), pause)
+        return not self._stopped.is_set()
+
+    async def _ship_orphan(self, orphan: Orphan) -> None:
+        if orphan.unreadable:
+            log.error(
+                "audit journal %s: %d line(s) are not records (torn by a crash?): skipped",
+                orphan.file.path, orphan.unreadable,
+            )  # fmt: skip
+        entries = orphan.entries
+        done = await self._already_committed(orphan.file.writer_id, entries[: self._max_batch])
+        if done is None:
+            orphan.file.close()  # left for the next process to start
+            return
+        if done:
+            orphan.file.mark(orphan.file.shipped + done)
+            entries = entries[done:]
+        while entries and not self._stopped.is_set():
+            batch = entries[: self._max_batch]
+            if await self._commit(batch):
+                orphan.file.mark(orphan.file.shipped + len(batch))
+                self.replayed += len(batch)
+                entries = entries[len(batch) :]
+        if entries:
+            orphan.file.close()  # stopped first: left for the next process to start
+            return
+        log.warning("audit journal %s of a process gone: shipped", orphan.file.path)
+        orphan.file.remove()
+
+    async def _already_committed(self, writer_id: str, entries: list[AuditEntry]) -> int | None:
+        """How many of ``entries`` (an orphan's first unshipped lines) are in the database
+        already: its last batch may have committed before its mark was written. None: we
+        stopped before the database answered."""
+        if not entries:
+            return 0
+        assert self._loop is not None
+        while True:  # the database may be away at start, as at any time
+            try:
+                run = self._loop.run_in_executor
+                return await run(self._thread, self._committed_prefix, writer_id, entries)
+            except Exception as exc:  # noqa: BLE001 - retried until it answers or we stop
+                if not await self._failed(exc):
+                    return None
+
+    def _committed_prefix(self, writer_id: str, entries: list[AuditEntry]) -> int:
+        if not self._sqlite:
+            self._end_sessions_of(writer_id)
+        records = [record_of(e) for e in entries]
+        ats = [canonical_at(r["at"]) for r in records]
+        low, high = (datetime.fromisoformat(at).replace(tzinfo=UTC) for at in (min(ats), max(ats)))
+        with Session(self._engine) as session:
+            rows = session.scalars(
+                select(AuditRecord).where(AuditRecord.at.between(low, high))
+            ).all()
+            found = {_key(canonical_at(r.at), vars(r)) for r in rows}
+        done = 0
+        for at, record in zip(ats, records, strict=True):
+            if _key(at, record) not in found:
+                break
+            done += 1
+        return done
+
+    def _end_sessions_of(self, writer_id: str) -> None:
+        """End the database sessions of a dead writer (PostgreSQL keeps a session whose
+        client died while its statement waits for a lock) and wait until they are gone."""
+        name = _session_name(writer_id)
+        deadline = time.monotonic() + self.timeout
+        with Session(self._engine) as session:
+            while session.scalar(_END_SESSIONS, {"name": name}):
+                session.rollback()  # a new snapshot of pg_stat_activity
+                if time.monotonic() > deadline:
+                    raise AuditUnavailable(
+                        f"the session {name!r} of a dead audit writer does not end",
+                        hint="end it with pg_terminate_backend, then restart the server",
+                    )
+                time.sleep(0.05)
+
+    async def stop(self) -> None:
+        """Ship what is queued (one more attempt if the database refuses), then stop; what
+        is left stays in the journal for the next process on this home to ship."""
+        self._running = False
+        self._stopped.set()
+        self._wake.set()
+        if self._shipper is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._shipper, 2 * self.timeout)
+        if self._file is not None:
+            if not self._queue and self._file.shipped == self._file.lines:
+                self._file.remove()
+            else:
+                log.error(
+                    "audit journal: %d record(s) left in %s for the next start to ship",
+                    len(self._queue), self.directory,
+                )  # fmt: skip
+                self._file.close()
+        await super().stop()
+
+
+def _line(entry: AuditEntry) -> bytes:
+    fields = {f: getattr(entry, f) for f in _FIELDS}
+    return (
+        json.dumps({"at": entry.at.isoformat(), **fields}, separators=(",", ":")).encode() + b"\n"
+    )
+
+
+def _entry(line: bytes) -> AuditEntry | None:
+    """The entry of a journal line; None if it is not one (a torn tail)."""
+    try:
+        data = json.loads(line)
+        return AuditEntry(datetime.fromisoformat(data["at"]), *(data[f] for f in _FIELDS))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _key(at: str, record: Any) -> tuple[Any, ...]:
+    return (at, *(record.get(f) if isinstance(record, dict) else None for f in _FIELDS))
+
+
+_END_SESSIONS = text(
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+    " WHERE application_name = :name AND pid <> pg_backend_pid()"
+)
+
+
+def _session_name(writer_id: str) -> str:
+    return f"keyvault-audit-journal {writer_id}"
+
+
+def _mark_path(journal: Path) -> Path:
+    return journal.with_suffix(".shipped")
