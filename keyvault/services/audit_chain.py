@@ -158,6 +158,11 @@ class ChainKeys:
         with self._lock:
             self._keys[key_id] = key
 
+    def cached(self, key_id: str) -> bytes | None:
+        """The chain key ``key_id`` if this process has unsealed it already."""
+        with self._lock:
+            return self._keys.get(key_id)
+
     def get(self, key_id: str, load: SealedLoader) -> bytes:
         """The chain key ``key_id``; ``load`` reads its sealed form when it is not cached."""
         with self._lock:

@@ -17,6 +17,7 @@ from keyvault.errors import DatabaseError
 from keyvault.services.audit_chain import (
     COLUMNS,
     ChainKeys,
+    SealedLoader,
     _locked_head,
     _sealed_loader,
     _values,
@@ -57,6 +58,15 @@ _PUT_MANY = (
 
 
 @dataclass(frozen=True)
+class FastAppend:
+    """A batch linked after the appender's end, and the one statement that appends it."""
+
+    linked: list[dict[str, Any]]
+    sql: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class ChainEnd:
     """Where an append left the chain: its last record's id and MAC, under ``key_id``."""
 
@@ -90,17 +100,15 @@ class PgAppender:
     def append(self, conn: Any, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Append ``records`` and commit (``conn``: psycopg, autocommit); the linked records."""
         self.sent = None
-        end, self.end = self.end, None  # known again once this batch is committed
-        if end is not None and self._skip == 0:
-            linked = self._put_after(conn, end, records)
-            if linked is not None:
-                self.fast += 1
-                self._misses = 0
-                return self._ended(linked)
-            self._misses += 1
-            self._skip = min(2**self._misses - 1, 63)
-        elif self._skip:
-            self._skip -= 1
+        cur = conn.cursor()
+        try:
+            fast = self.fast_statement(records, _sealed_loader(cur, False))
+            if fast is not None:
+                cur.execute(fast.sql, fast.params)
+                if self.fast_result(fast, cur.rowcount):
+                    return fast.linked
+        finally:
+            cur.close()
         with conn.transaction():
             cur = conn.cursor()
             try:
@@ -131,22 +139,38 @@ class PgAppender:
         finally:
             cur.close()
 
-    def _put_after(
-        self, conn: Any, end: ChainEnd, records: Sequence[Mapping[str, Any]]
-    ) -> list[dict[str, Any]] | None:
-        """One statement: ``records`` after ``end``; None if the head is elsewhere now."""
-        cur = conn.cursor()
-        try:
-            key = self.keys.get(end.key_id, _sealed_loader(cur, False))
-            linked = link(key, end.key_id, end.last_mac, end.last_id + 1, records)
-            self.sent = linked
-            cur.execute(*_put(linked, end.last_id, end.last_mac))
-            if cur.rowcount == len(linked):
-                return linked
-            self.sent = None  # nothing was written
+    def fast_statement(
+        self, records: Sequence[Mapping[str, Any]], load: SealedLoader | None
+    ) -> FastAppend | None:
+        """The one-statement append of ``records`` after this appender's end, for the caller
+        to send (on any connection, sync or async) and pass to ``fast_result``; None when the
+        locked way is due: no end known, backing off after misses, or (``load`` None) the
+        chain key not yet unsealed in this process."""
+        end, self.end = self.end, None  # known again once this batch is committed
+        if end is None or self._skip:
+            self._skip = max(0, self._skip - 1)
             return None
-        finally:
-            cur.close()
+        key = self.keys.cached(end.key_id)
+        if key is None:
+            if load is None:
+                return None
+            key = self.keys.get(end.key_id, load)
+        linked = link(key, end.key_id, end.last_mac, end.last_id + 1, records)
+        self.sent = linked
+        return FastAppend(linked, *_put(linked, end.last_id, end.last_mac))
+
+    def fast_result(self, fast: FastAppend, rowcount: int) -> bool:
+        """Whether ``fast`` appended its batch (``rowcount``: its statement's); if not, the
+        head had moved, nothing was written, and the batch takes the locked way."""
+        if rowcount == len(fast.linked):
+            self.fast += 1
+            self._misses = 0
+            self._ended(fast.linked)
+            return True
+        self.sent = None
+        self._misses += 1
+        self._skip = min(2**self._misses - 1, 63)
+        return False
 
     def _ended(self, linked: list[dict[str, Any]]) -> list[dict[str, Any]]:
         last = linked[-1]
