@@ -27,9 +27,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, text
 
-from keyvault.models import ROTATE_DUE_LEASE, WEBHOOK_LEASE, Lease
+from keyvault.models import WEBHOOK_LEASE
 from keyvault.sandbox import state as st
 from keyvault.sandbox.run import SandboxPaths, stop
 from tests.support.cli import Cli, Home, expect
@@ -37,7 +37,9 @@ from tests.support.http import REQUEST_TIMEOUT, Server
 from tests.support.replicas import (
     LEASE_TTL,
     HoldingReceiver,
+    check_webhooks,
     holder_pid,
+    last_run,
     live_holder,
     replica,
     wait_for,
@@ -133,14 +135,8 @@ class Fleet:
 
     def ran_since(self, pid: int, since: datetime) -> bool:
         """The scheduler's last recorded run is this pid's and ended after ``since``."""
-        with self.engine.connect() as conn:
-            holder, finished = conn.execute(
-                select(Lease.last_holder, Lease.last_finished_at).where(
-                    Lease.name == ROTATE_DUE_LEASE
-                )
-            ).one()
-        mine = holder is not None and int(holder.rsplit(":", 2)[1]) == pid
-        return mine and finished is not None and finished > since
+        ran, finished = last_run(self.engine)
+        return ran == pid and finished is not None and finished > since
 
     def rotations(self) -> int:
         return self.rows("SELECT count(*) FROM rotations")[0][0]
@@ -205,7 +201,7 @@ def test_lease_takeover_after_kill_9_of_the_holder_under_load(fleet: Fleet):
         readers.finish()
     recovered = _recover_left_behind(fleet)
     _check_rotations(fleet)
-    _check_webhooks(fleet, in_flight)
+    check_webhooks(fleet.engine, fleet.receiver, in_flight)
     assert readers.stale == [], readers.stale[:5]
     assert readers.ok.get(survivor.port or 0, 0) > 0, readers.ok
     print(
@@ -238,21 +234,3 @@ def _check_rotations(fleet: Fleet) -> None:
     assert states.get("completed", 0) == generated == versions[0] == versions[1], (
         states, generated, versions,
     )  # fmt: skip
-
-
-def _check_webhooks(fleet: Fleet, in_flight: str) -> None:
-    """Every delivery delivered; the one in flight at the kill again, with the same id."""
-    wait_for(
-        "every webhook delivered",
-        lambda: (
-            fleet.rows("SELECT count(*) FROM webhook_deliveries WHERE status != 'delivered'")[0][0]
-            == 0
-        ),
-    )
-    owed = {
-        f"msg_{event_id}" for (event_id,) in fleet.rows("SELECT event_id FROM webhook_deliveries")
-    }
-    received = fleet.receiver.received
-    assert owed <= set(received), sorted(owed - set(received))[:5]
-    assert set(received) <= owed  # a repeat is a retry of an owed message, same webhook-id
-    assert received.count(in_flight) >= 2

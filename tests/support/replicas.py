@@ -4,9 +4,13 @@
                                      short leases (``LEASE_TTL``) and webhooks to loopback
     lease(engine, name)              the lease row (services/leases.LeaseInfo)
     holder_pid(info)                 the pid in a holder id (host:pid:instance)
+    last_run(engine)                 the scheduler's last recorded run: (pid, end)
+    worker_pids(serve_pid)           the worker processes of a ``serve --workers N``
     wait_for(what, probe)            a bounded poll of an observable state, never a sleep
     HoldingReceiver                  a webhook receiver that records every webhook-id and can
                                      hold requests unanswered (a delivery kept in flight)
+    check_webhooks(engine, receiver, in_flight)
+                                     every delivery delivered, the one in flight again
 
 Nothing here prints a key.
 """
@@ -16,13 +20,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
+from keyvault.models import ROTATE_DUE_LEASE, Lease
 from keyvault.services import leases
 from tests.support.http import Server
 from tests.support.timeouts import TIMEOUT
@@ -67,6 +73,37 @@ def live_holder(engine: Engine, name: str) -> leases.LeaseInfo | None:
 def holder_pid(info: leases.LeaseInfo) -> int:
     assert info.holder is not None
     return int(info.holder.rsplit(":", 2)[1])
+
+
+def last_run(engine: Engine) -> tuple[int | None, datetime | None]:
+    """The scheduler's last recorded run (its lease is taken per run and given back with the
+    run's end): the pid that ran it and when it ended (this machine's clock); None: no run."""
+    with engine.connect() as conn:
+        holder, finished = conn.execute(
+            select(Lease.last_holder, Lease.last_finished_at).where(Lease.name == ROTATE_DUE_LEASE)
+        ).one_or_none() or (None, None)
+    return (int(holder.rsplit(":", 2)[1]) if holder else None), finished
+
+
+def worker_pids(serve_pid: int) -> set[int]:
+    """The workers of ``keyvault serve --workers N`` running as ``serve_pid``: its children
+    (``/proc/<pid>/task/*/children``) that run multiprocessing's ``spawn_main`` (uvicorn
+    spawns its workers so), not its resource tracker, nor a killed worker not yet reaped
+    (a zombie has no command line)."""
+    children: set[int] = set()
+    for task in Path(f"/proc/{serve_pid}/task").iterdir():
+        try:
+            children.update(int(pid) for pid in (task / "children").read_text().split())
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return {pid for pid in children if b"spawn_main" in _cmdline(pid)}
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = TIMEOUT) -> T:
@@ -134,3 +171,24 @@ class HoldingReceiver:
         self.release()
         self.server.shutdown()
         self.server.server_close()
+
+
+def check_webhooks(engine: Engine, receiver: HoldingReceiver, in_flight: str) -> None:
+    """Every delivery delivered (waited for); each received, and nothing else; the one in
+    flight at a kill again, with the same webhook-id (at least once, never lost)."""
+
+    def rows(sql: str) -> list[Any]:
+        with engine.connect() as conn:
+            return list(conn.execute(text(sql)))
+
+    wait_for(
+        "every webhook delivered",
+        lambda: (
+            rows("SELECT count(*) FROM webhook_deliveries WHERE status != 'delivered'")[0][0] == 0
+        ),
+    )
+    owed = {f"msg_{event_id}" for (event_id,) in rows("SELECT event_id FROM webhook_deliveries")}
+    received = receiver.received
+    assert owed <= set(received), sorted(owed - set(received))[:5]
+    assert set(received) <= owed  # a repeat is a retry of an owed message, same webhook-id
+    assert received.count(in_flight) >= 2
