@@ -18,6 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from keyvault.config import load_settings
@@ -26,7 +27,7 @@ from keyvault.http.audit_writer import AuditEntry, AuditUnavailable, AuditWriter
 from keyvault.models import AuditRecord
 from keyvault.services.audit_chain import chain_for
 from tests.support.cli import audit_report, expect
-from tests.support.db import audit_appends_held
+from tests.support.db import audit_appends_held, run_sql
 from tests.support.http import Server, World
 from tests.support.replicas import wait_for
 from tests.support.timeouts import TIMEOUT
@@ -225,3 +226,27 @@ def test_the_journal_refuses_records_once_the_database_took_none_for_the_budget(
     assert taken > 1
     assert _versions(engine) == list(range(1, taken + 1))  # each once, none lost
     assert list(directory.iterdir()) == []
+
+
+@pytest.mark.parametrize("blank_database", ["postgres"], indirect=True)
+def test_the_writers_sessions_ended_under_load_lose_and_double_nothing(served: World, engine):
+    """pg_terminate_backend on the journal writer's sessions (the async one of the
+    one-statement appends and the thread's) between and during reads: the writer reconnects,
+    settles a statement whose answer was lost, and every read is recorded exactly once."""
+    _journal_server(served)
+    answered = 0
+    with served.http(TOKEN) as http:
+        for round_ in range(5):
+            for _ in range(40):
+                assert http.get(READ).status_code == 200
+                answered += 1
+            ended = run_sql(
+                served.db_url,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name LIKE 'keyvault-audit-journal %'",
+            )
+            assert round_ > 0 or ended[0][0] >= 1, "no journal writer session to end"
+    wait_for("every read recorded", lambda: _reads(engine) >= answered)
+    assert _reads(engine) == answered
+    report = audit_report(served.cli)
+    assert report["ok"], report
