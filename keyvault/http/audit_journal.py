@@ -18,26 +18,19 @@ the same group-committing connection, right behind. What it promises (docs/deplo
   batch committed whose mark was not yet written is found in the database, not written twice;
 - a clean stop ships everything and removes its files.
 
-Files: ``<home>/audit-journal/`` (0700); per server process ``<host>-<pid>-<random>.jsonl``
-(0600, under an exclusive ``flock`` for the process's life: an unlocked journal is an orphan),
-one JSON line per record, and beside it ``.shipped``, how many of its lines are committed
-(rewritten after each batch, not fsynced: a lag only makes the replay check the database).
-Past ``ROLL_BYTES`` a process starts a new journal; the old one goes once all its lines are in.
+The files (one journal per server process, under its ``flock``, and its ``.shipped`` mark)
+are ``keyvault.http.journal_files``. Past ``ROLL_BYTES`` a process starts a new journal;
+the old one goes once all its lines are in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import json
 import logging
-import os
 import secrets
-import socket
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +41,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from keyvault.http.audit_writer import AuditEntry, AuditUnavailable, AuditWriter, record_of
+from keyvault.http.journal_files import FIELDS, JournalFile, Orphan, claim_orphans
 from keyvault.models import AuditRecord
 from keyvault.services.audit_chain import canonical_at
 
@@ -55,114 +49,6 @@ log = logging.getLogger("keyvault.audit")
 MAX_BACKLOG = 100_000  # records written to the journal, not yet to the database
 ROLL_BYTES = 16 * 1024 * 1024  # a process's journal past this size: start a new one
 _RETRY_FIRST, _RETRY_MAX = 0.05, 1.0  # seconds between attempts while the database refuses
-_FIELDS = ("token_name", "action", "cluster", "scope", "version", "client", "outcome")
-
-
-class JournalFile:
-    """One journal: lines appended by this process, and how many of them are in the database."""
-
-    def __init__(self, path: Path, fd: int, mark_fd: int, *, lines: int = 0, shipped: int = 0):
-        self.path = path
-        self._fd = fd
-        self._mark_fd = mark_fd
-        self.lines = lines  # lines written
-        self.shipped = shipped  # lines committed to the database
-        self.size = 0
-
-    @classmethod
-    def create(cls, directory: Path, writer_id: str, number: int = 1) -> JournalFile:
-        """A new journal, locked before it is visible under its name (never taken for an orphan)."""
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        name = f"{socket.gethostname()}-{os.getpid()}-{writer_id}-{number}"
-        path = directory / f"{name}.jsonl"
-        making = directory / f"{name}.new"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        fd = os.open(making, flags, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(making, path)
-        mark_fd = os.open(_mark_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        return cls(path, fd, mark_fd)
-
-    @property
-    def writer_id(self) -> str:
-        """The id of the writer that wrote it (its database session's application_name)."""
-        return self.path.stem.rsplit("-", 2)[-2]
-
-    def append(self, entry: AuditEntry) -> None:
-        """One ``write(2)`` of one whole line (O_APPEND); OSError if it is not all written."""
-        line = _line(entry)
-        written = os.write(self._fd, line)
-        self.size += written
-        if written != len(line):  # a full disk: the tail is torn, the replay skips it
-            raise OSError(f"short write to the audit journal {self.path}")
-        self.lines += 1
-
-    def mark(self, shipped: int) -> None:
-        self.shipped = shipped
-        os.pwrite(self._mark_fd, f"{shipped:020d}\n".encode(), 0)
-
-    def remove(self) -> None:
-        """All its lines are in the database: the files go (journal first, then its mark)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(_mark_path(self.path))
-        self.close()
-
-    def close(self) -> None:
-        for fd in (self._fd, self._mark_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-@dataclass
-class Orphan:
-    """The journal of a process that is gone, claimed (locked) by this one."""
-
-    file: JournalFile
-    entries: list[AuditEntry]  # its lines after the mark, in order
-    unreadable: int  # lines that are not records (a tail torn by an OS crash or a full disk)
-
-
-def claim_orphans(directory: Path) -> Iterator[Orphan]:
-    """The journals in ``directory`` that no live process holds, each locked as it is read."""
-    if not directory.is_dir():
-        return
-    for mark in directory.glob("*.shipped"):  # left by a removal cut short
-        if not mark.with_suffix(".jsonl").exists():
-            with contextlib.suppress(FileNotFoundError):
-                mark.unlink()
-    for path in sorted(directory.glob("*.jsonl")):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:  # shipped by another process meanwhile
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a live process's journal
-            os.close(fd)
-            continue
-        if not path.exists():  # claimed, shipped and removed by another process meanwhile
-            os.close(fd)
-            continue
-        yield _read_orphan(path, fd)
-
-
-def _read_orphan(path: Path, fd: int) -> Orphan:
-    mark_fd = os.open(_mark_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    raw = os.pread(mark_fd, 32, 0).strip()
-    shipped = int(raw) if raw.isdigit() else 0
-    with open(path, "rb") as journal:
-        lines = journal.read().split(b"\n")
-    entries, unreadable = [], 0
-    for line in lines[shipped:]:
-        entry = _entry(line)
-        if entry is not None:
-            entries.append(entry)
-        elif line:
-            unreadable += 1
-    file = JournalFile(path, fd, mark_fd, lines=shipped + len(entries), shipped=shipped)
-    return Orphan(file, entries, unreadable)
 
 
 @dataclass
@@ -514,24 +400,8 @@ class JournalAuditWriter(AuditWriter):
         await super().stop()
 
 
-def _line(entry: AuditEntry) -> bytes:
-    fields = {f: getattr(entry, f) for f in _FIELDS}
-    return (
-        json.dumps({"at": entry.at.isoformat(), **fields}, separators=(",", ":")).encode() + b"\n"
-    )
-
-
-def _entry(line: bytes) -> AuditEntry | None:
-    """The entry of a journal line; None if it is not one (a torn tail)."""
-    try:
-        data = json.loads(line)
-        return AuditEntry(datetime.fromisoformat(data["at"]), *(data[f] for f in _FIELDS))
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 def _key(at: str, record: Any) -> tuple[Any, ...]:
-    return (at, *(record.get(f) if isinstance(record, dict) else None for f in _FIELDS))
+    return (at, *(record.get(f) if isinstance(record, dict) else None for f in FIELDS))
 
 
 _END_SESSIONS = text(
@@ -542,7 +412,3 @@ _END_SESSIONS = text(
 
 def _session_name(writer_id: str) -> str:
     return f"keyvault-audit-journal {writer_id}"
-
-
-def _mark_path(journal: Path) -> Path:
-    return journal.with_suffix(".shipped")
