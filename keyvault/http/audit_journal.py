@@ -41,7 +41,13 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from keyvault.http.audit_writer import AuditEntry, AuditUnavailable, AuditWriter, record_of
-from keyvault.http.journal_files import FIELDS, JournalFile, Orphan, claim_orphans
+from keyvault.http.journal_files import (
+    FIELDS,
+    JournalFile,
+    Orphan,
+    claim_orphans,
+    private_directory,
+)
 from keyvault.models import AuditRecord
 from keyvault.services.audit_chain import canonical_at
 
@@ -85,6 +91,7 @@ class JournalAuditWriter(AuditWriter):
         self._unsure: list[dict[str, Any]] | None = None
 
     def start(self) -> None:
+        private_directory(self.directory)
         super().start()
         self._file = self._new_file()
         self._shipper = asyncio.get_running_loop().create_task(self._ship())
@@ -174,7 +181,10 @@ class JournalAuditWriter(AuditWriter):
 
     async def _ship_all(self) -> None:
         """Orphaned journals first, then this process's, until stopped."""
-        for orphan in claim_orphans(self.directory):
+        assert self._loop is not None
+        # Read in the thread: a dead process's journal may be many MB.
+        orphans = await self._loop.run_in_executor(self._thread, claim_orphans, self.directory)
+        for orphan in orphans:
             await self._ship_orphan(orphan)
         while self._running or (self._queue and not self._stopped.is_set()):
             if not self._queue:
@@ -187,7 +197,7 @@ class JournalAuditWriter(AuditWriter):
                 return
 
     async def _ship_batch(self) -> bool:
-        batch = [self._queue[i] for i in range(min(len(self._queue), self._max_batch))]
+        batch = [self._queue[i] for i in range(self._batch_size(len(self._queue)))]
         if not await self._commit([q.entry for q in batch]):
             return False
         for _ in batch:
@@ -197,6 +207,11 @@ class JournalAuditWriter(AuditWriter):
             if file is not self._file and file.shipped == file.lines:
                 file.remove()
         return True
+
+    def _batch_size(self, waiting: int) -> int:
+        """The next batch: the one whose answer was lost again, if one was (it may be in:
+        ``_settle_unsure`` checks it as it was), else as many as a batch takes."""
+        return len(self._unsure) if self._unsure is not None else min(waiting, self._max_batch)
 
     async def _commit(self, entries: list[AuditEntry]) -> bool:
         """Append ``entries`` to the chain (one batch); False, after a pause, if it failed.
@@ -309,25 +324,39 @@ class JournalAuditWriter(AuditWriter):
                 "audit journal %s: %d line(s) are not records (torn by a crash?): skipped",
                 orphan.file.path, orphan.unreadable,
             )  # fmt: skip
-        entries = orphan.entries
-        done = await self._already_committed(orphan.file.writer_id, entries[: self._max_batch])
-        if done is None:
-            orphan.file.close()  # left for the next process to start
-            return
-        if done:
-            orphan.file.mark(orphan.file.shipped + done)
-            entries = entries[done:]
+        entries, ends, file = orphan.entries, orphan.ends, orphan.file
+        checking = True  # what it committed is a prefix: checked until a chunk is not all in
         while entries and not self._stopped.is_set():
-            batch = entries[: self._max_batch]
-            if await self._commit(batch):
-                orphan.file.mark(orphan.file.shipped + len(batch))
-                self.replayed += len(batch)
-                entries = entries[len(batch) :]
-        if entries:
-            orphan.file.close()  # stopped first: left for the next process to start
+            done = 0
+            if checking:
+                chunk = entries[: self._max_batch]
+                found = await self._already_committed(file.writer_id, chunk)
+                if found is None:
+                    break
+                done, checking = found, found == len(chunk)
+            if done == 0:
+                batch = entries[: self._batch_size(len(entries))]
+                if not await self._commit(batch):
+                    continue
+                done = len(batch)
+                self.replayed += done
+            file.mark(ends[done - 1])
+            entries, ends = entries[done:], ends[done:]
+        if entries:  # stopped first: left for the next process to start
+            await self._forget_unsure()
+            file.close()
             return
-        log.warning("audit journal %s of a process gone: shipped", orphan.file.path)
-        orphan.file.remove()
+        log.warning("audit journal %s of a process gone: shipped", file.path)
+        file.remove()
+
+    async def _forget_unsure(self) -> None:
+        """Give up a batch whose answer was lost (its journal is left to the next start,
+        whose check finds it if it is in): end its session, so it cannot commit later."""
+        pid, self._unsure = self._async_pid, None
+        if pid is not None and not self._sqlite and self._loop is not None:
+            with contextlib.suppress(Exception):
+                run = self._loop.run_in_executor
+                await run(self._thread, lambda: self._end_sessions(pid=pid))
 
     async def _already_committed(self, writer_id: str, entries: list[AuditEntry]) -> int | None:
         """How many of ``entries`` (an orphan's first unshipped lines) are in the database
@@ -385,8 +414,12 @@ class JournalAuditWriter(AuditWriter):
         self._stopped.set()
         self._wake.set()
         if self._shipper is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            try:
                 await asyncio.wait_for(self._shipper, 2 * self.timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            except Exception:  # noqa: BLE001 - logged by _ship; the cleanup below must run
+                pass
         if self._file is not None:
             if not self._queue and self._file.shipped == self._file.lines:
                 self._file.remove()

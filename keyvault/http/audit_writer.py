@@ -484,22 +484,23 @@ class AuditWriter:
 
 
 def record_of(entry: AuditEntry) -> dict[str, Any]:
-    """The chain record of ``entry``."""
+    """The chain record of ``entry``, every value within its column (one bad row must not
+    fail a batch: a request's path may name anything, NULs included)."""
     return {
         "at": entry.at,
-        "token_name": _text(entry.token_name) or "(none)",  # one bad row must not fail a batch
-        "action": entry.action,
-        "cluster": _text(entry.cluster),
-        "scope": _text(entry.scope),
-        "version": entry.version,
-        "client": _text(entry.client[:64] if entry.client else None),  # VARCHAR(64)
-        "outcome": entry.outcome,
+        "token_name": _text(entry.token_name, 64) or "(none)",
+        "action": _text(entry.action, 32),
+        "cluster": _text(entry.cluster, 64),
+        "scope": _text(entry.scope, 80),
+        "version": entry.version if entry.version is None or 0 <= entry.version < 2**31 else None,
+        "client": _text(entry.client, 64),
+        "outcome": _text(entry.outcome, 32),
     }
 
 
-def _text(value: str | None) -> str | None:
-    # PostgreSQL text cannot hold NUL: a request naming "\x00" must not fail the whole batch.
-    return value.replace("\x00", "\\x00") if value is not None else None
+def _text(value: str | None, limit: int) -> str | None:
+    # PostgreSQL text cannot hold NUL; cut after escaping, to the column's VARCHAR(limit).
+    return value.replace("\x00", "\\x00")[:limit] if value is not None else None
 
 
 def _pragma(conn: PoolProxiedConnection, pragma: str) -> None:

@@ -22,9 +22,10 @@ import pytest
 from sqlalchemy import func, select
 
 from keyvault.config import load_settings
+from keyvault.errors import ConfigError
 from keyvault.http.audit_journal import JournalAuditWriter
 from keyvault.http.audit_writer import AuditEntry, AuditUnavailable, AuditWriter
-from keyvault.http.journal_files import JournalFile
+from keyvault.http.journal_files import JournalFile, private_directory
 from keyvault.models import AuditRecord
 from keyvault.services.audit_chain import chain_for
 from tests.support.cli import audit_report, expect
@@ -173,6 +174,7 @@ def test_an_orphan_is_shipped_from_its_mark_and_a_live_journal_is_left(cli, home
     line, removes the orphan and leaves the live journal alone."""
     expect(cli("init"))
     directory = tmp_path / "audit-journal"
+    private_directory(directory)
     dead = JournalFile.create(directory, "deadbeef0001")
     entries = [_entry(n) for n in range(1, 7)]
     for entry in entries:
@@ -254,3 +256,56 @@ def test_the_writers_sessions_ended_under_load_lose_and_double_nothing(served: W
     assert _reads(engine) == answered
     report = audit_report(served.cli)
     assert report["ok"], report
+
+
+async def _ship_all_of(engine, directory: Path, entries: list[AuditEntry]) -> int:
+    writer = JournalAuditWriter(engine, chain=chain_for(load_settings()), directory=directory)
+    writer.start()
+    for entry in entries:
+        await writer.record(entry)
+    deadline = time.monotonic() + TIMEOUT
+    while writer.backlog:  # a bounded poll of the backlog draining
+        assert time.monotonic() < deadline, "the journal was never shipped"
+        await asyncio.sleep(0.02)
+    await writer.stop()
+    return writer.written
+
+
+def test_a_record_of_hostile_values_is_shipped_not_retried_forever(cli, home, engine, tmp_path):
+    """An unauthenticated GET /v1/clusters/%00...%00/root is audited: its values are cut to
+    their columns after NULs are escaped, so the batch is written (a record the database
+    refused would block the journal behind it)."""
+    expect(cli("init"))
+    hostile = AuditEntry(
+        datetime.now(UTC), "\x00" * 64, "read", "\x00" * 64, "app:" + "\x00" * 76, 2**40,
+        "\x00" * 64, "unauthorized",
+    )  # fmt: skip
+    written = asyncio.run(_ship_all_of(engine, tmp_path / "j", [hostile, _entry(1)]))
+    assert written == 2
+    assert _versions(engine) == [1]
+    report = audit_report(cli)
+    assert report["ok"], report
+
+
+def test_a_foreign_journal_directory_stops_the_start_and_odd_files_are_left(
+    cli, home, engine, tmp_path
+):
+    expect(cli("init"))
+    directory = tmp_path / "audit-journal"
+    directory.mkdir(mode=0o755)
+    os.chmod(directory, 0o755)  # whatever the umask
+    writer = JournalAuditWriter(engine, chain=chain_for(load_settings()), directory=directory)
+    with pytest.raises(ConfigError, match="must be a directory of this user with mode 0700"):
+        writer.start()
+    writer._thread.shutdown()
+    os.chmod(directory, 0o700)
+    # A journal name pointing elsewhere, and a mark that would: read by no one, written by no one.
+    (directory / "other-1-abcdefabcdef-1.jsonl").symlink_to("/etc/hostname")
+    target = tmp_path / "victim"
+    target.write_bytes(b"untouched")
+    (directory / "other-2-abcdefabcdef-1.shipped").symlink_to(target)
+    (directory / "other-2-abcdefabcdef-1.jsonl").write_bytes(b"")
+    assert asyncio.run(_ship_all_of(engine, directory, [_entry(1)])) == 1
+    assert _versions(engine) == [1]
+    assert target.read_bytes() == b"untouched"
+    assert (directory / "other-1-abcdefabcdef-1.jsonl").is_symlink()
