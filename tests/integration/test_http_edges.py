@@ -20,14 +20,14 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from keyvault.models import AuditRecord, WebhookDelivery
 from tests.support.cli import expect, one_error_line
+from tests.support.db import lock_held
 from tests.support.http import CountingReceiver, Server, World, key_matches
 from tests.support.timeouts import TIMEOUT
 
@@ -43,25 +43,14 @@ def restart_with(world: World, **env: str) -> None:
     world.server = Server(workdir, env={**os.environ, **env}).start()
 
 
-@contextlib.contextmanager
-def database_locked(engine) -> Iterator[None]:
+def database_locked(engine):
     """Another connection holds the database's write lock (SQLite) or an ACCESS EXCLUSIVE
     lock on the tables every request needs (PostgreSQL) until the block ends."""
-    with engine.connect() as conn:
-        if engine.dialect.name == "sqlite":
-            conn.connection.driver_connection.execute("BEGIN EXCLUSIVE")
-        else:
-            conn.begin()
-            conn.execute(
-                text("LOCK TABLE revision, access_tokens, audit_log IN ACCESS EXCLUSIVE MODE")
-            )
-        try:
-            yield
-        finally:
-            if engine.dialect.name == "sqlite":
-                conn.connection.driver_connection.execute("ROLLBACK")
-            else:
-                conn.rollback()
+    return lock_held(
+        engine,
+        sqlite="BEGIN EXCLUSIVE",
+        postgres="LOCK TABLE revision, access_tokens, audit_log IN ACCESS EXCLUSIVE MODE",
+    )
 
 
 def last_client(engine) -> str | None:

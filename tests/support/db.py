@@ -341,18 +341,18 @@ def run_sql(url: str, statement: str, **params) -> list:
 
 
 @contextlib.contextmanager
-def audit_appends_held(engine) -> Iterator[None]:
-    """Another connection holds what an audit append needs until the block ends, while key,
-    token and revision reads still answer: SQLite's write lock (BEGIN IMMEDIATE; WAL readers
-    go on), or on PostgreSQL an EXCLUSIVE lock on the chain's head (SELECT goes on)."""
+def lock_held(engine, *, sqlite: str, postgres: str) -> Iterator[None]:
+    """Another connection holds a lock until the block ends: on SQLite the transaction
+    ``sqlite`` begins (``BEGIN IMMEDIATE``, ``BEGIN EXCLUSIVE``), on PostgreSQL the
+    ``postgres`` statement in an open transaction (a ``LOCK TABLE``)."""
     from sqlalchemy import text
 
     with engine.connect() as conn:
         if engine.dialect.name == "sqlite":
-            conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
+            conn.connection.driver_connection.execute(sqlite)
         else:
             conn.begin()
-            conn.execute(text("LOCK TABLE audit_chain IN EXCLUSIVE MODE"))
+            conn.execute(text(postgres))
         try:
             yield
         finally:
@@ -360,3 +360,12 @@ def audit_appends_held(engine) -> Iterator[None]:
                 conn.connection.driver_connection.execute("ROLLBACK")
             else:
                 conn.rollback()
+
+
+def audit_appends_held(engine):
+    """What an audit append needs is held, while key, token and revision reads still answer:
+    SQLite's write lock (WAL readers go on), or the chain's head on PostgreSQL (SELECT goes
+    on)."""
+    return lock_held(
+        engine, sqlite="BEGIN IMMEDIATE", postgres="LOCK TABLE audit_chain IN EXCLUSIVE MODE"
+    )
