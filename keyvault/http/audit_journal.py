@@ -30,7 +30,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -227,16 +227,23 @@ class JournalAuditWriter(AuditWriter):
         if self._unsure is None and not self._sqlite and await self._append_on_loop(records):
             return self._succeeded()
         run = self._loop.run_in_executor
-        if self._unsure is not None:  # a statement's answer was lost: it may be in already
-            error = await run(self._thread, self._settle_unsure, self._unsure, records)
+        unsure = self._unsure
+        self._appender.sent = None  # set again only by a statement this attempt sends
+        if unsure is not None:  # a statement's answer was lost: it may be in already
+            error = await run(self._thread, self._settle_unsure, unsure, records)
         else:
             pairs: list[tuple[AuditEntry, asyncio.Future[None] | None]] = [
                 (e, None) for e in entries
             ]
             error = await run(self._thread, self._write_batch, pairs, None)
-        self._unsure = None if error is None or self._sqlite else self._appender.sent
         if error is None:
+            self._unsure = None
+            if unsure is not None:
+                self.batches += 1
+                self.written += len(records)
             return self._succeeded()
+        if not self._sqlite:  # the statement sent now, else still the one before (if any)
+            self._unsure = self._appender.sent or unsure
         await self._failed(error)
         return False
 
@@ -383,11 +390,13 @@ class JournalAuditWriter(AuditWriter):
             rows = session.scalars(
                 select(AuditRecord).where(AuditRecord.at.between(low, high))
             ).all()
-            found = {_key(canonical_at(r.at), vars(r)) for r in rows}
+            found = Counter(_key(canonical_at(r.at), vars(r)) for r in rows)
         done = 0
         for at, record in zip(ats, records, strict=True):
-            if _key(at, record) not in found:
+            key = _key(at, record)
+            if found[key] <= 0:  # each row in the log matches one record, no more
                 break
+            found[key] -= 1
             done += 1
         return done
 

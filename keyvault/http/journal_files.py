@@ -166,7 +166,8 @@ def _read_orphan(path: Path, fd: int) -> Orphan:
             ends.append(number)
         elif line:
             unreadable += 1
-    file = JournalFile(path, fd, mark_fd, lines=len(lines), shipped=shipped)
+    physical = len(lines) - (lines[-1] == b"")  # the last line ends with a newline
+    file = JournalFile(path, fd, mark_fd, lines=physical, shipped=shipped)
     return Orphan(file, entries, ends, unreadable)
 
 
