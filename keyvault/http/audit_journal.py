@@ -358,12 +358,16 @@ class JournalAuditWriter(AuditWriter):
 
     async def _forget_unsure(self) -> None:
         """Give up a batch whose answer was lost (its journal is left to the next start,
-        whose check finds it if it is in): end its session, so it cannot commit later."""
-        pid, self._unsure = self._async_pid, None
-        if pid is not None and not self._sqlite and self._loop is not None:
-            with contextlib.suppress(Exception):
-                run = self._loop.run_in_executor
-                await run(self._thread, lambda: self._end_sessions(pid=pid))
+        whose check finds it if it is in): end this writer's sessions, the async one's and
+        the thread's (either may have sent it), so it cannot commit after that check."""
+        unsure, self._unsure = self._unsure, None
+        if unsure is None or self._sqlite or self._loop is None:
+            return
+        self._broken = True  # the thread reconnects before its next statement
+        await self._drop_async_connection()  # and the loop opens a new one
+        with contextlib.suppress(Exception):
+            run = self._loop.run_in_executor
+            await run(self._thread, lambda: self._end_sessions(writer_id=self.writer_id))
 
     async def _already_committed(self, writer_id: str, entries: list[AuditEntry]) -> int | None:
         """How many of ``entries`` (an orphan's first unshipped lines) are in the database
