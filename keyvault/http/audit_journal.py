@@ -67,8 +67,9 @@ class _Queued:
 class JournalAuditWriter(AuditWriter):
     """``[audit] durability = "journal"``: ``record`` returns once the line is in the journal.
 
-    The records then go to the database in the writer's thread, on its connection, as
-    ``AuditWriter``'s batches do (``fast`` commits), by one shipping task on the event loop.
+    One shipping task on the event loop then appends the records to the chain as ``fast``
+    commits: on PostgreSQL one statement on an async connection of its own, else (SQLite, the
+    locked way, a statement whose answer was lost) through ``AuditWriter``'s thread.
     """
 
     def __init__(self, *args: Any, directory: Path, **kwargs: Any) -> None:
@@ -267,8 +268,9 @@ class JournalAuditWriter(AuditWriter):
             return False
         self.batches += 1
         self.written += len(records)
-        if self._chain.sink is not None:
-            self._chain.sink.write(fast.linked)
+        if self._chain.sink is not None:  # a file or a pipe: written in the thread, in order
+            assert self._loop is not None
+            await self._loop.run_in_executor(self._thread, self._chain.sink.write, fast.linked)
         return True
 
     def _settle_unsure(
@@ -411,7 +413,8 @@ class JournalAuditWriter(AuditWriter):
         name = _session_name(writer_id) if writer_id is not None else None
         deadline = time.monotonic() + self.timeout
         with Session(self._engine) as session:
-            while session.scalar(_END_SESSIONS, {"name": name, "pid": pid}):
+            while ended := session.scalar(_END_SESSIONS, {"name": name, "pid": pid}):
+                log.warning("audit journal: ended %d session(s) of %s", ended, name or pid)
                 session.rollback()  # a new snapshot of pg_stat_activity
                 if time.monotonic() > deadline:
                     raise AuditUnavailable(
@@ -426,13 +429,9 @@ class JournalAuditWriter(AuditWriter):
         self._running = False
         self._stopped.set()
         self._wake.set()
-        if self._shipper is not None:
-            try:
+        if self._shipper is not None:  # timed out, cancelled or failed (logged by _ship):
+            with contextlib.suppress(Exception, asyncio.CancelledError):  # clean up anyway
                 await asyncio.wait_for(self._shipper, 2 * self.timeout)
-            except (TimeoutError, asyncio.CancelledError):
-                pass
-            except Exception:  # noqa: BLE001 - logged by _ship; the cleanup below must run
-                pass
         if self._file is not None:
             if not self._queue and self._file.shipped == self._file.lines:
                 self._file.remove()
@@ -446,8 +445,8 @@ class JournalAuditWriter(AuditWriter):
         await super().stop()
 
 
-def _key(at: str, record: Any) -> tuple[Any, ...]:
-    return (at, *(record.get(f) if isinstance(record, dict) else None for f in FIELDS))
+def _key(at: str, record: dict[str, Any]) -> tuple[Any, ...]:
+    return (at, *(record.get(f) for f in FIELDS))
 
 
 _END_SESSIONS = text(

@@ -26,6 +26,7 @@ the database's host (SQLite: the OS; PostgreSQL: the server) may roll back the l
 disk (and on PostgreSQL's synchronous standbys, if configured) before the key is sent. (On
 PostgreSQL the setting is the writer's session's: its connection is autocommit and its own.)
 Either way a lost tail leaves the hash chain whole (the head moves in the same transaction).
+``journal`` is ``keyvault.http.audit_journal.JournalAuditWriter``, which commits as ``fast``.
 """
 
 from __future__ import annotations
@@ -39,15 +40,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, String
 from sqlalchemy.pool import PoolProxiedConnection
 
 from keyvault.db import session_factory, transaction
 from keyvault.errors import DatabaseError
+from keyvault.models import AuditRecord
 from keyvault.services.audit_chain import AuditChain, append_records, ensure_chain_key
 from keyvault.services.audit_chain_pg import PgAppender
 
 log = logging.getLogger("keyvault.audit")
+# The audit_log columns' VARCHAR lengths (the model's): every value is cut to fit.
+_LENGTHS = {
+    c.name: c.type.length
+    for c in AuditRecord.__table__.c
+    if isinstance(c.type, String) and c.type.length is not None
+}
 _CHECKPOINT_EVERY = 20_000  # audit records between WAL size checks
 _WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
@@ -488,19 +496,21 @@ def record_of(entry: AuditEntry) -> dict[str, Any]:
     fail a batch: a request's path may name anything, NULs included)."""
     return {
         "at": entry.at,
-        "token_name": _text(entry.token_name, 64) or "(none)",
-        "action": _text(entry.action, 32),
-        "cluster": _text(entry.cluster, 64),
-        "scope": _text(entry.scope, 80),
+        "token_name": _text(entry.token_name, "token_name") or "(none)",
+        "action": _text(entry.action, "action"),
+        "cluster": _text(entry.cluster, "cluster"),
+        "scope": _text(entry.scope, "scope"),
         "version": entry.version if entry.version is None or 0 <= entry.version < 2**31 else None,
-        "client": _text(entry.client, 64),
-        "outcome": _text(entry.outcome, 32),
+        "client": _text(entry.client, "client"),
+        "outcome": _text(entry.outcome, "outcome"),
     }
 
 
-def _text(value: str | None, limit: int) -> str | None:
-    # PostgreSQL text cannot hold NUL; cut after escaping, to the column's VARCHAR(limit).
-    return value.replace("\x00", "\\x00")[:limit] if value is not None else None
+def _text(value: str | None, column: str) -> str | None:
+    # PostgreSQL text cannot hold NUL; cut after escaping, to the column's VARCHAR length.
+    if value is None:
+        return None
+    return value.replace("\x00", "\\x00")[: _LENGTHS[column]]
 
 
 def _pragma(conn: PoolProxiedConnection, pragma: str) -> None:

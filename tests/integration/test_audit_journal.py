@@ -11,6 +11,7 @@ is a bounded poll of a state.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import stat
@@ -215,9 +216,7 @@ async def _refused_after(engine, directory: Path) -> int:
             assert time.monotonic() < deadline, "never refused"
             await asyncio.sleep(0.01)  # the pace of the writes, not a synchronisation
     assert "has not taken audit records" in refused
-    while writer.backlog:  # a bounded poll of the backlog draining
-        assert time.monotonic() < deadline, "the backlog never drained"
-        await asyncio.sleep(0.02)
+    await _drained(writer)
     await writer.record(_entry(taken + 1))  # taken again
     await writer.stop()
     return taken + 1
@@ -258,17 +257,26 @@ def test_the_writers_sessions_ended_under_load_lose_and_double_nothing(served: W
     assert report["ok"], report
 
 
-async def _ship_all_of(engine, directory: Path, entries: list[AuditEntry]) -> int:
+async def _ship_all_of(
+    engine, directory: Path, entries: list[AuditEntry], *, one_by_one: bool = False
+) -> JournalAuditWriter:
+    """A journal writer that records ``entries`` (``one_by_one``: each shipped before the
+    next is recorded, so each is a batch of its own), ships them and stops."""
     writer = JournalAuditWriter(engine, chain=chain_for(load_settings()), directory=directory)
     writer.start()
-    for entry in entries:
+    for n, entry in enumerate(entries, start=1):
         await writer.record(entry)
+        if one_by_one or n == len(entries):
+            await _drained(writer)
+    await writer.stop()
+    return writer
+
+
+async def _drained(writer: JournalAuditWriter) -> None:
     deadline = time.monotonic() + TIMEOUT
     while writer.backlog:  # a bounded poll of the backlog draining
         assert time.monotonic() < deadline, "the journal was never shipped"
-        await asyncio.sleep(0.02)
-    await writer.stop()
-    return writer.written
+        await asyncio.sleep(0.005)
 
 
 def test_a_record_of_hostile_values_is_shipped_not_retried_forever(cli, home, engine, tmp_path):
@@ -280,8 +288,8 @@ def test_a_record_of_hostile_values_is_shipped_not_retried_forever(cli, home, en
         datetime.now(UTC), "\x00" * 64, "read", "\x00" * 64, "app:" + "\x00" * 76, 2**40,
         "\x00" * 64, "unauthorized",
     )  # fmt: skip
-    written = asyncio.run(_ship_all_of(engine, tmp_path / "j", [hostile, _entry(1)]))
-    assert written == 2
+    writer = asyncio.run(_ship_all_of(engine, tmp_path / "j", [hostile, _entry(1)]))
+    assert writer.written == 2
     assert _versions(engine) == [1]
     report = audit_report(cli)
     assert report["ok"], report
@@ -305,7 +313,26 @@ def test_a_foreign_journal_directory_stops_the_start_and_odd_files_are_left(
     target.write_bytes(b"untouched")
     (directory / "other-2-abcdefabcdef-1.shipped").symlink_to(target)
     (directory / "other-2-abcdefabcdef-1.jsonl").write_bytes(b"")
-    assert asyncio.run(_ship_all_of(engine, directory, [_entry(1)])) == 1
+    assert asyncio.run(_ship_all_of(engine, directory, [_entry(1)])).written == 1
     assert _versions(engine) == [1]
     assert target.read_bytes() == b"untouched"
     assert (directory / "other-1-abcdefabcdef-1.jsonl").is_symlink()
+
+
+def test_shipped_records_reach_the_sink_in_chain_order(cli, home, engine, tmp_path, monkeypatch):
+    """The JSON-lines sink gets each shipped record once, in the chain's order (on PostgreSQL
+    the one-statement appends run on the loop; their lines are written in the writer's
+    thread, after the batches before)."""
+    expect(cli("init"))
+    sink = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("KEYVAULT_AUDIT_SINK", str(sink))
+    entries = [_entry(n) for n in range(1, 31)]
+    writer = asyncio.run(_ship_all_of(engine, tmp_path / "j", entries, one_by_one=True))
+    assert writer.written == 30
+    if engine.dialect.name == "postgresql":  # the first locked, then the loop's statements
+        assert writer._appender.fast >= 28
+    lines = [json.loads(line) for line in sink.read_text().splitlines()]
+    ours = [line for line in lines if line.get("token_name") == "journal-test"]
+    assert [line["version"] for line in ours] == list(range(1, 31))
+    ids = [line["id"] for line in lines if "id" in line]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
